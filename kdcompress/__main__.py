@@ -1,0 +1,5 @@
+"""``python -m kdcompress`` runs the kdc command line."""
+
+from .cli import entry
+
+entry()

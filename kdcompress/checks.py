@@ -1,0 +1,54 @@
+"""Checks on a recipe that go beyond its schema: names resolve and the models fit the data.
+
+``kdc validate`` runs these without training anything; every stage runs them
+too before it starts, so a mismatch is found by a dry forward pass, not an
+hour into training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import dataset_info
+from .errors import ModelError
+from .models import build_model, model_spec
+from .recipe import Recipe, pruning_steps_needed
+
+__all__ = ["check_recipe"]
+
+
+@torch.no_grad()
+def check_recipe(recipe: Recipe) -> list[str]:
+    """Build teacher and student, run one dry forward pass each; return a short plan of the run."""
+    input_shape, num_classes = dataset_info(recipe.data.dataset)
+    counts = {}
+    for which in ("teacher", "student"):
+        section = getattr(recipe, which)
+        model = build_model(model_spec(section.model, section.args, num_classes, input_shape), where=f"{which}.model")
+        model.eval()
+        try:
+            out = model(torch.zeros(2, *input_shape))
+        except Exception as exc:
+            raise ModelError(
+                f"{which}.model: {section.model} fails on {recipe.data.dataset} inputs of shape {list(input_shape)}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            ) from None
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelError(
+                f"{which}.model: {section.model} gives outputs of shape {shape} on {recipe.data.dataset}, which has "
+                f"{num_classes} classes; it must return logits of shape [batch, {num_classes}]"
+            )
+        counts[which] = sum(p.numel() for p in model.parameters())
+    p = recipe.prune
+    steps = pruning_steps_needed(p.rate, p.target_sparsity)
+    return [
+        f"run directory: {recipe.run_dir}",
+        f"data: {recipe.data.dataset}, batch {recipe.data.batch_size}",
+        f"teacher: {recipe.teacher.model} ({counts['teacher']:,} parameters), {recipe.teacher.epochs} epochs",
+        f"student: {recipe.student.model} ({counts['student']:,} parameters), {recipe.distill.epochs} epochs "
+        f"(T={recipe.distill.temperature}, alpha={recipe.distill.alpha})"
+        + (", plus a cross-entropy baseline" if recipe.student.baseline else ""),
+        f"prune: {p.scope} magnitude, rate {p.rate} every {p.every} epoch(s), {steps} steps to sparsity "
+        f"{p.target_sparsity}, {p.epochs} epochs of retraining",
+    ]

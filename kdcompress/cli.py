@@ -1,0 +1,219 @@
+"""The ``kdc`` command line: each command parses, calls one library function, prints."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import KdcError
+
+app = typer.Typer(
+    name="kdc",
+    help=(
+        "Turn a big model into a small one from one YAML recipe: train a teacher, distil it into a student, "
+        "prune and retrain the student, and compare every stage.\n\n"
+        "Example: kdc run recipes/quickstart.yaml   (no recipe: the built-in quickstart, offline)"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+_state = {"debug": False}
+
+RecipeArg = typer.Argument(None, help="recipe YAML file; omit it for the built-in quickstart recipe", show_default=False)
+SetOpt = typer.Option(
+    None, "--set", "-s", metavar="KEY.PATH=VALUE", help="override a recipe value, e.g. --set distill.temperature=2"
+)
+ForceOpt = typer.Option(False, "--force", help="rerun stages even when their checkpoints are up to date")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"kdc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", help="show full tracebacks for errors"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+) -> None:
+    _state["debug"] = debug
+
+
+def _friendly(func):
+    """Turn KdcError into one clear message and an exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except KdcError as exc:
+            if _state["debug"]:
+                raise
+            err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            if _state["debug"]:
+                raise
+            err.print("[yellow]interrupted[/]: rerun the same command to start the stage again")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:  # a bug: say so plainly, keep the traceback behind --debug
+            if _state["debug"]:
+                raise
+            err.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\nThis is a kdc bug; rerun with "
+                f"`kdc --debug ...` for the traceback and report it.",
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _load(recipe: Optional[Path], overrides: Optional[List[str]]):
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, overrides or [])
+    object.__setattr__(loaded, "_source", str(recipe) if recipe else "")
+    return loaded
+
+
+def _stage_command(stage: str, recipe, overrides, force) -> None:
+    from .pipeline import run_stage
+
+    loaded = _load(recipe, overrides)
+    run_stage(loaded, stage, force=force, console=err)
+
+
+@app.command("train-teacher")
+@_friendly
+def train_teacher(recipe: Optional[Path] = RecipeArg, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+    """Train the teacher with cross-entropy.
+
+    Example: kdc train-teacher recipes/fashion-mnist-mlp.yaml --set teacher.epochs=5
+    """
+    _stage_command("teacher", recipe, set_, force)
+
+
+@app.command("train-student")
+@_friendly
+def train_student(recipe: Optional[Path] = RecipeArg, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+    """Train the student alone with cross-entropy: the baseline that shows what distillation adds.
+
+    Example: kdc train-student recipes/quickstart.yaml
+    """
+    _stage_command("student", recipe, set_, force)
+
+
+@app.command()
+@_friendly
+def distill(recipe: Optional[Path] = RecipeArg, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+    """Distil the trained teacher into the student (soft targets at temperature T).
+
+    Example: kdc distill recipes/quickstart.yaml --set distill.temperature=4 --set distill.alpha=0.5
+    """
+    _stage_command("distilled", recipe, set_, force)
+
+
+@app.command()
+@_friendly
+def prune(
+    recipe: Optional[Path] = RecipeArg,
+    rate: Optional[float] = typer.Option(
+        None, "--rate", help="fraction of the still-non-zero prunable weights removed at each pruning step"
+    ),
+    target: Optional[float] = typer.Option(None, "--target", help="target sparsity: fraction of prunable weights at zero"),
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+):
+    """Prune the distilled student by weight magnitude and retrain it with its masks held.
+
+    Example: kdc prune recipes/quickstart.yaml --rate 0.05 --set prune.every=0.1
+    """
+    overrides = list(set_ or [])
+    if rate is not None:
+        overrides.append(f"prune.rate={rate!r}")
+    if target is not None:
+        overrides.append(f"prune.target_sparsity={target!r}")
+    _stage_command("pruned", recipe, overrides, force)
+
+
+@app.command()
+@_friendly
+def run(recipe: Optional[Path] = RecipeArg, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+    """Run every stage (skipping up-to-date ones), then write and print the report.
+
+    Example: kdc run recipes/fashion-mnist-mlp.yaml
+    """
+    from .pipeline import run_pipeline
+
+    loaded = _load(recipe, set_)
+    run_pipeline(loaded, force=force, console=err)
+    _report(loaded.run_dir)
+
+
+def _report(run_dir: Path) -> None:
+    from .report import report_table, write_report
+
+    report = write_report(run_dir)
+    out.print(report_table(report))
+    err.print(f"wrote {Path(run_dir) / 'report.md'} and {Path(run_dir) / 'report.json'}")
+
+
+@app.command()
+@_friendly
+def report(
+    run_dir: Optional[Path] = typer.Argument(
+        None, help="run directory (runs/<recipe name>); omit it for the quickstart's", show_default=False
+    ),
+):
+    """Compare every stage of a run: accuracy, parameters, non-zeros, sparsity, bytes, MACs, latency.
+
+    Example: kdc report runs/fashion-mnist-mlp
+    """
+    if run_dir is None:
+        run_dir = _load(None, None).run_dir
+    if not Path(run_dir).is_dir():
+        raise KdcError(f"run directory not found: {run_dir}; run `kdc run RECIPE` first (it writes runs/<recipe name>)")
+    _report(Path(run_dir))
+
+
+@app.command()
+@_friendly
+def validate(
+    recipe: Path = typer.Argument(..., help="recipe YAML file to check"),
+    set_: Optional[List[str]] = SetOpt,
+):
+    """Check a recipe without running it: keys, types, ranges, model and dataset names.
+
+    Example: kdc validate recipes/fashion-mnist-mlp.yaml
+    """
+    from .checks import check_recipe
+
+    loaded = _load(recipe, set_)
+    summary = check_recipe(loaded)
+    out.print(f"[green]ok[/]: {recipe} is a valid recipe")
+    for line in summary:
+        out.print(f"  {line}")
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(entry())

@@ -1,0 +1,298 @@
+"""Datasets by name, data-root resolution and in-memory tensor batches.
+
+The MNIST family fits in memory, so each split is held once as a uint8
+tensor (N, C, H, W) with int64 labels; batches are sliced, converted to float
+and normalised one batch at a time. That is far cheaper than decoding every
+image through PIL and a per-sample transform.
+
+Known datasets:
+
+``fashion-mnist-mini``
+    A fixed subset of real Fashion-MNIST shipped inside the package (made by
+    ``scripts/make_fashion_mnist_mini.py``); works offline anywhere.
+``fashion-mnist``, ``mnist``
+    The full sets, read by torchvision from a data root: the recipe's
+    ``data.root``, else ``$KDC_DATA``, else the user cache dir. For
+    Fashion-MNIST, Debian's ``dataset-fashion-mnist`` package
+    (``/usr/share/datasets/fashion-mnist/``) is used too.
+
+Example::
+
+    >>> from kdcompress.data import load_data
+    >>> from kdcompress.recipe import DataSection
+    >>> splits = load_data(DataSection(dataset="fashion-mnist-mini"), seed=0)
+    >>> splits.train.images.shape, splits.num_classes
+    (torch.Size([10000, 1, 28, 28]), 10)
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import DataError
+from .recipe import DataSection
+
+__all__ = ["TensorData", "DataSplits", "load_data", "DATASETS", "read_idx", "default_data_roots", "dataset_info", "DEBIAN_FASHION_MNIST"]
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+# name -> (torchvision class name, per-channel mean, per-channel std, input shape, classes);
+# mean and std are statistics of the full training split
+DATASETS = {
+    "fashion-mnist-mini": ("FashionMNIST", (0.2860,), (0.3530,), (1, 28, 28), 10),
+    "fashion-mnist": ("FashionMNIST", (0.2860,), (0.3530,), (1, 28, 28), 10),
+    "mnist": ("MNIST", (0.1307,), (0.3081,), (1, 28, 28), 10),
+}
+
+
+@dataclass
+class TensorData:
+    """One split held in memory: uint8 images (N, C, H, W) and int64 labels (N)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> "TensorData":
+        return TensorData(self.images.to(device), self.labels.to(device), self.mean, self.std)
+
+    def subset(self, index: torch.Tensor) -> "TensorData":
+        return TensorData(self.images[index], self.labels[index], self.mean, self.std)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> normalised float32 images."""
+        x = images.float().div_(255.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(inputs, labels, indices)``; ``indices`` locate the samples in this split."""
+        n = len(self)
+        if shuffle:
+            order = torch.randperm(n, generator=generator).to(self.labels.device)
+        else:
+            order = torch.arange(n, device=self.labels.device)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            yield self.normalise(self.images[idx]), self.labels[idx], idx
+
+    def num_batches(self, batch_size: int) -> int:
+        return (len(self) + batch_size - 1) // batch_size
+
+
+@dataclass
+class DataSplits:
+    """The splits of one dataset plus what models need to know about it."""
+
+    name: str
+    train: TensorData
+    test: TensorData
+    val: TensorData | None
+    num_classes: int
+    input_shape: tuple[int, ...]
+    identity: str  # changes when the data or the split changes
+
+    @property
+    def eval_split(self) -> tuple[str, TensorData]:
+        """The split used for per-epoch evaluation: validation if held out, else test (learning curve only)."""
+        return ("val", self.val) if self.val is not None else ("test", self.test)
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an idx file (optionally gzip-compressed) into a uint8 tensor."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            blob = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}; the file is damaged, fetch it again") from None
+    if len(blob) < 4 or blob[0] != 0 or blob[1] != 0 or blob[2] != 0x08:
+        raise DataError(f"{path} is not an idx file of unsigned bytes; fetch it again")
+    ndim = blob[3]
+    dims = [int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    count = 1
+    for d in dims:
+        count *= d
+    if len(blob) - offset != count:
+        raise DataError(f"{path} is truncated: expected {count} values, found {len(blob) - offset}; fetch it again")
+    return torch.frombuffer(bytearray(blob[offset:]), dtype=torch.uint8).view(*dims)
+
+
+def default_data_roots(section: DataSection) -> list[Path]:
+    """Data roots in the order they are tried."""
+    if section.root:
+        return [Path(section.root).expanduser()]
+    roots = []
+    if os.environ.get("KDC_DATA"):
+        roots.append(Path(os.environ["KDC_DATA"]).expanduser())
+    roots.append(_cache_dir())
+    return roots
+
+
+def _cache_dir() -> Path:
+    try:
+        from platformdirs import user_cache_dir
+
+        return Path(user_cache_dir("kdcompress")) / "data"
+    except ImportError:  # platformdirs is a dependency; this is a fallback only
+        return Path.home() / ".cache" / "kdcompress" / "data"
+
+
+def dataset_info(name: str) -> tuple[tuple[int, ...], int]:
+    """(input shape, number of classes) of a known dataset, without loading it."""
+    if name not in DATASETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(DATASETS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise DataError(f"data.dataset: unknown dataset '{name}'{hint} (known: {', '.join(DATASETS)})")
+    return DATASETS[name][3], DATASETS[name][4]
+
+
+def load_data(section: DataSection, seed: int = 0) -> DataSplits:
+    """Load the dataset a recipe names, with a validation split if it asks for one."""
+    dataset_info(section.dataset)
+    _, mean, std, _, _ = DATASETS[section.dataset]
+    if section.dataset == "fashion-mnist-mini":
+        train_x, train_y, test_x, test_y, source = _load_mini()
+    else:
+        train_x, train_y, test_x, test_y, source = _load_torchvision(section)
+    train = TensorData(train_x.unsqueeze(1).contiguous(), train_y.long(), mean, std)
+    test = TensorData(test_x.unsqueeze(1).contiguous(), test_y.long(), mean, std)
+    val = None
+    if section.val_split > 0:
+        n_val = max(1, int(round(len(train) * section.val_split)))
+        if n_val >= len(train):
+            raise DataError(f"data.val_split: {section.val_split} leaves no training data; use a smaller share")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        val = train.subset(order[:n_val])
+        train = train.subset(order[n_val:])
+    num_classes = int(max(train.labels.max(), test.labels.max()).item()) + 1
+    digest = hashlib.sha256()
+    for t in (train.labels, test.labels):
+        digest.update(t.numpy().tobytes())
+    digest.update(train.images[:: max(1, len(train) // 64)].numpy().tobytes())
+    identity = f"{section.dataset}:{len(train)}:{len(test)}:{section.val_split}:{seed}:{digest.hexdigest()[:16]}"
+    return DataSplits(
+        name=section.dataset,
+        train=train,
+        test=test,
+        val=val,
+        num_classes=num_classes,
+        input_shape=tuple(train.images.shape[1:]),
+        identity=identity,
+    )
+
+
+def _mini_dir() -> Path:
+    return Path(str(resources.files("kdcompress") / "embedded" / "fashion-mnist-mini"))
+
+
+def _load_mini():
+    folder = _mini_dir()
+    try:
+        parts = [read_idx(folder / f"{name}.gz") for name in IDX_FILES]
+    except DataError as exc:
+        raise DataError(f"the shipped fashion-mnist-mini set is damaged ({exc}); reinstall kdcompress") from None
+    return (*parts, str(folder))
+
+
+def _load_torchvision(section: DataSection):
+    from torchvision import datasets as tvd
+
+    cls_name = DATASETS[section.dataset][0]
+    cls = getattr(tvd, cls_name)
+    roots = default_data_roots(section)
+    tried = []
+    for root in roots:
+        tried.append(str(root / cls_name / "raw"))
+        if not _has_raw(root, cls_name) and section.dataset == "fashion-mnist" and _debian_available():
+            _unpack_debian(root / cls_name / "raw")
+            tried.append(f"{DEBIAN_FASHION_MNIST} (unpacked into {root / cls_name / 'raw'})")
+        if _has_raw(root, cls_name):
+            return (*_read_tv(cls, root), str(root))
+    if section.dataset == "fashion-mnist" and not _debian_available():
+        tried.append(str(DEBIAN_FASHION_MNIST))
+    hint = (
+        "install it with `apt-get install dataset-fashion-mnist` (Debian), or "
+        if section.dataset == "fashion-mnist"
+        else ""
+    )
+    raise DataError(
+        f"dataset '{section.dataset}' not found; looked in: {'; '.join(tried)}. To get it, {hint}put the four idx "
+        f"files ({', '.join(IDX_FILES)}, .gz allowed) in <root>/{cls_name}/raw/ and set data.root or $KDC_DATA to "
+        f"<root>; with internet, python -c \"import torchvision; torchvision.datasets.{cls_name}('<root>', "
+        f"download=True)\" fetches them. The shipped 'fashion-mnist-mini' needs no download."
+    )
+
+
+def _has_raw(root: Path, cls_name: str) -> bool:
+    raw = root / cls_name / "raw"
+    return all((raw / name).is_file() for name in IDX_FILES)
+
+
+def _debian_available() -> bool:
+    return all((DEBIAN_FASHION_MNIST / f"{name}.gz").is_file() for name in IDX_FILES)
+
+
+def _unpack_debian(raw: Path) -> None:
+    """Decompress Debian's idx .gz files where torchvision looks for them.
+
+    Debian's gzip bytes differ from the ones torchvision checksums, so they
+    are decompressed here rather than handed to torchvision's downloader; the
+    idx data inside is the standard set.
+    """
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in IDX_FILES:
+            target = raw / name
+            if target.is_file():
+                continue
+            fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as out, gzip.open(DEBIAN_FASHION_MNIST / f"{name}.gz", "rb") as src:
+                    shutil.copyfileobj(src, out)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot unpack {DEBIAN_FASHION_MNIST} into {raw}: {exc}; set data.root to a writable folder") from None
+
+
+def _read_tv(cls, root: Path):
+    try:
+        train = cls(str(root), train=True, download=False)
+        test = cls(str(root), train=False, download=False)
+    except Exception as exc:  # torchvision raises RuntimeError/ValueError/OSError for bad files
+        raise DataError(
+            f"cannot read the {cls.__name__} files under {root / cls.__name__ / 'raw'}: {exc}; delete them and fetch "
+            f"them again"
+        ) from None
+    return train.data, train.targets, test.data, test.targets

@@ -1,0 +1,80 @@
+"""Errors that kdc reports to a person as one clear message.
+
+Library code raises a :class:`KdcError` (or a subclass) whenever the cause is
+something the user can fix: a recipe value, a missing file, a stage run out of
+order. The CLI prints ``str(error)`` without a traceback and exits with
+``error.exit_code``. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "KdcError",
+    "RecipeError",
+    "Problem",
+    "DataError",
+    "ModelError",
+    "StageOrderError",
+    "CheckpointError",
+]
+
+
+class KdcError(Exception):
+    """A user-fixable problem: what went wrong, where, and how to fix it."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in a recipe: the key path, its YAML line and a message."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.path or "(top level)"
+        if self.line is not None:
+            where += f" (line {self.line})"
+        return f"{where}: {self.message}"
+
+
+class RecipeError(KdcError):
+    """A recipe that cannot be used; holds every problem found, not just the first."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = list(problems)
+        count = len(self.problems)
+        head = f"{source}: {count} problem{'s' if count != 1 else ''} in the recipe"
+        body = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{head}\n{body}")
+
+
+class DataError(KdcError):
+    """A dataset that cannot be found, read or used."""
+
+    exit_code = 2
+
+
+class ModelError(KdcError):
+    """A model that cannot be built from its recipe entry."""
+
+    exit_code = 2
+
+
+class StageOrderError(KdcError):
+    """A stage was asked for before the stage it depends on has run."""
+
+    exit_code = 2
+
+
+class CheckpointError(KdcError):
+    """A checkpoint that is missing, corrupt, unsafe or from an incompatible version."""
+
+    exit_code = 2

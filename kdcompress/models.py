@@ -1,0 +1,229 @@
+"""Models by name: built-in nets, torchvision classifiers, and a user's own factory.
+
+A model entry in a recipe is a name plus keyword arguments::
+
+    model: mlp                      # built-in: mlp, cnn, lenet5
+    args: {hidden: [100]}
+
+    model: torchvision:resnet18     # any torchvision classification model
+
+    model: mypkg.nets:build         # your own factory, imported from your code
+    args: {width: 64}
+
+Every factory receives ``num_classes`` and ``input_shape`` (C, H, W) when its
+signature accepts them, so a user's factory can size itself to the data.
+
+Example::
+
+    >>> from kdcompress.models import build_model
+    >>> net = build_model({"model": "mlp", "args": {"hidden": [100]}, "num_classes": 10, "input_shape": [1, 28, 28]})
+    >>> sum(p.numel() for p in net.parameters())
+    79510
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+__all__ = ["MLP", "SmallCNN", "LeNet5", "BUILTIN_MODELS", "build_model", "model_spec"]
+
+
+class MLP(nn.Module):
+    """Fully connected classifier: flatten, then ``hidden`` layers with ReLU and dropout."""
+
+    def __init__(self, input_shape=(1, 28, 28), num_classes=10, hidden=(100,), dropout=0.0):
+        super().__init__()
+        in_features = 1
+        for d in input_shape:
+            in_features *= int(d)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for width in hidden:
+            layers += [nn.Linear(in_features, int(width)), nn.ReLU(inplace=True)]
+            if dropout:
+                layers.append(nn.Dropout(float(dropout)))
+            in_features = int(width)
+        layers.append(nn.Linear(in_features, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """Two or more 3x3 conv blocks (conv, BN, ReLU, 2x2 max-pool), then a hidden linear layer."""
+
+    def __init__(self, input_shape=(1, 28, 28), num_classes=10, channels=(32, 64), hidden=128, dropout=0.0):
+        super().__init__()
+        c, h, w = (int(d) for d in input_shape)
+        blocks: list[nn.Module] = []
+        for out in channels:
+            blocks += [nn.Conv2d(c, int(out), 3, padding=1, bias=False), nn.BatchNorm2d(int(out)), nn.ReLU(inplace=True)]
+            blocks.append(nn.MaxPool2d(2))
+            c, h, w = int(out), h // 2, w // 2
+        self.features = nn.Sequential(*blocks)
+        head: list[nn.Module] = [nn.Flatten(), nn.Linear(c * h * w, int(hidden)), nn.ReLU(inplace=True)]
+        if dropout:
+            head.append(nn.Dropout(float(dropout)))
+        head.append(nn.Linear(int(hidden), num_classes))
+        self.classifier = nn.Sequential(*head)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max-pooling, for 28x28 or 32x32 inputs."""
+
+    def __init__(self, input_shape=(1, 28, 28), num_classes=10):
+        super().__init__()
+        c, h, _ = (int(d) for d in input_shape)
+        pad = 2 if h == 28 else 0
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 6, 5, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        side = ((h + 2 * pad - 4) // 2 - 4) // 2
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * side * side, 120), nn.ReLU(inplace=True),
+            nn.Linear(120, 84), nn.ReLU(inplace=True), nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "lenet5": LeNet5}
+
+
+def model_spec(name: str, args: dict, num_classes: int, input_shape) -> dict:
+    """The architecture spec stored in checkpoints: enough to rebuild the network."""
+    return {"model": name, "args": dict(args), "num_classes": int(num_classes), "input_shape": [int(d) for d in input_shape]}
+
+
+def build_model(spec: dict, where: str = "model") -> nn.Module:
+    """Build a network from an architecture spec (see :func:`model_spec`).
+
+    ``where`` names the recipe section in error messages (``teacher.model``).
+    """
+    name, args = spec["model"], dict(spec.get("args") or {})
+    num_classes, input_shape = spec["num_classes"], tuple(spec["input_shape"])
+    if name.startswith("torchvision:"):
+        return _torchvision_model(name.split(":", 1)[1], args, num_classes, input_shape, where)
+    if ":" in name:
+        factory = _import_factory(name, where)
+    elif name in BUILTIN_MODELS:
+        factory = BUILTIN_MODELS[name]
+    else:
+        close = difflib.get_close_matches(name, list(BUILTIN_MODELS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ModelError(
+            f"{where}: unknown model '{name}'{hint} (built-in: {', '.join(BUILTIN_MODELS)}; also torchvision:NAME, "
+            f"or package.module:factory for your own)"
+        )
+    return _call_factory(factory, name, args, num_classes, input_shape, where)
+
+
+def _call_factory(factory, name, args, num_classes, input_shape, where) -> nn.Module:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kwargs = dict(args)
+    if "num_classes" in params or takes_any:
+        kwargs.setdefault("num_classes", num_classes)
+    if "input_shape" in params or takes_any:
+        kwargs.setdefault("input_shape", input_shape)
+    unknown = [k for k in args if params and k not in params and not takes_any]
+    if unknown:
+        accepted = [p for p in params if p not in ("self", "num_classes", "input_shape")]
+        hint = "".join(
+            f"; did you mean '{c[0]}' for '{k}'?" for k in unknown if (c := difflib.get_close_matches(k, accepted, n=1))
+        )
+        raise ModelError(
+            f"{where}.args: {name} does not take {', '.join(map(repr, unknown))}{hint} (it takes: "
+            f"{', '.join(accepted) or 'no arguments'})"
+        )
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise ModelError(f"{where}: building '{name}' with args {args} failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{where}: '{name}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _import_factory(path: str, where: str) -> Callable[..., Any]:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ModelError(f"{where}: '{path}' is not an import path; write package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ModelError(
+            f"{where}: cannot import '{module_name}' ({type(exc).__name__}: {exc}); check the name and that the "
+            f"module is installed or on PYTHONPATH"
+        ) from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(module) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ModelError(f"{where}: module '{module_name}' has no attribute '{attr}'{hint}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelError(f"{where}: '{path}' is not callable; point it at a function or class that builds the model")
+    return obj
+
+
+def _torchvision_model(name, args, num_classes, input_shape, where) -> nn.Module:
+    from torchvision import models as tvm
+
+    available = tvm.list_models(module=tvm)
+    if name not in available:
+        close = difflib.get_close_matches(name, available, n=1)
+        hint = f"; did you mean 'torchvision:{close[0]}'?" if close else ""
+        raise ModelError(f"{where}: torchvision has no classification model '{name}'{hint}")
+    if args.get("weights"):
+        raise ModelError(
+            f"{where}.args.weights: pretrained weights are downloaded at run time, which kdc does not do; "
+            f"drop 'weights' (training starts from scratch)"
+        )
+    try:
+        model = tvm.get_model(name, weights=None, num_classes=num_classes, **args)
+    except Exception as exc:
+        raise ModelError(f"{where}: building torchvision:{name} with args {args} failed: {exc}") from None
+    _adapt_input_channels(model, int(input_shape[0]))
+    return model
+
+
+def _adapt_input_channels(model: nn.Module, channels: int) -> None:
+    """Swap the first Conv2d for one that takes ``channels`` inputs (e.g. grayscale)."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels != channels:
+                    setattr(
+                        parent,
+                        child_name,
+                        nn.Conv2d(
+                            channels,
+                            child.out_channels,
+                            child.kernel_size,
+                            child.stride,
+                            child.padding,
+                            child.dilation,
+                            child.groups,
+                            child.bias is not None,
+                        ),
+                    )
+                return

@@ -1,0 +1,313 @@
+"""The stages of a kdc run, in order: teacher, student baseline, distilled, pruned.
+
+Each stage reads the recipe, builds its model, hands a loss (and, when
+pruning, a hook) to :func:`kdcompress.train.fit`, evaluates the final model on
+the test split and saves a checkpoint in ``<run dir>/<stage>/model.pt``.
+
+A stage is up to date when its checkpoint exists and carries the fingerprint
+of the recipe sections (and upstream checkpoints) it was made from; ``kdc
+run`` skips such stages. Example::
+
+    >>> from kdcompress.pipeline import run_pipeline
+    >>> from kdcompress.recipe import load_recipe
+    >>> run_pipeline(load_recipe())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from rich.console import Console
+
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .data import DataSplits, load_data
+from .distill import kd_loss, teacher_logits
+from .errors import CheckpointError, KdcError, StageOrderError
+from .measure import count_nonzero, count_params
+from .models import build_model, model_spec
+from .prune import MagnitudePruner, prunable_weights, weight_sparsity
+from .recipe import Recipe, TrainSettings, recipe_to_dict, section_fingerprint
+from .train import Hook, evaluate, fit, resolve_device, seed_everything
+
+__all__ = ["STAGES", "COMMAND_OF", "run_pipeline", "run_stage", "stage_status", "checkpoint_path"]
+
+STAGES = ("teacher", "student", "distilled", "pruned")
+COMMAND_OF = {"teacher": "kdc train-teacher", "student": "kdc run", "distilled": "kdc distill", "pruned": "kdc prune"}
+
+
+def checkpoint_path(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / stage / "model.pt"
+
+
+def _train_settings(section) -> dict:
+    """Only the TrainSettings fields of a section (the baseline shares distill's schedule, not T or alpha)."""
+    names = [f.name for f in dataclasses.fields(TrainSettings)]
+    return {n: getattr(section, n) for n in names}
+
+
+def _fingerprint(recipe: Recipe, stage: str, upstream: dict[str, str]) -> str:
+    common = (recipe.run.seed, recipe.data)
+    if stage == "teacher":
+        return section_fingerprint(*common, recipe.teacher)
+    if stage == "student":
+        return section_fingerprint(*common, recipe.student, _train_settings(recipe.distill))
+    if stage == "distilled":
+        return section_fingerprint(*common, recipe.student, recipe.distill, upstream["teacher"])
+    prune = recipe.prune
+    teacher = upstream["teacher"] if prune.distill else None
+    return section_fingerprint(*common, prune, recipe.distill.temperature, recipe.distill.alpha, upstream["distilled"], teacher)
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    done: bool
+    reason: str  # why it is not up to date
+
+
+def _read_fingerprint(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    return load_checkpoint(path).get("fingerprint")
+
+
+def _deps(recipe: Recipe, stage: str) -> list[str]:
+    """The stages whose checkpoints ``stage`` reads."""
+    if stage == "distilled":
+        return ["teacher"]
+    if stage == "pruned":
+        return ["distilled", "teacher"] if recipe.prune.distill else ["distilled"]
+    return []
+
+
+def _upstream(recipe: Recipe, stage: str) -> dict[str, str]:
+    """Fingerprints of the checkpoints ``stage`` reads; each must exist and be up to date."""
+    found: dict[str, str] = {}
+    for dep in _deps(recipe, stage):
+        status = stage_status(recipe, dep)
+        if not status.done:
+            raise StageOrderError(
+                f"the '{stage}' stage needs the '{dep}' stage first ({status.reason}); run "
+                f"`{COMMAND_OF[dep]} {_recipe_hint(recipe)}`, or `kdc run {_recipe_hint(recipe)}` for every stage"
+            )
+        found[dep] = _read_fingerprint(checkpoint_path(recipe.run_dir, dep))
+    return found
+
+
+def _recipe_hint(recipe: Recipe) -> str:
+    return getattr(recipe, "_source", "") or "RECIPE"
+
+
+def stage_status(recipe: Recipe, stage: str) -> StageStatus:
+    """Whether ``stage`` has a checkpoint made from the current recipe and upstream checkpoints."""
+    path = checkpoint_path(recipe.run_dir, stage)
+    if not path.is_file():
+        return StageStatus(stage, False, f"no checkpoint at {path}")
+    try:
+        upstream = _upstream(recipe, stage)
+        expected = _fingerprint(recipe, stage, upstream)
+        found = _read_fingerprint(path)
+    except StageOrderError:
+        return StageStatus(stage, False, "a stage it depends on is missing or out of date")
+    except CheckpointError as exc:
+        return StageStatus(stage, False, str(exc))
+    if found != expected:
+        return StageStatus(stage, False, f"the recipe changed since {path} was written")
+    return StageStatus(stage, True, "up to date")
+
+
+class _Pruning(Hook):
+    """Takes a pruning step every ``every`` epochs of retraining and keeps masks applied."""
+
+    def __init__(self, pruner: MagnitudePruner, every: float):
+        self.pruner, self.every = pruner, every
+        self.interval: int | None = None
+
+    def on_batch_start(self, step: int, batches_per_epoch: int) -> None:
+        if self.interval is None:
+            self.interval = max(1, int(round(self.every * batches_per_epoch)))
+        if step % self.interval == 0 and not self.pruner.done:
+            self.pruner.step()
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.pruner.apply()
+
+    def epoch_metrics(self) -> dict:
+        return {"sparsity": self.pruner.sparsity(), "pruning_steps": self.pruner.steps_taken}
+
+
+def run_pipeline(recipe: Recipe, force: bool = False, console: Console | None = None, stages=STAGES) -> dict:
+    """Run every stage in order, skipping up-to-date ones unless ``force``; return stage metrics."""
+    console = console or Console(stderr=True)
+    results = {}
+    for stage in stages:
+        if stage == "student" and not recipe.student.baseline:
+            continue
+        results[stage] = run_stage(recipe, stage, force=force, console=console)
+    return results
+
+
+def run_stage(recipe: Recipe, stage: str, force: bool = False, console: Console | None = None) -> dict:
+    """Run one stage (or skip it when up to date and not ``force``); return its metrics."""
+    console = console or Console(stderr=True)
+    run_dir = recipe.run_dir
+    path = checkpoint_path(run_dir, stage)
+    status = stage_status(recipe, stage)
+    if status.done and not force:
+        console.print(f"[green]{stage}[/]: up to date, skipped ({path}; --force reruns it)")
+        return load_checkpoint(path)["metrics"]
+    upstream = _upstream(recipe, stage)
+    if path.exists():
+        console.print(f"[yellow]{stage}[/]: rerunning ({status.reason if not status.done else '--force'})")
+    device = resolve_device(recipe.run.device)
+    seed_everything(recipe.run.seed)
+    data = load_data(recipe.data, seed=recipe.run.seed)
+    _write_resolved_recipe(recipe)
+    stage_dir = path.parent
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = stage_dir / "metrics.jsonl"
+    if metrics_path.exists():
+        metrics_path.unlink()
+    console.print(f"[bold]{stage}[/]: training on {data.name} ({len(data.train)} train, {len(data.test)} test) on {device}")
+    started = time.perf_counter()
+    model, spec, history, extra = _STAGE_FUNCS[stage](recipe, data, device, console, metrics_path)
+    test = evaluate(model, data.test, recipe.data.eval_batch_size, device)
+    prune = recipe.prune
+    metrics = {
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "params": count_params(model),
+        "nonzero_params": count_nonzero(model),
+        "sparsity": weight_sparsity({k: v.detach() for k, v in prunable_weights(model, prune.include, prune.exclude).items()}),
+        "epochs": len(history),
+        "seconds": time.perf_counter() - started,
+        **extra,
+    }
+    save_checkpoint(
+        path,
+        {
+            "stage": stage,
+            "arch": spec,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "fingerprint": _fingerprint(recipe, stage, upstream),
+            "recipe": recipe_to_dict(recipe),
+            "metrics": metrics,
+            "dataset": data.name,
+        },
+    )
+    console.print(
+        f"[green]{stage}[/]: test accuracy {metrics['test_accuracy']:.4f}, {metrics['nonzero_params']:,} of "
+        f"{metrics['params']:,} parameters non-zero, saved {path} ({metrics['seconds']:.1f} s)"
+    )
+    return metrics
+
+
+def _write_resolved_recipe(recipe: Recipe) -> None:
+    text = "# resolved recipe written by kdc: every value, defaults included\n" + yaml.safe_dump(
+        recipe_to_dict(recipe), sort_keys=False
+    )
+    atomic_write_text(recipe.run_dir / "recipe.yaml", text)
+
+
+def load_stage_model(recipe: Recipe, stage: str, device: torch.device) -> torch.nn.Module:
+    ckpt = load_checkpoint(checkpoint_path(recipe.run_dir, stage))
+    model = build_model(ckpt["arch"], where=f"{stage} checkpoint")
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device)
+
+
+def _new_model(recipe: Recipe, which: str, data: DataSplits, device: torch.device):
+    section = getattr(recipe, which)
+    spec = model_spec(section.model, section.args, data.num_classes, data.input_shape)
+    return build_model(spec, where=f"{which}.model").to(device), spec
+
+
+def _ce(logits, y, idx):
+    return F.cross_entropy(logits, y)
+
+
+def _distill_loss(recipe: Recipe, data: DataSplits, device: torch.device):
+    """KD loss with the teacher's logits computed once for the (unaugmented) training split."""
+    teacher = load_stage_model(recipe, "teacher", device)
+    cached = teacher_logits(teacher, data.train, recipe.data.eval_batch_size, device)
+    del teacher
+    temperature, alpha = recipe.distill.temperature, recipe.distill.alpha
+
+    def loss(logits, y, idx):
+        return kd_loss(logits, cached[idx.to(cached.device)], y, temperature, alpha)
+
+    return loss
+
+
+def _fit(recipe, model, loss, data, settings, device, console, stage, metrics_path, hooks=()):
+    return fit(
+        model,
+        loss,
+        data,
+        settings,
+        batch_size=recipe.data.batch_size,
+        eval_batch_size=recipe.data.eval_batch_size,
+        device=device,
+        seed=recipe.run.seed,
+        stage=stage,
+        metrics_path=metrics_path,
+        hooks=hooks,
+        console=console,
+    )
+
+
+def _stage_teacher(recipe, data, device, console, metrics_path):
+    model, spec = _new_model(recipe, "teacher", data, device)
+    history = _fit(recipe, model, _ce, data, recipe.teacher, device, console, "teacher", metrics_path)
+    return model, spec, history, {}
+
+
+def _stage_student(recipe, data, device, console, metrics_path):
+    model, spec = _new_model(recipe, "student", data, device)
+    history = _fit(recipe, model, _ce, data, recipe.distill, device, console, "student", metrics_path)
+    return model, spec, history, {}
+
+
+def _stage_distilled(recipe, data, device, console, metrics_path):
+    model, spec = _new_model(recipe, "student", data, device)  # same seed and init as the baseline
+    loss = _distill_loss(recipe, data, device)
+    history = _fit(recipe, model, loss, data, recipe.distill, device, console, "distilled", metrics_path)
+    return model, spec, history, {}
+
+
+def _stage_pruned(recipe, data, device, console, metrics_path):
+    ckpt = load_checkpoint(checkpoint_path(recipe.run_dir, "distilled"))
+    spec = ckpt["arch"]
+    model = build_model(spec, where="distilled checkpoint")
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device)
+    p = recipe.prune
+    pruner = MagnitudePruner(model, p.rate, p.target_sparsity, p.scope, p.include, p.exclude)
+    if not pruner.weights:
+        names = [n for n, m in model.named_modules() if n]
+        raise KdcError(
+            f"prune.include/prune.exclude: no Conv or Linear weights left to prune in {spec['model']} "
+            f"(include {p.include}, exclude {p.exclude}); module names are: {', '.join(names[:20])}"
+        )
+    loss = _distill_loss(recipe, data, device) if p.distill else _ce
+    history = _fit(recipe, model, loss, data, p, device, console, "pruned", metrics_path, hooks=[_Pruning(pruner, p.every)])
+    if not pruner.done:
+        raise KdcError(
+            f"prune: retraining ended at sparsity {pruner.sparsity():.3f}, short of the target {p.target_sparsity}; "
+            f"raise prune.epochs or prune.rate"
+        )
+    return model, spec, history, {"target_sparsity": p.target_sparsity, "pruning_steps": pruner.steps_taken}
+
+
+_STAGE_FUNCS = {
+    "teacher": _stage_teacher,
+    "student": _stage_student,
+    "distilled": _stage_distilled,
+    "pruned": _stage_pruned,
+}

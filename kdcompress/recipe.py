@@ -1,0 +1,494 @@
+"""Recipes: a typed, validated description of one kdc run, loaded from YAML.
+
+A recipe is plain YAML with the sections ``run``, ``data``, ``teacher``,
+``student``, ``distill``, ``prune`` and ``report``. Every key is optional and
+has a default; unknown keys, wrong types and out-of-range values are reported
+all at once, each with its key path and YAML line::
+
+    >>> from kdcompress.recipe import load_recipe
+    >>> recipe = load_recipe("recipes/quickstart.yaml", overrides=["distill.temperature=2"])
+    >>> recipe.distill.temperature
+    2.0
+
+A recipe is code the user chose to run: ``model: package.module:factory``
+imports and calls that factory. kdc never takes import paths from anywhere
+else (not from checkpoints, not from the network).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import Problem, RecipeError
+
+__all__ = [
+    "Recipe",
+    "RunSection",
+    "DataSection",
+    "TrainSettings",
+    "TeacherSection",
+    "StudentSection",
+    "DistillSection",
+    "PruneSection",
+    "ReportSection",
+    "load_recipe",
+    "recipe_from_dict",
+    "recipe_to_dict",
+    "section_fingerprint",
+    "builtin_recipe_path",
+    "pruning_steps_needed",
+]
+
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False, doc=""):
+    """Field metadata: an allowed numeric range and a one-line description."""
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "doc": doc}
+
+
+def _doc(text):
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = field(default="quickstart", metadata=_doc("run directory name: <out_dir>/<name>"))
+    seed: int = field(default=0, metadata=_range(lo=0, doc="seed for weights, shuffling and splits"))
+    device: str = field(default="auto", metadata=_doc("auto, cpu, cuda or cuda:N"))
+    out_dir: str = field(default="runs", metadata=_doc("folder that holds run directories"))
+
+
+@dataclass(frozen=True)
+class DataSection:
+    dataset: str = field(
+        default="fashion-mnist-mini",
+        metadata=_doc("fashion-mnist-mini (shipped), fashion-mnist or mnist"),
+    )
+    root: Optional[str] = field(default=None, metadata=_doc("data folder; else $KDC_DATA, else a cache dir"))
+    batch_size: int = field(default=128, metadata=_range(lo=1, doc="training batch size"))
+    eval_batch_size: int = field(default=1000, metadata=_range(lo=1, doc="evaluation batch size"))
+    val_split: float = field(
+        default=0.0,
+        metadata=_range(lo=0.0, hi=1.0, hi_open=True, doc="share of training data held out for validation"),
+    )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimiser and schedule settings shared by every training stage."""
+
+    epochs: int = field(default=5, metadata=_range(lo=0, doc="epochs of training"))
+    optimizer: Literal["sgd", "adam", "adamw"] = field(default="sgd", metadata=_doc("sgd, adam or adamw"))
+    lr: float = field(default=0.05, metadata=_range(lo=0.0, lo_open=True, doc="learning rate"))
+    momentum: float = field(default=0.9, metadata=_range(lo=0.0, hi=1.0, hi_open=True, doc="SGD momentum"))
+    weight_decay: float = field(default=0.0, metadata=_range(lo=0.0, doc="L2 weight decay"))
+    schedule: Literal["constant", "step", "cosine"] = field(
+        default="cosine", metadata=_doc("learning-rate schedule: constant, step or cosine")
+    )
+    step_size: int = field(default=10, metadata=_range(lo=1, doc="epochs between decays (schedule: step)"))
+    gamma: float = field(
+        default=0.1, metadata=_range(lo=0.0, hi=1.0, lo_open=True, doc="decay factor (schedule: step)")
+    )
+
+
+@dataclass(frozen=True)
+class TeacherSection(TrainSettings):
+    model: str = field(default="cnn", metadata=_doc("mlp, cnn, lenet5, torchvision:NAME or package.module:factory"))
+    args: dict = field(default_factory=dict, metadata=_doc("keyword arguments for the model factory"))
+    epochs: int = field(default=8, metadata=_range(lo=0, doc="epochs of training"))
+
+
+@dataclass(frozen=True)
+class StudentSection:
+    model: str = field(default="mlp", metadata=_doc("mlp, cnn, lenet5, torchvision:NAME or package.module:factory"))
+    args: dict = field(default_factory=lambda: {"hidden": [100]}, metadata=_doc("keyword arguments for the model factory"))
+    baseline: bool = field(
+        default=True,
+        metadata=_doc("also train the student alone with cross-entropy (the 'student' row), with the distill settings"),
+    )
+
+
+@dataclass(frozen=True)
+class DistillSection(TrainSettings):
+    temperature: float = field(default=4.0, metadata=_range(lo=0.0, lo_open=True, doc="softmax temperature T"))
+    alpha: float = field(default=0.5, metadata=_range(lo=0.0, hi=1.0, doc="weight of the soft (teacher) term"))
+
+
+@dataclass(frozen=True)
+class PruneSection(TrainSettings):
+    rate: float = field(
+        default=0.3,
+        metadata=_range(
+            lo=0.0, hi=1.0, lo_open=True, hi_open=True, doc="fraction of still-non-zero prunable weights removed per step"
+        ),
+    )
+    target_sparsity: float = field(
+        default=0.9,
+        metadata=_range(lo=0.0, hi=1.0, hi_open=True, doc="fraction of all prunable weights that end at zero"),
+    )
+    every: float = field(
+        default=1.0, metadata=_range(lo=0.0, lo_open=True, doc="epochs between pruning steps (0.1 = ten a epoch)")
+    )
+    scope: Literal["global", "layer"] = field(default="global", metadata=_doc("rank weights globally or per layer"))
+    include: list[str] = field(default_factory=lambda: ["*"], metadata=_doc("module-name patterns to prune"))
+    exclude: list[str] = field(default_factory=list, metadata=_doc("module-name patterns to leave dense"))
+    distill: bool = field(default=True, metadata=_doc("retrain with the distillation loss (else cross-entropy)"))
+    epochs: int = field(default=5, metadata=_range(lo=0, doc="epochs of retraining"))
+    lr: float = field(default=0.01, metadata=_range(lo=0.0, lo_open=True, doc="learning rate"))
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    latency: bool = field(default=True, metadata=_doc("measure CPU inference latency for each stage"))
+    latency_batch: int = field(default=1, metadata=_range(lo=1, doc="batch size for the latency measurement"))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    student: StudentSection = field(default_factory=StudentSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    prune: PruneSection = field(default_factory=PruneSection)
+    report: ReportSection = field(default_factory=ReportSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def builtin_recipe_path(name: str = "quickstart") -> Path:
+    """Path of a recipe shipped inside the package (``quickstart`` is the default)."""
+    return Path(str(resources.files("kdcompress") / "recipes" / f"{name}.yaml"))
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; raise :class:`RecipeError` listing every problem.
+
+    ``path=None`` loads the built-in quickstart recipe. ``overrides`` are
+    ``key.path=value`` strings, converted with the schema's types.
+    """
+    path = builtin_recipe_path() if path is None else Path(path)
+    source = str(path)
+    if not path.is_file():
+        hint = "check the path" if not path.exists() else "it is a folder, not a file"
+        raise RecipeError(source, [Problem("", f"recipe file not found ({hint}); `kdc validate PATH` checks a recipe")])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(source, [Problem("", f"cannot read the recipe: {exc}")]) from None
+    return parse_recipe(text, source=source, overrides=overrides)
+
+
+def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    """Validate recipe text (YAML); see :func:`load_recipe`."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        line = mark.line + 1 if mark is not None else None
+        col = f", column {mark.column + 1}" if mark is not None else ""
+        raise RecipeError(source, [Problem("", f"YAML syntax error{col}: {problem}", line)]) from None
+    lines: dict[tuple, int] = {}
+    problems: list[Problem] = []
+    if node is not None:
+        _index_lines(node, (), lines, problems)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(source, [Problem("", f"a recipe is a mapping of sections, got {_kind(raw)}", 1)])
+    for item in overrides or []:
+        _apply_override(raw, item, problems)
+    recipe = _convert(raw, Recipe, (), lines, problems)
+    if not problems:
+        problems.extend(_cross_checks(recipe, lines))
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
+    """Validate a plain dict (for example a resolved recipe stored in a checkpoint)."""
+    problems: list[Problem] = []
+    recipe = _convert(copy.deepcopy(data), Recipe, (), {}, problems)
+    if not problems:
+        problems.extend(_cross_checks(recipe, {}))
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def recipe_to_dict(recipe: Any) -> dict:
+    """Plain, JSON-able dict of a recipe or one of its sections."""
+    return json.loads(json.dumps(dataclasses.asdict(recipe)))
+
+
+def section_fingerprint(*parts: Any) -> str:
+    """Stable short hash of recipe sections (and any JSON-able extras)."""
+    blob = json.dumps([recipe_to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pruning_steps_needed(rate: float, target: float) -> int:
+    """Number of steps that each remove ``rate`` of what is left, to reach ``target`` sparsity."""
+    if target <= 0:
+        return 0
+    steps, kept = 0, 1.0
+    # The last step is trimmed to land exactly on the target.
+    while 1.0 - kept < target - 1e-12:
+        kept *= 1.0 - rate
+        steps += 1
+    return steps
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _index_lines(node: yaml.Node, path: tuple, lines: dict, problems: list[Problem]) -> None:
+    """Record the 1-based line of every key path; report duplicate keys."""
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                problems.append(
+                    Problem(_dotted(path + (key,)), "duplicate key; keep one", key_node.start_mark.line + 1)
+                )
+            seen.add(key)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            _index_lines(value_node, path + (key,), lines, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, child in enumerate(node.value):
+            _index_lines(child, path + (i,), lines, problems)
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "an integer", float: "a number"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _line(lines: dict, path: tuple) -> int | None:
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return None
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, tp: Any, path: tuple, lines: dict, problems: list[Problem]) -> Any:
+    """Check ``value`` against type ``tp``; return the converted value (or a default on error)."""
+    where = _dotted(path)
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            problems.append(Problem(where, f"expected a mapping of settings, got {_kind(value)}", _line(lines, path)))
+            return tp()
+        hints = _type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        kwargs = {}
+        for key, item in value.items():
+            if key not in fields:
+                known = ", ".join(fields)
+                problems.append(
+                    Problem(
+                        _dotted(path + (key,)),
+                        f"unknown key{_suggest(key, fields)} (known keys: {known})",
+                        _line(lines, path + (key,)),
+                    )
+                )
+                continue
+            before = len(problems)
+            converted = _convert(item, hints[key], path + (key,), lines, problems)
+            if len(problems) == before:
+                problems.extend(_check_range(converted, fields[key], path + (key,), lines))
+                kwargs[key] = converted
+        return tp(**kwargs)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], path, lines, problems)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            problems.append(
+                Problem(
+                    where,
+                    f"must be one of {', '.join(map(str, choices))}, got {value!r}{_suggest(value, choices)}",
+                    _line(lines, path),
+                )
+            )
+            return choices[0]
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(Problem(where, f"expected a list, got {_kind(value)}", _line(lines, path)))
+            return []
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, inner, path + (i,), lines, problems) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            problems.append(Problem(where, f"expected a mapping, got {_kind(value)}", _line(lines, path)))
+            return {}
+        return value
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(Problem(where, f"expected true or false, got {_kind(value)} {value!r}", _line(lines, path)))
+            return False
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            problems.append(Problem(where, f"expected an integer, got {_kind(value)} {value!r}", _line(lines, path)))
+            return 0
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(Problem(where, f"expected a number, got {_kind(value)} {value!r}", _line(lines, path)))
+            return 0.0
+        if value != value or value in (float("inf"), float("-inf")):
+            problems.append(Problem(where, f"expected a finite number, got {value!r}", _line(lines, path)))
+            return 0.0
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(Problem(where, f"expected text, got {_kind(value)} {value!r}", _line(lines, path)))
+            return ""
+        return value
+    raise TypeError(f"recipe schema uses an unsupported type {tp!r} at {where}")  # a bug, not user input
+
+
+def _check_range(value: Any, f: dataclasses.Field, path: tuple, lines: dict) -> list[Problem]:
+    meta = f.metadata
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return []
+    lo, hi = meta.get("lo"), meta.get("hi")
+    bad = (
+        (lo is not None and (value <= lo if meta.get("lo_open") else value < lo))
+        or (hi is not None and (value >= hi if meta.get("hi_open") else value > hi))
+    )
+    if not bad:
+        return []
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if meta.get('lo_open') else '>='} {lo}")
+    if hi is not None:
+        parts.append(f"{'<' if meta.get('hi_open') else '<='} {hi}")
+    what = meta.get("doc", "")
+    return [
+        Problem(
+            _dotted(path),
+            f"must be {' and '.join(parts)}, got {value!r}" + (f" ({what})" if what else ""),
+            _line(lines, path),
+        )
+    ]
+
+
+def _schema_type(path: list[str]) -> tuple[Any, str | None]:
+    """The schema type at a dotted path, or (None, error message)."""
+    tp: Any = Recipe
+    for i, key in enumerate(path):
+        if not dataclasses.is_dataclass(tp):
+            if tp is dict or typing.get_origin(tp) is dict:
+                return Any, None  # free-form model arguments
+            return None, f"'{'.'.join(path[:i])}' has no sub-keys"
+        names = [f.name for f in dataclasses.fields(tp)]
+        if key not in names:
+            return None, f"unknown key '{'.'.join(path[: i + 1])}'{_suggest(key, names)}"
+        tp = _type_hints(tp)[key]
+    return tp, None
+
+
+def _apply_override(raw: dict, item: str, problems: list[Problem]) -> None:
+    """Apply one ``key.path=value`` override to the raw recipe dict."""
+    where = f"--set {item}"
+    if "=" not in item:
+        problems.append(Problem(where, "expected KEY.PATH=VALUE, for example distill.temperature=4"))
+        return
+    key, text = item.split("=", 1)
+    keys = [k for k in key.strip().split(".")]
+    if not all(keys):
+        problems.append(Problem(where, "empty key in the path; expected KEY.PATH=VALUE"))
+        return
+    tp, error = _schema_type(keys)
+    if error:
+        problems.append(Problem(where, error))
+        return
+    if tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)):
+        value: Any = text if text.lower() not in ("null", "~") or tp is str else None
+    else:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            problems.append(Problem(where, f"cannot read the value {text!r}"))
+            return
+    node = raw
+    for k in keys[:-1]:
+        child = node.get(k)
+        if not isinstance(child, dict):
+            child = {}
+            node[k] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
+    """Checks that involve more than one value."""
+    problems = []
+    p = recipe.prune
+    steps = pruning_steps_needed(p.rate, p.target_sparsity)
+    # Steps happen at epoch 0, every, 2*every, ...; the last one must fall inside retraining.
+    if steps and (steps - 1) * p.every >= p.epochs:
+        need = (steps - 1) * p.every
+        problems.append(
+            Problem(
+                "prune.epochs",
+                f"too few epochs to reach target_sparsity {p.target_sparsity}: rate {p.rate} needs {steps} pruning "
+                f"steps, one every {p.every} epoch(s), so more than {need:g} epochs of retraining; raise prune.epochs "
+                f"or prune.rate, or lower prune.every",
+                _line(lines, ("prune", "epochs")) or _line(lines, ("prune",)),
+            )
+        )
+    return problems

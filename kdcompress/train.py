@@ -1,0 +1,211 @@
+"""The one training loop every stage uses, and evaluation.
+
+A stage differs only in the loss it hands to :func:`fit` and in the hooks it
+adds (the pruner re-applies its masks after each optimiser step and takes a
+pruning step on its schedule). Example::
+
+    >>> import torch.nn.functional as F
+    >>> from kdcompress.train import fit
+    >>> history = fit(model, lambda logits, y, idx: F.cross_entropy(logits, y), splits, settings,
+    ...               batch_size=128, stage="student")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from .checkpoint import append_jsonl
+from .data import DataSplits, TensorData
+from .errors import KdcError
+from .recipe import TrainSettings
+
+__all__ = ["fit", "evaluate", "Hook", "make_optimizer", "make_scheduler", "resolve_device", "seed_everything"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Hook:
+    """Callbacks into :func:`fit`; every method is optional."""
+
+    def on_batch_start(self, step: int, batches_per_epoch: int) -> None:
+        """Before the forward pass of global batch ``step`` (0-based, counted over all epochs)."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Right after ``optimizer.step()``."""
+
+    def epoch_metrics(self) -> dict:
+        """Extra values recorded with each epoch's metrics."""
+        return {}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu; ``cpu``, ``cuda``, ``cuda:N`` as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KdcError(f"run.device: '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdcError("run.device: cuda was asked for but no CUDA GPU is available; use device: auto or cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise KdcError(f"run.device: '{name}' is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if s.optimizer == "adam":
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, s: TrainSettings):
+    """Per-epoch learning-rate schedule."""
+    if s.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma)
+    if s.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, s.epochs))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorData, batch_size: int, device: torch.device) -> dict:
+    """Mean cross-entropy and accuracy (0-1) of ``model`` on ``data``."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y, _ in data.batches(batch_size):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        n += len(y)
+    model.train(was_training)
+    return {"loss": loss_sum / max(1, n), "accuracy": correct / max(1, n)}
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: DataSplits,
+    settings: TrainSettings,
+    *,
+    batch_size: int,
+    eval_batch_size: int = 1000,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    stage: str = "train",
+    metrics_path: Path | None = None,
+    hooks: Iterable[Hook] = (),
+    console: Console | None = None,
+) -> list[dict]:
+    """Train ``model`` in place for ``settings.epochs`` epochs; return one metrics dict per epoch.
+
+    ``loss_fn(logits, labels, indices)`` gets the sample indices of the batch
+    within ``data.train`` so a loss can look up per-sample targets (for
+    example cached teacher logits). Each epoch is evaluated on the validation
+    split if there is one, else on the test split for the learning curve only;
+    nothing here picks a checkpoint by test accuracy.
+    """
+    device = torch.device(device)
+    console = console or Console(stderr=True)
+    hooks = list(hooks)
+    model.to(device)
+    optimizer = make_optimizer(model, settings)
+    scheduler = make_scheduler(optimizer, settings)
+    train = data.train
+    eval_name, eval_data = data.eval_split
+    batches_per_epoch = train.num_batches(batch_size)
+    history: list[dict] = []
+    step = 0
+    with _progress(console) as progress:
+        for epoch in range(settings.epochs):
+            started = time.perf_counter()
+            task = progress.add_task(f"{stage} {epoch + 1}/{settings.epochs}", total=batches_per_epoch, status="")
+            model.train()
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            loss_sum, correct, seen = 0.0, 0, 0
+            for x, y, idx in train.batches(batch_size, shuffle=True, generator=generator):
+                for hook in hooks:
+                    hook.on_batch_start(step, batches_per_epoch)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                logits = model(x)
+                loss = loss_fn(logits, y, idx)
+                if not torch.isfinite(loss):
+                    raise KdcError(
+                        f"{stage}: the loss became {float(loss)} at epoch {epoch + 1}, batch {step % batches_per_epoch + 1}; "
+                        f"lower the learning rate ({settings.lr}) or check the data"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for hook in hooks:
+                    hook.after_optimizer_step(step)
+                step += 1
+                loss_sum += float(loss.detach()) * len(y)
+                correct += int((logits.detach().argmax(1) == y).sum())
+                seen += len(y)
+                progress.update(task, advance=1, status=f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}")
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            progress.remove_task(task)
+            result = evaluate(model, eval_data, eval_batch_size, device)
+            record = {
+                "stage": stage,
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / max(1, seen),
+                "train_accuracy": correct / max(1, seen),
+                f"{eval_name}_loss": result["loss"],
+                f"{eval_name}_accuracy": result["accuracy"],
+                "lr": lr,
+                "seconds": time.perf_counter() - started,
+            }
+            for hook in hooks:
+                record.update(hook.epoch_metrics())
+            history.append(record)
+            if metrics_path is not None:
+                append_jsonl(metrics_path, record)
+            extra = "".join(f"  {k} {v:.3f}" for k, v in record.items() if k == "sparsity")
+            console.print(
+                f"{stage} epoch {epoch + 1}/{settings.epochs}  loss {record['train_loss']:.4f}  "
+                f"train acc {record['train_accuracy']:.4f}  {eval_name} acc {result['accuracy']:.4f}{extra}  "
+                f"({record['seconds']:.1f} s)"
+            )
+    if any(math.isnan(p.detach().sum().item()) for p in model.parameters()):
+        raise KdcError(f"{stage}: the weights hold NaN after training; lower the learning rate")
+    return history
