@@ -26,8 +26,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False)
+if not out.is_terminal:  # piped or captured: don't squeeze the report into 80 columns
+    out = Console(highlight=False, width=200)
 _state = {"debug": False}
 
 RecipeArg = typer.Argument(None, help="recipe YAML file; omit it for the built-in quickstart recipe", show_default=False)

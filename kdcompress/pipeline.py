@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import yaml
 from rich.console import Console
 
+from .checks import check_recipe
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .data import DataSplits, load_data
 from .distill import kd_loss, teacher_logits
@@ -165,6 +166,7 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False, console: Console 
     upstream = _upstream(recipe, stage)
     if path.exists():
         console.print(f"[yellow]{stage}[/]: rerunning ({status.reason if not status.done else '--force'})")
+    check_recipe(recipe)  # names resolve and models fit the data: fail now, not an hour into training
     device = resolve_device(recipe.run.device)
     seed_everything(recipe.run.seed)
     data = load_data(recipe.data, seed=recipe.run.seed)

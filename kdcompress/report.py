@@ -92,7 +92,6 @@ def build_report(run_dir: str | Path, latency: bool | None = None) -> dict:
 
 def _fmt(row: dict) -> dict[str, str]:
     target = row.get("target_sparsity")
-    sparsity = f"{row['sparsity']:.1%}" + (f" (target {target:.1%})" if target is not None else "")
     comp = row.get("compression_vs_teacher")
     change = row.get("accuracy_change_vs_teacher")
     lat = row.get("latency_ms")
@@ -103,7 +102,8 @@ def _fmt(row: dict) -> dict[str, str]:
         "vs teacher": "" if change is None else f"{change * 100:+.2f} pt",
         "params": f"{row['params']:,}",
         "non-zero": f"{row['nonzero_params']:,}",
-        "sparsity": sparsity,
+        "sparsity": f"{row['sparsity']:.1%}",
+        "target": "" if target is None else f"{target:.1%}",
         "compression": "" if comp is None else f"{comp:.1f}x",
         "bytes on disk": f"{row['checkpoint_bytes']:,}",
         "MACs": f"{row['macs']:,}",
@@ -116,7 +116,7 @@ def report_table(report: dict) -> Table:
     table = Table(title=f"kdc report: {report['recipe']} on {report['dataset']}")
     rows = [_fmt(r) for r in report["stages"]]
     for col in rows[0]:
-        table.add_column(col, justify="left" if col in ("stage", "model") else "right")
+        table.add_column(col, justify="left" if col in ("stage", "model") else "right", no_wrap=True)
     for r in rows:
         table.add_row(*r.values())
     return table
