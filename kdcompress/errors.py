@@ -33,11 +33,13 @@ class Problem:
 
     path: str
     message: str
-    line: int | None = None
+    line: int | str | None = None  # a YAML line, or the --set override the value came from
 
     def __str__(self) -> str:
         where = self.path or "(top level)"
-        if self.line is not None:
+        if isinstance(self.line, str):
+            where += f" (from {self.line})"
+        elif self.line is not None:
             where += f" (line {self.line})"
         return f"{where}: {self.message}"
 

@@ -144,7 +144,7 @@ class PruneSection(TrainSettings):
     include: list[str] = field(default_factory=lambda: ["*"], metadata=_doc("module-name patterns to prune"))
     exclude: list[str] = field(default_factory=list, metadata=_doc("module-name patterns to leave dense"))
     distill: bool = field(default=True, metadata=_doc("retrain with the distillation loss (else cross-entropy)"))
-    epochs: int = field(default=5, metadata=_range(lo=0, doc="epochs of retraining"))
+    epochs: int = field(default=8, metadata=_range(lo=0, doc="epochs of retraining"))
     lr: float = field(default=0.01, metadata=_range(lo=0.0, lo_open=True, doc="learning rate"))
 
 
@@ -201,11 +201,7 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | Non
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        line = mark.line + 1 if mark is not None else None
-        col = f", column {mark.column + 1}" if mark is not None else ""
-        raise RecipeError(source, [Problem("", f"YAML syntax error{col}: {problem}", line)]) from None
+        raise RecipeError(source, [_yaml_problem(exc)]) from None
     lines: dict[tuple, int] = {}
     problems: list[Problem] = []
     if node is not None:
@@ -215,13 +211,34 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | Non
     if not isinstance(raw, dict):
         raise RecipeError(source, [Problem("", f"a recipe is a mapping of sections, got {_kind(raw)}", 1)])
     for item in overrides or []:
-        _apply_override(raw, item, problems)
+        path = _apply_override(raw, item, problems)
+        if path is not None:  # problems with this value point at the override, not at a file line
+            for key in [k for k in lines if k[: len(path)] == path]:
+                del lines[key]
+            lines[path] = f"--set {item}"
     recipe = _convert(raw, Recipe, (), lines, problems)
     if not problems:
         problems.extend(_cross_checks(recipe, lines))
     if problems:
         raise RecipeError(source, problems)
     return recipe
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> Problem:
+    """One Problem for a YAML syntax error, placed where the broken construct starts."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    if context and context_mark is not None:
+        # e.g. an unclosed quote: the error surfaces at the end of the file, the cause is where it opened
+        return Problem(
+            "",
+            f"YAML syntax error {context} at column {context_mark.column + 1}: {problem}{where}",
+            context_mark.line + 1,
+        )
+    col = f", column {mark.column + 1}" if mark is not None else ""
+    return Problem("", f"YAML syntax error{col}: {problem}", mark.line + 1 if mark is not None else None)
 
 
 def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
@@ -292,7 +309,7 @@ def _kind(value: Any) -> str:
     )
 
 
-def _line(lines: dict, path: tuple) -> int | None:
+def _line(lines: dict, path: tuple) -> int | str | None:
     while path:
         if path in lines:
             return lines[path]
@@ -441,8 +458,8 @@ def _schema_type(path: list[str]) -> tuple[Any, str | None]:
     return tp, None
 
 
-def _apply_override(raw: dict, item: str, problems: list[Problem]) -> None:
-    """Apply one ``key.path=value`` override to the raw recipe dict."""
+def _apply_override(raw: dict, item: str, problems: list[Problem]) -> tuple | None:
+    """Apply one ``key.path=value`` override to the raw recipe dict; return its key path."""
     where = f"--set {item}"
     if "=" not in item:
         problems.append(Problem(where, "expected KEY.PATH=VALUE, for example distill.temperature=4"))
@@ -472,6 +489,7 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> None:
             node[k] = child
         node = child
     node[keys[-1]] = value
+    return tuple(keys)
 
 
 def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:

@@ -10,10 +10,15 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from kdcompress.cli import app
+
+# The suite runs on a 2-core machine that may be busy with other training runs:
+# one intra-op thread avoids oversubscription (tiny tensors gain nothing from more).
+torch.set_num_threads(1)
 
 # The end-to-end recipe from the test brief: fashion-mnist-mini, MLP teacher [64]
 # for 2 epochs, MLP student [32], distill 2 epochs, prune rate 0.5 to 0.75 every
@@ -45,7 +50,7 @@ def tiny_recipe_dict():
     return copy.deepcopy(TINY_RECIPE)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_recipe_text():
     """The tiny recipe as YAML text (valid on its own, cross-checks included)."""
     return yaml.safe_dump(TINY_RECIPE, sort_keys=False)

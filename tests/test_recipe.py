@@ -84,6 +84,15 @@ def test_yaml_syntax_error_reports_line():
     assert "(line 4)" in str(info.value)
 
 
+def test_yaml_unclosed_quote_reports_the_line_where_it_starts():
+    text = 'run:\n  name: "t\ndistill:\n  epochs: 2\n'  # the quote opened on line 2 never closes
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, source="broken.yaml")
+    (problem,) = info.value.problems
+    assert "YAML syntax error" in problem.message
+    assert problem.line == 2 or "line 2" in problem.message
+
+
 def test_several_problems_reported_at_once():
     with pytest.raises(RecipeError) as info:
         parse_recipe(MULTI_PROBLEMS, source="multi.yaml")
@@ -137,11 +146,6 @@ def test_boundary_values_are_accepted(tiny_recipe_text, override, attr, value):
     assert getattr(getattr(recipe, attr[0]), attr[1]) == value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: recipe defaults are inconsistent: PruneSection (rate 0.3, target 0.9, every 1.0, epochs 5) needs "
-    "7 pruning steps (> 6 epochs), so a recipe that leaves prune.epochs out fails the prune.epochs cross-check",
-)
 def test_recipe_that_sets_nothing_uses_valid_defaults():
     # recipe.py: "Every key is optional and has a default"
     recipe = parse_recipe("run:\n  name: only-a-name\n")
@@ -170,19 +174,15 @@ def test_override_unknown_path_suggests(tiny_recipe_text):
     assert "--set distill.temprature=2" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a bad --set value is reported against the recipe file's line for that key (or its section), "
-    "which holds a valid value, instead of naming the --set option it came from",
-)
 def test_override_problem_names_the_override_not_a_file_line(tiny_recipe_text):
     # tiny recipe: 'distill:' section with a valid 'epochs: 2'; the bad value comes from --set
     with pytest.raises(RecipeError) as info:
         parse_recipe(tiny_recipe_text, overrides=["distill.epochs=ten"])
     (problem,) = info.value.problems
     assert "expected an integer" in problem.message
-    assert problem.line is None
-    assert "--set" in str(problem)
+    assert not isinstance(problem.line, int)  # no file line: the value came from the command line
+    assert "--set distill.epochs=ten" in str(problem)
+    assert "line" not in str(problem)
 
 
 @pytest.mark.parametrize(
