@@ -13,6 +13,7 @@ zeros: it loads into the plain architecture.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -24,26 +25,51 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "atomic_write_bytes", "atomic_write_text", "FORMAT", "FORMAT_VERSION"]
+__all__ = [
+    "save_checkpoint",
+    "save_state",
+    "load_checkpoint",
+    "verify_checkpoint",
+    "read_manifest",
+    "manifest_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "append_jsonl",
+    "FORMAT",
+    "FORMAT_VERSION",
+]
 
 FORMAT = "kdc-checkpoint"
 FORMAT_VERSION = 1
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write through ``write(fh)`` to a temporary file beside ``path``, fsync, then rename into place.
+
+    A crash or a full disk leaves the previous file untouched; the
+    temporary file is removed on any error.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        kept = "; the previous version is intact" if path.exists() else ""
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
+        raise CheckpointError(
+            f"could not write {path}: {reason}{kept}. Free some space (or fix permissions) and rerun "
+            f"the same command to go on"
+        ) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -55,19 +81,89 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def manifest_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".manifest.json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically save a checkpoint dict (see the module docstring for its keys)."""
+    """Atomically save a checkpoint dict (see the module docstring for its keys), then its manifest.
+
+    The manifest (``<file>.manifest.json``) records the file's size and
+    SHA-256, so a truncated or altered checkpoint is found before it is used.
+    """
     from . import __version__
 
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "kdc_version": __version__, **payload}
     _atomic_write(path, lambda fh: torch.save(payload, fh))
+    manifest = {
+        "file": Path(path).name,
+        "bytes": Path(path).stat().st_size,
+        "sha256": _sha256(path),
+        "stage": payload.get("stage"),
+        "fingerprint": payload.get("fingerprint"),
+    }
+    atomic_write_text(manifest_path(path), json.dumps(manifest) + "\n")
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a kdc checkpoint with ``weights_only=True``; raise CheckpointError with a clear message."""
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Atomically save a resume state (tensors and plain data)."""
+    _atomic_write(path, lambda fh: torch.save(state, fh))
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a checkpoint, after a cheap size check; raise CheckpointError if either is damaged."""
+    path = Path(path)
+    mpath = manifest_path(path)
+    try:
+        manifest = json.loads(mpath.read_text())
+        expected_bytes = int(manifest["bytes"])
+        str(manifest["sha256"])
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} has no manifest ({mpath.name}): it was not completely written by kdc; delete it, or rerun the "
+            f"stage with --force"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"the manifest {mpath} is damaged; delete it and {path.name}, or rerun with --force") from None
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (its manifest {mpath.name} is there); rerun the stage")
+    size = path.stat().st_size
+    if size != expected_bytes:
+        raise CheckpointError(
+            f"{path} is damaged: {size} bytes on disk, {expected_bytes} written (truncated?); rerun the stage with "
+            f"--force to rebuild it"
+        )
+    return manifest
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check a checkpoint's size and SHA-256 against its manifest; raise CheckpointError if it is damaged."""
+    manifest = read_manifest(path)
+    if _sha256(path) != manifest["sha256"]:
+        raise CheckpointError(
+            f"{path} is damaged: its SHA-256 differs from the one recorded when it was written; rerun the stage "
+            f"with --force to rebuild it"
+        )
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict[str, Any]:
+    """Load a kdc checkpoint with ``weights_only=True``; raise CheckpointError with a clear message.
+
+    With ``verify`` the file is first checked against its manifest.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if verify:
+        verify_checkpoint(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

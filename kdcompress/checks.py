@@ -12,6 +12,7 @@ import torch
 from .data import dataset_info
 from .errors import ModelError
 from .models import build_model, model_spec
+from .prune import prunable_weights
 from .recipe import Recipe, pruning_steps_needed
 
 __all__ = ["check_recipe"]
@@ -40,6 +41,13 @@ def check_recipe(recipe: Recipe) -> list[str]:
                 f"{num_classes} classes; it must return logits of shape [batch, {num_classes}]"
             )
         counts[which] = sum(p.numel() for p in model.parameters())
+        if which == "student" and not prunable_weights(model, recipe.prune.include, recipe.prune.exclude):
+            names = [n for n, _ in model.named_modules() if n]
+            raise ModelError(
+                f"prune.include/prune.exclude: they leave no Conv or Linear weights of the student ({section.model}) "
+                f"to prune (include {recipe.prune.include}, exclude {recipe.prune.exclude}); its module names are: "
+                f"{', '.join(names[:20])}"
+            )
     p = recipe.prune
     steps = pruning_steps_needed(p.rate, p.target_sparsity)
     return [

@@ -37,6 +37,9 @@ SetOpt = typer.Option(
     None, "--set", "-s", metavar="KEY.PATH=VALUE", help="override a recipe value, e.g. --set distill.temperature=2"
 )
 ForceOpt = typer.Option(False, "--force", help="rerun stages even when their checkpoints are up to date")
+RestartOpt = typer.Option(
+    False, "--restart", help="start an interrupted stage over instead of resuming it from its last completed epoch"
+)
 
 
 def _version(value: bool) -> None:
@@ -68,7 +71,10 @@ def _friendly(func):
         except KeyboardInterrupt:
             if _state["debug"]:
                 raise
-            err.print("[yellow]interrupted[/]: rerun the same command to start the stage again")
+            err.print(
+                "[yellow]interrupted[/]: every completed epoch is saved; rerun the same command to resume "
+                "(--restart starts the stage over)"
+            )
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
@@ -93,41 +99,56 @@ def _load(recipe: Optional[Path], overrides: Optional[List[str]]):
     return loaded
 
 
-def _stage_command(stage: str, recipe, overrides, force) -> None:
+def _stage_command(stage: str, recipe, overrides, force, restart) -> None:
     from .pipeline import run_stage
 
     loaded = _load(recipe, overrides)
-    run_stage(loaded, stage, force=force, console=err)
+    run_stage(loaded, stage, force=force, restart=restart, console=err)
 
 
 @app.command("train-teacher")
 @_friendly
-def train_teacher(recipe: Optional[Path] = RecipeArg, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+def train_teacher(
+    recipe: Optional[Path] = RecipeArg,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+    restart: bool = RestartOpt,
+):
     """Train the teacher with cross-entropy.
 
     Example: kdc train-teacher recipes/fashion-mnist-mlp.yaml --set teacher.epochs=5
     """
-    _stage_command("teacher", recipe, set_, force)
+    _stage_command("teacher", recipe, set_, force, restart)
 
 
 @app.command("train-student")
 @_friendly
-def train_student(recipe: Optional[Path] = RecipeArg, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+def train_student(
+    recipe: Optional[Path] = RecipeArg,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+    restart: bool = RestartOpt,
+):
     """Train the student alone with cross-entropy: the baseline that shows what distillation adds.
 
     Example: kdc train-student recipes/quickstart.yaml
     """
-    _stage_command("student", recipe, set_, force)
+    _stage_command("student", recipe, set_, force, restart)
 
 
 @app.command()
 @_friendly
-def distill(recipe: Optional[Path] = RecipeArg, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+def distill(
+    recipe: Optional[Path] = RecipeArg,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+    restart: bool = RestartOpt,
+):
     """Distil the trained teacher into the student (soft targets at temperature T).
 
     Example: kdc distill recipes/quickstart.yaml --set distill.temperature=4 --set distill.alpha=0.5
     """
-    _stage_command("distilled", recipe, set_, force)
+    _stage_command("distilled", recipe, set_, force, restart)
 
 
 @app.command()
@@ -140,6 +161,7 @@ def prune(
     target: Optional[float] = typer.Option(None, "--target", help="target sparsity: fraction of prunable weights at zero"),
     set_: Optional[List[str]] = SetOpt,
     force: bool = ForceOpt,
+    restart: bool = RestartOpt,
 ):
     """Prune the distilled student by weight magnitude and retrain it with its masks held.
 
@@ -150,12 +172,17 @@ def prune(
         overrides.append(f"prune.rate={rate!r}")
     if target is not None:
         overrides.append(f"prune.target_sparsity={target!r}")
-    _stage_command("pruned", recipe, overrides, force)
+    _stage_command("pruned", recipe, overrides, force, restart)
 
 
 @app.command()
 @_friendly
-def run(recipe: Optional[Path] = RecipeArg, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt):
+def run(
+    recipe: Optional[Path] = RecipeArg,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = ForceOpt,
+    restart: bool = RestartOpt,
+):
     """Run every stage (skipping up-to-date ones), then write and print the report.
 
     Example: kdc run recipes/fashion-mnist-mlp.yaml
@@ -163,7 +190,7 @@ def run(recipe: Optional[Path] = RecipeArg, set_: Optional[List[str]] = SetOpt, 
     from .pipeline import run_pipeline
 
     loaded = _load(recipe, set_)
-    run_pipeline(loaded, force=force, console=err)
+    run_pipeline(loaded, force=force, restart=restart, console=err)
     _report(loaded.run_dir)
 
 

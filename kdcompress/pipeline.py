@@ -16,6 +16,7 @@ run`` skips such stages. Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ import yaml
 from rich.console import Console
 
 from .checks import check_recipe
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, load_checkpoint, manifest_path, read_manifest, save_checkpoint
 from .data import DataSplits, load_data
 from .distill import kd_loss, teacher_logits
 from .errors import CheckpointError, KdcError, StageOrderError
@@ -73,9 +74,8 @@ class StageStatus:
 
 
 def _read_fingerprint(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    return load_checkpoint(path).get("fingerprint")
+    """The fingerprint recorded in a checkpoint's manifest (raises CheckpointError if damaged)."""
+    return read_manifest(path).get("fingerprint")
 
 
 def _deps(recipe: Recipe, stage: str) -> list[str]:
@@ -106,18 +106,19 @@ def _recipe_hint(recipe: Recipe) -> str:
 
 
 def stage_status(recipe: Recipe, stage: str) -> StageStatus:
-    """Whether ``stage`` has a checkpoint made from the current recipe and upstream checkpoints."""
+    """Whether ``stage`` has a checkpoint made from the current recipe and upstream checkpoints.
+
+    A damaged checkpoint raises CheckpointError: it is never silently reused or overwritten.
+    """
     path = checkpoint_path(recipe.run_dir, stage)
-    if not path.is_file():
+    if not path.is_file() and not manifest_path(path).is_file():
         return StageStatus(stage, False, f"no checkpoint at {path}")
+    found = _read_fingerprint(path)
     try:
         upstream = _upstream(recipe, stage)
-        expected = _fingerprint(recipe, stage, upstream)
-        found = _read_fingerprint(path)
     except StageOrderError:
         return StageStatus(stage, False, "a stage it depends on is missing or out of date")
-    except CheckpointError as exc:
-        return StageStatus(stage, False, str(exc))
+    expected = _fingerprint(recipe, stage, upstream)
     if found != expected:
         return StageStatus(stage, False, f"the recipe changed since {path} was written")
     return StageStatus(stage, True, "up to date")
@@ -139,27 +140,99 @@ class _Pruning(Hook):
     def after_optimizer_step(self, step: int) -> None:
         self.pruner.apply()
 
+    def state_dict(self) -> dict:
+        return {"masks": dict(self.pruner.masks), "steps_taken": self.pruner.steps_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, mask in state["masks"].items():
+            self.pruner.masks[name] = mask.to(self.pruner.masks[name].device)
+        self.pruner.steps_taken = state["steps_taken"]
+        self.pruner.apply()
+
     def epoch_metrics(self) -> dict:
         return {"sparsity": self.pruner.sparsity(), "pruning_steps": self.pruner.steps_taken}
 
 
-def run_pipeline(recipe: Recipe, force: bool = False, console: Console | None = None, stages=STAGES) -> dict:
+def run_pipeline(
+    recipe: Recipe, force: bool = False, restart: bool = False, console: Console | None = None, stages=STAGES
+) -> dict:
     """Run every stage in order, skipping up-to-date ones unless ``force``; return stage metrics."""
     console = console or Console(stderr=True)
     results = {}
     for stage in stages:
         if stage == "student" and not recipe.student.baseline:
             continue
-        results[stage] = run_stage(recipe, stage, force=force, console=console)
+        results[stage] = run_stage(recipe, stage, force=force, restart=restart, console=console)
     return results
 
 
-def run_stage(recipe: Recipe, stage: str, force: bool = False, console: Console | None = None) -> dict:
-    """Run one stage (or skip it when up to date and not ``force``); return its metrics."""
+@dataclass
+class _StageContext:
+    """What every stage function gets: the recipe, the data and where to write."""
+
+    recipe: Recipe
+    stage: str
+    data: DataSplits
+    device: torch.device
+    console: Console
+    metrics_path: Path
+    state_path: Path
+    tag: str
+
+
+RUN_FORMAT = 1  # bump when a run directory's layout changes incompatibly
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory written by an incompatible kdc; mark a new one as ours."""
+    from . import __version__
+
+    marker = run_dir / "kdc-run.json"
+    if marker.is_file():
+        try:
+            found = json.loads(marker.read_text())
+            fmt = found["format"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise KdcError(f"{marker} is damaged; delete it (or the whole run directory) and rerun") from None
+        if fmt != RUN_FORMAT:
+            raise KdcError(
+                f"{run_dir} was written by kdc {found.get('kdc_version', '?')} (run format {fmt}); this kdc "
+                f"{__version__} reads run format {RUN_FORMAT}. Use another run.name (or run.out_dir), or the kdc "
+                f"version that wrote it"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise KdcError(
+            f"{run_dir} exists but was not written by kdc (no kdc-run.json); choose another run.name or run.out_dir, "
+            f"or empty it"
+        )
+
+
+def _mark_run_dir(run_dir: Path) -> None:
+    from . import __version__
+
+    marker = run_dir / "kdc-run.json"
+    if not marker.is_file():
+        atomic_write_text(marker, json.dumps({"format": RUN_FORMAT, "kdc_version": __version__}) + "\n")
+
+
+def run_stage(
+    recipe: Recipe, stage: str, force: bool = False, restart: bool = False, console: Console | None = None
+) -> dict:
+    """Run one stage, resuming an interrupted one; skip it when up to date unless ``force``.
+
+    ``restart`` drops the resume state of an unfinished stage and starts it over.
+    Returns the stage's metrics.
+    """
     console = console or Console(stderr=True)
     run_dir = recipe.run_dir
+    _check_run_dir(run_dir)
     path = checkpoint_path(run_dir, stage)
-    status = stage_status(recipe, stage)
+    try:
+        status = stage_status(recipe, stage)
+    except CheckpointError as exc:
+        if not force:
+            raise
+        status = StageStatus(stage, False, f"damaged checkpoint: {exc}")
     if status.done and not force:
         console.print(f"[green]{stage}[/]: up to date, skipped ({path}; --force reruns it)")
         return load_checkpoint(path)["metrics"]
@@ -168,17 +241,21 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False, console: Console 
         console.print(f"[yellow]{stage}[/]: rerunning ({status.reason if not status.done else '--force'})")
     check_recipe(recipe)  # names resolve and models fit the data: fail now, not an hour into training
     device = resolve_device(recipe.run.device)
-    seed_everything(recipe.run.seed)
     data = load_data(recipe.data, seed=recipe.run.seed)
-    _write_resolved_recipe(recipe)
+    fingerprint = _fingerprint(recipe, stage, upstream)
     stage_dir = path.parent
+    state_path = stage_dir / "state.pt"
+    if (restart or force) and state_path.exists():
+        state_path.unlink()
+        console.print(f"[yellow]{stage}[/]: dropped the resume state, starting over")
+    _mark_run_dir(run_dir)
+    _write_resolved_recipe(recipe)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = stage_dir / "metrics.jsonl"
-    if metrics_path.exists():
-        metrics_path.unlink()
+    seed_everything(recipe.run.seed)
     console.print(f"[bold]{stage}[/]: training on {data.name} ({len(data.train)} train, {len(data.test)} test) on {device}")
     started = time.perf_counter()
-    model, spec, history, extra = _STAGE_FUNCS[stage](recipe, data, device, console, metrics_path)
+    ctx = _StageContext(recipe, stage, data, device, console, stage_dir / "metrics.jsonl", state_path, fingerprint)
+    model, spec, history, extra = _STAGE_FUNCS[stage](ctx)
     test = evaluate(model, data.test, recipe.data.eval_batch_size, device)
     prune = recipe.prune
     metrics = {
@@ -197,12 +274,14 @@ def run_stage(recipe: Recipe, stage: str, force: bool = False, console: Console 
             "stage": stage,
             "arch": spec,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "fingerprint": _fingerprint(recipe, stage, upstream),
+            "fingerprint": fingerprint,
             "recipe": recipe_to_dict(recipe),
             "metrics": metrics,
             "dataset": data.name,
         },
     )
+    if state_path.exists():  # the finished checkpoint supersedes the resume state
+        state_path.unlink()
     console.print(
         f"[green]{stage}[/]: test accuracy {metrics['test_accuracy']:.4f}, {metrics['nonzero_params']:,} of "
         f"{metrics['params']:,} parameters non-zero, saved {path} ({metrics['seconds']:.1f} s)"
@@ -234,10 +313,11 @@ def _ce(logits, y, idx):
     return F.cross_entropy(logits, y)
 
 
-def _distill_loss(recipe: Recipe, data: DataSplits, device: torch.device):
+def _distill_loss(ctx: _StageContext):
     """KD loss with the teacher's logits computed once for the (unaugmented) training split."""
-    teacher = load_stage_model(recipe, "teacher", device)
-    cached = teacher_logits(teacher, data.train, recipe.data.eval_batch_size, device)
+    recipe = ctx.recipe
+    teacher = load_stage_model(recipe, "teacher", ctx.device)
+    cached = teacher_logits(teacher, ctx.data.train, recipe.data.eval_batch_size, ctx.device)
     del teacher
     temperature, alpha = recipe.distill.temperature, recipe.distill.alpha
 
@@ -247,64 +327,64 @@ def _distill_loss(recipe: Recipe, data: DataSplits, device: torch.device):
     return loss
 
 
-def _fit(recipe, model, loss, data, settings, device, console, stage, metrics_path, hooks=()):
+def _fit(ctx: _StageContext, model, loss, settings: TrainSettings, hooks=()):
+    recipe = ctx.recipe
     return fit(
         model,
         loss,
-        data,
+        ctx.data,
         settings,
         batch_size=recipe.data.batch_size,
         eval_batch_size=recipe.data.eval_batch_size,
-        device=device,
+        device=ctx.device,
         seed=recipe.run.seed,
-        stage=stage,
-        metrics_path=metrics_path,
+        stage=ctx.stage,
+        metrics_path=ctx.metrics_path,
         hooks=hooks,
-        console=console,
+        console=ctx.console,
+        state_path=ctx.state_path,
+        state_tag=ctx.tag,
     )
 
 
-def _stage_teacher(recipe, data, device, console, metrics_path):
-    model, spec = _new_model(recipe, "teacher", data, device)
-    history = _fit(recipe, model, _ce, data, recipe.teacher, device, console, "teacher", metrics_path)
-    return model, spec, history, {}
+def _stage_teacher(ctx: _StageContext):
+    model, spec = _new_model(ctx.recipe, "teacher", ctx.data, ctx.device)
+    return model, spec, _fit(ctx, model, _ce, ctx.recipe.teacher), {}
 
 
-def _stage_student(recipe, data, device, console, metrics_path):
-    model, spec = _new_model(recipe, "student", data, device)
-    history = _fit(recipe, model, _ce, data, recipe.distill, device, console, "student", metrics_path)
-    return model, spec, history, {}
+def _stage_student(ctx: _StageContext):
+    model, spec = _new_model(ctx.recipe, "student", ctx.data, ctx.device)
+    return model, spec, _fit(ctx, model, _ce, ctx.recipe.distill), {}
 
 
-def _stage_distilled(recipe, data, device, console, metrics_path):
-    model, spec = _new_model(recipe, "student", data, device)  # same seed and init as the baseline
-    loss = _distill_loss(recipe, data, device)
-    history = _fit(recipe, model, loss, data, recipe.distill, device, console, "distilled", metrics_path)
-    return model, spec, history, {}
+def _stage_distilled(ctx: _StageContext):
+    model, spec = _new_model(ctx.recipe, "student", ctx.data, ctx.device)  # same seed and init as the baseline
+    return model, spec, _fit(ctx, model, _distill_loss(ctx), ctx.recipe.distill), {}
 
 
-def _stage_pruned(recipe, data, device, console, metrics_path):
-    ckpt = load_checkpoint(checkpoint_path(recipe.run_dir, "distilled"))
-    spec = ckpt["arch"]
-    model = build_model(spec, where="distilled checkpoint")
-    model.load_state_dict(ckpt["state_dict"])
-    model.to(device)
-    p = recipe.prune
+def _stage_pruned(ctx: _StageContext):
+    model = load_stage_model(ctx.recipe, "distilled", ctx.device)
+    spec = load_checkpoint(checkpoint_path(ctx.recipe.run_dir, "distilled"))["arch"]
+    p = ctx.recipe.prune
     pruner = MagnitudePruner(model, p.rate, p.target_sparsity, p.scope, p.include, p.exclude)
     if not pruner.weights:
-        names = [n for n, m in model.named_modules() if n]
-        raise KdcError(
-            f"prune.include/prune.exclude: no Conv or Linear weights left to prune in {spec['model']} "
-            f"(include {p.include}, exclude {p.exclude}); module names are: {', '.join(names[:20])}"
-        )
-    loss = _distill_loss(recipe, data, device) if p.distill else _ce
-    history = _fit(recipe, model, loss, data, p, device, console, "pruned", metrics_path, hooks=[_Pruning(pruner, p.every)])
+        raise KdcError(_no_prunable_message(model, spec["model"], p))
+    loss = _distill_loss(ctx) if p.distill else _ce
+    history = _fit(ctx, model, loss, p, hooks=[_Pruning(pruner, p.every)])
     if not pruner.done:
         raise KdcError(
             f"prune: retraining ended at sparsity {pruner.sparsity():.3f}, short of the target {p.target_sparsity}; "
             f"raise prune.epochs or prune.rate"
         )
     return model, spec, history, {"target_sparsity": p.target_sparsity, "pruning_steps": pruner.steps_taken}
+
+
+def _no_prunable_message(model, name, p) -> str:
+    names = [n for n, m in model.named_modules() if n]
+    return (
+        f"prune.include/prune.exclude: no Conv or Linear weights left to prune in {name} (include {p.include}, "
+        f"exclude {p.exclude}); its module names are: {', '.join(names[:20])}"
+    )
 
 
 _STAGE_FUNCS = {

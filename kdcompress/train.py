@@ -12,6 +12,7 @@ pruning step on its schedule). Example::
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -23,9 +24,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from .checkpoint import append_jsonl
+from .checkpoint import append_jsonl, atomic_write_text, save_state
 from .data import DataSplits, TensorData
-from .errors import KdcError
+from .errors import CheckpointError, KdcError
 from .recipe import TrainSettings
 
 __all__ = ["fit", "evaluate", "Hook", "make_optimizer", "make_scheduler", "resolve_device", "seed_everything"]
@@ -45,6 +46,13 @@ class Hook:
     def epoch_metrics(self) -> dict:
         """Extra values recorded with each epoch's metrics."""
         return {}
+
+    def state_dict(self) -> dict:
+        """What the hook needs to resume (tensors and plain data only)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,7 +95,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, s: TrainSettings):
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma)
     if s.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, s.epochs))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
 @torch.no_grad()
@@ -119,6 +127,54 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def _rng_state() -> dict:
+    """Every RNG a training step touches, as tensors and plain data (safe for weights_only loading)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "state": list(state), "gauss": py_gauss},
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def _load_state(path: Path, tag: str, console: Console, stage: str) -> dict | None:
+    """The resume state at ``path`` if it belongs to this run (same ``tag``), else None."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"the resume state {path} is damaged or unsafe ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            f"rerun with --restart to start the '{stage}' stage over"
+        ) from None
+    if not isinstance(state, dict) or state.get("tag") != tag:
+        console.print(f"[yellow]{stage}[/]: the recipe changed since {path} was saved; starting the stage over")
+        return None
+    return state
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -133,6 +189,8 @@ def fit(
     metrics_path: Path | None = None,
     hooks: Iterable[Hook] = (),
     console: Console | None = None,
+    state_path: Path | None = None,
+    state_tag: str = "",
 ) -> list[dict]:
     """Train ``model`` in place for ``settings.epochs`` epochs; return one metrics dict per epoch.
 
@@ -141,6 +199,12 @@ def fit(
     example cached teacher logits). Each epoch is evaluated on the validation
     split if there is one, else on the test split for the learning curve only;
     nothing here picks a checkpoint by test accuracy.
+
+    With ``state_path``, every epoch ends by saving everything needed to go
+    on (model, optimiser, schedule, hook state such as pruning masks, RNG
+    states, metrics so far); a later call with the same ``state_tag`` resumes
+    after the last completed epoch and ends with the same result as an
+    uninterrupted run.
     """
     device = torch.device(device)
     console = console or Console(stderr=True)
@@ -152,9 +216,21 @@ def fit(
     eval_name, eval_data = data.eval_split
     batches_per_epoch = train.num_batches(batch_size)
     history: list[dict] = []
-    step = 0
+    step, first_epoch = 0, 0
+    state = _load_state(state_path, state_tag, console, stage)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for hook, hook_state in zip(hooks, state["hooks"]):
+            hook.load_state_dict(hook_state)
+        _set_rng_state(state["rng"])
+        history, step, first_epoch = list(state["history"]), state["step"], state["epoch"]
+        console.print(f"[bold]{stage}[/]: resuming after epoch {first_epoch}/{settings.epochs} (from {state_path})")
+    if metrics_path is not None:  # the metrics file always matches the epochs the model has seen
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
     with _progress(console) as progress:
-        for epoch in range(settings.epochs):
+        for epoch in range(first_epoch, settings.epochs):
             started = time.perf_counter()
             task = progress.add_task(f"{stage} {epoch + 1}/{settings.epochs}", total=batches_per_epoch, status="")
             model.train()
@@ -167,9 +243,10 @@ def fit(
                 logits = model(x)
                 loss = loss_fn(logits, y, idx)
                 if not torch.isfinite(loss):
+                    kept = f"; the last good state (epoch {epoch}) is kept in {state_path}" if state_path and epoch else ""
                     raise KdcError(
-                        f"{stage}: the loss became {float(loss)} at epoch {epoch + 1}, batch {step % batches_per_epoch + 1}; "
-                        f"lower the learning rate ({settings.lr}) or check the data"
+                        f"{stage}: the loss became {float(loss)} at epoch {epoch + 1}, step {step % batches_per_epoch + 1} "
+                        f"of {batches_per_epoch}; lower the learning rate ({settings.lr}) or check the data{kept}"
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -181,6 +258,7 @@ def fit(
                 correct += int((logits.detach().argmax(1) == y).sum())
                 seen += len(y)
                 progress.update(task, advance=1, status=f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}")
+            train_seconds = time.perf_counter() - started
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             progress.remove_task(task)
@@ -193,11 +271,27 @@ def fit(
                 f"{eval_name}_loss": result["loss"],
                 f"{eval_name}_accuracy": result["accuracy"],
                 "lr": lr,
-                "seconds": time.perf_counter() - started,
+                "train_seconds": train_seconds,  # the training pass alone
+                "seconds": time.perf_counter() - started,  # with evaluation
             }
             for hook in hooks:
                 record.update(hook.epoch_metrics())
             history.append(record)
+            if state_path is not None:
+                save_state(
+                    state_path,
+                    {
+                        "tag": state_tag,
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "hooks": [hook.state_dict() for hook in hooks],
+                        "rng": _rng_state(),
+                        "history": history,
+                    },
+                )
             if metrics_path is not None:
                 append_jsonl(metrics_path, record)
             extra = "".join(f"  {k} {v:.3f}" for k, v in record.items() if k == "sparsity")
