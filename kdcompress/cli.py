@@ -182,16 +182,41 @@ def run(
     set_: Optional[List[str]] = SetOpt,
     force: bool = ForceOpt,
     restart: bool = RestartOpt,
+    nproc: int = typer.Option(
+        1, "--nproc", min=1, help="train with N processes (torch.distributed: gloo on CPU, nccl on CUDA)"
+    ),
 ):
     """Run every stage (skipping up-to-date ones), then write and print the report.
 
-    Example: kdc run recipes/fashion-mnist-mlp.yaml
+    Example: kdc run recipes/fashion-mnist-mlp.yaml   or, with 2 processes: kdc run recipe.yaml --nproc 2
     """
+    from . import distributed
     from .pipeline import run_pipeline
 
-    loaded = _load(recipe, set_)
-    run_pipeline(loaded, force=force, restart=restart, console=err)
-    _report(loaded.run_dir)
+    loaded = _load(recipe, set_)  # check the recipe before launching anything
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        raise typer.Exit(_launch(nproc, recipe, set_, force, restart))
+    try:
+        run_pipeline(loaded, force=force, restart=restart, console=err)
+        if distributed.is_main():
+            _report(loaded.run_dir)
+    finally:
+        distributed.shutdown()
+
+
+def _launch(nproc: int, recipe, overrides, force: bool, restart: bool) -> int:
+    """Start ``torchrun --standalone --nproc_per_node=N -m kdcompress run ...``; return its exit code."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "kdcompress"]
+    cmd += ["--debug"] if _state["debug"] else []
+    cmd += ["run"] + ([str(recipe)] if recipe else [])
+    for item in overrides or []:
+        cmd += ["--set", item]
+    cmd += ["--force"] if force else []
+    cmd += ["--restart"] if restart else []
+    err.print(f"launching {nproc} processes: {' '.join(cmd[1:])}")
+    return subprocess.call(cmd)
 
 
 def _report(run_dir: Path) -> None:

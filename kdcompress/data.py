@@ -42,7 +42,7 @@ import torch
 from .errors import DataError
 from .recipe import DataSection
 
-__all__ = ["TensorData", "DataSplits", "load_data", "DATASETS", "read_idx", "default_data_roots", "dataset_info", "DEBIAN_FASHION_MNIST"]
+__all__ = ["TensorData", "DataSplits", "load_data", "DATASETS", "read_idx", "default_data_roots", "dataset_info", "Augment", "DEBIAN_FASHION_MNIST"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = (
@@ -87,20 +87,64 @@ class TensorData:
         return x.sub_(mean).div_(std)
 
     def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] = (0, 1),
+        augment: "Augment | None" = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield ``(inputs, labels, indices)``; ``indices`` locate the samples in this split."""
-        n = len(self)
-        if shuffle:
-            order = torch.randperm(n, generator=generator).to(self.labels.device)
-        else:
-            order = torch.arange(n, device=self.labels.device)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            yield self.normalise(self.images[idx]), self.labels[idx], idx
+        """Yield ``(inputs, labels, indices)``; ``indices`` locate the samples in this split.
 
-    def num_batches(self, batch_size: int) -> int:
-        return (len(self) + batch_size - 1) // batch_size
+        ``shard=(rank, world)`` takes every world-th sample of the (shuffled)
+        order, padded by wrapping around so every rank gets the same number of
+        batches. ``augment`` is applied to each uint8 batch, drawing from ``generator``.
+        """
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        rank, world = shard
+        if world > 1:
+            padded = -(-n // world) * world
+            order = torch.cat([order, order[: padded - n]])[rank::world]
+        order = order.to(self.labels.device)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            images = self.images[idx]
+            if augment is not None:
+                images = augment(images, generator)
+            yield self.normalise(images), self.labels[idx], idx
+
+    def num_batches(self, batch_size: int, world: int = 1) -> int:
+        per_rank = -(-len(self) // world)
+        return (per_rank + batch_size - 1) // batch_size
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random crop with zero padding and random horizontal flip, done on a whole uint8 batch."""
+
+    crop_padding: int = 0
+    hflip: bool = False
+
+    def __bool__(self) -> bool:
+        return self.crop_padding > 0 or self.hflip
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        n, c, h, w = images.shape
+        device = images.device
+        if self.crop_padding > 0:
+            p = self.crop_padding
+            padded = torch.nn.functional.pad(images, (p, p, p, p))
+            dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)
+            rows = (dy[:, None] + torch.arange(h, device=device))[:, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=device))[:, None, :]
+            batch = torch.arange(n, device=device)[:, None, None]
+            images = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+        if self.hflip:
+            flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return images
 
 
 @dataclass

@@ -28,7 +28,6 @@ import importlib
 import inspect
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from .errors import ModelError

@@ -16,6 +16,7 @@ run`` skips such stages. Example::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -27,15 +28,16 @@ import yaml
 from rich.console import Console
 
 from .checks import check_recipe
-from .checkpoint import atomic_write_text, load_checkpoint, manifest_path, read_manifest, save_checkpoint
-from .data import DataSplits, load_data
+from .checkpoint import atomic_write_text, load_checkpoint, manifest_path, read_manifest, save_checkpoint, save_state
+from . import distributed
+from .data import Augment, DataSplits, load_data
 from .distill import kd_loss, teacher_logits
 from .errors import CheckpointError, KdcError, StageOrderError
 from .measure import count_nonzero, count_params
 from .models import build_model, model_spec
 from .prune import MagnitudePruner, prunable_weights, weight_sparsity
 from .recipe import Recipe, TrainSettings, recipe_to_dict, section_fingerprint
-from .train import Hook, evaluate, fit, resolve_device, seed_everything
+from .train import Hook, Runtime, evaluate, fit, resolve_device, seed_everything
 
 __all__ = ["STAGES", "COMMAND_OF", "run_pipeline", "run_stage", "stage_status", "checkpoint_path"]
 
@@ -224,8 +226,13 @@ def run_stage(
     Returns the stage's metrics.
     """
     console = console or Console(stderr=True)
+    device = distributed.init(resolve_device(recipe.run.device))
+    main = distributed.is_main()
+    if not main:  # one voice: rank 0 speaks for all
+        console = Console(stderr=True, quiet=True)
     run_dir = recipe.run_dir
     _check_run_dir(run_dir)
+    distributed.barrier()  # every rank checks the run directory before rank 0 writes into it
     path = checkpoint_path(run_dir, stage)
     try:
         status = stage_status(recipe, stage)
@@ -240,17 +247,22 @@ def run_stage(
     if path.exists():
         console.print(f"[yellow]{stage}[/]: rerunning ({status.reason if not status.done else '--force'})")
     check_recipe(recipe)  # names resolve and models fit the data: fail now, not an hour into training
-    device = resolve_device(recipe.run.device)
+    if recipe.run.threads and not distributed.is_distributed():
+        torch.set_num_threads(recipe.run.threads)
     data = load_data(recipe.data, seed=recipe.run.seed)
     fingerprint = _fingerprint(recipe, stage, upstream)
     stage_dir = path.parent
     state_path = stage_dir / "state.pt"
     if (restart or force) and state_path.exists():
-        state_path.unlink()
+        distributed.barrier()  # every rank has seen it before it goes
+        if main:
+            state_path.unlink()
         console.print(f"[yellow]{stage}[/]: dropped the resume state, starting over")
-    _mark_run_dir(run_dir)
-    _write_resolved_recipe(recipe)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        _mark_run_dir(run_dir)
+        _write_resolved_recipe(recipe)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     seed_everything(recipe.run.seed)
     console.print(f"[bold]{stage}[/]: training on {data.name} ({len(data.train)} train, {len(data.test)} test) on {device}")
     started = time.perf_counter()
@@ -268,9 +280,8 @@ def run_stage(
         "seconds": time.perf_counter() - started,
         **extra,
     }
-    save_checkpoint(
-        path,
-        {
+    if main:
+        _save_stage(path, state_path, {
             "stage": stage,
             "arch": spec,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -278,15 +289,19 @@ def run_stage(
             "recipe": recipe_to_dict(recipe),
             "metrics": metrics,
             "dataset": data.name,
-        },
-    )
-    if state_path.exists():  # the finished checkpoint supersedes the resume state
-        state_path.unlink()
+        })
+    distributed.barrier()  # no rank looks at this stage's files before they are written
     console.print(
         f"[green]{stage}[/]: test accuracy {metrics['test_accuracy']:.4f}, {metrics['nonzero_params']:,} of "
         f"{metrics['params']:,} parameters non-zero, saved {path} ({metrics['seconds']:.1f} s)"
     )
     return metrics
+
+
+def _save_stage(path: Path, state_path: Path, payload: dict) -> None:
+    save_checkpoint(path, payload)
+    if state_path.exists():  # the finished checkpoint supersedes the resume state
+        state_path.unlink()
 
 
 def _write_resolved_recipe(recipe: Recipe) -> None:
@@ -309,22 +324,70 @@ def _new_model(recipe: Recipe, which: str, data: DataSplits, device: torch.devic
     return build_model(spec, where=f"{which}.model").to(device), spec
 
 
-def _ce(logits, y, idx):
+def _ce(logits, y, idx, x):
     return F.cross_entropy(logits, y)
 
 
-def _distill_loss(ctx: _StageContext):
-    """KD loss with the teacher's logits computed once for the (unaugmented) training split."""
-    recipe = ctx.recipe
-    teacher = load_stage_model(recipe, "teacher", ctx.device)
-    cached = teacher_logits(teacher, ctx.data.train, recipe.data.eval_batch_size, ctx.device)
-    del teacher
-    temperature, alpha = recipe.distill.temperature, recipe.distill.alpha
+def _teacher_cache_path(ctx: _StageContext) -> tuple[Path, str]:
+    """Where the teacher's training-split logits live, keyed by the teacher checkpoint and the data."""
+    teacher_sha = read_manifest(checkpoint_path(ctx.recipe.run_dir, "teacher"))["sha256"]
+    key = hashlib.sha256(f"{teacher_sha}|{ctx.data.identity}".encode()).hexdigest()[:16]
+    return ctx.recipe.run_dir / "cache" / f"teacher-logits-{key}.pt", key
 
-    def loss(logits, y, idx):
+
+def cached_teacher_logits(ctx: _StageContext, teacher: torch.nn.Module) -> torch.Tensor:
+    """The teacher's logits for the training split, computed once and reused across stages and runs.
+
+    Rank 0 computes and stores them; a changed teacher checkpoint or dataset gives a new key.
+    """
+    path, key = _teacher_cache_path(ctx)
+    if distributed.is_main() and not path.is_file():
+        started = time.perf_counter()
+        logits = teacher_logits(teacher, ctx.data.train, ctx.recipe.data.eval_batch_size, ctx.device).cpu()
+        save_state(path, {"key": key, "logits": logits})
+        ctx.console.print(f"{ctx.stage}: cached the teacher's logits in {path} ({time.perf_counter() - started:.1f} s)")
+    distributed.barrier()
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+        logits = cache["logits"]
+        if cache.get("key") != key or logits.shape[0] != len(ctx.data.train):
+            raise ValueError("key or size mismatch")
+    except Exception as exc:
+        raise CheckpointError(
+            f"the teacher-logit cache {path} is damaged ({type(exc).__name__}); delete it and rerun"
+        ) from None
+    return logits.to(ctx.device)
+
+
+def _distill_loss(ctx: _StageContext):
+    """The KD loss. Without augmentation the teacher's logits come from the cache; with it the teacher runs online."""
+    recipe = ctx.recipe
+    teacher = load_stage_model(recipe, "teacher", ctx.device).eval()
+    temperature, alpha = recipe.distill.temperature, recipe.distill.alpha
+    if _augment(recipe):
+        return _online_kd_loss(teacher, temperature, alpha)
+    cached = cached_teacher_logits(ctx, teacher)
+
+    def loss(logits, y, idx, x):
         return kd_loss(logits, cached[idx.to(cached.device)], y, temperature, alpha)
 
     return loss
+
+
+def _online_kd_loss(teacher: torch.nn.Module, temperature: float, alpha: float):
+    """KD loss that runs the teacher on every (augmented) batch, in eval mode without gradients."""
+
+    def loss(logits, y, idx, x):
+        with torch.inference_mode():
+            target = teacher(x).float()
+        return kd_loss(logits, target.clone(), y, temperature, alpha)
+
+    return loss
+
+
+def _augment(recipe: Recipe) -> Augment | None:
+    augment = Augment(recipe.data.crop_padding, recipe.data.hflip)
+    return augment if augment else None
 
 
 def _fit(ctx: _StageContext, model, loss, settings: TrainSettings, hooks=()):
@@ -344,6 +407,12 @@ def _fit(ctx: _StageContext, model, loss, settings: TrainSettings, hooks=()):
         console=ctx.console,
         state_path=ctx.state_path,
         state_tag=ctx.tag,
+        runtime=Runtime(
+            precision=recipe.run.precision,
+            channels_last=recipe.run.channels_last,
+            compile=recipe.run.compile,
+            augment=_augment(recipe),
+        ),
     )
 
 

@@ -67,6 +67,10 @@ class RunSection:
     seed: int = field(default=0, metadata=_range(lo=0, doc="seed for weights, shuffling and splits"))
     device: str = field(default="auto", metadata=_doc("auto, cpu, cuda or cuda:N"))
     out_dir: str = field(default="runs", metadata=_doc("folder that holds run directories"))
+    threads: Optional[int] = field(default=None, metadata=_range(lo=1, doc="CPU threads (default: all cores)"))
+    precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=_doc("bf16 autocast on CUDA (fp32 on CPU)"))
+    channels_last: bool = field(default=False, metadata=_doc("channels-last memory format on CUDA"))
+    compile: bool = field(default=False, metadata=_doc("torch.compile the model being trained"))
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class DataSection:
         default=0.0,
         metadata=_range(lo=0.0, hi=1.0, hi_open=True, doc="share of training data held out for validation"),
     )
+    crop_padding: int = field(default=0, metadata=_range(lo=0, doc="augment: random crop after zero padding (pixels)"))
+    hflip: bool = field(default=False, metadata=_doc("augment: random horizontal flip"))
 
 
 @dataclass(frozen=True)

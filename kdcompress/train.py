@@ -6,7 +6,7 @@ pruning step on its schedule). Example::
 
     >>> import torch.nn.functional as F
     >>> from kdcompress.train import fit
-    >>> history = fit(model, lambda logits, y, idx: F.cross_entropy(logits, y), splits, settings,
+    >>> history = fit(model, lambda logits, y, idx, x: F.cross_entropy(logits, y), splits, settings,
     ...               batch_size=128, stage="student")  # doctest: +SKIP
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -25,13 +26,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from .checkpoint import append_jsonl, atomic_write_text, save_state
-from .data import DataSplits, TensorData
+from . import distributed
+from .data import Augment, DataSplits, TensorData
 from .errors import CheckpointError, KdcError
 from .recipe import TrainSettings
 
-__all__ = ["fit", "evaluate", "Hook", "make_optimizer", "make_scheduler", "resolve_device", "seed_everything"]
+__all__ = ["fit", "evaluate", "Hook", "make_optimizer", "make_scheduler", "resolve_device", "seed_everything", "Runtime"]
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Hook:
@@ -175,6 +177,16 @@ def _load_state(path: Path, tag: str, console: Console, stage: str) -> dict | No
     return state
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """How to run, apart from what to train: precision, memory format, compilation, augmentation."""
+
+    precision: str = "fp32"  # "bf16": autocast on CUDA
+    channels_last: bool = False  # CUDA only
+    compile: bool = False
+    augment: Augment | None = None
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -191,12 +203,14 @@ def fit(
     console: Console | None = None,
     state_path: Path | None = None,
     state_tag: str = "",
+    runtime: Runtime = Runtime(),
 ) -> list[dict]:
     """Train ``model`` in place for ``settings.epochs`` epochs; return one metrics dict per epoch.
 
-    ``loss_fn(logits, labels, indices)`` gets the sample indices of the batch
-    within ``data.train`` so a loss can look up per-sample targets (for
-    example cached teacher logits). Each epoch is evaluated on the validation
+    ``loss_fn(logits, labels, indices, inputs)`` gets the sample indices of
+    the batch within ``data.train`` so a loss can look up per-sample targets
+    (for example cached teacher logits), and the inputs for a teacher that
+    must run online (augmented data). Each epoch is evaluated on the validation
     split if there is one, else on the test split for the learning curve only;
     nothing here picks a checkpoint by test accuracy.
 
@@ -205,16 +219,28 @@ def fit(
     states, metrics so far); a later call with the same ``state_tag`` resumes
     after the last completed epoch and ends with the same result as an
     uninterrupted run.
+
+    Under torch.distributed (see :mod:`kdcompress.distributed`) each rank
+    trains a DistributedDataParallel copy on its shard, with ``batch_size``
+    split across ranks; only rank 0 writes files and prints.
     """
     device = torch.device(device)
+    main = distributed.is_main()
     console = console or Console(stderr=True)
+    if not main:
+        console = Console(stderr=True, quiet=True)
     hooks = list(hooks)
     model.to(device)
+    cuda = device.type == "cuda"
+    if runtime.channels_last and cuda:
+        model.to(memory_format=torch.channels_last)
+    world, rank = distributed.world_size(), distributed.rank()
     optimizer = make_optimizer(model, settings)
     scheduler = make_scheduler(optimizer, settings)
     train = data.train
     eval_name, eval_data = data.eval_split
-    batches_per_epoch = train.num_batches(batch_size)
+    per_rank_batch = max(1, batch_size // world)
+    batches_per_epoch = train.num_batches(per_rank_batch, world)
     history: list[dict] = []
     step, first_epoch = 0, 0
     state = _load_state(state_path, state_tag, console, stage)
@@ -227,21 +253,35 @@ def fit(
         _set_rng_state(state["rng"])
         history, step, first_epoch = list(state["history"]), state["step"], state["epoch"]
         console.print(f"[bold]{stage}[/]: resuming after epoch {first_epoch}/{settings.epochs} (from {state_path})")
-    if metrics_path is not None:  # the metrics file always matches the epochs the model has seen
+    if metrics_path is not None and main:  # the metrics file always matches the epochs the model has seen
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+    net: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+    if runtime.compile:
+        net = torch.compile(net)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and runtime.precision == "bf16")
     with _progress(console) as progress:
         for epoch in range(first_epoch, settings.epochs):
             started = time.perf_counter()
             task = progress.add_task(f"{stage} {epoch + 1}/{settings.epochs}", total=batches_per_epoch, status="")
-            model.train()
+            net.train()
             generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
             loss_sum, correct, seen = 0.0, 0, 0
-            for x, y, idx in train.batches(batch_size, shuffle=True, generator=generator):
+            batches = train.batches(
+                per_rank_batch, shuffle=True, generator=generator, shard=(rank, world), augment=runtime.augment or None
+            )
+            for x, y, idx in batches:
                 for hook in hooks:
                     hook.on_batch_start(step, batches_per_epoch)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                logits = model(x)
-                loss = loss_fn(logits, y, idx)
+                if runtime.channels_last and cuda and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    logits = net(x)
+                    loss = loss_fn(logits.float(), y, idx, x)
                 if not torch.isfinite(loss):
                     kept = f"; the last good state (epoch {epoch}) is kept in {state_path}" if state_path and epoch else ""
                     raise KdcError(
@@ -257,7 +297,9 @@ def fit(
                 loss_sum += float(loss.detach()) * len(y)
                 correct += int((logits.detach().argmax(1) == y).sum())
                 seen += len(y)
-                progress.update(task, advance=1, status=f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}")
+                if main:
+                    progress.update(task, advance=1, status=f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}")
+            loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, float(correct), float(seen)], device)
             train_seconds = time.perf_counter() - started
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
@@ -277,7 +319,7 @@ def fit(
             for hook in hooks:
                 record.update(hook.epoch_metrics())
             history.append(record)
-            if state_path is not None:
+            if state_path is not None and main:
                 save_state(
                     state_path,
                     {
@@ -292,7 +334,7 @@ def fit(
                         "history": history,
                     },
                 )
-            if metrics_path is not None:
+            if metrics_path is not None and main:
                 append_jsonl(metrics_path, record)
             extra = "".join(f"  {k} {v:.3f}" for k, v in record.items() if k == "sparsity")
             console.print(
@@ -302,4 +344,6 @@ def fit(
             )
     if any(math.isnan(p.detach().sum().item()) for p in model.parameters()):
         raise KdcError(f"{stage}: the weights hold NaN after training; lower the learning rate")
+    if runtime.channels_last and cuda:  # checkpoints keep the default layout
+        model.to(memory_format=torch.contiguous_format)
     return history
