@@ -21,7 +21,7 @@ __all__ = ["check_recipe"]
 @torch.no_grad()
 def check_recipe(recipe: Recipe) -> list[str]:
     """Build teacher and student, run one dry forward pass each; return a short plan of the run."""
-    input_shape, num_classes = dataset_info(recipe.data.dataset)
+    input_shape, num_classes = dataset_info(recipe.data)
     counts = {}
     for which in ("teacher", "student"):
         section = getattr(recipe, which)

@@ -39,10 +39,10 @@ from typing import Iterator
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, KdcError
 from .recipe import DataSection
 
-__all__ = ["TensorData", "DataSplits", "load_data", "DATASETS", "read_idx", "default_data_roots", "dataset_info", "Augment", "DEBIAN_FASHION_MNIST"]
+__all__ = ["TensorData", "DataSplits", "load_data", "DATASETS", "read_idx", "default_data_roots", "dataset_info", "Augment", "LoaderData", "DEBIAN_FASHION_MNIST"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = (
@@ -206,20 +206,36 @@ def _cache_dir() -> Path:
         return Path.home() / ".cache" / "kdcompress" / "data"
 
 
-def dataset_info(name: str) -> tuple[tuple[int, ...], int]:
-    """(input shape, number of classes) of a known dataset, without loading it."""
+def _is_external(name: str) -> bool:
+    """``imagefolder:PATH`` or ``package.module:factory``: read through a DataLoader."""
+    return ":" in name
+
+
+def dataset_info(section: DataSection | str) -> tuple[tuple[int, ...], int]:
+    """(input shape, number of classes) of a dataset; built-in ones are not loaded for this."""
+    if isinstance(section, str):
+        section = DataSection(dataset=section)
+    name = section.dataset
+    if _is_external(name):
+        train, _, num_classes = _external_datasets(section)
+        return tuple(train[0][0].shape), num_classes
     if name not in DATASETS:
         import difflib
 
         close = difflib.get_close_matches(name, list(DATASETS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise DataError(f"data.dataset: unknown dataset '{name}'{hint} (known: {', '.join(DATASETS)})")
+        raise DataError(
+            f"data.dataset: unknown dataset '{name}'{hint} (known: {', '.join(DATASETS)}; also imagefolder:PATH, or "
+            f"package.module:factory for your own)"
+        )
     return DATASETS[name][3], DATASETS[name][4]
 
 
 def load_data(section: DataSection, seed: int = 0) -> DataSplits:
     """Load the dataset a recipe names, with a validation split if it asks for one."""
-    dataset_info(section.dataset)
+    if _is_external(section.dataset):
+        return _load_external(section, seed)
+    dataset_info(section)
     _, mean, std, _, _ = DATASETS[section.dataset]
     if section.dataset == "fashion-mnist-mini":
         train_x, train_y, test_x, test_y, source = _load_mini()
@@ -249,6 +265,127 @@ def load_data(section: DataSection, seed: int = 0) -> DataSplits:
         num_classes=num_classes,
         input_shape=tuple(train.images.shape[1:]),
         identity=identity,
+    )
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Yields (input, label, position in the split) so losses can look up per-sample targets."""
+
+    def __init__(self, dataset, indices: torch.Tensor):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, pos):
+        x, y = self.dataset[int(self.indices[pos])]
+        return x, int(y), pos
+
+
+class LoaderData:
+    """A split read through a DataLoader (workers, pinned memory): for datasets that don't fit in RAM.
+
+    Same interface as :class:`TensorData`: ``batches`` yields ``(inputs, labels, indices)``.
+    """
+
+    def __init__(self, dataset, workers: int = 2, indices: torch.Tensor | None = None):
+        self.dataset, self.workers = dataset, workers
+        self.indices = torch.arange(len(dataset)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def subset(self, index: torch.Tensor) -> "LoaderData":
+        return LoaderData(self.dataset, self.workers, self.indices[index])
+
+    def num_batches(self, batch_size: int, world: int = 1) -> int:
+        per_rank = -(-len(self) // world)
+        return (per_rank + batch_size - 1) // batch_size
+
+    def batches(self, batch_size, shuffle=False, generator=None, shard=(0, 1), augment=None):
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        rank, world = shard
+        if world > 1:
+            padded = -(-n // world) * world
+            order = torch.cat([order, order[: padded - n]])[rank::world]
+        plan = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+        loader = torch.utils.data.DataLoader(
+            _Indexed(self.dataset, self.indices),
+            batch_sampler=plan,
+            num_workers=self.workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+        try:
+            for x, y, idx in loader:
+                if augment is not None:
+                    x = augment(x, generator)
+                yield x, y.long(), idx
+        except RuntimeError as exc:
+            raise DataError(f"reading a batch failed: {str(exc).splitlines()[0]}; check that every sample has the same shape") from None
+
+
+def _external_datasets(section: DataSection):
+    """(train dataset, test dataset, number of classes) for imagefolder:PATH or package.module:factory."""
+    name = section.dataset
+    if name.startswith("imagefolder:"):
+        from torchvision import datasets as tvd, transforms as T
+
+        root = Path(name.split(":", 1)[1]).expanduser()
+        test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+        if not (root / "train").is_dir() or test_dir is None:
+            raise DataError(
+                f"data.dataset: {name} needs {root}/train/<class>/*.png and {root}/test/<class>/... (or val/); not found"
+            )
+        tf = T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.5,))])
+        try:
+            train, test = tvd.ImageFolder(str(root / "train"), transform=tf), tvd.ImageFolder(str(test_dir), transform=tf)
+        except Exception as exc:
+            raise DataError(f"data.dataset: cannot read {name}: {exc}") from None
+        return train, test, len(train.classes)
+    from .models import _import_factory  # one import-path mechanism for models and datasets
+
+    try:
+        factory = _import_factory(name, "data.dataset")
+        made = factory(root=section.root) if section.root else factory()
+    except KdcError as exc:
+        raise DataError(str(exc)) from None
+    except Exception as exc:
+        raise DataError(f"data.dataset: {name} failed: {type(exc).__name__}: {exc}") from None
+    if isinstance(made, dict) and "train" in made and "test" in made:
+        train, test, num_classes = made["train"], made["test"], made.get("num_classes")
+    elif isinstance(made, (tuple, list)) and len(made) in (2, 3):
+        train, test, num_classes = made[0], made[1], made[2] if len(made) == 3 else None
+    else:
+        raise DataError(
+            f"data.dataset: {name} must return {{'train': dataset, 'test': dataset, 'num_classes': int}} or "
+            f"(train, test[, num_classes]); got {type(made).__name__}"
+        )
+    if num_classes is None:
+        num_classes = len(getattr(train, "classes", [])) or None
+    if not num_classes:
+        raise DataError(f"data.dataset: {name} must say how many classes it has (return 'num_classes')")
+    return train, test, int(num_classes)
+
+
+def _load_external(section: DataSection, seed: int) -> DataSplits:
+    train_ds, test_ds, num_classes = _external_datasets(section)
+    train, test = LoaderData(train_ds, section.workers), LoaderData(test_ds, section.workers)
+    val = None
+    if section.val_split > 0:
+        n_val = max(1, int(round(len(train) * section.val_split)))
+        if n_val >= len(train):
+            raise DataError(f"data.val_split: {section.val_split} leaves no training data; use a smaller share")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        val, train = train.subset(order[:n_val]), train.subset(order[n_val:])
+    return DataSplits(
+        name=section.dataset,
+        train=train,
+        test=test,
+        val=val,
+        num_classes=num_classes,
+        input_shape=tuple(train_ds[0][0].shape),
+        identity=f"{section.dataset}:{len(train)}:{len(test)}:{section.val_split}:{seed}",
     )
 
 

@@ -77,7 +77,7 @@ class RunSection:
 class DataSection:
     dataset: str = field(
         default="fashion-mnist-mini",
-        metadata=_doc("fashion-mnist-mini (shipped), fashion-mnist or mnist"),
+        metadata=_doc("fashion-mnist-mini (shipped), fashion-mnist, mnist, imagefolder:PATH or package.module:factory"),
     )
     root: Optional[str] = field(default=None, metadata=_doc("data folder; else $KDC_DATA, else a cache dir"))
     batch_size: int = field(default=128, metadata=_range(lo=1, doc="training batch size"))
@@ -88,6 +88,7 @@ class DataSection:
     )
     crop_padding: int = field(default=0, metadata=_range(lo=0, doc="augment: random crop after zero padding (pixels)"))
     hflip: bool = field(default=False, metadata=_doc("augment: random horizontal flip"))
+    workers: int = field(default=2, metadata=_range(lo=0, doc="DataLoader workers (imagefolder and your own datasets)"))
 
 
 @dataclass(frozen=True)
