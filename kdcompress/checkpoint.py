@@ -14,6 +14,7 @@ zeros: it loads into the plain architecture.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, describe
 
 __all__ = [
     "save_checkpoint",
@@ -35,6 +36,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "append_jsonl",
+    "remove_stale_temp_files",
     "FORMAT",
     "FORMAT_VERSION",
 ]
@@ -43,33 +45,66 @@ FORMAT = "kdc-checkpoint"
 FORMAT_VERSION = 1
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(fh)`` to a temporary file beside ``path``, fsync, then rename into place.
+def _write_error(path: Path, exc: BaseException) -> CheckpointError:
+    kept = "; the previous version is intact" if Path(path).exists() else ""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else describe(exc)
+    return CheckpointError(
+        f"could not write {path}: {reason}{kept}. Free some space (or fix permissions) and rerun the same command "
+        f"to go on"
+    )
 
-    A crash or a full disk leaves the previous file untouched; the
-    temporary file is removed on any error.
-    """
-    path = Path(path)
-    tmp = None
+
+def _write_tmp(path: Path, write) -> str:
+    """Write through ``write(fh)`` to a temporary file beside ``path`` and fsync it; return its name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _atomic_write_many(items: list[tuple[Path, object]]) -> None:
+    """Write every ``(path, write)`` to a temporary file first, then rename them all into place.
+
+    A crash or a full disk while writing leaves every previous file
+    untouched; temporary files are removed on any error.
+    """
+    tmps: list[str] = []
+    current = items[0][0]
+    try:
+        for path, write in items:
+            current = Path(path)
+            tmps.append(_write_tmp(current, write))
+        for (path, _), tmp in zip(items, tmps):
+            current = Path(path)
+            os.replace(tmp, path)
+        tmps = []
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
-        kept = "; the previous version is intact" if path.exists() else ""
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
-        raise CheckpointError(
-            f"could not write {path}: {reason}{kept}. Free some space (or fix permissions) and rerun "
-            f"the same command to go on"
-        ) from None
+        raise _write_error(current, exc) from None
     finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename into place."""
+    _atomic_write_many([(Path(path), write)])
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete ``.*.tmp`` files a killed process left behind in ``folder`` (not recursive)."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -102,15 +137,22 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     from . import __version__
 
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "kdc_version": __version__, **payload}
-    _atomic_write(path, lambda fh: torch.save(payload, fh))
+    buffer = io.BytesIO()
+    try:
+        torch.save(payload, buffer)
+    except (OSError, RuntimeError) as exc:
+        raise _write_error(path, exc) from None
+    blob = buffer.getvalue()
     manifest = {
         "file": Path(path).name,
-        "bytes": Path(path).stat().st_size,
-        "sha256": _sha256(path),
+        "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
         "stage": payload.get("stage"),
         "fingerprint": payload.get("fingerprint"),
     }
-    atomic_write_text(manifest_path(path), json.dumps(manifest) + "\n")
+    text = (json.dumps(manifest) + "\n").encode()
+    # both files are fully on disk before either is renamed into place
+    _atomic_write_many([(Path(path), lambda fh: fh.write(blob)), (manifest_path(path), lambda fh: fh.write(text))])
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
@@ -134,7 +176,10 @@ def read_manifest(path: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointError(f"the manifest {mpath} is damaged; delete it and {path.name}, or rerun with --force") from None
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path} (its manifest {mpath.name} is there); rerun the stage")
+        raise CheckpointError(
+            f"checkpoint not found: {path} (its manifest {mpath.name} is there); rerun the stage with --force to "
+            f"rebuild it"
+        )
     size = path.stat().st_size
     if size != expected_bytes:
         raise CheckpointError(
@@ -169,11 +214,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path} was refused: it holds more than tensors and plain data, so loading it could run code "
-            f"({str(exc).splitlines()[0][:200]}). Only load checkpoints kdc wrote; delete this file and rerun the stage"
+            f"({describe(exc)}). Only load checkpoints kdc wrote; delete this file and rerun the stage"
         ) from None
     except Exception as exc:  # truncated zip, bad magic, ...
         raise CheckpointError(
-            f"{path} is damaged or not a checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"{path} is damaged or not a checkpoint ({type(exc).__name__}: {describe(exc)}); "
             f"delete it and rerun the stage"
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -189,7 +234,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
 
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line and flush it to disk."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise _write_error(path, exc) from None

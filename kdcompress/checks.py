@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .data import dataset_info
-from .errors import ModelError
+from .errors import ModelError, describe
 from .models import build_model, model_spec
 from .prune import prunable_weights
 from .recipe import Recipe, pruning_steps_needed
@@ -32,7 +32,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
         except Exception as exc:
             raise ModelError(
                 f"{which}.model: {section.model} fails on {recipe.data.dataset} inputs of shape {list(input_shape)}: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                f"{type(exc).__name__}: {describe(exc)}"
             ) from None
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
             shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

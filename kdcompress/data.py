@@ -39,7 +39,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import DataError, KdcError
+from .errors import DataError, KdcError, describe
 from .recipe import DataSection
 
 __all__ = ["TensorData", "DataSplits", "load_data", "DATASETS", "read_idx", "default_data_roots", "dataset_info", "Augment", "LoaderData", "DEBIAN_FASHION_MNIST"]
@@ -322,7 +322,7 @@ class LoaderData:
                     x = augment(x, generator)
                 yield x, y.long(), idx
         except RuntimeError as exc:
-            raise DataError(f"reading a batch failed: {str(exc).splitlines()[0]}; check that every sample has the same shape") from None
+            raise DataError(f"reading a batch failed: {describe(exc)}; check that every sample has the same shape") from None
 
 
 def _external_datasets(section: DataSection):
@@ -411,8 +411,11 @@ def _load_torchvision(section: DataSection):
     tried = []
     for root in roots:
         tried.append(str(root / cls_name / "raw"))
+        raw = root / cls_name / "raw"
+        if not _has_raw(root, cls_name) and all((raw / f"{n}.gz").is_file() for n in IDX_FILES):
+            _unpack_gz(raw, raw)  # .gz files put there by hand
         if not _has_raw(root, cls_name) and section.dataset == "fashion-mnist" and _debian_available():
-            _unpack_debian(root / cls_name / "raw")
+            _unpack_gz(DEBIAN_FASHION_MNIST, raw)
             tried.append(f"{DEBIAN_FASHION_MNIST} (unpacked into {root / cls_name / 'raw'})")
         if _has_raw(root, cls_name):
             return (*_read_tv(cls, root), str(root))
@@ -440,8 +443,8 @@ def _debian_available() -> bool:
     return all((DEBIAN_FASHION_MNIST / f"{name}.gz").is_file() for name in IDX_FILES)
 
 
-def _unpack_debian(raw: Path) -> None:
-    """Decompress Debian's idx .gz files where torchvision looks for them.
+def _unpack_gz(source: Path, raw: Path) -> None:
+    """Decompress idx .gz files from ``source`` into ``raw``, where torchvision looks for them.
 
     Debian's gzip bytes differ from the ones torchvision checksums, so they
     are decompressed here rather than handed to torchvision's downloader; the
@@ -455,7 +458,7 @@ def _unpack_debian(raw: Path) -> None:
                 continue
             fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".tmp")
             try:
-                with os.fdopen(fd, "wb") as out, gzip.open(DEBIAN_FASHION_MNIST / f"{name}.gz", "rb") as src:
+                with os.fdopen(fd, "wb") as out, gzip.open(source / f"{name}.gz", "rb") as src:
                     shutil.copyfileobj(src, out)
                     out.flush()
                     os.fsync(out.fileno())
@@ -464,7 +467,10 @@ def _unpack_debian(raw: Path) -> None:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
     except (OSError, EOFError) as exc:
-        raise DataError(f"cannot unpack {DEBIAN_FASHION_MNIST} into {raw}: {exc}; set data.root to a writable folder") from None
+        raise DataError(
+            f"cannot unpack {source}/*.gz into {raw}: {describe(exc)}; check the files, or set data.root to a "
+            f"writable folder"
+        ) from None
 
 
 def _read_tv(cls, root: Path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "describe",
     "KdcError",
     "RecipeError",
     "Problem",
@@ -19,6 +20,12 @@ __all__ = [
     "StageOrderError",
     "CheckpointError",
 ]
+
+
+def describe(exc: BaseException, limit: int = 200) -> str:
+    """First line of an exception's message (its type name when the message is empty), for error texts."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 class KdcError(Exception):

@@ -28,7 +28,15 @@ import yaml
 from rich.console import Console
 
 from .checks import check_recipe
-from .checkpoint import atomic_write_text, load_checkpoint, manifest_path, read_manifest, save_checkpoint, save_state
+from .checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    manifest_path,
+    read_manifest,
+    remove_stale_temp_files,
+    save_checkpoint,
+    save_state,
+)
 from . import distributed
 from .data import Augment, DataSplits, load_data
 from .distill import kd_loss, teacher_logits
@@ -234,12 +242,15 @@ def run_stage(
     _check_run_dir(run_dir)
     distributed.barrier()  # every rank checks the run directory before rank 0 writes into it
     path = checkpoint_path(run_dir, stage)
+    state_path = path.parent / "state.pt"
     try:
         status = stage_status(recipe, stage)
     except CheckpointError as exc:
-        if not force:
+        # A resume state means the stage never finished: its checkpoint was cut off while being
+        # saved, and the state holds all the work. Otherwise only --force may replace it.
+        if not (force or state_path.is_file()):
             raise
-        status = StageStatus(stage, False, f"damaged checkpoint: {exc}")
+        status = StageStatus(stage, False, f"unfinished or damaged checkpoint: {exc}")
     if status.done and not force:
         console.print(f"[green]{stage}[/]: up to date, skipped ({path}; --force reruns it)")
         return load_checkpoint(path)["metrics"]
@@ -252,7 +263,6 @@ def run_stage(
     data = load_data(recipe.data, seed=recipe.run.seed)
     fingerprint = _fingerprint(recipe, stage, upstream)
     stage_dir = path.parent
-    state_path = stage_dir / "state.pt"
     if (restart or force) and state_path.exists():
         distributed.barrier()  # every rank has seen it before it goes
         if main:
@@ -262,6 +272,8 @@ def run_stage(
         _mark_run_dir(run_dir)
         _write_resolved_recipe(recipe)
         stage_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, stage_dir, run_dir / "cache"):
+            remove_stale_temp_files(folder)  # left by a process killed while writing
     distributed.barrier()
     seed_everything(recipe.run.seed)
     console.print(f"[bold]{stage}[/]: training on {data.name} ({len(data.train)} train, {len(data.test)} test) on {device}")

@@ -22,6 +22,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .errors import Problem, RecipeError
+from .errors import Problem, RecipeError, describe
 
 __all__ = [
     "Recipe",
@@ -209,6 +211,8 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | Non
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(source, [_yaml_problem(exc)]) from None
+    except RecursionError:
+        raise RecipeError(source, [Problem("", "the YAML is nested too deeply to be a recipe")]) from None
     lines: dict[tuple, int] = {}
     problems: list[Problem] = []
     if node is not None:
@@ -233,7 +237,7 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | Non
 
 def _yaml_problem(exc: yaml.YAMLError) -> Problem:
     """One Problem for a YAML syntax error, placed where the broken construct starts."""
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    problem = getattr(exc, "problem", None) or describe(exc)
     mark = getattr(exc, "problem_mark", None)
     context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
     where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -274,12 +278,9 @@ def pruning_steps_needed(rate: float, target: float) -> int:
     """Number of steps that each remove ``rate`` of what is left, to reach ``target`` sparsity."""
     if target <= 0:
         return 0
-    steps, kept = 0, 1.0
-    # The last step is trimmed to land exactly on the target.
-    while 1.0 - kept < target - 1e-12:
-        kept *= 1.0 - rate
-        steps += 1
-    return steps
+    # kept after n steps is (1 - rate)^n; the last step is trimmed to land exactly on the target.
+    exact = math.log1p(-target) / math.log1p(-rate)
+    return max(1, math.ceil(exact - 1e-9)) if math.isfinite(exact) else 10**18
 
 
 # --------------------------------------------------------------------------- internals
@@ -465,6 +466,13 @@ def _schema_type(path: list[str]) -> tuple[Any, str | None]:
     return tp, None
 
 
+def _number(text: str, tp: type) -> int | float | None:
+    try:
+        return int(text) if tp is int else float(text)
+    except ValueError:
+        return None
+
+
 def _apply_override(raw: dict, item: str, problems: list[Problem]) -> tuple | None:
     """Apply one ``key.path=value`` override to the raw recipe dict; return its key path."""
     where = f"--set {item}"
@@ -480,8 +488,11 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> tuple | No
     if error:
         problems.append(Problem(where, error))
         return
+    inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (Union, types.UnionType) else [tp]
     if tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)):
         value: Any = text if text.lower() not in ("null", "~") or tp is str else None
+    elif inner and inner[0] in (int, float) and _number(text, inner[0]) is not None:
+        value = _number(text, inner[0])  # 1e-3 is a number here, though YAML 1.1 reads it as text
     else:
         try:
             value = yaml.safe_load(text)
@@ -502,6 +513,10 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> tuple | No
 def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
     """Checks that involve more than one value."""
     problems = []
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", recipe.run.device):
+        problems.append(
+            Problem("run.device", f"must be auto, cpu, cuda or cuda:N, got {recipe.run.device!r}", _line(lines, ("run", "device")))
+        )
     p = recipe.prune
     steps = pruning_steps_needed(p.rate, p.target_sparsity)
     # Steps happen at epoch 0, every, 2*every, ...; the last one must fall inside retraining.

@@ -28,7 +28,7 @@ from torch import nn
 from .checkpoint import append_jsonl, atomic_write_text, save_state
 from . import distributed
 from .data import Augment, DataSplits, TensorData
-from .errors import CheckpointError, KdcError
+from .errors import CheckpointError, KdcError, describe
 from .recipe import TrainSettings
 
 __all__ = ["fit", "evaluate", "Hook", "make_optimizer", "make_scheduler", "resolve_device", "seed_everything", "Runtime"]
@@ -168,10 +168,12 @@ def _load_state(path: Path, tag: str, console: Console, stage: str) -> dict | No
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"the resume state {path} is damaged or unsafe ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+            f"the resume state {path} is damaged or unsafe ({type(exc).__name__}: {describe(exc)}); "
             f"rerun with --restart to start the '{stage}' stage over"
         ) from None
-    if not isinstance(state, dict) or state.get("tag") != tag:
+    if not isinstance(state, dict) or not {"tag", "epoch", "model"} <= set(state):
+        raise CheckpointError(f"the resume state {path} is not a kdc resume state; rerun with --restart")
+    if state.get("tag") != tag:
         console.print(f"[yellow]{stage}[/]: the recipe changed since {path} was saved; starting the stage over")
         return None
     return state
@@ -285,7 +287,7 @@ def fit(
                 if not torch.isfinite(loss):
                     kept = f"; the last good state (epoch {epoch}) is kept in {state_path}" if state_path and epoch else ""
                     raise KdcError(
-                        f"{stage}: the loss became {float(loss)} at epoch {epoch + 1}, step {step % batches_per_epoch + 1} "
+                        f"{stage}: the loss became {loss.item()} at epoch {epoch + 1}, step {step % batches_per_epoch + 1} "
                         f"of {batches_per_epoch}; lower the learning rate ({settings.lr}) or check the data{kept}"
                     )
                 optimizer.zero_grad(set_to_none=True)

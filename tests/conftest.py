@@ -110,3 +110,85 @@ class Kdc:
 @pytest.fixture(scope="session")
 def kdc():
     return Kdc()
+
+
+# --------------------------------------------------------------------------- robustness helpers
+# Added for the resume / bad-input / safety / property tests. Nothing above changes.
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """tmp_path, made the working directory (run directories land in tmp_path/runs)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def fail_training(monkeypatch):
+    """Factory: make the training loss of one stage misbehave once, at a chosen epoch and batch.
+
+    ``fail_training("teacher", epoch=2, batch=5)`` raises KeyboardInterrupt
+    (a Ctrl-C) in the 5th batch of the teacher's 2nd epoch;
+    ``action="nan"`` makes that batch's loss NaN instead. It wraps the loss
+    handed to ``kdcompress.pipeline._fit``, so it works for every stage and
+    whatever arguments the loss takes. The count starts with each stage run,
+    so it is meant for a run that starts the stage from epoch 1. Returns a
+    dict whose ``"fired"`` entry says whether it went off.
+    """
+    import kdcompress.pipeline as pipeline
+
+    real_fit = pipeline._fit
+    fired = {"fired": False}
+
+    def arm(stage: str, epoch: int, batch: int = 5, action: str = "interrupt"):
+        def _fit(ctx, model, loss, settings, hooks=()):
+            if ctx.stage != stage or fired["fired"]:
+                return real_fit(ctx, model, loss, settings, hooks)
+            per_epoch = ctx.data.train.num_batches(ctx.recipe.data.batch_size)
+            trigger = (epoch - 1) * per_epoch + batch
+            calls = {"n": 0}
+
+            def wrapped(*args):
+                calls["n"] += 1
+                value = loss(*args)
+                if calls["n"] == trigger and not fired["fired"]:
+                    fired["fired"] = True
+                    if action == "interrupt":
+                        raise KeyboardInterrupt
+                    return value * float("nan")
+                return value
+
+            return real_fit(ctx, model, wrapped, settings, hooks)
+
+        monkeypatch.setattr(pipeline, "_fit", _fit)
+        return fired
+
+    return arm
+
+
+@pytest.fixture(scope="session")
+def file_snapshot():
+    """Function: {relative path: size} of every file under a folder (to show nothing new was written)."""
+
+    def snap(root: Path) -> dict[str, int]:
+        root = Path(root)
+        return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+    return snap
+
+
+@pytest.fixture(scope="session")
+def checkpoints_equal():
+    """Function: assert two stage checkpoints hold identical tensors (torch.equal) and metrics."""
+    from kdcompress.checkpoint import load_checkpoint
+
+    def check(a: Path, b: Path) -> None:
+        ca, cb = load_checkpoint(a), load_checkpoint(b)
+        assert ca["arch"] == cb["arch"]
+        assert set(ca["state_dict"]) == set(cb["state_dict"]), (a, b)
+        for key, tensor in ca["state_dict"].items():
+            assert torch.equal(tensor, cb["state_dict"][key]), f"{key} differs between {a} and {b}"
+        assert ca["metrics"]["test_accuracy"] == cb["metrics"]["test_accuracy"]
+        assert ca["metrics"]["test_loss"] == cb["metrics"]["test_loss"]
+
+    return check
