@@ -80,11 +80,18 @@ class TensorData:
         return TensorData(self.images[index], self.labels[index], self.mean, self.std)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images -> normalised float32 images."""
-        x = images.float().div_(255.0)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return x.sub_(mean).div_(std)
+        """uint8 images -> normalised float32 images: (x / 255 - mean) / std, as one scale and shift."""
+        scale, shift = self._affine(images.device)
+        return torch.addcmul(shift, images.float(), scale)
+
+    def _affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = getattr(self, "_affine_cache", None)
+        if cached is None or cached[0].device != device:
+            std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+            mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+            cached = (1.0 / (255.0 * std), -mean / std)
+            self._affine_cache = cached
+        return cached
 
     def batches(
         self,

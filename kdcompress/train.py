@@ -271,7 +271,8 @@ def fit(
             task = progress.add_task(f"{stage} {epoch + 1}/{settings.epochs}", total=batches_per_epoch, status="")
             net.train()
             generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            loss_sum, correct, seen = 0.0, 0, 0
+            loss_sum, seen, epoch_start_step = 0.0, 0, step
+            correct_t = torch.zeros((), dtype=torch.long, device=device)
             batches = train.batches(
                 per_rank_batch, shuffle=True, generator=generator, shard=(rank, world), augment=runtime.augment or None
             )
@@ -284,10 +285,11 @@ def fit(
                 with autocast:
                     logits = net(x)
                     loss = loss_fn(logits.float(), y, idx, x)
-                if not torch.isfinite(loss):
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
                     kept = f"; the last good state (epoch {epoch}) is kept in {state_path}" if state_path and epoch else ""
                     raise KdcError(
-                        f"{stage}: the loss became {loss.item()} at epoch {epoch + 1}, step {step % batches_per_epoch + 1} "
+                        f"{stage}: the loss became {loss_value} at epoch {epoch + 1}, step {step % batches_per_epoch + 1} "
                         f"of {batches_per_epoch}; lower the learning rate ({settings.lr}) or check the data{kept}"
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -296,12 +298,13 @@ def fit(
                 for hook in hooks:
                     hook.after_optimizer_step(step)
                 step += 1
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((logits.detach().argmax(1) == y).sum())
+                loss_sum += loss_value * len(y)
+                correct_t += (logits.detach().argmax(1) == y).sum()  # stays on the device: no sync per batch
                 seen += len(y)
-                if main:
-                    progress.update(task, advance=1, status=f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}")
-            loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, float(correct), float(seen)], device)
+                if main and (step % 10 == 0 or seen >= len(train) // world):
+                    correct = int(correct_t)
+                    progress.update(task, completed=step - epoch_start_step, status=f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}")
+            loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, float(correct_t), float(seen)], device)
             train_seconds = time.perf_counter() - started
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()

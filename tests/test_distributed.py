@@ -1,0 +1,44 @@
+"""Two processes with torch.distributed (gloo on CPU) against one, on the quickstart recipe."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+# Shortened quickstart so the test stays in CI's budget; the recipe, data and models are the quickstart's.
+SHORTER = ["--set", "teacher.epochs=2", "--set", "distill.epochs=4", "--set", "prune.epochs=4", "--set", "report.latency=false"]
+
+
+def kdc(cwd, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "kdcompress", "run", *SHORTER, *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path):
+    single = kdc(tmp_path, "--set", "run.name=single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = kdc(tmp_path, "--set", "run.name=double", "--nproc", "2")
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "launching 2 processes" in double.stderr
+    # one set of outputs: one report, one checkpoint per stage, one line per epoch in the metrics
+    run = tmp_path / "runs" / "double"
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["cache", "distilled", "kdc-run.json", "pruned", "recipe.yaml", "report.json", "report.md", "student", "teacher"]
+    )
+    assert [json.loads(l)["epoch"] for l in (run / "teacher" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert double.stdout.count("kdc report") == 1
+    ckpt = torch.load(run / "pruned" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])  # DDP's wrapper is not saved
+    one = {r["stage"]: r for r in json.loads((tmp_path / "runs" / "single" / "report.json").read_text())["stages"]}
+    two = {r["stage"]: r for r in json.loads((run / "report.json").read_text())["stages"]}
+    assert list(one) == list(two) == ["teacher", "student", "distilled", "pruned"]
+    for stage in one:
+        assert abs(one[stage]["accuracy"] - two[stage]["accuracy"]) <= 0.01, (stage, one[stage], two[stage])
+    assert abs(two["pruned"]["sparsity"] - 0.9) < 0.005
