@@ -107,13 +107,7 @@ class TensorData:
         order, padded by wrapping around so every rank gets the same number of
         batches. ``augment`` is applied to each uint8 batch, drawing from ``generator``.
         """
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        rank, world = shard
-        if world > 1:
-            padded = -(-n // world) * world
-            order = torch.cat([order, order[: padded - n]])[rank::world]
-        order = order.to(self.labels.device)
+        order = _epoch_order(len(self), shuffle, generator, shard).to(self.labels.device)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             images = self.images[idx]
@@ -122,8 +116,34 @@ class TensorData:
             yield self.normalise(images), self.labels[idx], idx
 
     def num_batches(self, batch_size: int, world: int = 1) -> int:
-        per_rank = -(-len(self) // world)
-        return (per_rank + batch_size - 1) // batch_size
+        return _num_batches(len(self), batch_size, world)
+
+
+def _epoch_order(n: int, shuffle: bool, generator: torch.Generator | None, shard: tuple[int, int]) -> torch.Tensor:
+    """Sample order for one epoch; with ``shard=(rank, world)`` this rank's share, padded by wrapping
+    around so every rank gets the same number of batches."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    rank, world = shard
+    if world > 1:
+        padded = -(-n // world) * world
+        order = torch.cat([order, order[: padded - n]])[rank::world]
+    return order
+
+
+def _num_batches(n: int, batch_size: int, world: int) -> int:
+    per_rank = -(-n // world)
+    return (per_rank + batch_size - 1) // batch_size
+
+
+def _hold_out(train, section: DataSection, seed: int):
+    """(train, validation) with ``section.val_split`` of the training data held out; validation is None at 0."""
+    if section.val_split <= 0:
+        return train, None
+    n_val = max(1, int(round(len(train) * section.val_split)))
+    if n_val >= len(train):
+        raise DataError(f"data.val_split: {section.val_split} leaves no training data; use a smaller share")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.subset(order[n_val:]), train.subset(order[:n_val])
 
 
 @dataclass(frozen=True)
@@ -250,14 +270,7 @@ def load_data(section: DataSection, seed: int = 0) -> DataSplits:
         train_x, train_y, test_x, test_y, source = _load_torchvision(section)
     train = TensorData(train_x.unsqueeze(1).contiguous(), train_y.long(), mean, std)
     test = TensorData(test_x.unsqueeze(1).contiguous(), test_y.long(), mean, std)
-    val = None
-    if section.val_split > 0:
-        n_val = max(1, int(round(len(train) * section.val_split)))
-        if n_val >= len(train):
-            raise DataError(f"data.val_split: {section.val_split} leaves no training data; use a smaller share")
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-        val = train.subset(order[:n_val])
-        train = train.subset(order[n_val:])
+    train, val = _hold_out(train, section, seed)
     num_classes = int(max(train.labels.max(), test.labels.max()).item()) + 1
     digest = hashlib.sha256()
     for t in (train.labels, test.labels):
@@ -306,16 +319,10 @@ class LoaderData:
         return LoaderData(self.dataset, self.workers, self.indices[index])
 
     def num_batches(self, batch_size: int, world: int = 1) -> int:
-        per_rank = -(-len(self) // world)
-        return (per_rank + batch_size - 1) // batch_size
+        return _num_batches(len(self), batch_size, world)
 
     def batches(self, batch_size, shuffle=False, generator=None, shard=(0, 1), augment=None):
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        rank, world = shard
-        if world > 1:
-            padded = -(-n // world) * world
-            order = torch.cat([order, order[: padded - n]])[rank::world]
+        order = _epoch_order(len(self), shuffle, generator, shard)
         plan = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
         loader = torch.utils.data.DataLoader(
             _Indexed(self.dataset, self.indices),
@@ -378,13 +385,7 @@ def _external_datasets(section: DataSection):
 def _load_external(section: DataSection, seed: int) -> DataSplits:
     train_ds, test_ds, num_classes = _external_datasets(section)
     train, test = LoaderData(train_ds, section.workers), LoaderData(test_ds, section.workers)
-    val = None
-    if section.val_split > 0:
-        n_val = max(1, int(round(len(train) * section.val_split)))
-        if n_val >= len(train):
-            raise DataError(f"data.val_split: {section.val_split} leaves no training data; use a smaller share")
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-        val, train = train.subset(order[:n_val]), train.subset(order[n_val:])
+    train, val = _hold_out(train, section, seed)
     return DataSplits(
         name=section.dataset,
         train=train,
