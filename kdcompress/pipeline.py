@@ -50,7 +50,7 @@ from .train import Hook, Runtime, evaluate, fit, resolve_device, seed_everything
 __all__ = ["STAGES", "COMMAND_OF", "run_pipeline", "run_stage", "stage_status", "checkpoint_path"]
 
 STAGES = ("teacher", "student", "distilled", "pruned")
-COMMAND_OF = {"teacher": "kdc train-teacher", "student": "kdc run", "distilled": "kdc distill", "pruned": "kdc prune"}
+COMMAND_OF = {"teacher": "kdc train-teacher", "student": "kdc train-student", "distilled": "kdc distill", "pruned": "kdc prune"}
 
 
 def checkpoint_path(run_dir: Path, stage: str) -> Path:
