@@ -323,11 +323,12 @@ def _write_resolved_recipe(recipe: Recipe) -> None:
     atomic_write_text(recipe.run_dir / "recipe.yaml", text)
 
 
-def load_stage_model(recipe: Recipe, stage: str, device: torch.device) -> torch.nn.Module:
+def load_stage_model(recipe: Recipe, stage: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """A stage's trained model, on ``device``, and its architecture spec."""
     ckpt = load_checkpoint(checkpoint_path(recipe.run_dir, stage))
     model = build_model(ckpt["arch"], where=f"{stage} checkpoint")
     model.load_state_dict(ckpt["state_dict"])
-    return model.to(device)
+    return model.to(device), ckpt["arch"]
 
 
 def _new_model(recipe: Recipe, which: str, data: DataSplits, device: torch.device):
@@ -355,9 +356,11 @@ def cached_teacher_logits(ctx: _StageContext, teacher: torch.nn.Module) -> torch
     path, key = _teacher_cache_path(ctx)
     if distributed.is_main() and not path.is_file():
         started = time.perf_counter()
-        logits = teacher_logits(teacher, ctx.data.train, ctx.recipe.data.eval_batch_size, ctx.device).cpu()
-        save_state(path, {"key": key, "logits": logits})
+        logits = teacher_logits(teacher, ctx.data.train, ctx.recipe.data.eval_batch_size, ctx.device)
+        save_state(path, {"key": key, "logits": logits.cpu()})
         ctx.console.print(f"{ctx.stage}: cached the teacher's logits in {path} ({time.perf_counter() - started:.1f} s)")
+        distributed.barrier()  # the other ranks read the file once it is there
+        return logits
     distributed.barrier()
     try:
         cache = torch.load(path, map_location="cpu", weights_only=True)
@@ -374,7 +377,7 @@ def cached_teacher_logits(ctx: _StageContext, teacher: torch.nn.Module) -> torch
 def _distill_loss(ctx: _StageContext):
     """The KD loss. Without augmentation the teacher's logits come from the cache; with it the teacher runs online."""
     recipe = ctx.recipe
-    teacher = load_stage_model(recipe, "teacher", ctx.device).eval()
+    teacher = load_stage_model(recipe, "teacher", ctx.device)[0].eval()
     temperature, alpha = recipe.distill.temperature, recipe.distill.alpha
     if _augment(recipe):
         return _online_kd_loss(teacher, temperature, alpha)
@@ -444,12 +447,10 @@ def _stage_distilled(ctx: _StageContext):
 
 
 def _stage_pruned(ctx: _StageContext):
-    model = load_stage_model(ctx.recipe, "distilled", ctx.device)
-    spec = load_checkpoint(checkpoint_path(ctx.recipe.run_dir, "distilled"))["arch"]
+    model, spec = load_stage_model(ctx.recipe, "distilled", ctx.device)
     p = ctx.recipe.prune
+    # check_recipe, run at the start of every stage, has made sure include/exclude leave weights to prune
     pruner = MagnitudePruner(model, p.rate, p.target_sparsity, p.scope, p.include, p.exclude)
-    if not pruner.weights:
-        raise KdcError(_no_prunable_message(model, spec["model"], p))
     loss = _distill_loss(ctx) if p.distill else _ce
     history = _fit(ctx, model, loss, p, hooks=[_Pruning(pruner, p.every)])
     if not pruner.done:
@@ -458,14 +459,6 @@ def _stage_pruned(ctx: _StageContext):
             f"raise prune.epochs or prune.rate"
         )
     return model, spec, history, {"target_sparsity": p.target_sparsity, "pruning_steps": pruner.steps_taken}
-
-
-def _no_prunable_message(model, name, p) -> str:
-    names = [n for n, m in model.named_modules() if n]
-    return (
-        f"prune.include/prune.exclude: no Conv or Linear weights left to prune in {name} (include {p.include}, "
-        f"exclude {p.exclude}); its module names are: {', '.join(names[:20])}"
-    )
 
 
 _STAGE_FUNCS = {
