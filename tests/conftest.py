@@ -56,6 +56,29 @@ def tiny_recipe_text():
     return yaml.safe_dump(TINY_RECIPE, sort_keys=False)
 
 
+@pytest.fixture(scope="session")
+def fresh_run(tmp_path_factory, kdc):
+    """``fresh_run(recipe_text, name, *commands, check=True)``: see :func:`_run_in_fresh_dir`."""
+    return lambda *args, **kwargs: _run_in_fresh_dir(tmp_path_factory, kdc, *args, **kwargs)
+
+
+def _run_in_fresh_dir(tmp_path_factory, kdc, recipe_text: str, name: str, *commands: str, check: bool = True):
+    """Write the recipe into a new directory and run each ``kdc COMMAND recipe.yaml`` there, in order.
+
+    Returns (directory, result of the last command); with ``check`` every command must exit 0.
+    """
+    work = tmp_path_factory.mktemp(name)
+    (work / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+    result = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        for command in commands:
+            result = kdc(command, "recipe.yaml")
+            if check:
+                assert result.exit_code == 0, result.output
+    return work, result
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     """Factory: write a recipe file and return its path.

@@ -253,15 +253,8 @@ def _fill(value, work: Path):
 
 
 @pytest.fixture(scope="module")
-def distilled_template(tmp_path_factory, kdc, tiny_recipe_text):
-    work = tmp_path_factory.mktemp("distilled-template")
-    (work / "recipe.yaml").write_text(tiny_recipe_text, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        for command in ("train-teacher", "distill"):
-            result = kdc(command, "recipe.yaml")
-            assert result.exit_code == 0, result.output
-    return work
+def distilled_template(fresh_run, tiny_recipe_text):
+    return fresh_run(tiny_recipe_text, "distilled-template", "train-teacher", "distill")[0]
 
 
 def _prepare(case: Case, tmp_path: Path, monkeypatch, request) -> Path:

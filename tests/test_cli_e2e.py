@@ -21,14 +21,9 @@ RUN = Path("runs") / "tiny"
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory, kdc, tiny_recipe_text):
+def first_run(fresh_run, tiny_recipe_text):
     """`kdc run recipe.yaml` in a fresh directory; returns (directory, CliRunner result)."""
-    work = tmp_path_factory.mktemp("e2e")
-    (work / "recipe.yaml").write_text(tiny_recipe_text, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        result = kdc("run", "recipe.yaml")
-    return work, result
+    return fresh_run(tiny_recipe_text, "e2e", "run", check=False)
 
 
 @pytest.fixture

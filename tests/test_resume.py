@@ -45,15 +45,9 @@ def resume_state(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, kdc, tiny_recipe_text):
+def reference(fresh_run, tiny_recipe_text):
     """An uninterrupted in-process `kdc run` of the tiny recipe: the result every resumed run must match."""
-    work = tmp_path_factory.mktemp("reference")
-    (work / "recipe.yaml").write_text(tiny_recipe_text, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        result = kdc("run", "recipe.yaml")
-    assert result.exit_code == 0, result.output
-    return work
+    return fresh_run(tiny_recipe_text, "reference", "run")[0]
 
 
 # --------------------------------------------------------------------------- A. SIGKILL, real subprocess

@@ -44,15 +44,9 @@ def _copy_into(src: Path, dest: Path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def teacher_done(tmp_path_factory, kdc, tiny_recipe_text):
+def teacher_done(fresh_run, tiny_recipe_text):
     """`kdc train-teacher` of the tiny recipe, once per module."""
-    work = tmp_path_factory.mktemp("teacher-done")
-    (work / "recipe.yaml").write_text(tiny_recipe_text, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        result = kdc("train-teacher", "recipe.yaml")
-    assert result.exit_code == 0, result.output
-    return work
+    return fresh_run(tiny_recipe_text, "teacher-done", "train-teacher")[0]
 
 
 @pytest.fixture(scope="module")
