@@ -39,7 +39,7 @@ from .checkpoint import (
 )
 from . import distributed
 from .data import Augment, DataSplits, load_data
-from .distill import kd_loss, teacher_logits
+from .distill import kd_loss, kd_loss_from_log_probs, teacher_log_probs, teacher_logits
 from .errors import CheckpointError, KdcError, StageOrderError
 from .measure import count_nonzero, count_params
 from .models import build_model, model_spec
@@ -381,10 +381,10 @@ def _distill_loss(ctx: _StageContext):
     temperature, alpha = recipe.distill.temperature, recipe.distill.alpha
     if _augment(recipe):
         return _online_kd_loss(teacher, temperature, alpha)
-    cached = cached_teacher_logits(ctx, teacher)
+    log_p = teacher_log_probs(cached_teacher_logits(ctx, teacher), temperature)  # once per stage, not per batch
 
     def loss(logits, y, idx, x):
-        return kd_loss(logits, cached[idx.to(cached.device)], y, temperature, alpha)
+        return kd_loss_from_log_probs(logits, log_p.index_select(0, idx.to(log_p.device)), y, temperature, alpha)
 
     return loss
 

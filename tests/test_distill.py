@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcompress.distill import kd_loss, soft_target_loss
+from kdcompress.distill import kd_loss, kd_loss_from_log_probs, soft_target_loss, teacher_log_probs
 
 
 def hand_log_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -147,3 +147,66 @@ def test_large_logits_are_numerically_stable(T, dtype):
     # huge, identical logits: loss is exactly the CE part, the soft part zero
     same = soft_target_loss(t, t.clone(), T)
     assert same.item() == pytest.approx(0.0, abs=1e-3)
+
+
+# ---------------------------------------------------------------- the fused loss's closed-form gradient
+
+
+@pytest.mark.parametrize("T, alpha", [(1.0, 0.5), (4.0, 0.5), (2.0, 0.9), (0.5, 1.0)])
+def test_fused_gradient_passes_gradcheck(T, alpha):
+    """kd_loss's hand-written backward against finite differences (float64)."""
+    s, t, y = logits(13, n=6, c=5)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: kd_loss(x, t, y, temperature=T, alpha=alpha), (s,))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    T=st.floats(0.25, 20.0),
+    alpha=st.floats(0.0, 1.0),
+    n=st.integers(1, 9),
+    c=st.integers(2, 12),
+    scale=st.floats(0.01, 50.0),
+    upstream=st.floats(-3.0, 3.0),
+)
+def test_fused_gradient_matches_autograd_of_the_plain_formula(seed, T, alpha, n, c, scale, upstream):
+    """The same gradient as autograd through log_softmax, kl_div and cross_entropy, scaled by any upstream factor."""
+    s, t, y = logits(seed, n=n, c=c, scale=scale)
+    s1 = s.clone().requires_grad_(True)
+    (kd_loss(s1, t, y, temperature=T, alpha=alpha) * upstream).backward()
+    s2 = s.clone().requires_grad_(True)
+    plain = alpha * soft_target_loss(s2, t, T) + (1 - alpha) * torch.nn.functional.cross_entropy(s2, y)
+    (plain * upstream).backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_teacher_ruling_a_class_out_gives_finite_loss_and_gradient():
+    """A teacher logit of -inf (log-probability -inf, probability 0) adds nothing, not 0 * -inf = nan."""
+    s, _, y = logits(4, n=4, c=3, dtype=torch.float32)
+    t = torch.tensor([[0.0, 1.0, -float("inf")]] * 4)
+    assert torch.isnan(soft_target_loss(s, t, 2.0))  # the plain formula fails here
+    s.requires_grad_(True)
+    loss = kd_loss(s, t, y, temperature=2.0, alpha=0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    finite_t = t.clamp_min(-1e4)  # the same teacher up to a probability far below float32's resolution
+    expected = 0.5 * 4.0 * hand_kl(s.detach(), finite_t, 2.0) + 0.5 * hand_ce(s.detach(), y)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_cached_log_probs_give_the_same_loss_and_gradient():
+    s, t, y = logits(21)
+    s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    a = kd_loss(s1, t, y, temperature=3.0, alpha=0.4)
+    b = kd_loss_from_log_probs(s2, teacher_log_probs(t, 3.0), y, temperature=3.0, alpha=0.4)
+    a.backward()
+    b.backward()
+    assert a.item() == b.item()
+    assert torch.equal(s1.grad, s2.grad)
+
+
+def test_mismatched_shapes_are_refused():
+    s, t, y = logits(1, c=10)
+    with pytest.raises(ValueError, match="differ in shape"):
+        kd_loss_from_log_probs(s, teacher_log_probs(t[:, :5], 2.0), y, 2.0, 0.5)
