@@ -22,8 +22,10 @@ weights in all three) on the same data, batch size, epochs and optimiser
     teacher forward on every batch (and the softmax-then-log).
 (b) kdc    -- what ``kdc distill`` does: the dataset held in memory as uint8
     tensors (``kdcompress.data.load_data``), the teacher's logits computed
-    once (``kdcompress.distill.teacher_logits``) and looked up by batch
-    indices in ``kdcompress.distill.kd_loss``, trained by
+    once (``kdcompress.distill.teacher_logits``), turned into
+    log-probabilities at T once (``teacher_log_probs``) and looked up by batch
+    indices in ``kdcompress.distill.kd_loss_from_log_probs`` (one autograd
+    node with a closed-form gradient), trained by
     ``kdcompress.train.fit``. The one-off teacher pass is timed separately
     ("teacher cache seconds") and also shown amortised over the epochs (the
     pipeline also stores these logits on disk for later runs; that save and
@@ -37,7 +39,10 @@ Per-epoch time is the training pass only (data loading, forward, loss,
 backward, step), without evaluation: for (b) and (c) the ``train_seconds``
 that ``fit`` records, for (a) the same span timed around the loop. The
 teacher (MLP 784-1200-1200-10) is trained once at the start with ``fit`` and
-cross-entropy, and shared by (a) and (b).
+cross-entropy, and shared by (a) and (b). The three runs take turns epoch by
+epoch (a, b, c, a, b, c, ...), so a slow or fast spell of a shared machine
+(timings here were seen to drift by 30 % within minutes) falls on all three
+alike; (b) and (c) continue from ``fit``'s resume state between their turns.
 
 Reported: the median epoch seconds of (a), (b), (c); ``a/b`` (how many times
 faster kdc's distillation epoch is than the naive one; the issue's target is
@@ -47,14 +52,15 @@ b/c <= 1.25); the teacher cache seconds, raw and amortised; test accuracy of
 the teacher and of the three students on the full test split; peak RSS of the
 process; the torch thread count; load averages before and after. The numbers
 are wall-clock times and move with whatever else runs on the machine; the
-ratios of the fastest epochs (``ratio_a_b_min``, ``ratio_b_c_min``) are shown
-beside the medians as a less noisy reading on a shared machine.
+ratios of the fastest epochs (``ratio_a_b_min``, ``ratio_b_c_min``) and of
+each round (``ratio_a_b_per_epoch``, ``ratio_b_c_per_epoch``) are shown
+beside the medians.
 
 Run
 ---
 ::
 
-    python scripts/bench.py                                  # full Fashion-MNIST, 3 epochs, CPU
+    python scripts/bench.py                                  # full Fashion-MNIST, 5 epochs, CPU
     python scripts/bench.py --threads 1 --json-out bench.json
     python scripts/bench.py --dataset fashion-mnist-mini --epochs 1 --limit 2000   # seconds
     python scripts/bench.py --device cuda
@@ -88,7 +94,7 @@ from rich.table import Table
 from torch import nn
 
 from kdcompress.data import DATASETS, IDX_FILES, DataSplits, default_data_roots, load_data
-from kdcompress.distill import kd_loss, teacher_logits
+from kdcompress.distill import kd_loss_from_log_probs, teacher_log_probs, teacher_logits
 from kdcompress.models import MLP
 from kdcompress.recipe import DataSection, TrainSettings
 from kdcompress.train import evaluate, fit, resolve_device
@@ -176,8 +182,8 @@ def naive_datasets(section: DataSection, root: Path, limit: int | None):
 # ---------------------------------------------------------------- (a) the naive loop
 
 
-def train_naive(student, teacher, train_set, epochs, batch_size, device) -> list[float]:
-    """The seed's loop, with kdc's objective (see the module docstring). Returns seconds per epoch."""
+def naive_epochs(student, teacher, train_set, epochs, batch_size, device):
+    """The seed's loop, with kdc's objective (see the module docstring); yields the seconds of each epoch."""
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True)  # num_workers=0, as the seed
     criterion = nn.KLDivLoss(reduction="batchmean")
     hard = nn.CrossEntropyLoss()
@@ -186,8 +192,7 @@ def train_naive(student, teacher, train_set, epochs, batch_size, device) -> list
     T = TEMPERATURE
     student.to(device).train()
     teacher.to(device).eval()
-    seconds = []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         sync(device)
         started = time.perf_counter()
         for inputs, targets in loader:
@@ -204,9 +209,7 @@ def train_naive(student, teacher, train_set, epochs, batch_size, device) -> list
             loss.backward()
             optimizer.step()
         sync(device)
-        seconds.append(time.perf_counter() - started)
-        err.print(f"naive epoch {epoch + 1}/{epochs}  last-batch loss {float(loss.detach()):.4f}  ({seconds[-1]:.1f} s)")
-    return seconds
+        yield time.perf_counter() - started
 
 
 @torch.no_grad()
@@ -228,7 +231,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist", choices=list(DATASETS), help="default: fashion-mnist")
     p.add_argument("--data-root", default=None, help="data root (default: $KDC_DATA, else kdc's cache dir)")
-    p.add_argument("--epochs", type=int, default=3, help="student epochs for (a), (b), (c) (default 3)")
+    p.add_argument("--epochs", type=int, default=5, help="student epochs for (a), (b), (c) (default 5)")
     p.add_argument("--teacher-epochs", type=int, default=2, help="teacher epochs, trained once with fit (default 2)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
@@ -285,46 +288,50 @@ def main(argv=None) -> dict:
         assert all(torch.equal(v, init[k]) for k, v in model.state_dict().items()), "student init differs"
         return model
 
-    # (a) the naive loop
+    # (b) needs the teacher's log-probabilities once, before its first epoch
+    sync(device)
+    t0 = time.perf_counter()
+    cached = teacher_log_probs(teacher_logits(teacher, splits.train, EVAL_BATCH, device), TEMPERATURE)
+    sync(device)
+    cache_seconds = time.perf_counter() - t0
+
+    def distill_loss(logits, y, idx, *_):  # as kdcompress.pipeline._distill_loss (no augmentation)
+        return kd_loss_from_log_probs(logits, cached.index_select(0, idx.to(cached.device)), y, TEMPERATURE, ALPHA)
+
+    # (a), (b) and (c) take turns, one epoch each, so that a slow or fast spell of a shared machine falls on
+    # all three alike. (b) and (c) go on from fit's resume state, which continues a run exactly as if it had
+    # not stopped (tests/test_resume.py); saving and loading it is outside the timed training pass.
+    naive_seconds: list[float] = []
+    quiet = Console(stderr=True, quiet=True)
+    student_a, student_b, student_c = fresh_student(), fresh_student(), fresh_student()
     with tempfile.TemporaryDirectory(prefix="kdc-bench-") as tmp:
         root = torchvision_root(section, Path(tmp))
         t0 = time.perf_counter()
         tv_train, tv_test = naive_datasets(section, root, args.limit)
         naive_data_seconds = time.perf_counter() - t0
-        student_a = fresh_student()
         torch.manual_seed(args.seed)  # the DataLoader's shuffle draws from the global generator
-        naive_epochs = train_naive(student_a, teacher, tv_train, args.epochs, args.batch_size, device)
+        naive = naive_epochs(student_a, teacher, tv_train, args.epochs, args.batch_size, device)
+        for epoch in range(1, args.epochs + 1):
+            naive_seconds.append(next(naive))
+            upto = dataclasses.replace(student_settings, epochs=epoch)
+            common = dict(batch_size=args.batch_size, eval_batch_size=EVAL_BATCH, device=device, seed=args.seed,
+                          console=quiet)
+            hist_b = fit(student_b, distill_loss, splits, upto, stage="distilled", state_path=Path(tmp) / "b.pt",
+                         state_tag="b", **common)
+            hist_c = fit(student_c, ce_loss, splits, upto, stage="student", state_path=Path(tmp) / "c.pt",
+                         state_tag="c", **common)
+            err.print(f"epoch {epoch}/{args.epochs}: (a) naive {naive_seconds[-1]:.2f} s  "
+                      f"(b) kdc distill {hist_b[-1]['train_seconds']:.2f} s  (c) cross-entropy "
+                      f"{hist_c[-1]['train_seconds']:.2f} s")
         acc_a = evaluate_naive(student_a, tv_test, device)
         n_test_naive = len(tv_test)
-    rss["after_naive"] = peak_rss_mb()
-
-    # (b) kdc distill: teacher logits once, then fit with kd_loss looked up by index
-    sync(device)
-    t0 = time.perf_counter()
-    cached = teacher_logits(teacher, splits.train, EVAL_BATCH, device)
-    sync(device)
-    cache_seconds = time.perf_counter() - t0
-
-    def distill_loss(logits, y, idx, *_):  # as kdcompress.pipeline._distill_loss (no augmentation)
-        return kd_loss(logits, cached[idx.to(cached.device)], y, TEMPERATURE, ALPHA)
-
-    student_b = fresh_student()
-    hist_b = fit(student_b, distill_loss, splits, student_settings, batch_size=args.batch_size,
-                 eval_batch_size=EVAL_BATCH, device=device, seed=args.seed, stage="distilled", console=err)
     acc_b = evaluate(student_b, splits.test, EVAL_BATCH, device)["accuracy"]
-    rss["after_kdc_distill"] = peak_rss_mb()
-
-    # (c) plain cross-entropy, same data path and loop
-    student_c = fresh_student()
-    hist_c = fit(student_c, ce_loss, splits, student_settings,
-                 batch_size=args.batch_size, eval_batch_size=EVAL_BATCH, device=device, seed=args.seed,
-                 stage="student", console=err)
     acc_c = evaluate(student_c, splits.test, EVAL_BATCH, device)["accuracy"]
-    rss["after_ce"] = peak_rss_mb()
+    rss["after_students"] = peak_rss_mb()
 
     epochs_b = [h["train_seconds"] for h in hist_b]
     epochs_c = [h["train_seconds"] for h in hist_c]
-    med_a, med_b, med_c = (statistics.median(s) for s in (naive_epochs, epochs_b, epochs_c))
+    med_a, med_b, med_c = (statistics.median(s) for s in (naive_seconds, epochs_b, epochs_c))
     med_b_amortised = med_b + cache_seconds / args.epochs
     result = {
         "dataset": splits.name,
@@ -350,16 +357,18 @@ def main(argv=None) -> dict:
         "teacher_epoch_seconds": [h["train_seconds"] for h in teacher_hist],
         "kdc_data_load_seconds": kdc_data_seconds,
         "naive_data_setup_seconds": naive_data_seconds,
-        "naive_epoch_seconds": naive_epochs,
+        "naive_epoch_seconds": naive_seconds,
         "kdc_distill_epoch_seconds": epochs_b,
         "ce_epoch_seconds": epochs_c,
         "naive_median_epoch_seconds": med_a,
         "kdc_distill_median_epoch_seconds": med_b,
         "ce_median_epoch_seconds": med_c,
-        "naive_min_epoch_seconds": min(naive_epochs),
+        "naive_min_epoch_seconds": min(naive_seconds),
         "kdc_distill_min_epoch_seconds": min(epochs_b),
         "ce_min_epoch_seconds": min(epochs_c),
-        "ratio_a_b_min": min(naive_epochs) / min(epochs_b),
+        "ratio_a_b_min": min(naive_seconds) / min(epochs_b),
+        "ratio_a_b_per_epoch": [a / b for a, b in zip(naive_seconds, epochs_b)],
+        "ratio_b_c_per_epoch": [b / c for b, c in zip(epochs_b, epochs_c)],
         "ratio_b_c_min": min(epochs_b) / min(epochs_c),
         "teacher_cache_seconds": cache_seconds,
         "kdc_distill_median_epoch_seconds_amortised": med_b_amortised,
@@ -417,6 +426,8 @@ def print_table(r: dict) -> None:
     s.add_row("a/b (naive / kdc distill epoch)", f"{r['ratio_a_b']:.2f}  {mark(r['meets_a_b'])} target >= {r['target_a_b']:g}")
     s.add_row("a/b with teacher cache amortised", f"{r['ratio_a_b_amortised']:.2f}")
     s.add_row("a/b, b/c from the fastest epochs (less noise)", f"{r['ratio_a_b_min']:.2f}, {r['ratio_b_c_min']:.2f}")
+    s.add_row("a/b in each epoch round", fmt(r["ratio_a_b_per_epoch"]))
+    s.add_row("b/c in each epoch round", fmt(r["ratio_b_c_per_epoch"]))
     s.add_row("b/c (kdc distill / cross-entropy epoch)", f"{r['ratio_b_c']:.2f}  {mark(r['meets_b_c'])} target <= {r['target_b_c']:g}")
     s.add_row("teacher cache seconds (one pass, once)", f"{r['teacher_cache_seconds']:.2f}")
     s.add_row("data setup seconds: kdc load_data / torchvision datasets",
