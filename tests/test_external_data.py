@@ -92,3 +92,40 @@ def test_run_on_user_dataset_and_imagefolder(user_data, tmp_path, kdc, monkeypat
     # augmented data: the teacher runs online, so no logit cache is written
     assert not (tmp_path / "runs" / "folder" / "cache").exists()
     assert any((tmp_path / "runs" / "user" / "cache").iterdir())
+
+
+MINI_AS_USER_DATASET = '''
+from torch.utils.data import TensorDataset
+from kdcompress.data import load_data
+from kdcompress.recipe import DataSection
+
+def build():
+    s = load_data(DataSection(dataset="fashion-mnist-mini"), seed=0)
+    return {"train": TensorDataset(s.train.normalise(s.train.images), s.train.labels),
+            "test": TensorDataset(s.test.normalise(s.test.images), s.test.labels), "num_classes": 10}
+'''
+
+
+def test_in_memory_and_dataloader_paths_train_alike(tmp_path, monkeypatch):
+    """The same data, seed and settings through the uint8 in-memory path and through a DataLoader give the
+    same batches in the same order, so the same accuracy."""
+    from rich.console import Console
+
+    from kdcompress.models import MLP
+    from kdcompress.recipe import TrainSettings
+    from kdcompress.train import evaluate, fit
+
+    (tmp_path / "mini_as_user.py").write_text(MINI_AS_USER_DATASET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    settings = TrainSettings(epochs=2, optimizer="sgd", lr=0.05, momentum=0.9, schedule="constant")
+    accuracy = {}
+    for name in ("fashion-mnist-mini", "mini_as_user:build"):
+        splits = load_data(DataSection(dataset=name, workers=0), seed=0)
+        torch.manual_seed(0)
+        model = MLP(input_shape=(1, 28, 28), num_classes=10, hidden=(32,))
+        history = fit(model, lambda logits, y, idx, x: torch.nn.functional.cross_entropy(logits, y), splits, settings,
+                      batch_size=128, seed=0, console=Console(stderr=True, quiet=True))
+        assert history[-1]["train_accuracy"] > 0.6  # it learnt something
+        accuracy[name] = evaluate(model, splits.test, 1000, torch.device("cpu"))["accuracy"]
+    assert isinstance(load_data(DataSection(dataset="mini_as_user:build", workers=0), seed=0).train, LoaderData)
+    assert abs(accuracy["fashion-mnist-mini"] - accuracy["mini_as_user:build"]) <= 0.005, accuracy
