@@ -12,10 +12,11 @@ student's logits has a closed form,
 
 so it is built from the softmaxes the forward pass computes anyway: a
 handful of element-wise operations on a (B, C) tensor instead of the
-autograd graph of log_softmax, kl_div, cross_entropy and the scalings. For a small student that graph costs as much as the student's own
-layers. The teacher's side, ``log_softmax(t/T)``, depends only on the teacher,
-so a cached teacher's log-probabilities are computed once per stage
-(:func:`teacher_log_probs`) and looked up per batch (:func:`kd_loss_from_log_probs`).
+autograd graph of log_softmax, kl_div, cross_entropy and the scalings, which
+for a small student costs a sizeable share of the step. The teacher's side,
+``log_softmax(t/T)``, depends only on the teacher, so a cached teacher's
+log-probabilities are computed once per stage (:func:`teacher_log_probs`) and
+looked up per batch (:func:`kd_loss_from_log_probs`).
 
 Example::
 

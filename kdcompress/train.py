@@ -222,8 +222,8 @@ class _Tally:
         self._correct += (logits.detach().argmax(1) == y).sum()
 
     def flush(self) -> tuple[int, float] | None:
-        """Add the pending losses to the totals; on a NaN or infinite one, (its position back from the
-        latest batch, 1 = the latest; its value) and the totals are left as they were."""
+        """Add the pending losses to the totals and return None; if one is NaN or infinite, return
+        (how many batches back it was, 1 = the latest; its value) instead and leave the totals alone."""
         if not self._losses:
             return None
         values = torch.cat([torch.stack(self._losses).double(), self._correct.view(1).double()]).tolist()
@@ -376,8 +376,7 @@ def fit(
                     if main:
                         progress.update(task, completed=step - epoch_start_step, status=tally.status())
             _check_losses(tally, step, epoch, batches_per_epoch, stage, settings, state_path)
-            loss_sum, correct, seen = tally.loss_sum, tally.correct, tally.seen
-            loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, float(seen)], device)
+            loss_sum, correct, seen = distributed.all_reduce_sum([tally.loss_sum, tally.correct, float(tally.seen)], device)
             train_seconds = time.perf_counter() - started
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
