@@ -44,7 +44,7 @@ from .errors import CheckpointError, KdcError, StageOrderError
 from .measure import count_nonzero, count_params
 from .models import build_model, model_spec
 from .prune import MagnitudePruner, prunable_weights, weight_sparsity
-from .recipe import Recipe, TrainSettings, recipe_to_dict, section_fingerprint
+from .recipe import DataSection, Recipe, TrainSettings, recipe_to_dict, section_fingerprint
 from .train import Hook, Runtime, evaluate, fit, resolve_device, seed_everything
 
 __all__ = ["STAGES", "COMMAND_OF", "run_pipeline", "run_stage", "stage_status", "checkpoint_path"]
@@ -64,7 +64,10 @@ def _train_settings(section) -> dict:
 
 
 def _fingerprint(recipe: Recipe, stage: str, upstream: dict[str, str]) -> str:
-    common = (recipe.run.seed, recipe.data)
+    # data.workers says how batches are read, not what they hold: fingerprinted at its default so that
+    # changing it does not retrain, and fingerprints from before this rule still match
+    data = dataclasses.replace(recipe.data, workers=DataSection().workers)
+    common = (recipe.run.seed, data)
     if stage == "teacher":
         return section_fingerprint(*common, recipe.teacher)
     if stage == "student":

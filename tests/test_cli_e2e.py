@@ -135,6 +135,17 @@ def test_rerun_skips_every_stage(copied_run, kdc):
     assert (copied_run / RUN / "report.json").is_file()
 
 
+@pytest.mark.parametrize("setting", ["data.workers=0", "data.workers=5", "run.threads=1"])
+def test_how_to_run_settings_do_not_retrain(copied_run, kdc, setting):
+    before = digests(copied_run)
+    result = kdc("run", "recipe.yaml", "--set", setting)
+    kdc.assert_clean_exit(result, 0)
+    out = kdc.flat(result)
+    for stage in STAGES:
+        assert f"{stage}: up to date, skipped" in out
+    assert digests(copied_run) == before
+
+
 def test_changed_prune_value_reruns_only_pruned(copied_run, kdc):
     before = digests(copied_run)
     result = kdc("run", "recipe.yaml", "--set", "prune.target_sparsity=0.5")
