@@ -257,11 +257,18 @@ def validate(
     """
     from .checks import check_recipe
 
+    from .errors import KdcError
+    from .train import resolve_device
+
     loaded = _load(recipe, set_)
     summary = check_recipe(loaded)
     out.print(f"[green]ok[/]: {recipe} is a valid recipe")
     for line in summary:
         out.print(f"  {line}")
+    try:  # a recipe may be meant for another machine: say so, but it is still valid
+        resolve_device(loaded.run.device)
+    except KdcError as exc:
+        out.print(f"[yellow]warning[/]: on this machine, {exc}")
 
 
 def entry() -> None:

@@ -70,6 +70,11 @@ def resolve_device(name: str) -> torch.device:
         raise KdcError(f"run.device: '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KdcError("run.device: cuda was asked for but no CUDA GPU is available; use device: auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise KdcError(
+            f"run.device: {name} was asked for but this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+            f"numbered from 0; use device: cuda or cuda:0"
+        )
     if device.type not in ("cpu", "cuda"):
         raise KdcError(f"run.device: '{name}' is not supported; use auto, cpu, cuda or cuda:N")
     return device

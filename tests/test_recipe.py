@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kdcompress.errors import RecipeError
 from kdcompress.recipe import Recipe, builtin_recipe_path, load_recipe, parse_recipe
@@ -260,6 +261,18 @@ def test_cli_validate_ok(kdc, write_recipe, tmp_path, monkeypatch):
     assert "is a valid recipe" in out
     assert "T=4.0" in out  # the plan printed by check_recipe
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cli_validate_warns_when_this_machine_lacks_the_device(kdc, write_recipe, tmp_path, monkeypatch, device):
+    monkeypatch.chdir(tmp_path)
+    result = kdc("validate", write_recipe(), "--set", f"run.device={device}")
+    kdc.assert_clean_exit(result, 0)  # valid: it may be meant for another machine
+    out = kdc.flat(result)
+    assert "is a valid recipe" in out
+    assert "warning: on this machine, run.device: cuda was asked for but no CUDA GPU is available" in out
+    assert "warning" not in kdc.flat(kdc("validate", write_recipe()))
 
 
 def test_cli_set_temperature_converted_to_float(kdc, write_recipe, tmp_path, monkeypatch):

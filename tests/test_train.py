@@ -89,3 +89,13 @@ def test_fused_optimizer_matches_the_plain_one(name):
     for a, b in zip(fused_model.parameters(), plain_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.equal(fused_model[1].weight, model()[1].weight)  # it did train
+
+
+def test_resolve_device_refuses_a_gpu_index_this_machine_lacks(monkeypatch):
+    from kdcompress.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(KdcError, match=r"run.device: cuda:2 was asked for but this machine has 2 CUDA GPU\(s\)"):
+        resolve_device("cuda:2")
