@@ -64,6 +64,7 @@ Run
     python scripts/bench.py --threads 1 --json-out bench.json
     python scripts/bench.py --dataset fashion-mnist-mini --epochs 1 --limit 2000   # seconds
     python scripts/bench.py --device cuda
+    python scripts/bench.py --compile                        # (b), (c) with run.compile
 
 A table goes to stdout, progress to stderr, and the last line of stdout is
 one JSON object (``json.loads`` of the last line).
@@ -97,7 +98,7 @@ from kdcompress.data import DATASETS, IDX_FILES, DataSplits, default_data_roots,
 from kdcompress.distill import kd_loss_from_log_probs, teacher_log_probs, teacher_logits
 from kdcompress.models import MLP
 from kdcompress.recipe import DataSection, TrainSettings
-from kdcompress.train import evaluate, fit, resolve_device
+from kdcompress.train import Runtime, evaluate, fit, resolve_device
 
 TEACHER_HIDDEN = (1200, 1200)
 STUDENT_HIDDEN = (100,)
@@ -239,6 +240,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="also write the JSON result line to this file")
+    p.add_argument("--compile", action="store_true",
+                   help="(b) and (c) with run.compile (torch.compile); the first epoch then includes compiling")
     args = p.parse_args(argv)
     if args.epochs < 1 or args.teacher_epochs < 1 or args.batch_size < 1:
         p.error("--epochs, --teacher-epochs and --batch-size must be >= 1")
@@ -315,7 +318,7 @@ def main(argv=None) -> dict:
             naive_seconds.append(next(naive))
             upto = dataclasses.replace(student_settings, epochs=epoch)
             common = dict(batch_size=args.batch_size, eval_batch_size=EVAL_BATCH, device=device, seed=args.seed,
-                          console=quiet)
+                          console=quiet, runtime=Runtime(compile=args.compile))
             hist_b = fit(student_b, distill_loss, splits, upto, stage="distilled", state_path=Path(tmp) / "b.pt",
                          state_tag="b", **common)
             hist_c = fit(student_c, ce_loss, splits, upto, stage="student", state_path=Path(tmp) / "c.pt",
@@ -346,6 +349,7 @@ def main(argv=None) -> dict:
         "momentum": MOMENTUM,
         "seed": args.seed,
         "device": str(device),
+        "compile": args.compile,
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "cpu_count": os.cpu_count(),
@@ -403,7 +407,8 @@ def print_table(r: dict) -> None:
         return ", ".join(f"{x:.2f}" for x in xs)
 
     t = Table(title=f"kdc distillation benchmark: {r['dataset']} ({r['train_samples']} train, {r['test_samples']} test), "
-              f"batch {r['batch_size']}, {r['epochs']} epochs, {r['device']}, {r['torch_threads']} threads")
+              f"batch {r['batch_size']}, {r['epochs']} epochs, {r['device']}, {r['torch_threads']} threads"
+              + (", (b) and (c) compiled" if r["compile"] else ""))
     for col, just in (("run", "left"), ("median epoch s", "right"), ("epochs s", "right"), ("test acc", "right")):
         t.add_column(col, justify=just)
     t.add_row("(a) naive: torchvision + DataLoader, teacher every batch", f"{r['naive_median_epoch_seconds']:.2f}",
