@@ -162,21 +162,31 @@ class Augment:
         return self.crop_padding > 0 or self.hflip
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Crop and flip each image of the batch, as one gather from the padded batch (about 4x faster
+        than indexing rows and columns for 128x3x32x32; ``scripts/bench_augment.py``).
+
+        Draws, in order: the vertical offsets, the horizontal offsets (both
+        when ``crop_padding`` > 0) and the flips (when ``hflip``), one per image.
+        """
+        if not self:
+            return images
         n, c, h, w = images.shape
         device = images.device
-        if self.crop_padding > 0:
-            p = self.crop_padding
-            padded = torch.nn.functional.pad(images, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)
-            dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)
-            rows = (dy[:, None] + torch.arange(h, device=device))[:, :, None]
-            cols = (dx[:, None] + torch.arange(w, device=device))[:, None, :]
-            batch = torch.arange(n, device=device)[:, None, None]
-            images = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+        p = self.crop_padding
+        rows = torch.arange(h, device=device).expand(n, h)
+        cols = torch.arange(w, device=device).expand(n, w)
+        dx = 0
+        if p > 0:
+            images = torch.nn.functional.pad(images, (p, p, p, p))
+            rows = rows + torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)[:, None]
+            dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)[:, None]
         if self.hflip:
-            flip = (torch.rand(n, generator=generator) < 0.5).to(device)
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        return images
+            flip = (torch.rand(n, generator=generator) < 0.5).to(device)[:, None]
+            if p == 0:  # flip alone: a select between the batch and its mirror is faster than a gather
+                return torch.where(flip[:, :, None, None], images.flip(-1), images)
+            cols = torch.where(flip, (w - 1) - cols, cols)
+        index = rows[:, :, None] * (w + 2 * p) + (cols + dx)[:, None, :]  # (n, h, w) positions in the padded image
+        return images.reshape(n, c, -1).gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
 
 
 @dataclass

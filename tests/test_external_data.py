@@ -60,6 +60,30 @@ def test_augment_keeps_shape_and_moves_pixels():
     assert torch.equal(Augment()(images), images)
 
 
+def reference_augment(images, padding, hflip, generator):
+    """Crop and flip one image at a time by slicing, drawing from ``generator`` in Augment's documented order."""
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator) if padding else torch.zeros(n, dtype=torch.long)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator) if padding else torch.zeros(n, dtype=torch.long)
+    flip = torch.rand(n, generator=generator) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool)
+    out = []
+    for i in range(n):
+        crop = padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out.append(crop.flip(-1) if flip[i] else crop)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("shape", [(64, 3, 32, 32), (33, 1, 28, 28), (5, 2, 7, 9)])
+@pytest.mark.parametrize("padding, hflip", [(4, True), (4, False), (0, True), (1, True), (3, False)])
+def test_batch_augment_equals_per_image_crop_and_flip(shape, padding, hflip):
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    got = Augment(crop_padding=padding, hflip=hflip)(images, torch.Generator().manual_seed(7))
+    expected = reference_augment(images, padding, hflip, torch.Generator().manual_seed(7))
+    assert got.dtype == torch.uint8 and got.shape == images.shape
+    assert torch.equal(got, expected)
+
+
 def test_run_on_user_dataset_and_imagefolder(user_data, tmp_path, kdc, monkeypatch):
     from PIL import Image
 
