@@ -67,7 +67,7 @@ class _KDLoss(torch.autograd.Function):
         log_q_t = torch.log_softmax(student * (1.0 / temperature), dim=1)
         log_q = torch.log_softmax(student, dim=1)
         p_t = teacher_log_p.exp()
-        kl = torch.vdot((teacher_log_p - log_q_t).view(-1), p_t.view(-1))  # sum of p_t (log p_t - log q_t)
+        kl = (p_t * (teacher_log_p - log_q_t)).sum()  # not vdot, which CUDA autocast may run in bf16
         y = targets.view(-1, 1)
         ce = log_q.gather(1, y).sum()  # minus the summed cross-entropy
         loss = torch.sub(kl * (alpha * temperature * temperature / n), ce, alpha=(1.0 - alpha) / n)
