@@ -256,7 +256,6 @@ def validate(
     Example: kdc validate recipes/fashion-mnist-mlp.yaml
     """
     from .checks import check_recipe
-
     from .errors import KdcError
     from .train import resolve_device
 
