@@ -49,15 +49,19 @@ def test_kd_loss_matches_hand_computation_float64(seed, T, alpha):
     assert got.item() == pytest.approx(expected.item(), rel=1e-10, abs=1e-12)
 
 
+# random batches for the property tests: logits of n samples over c classes at a given scale, T and alpha
+LOSS_CASES = {
+    "seed": st.integers(0, 2**31 - 1),
+    "T": st.floats(0.25, 20.0),
+    "alpha": st.floats(0.0, 1.0),
+    "n": st.integers(1, 9),
+    "c": st.integers(2, 12),
+    "scale": st.floats(0.01, 50.0),
+}
+
+
 @settings(max_examples=40, deadline=None)
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    T=st.floats(0.25, 20.0),
-    alpha=st.floats(0.0, 1.0),
-    n=st.integers(1, 9),
-    c=st.integers(2, 12),
-    scale=st.floats(0.01, 50.0),
-)
+@given(**LOSS_CASES)
 def test_kd_loss_matches_hand_computation_property(seed, T, alpha, n, c, scale):
     s, t, y = logits(seed, n=n, c=c, scale=scale, dtype=torch.float64)
     expected = alpha * T * T * hand_kl(s, t, T) + (1 - alpha) * hand_ce(s, y)
@@ -161,15 +165,7 @@ def test_fused_gradient_passes_gradcheck(T, alpha):
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    T=st.floats(0.25, 20.0),
-    alpha=st.floats(0.0, 1.0),
-    n=st.integers(1, 9),
-    c=st.integers(2, 12),
-    scale=st.floats(0.01, 50.0),
-    upstream=st.floats(-3.0, 3.0),
-)
+@given(**LOSS_CASES, upstream=st.floats(-3.0, 3.0))
 def test_fused_gradient_matches_autograd_of_the_plain_formula(seed, T, alpha, n, c, scale, upstream):
     """The same gradient as autograd through log_softmax, kl_div and cross_entropy, scaled by any upstream factor."""
     s, t, y = logits(seed, n=n, c=c, scale=scale)
