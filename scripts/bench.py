@@ -314,11 +314,11 @@ def main(argv=None) -> dict:
         naive_data_seconds = time.perf_counter() - t0
         torch.manual_seed(args.seed)  # the DataLoader's shuffle draws from the global generator
         naive = naive_epochs(student_a, teacher, tv_train, args.epochs, args.batch_size, device)
+        common = dict(batch_size=args.batch_size, eval_batch_size=EVAL_BATCH, device=device, seed=args.seed,
+                      console=quiet, runtime=Runtime(compile=args.compile))
         for epoch in range(1, args.epochs + 1):
             naive_seconds.append(next(naive))
             upto = dataclasses.replace(student_settings, epochs=epoch)
-            common = dict(batch_size=args.batch_size, eval_batch_size=EVAL_BATCH, device=device, seed=args.seed,
-                          console=quiet, runtime=Runtime(compile=args.compile))
             hist_b = fit(student_b, distill_loss, splits, upto, stage="distilled", state_path=Path(tmp) / "b.pt",
                          state_tag="b", **common)
             hist_c = fit(student_c, ce_loss, splits, upto, stage="student", state_path=Path(tmp) / "c.pt",
