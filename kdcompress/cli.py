@@ -18,7 +18,8 @@ app = typer.Typer(
     help=(
         "Turn a big model into a small one from one YAML recipe: train a teacher, distil it into a student, "
         "prune and retrain the student, and compare every stage.\n\n"
-        "Example: kdc run recipes/quickstart.yaml   (no recipe: the built-in quickstart, offline)"
+        "Examples: kdc run   (the built-in quickstart recipe, offline);   kdc recipes   (the shipped recipes);   "
+        "kdc recipes copy fashion-mnist-mlp && kdc run fashion-mnist-mlp.yaml"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -32,7 +33,12 @@ if not out.is_terminal:  # piped or captured: don't squeeze the report into 80 c
     out = Console(highlight=False, width=200)
 _state = {"debug": False}
 
-RecipeArg = typer.Argument(None, help="recipe YAML file; omit it for the built-in quickstart recipe", show_default=False)
+RecipeArg = typer.Argument(
+    None,
+    help="recipe YAML file, or a run directory to go on with the settings it was made with; omit it for the "
+    "built-in quickstart recipe",
+    show_default=False,
+)
 SetOpt = typer.Option(
     None, "--set", "-s", metavar="KEY.PATH=VALUE", help="override a recipe value, e.g. --set distill.temperature=2"
 )
@@ -71,10 +77,11 @@ def _friendly(func):
         except KeyboardInterrupt:
             if _state["debug"]:
                 raise
-            err.print(
-                "[yellow]interrupted[/]: every completed epoch is saved; rerun the same command to resume "
-                "(--restart starts the stage over)"
-            )
+            if kwargs.get("force"):  # --force drops the resume state, so the same command would start over
+                advice = "rerun the command without --force to resume (--restart or --force starts the stage over)"
+            else:
+                advice = "rerun the same command to resume (--restart starts the stage over)"
+            err.print(f"[yellow]interrupted[/]: every completed epoch is saved; {advice}")
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
@@ -91,11 +98,33 @@ def _friendly(func):
     return wrapper
 
 
+def _recipe_file(recipe: Optional[Path]) -> Optional[Path]:
+    """The recipe file a command argument names: a YAML file, or a run directory's resolved recipe.
+
+    A run directory (``runs/NAME``) holds ``recipe.yaml`` with every value the run was last made with,
+    earlier ``--set`` overrides included, so a stage command can go on from it.
+    """
+    from .errors import Problem, RecipeError
+
+    if recipe is None:
+        return None
+    if recipe.is_dir() and (recipe / "recipe.yaml").is_file() and (recipe / "kdc-run.json").is_file():
+        return recipe / "recipe.yaml"
+    if not recipe.exists() and recipe.stem in shipped_recipes():
+        raise RecipeError(
+            str(recipe),
+            [Problem("", f"recipe file not found; '{recipe.stem}' is a recipe shipped with kdc: "
+                         f"`kdc recipes copy {recipe.stem}` copies it here as {recipe.stem}.yaml")],
+        )
+    return recipe
+
+
 def _load(recipe: Optional[Path], overrides: Optional[List[str]]):
     from .recipe import load_recipe
 
-    loaded = load_recipe(recipe, overrides or [])
+    loaded = load_recipe(_recipe_file(recipe), overrides or [])
     object.__setattr__(loaded, "_source", str(recipe) if recipe else "")
+    object.__setattr__(loaded, "_overrides", tuple(overrides or ()))
     return loaded
 
 
@@ -116,7 +145,7 @@ def train_teacher(
 ):
     """Train the teacher with cross-entropy.
 
-    Example: kdc train-teacher recipes/fashion-mnist-mlp.yaml --set teacher.epochs=5
+    Example: kdc train-teacher my-recipe.yaml --set teacher.epochs=5   (`kdc recipes copy quickstart my-recipe.yaml` makes one)
     """
     _stage_command("teacher", recipe, set_, force, restart)
 
@@ -131,7 +160,7 @@ def train_student(
 ):
     """Train the student alone with cross-entropy: the baseline that shows what distillation adds.
 
-    Example: kdc train-student recipes/quickstart.yaml
+    Example: kdc train-student   (the built-in quickstart recipe)
     """
     _stage_command("student", recipe, set_, force, restart)
 
@@ -146,7 +175,8 @@ def distill(
 ):
     """Distil the trained teacher into the student (soft targets at temperature T).
 
-    Example: kdc distill recipes/quickstart.yaml --set distill.temperature=4 --set distill.alpha=0.5
+    Example: kdc distill --set distill.temperature=4 --set distill.alpha=0.5   or, going on from a run directory
+    with the settings it was made with: kdc distill runs/quickstart --set distill.epochs=2
     """
     _stage_command("distilled", recipe, set_, force, restart)
 
@@ -165,7 +195,7 @@ def prune(
 ):
     """Prune the distilled student by weight magnitude and retrain it with its masks held.
 
-    Example: kdc prune recipes/quickstart.yaml --rate 0.05 --set prune.every=0.1
+    Example: kdc prune --rate 0.05 --set prune.every=0.1
     """
     overrides = list(set_ or [])
     if rate is not None:
@@ -188,7 +218,8 @@ def run(
 ):
     """Run every stage (skipping up-to-date ones), then write and print the report.
 
-    Example: kdc run recipes/fashion-mnist-mlp.yaml   or, with 2 processes: kdc run recipe.yaml --nproc 2
+    Example: kdc run fashion-mnist-mlp.yaml   (from `kdc recipes copy fashion-mnist-mlp`); with 2 processes: kdc run
+    fashion-mnist-mlp.yaml --nproc 2
     """
     from . import distributed
     from .pipeline import run_pipeline
@@ -236,7 +267,7 @@ def report(
 ):
     """Compare every stage of a run: accuracy, parameters, non-zeros, sparsity, bytes, MACs, latency.
 
-    Example: kdc report runs/fashion-mnist-mlp
+    Example: kdc report runs/quickstart
     """
     if run_dir is None:
         run_dir = _load(None, None).run_dir
@@ -253,7 +284,7 @@ def validate(
 ):
     """Check a recipe without running it: keys, types, ranges, model and dataset names.
 
-    Example: kdc validate recipes/fashion-mnist-mlp.yaml
+    Example: kdc validate my-recipe.yaml
     """
     from .checks import check_recipe
     from .errors import KdcError
@@ -268,6 +299,86 @@ def validate(
         resolve_device(loaded.run.device)
     except KdcError as exc:
         out.print(f"[yellow]warning[/]: on this machine, {exc}")
+
+
+recipes_app = typer.Typer(
+    help="The recipes shipped with kdc: list them, or copy one to edit.\n\nExample: kdc recipes copy quickstart my-recipe.yaml",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(recipes_app, name="recipes")
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """``{name: path}`` of the recipes shipped inside the package."""
+    from .recipe import builtin_recipe_path
+
+    folder = builtin_recipe_path().parent
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def _summary(path: Path) -> str:
+    """The first line of a shipped recipe's description: the comment block after its command line."""
+    lines = [line.lstrip("#").strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    text = []
+    for line in lines[1:]:
+        if not line:
+            if text:
+                break
+            continue
+        text.append(line)
+    summary = " ".join(text)
+    return summary.split(". ")[0].rstrip(".") if summary else ""
+
+
+@recipes_app.callback()
+@_friendly
+def recipes(ctx: typer.Context):
+    """List the shipped recipes (copy one with `kdc recipes copy NAME`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    table = Table(title="recipes shipped with kdc", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("what it runs")
+    for name, path in shipped_recipes().items():
+        table.add_row(name, _summary(path))
+    out.print(table)
+    out.print("copy one to edit it: kdc recipes copy NAME [DEST]; run it: kdc run NAME.yaml (quickstart: plain `kdc run`)")
+
+
+@recipes_app.command("copy")
+@_friendly
+def recipes_copy(
+    name: str = typer.Argument(..., help="a shipped recipe's name (see `kdc recipes`)"),
+    dest: Optional[Path] = typer.Argument(
+        None, help="file or folder to copy it to; default ./NAME.yaml", show_default=False
+    ),
+    force: bool = typer.Option(False, "--force", help="overwrite DEST if it exists"),
+):
+    """Copy a shipped recipe to a file you can edit.
+
+    Example: kdc recipes copy quickstart my-recipe.yaml
+    """
+    import difflib
+
+    from .checkpoint import atomic_write_text
+
+    found = shipped_recipes()
+    if name.endswith(".yaml"):
+        name = name[: -len(".yaml")]
+    if name not in found:
+        close = difflib.get_close_matches(name, list(found), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise KdcError(f"no shipped recipe named '{name}'; {hint}the shipped recipes are: {', '.join(found)}")
+    target = Path(f"{name}.yaml") if dest is None else dest
+    if target.is_dir():
+        target = target / f"{name}.yaml"
+    if target.exists() and not force:
+        raise KdcError(f"{target} exists; choose another DEST, or add --force to overwrite it")
+    atomic_write_text(target, found[name].read_text(encoding="utf-8"))
+    err.print(f"copied the '{name}' recipe to {target}; run it with `kdc run {target}`")
 
 
 def entry() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,28 @@ def _train_settings(section) -> dict:
     return {n: getattr(section, n) for n in names}
 
 
+def _stage_inputs(recipe: dict, stage: str) -> dict:
+    """The recipe values a stage is made from, as ``{dotted key: value}`` (from a resolved recipe dict).
+
+    A stage that is out of date names the ones that changed, old value to new. (The fingerprint
+    covers the same values; it is still written out by hand in :func:`_fingerprint`.)
+    """
+    # data.workers says how batches are read, not what they hold: it is left out, so changing it does not retrain
+    data = {k: v for k, v in recipe["data"].items() if k != "workers"}
+    common = {"run.seed": recipe["run"]["seed"], **{f"data.{k}": v for k, v in data.items()}}
+    section = lambda name, keys=None: {  # noqa: E731
+        f"{name}.{k}": v for k, v in recipe[name].items() if keys is None or k in keys
+    }
+    train_keys = [f.name for f in dataclasses.fields(TrainSettings)]
+    if stage == "teacher":
+        return {**common, **section("teacher")}
+    if stage == "student":
+        return {**common, **section("student"), **section("distill", train_keys)}
+    if stage == "distilled":
+        return {**common, **section("student"), **section("distill")}
+    return {**common, **section("prune"), **section("distill", ["temperature", "alpha"])}
+
+
 def _fingerprint(recipe: Recipe, stage: str, upstream: dict[str, str]) -> str:
     # data.workers says how batches are read, not what they hold: fingerprinted at its default so that
     # changing it does not retrain, and fingerprints from before this rule still match
@@ -77,6 +100,25 @@ def _fingerprint(recipe: Recipe, stage: str, upstream: dict[str, str]) -> str:
     prune = recipe.prune
     teacher = upstream["teacher"] if prune.distill else None
     return section_fingerprint(*common, prune, recipe.distill.temperature, recipe.distill.alpha, upstream["distilled"], teacher)
+
+
+def _changes(old: dict, new: dict, stage: str) -> list[str]:
+    """``key: old -> new`` for every input of ``stage`` that differs between two resolved recipes, in recipe order."""
+    try:
+        before, after = _stage_inputs(old, stage), _stage_inputs(new, stage)
+    except (KeyError, TypeError, AttributeError):  # a recipe from an older kdc: no detail to give
+        return []
+    keys = list(after) + [k for k in before if k not in after]
+    missing = object()
+    return [
+        f"{k}: {_show(before.get(k, missing))} -> {_show(after.get(k, missing))}"
+        for k in keys
+        if before.get(k, missing) != after.get(k, missing)
+    ]
+
+
+def _show(value) -> str:
+    return "(not set)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else json.dumps(value)
 
 
 @dataclass
@@ -100,41 +142,96 @@ def _deps(recipe: Recipe, stage: str) -> list[str]:
     return []
 
 
-def _upstream(recipe: Recipe, stage: str) -> dict[str, str]:
-    """Fingerprints of the checkpoints ``stage`` reads; each must exist and be up to date."""
-    found: dict[str, str] = {}
+def _stale_dependency(recipe: Recipe, stage: str) -> StageStatus | None:
+    """The status of the first stage ``stage`` reads that is not up to date, or None."""
     for dep in _deps(recipe, stage):
         status = stage_status(recipe, dep)
         if not status.done:
-            raise StageOrderError(
-                f"the '{stage}' stage needs the '{dep}' stage first ({status.reason}); run "
-                f"`{COMMAND_OF[dep]} {_recipe_hint(recipe)}`, or `kdc run {_recipe_hint(recipe)}` for every stage"
+            return status
+    return None
+
+
+def _upstream(recipe: Recipe, stage: str) -> dict[str, str]:
+    """Fingerprints of the checkpoints ``stage`` reads; each must exist and be up to date."""
+    stale = _stale_dependency(recipe, stage)
+    if stale is not None:
+        chain = [stale]
+        while (deeper := _stale_dependency(recipe, chain[-1].stage)) is not None:  # name every command it takes
+            chain.append(deeper)
+        source = getattr(recipe, "_source", "") or ""
+        hint = _recipe_hint(recipe)
+        again = ""
+        if (recipe.run_dir / "recipe.yaml").is_file() and Path(source) != recipe.run_dir:
+            again = (
+                f". To go on with the settings {recipe.run_dir} was made with (earlier --set values included), "
+                f"give the run directory instead of the recipe: `{COMMAND_OF[stage]} {recipe.run_dir} --set KEY=VALUE`"
             )
-        found[dep] = _read_fingerprint(checkpoint_path(recipe.run_dir, dep))
-    return found
+        raise StageOrderError(
+            f"the '{stage}' stage needs the '{stale.stage}' stage first ({stale.reason}); run "
+            + " then ".join(f"`{COMMAND_OF[s.stage]} {hint}`" for s in reversed(chain))
+            + f", or `kdc run {hint}` for every stage{again}"
+        )
+    return {dep: _read_fingerprint(checkpoint_path(recipe.run_dir, dep)) for dep in _deps(recipe, stage)}
 
 
 def _recipe_hint(recipe: Recipe) -> str:
-    return getattr(recipe, "_source", "") or "RECIPE"
+    """The recipe argument and --set overrides this recipe was loaded with, for commands in messages."""
+    source = getattr(recipe, "_source", "") or ""
+    overrides = " ".join(f"--set {shlex.quote(item)}" for item in getattr(recipe, "_overrides", ()) or ())
+    return " ".join(part for part in (source, overrides) if part) or "RECIPE"
+
+
+def resume_epoch(recipe: Recipe, stage: str, upstream: dict[str, str]) -> int | None:
+    """The last completed epoch of an interrupted run of ``stage`` that the current recipe would resume, else None.
+
+    A resume state made from another recipe (another fingerprint) is not counted: the stage starts over.
+    """
+    state_path = checkpoint_path(recipe.run_dir, stage).parent / "state.pt"
+    if not state_path.is_file():
+        return None
+    try:  # mmap: only the small entries are read, not the weights
+        state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
+        tag, epoch = state["tag"], int(state["epoch"])
+    except Exception:  # damaged: fit says so, with advice, when the stage runs
+        return 0
+    return epoch if tag == _fingerprint(recipe, stage, upstream) else None
 
 
 def stage_status(recipe: Recipe, stage: str) -> StageStatus:
     """Whether ``stage`` has a checkpoint made from the current recipe and upstream checkpoints.
 
+    The reason of a stage that is not up to date names what changed (``teacher.epochs: 8 -> 2``).
+    A stage with an interrupted run to resume is not up to date, even beside an older checkpoint.
     A damaged checkpoint raises CheckpointError: it is never silently reused or overwritten.
     """
     path = checkpoint_path(recipe.run_dir, stage)
+    stale = _stale_dependency(recipe, stage)
+    if stale is not None:
+        return StageStatus(stage, False, f"the '{stale.stage}' stage it reads is not up to date: {stale.reason}")
+    upstream = _upstream(recipe, stage)
+    epoch = resume_epoch(recipe, stage, upstream)
+    if epoch is not None:
+        return StageStatus(stage, False, f"an interrupted run stopped after epoch {epoch}; it resumes from there "
+                           f"(--restart starts it over)")
     if not path.is_file() and not manifest_path(path).is_file():
         return StageStatus(stage, False, f"no checkpoint at {path}")
     found = _read_fingerprint(path)
-    try:
-        upstream = _upstream(recipe, stage)
-    except StageOrderError:
-        return StageStatus(stage, False, "a stage it depends on is missing or out of date")
     expected = _fingerprint(recipe, stage, upstream)
     if found != expected:
-        return StageStatus(stage, False, f"the recipe changed since {path} was written")
+        return StageStatus(stage, False, _why_stale(recipe, stage, path))
     return StageStatus(stage, True, "up to date")
+
+
+def _why_stale(recipe: Recipe, stage: str, path: Path) -> str:
+    """Which recipe values changed since the checkpoint at ``path`` was written, old -> new."""
+    try:
+        written = load_checkpoint(path, verify=False).get("recipe") or {}
+    except CheckpointError:
+        written = {}
+    changes = _changes(written, recipe_to_dict(recipe), stage)
+    if changes:
+        return f"changed since {path} was written: {'; '.join(changes)}"
+    return f"{path} was made from an earlier checkpoint of a stage it depends on"
 
 
 class _Pruning(Hook):
@@ -256,7 +353,10 @@ def run_stage(
         status = StageStatus(stage, False, f"unfinished or damaged checkpoint: {exc}")
     if status.done and not force:
         console.print(f"[green]{stage}[/]: up to date, skipped ({path}; --force reruns it)")
-        return load_checkpoint(path)["metrics"]
+        ckpt = load_checkpoint(path)
+        if main:
+            _restore_metrics_file(path.parent / "metrics.jsonl", ckpt)
+        return ckpt["metrics"]
     upstream = _upstream(recipe, stage)
     if path.exists():
         console.print(f"[yellow]{stage}[/]: rerunning ({status.reason if not status.done else '--force'})")
@@ -303,6 +403,7 @@ def run_stage(
             "fingerprint": fingerprint,
             "recipe": recipe_to_dict(recipe),
             "metrics": metrics,
+            "history": history,  # the epochs of metrics.jsonl, to restore it beside this checkpoint
             "dataset": data.name,
         })
     distributed.barrier()  # no rank looks at this stage's files before they are written
@@ -311,6 +412,28 @@ def run_stage(
         f"{metrics['params']:,} parameters non-zero, saved {path} ({metrics['seconds']:.1f} s)"
     )
     return metrics
+
+
+def _metrics_lines(history: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in history)
+
+
+def _restore_metrics_file(metrics_path: Path, ckpt: dict) -> None:
+    """Make ``metrics.jsonl`` describe the checkpoint beside it again.
+
+    An interrupted run of other settings (whose resume state the current recipe does not use) leaves
+    its own epochs there.
+    """
+    history = ckpt.get("history")
+    if history is None:  # a checkpoint from before histories were saved
+        return
+    text = _metrics_lines(history)
+    try:
+        current = metrics_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        current = None
+    if current != text:
+        atomic_write_text(metrics_path, text)
 
 
 def _save_stage(path: Path, state_path: Path, payload: dict) -> None:
