@@ -54,12 +54,45 @@ def _write_error(path: Path, exc: BaseException) -> CheckpointError:
     )
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows.
+
+    Setting the umask to read it back (``os.umask``) would briefly change it
+    for every thread, so on Linux it is read from /proc instead.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(fd: int, path: str | Path) -> None:
+    """Give a file made by ``tempfile.mkstemp`` the mode a plain ``open()`` would have given it.
+
+    mkstemp always creates files 0600; renamed into place they would stay
+    unreadable to the user's group and others whatever their umask says,
+    so teammates on a shared machine could not read a run.
+    """
+    mode = 0o666 & ~_umask()
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
+    else:
+        os.chmod(path, mode)
+
+
 def _write_tmp(path: Path, write) -> str:
     """Write through ``write(fh)`` to a temporary file beside ``path`` and fsync it; return its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            _follow_umask(fh.fileno(), tmp)
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

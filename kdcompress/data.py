@@ -39,6 +39,7 @@ from typing import Iterator
 
 import torch
 
+from .checkpoint import _follow_umask
 from .errors import DataError, KdcError, describe
 from .recipe import DataSection
 
@@ -482,6 +483,7 @@ def _unpack_gz(source: Path, raw: Path) -> None:
             fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as out, gzip.open(source / f"{name}.gz", "rb") as src:
+                    _follow_umask(out.fileno(), tmp)  # a shared data root stays readable to the group
                     shutil.copyfileobj(src, out)
                     out.flush()
                     os.fsync(out.fileno())
