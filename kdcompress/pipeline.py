@@ -304,6 +304,7 @@ def run_stage(
             "recipe": recipe_to_dict(recipe),
             "metrics": metrics,
             "dataset": data.name,
+            "preprocess": data.preprocess,
         })
     distributed.barrier()  # no rank looks at this stage's files before they are written
     console.print(
