@@ -205,5 +205,10 @@ def load_model(
             f"{path}: its weights do not fit the architecture it names ({str(exc).splitlines()[0]}); rerun the "
             f"stage with --force"
         ) from None
-    model.to(device).eval()
-    return model, Preprocess(_stored_preprocess(ckpt), device)
+    try:
+        preprocess = Preprocess(_stored_preprocess(ckpt), device)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: its 'preprocess' entry is damaged ({type(exc).__name__}: {exc}); rerun the stage with --force"
+        ) from None
+    return model.to(device).eval(), preprocess
