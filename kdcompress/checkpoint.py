@@ -4,7 +4,28 @@ A checkpoint is a plain dict of tensors and plain data::
 
     {"format": "kdc-checkpoint", "format_version": 1, "kdc_version": str,
      "stage": str, "arch": {model spec}, "state_dict": {name: tensor},
-     "fingerprint": str, "recipe": {resolved recipe}, "metrics": {...}}
+     "fingerprint": str, "recipe": {resolved recipe}, "metrics": {...},
+     "dataset": str, "preprocess": {...}}
+
+``preprocess`` says how to feed the model (made by
+:func:`kdcompress.data.preprocess_info`; :func:`kdcompress.load_model`
+turns it into a callable). Its keys:
+
+``version``      1
+``dataset``      the recipe's ``data.dataset``
+``known``        False for a user's own dataset: its inputs are whatever it
+                 yields, through a transform kdc does not know, and the keys
+                 from ``layout`` to ``std`` are None
+``input_shape``  [C, H, W] of one input; the model takes a batch (N, C, H, W)
+``layout``       "NCHW": batch, channels, height, width
+``channels``     channel order as a PIL mode: "L" (grey) or "RGB"
+``dtype``        "uint8": the raw images hold 0-255 values
+``scale``        1/255, applied first (0-255 -> 0-1)
+``mean``, ``std`` per-channel lists: the model's input is (x * scale - mean) / std
+``classes``      class names in label order, or None when the dataset has none
+
+Checkpoints written before ``preprocess`` existed lack the key;
+``load_model`` rebuilds it from ``dataset`` for the built-in sets and imagefolder.
 
 It is loaded with ``torch.load(..., weights_only=True)``, so a file can hold
 no code that runs on load. A pruned checkpoint is a dense state_dict with
@@ -54,12 +75,45 @@ def _write_error(path: Path, exc: BaseException) -> CheckpointError:
     )
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system allows.
+
+    Setting the umask to read it back (``os.umask``) would briefly change it
+    for every thread, so on Linux it is read from /proc instead.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(fd: int, path: str | Path) -> None:
+    """Give a file made by ``tempfile.mkstemp`` the mode a plain ``open()`` would have given it.
+
+    mkstemp always creates files 0600; renamed into place they would stay
+    unreadable to the user's group and others whatever their umask says,
+    so teammates on a shared machine could not read a run.
+    """
+    mode = 0o666 & ~_umask()
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, mode)
+    else:
+        os.chmod(path, mode)
+
+
 def _write_tmp(path: Path, write) -> str:
     """Write through ``write(fh)`` to a temporary file beside ``path`` and fsync it; return its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            _follow_umask(fh.fileno(), tmp)
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -39,10 +39,11 @@ from typing import Iterator
 
 import torch
 
+from .checkpoint import _follow_umask
 from .errors import DataError, KdcError, describe
 from .recipe import DataSection
 
-__all__ = ["TensorData", "DataSplits", "load_data", "DATASETS", "read_idx", "default_data_roots", "dataset_info", "Augment", "LoaderData", "DEBIAN_FASHION_MNIST"]
+__all__ = ["TensorData", "DataSplits", "load_data", "DATASETS", "read_idx", "default_data_roots", "dataset_info", "Augment", "LoaderData", "DEBIAN_FASHION_MNIST", "CLASS_NAMES", "preprocess_info"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = (
@@ -59,6 +60,63 @@ DATASETS = {
     "fashion-mnist": ("FashionMNIST", (0.2860,), (0.3530,), (1, 28, 28), 10),
     "mnist": ("MNIST", (0.1307,), (0.3081,), (1, 28, 28), 10),
 }
+
+# class names in label order, as torchvision's dataset classes list them; kept here so that the
+# shipped set needs no torchvision import (tests check they still match)
+CLASS_NAMES = {
+    "FashionMNIST": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ),
+    "MNIST": (
+        "0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
+        "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine",
+    ),
+}
+
+PREPROCESS_VERSION = 1
+
+
+def preprocess_info(dataset: str, input_shape, classes=None) -> dict:
+    """How raw images become a model's input for ``dataset``, as plain data for checkpoints.
+
+    Built-in sets and ``imagefolder:PATH`` have a known transform: uint8
+    images (0-255) scaled by 1/255, then ``(x - mean) / std`` per channel,
+    fed as (N, C, H, W). A user's own dataset (``package.module:factory``)
+    yields whatever its own transform makes, which kdc cannot know:
+    ``known`` is False and scale, mean and std are None. ``classes`` (names in
+    label order) defaults to the built-in set's names. The keys are listed in
+    :mod:`kdcompress.checkpoint`.
+
+    Example::
+
+        >>> preprocess_info("mnist", (1, 28, 28))["mean"]
+        [0.1307]
+    """
+    shape = [int(d) for d in input_shape]
+    channels = shape[0] if shape else 0
+    if dataset in DATASETS:
+        tv_name, mean, std = DATASETS[dataset][:3]
+        if classes is None:
+            classes = CLASS_NAMES.get(tv_name)
+        mean, std = list(mean), list(std)
+    elif dataset.startswith("imagefolder:"):
+        mean, std = [0.5] * channels, [0.5] * channels  # ToTensor + Normalize((0.5,), (0.5,)) in _external_datasets
+    else:
+        mean = std = None
+    known = mean is not None
+    return {
+        "version": PREPROCESS_VERSION,
+        "dataset": dataset,
+        "known": known,
+        "input_shape": shape,
+        "layout": "NCHW" if known else None,
+        "channels": ({1: "L", 3: "RGB"}.get(channels) if known else None),
+        "dtype": "uint8" if known else None,
+        "scale": 1.0 / 255.0 if known else None,
+        "mean": [float(m) for m in mean] if known else None,
+        "std": [float(v) for v in std] if known else None,
+        "classes": [str(c) for c in classes] if classes is not None else None,
+    }
 
 
 @dataclass
@@ -200,6 +258,7 @@ class DataSplits:
     num_classes: int
     input_shape: tuple[int, ...]
     identity: str  # changes when the data or the split changes
+    preprocess: dict | None = None  # preprocess_info(): how raw images become the model's input
 
     @property
     def eval_split(self) -> tuple[str, TensorData]:
@@ -300,6 +359,7 @@ def load_data(section: DataSection, seed: int = 0) -> DataSplits:
         num_classes=num_classes,
         input_shape=tuple(train.images.shape[1:]),
         identity=identity,
+        preprocess=preprocess_info(section.dataset, train.images.shape[1:]),
     )
 
 
@@ -401,15 +461,25 @@ def _load_external(section: DataSection, seed: int) -> DataSplits:
     train_ds, test_ds, num_classes = _external_datasets(section)
     train, test = LoaderData(train_ds, section.workers), LoaderData(test_ds, section.workers)
     train, val = _hold_out(train, section, seed)
+    input_shape = tuple(train_ds[0][0].shape)
     return DataSplits(
         name=section.dataset,
         train=train,
         test=test,
         val=val,
         num_classes=num_classes,
-        input_shape=tuple(train_ds[0][0].shape),
+        input_shape=input_shape,
         identity=f"{section.dataset}:{len(train)}:{len(test)}:{section.val_split}:{seed}",
+        preprocess=preprocess_info(section.dataset, input_shape, _class_names(train_ds, num_classes)),
     )
+
+
+def _class_names(dataset, num_classes: int) -> list[str] | None:
+    """A dataset's ``classes`` (names in label order) when it has one of the right length, else None."""
+    classes = getattr(dataset, "classes", None)
+    if isinstance(classes, (list, tuple)) and len(classes) == num_classes:
+        return [str(c) for c in classes]
+    return None
 
 
 def _mini_dir() -> Path:
@@ -482,6 +552,7 @@ def _unpack_gz(source: Path, raw: Path) -> None:
             fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as out, gzip.open(source / f"{name}.gz", "rb") as src:
+                    _follow_umask(out.fileno(), tmp)  # a shared data root stays readable to the group
                     shutil.copyfileobj(src, out)
                     out.flush()
                     os.fsync(out.fileno())

@@ -405,6 +405,7 @@ def run_stage(
             "metrics": metrics,
             "history": history,  # the epochs of metrics.jsonl, to restore it beside this checkpoint
             "dataset": data.name,
+            "preprocess": data.preprocess,
         })
     distributed.barrier()  # no rank looks at this stage's files before they are written
     console.print(
