@@ -20,34 +20,23 @@ __all__ = ["check_recipe"]
 
 @torch.no_grad()
 def check_recipe(recipe: Recipe) -> list[str]:
-    """Build teacher and student, run one dry forward pass each; return a short plan of the run."""
+    """Build teacher and student, run one dry forward pass each; return a short plan of the run.
+
+    Raises one :class:`ModelError` that names every model problem found (the
+    teacher's and the student's), not just the first.
+    """
     input_shape, num_classes = dataset_info(recipe.data)
     counts = {}
+    failures: list[str] = []
     for which in ("teacher", "student"):
-        section = getattr(recipe, which)
-        model = build_model(model_spec(section.model, section.args, num_classes, input_shape), where=f"{which}.model")
-        model.eval()
         try:
-            out = model(torch.zeros(2, *input_shape))
-        except Exception as exc:
-            raise ModelError(
-                f"{which}.model: {section.model} fails on {recipe.data.dataset} inputs of shape {list(input_shape)}: "
-                f"{type(exc).__name__}: {describe(exc)}"
-            ) from None
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
-            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ModelError(
-                f"{which}.model: {section.model} gives outputs of shape {shape} on {recipe.data.dataset}, which has "
-                f"{num_classes} classes; it must return logits of shape [batch, {num_classes}]"
-            )
-        counts[which] = sum(p.numel() for p in model.parameters())
-        if which == "student" and not prunable_weights(model, recipe.prune.include, recipe.prune.exclude):
-            names = [n for n, _ in model.named_modules() if n]
-            raise ModelError(
-                f"prune.include/prune.exclude: they leave no Conv or Linear weights of the student ({section.model}) "
-                f"to prune (include {recipe.prune.include}, exclude {recipe.prune.exclude}); its module names are: "
-                f"{', '.join(names[:20])}"
-            )
+            counts[which] = _check_model(recipe, which, input_shape, num_classes)
+        except ModelError as exc:
+            failures.append(str(exc))
+    if failures:
+        if len(failures) == 1:
+            raise ModelError(failures[0])
+        raise ModelError(f"{len(failures)} problems with the models:\n" + "\n".join(f"  {f}" for f in failures))
     p = recipe.prune
     steps = pruning_steps_needed(p.rate, p.target_sparsity)
     return [
@@ -60,3 +49,31 @@ def check_recipe(recipe: Recipe) -> list[str]:
         f"prune: {p.scope} magnitude, rate {p.rate} every {p.every} epoch(s), {steps} steps to sparsity "
         f"{p.target_sparsity}, {p.epochs} epochs of retraining",
     ]
+
+
+def _check_model(recipe: Recipe, which: str, input_shape, num_classes: int) -> int:
+    """Build one model of the recipe and run a dry forward pass; return its parameter count."""
+    section = getattr(recipe, which)
+    model = build_model(model_spec(section.model, section.args, num_classes, input_shape), where=f"{which}.model")
+    model.eval()
+    try:
+        out = model(torch.zeros(2, *input_shape))
+    except Exception as exc:
+        raise ModelError(
+            f"{which}.model: {section.model} fails on {recipe.data.dataset} inputs of shape {list(input_shape)}: "
+            f"{type(exc).__name__}: {describe(exc)}"
+        ) from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != num_classes:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(
+            f"{which}.model: {section.model} gives outputs of shape {shape} on {recipe.data.dataset}, which has "
+            f"{num_classes} classes; it must return logits of shape [batch, {num_classes}]"
+        )
+    if which == "student" and not prunable_weights(model, recipe.prune.include, recipe.prune.exclude):
+        names = [n for n, _ in model.named_modules() if n]
+        raise ModelError(
+            f"prune.include/prune.exclude: they leave no Conv or Linear weights of the student ({section.model}) "
+            f"to prune (include {recipe.prune.include}, exclude {recipe.prune.exclude}); its module names are: "
+            f"{', '.join(names[:20])}"
+        )
+    return sum(p.numel() for p in model.parameters())

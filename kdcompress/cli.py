@@ -262,7 +262,10 @@ def _report(run_dir: Path) -> None:
 @_friendly
 def report(
     run_dir: Optional[Path] = typer.Argument(
-        None, help="run directory (runs/<recipe name>); omit it for the quickstart's", show_default=False
+        None,
+        help="run directory (runs/<run.name>; run.name defaults to the recipe file's name without .yaml); omit it "
+        "for the quickstart's",
+        show_default=False,
     ),
 ):
     """Compare every stage of a run: accuracy, parameters, non-zeros, sparsity, bytes, MACs, latency.
@@ -272,7 +275,10 @@ def report(
     if run_dir is None:
         run_dir = _load(None, None).run_dir
     if not Path(run_dir).is_dir():
-        raise KdcError(f"run directory not found: {run_dir}; run `kdc run RECIPE` first (it writes runs/<recipe name>)")
+        raise KdcError(
+            f"run directory not found: {run_dir}; run `kdc run RECIPE` first (it writes <run.out_dir>/<run.name>, "
+            f"by default runs/ and the recipe file's name without .yaml)"
+        )
     _report(Path(run_dir))
 
 

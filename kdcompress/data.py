@@ -43,7 +43,10 @@ from .checkpoint import _follow_umask
 from .errors import DataError, KdcError, describe
 from .recipe import DataSection
 
-__all__ = ["TensorData", "DataSplits", "load_data", "DATASETS", "read_idx", "default_data_roots", "dataset_info", "Augment", "LoaderData", "DEBIAN_FASHION_MNIST", "CLASS_NAMES", "preprocess_info"]
+__all__ = [
+    "TensorData", "DataSplits", "load_data", "DATASETS", "read_idx", "default_data_roots", "dataset_info",
+    "dataset_name_problem", "Augment", "LoaderData", "DEBIAN_FASHION_MNIST", "CLASS_NAMES", "preprocess_info",
+]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = (
@@ -321,15 +324,46 @@ def dataset_info(section: DataSection | str) -> tuple[tuple[int, ...], int]:
         train, _, num_classes = _external_datasets(section)
         return tuple(train[0][0].shape), num_classes
     if name not in DATASETS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(DATASETS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise DataError(
-            f"data.dataset: unknown dataset '{name}'{hint} (known: {', '.join(DATASETS)}; also imagefolder:PATH, or "
-            f"package.module:factory for your own)"
-        )
+        raise DataError(f"data.dataset: {_unknown_dataset(name)}")
     return DATASETS[name][3], DATASETS[name][4]
+
+
+def dataset_name_problem(name: str) -> str | None:
+    """Why ``name`` names no dataset, or None when it does; reads no data.
+
+    The message is the one loading the dataset raises, without ``data.dataset:``.
+    ``imagefolder:PATH`` needs its folders; an import path is imported::
+
+        >>> dataset_name_problem("fashion-mnst")
+        "unknown dataset 'fashion-mnst'; did you mean 'fashion-mnist'? (known: fashion-mnist-mini, fashion-mnist, mnist; also imagefolder:PATH, or package.module:factory for your own)"
+    """
+    if name.startswith("imagefolder:"):
+        return _imagefolder_dirs(name)[1]
+    if _is_external(name):
+        from .models import _find_factory  # one import-path mechanism for models and datasets
+
+        return _find_factory(name, ("imagefolder",))[1]
+    return None if name in DATASETS else _unknown_dataset(name)
+
+
+def _unknown_dataset(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(DATASETS), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return (
+        f"unknown dataset '{name}'{hint} (known: {', '.join(DATASETS)}; also imagefolder:PATH, or "
+        f"package.module:factory for your own)"
+    )
+
+
+def _imagefolder_dirs(name: str) -> tuple[tuple[Path, Path] | None, str | None]:
+    """((train folder, test folder), None) for ``imagefolder:PATH``, or (None, why not)."""
+    root = Path(name.split(":", 1)[1]).expanduser()
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        return None, f"{name} needs {root}/train/<class>/*.png and {root}/test/<class>/... (or val/); not found"
+    return (root / "train", test_dir), None
 
 
 def load_data(section: DataSection, seed: int = 0) -> DataSplits:
@@ -420,22 +454,20 @@ def _external_datasets(section: DataSection):
     if name.startswith("imagefolder:"):
         from torchvision import datasets as tvd, transforms as T
 
-        root = Path(name.split(":", 1)[1]).expanduser()
-        test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-        if not (root / "train").is_dir() or test_dir is None:
-            raise DataError(
-                f"data.dataset: {name} needs {root}/train/<class>/*.png and {root}/test/<class>/... (or val/); not found"
-            )
+        dirs, error = _imagefolder_dirs(name)
+        if error:
+            raise DataError(f"data.dataset: {error}")
+        train_dir, test_dir = dirs
         tf = T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.5,))])
         try:
-            train, test = tvd.ImageFolder(str(root / "train"), transform=tf), tvd.ImageFolder(str(test_dir), transform=tf)
+            train, test = tvd.ImageFolder(str(train_dir), transform=tf), tvd.ImageFolder(str(test_dir), transform=tf)
         except Exception as exc:
             raise DataError(f"data.dataset: cannot read {name}: {exc}") from None
         return train, test, len(train.classes)
     from .models import _import_factory  # one import-path mechanism for models and datasets
 
     try:
-        factory = _import_factory(name, "data.dataset")
+        factory = _import_factory(name, "data.dataset", ("imagefolder",))
         made = factory(root=section.root) if section.root else factory()
     except KdcError as exc:
         raise DataError(str(exc)) from None

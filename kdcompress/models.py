@@ -10,6 +10,10 @@ A model entry in a recipe is a name plus keyword arguments::
     model: mypkg.nets:build         # your own factory, imported from your code
     args: {width: 64}
 
+Import paths are looked up as ``python -m`` would: in the current directory
+and in the folders of the recipes loaded (see :func:`add_import_dir`), then on
+``sys.path``.
+
 Every factory receives ``num_classes`` and ``input_shape`` (C, H, W) when its
 signature accepts them, so a user's factory can size itself to the data.
 
@@ -26,13 +30,26 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
+import pkgutil
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
 from .errors import ModelError
 
-__all__ = ["MLP", "SmallCNN", "LeNet5", "BUILTIN_MODELS", "build_model", "model_spec"]
+__all__ = [
+    "MLP",
+    "SmallCNN",
+    "LeNet5",
+    "BUILTIN_MODELS",
+    "build_model",
+    "model_spec",
+    "model_name_problem",
+    "add_import_dir",
+]
 
 
 class MLP(nn.Module):
@@ -121,13 +138,33 @@ def build_model(spec: dict, where: str = "model") -> nn.Module:
     elif name in BUILTIN_MODELS:
         factory = BUILTIN_MODELS[name]
     else:
-        close = difflib.get_close_matches(name, list(BUILTIN_MODELS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ModelError(
-            f"{where}: unknown model '{name}'{hint} (built-in: {', '.join(BUILTIN_MODELS)}; also torchvision:NAME, "
-            f"or package.module:factory for your own)"
-        )
+        raise ModelError(f"{where}: {_unknown_model(name)}")
     return _call_factory(factory, name, args, num_classes, input_shape, where)
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` names no model, or None when it does; builds nothing.
+
+    The message is the one :func:`build_model` raises, without the section.
+    An import path is imported (torchvision only for ``torchvision:NAME``)::
+
+        >>> model_name_problem("mpl")
+        "unknown model 'mpl'; did you mean 'mlp'? (built-in: mlp, cnn, lenet5; also torchvision:NAME, or package.module:factory for your own)"
+    """
+    if name.startswith("torchvision:"):
+        return _torchvision_name_problem(name.split(":", 1)[1])
+    if ":" in name:
+        return _find_factory(name, ("torchvision",))[1]
+    return None if name in BUILTIN_MODELS else _unknown_model(name)
+
+
+def _unknown_model(name: str) -> str:
+    close = difflib.get_close_matches(name, list(BUILTIN_MODELS), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return (
+        f"unknown model '{name}'{hint} (built-in: {', '.join(BUILTIN_MODELS)}; also torchvision:NAME, "
+        f"or package.module:factory for your own)"
+    )
 
 
 def _call_factory(factory, name, args, num_classes, input_shape, where) -> nn.Module:
@@ -160,38 +197,104 @@ def _call_factory(factory, name, args, num_classes, input_shape, where) -> nn.Mo
     return model
 
 
-def _import_factory(path: str, where: str) -> Callable[..., Any]:
+# Folders of the recipes loaded in this process, newest first: their import paths find modules beside them.
+_IMPORT_DIRS: list[str] = []
+_ADDED_TO_SYS_PATH: set[str] = set()  # the folders kdc put on sys.path (it moves only these)
+
+
+def add_import_dir(folder: str | os.PathLike) -> None:
+    """Let import paths (``mynets:build``) find modules in ``folder``; load_recipe adds the recipe's folder.
+
+    Example: ``add_import_dir("experiments")`` and then ``model: mynets:build``
+    imports ``experiments/mynets.py``.
+    """
+    path = str(Path(folder).resolve())
+    if path in _IMPORT_DIRS:
+        _IMPORT_DIRS.remove(path)
+    _IMPORT_DIRS.insert(0, path)
+
+
+def _search_dirs() -> list[str]:
+    """The current directory, then the recipes' folders (as ``python -m`` puts the current directory first)."""
+    dirs = []
+    for folder in [os.getcwd(), *_IMPORT_DIRS]:
+        if folder not in dirs and os.path.isdir(folder):
+            dirs.append(folder)
+    return dirs
+
+
+def _import_module(module_name: str):
+    """Import ``module_name``, looking in :func:`_search_dirs` first, then on ``sys.path``."""
+    dirs = [d for d in _search_dirs() if d not in sys.path or d in _ADDED_TO_SYS_PATH]
+    for folder in dirs:
+        while folder in sys.path:
+            sys.path.remove(folder)
+    sys.path[:0] = dirs
+    _ADDED_TO_SYS_PATH.update(dirs)
+    importlib.invalidate_caches()  # a module written since the folder was last listed must be found
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        # The folders move to the end of sys.path rather than leave it: a factory may import a sibling module
+        # only when called, and DataLoader workers started with spawn unpickle datasets by module name. At the
+        # end they can no longer shadow anything installed.
+        for folder in dirs:
+            if folder in sys.path:
+                sys.path.remove(folder)
+            sys.path.append(folder)
+
+
+def _find_factory(path: str, prefixes: tuple[str, ...] = ("torchvision",)) -> tuple[Callable[..., Any] | None, str | None]:
+    """(the factory an import path names, None) or (None, why not): one mechanism for models and datasets.
+
+    ``prefixes`` are the ``NAME:`` forms that are not import paths (``torchvision:`` for models,
+    ``imagefolder:`` for datasets): a module name close to one of them is most likely that one misspelt.
+    """
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise ModelError(f"{where}: '{path}' is not an import path; write package.module:factory")
+        return None, f"'{path}' is not an import path; write package.module:factory"
     try:
-        module = importlib.import_module(module_name)
+        module = _import_module(module_name)
     except Exception as exc:
-        raise ModelError(
-            f"{where}: cannot import '{module_name}' ({type(exc).__name__}: {exc}); check the name and that the "
-            f"module is installed or on PYTHONPATH"
-        ) from None
+        top = module_name.split(".")[0]
+        if isinstance(exc, ModuleNotFoundError) and exc.name == top:  # the module itself, not one it imports
+            local = [m.name for m in pkgutil.iter_modules(_search_dirs())]
+            close = difflib.get_close_matches(top, [*prefixes, *local], n=1)
+            if close:
+                return None, (
+                    f"cannot import '{module_name}' ({type(exc).__name__}: {exc}); did you mean "
+                    f"'{close[0]}{module_name[len(top):]}:{attr}'?"
+                )
+        return None, (
+            f"cannot import '{module_name}' ({type(exc).__name__}: {exc}); check the name and that the module is "
+            f"installed, or a .py file (or package) in the current directory or the recipe's"
+        )
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             names = [n for n in dir(module) if not n.startswith("_")]
             close = difflib.get_close_matches(part, names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ModelError(f"{where}: module '{module_name}' has no attribute '{attr}'{hint}")
+            return None, f"module '{module_name}' has no attribute '{attr}'{hint}"
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ModelError(f"{where}: '{path}' is not callable; point it at a function or class that builds the model")
-    return obj
+        return None, f"'{path}' is not callable; point it at a function or class that builds it"
+    return obj, None
+
+
+def _import_factory(path: str, where: str, prefixes: tuple[str, ...] = ("torchvision",)) -> Callable[..., Any]:
+    factory, error = _find_factory(path, prefixes)
+    if error:
+        raise ModelError(f"{where}: {error}")
+    return factory
 
 
 def _torchvision_model(name, args, num_classes, input_shape, where) -> nn.Module:
     from torchvision import models as tvm
 
-    available = tvm.list_models(module=tvm)
-    if name not in available:
-        close = difflib.get_close_matches(name, available, n=1)
-        hint = f"; did you mean 'torchvision:{close[0]}'?" if close else ""
-        raise ModelError(f"{where}: torchvision has no classification model '{name}'{hint}")
+    error = _torchvision_name_problem(name)
+    if error:
+        raise ModelError(f"{where}: {error}")
     if args.get("weights"):
         raise ModelError(
             f"{where}.args.weights: pretrained weights are downloaded at run time, which kdc does not do; "
@@ -203,6 +306,17 @@ def _torchvision_model(name, args, num_classes, input_shape, where) -> nn.Module
         raise ModelError(f"{where}: building torchvision:{name} with args {args} failed: {exc}") from None
     _adapt_input_channels(model, int(input_shape[0]))
     return model
+
+
+def _torchvision_name_problem(name: str) -> str | None:
+    from torchvision import models as tvm  # only here: importing torchvision takes a second or two
+
+    available = tvm.list_models(module=tvm)
+    if name in available:
+        return None
+    close = difflib.get_close_matches(name, available, n=1)
+    hint = f"; did you mean 'torchvision:{close[0]}'?" if close else ""
+    return f"torchvision has no classification model '{name}'{hint}"
 
 
 def _adapt_input_channels(model: nn.Module, channels: int) -> None:

@@ -65,7 +65,10 @@ def _doc(text):
 
 @dataclass(frozen=True)
 class RunSection:
-    name: str = field(default="quickstart", metadata=_doc("run directory name: <out_dir>/<name>"))
+    name: str = field(
+        default="quickstart",
+        metadata=_doc("run directory name: <out_dir>/<name>; default: the recipe file's name without .yaml"),
+    )
     seed: int = field(default=0, metadata=_range(lo=0, doc="seed for weights, shuffling and splits"))
     device: str = field(default="auto", metadata=_doc("auto, cpu, cuda or cuda:N"))
     out_dir: str = field(default="runs", metadata=_doc("folder that holds run directories"))
@@ -121,7 +124,8 @@ class TeacherSection(TrainSettings):
 @dataclass(frozen=True)
 class StudentSection:
     model: str = field(default="mlp", metadata=_doc("mlp, cnn, lenet5, torchvision:NAME or package.module:factory"))
-    args: dict = field(default_factory=lambda: {"hidden": [100]}, metadata=_doc("keyword arguments for the model factory"))
+    # No default arguments here: each model has its own (the MLP's hidden=(100,)), and another model's would break it
+    args: dict = field(default_factory=dict, metadata=_doc("keyword arguments for the model factory"))
     baseline: bool = field(
         default=True,
         metadata=_doc("also train the student alone with cross-entropy (the 'student' row), with the distill settings"),
@@ -190,9 +194,14 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     """Read, override and validate a recipe; raise :class:`RecipeError` listing every problem.
 
     ``path=None`` loads the built-in quickstart recipe. ``overrides`` are
-    ``key.path=value`` strings, converted with the schema's types.
+    ``key.path=value`` strings, converted with the schema's types. Without a
+    ``run.name``, the run is named after the file (``recipes/cifar.yaml`` writes
+    ``runs/cifar``). Import paths in the recipe (``model: mynets:build``) find
+    modules in the current directory and in the recipe's directory, as
+    ``python -m`` would.
     """
-    path = builtin_recipe_path() if path is None else Path(path)
+    builtin = path is None
+    path = builtin_recipe_path() if builtin else Path(path)
     source = str(path)
     if not path.is_file():
         hint = "check the path" if not path.exists() else "it is a folder, not a file"
@@ -201,14 +210,35 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(source, [Problem("", f"cannot read the recipe: {exc}")]) from None
-    return parse_recipe(text, source=source, overrides=overrides)
+    if not builtin:
+        from .models import add_import_dir  # models imports torch: only once a recipe is really read
+
+        add_import_dir(path.parent)
+    return parse_recipe(text, source=source, overrides=overrides, default_name=_run_name_from(path))
 
 
-def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
-    """Validate recipe text (YAML); see :func:`load_recipe`."""
+def _run_name_from(path: Path) -> str:
+    """A run directory name from a recipe file's name: ``my recipe (v2).yaml`` -> ``my-recipe-v2``."""
+    # Only letters, digits, '_', '-' and '.' survive, so the name is one plain folder in any shell and file
+    # system; a leading dot would hide it (or, as '..', climb out of out_dir).
+    name = re.sub(r"[^\w.-]+", "-", path.stem).strip(".-")
+    return name or "run"
+
+
+def parse_recipe(
+    text: str,
+    source: str = "<recipe>",
+    overrides: list[str] | None = None,
+    default_name: str | None = None,
+) -> Recipe:
+    """Validate recipe text (YAML); see :func:`load_recipe`.
+
+    ``default_name`` is the ``run.name`` when the text and the overrides set none
+    (else the schema's default, ``quickstart``).
+    """
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise RecipeError(source, [_yaml_problem(exc)]) from None
     except RecursionError:
@@ -227,12 +257,45 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | Non
             for key in [k for k in lines if k[: len(path)] == path]:
                 del lines[key]
             lines[path] = f"--set {item}"
+    if default_name is not None:
+        if raw.get("run") is None:  # no run section, or an empty one
+            raw["run"] = {}
+        if isinstance(raw["run"], dict):
+            raw["run"].setdefault("name", default_name)
     recipe = _convert(raw, Recipe, (), lines, problems)
+    problems.extend(_name_checks(raw, lines))
     if not problems:
         problems.extend(_cross_checks(recipe, lines))
     if problems:
+        # in file order (a stable sort: problems from --set, which have no line, come first)
+        problems.sort(key=lambda p: p.line if isinstance(p.line, int) else 0)
         raise RecipeError(source, problems)
     return recipe
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``5e-2``, ``1e3`` and ``-2.5E-4`` as numbers, as YAML 1.2 and ``--set`` do.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so
+    ``lr: 5e-2`` would be the text '5e-2'.
+    """
+
+
+_FLOAT_12 = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+# A copy of SafeLoader's table with its float pattern swapped in place (SafeLoader's own stays as it is); the
+# order matters: the float pattern is tried before the int one.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, _FLOAT_12 if tag == "tag:yaml.org,2002:float" else regexp) for tag, regexp in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> Problem:
@@ -330,6 +393,70 @@ def _suggest(word: str, choices) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+# Keys people bring from other tools, which difflib does not find (too short, or too different): the key as
+# written, lower case -> the recipe's keys it may mean, tried in order against the section's own keys.
+_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("lr",), "learningrate": ("lr",), "base_lr": ("lr",), "lr0": ("lr",), "eta": ("lr",),
+    "lr_schedule": ("schedule",), "lr_scheduler": ("schedule",), "scheduler": ("schedule",),
+    "lr_policy": ("schedule",), "sched": ("schedule",),
+    "num_epochs": ("epochs",), "n_epochs": ("epochs",), "max_epochs": ("epochs",), "num_train_epochs": ("epochs",),
+    "train_epochs": ("epochs",), "t": ("temperature",), "temp": ("temperature",), "tau": ("temperature",),
+    "kd_temperature": ("temperature",), "soft_weight": ("alpha",), "kd_weight": ("alpha",), "kd_alpha": ("alpha",),
+    "lambda": ("alpha",), "wd": ("weight_decay",), "l2": ("weight_decay",), "weightdecay": ("weight_decay",),
+    "optim": ("optimizer",), "opt": ("optimizer",), "optimiser": ("optimizer",), "solver": ("optimizer",),
+    "lr_step": ("step_size",), "decay_epochs": ("step_size",), "lr_decay": ("gamma",), "decay_rate": ("gamma",),
+    "lr_gamma": ("gamma",), "sparsity": ("target_sparsity",), "final_sparsity": ("target_sparsity",),
+    "target": ("target_sparsity",), "amount": ("rate",), "prune_rate": ("rate",), "pruning_rate": ("rate",),
+    "ratio": ("rate",), "frequency": ("every",), "interval": ("every",), "prune_every": ("every",),
+    "arch": ("model",), "architecture": ("model",), "network": ("model",), "net": ("model",),
+    "name": ("model", "dataset"), "kwargs": ("args",), "model_args": ("args",), "model_kwargs": ("args",),
+    "params": ("args",), "bs": ("batch_size",), "batch": ("batch_size",), "train_batch_size": ("batch_size",),
+    "test_batch_size": ("eval_batch_size",), "val_batch_size": ("eval_batch_size",),
+    "num_workers": ("workers",), "n_workers": ("workers",), "data_dir": ("root",), "data_root": ("root",),
+    "data_path": ("root",), "dataset_root": ("root",), "path": ("root",), "dataset_name": ("dataset",),
+    "output_dir": ("out_dir",), "output": ("out_dir",), "save_dir": ("out_dir",), "runs_dir": ("out_dir",),
+    "random_seed": ("seed",), "manual_seed": ("seed",), "gpu": ("device",), "cuda": ("device",),
+    "amp": ("precision",), "dtype": ("precision",), "mixed_precision": ("precision",),
+    "num_threads": ("threads",), "validation_split": ("val_split",), "train_baseline": ("baseline",),
+}
+
+
+def _key_hint(key: Any, tp: Any) -> str:
+    """'; did you mean ...' (or where the key belongs) for an unknown key of section type ``tp``."""
+    names = [f.name for f in dataclasses.fields(tp)]
+    word = str(key)
+    meant = _SYNONYMS.get(word.lower(), ())
+    for candidate in meant:  # first, so that teacher.name means teacher.model, not run.name
+        if candidate in names:
+            return f"; did you mean '{candidate}'?"
+    if _owners(word):  # a real key, in the wrong section (or at the top level)
+        return f"; {_belongs(word)}"
+    close = _suggest(word, names)
+    if close:
+        return close
+    for candidate in meant:
+        if _owners(candidate):
+            return f"; did you mean '{candidate}'? {_belongs(candidate)}"
+    return ""
+
+
+def _owners(key: str) -> list[str]:
+    """The sections that have ``key`` (none: an empty list)."""
+    hints = _type_hints(Recipe)
+    return [s.name for s in dataclasses.fields(Recipe) if key in {f.name for f in dataclasses.fields(hints[s.name])}]
+
+
+def _belongs(key: str) -> str:
+    """Where ``key`` is set, in words."""
+    sections = _owners(key)
+    if set(sections) == {"teacher", "distill", "prune"}:
+        return (
+            f"'{key}' is a training setting of each stage: teacher.{key}, distill.{key} (which also trains the "
+            f"student baseline) or prune.{key}"
+        )
+    return f"'{key}' belongs in {' or '.join(f'{s}.{key}' for s in sections)}"
+
+
 def _type_hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
@@ -353,7 +480,7 @@ def _convert(value: Any, tp: Any, path: tuple, lines: dict, problems: list[Probl
                 problems.append(
                     Problem(
                         _dotted(path + (key,)),
-                        f"unknown key{_suggest(key, fields)} (known keys: {known})",
+                        f"unknown key{_key_hint(key, tp)} (known keys: {known})",
                         _line(lines, path + (key,)),
                     )
                 )
@@ -461,7 +588,7 @@ def _schema_type(path: list[str]) -> tuple[Any, str | None]:
             return None, f"'{'.'.join(path[:i])}' has no sub-keys"
         names = [f.name for f in dataclasses.fields(tp)]
         if key not in names:
-            return None, f"unknown key '{'.'.join(path[: i + 1])}'{_suggest(key, names)}"
+            return None, f"unknown key '{'.'.join(path[: i + 1])}'{_key_hint(key, tp)} (known keys: {', '.join(names)})"
         tp = _type_hints(tp)[key]
     return tp, None
 
@@ -495,7 +622,7 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> tuple | No
         value = _number(text, inner[0])  # 1e-3 is a number here, though YAML 1.1 reads it as text
     else:
         try:
-            value = yaml.safe_load(text)
+            value = yaml.load(text, Loader=_Loader)
         except yaml.YAMLError:
             problems.append(Problem(where, f"cannot read the value {text!r}"))
             return
@@ -508,6 +635,29 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> tuple | No
         node = child
     node[keys[-1]] = value
     return tuple(keys)
+
+
+def _name_checks(raw: dict, lines: dict) -> list[Problem]:
+    """Model and dataset names that resolve to nothing, each with its line, beside every other problem.
+
+    Reads the raw document, since a section with any other problem converts to
+    its defaults. Only for recipes read from text (a recipe is code its user
+    chose to run): :func:`recipe_from_dict` imports nothing.
+    """
+    from .data import dataset_name_problem  # data imports this module, and both import torch
+    from .models import model_name_problem
+
+    problems = []
+    for section, key, check in (
+        ("teacher", "model", model_name_problem),
+        ("student", "model", model_name_problem),
+        ("data", "dataset", dataset_name_problem),
+    ):
+        name = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        message = check(name) if isinstance(name, str) else None  # another type is reported as such
+        if message:
+            problems.append(Problem(f"{section}.{key}", message, _line(lines, (section, key))))
+    return problems
 
 
 def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
