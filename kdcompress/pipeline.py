@@ -46,7 +46,7 @@ from .measure import count_nonzero, count_params
 from .models import build_model, model_spec
 from .prune import MagnitudePruner, prunable_weights, weight_sparsity
 from .recipe import DataSection, Recipe, TrainSettings, recipe_to_dict, section_fingerprint
-from .train import Hook, Runtime, evaluate, fit, resolve_device, seed_everything
+from .train import Hook, Runtime, evaluate, fit, recalibrate_batchnorm, resolve_device, seed_everything
 
 __all__ = ["STAGES", "COMMAND_OF", "run_pipeline", "run_stage", "stage_status", "checkpoint_path"]
 
@@ -73,6 +73,8 @@ def _stage_inputs(recipe: dict, stage: str) -> dict:
     # data.workers says how batches are read, not what they hold: it is left out, so changing it does not retrain
     data = {k: v for k, v in recipe["data"].items() if k != "workers"}
     common = {"run.seed": recipe["run"]["seed"], **{f"data.{k}": v for k, v in data.items()}}
+    if recipe["run"].get("bn_recalibrate"):  # as in _fingerprint: named only when on
+        common["run.bn_recalibrate"] = recipe["run"]["bn_recalibrate"]
     section = lambda name, keys=None: {  # noqa: E731
         f"{name}.{k}": v for k, v in recipe[name].items() if keys is None or k in keys
     }
@@ -91,6 +93,8 @@ def _fingerprint(recipe: Recipe, stage: str, upstream: dict[str, str]) -> str:
     # changing it does not retrain, and fingerprints from before this rule still match
     data = dataclasses.replace(recipe.data, workers=DataSection().workers)
     common = (recipe.run.seed, data)
+    if recipe.run.bn_recalibrate:  # it changes the saved model; at 0 (off) fingerprints stay as they were
+        common += (("bn_recalibrate", recipe.run.bn_recalibrate),)
     if stage == "teacher":
         return section_fingerprint(*common, recipe.teacher)
     if stage == "student":
@@ -383,11 +387,19 @@ def run_stage(
     started = time.perf_counter()
     ctx = _StageContext(recipe, stage, data, device, console, stage_dir / "metrics.jsonl", state_path, fingerprint)
     model, spec, history, extra = _STAGE_FUNCS[stage](ctx)
+    if recipe.run.bn_recalibrate:
+        used = recalibrate_batchnorm(
+            model, data.train, recipe.run.bn_recalibrate, recipe.data.batch_size, device, seed=recipe.run.seed
+        )
+        if used:
+            extra = {**extra, "bn_recalibrate_batches": used}
+            console.print(f"{stage}: recomputed the BatchNorm running statistics from {used} training batches")
     test = evaluate(model, data.test, recipe.data.eval_batch_size, device)
     prune = recipe.prune
     metrics = {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
+        "test_samples": len(data.test),  # the report's noise estimate: binomial SE sqrt(p(1-p)/n)
         "params": count_params(model),
         "nonzero_params": count_nonzero(model),
         "sparsity": weight_sparsity({k: v.detach() for k, v in prunable_weights(model, prune.include, prune.exclude).items()}),

@@ -76,6 +76,13 @@ class RunSection:
     precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=_doc("bf16 autocast on CUDA (fp32 on CPU)"))
     channels_last: bool = field(default=False, metadata=_doc("channels-last memory format on CUDA"))
     compile: bool = field(default=False, metadata=_doc("torch.compile the model being trained"))
+    bn_recalibrate: int = field(
+        default=0,
+        metadata=_range(
+            lo=0,
+            doc="after training, recompute BatchNorm running statistics from this many training batches (0 = off)",
+        ),
+    )
 
 
 @dataclass(frozen=True)

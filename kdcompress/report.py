@@ -8,22 +8,41 @@ and ``report.md`` next to them. Example::
     >>> report = build_report("runs/quickstart")  # doctest: +SKIP
     >>> [row["stage"] for row in report["stages"]]  # doctest: +SKIP
     ['teacher', 'student', 'distilled', 'pruned']
+
+Besides the measurements, a report carries what a ship decision needs: each
+stage's settings, the noise in its test accuracy (binomial standard error),
+distilled against the student trained alone with the standard error of the
+difference, latency as a median with its spread, and ``warnings`` for results
+that should not be trusted as they stand.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from .checkpoint import atomic_write_text, load_checkpoint
 from .errors import KdcError
-from .measure import count_macs, count_nonzero, count_params, latency_ms
+from .measure import count_macs, count_nonzero, count_params, latency as measure_latency
 from .models import build_model
 from .prune import prunable_weights, weight_sparsity
+from .train import has_batchnorm
 
-__all__ = ["build_report", "write_report", "report_table", "report_markdown"]
+__all__ = [
+    "build_report",
+    "write_report",
+    "report_table",
+    "report_markdown",
+    "accuracy_se",
+    "compare_accuracy",
+    "NOISE_Z",
+    "LATENCY_THREADS",
+]
 
 STAGE_ORDER = ("teacher", "student", "distilled", "pruned")
 DESCRIPTIONS = {
@@ -32,12 +51,102 @@ DESCRIPTIONS = {
     "distilled": "student distilled from the teacher",
     "pruned": "distilled student, pruned and retrained",
 }
+# A difference within NOISE_Z standard errors (about 95 % for a normal estimate) is called within noise.
+NOISE_Z = 2.0
+# Latency runs on one thread unless asked otherwise: "all cores" on a shared machine is not a fixed setting.
+LATENCY_THREADS = 1
+LATENCY_MIN_RUN_TIME = 0.5  # seconds of timed runs per stage (torch.utils.benchmark blocked_autorange)
+PRUNING_METHOD = "unstructured magnitude"
+# (first stage, second stage): the report states second - first with its standard error
+COMPARISONS = (("student", "distilled"), ("distilled", "pruned"))
 
 
-def build_report(run_dir: str | Path, latency: bool | None = None) -> dict:
+def accuracy_se(accuracy: float, n: int | None) -> float | None:
+    """Binomial standard error of an accuracy measured on ``n`` test samples: sqrt(p(1-p)/n).
+
+    About 0.008 (0.8 point) for p = 0.85 on 2,000 images. None when ``n`` is unknown.
+
+    >>> round(accuracy_se(0.85, 2000), 4)
+    0.008
+    """
+    if not n:
+        return None
+    return math.sqrt(max(0.0, accuracy * (1.0 - accuracy)) / n)
+
+
+def compare_accuracy(first: dict, second: dict, z: float = NOISE_Z) -> dict:
+    """``second``'s accuracy minus ``first``'s (``stage`` minus ``against``), with the standard error of
+    the difference.
+
+    The two errors are combined as for independent samples, sqrt(se1^2 + se2^2):
+    both models are scored on the same test images, so this is on the cautious
+    side. ``within_noise`` is None when either error is unknown.
+    """
+    difference = second["accuracy"] - first["accuracy"]
+    se1, se2 = first.get("accuracy_se"), second.get("accuracy_se")
+    se = math.sqrt(se1**2 + se2**2) if se1 is not None and se2 is not None else None
+    return {
+        "stage": second["stage"],
+        "against": first["stage"],
+        "difference": difference,
+        "se": se,
+        "z": difference / se if se else None,
+        "within_noise": abs(difference) <= z * se if se is not None else None,
+        "noise_z": z,
+    }
+
+
+def _last_epoch(path: Path) -> dict | None:
+    """The last record of a stage's metrics.jsonl, or None if it is missing or unreadable."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        record = json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _stage_settings(stage: str, recipe: dict, metrics: dict) -> dict:
+    """What the stage was trained with, from the recipe stored in its checkpoint."""
+    run, data = recipe.get("run", {}), recipe.get("data", {})
+    student, distill, prune = recipe.get("student", {}), recipe.get("distill", {}), recipe.get("prune", {})
+    model_section = recipe.get("teacher", {}) if stage == "teacher" else student
+    train = {"teacher": recipe.get("teacher", {}), "pruned": prune}.get(stage, distill)
+    kd = stage == "distilled" or (stage == "pruned" and prune.get("distill", True))
+    settings = {
+        "model": model_section.get("model"),
+        "args": model_section.get("args"),
+        "loss": "distillation" if kd else "cross-entropy",
+        "epochs": train.get("epochs"),
+        "optimizer": train.get("optimizer"),
+        "lr": train.get("lr"),
+        "schedule": train.get("schedule"),
+        "weight_decay": train.get("weight_decay"),
+        "batch_size": data.get("batch_size"),
+        "seed": run.get("seed"),
+        "bn_recalibrate_batches": metrics.get("bn_recalibrate_batches", 0),
+    }
+    if kd:
+        settings.update(temperature=distill.get("temperature"), alpha=distill.get("alpha"))
+    if stage == "pruned":
+        settings.update(
+            method=PRUNING_METHOD,
+            scope=prune.get("scope"),
+            rate=prune.get("rate"),
+            target_sparsity=prune.get("target_sparsity", metrics.get("target_sparsity")),
+            every=prune.get("every"),
+            include=prune.get("include"),
+            exclude=prune.get("exclude"),
+            pruning_steps=metrics.get("pruning_steps"),
+        )
+    return settings
+
+
+def build_report(run_dir: str | Path, latency: bool | None = None, threads: int = LATENCY_THREADS) -> dict:
     """Measure every stage checkpoint in ``run_dir``; return the report as a dict.
 
-    ``latency=None`` follows the run's recipe (``report.latency``).
+    ``latency=None`` follows the run's recipe (``report.latency``); latency
+    is timed on the CPU with ``threads`` threads.
     """
     run_dir = Path(run_dir)
     found = [s for s in STAGE_ORDER if (run_dir / s / "model.pt").is_file()]
@@ -48,10 +157,11 @@ def build_report(run_dir: str | Path, latency: bool | None = None) -> dict:
         )
     rows = []
     recipe_name = dataset = None
-    teacher_row = None
+    latency_batch = None
     for stage in found:
         ckpt = load_checkpoint(run_dir / stage / "model.pt")
         recipe = ckpt.get("recipe", {})
+        metrics = ckpt["metrics"]
         recipe_name = recipe_name or recipe.get("run", {}).get("name")
         dataset = dataset or ckpt.get("dataset")
         prune = recipe.get("prune", {})
@@ -61,89 +171,366 @@ def build_report(run_dir: str | Path, latency: bool | None = None) -> dict:
         model.eval()
         shape = tuple(ckpt["arch"]["input_shape"])
         weights = prunable_weights(model, prune.get("include", ["*"]), prune.get("exclude", []))
+        accuracy = float(metrics["test_accuracy"])
+        test_samples = metrics.get("test_samples")  # checkpoints from before it was recorded lack it
+        num_classes = ckpt["arch"].get("num_classes")
+        last = _last_epoch(run_dir / stage / "metrics.jsonl") or (ckpt.get("history") or [None])[-1]
+        timing = None
+        if do_latency:
+            latency_batch = recipe.get("report", {}).get("latency_batch", 1)
+            timing = measure_latency(model, shape, batch=latency_batch, threads=threads, min_run_time=LATENCY_MIN_RUN_TIME)
         row = {
             "stage": stage,
             "description": DESCRIPTIONS[stage],
             "model": ckpt["arch"]["model"],
-            "accuracy": float(ckpt["metrics"]["test_accuracy"]),
+            "accuracy": accuracy,
+            "accuracy_se": accuracy_se(accuracy, test_samples),
+            "test_samples": test_samples,
+            "test_loss": metrics.get("test_loss"),
+            "train_accuracy": last.get("train_accuracy") if isinstance(last, dict) else None,
+            "num_classes": num_classes,
+            "chance_accuracy": 1.0 / num_classes if num_classes else None,
+            "has_batchnorm": has_batchnorm(model),
+            "epochs": metrics.get("epochs"),
+            "settings": _stage_settings(stage, recipe, metrics),
             "params": count_params(model),
             "nonzero_params": count_nonzero(model),
             "sparsity": weight_sparsity({k: v.detach() for k, v in weights.items()}),
-            "target_sparsity": ckpt["metrics"].get("target_sparsity"),
+            "target_sparsity": metrics.get("target_sparsity"),
             "checkpoint_bytes": (run_dir / stage / "model.pt").stat().st_size,
             "macs": count_macs(model, shape),
-            "latency_ms": latency_ms(model, shape, batch=recipe.get("report", {}).get("latency_batch", 1))
-            if do_latency
-            else None,
-            "train_seconds": ckpt["metrics"].get("seconds"),
+            "latency_ms": timing["median_ms"] if timing else None,  # the median, as before
+            "latency": timing,
+            "train_seconds": metrics.get("seconds"),
         }
-        if stage == "teacher":
-            teacher_row = row
         rows.append(row)
+    by_stage = {r["stage"]: r for r in rows}
+    teacher = by_stage.get("teacher")
     for row in rows:
-        if teacher_row is not None:
-            row["compression_vs_teacher"] = teacher_row["nonzero_params"] / max(1, row["nonzero_params"])
-            row["accuracy_change_vs_teacher"] = row["accuracy"] - teacher_row["accuracy"]
+        if teacher is not None:
+            row["nonzero_ratio_vs_teacher"] = teacher["nonzero_params"] / max(1, row["nonzero_params"])
+            row["compression_vs_teacher"] = row["nonzero_ratio_vs_teacher"]  # the old name of the same ratio
+            row["bytes_ratio_vs_teacher"] = teacher["checkpoint_bytes"] / max(1, row["checkpoint_bytes"])
+            row["accuracy_change_vs_teacher"] = row["accuracy"] - teacher["accuracy"]
         else:
-            row["compression_vs_teacher"] = None
-            row["accuracy_change_vs_teacher"] = None
-    return {"recipe": recipe_name, "dataset": dataset, "run_dir": str(run_dir), "stages": rows}
-
-
-def _fmt(row: dict) -> dict[str, str]:
-    target = row.get("target_sparsity")
-    comp = row.get("compression_vs_teacher")
-    change = row.get("accuracy_change_vs_teacher")
-    lat = row.get("latency_ms")
-    return {
-        "stage": row["stage"],
-        "model": row["model"],
-        "accuracy": f"{row['accuracy']:.2%}",
-        "vs teacher": "" if change is None else f"{change * 100:+.2f} pt",
-        "params": f"{row['params']:,}",
-        "non-zero": f"{row['nonzero_params']:,}",
-        "sparsity": f"{row['sparsity']:.1%}",
-        "target": "" if target is None else f"{target:.1%}",
-        "compression": "" if comp is None else f"{comp:.1f}x",
-        "bytes on disk": f"{row['checkpoint_bytes']:,}",
-        "MACs": f"{row['macs']:,}",
-        "latency": "" if lat is None else f"{lat:.3f} ms",
+            row["nonzero_ratio_vs_teacher"] = row["compression_vs_teacher"] = None
+            row["bytes_ratio_vs_teacher"] = row["accuracy_change_vs_teacher"] = None
+    comparisons = [compare_accuracy(by_stage[a], by_stage[b]) for a, b in COMPARISONS if a in by_stage and b in by_stage]
+    report = {
+        "recipe": recipe_name,
+        "dataset": dataset,
+        "run_dir": str(run_dir),
+        "latency_batch": latency_batch,
+        "threads": threads,
+        "noise_z": NOISE_Z,
+        "stages": rows,
+        "comparisons": comparisons,
     }
+    report["warnings"] = report_warnings(report)
+    return report
 
 
-def report_table(report: dict) -> Table:
-    """The report as a rich table for the terminal."""
-    table = Table(title=f"kdc report: {report['recipe']} on {report['dataset']}")
-    rows = [_fmt(r) for r in report["stages"]]
-    for col in rows[0]:
-        table.add_column(col, justify="left" if col in ("stage", "model") else "right", no_wrap=True)
+def _near_chance(row: dict) -> bool:
+    """Test accuracy within three standard errors of guessing (at least 2 points, for large test sets)."""
+    chance, n = row["chance_accuracy"], row["test_samples"]
+    margin = max(0.02, 3 * accuracy_se(chance, n)) if n else 0.02
+    return row["accuracy"] <= chance + margin
+
+
+def report_warnings(report: dict) -> list[str]:
+    """Results in ``report`` that should not be trusted or shipped as they stand, one sentence each."""
+    warnings = []
+    for row in report["stages"]:
+        chance, train = row.get("chance_accuracy"), row.get("train_accuracy")
+        if chance is None or train is None:
+            continue
+        # "high": at least halfway from guessing to perfect
+        if _near_chance(row) and train >= chance + 0.5 * (1.0 - chance):
+            message = (
+                f"{row['stage']}: test accuracy {row['accuracy']:.1%} is at chance (1/{row['num_classes']} = "
+                f"{chance:.1%}) while its last training epoch reached {train:.1%}. "
+            )
+            used = row["settings"].get("bn_recalibrate_batches")
+            if row.get("has_batchnorm") and not used:
+                message += (
+                    "Its BatchNorm running statistics have probably not settled (a slow momentum such as "
+                    "torchvision:mobilenet_v3_small's 0.01, few epochs); recompute them after training with "
+                    "`--set run.bn_recalibrate=100` (or `run: {bn_recalibrate: 100}` in the recipe) and rerun, "
+                    "or train longer."
+                )
+            elif row.get("has_batchnorm"):
+                message += (
+                    f"Its BatchNorm statistics were already recomputed from {used} training batches; check that "
+                    f"the test data is prepared like the training data."
+                )
+            else:
+                message += "Check that the test data is prepared like the training data, and the learning rate."
+            warnings.append(message)
+    for comp in report.get("comparisons", []):
+        if (comp["stage"], comp["against"]) != ("distilled", "student") or comp["difference"] >= 0:
+            continue
+        by_stage = {r["stage"]: r for r in report["stages"]}
+        d, s = by_stage["distilled"], by_stage["student"]
+        message = (
+            f"distillation came out worse than the baseline: distilled {d['accuracy']:.2%} against the student "
+            f"trained alone {s['accuracy']:.2%}, {-comp['difference'] * 100:.2f} points lower"
+        )
+        if comp["se"] is None:
+            message += (
+                "; its noise is unknown (the checkpoints predate the recorded test-set size: rerun the stages with "
+                "--force to record it)."
+            )
+        elif comp["within_noise"]:
+            message += (
+                f", within noise (standard error of the difference {comp['se'] * 100:.2f} points, "
+                f"{abs(comp['z']):.1f} SE): this run shows no gain from distillation, and no loss either."
+            )
+        else:
+            message += (
+                f", beyond noise ({abs(comp['z']):.1f} standard errors of {comp['se'] * 100:.2f} points): try "
+                f"another distill.temperature or distill.alpha, or more distill.epochs."
+            )
+        warnings.append(message)
+    return warnings
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _three_digits(n: float, units: tuple[tuple[str, float], ...]) -> str:
+    """``n`` in the largest unit it reaches, to three significant digits (999,999 -> 1M, not 1e+03k)."""
+    for i, (unit, scale) in enumerate(units):
+        if abs(n) >= scale:
+            text = f"{n / scale:.3g}"
+            if "e" in text:  # rounded up to 1000: the next unit up, or every digit in the largest
+                text, unit = (f"{n / units[i - 1][1]:.3g}", units[i - 1][0]) if i else (f"{n / scale:,.0f}", unit)
+            return text + unit
+    return f"{n:,}"
+
+
+def _compact(n: int | None) -> str:
+    """25,450 -> 25.4k; 11,689,512 -> 11.7M (the terminal table; md and json keep every digit)."""
+    if n is None:
+        return ""
+    if abs(n) < 10_000:
+        return f"{n:,}"
+    return _three_digits(n, (("G", 1e9), ("M", 1e6), ("k", 1e3)))
+
+
+def _bytes(n: int) -> str:
+    """207,325 -> 207 kB (decimal units, as disk sizes are sold)."""
+    return _three_digits(n, ((" GB", 1e9), (" MB", 1e6), (" kB", 1e3))) if n >= 1000 else f"{n} B"
+
+
+def _ratio(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.1f}x" if value >= 10 else f"{value:.2f}x"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m {sec:02d}s"
+    return f"{minutes // 60}h {minutes % 60:02d}m"
+
+
+def _latency_text(timing: dict | None) -> str:
+    if not timing:
+        return "-"
+    median = timing["median_ms"]
+    digits = 0 if median >= 100 else 1 if median >= 10 else 2 if median >= 1 else 3
+    return f"{median:.{digits}f} ({timing['iqr_ms']:.{digits}f})"
+
+
+def _points(value: float | None) -> str:
+    return "" if value is None else f"{value * 100:+.2f}"
+
+
+def _accuracy_text(row: dict) -> str:
+    se = row.get("accuracy_se")
+    return f"{row['accuracy'] * 100:.2f} ±{se * 100:.2f}" if se is not None else f"{row['accuracy'] * 100:.2f} ±?"
+
+
+def _settings_text(settings: dict) -> str:
+    """A stage's settings on one line: model, loss, pruning, optimiser."""
+    parts = []
+    args = settings.get("args")
+    model = settings.get("model") or "?"
+    parts.append(model + ("" if not args else " " + " ".join(f"{k}={v}" for k, v in args.items())))
+    if settings.get("method"):
+        target = settings.get("target_sparsity")
+        steps = settings.get("pruning_steps")
+        parts.append(
+            f"{settings['method']} ({settings.get('scope')}), rate {settings.get('rate')} every {settings.get('every')} "
+            f"epochs to target {target * 100:g}%" if target is not None else f"{settings['method']} ({settings.get('scope')})"
+        )
+        if steps is not None:
+            parts[-1] += f" in {steps} steps"
+    if settings.get("loss") == "distillation":
+        parts.append(f"distillation T={settings.get('temperature')} alpha={settings.get('alpha')}")
+    else:
+        parts.append("cross-entropy")
+    parts.append(
+        f"{settings.get('epochs')} epochs {settings.get('optimizer')} lr {settings.get('lr')} {settings.get('schedule')}, "
+        f"batch {settings.get('batch_size')}"
+    )
+    if settings.get("bn_recalibrate_batches"):
+        parts.append(f"BatchNorm recalibrated on {settings['bn_recalibrate_batches']} batches")
+    return "; ".join(parts)
+
+
+def _comparison_text(comp: dict) -> str:
+    """'+0.70 points ± 1.18 (SE): 0.6 SE, within noise (<= 2 SE)' for one comparison."""
+    head = f"{comp['difference'] * 100:+.2f} points"
+    if comp["se"] is None:
+        return head + " (noise unknown: the checkpoints predate the recorded test-set size)"
+    verdict = "within noise (<=" if comp["within_noise"] else "beyond noise (>"
+    return f"{head} ± {comp['se'] * 100:.2f} (SE): {abs(comp['z']):.1f} SE, {verdict} {comp['noise_z']:g} SE)"
+
+
+def _comparison_name(comp: dict) -> str:
+    return f"{comp['stage']} - {comp['against']}"
+
+
+def _latency_note(report: dict) -> str:
+    if report.get("latency_batch") is None:
+        return "latency not measured (report.latency: false)"
+    threads = report.get("threads")
+    return (
+        f"latency: CPU forward pass of a batch of {report['latency_batch']}, {threads} thread"
+        f"{'' if threads == 1 else 's'}, median (interquartile range) in ms"
+    )
+
+
+def report_table(report: dict) -> Group:
+    """The report for the terminal: two tables that fit 100 columns, the stage settings and the
+    distilled-against-baseline comparison (warnings are in ``report["warnings"]``; the CLI prints them)."""
+    rows = report["stages"]
+    first = Table(title=f"kdc report: {report['recipe']} on {report['dataset']}", title_justify="left")
+    first.add_column("stage", no_wrap=True)
+    first.add_column("model", overflow="fold")  # the one column that may wrap: names can be long
+    for header in ("epochs", "train\ntime", "train\nacc %", "test acc %\n± SE", "vs teacher\npoints"):
+        first.add_column(header, justify="right", no_wrap=True)
     for r in rows:
-        table.add_row(*r.values())
-    return table
+        first.add_row(
+            r["stage"],
+            Text(r["model"]),  # Text: a name is never read as rich markup
+            "" if r.get("epochs") is None else str(r["epochs"]),
+            _duration(r.get("train_seconds")),
+            "" if r.get("train_accuracy") is None else f"{r['train_accuracy'] * 100:.2f}",
+            _accuracy_text(r),
+            _points(r.get("accuracy_change_vs_teacher")),
+        )
+    second = Table(
+        caption=f"ratio: teacher's / stage's (non-zero parameters; checkpoint bytes). {_latency_note(report)}",
+        caption_justify="left",
+    )
+    second.add_column("stage", no_wrap=True)
+    for header in ("params", "non-zero", "sparsity", "non-zero\nratio", "bytes", "bytes\nratio", "MACs",
+                   "latency ms\nmedian (IQR)"):
+        second.add_column(header, justify="right", no_wrap=True)
+    for r in rows:
+        second.add_row(
+            r["stage"],
+            _compact(r["params"]),
+            _compact(r["nonzero_params"]),
+            f"{r['sparsity']:.1%}",
+            _ratio(r.get("nonzero_ratio_vs_teacher")),
+            _bytes(r["checkpoint_bytes"]),
+            _ratio(r.get("bytes_ratio_vs_teacher")),
+            _compact(r["macs"]),
+            _latency_text(r.get("latency")),
+        )
+    # grids, not lines of text: a long setting wraps under its own column, not under the stage names
+    settings = Table.grid(padding=(0, 2))
+    settings.add_column(no_wrap=True)
+    settings.add_column(overflow="fold")
+    for r in rows:
+        settings.add_row(f" {r['stage']}", Text(_settings_text(r["settings"])))
+    parts = [first, second, Text("settings", style="bold"), settings]
+    if report.get("comparisons"):
+        parts.append(Text("accuracy differences (standard error of a test accuracy: sqrt(p(1-p)/n))", style="bold"))
+        diffs = Table.grid(padding=(0, 2))
+        diffs.add_column(no_wrap=True)
+        diffs.add_column(overflow="fold")
+        for c in report["comparisons"]:
+            diffs.add_row(f" {_comparison_name(c)}", _comparison_text(c))
+        parts.append(diffs)
+    return Group(*parts)
+
+
+def _md_row(r: dict) -> list[str]:
+    se, lat = r.get("accuracy_se"), r.get("latency")
+    target = r.get("target_sparsity")
+    return [
+        r["stage"],
+        r["model"],
+        "" if r.get("epochs") is None else str(r["epochs"]),
+        "" if r.get("train_seconds") is None else f"{r['train_seconds']:.1f}",
+        "" if r.get("train_accuracy") is None else f"{r['train_accuracy']:.2%}",
+        f"{r['accuracy']:.2%}",
+        "unknown" if se is None else f"{se * 100:.2f} pt (n={r['test_samples']:,})",
+        "" if r.get("accuracy_change_vs_teacher") is None else f"{r['accuracy_change_vs_teacher'] * 100:+.2f} pt",
+        f"{r['params']:,}",
+        f"{r['nonzero_params']:,}",
+        f"{r['sparsity']:.1%}",
+        "" if target is None else f"{target:.1%}",
+        _ratio(r.get("nonzero_ratio_vs_teacher")),
+        f"{r['checkpoint_bytes']:,}",
+        _ratio(r.get("bytes_ratio_vs_teacher")),
+        f"{r['macs']:,}",
+        "" if not lat else f"{lat['median_ms']:.4f}",
+        "" if not lat else f"{lat['iqr_ms']:.4f} ({lat['p25_ms']:.4f} to {lat['p75_ms']:.4f})",
+    ]
+
+
+MD_COLUMNS = [
+    "stage", "model", "epochs", "train seconds", "train acc (last epoch)", "test acc", "± SE", "vs teacher",
+    "params", "non-zero", "sparsity", "target", "non-zero ratio vs teacher", "bytes on disk",
+    "bytes ratio vs teacher", "MACs", "latency median (ms)", "latency IQR (ms)",
+]
 
 
 def report_markdown(report: dict) -> str:
-    rows = [_fmt(r) for r in report["stages"]]
-    cols = list(rows[0])
+    """The report as Markdown, every number in full."""
+    left = ("stage", "model")
     lines = [
         f"# kdc report: {report['recipe']}",
         "",
-        f"Dataset: {report['dataset']}. Accuracy is the final model's test accuracy. Sparsity is the share of "
-        f"prunable weights (Conv/Linear) that are exactly zero; compression is teacher non-zeros / stage "
-        f"non-zeros. Bytes on disk are the dense checkpoint's: zeros in a dense tensor do not shrink it. MACs are "
-        f"dense multiply-accumulates per sample; latency is the median CPU forward time.",
+        f"Dataset: {report['dataset']}. Accuracy is the final model's test accuracy; ± SE is its binomial standard "
+        f"error sqrt(p(1-p)/n) over the n test images, and a difference counts as within noise when it is at most "
+        f"{report.get('noise_z', NOISE_Z):g} standard errors of the difference (sqrt(se1² + se2²)). Train acc is the "
+        f"last epoch's, measured in training mode. Sparsity is the share of prunable weights (Conv/Linear) that are "
+        f"exactly zero. Non-zero ratio vs teacher is teacher non-zero parameters / stage non-zero parameters (it was "
+        f"called compression): it counts weights, not bytes. Bytes on disk are the dense checkpoint's: zeros in a "
+        f"dense tensor do not shrink it, and bytes ratio vs teacher is teacher bytes / stage bytes. MACs are dense "
+        f"multiply-accumulates per sample. {_latency_note(report)[0].upper() + _latency_note(report)[1:]}; timed with "
+        f"torch.utils.benchmark (blocked_autorange), it varies between machines and with their load.",
         "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "|".join(" --- " if c in ("stage", "model") else " ---: " for c in cols) + "|",
+        "| " + " | ".join(MD_COLUMNS) + " |",
+        "|" + "|".join(" --- " if c in left else " ---: " for c in MD_COLUMNS) + "|",
     ]
-    lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
-    lines += ["", *(f"- **{r['stage']}**: {r['description']}" for r in report["stages"]), ""]
+    lines += ["| " + " | ".join(_md_row(r)) + " |" for r in report["stages"]]
+    lines += ["", "## Stages", ""]
+    lines += [f"- **{r['stage']}**: {r['description']}: {_settings_text(r['settings'])}" for r in report["stages"]]
+    if report.get("comparisons"):
+        lines += ["", "## Accuracy differences", ""]
+        lines += [f"- {_comparison_name(c)}: {_comparison_text(c)}" for c in report["comparisons"]]
+    if report.get("warnings"):
+        lines += ["", "## Warnings", ""]
+        lines += [f"- {w}" for w in report["warnings"]]
+    lines.append("")
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path, latency: bool | None = None) -> dict:
+def write_report(run_dir: str | Path, latency: bool | None = None, threads: int = LATENCY_THREADS) -> dict:
     """Build the report and write ``report.json`` and ``report.md`` into ``run_dir`` (atomically)."""
-    report = build_report(run_dir, latency=latency)
+    report = build_report(run_dir, latency=latency, threads=threads)
     run_dir = Path(run_dir)
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(run_dir / "report.md", report_markdown(report))

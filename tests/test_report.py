@@ -1,0 +1,332 @@
+"""The report carries a ship decision: it fits 100 columns, shows each stage's settings, the noise in
+test accuracy, distilled against the baseline, latency with its spread, honest size ratios and warnings.
+Also the BatchNorm recalibration option the chance warning points to (issue 8, defect 12).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from torch import nn
+
+from kdcompress import report as report_mod
+from kdcompress.checkpoint import load_checkpoint, save_checkpoint
+from kdcompress.cli import app
+from kdcompress.data import TensorData
+from kdcompress.measure import latency, latency_ms
+from kdcompress.models import build_model, model_spec
+from kdcompress.report import build_report, report_markdown, report_table, report_warnings
+from kdcompress.train import evaluate, recalibrate_batchnorm
+
+RUN = Path("runs") / "tiny"
+STAGES = ["teacher", "student", "distilled", "pruned"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(fresh_run, tiny_recipe_text):
+    """`kdc run` on the tiny recipe once for this module; returns the run directory."""
+    work, _ = fresh_run(tiny_recipe_text, "report", "run")
+    return work / RUN
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A private copy of the tiny run directory, free to doctor."""
+    dest = tmp_path / "run"
+    shutil.copytree(tiny_run, dest)
+    return dest
+
+
+@pytest.fixture
+def quick_latency(monkeypatch):
+    monkeypatch.setattr(report_mod, "LATENCY_MIN_RUN_TIME", 0.02, raising=False)
+
+
+def edit_metrics(run_dir: Path, stage: str, drop=(), **changes) -> None:
+    """Rewrite a stage checkpoint with changed (or dropped) metrics, manifest included."""
+    path = run_dir / stage / "model.pt"
+    ckpt = load_checkpoint(path)
+    for key in drop:
+        ckpt["metrics"].pop(key, None)
+    ckpt["metrics"].update(changes)
+    save_checkpoint(path, ckpt)
+
+
+def render(renderable, width: int = 100) -> str:
+    console = Console(width=width, file=io.StringIO(), record=True, color_system=None)
+    console.print(renderable)
+    return console.export_text()
+
+
+def assert_fits(text: str, width: int = 100) -> None:
+    assert "…" not in text, text
+    too_wide = [line for line in text.splitlines() if len(line.rstrip()) > width]
+    assert not too_wide, "\n".join(too_wide)
+
+
+# --------------------------------------------------------------------------- 100 columns
+
+
+def test_terminal_report_fits_100_columns(tiny_run, quick_latency):
+    report = build_report(tiny_run, latency=True)
+    text = render(report_table(report))
+    assert_fits(text)
+    for stage in STAGES:
+        assert stage in text
+    for header in ("test acc %", "± SE", "non-zero", "ratio", "latency ms", "median (IQR)", "settings"):
+        assert header in text
+    # the pruned row's full figures: 75 % sparsity, a non-zero ratio beside the bytes ratio
+    pruned = next(line for line in text.splitlines() if line.startswith("│ pruned") and "%" in line and "x" in line)
+    assert "75.0%" in pruned
+
+
+def test_terminal_report_fits_100_columns_with_long_names_and_big_numbers(tiny_run, quick_latency):
+    report = build_report(tiny_run, latency=True)
+    for row in report["stages"]:
+        row["model"] = "torchvision:mobilenet_v3_small"
+        row["params"] *= 1000
+        row["nonzero_params"] *= 1000
+        row["checkpoint_bytes"] *= 1000
+        row["macs"] *= 100_000
+        row["latency"] = dict(row["latency"], median_ms=1234.5678, iqr_ms=98.7654)
+        row["train_seconds"] = 3 * 3600 + 17
+    text = render(report_table(report))
+    assert_fits(text)  # a long model name wraps in its column rather than being cut
+    assert "torchvision" in text and "11.7M" not in text and "50.9M" in text
+
+
+def test_cli_report_honours_columns_and_prints_warnings_after_the_table(run_copy, kdc, monkeypatch):
+    student = load_checkpoint(run_copy / "student" / "model.pt")["metrics"]["test_accuracy"]
+    edit_metrics(run_copy, "distilled", test_accuracy=student - 0.10)
+    result = kdc.runner.invoke(app, ["report", str(run_copy)], env={"COLUMNS": "100"})
+    kdc.assert_clean_exit(result, 0)
+    assert_fits(result.stdout)
+    table_at = result.stdout.index("kdc report: tiny")
+    warning_at = result.stdout.index("warning: distillation came out worse than the baseline")
+    assert warning_at > table_at
+    report = json.loads((run_copy / "report.json").read_text())
+    assert any("worse than the baseline" in w for w in report["warnings"])
+
+
+# --------------------------------------------------------------------------- numbers in report.json
+
+
+def test_report_json_has_settings_noise_and_honest_ratios(tiny_run, quick_latency):
+    report = json.loads(json.dumps(build_report(tiny_run, latency=True)))  # what report.json holds
+    rows = {r["stage"]: r for r in report["stages"]}
+    teacher = rows["teacher"]
+    for row in rows.values():
+        assert row["test_samples"] == 2000  # recorded at save time
+        p = row["accuracy"]
+        assert row["accuracy_se"] == pytest.approx(math.sqrt(p * (1 - p) / 2000))
+        assert 0.007 < row["accuracy_se"] < 0.009  # about 0.8 point on 2,000 images
+        assert row["epochs"] == 2 and row["settings"]["epochs"] == 2
+        assert row["train_seconds"] > 0
+        assert 0 < row["train_accuracy"] <= 1
+        assert row["nonzero_ratio_vs_teacher"] == pytest.approx(teacher["nonzero_params"] / row["nonzero_params"])
+        assert row["compression_vs_teacher"] == row["nonzero_ratio_vs_teacher"]
+        assert row["bytes_ratio_vs_teacher"] == pytest.approx(teacher["checkpoint_bytes"] / row["checkpoint_bytes"])
+        lat = row["latency"]
+        assert set(lat) >= {"median_ms", "iqr_ms", "p25_ms", "p75_ms", "batch", "threads"}
+        assert lat["p25_ms"] <= lat["median_ms"] <= lat["p75_ms"]
+        assert lat["iqr_ms"] == pytest.approx(lat["p75_ms"] - lat["p25_ms"])
+        assert (lat["batch"], lat["threads"]) == (1, 1)
+        assert row["latency_ms"] == lat["median_ms"]  # still the median, as a number
+    assert report["threads"] == 1
+    # the pruned model has 4x fewer non-zeros than the distilled one, and exactly as many bytes
+    assert rows["pruned"]["nonzero_ratio_vs_teacher"] > 3 * rows["pruned"]["bytes_ratio_vs_teacher"]
+    assert rows["distilled"]["settings"]["temperature"] == 4.0
+    assert rows["distilled"]["settings"]["alpha"] == 0.5
+    pruned = rows["pruned"]["settings"]
+    assert pruned["method"] == "unstructured magnitude"
+    assert (pruned["scope"], pruned["rate"], pruned["target_sparsity"]) == ("global", 0.5, 0.75)
+    assert rows["student"]["settings"]["loss"] == "cross-entropy"
+    comp = next(c for c in report["comparisons"] if (c["stage"], c["against"]) == ("distilled", "student"))
+    d, s = rows["distilled"], rows["student"]
+    assert comp["difference"] == pytest.approx(d["accuracy"] - s["accuracy"])
+    assert comp["se"] == pytest.approx(math.hypot(d["accuracy_se"], s["accuracy_se"]))
+    assert comp["within_noise"] == (abs(comp["difference"]) <= 2 * comp["se"])
+    assert isinstance(report["warnings"], list)
+
+
+def test_report_md_has_the_full_detail(tiny_run, quick_latency):
+    report = build_report(tiny_run, latency=True)
+    text = report_markdown(report)
+    rows = {r["stage"]: r for r in report["stages"]}
+    assert f"{rows['teacher']['params']:,}" in text  # full numbers, not 50.9k
+    assert f"{rows['pruned']['checkpoint_bytes']:,}" in text
+    for phrase in ("non-zero ratio vs teacher", "bytes ratio vs teacher", "± SE", "latency IQR",
+                   "unstructured magnitude (global)", "T=4.0 alpha=0.5", "distilled - student"):
+        assert phrase in text, phrase
+
+
+def test_report_without_test_samples_in_old_checkpoints(run_copy):
+    for stage in STAGES:
+        edit_metrics(run_copy, stage, drop=["test_samples"])
+    student = load_checkpoint(run_copy / "student" / "model.pt")["metrics"]["test_accuracy"]
+    edit_metrics(run_copy, "distilled", test_accuracy=student - 0.05)
+    report = build_report(run_copy)
+    assert all(r["test_samples"] is None and r["accuracy_se"] is None for r in report["stages"])
+    comp = report["comparisons"][0]
+    assert comp["se"] is None and comp["within_noise"] is None
+    assert any("noise is unknown" in w for w in report["warnings"])
+    text = render(report_table(report))
+    assert "±?" in text and "noise unknown" in text
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+@pytest.mark.parametrize(
+    "drop, verdict", [(0.05, "beyond noise"), (0.005, "within noise")], ids=["beyond-noise", "within-noise"]
+)
+def test_warns_when_distillation_is_worse_than_the_baseline(run_copy, drop, verdict):
+    student = load_checkpoint(run_copy / "student" / "model.pt")["metrics"]["test_accuracy"]
+    edit_metrics(run_copy, "distilled", test_accuracy=student - drop)
+    warnings = [w for w in build_report(run_copy)["warnings"] if "worse than the baseline" in w]
+    assert len(warnings) == 1
+    assert f"{drop * 100:.2f} points lower" in warnings[0]
+    assert verdict in warnings[0]
+
+
+def test_no_distillation_warning_when_it_helps(run_copy):
+    student = load_checkpoint(run_copy / "student" / "model.pt")["metrics"]["test_accuracy"]
+    edit_metrics(run_copy, "distilled", test_accuracy=student + 0.01)
+    assert not [w for w in build_report(run_copy)["warnings"] if "worse" in w]
+
+
+def _replace_teacher_with_cnn(run_dir: Path, test_accuracy: float, train_accuracy: float) -> None:
+    """A BatchNorm teacher (the built-in cnn) with the given final test and last-epoch train accuracy."""
+    path = run_dir / "teacher" / "model.pt"
+    ckpt = load_checkpoint(path)
+    spec = model_spec("cnn", {"channels": [4], "hidden": 16}, 10, [1, 28, 28])
+    ckpt["arch"] = spec
+    ckpt["state_dict"] = build_model(spec).state_dict()
+    ckpt["recipe"]["teacher"].update(model="cnn", args={"channels": [4], "hidden": 16})
+    ckpt["metrics"]["test_accuracy"] = test_accuracy
+    save_checkpoint(path, ckpt)
+    record = {"stage": "teacher", "epoch": 3, "train_accuracy": train_accuracy, "test_accuracy": test_accuracy}
+    (run_dir / "teacher" / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+
+
+def test_warns_when_a_batchnorm_model_sits_at_chance_and_suggests_recalibration(run_copy):
+    _replace_teacher_with_cnn(run_copy, test_accuracy=0.100, train_accuracy=0.846)
+    report = build_report(run_copy)
+    teacher = report["stages"][0]
+    assert teacher["has_batchnorm"] and teacher["train_accuracy"] == 0.846
+    warnings = [w for w in report["warnings"] if "at chance" in w]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("teacher:")
+    assert "10.0%" in warnings[0] and "84.6%" in warnings[0]
+    assert "run.bn_recalibrate" in warnings[0]
+
+
+def test_no_chance_warning_for_a_model_that_learned(run_copy):
+    _replace_teacher_with_cnn(run_copy, test_accuracy=0.80, train_accuracy=0.846)
+    assert not [w for w in build_report(run_copy)["warnings"] if "at chance" in w]
+
+
+def test_no_chance_warning_when_training_accuracy_is_low_too(run_copy):
+    _replace_teacher_with_cnn(run_copy, test_accuracy=0.10, train_accuracy=0.12)
+    assert not [w for w in build_report(run_copy)["warnings"] if "at chance" in w]
+
+
+def test_chance_warning_without_batchnorm_points_elsewhere():
+    row = {"stage": "student", "accuracy": 0.1, "test_samples": 2000, "num_classes": 10, "chance_accuracy": 0.1,
+           "train_accuracy": 0.9, "has_batchnorm": False, "settings": {}}
+    (warning,) = report_warnings({"stages": [row], "comparisons": []})
+    assert "at chance" in warning and "bn_recalibrate" not in warning
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def test_latency_is_a_median_with_its_spread_and_a_fixed_thread_count():
+    net = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).train()
+    threads_before = torch.get_num_threads()
+    timing = latency(net, (32,), batch=64, threads=1, min_run_time=0.05)
+    assert set(timing) >= {"median_ms", "iqr_ms", "p25_ms", "p75_ms", "batch", "threads"}
+    assert 0 < timing["p25_ms"] <= timing["median_ms"] <= timing["p75_ms"]
+    assert timing["iqr_ms"] == pytest.approx(timing["p75_ms"] - timing["p25_ms"])
+    assert (timing["batch"], timing["threads"]) == (64, 1)
+    assert torch.get_num_threads() == threads_before
+    assert net.training  # the caller's mode is kept
+    assert isinstance(latency_ms(net, (32,), min_run_time=0.02), float)
+
+
+# --------------------------------------------------------------------------- BatchNorm recalibration
+
+
+def _two_blobs(n: int, generator: torch.Generator) -> TensorData:
+    y = torch.randint(0, 2, (n,), generator=generator)
+    base = torch.where(y == 1, 170, 90).view(n, 1, 1, 1).float()
+    x = (base + torch.randn(n, 1, 4, 4, generator=generator) * 25).clamp(0, 255).to(torch.uint8)
+    return TensorData(x, y, (0.0,), (0.01,))  # inputs far from zero mean: BatchNorm statistics matter
+
+
+def test_recalibrate_batchnorm_brings_back_test_accuracy():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    train, test = _two_blobs(2000, g), _two_blobs(1000, g)
+    # momentum 0.001: the running statistics lag far behind the weights, as MobileNetV3's 0.01 does after few epochs
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8, momentum=0.001), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for epoch in range(3):
+        for x, y, _ in train.batches(64, shuffle=True, generator=torch.Generator().manual_seed(epoch)):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    before = evaluate(model, test, 500, torch.device("cpu"))["accuracy"]
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "batches" not in k}
+    model.eval()
+    used = recalibrate_batchnorm(model, train, batches=10, batch_size=64)
+    after = evaluate(model, test, 500, torch.device("cpu"))["accuracy"]
+    assert before <= 0.6  # at chance with the stale statistics
+    assert after >= 0.95
+    assert used == 10
+    assert model[2].momentum == 0.001 and not model.training  # momentum and mode restored
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # weights untouched
+
+
+def test_recalibrate_batchnorm_leaves_a_model_without_batchnorm_alone():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _two_blobs(100, torch.Generator().manual_seed(1))
+    assert recalibrate_batchnorm(model, data, batches=5, batch_size=32) == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_bn_recalibrate_key_is_off_by_default_and_keeps_fingerprints(tiny_recipe_text):
+    from kdcompress import pipeline
+    from kdcompress.recipe import parse_recipe
+
+    recipe = parse_recipe(tiny_recipe_text)
+    assert recipe.run.bn_recalibrate == 0
+    # the teacher and student fingerprints of the tiny recipe before the key existed: runs made then stay up to date
+    assert pipeline._fingerprint(recipe, "teacher", {}) == "921893e3b9bc5fc2"
+    assert pipeline._fingerprint(recipe, "student", {}) == "ae67e6138b2822f3"
+    on = parse_recipe(tiny_recipe_text, overrides=["run.bn_recalibrate=50"])
+    assert pipeline._fingerprint(on, "teacher", {}) != pipeline._fingerprint(recipe, "teacher", {})
+    with pytest.raises(Exception, match="bn_recalibrate"):
+        parse_recipe(tiny_recipe_text, overrides=["run.bn_recalibrate=-1"])
+
+
+def test_stage_recalibrates_batchnorm_when_asked(fresh_run, tiny_recipe_dict, kdc):
+    import yaml
+
+    tiny_recipe_dict["teacher"].update(model="cnn", args={"channels": [4], "hidden": 16}, epochs=1)
+    tiny_recipe_dict["run"]["bn_recalibrate"] = 3
+    work, result = fresh_run(yaml.safe_dump(tiny_recipe_dict), "bnrecal", "train-teacher")
+    assert "recomputed the BatchNorm running statistics from 3 training batches" in kdc.flat(result)
+    metrics = load_checkpoint(work / RUN / "teacher" / "model.pt")["metrics"]
+    assert metrics["bn_recalibrate_batches"] == 3
+    assert metrics["test_samples"] == 2000
