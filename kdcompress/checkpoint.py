@@ -203,6 +203,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         "sha256": hashlib.sha256(blob).hexdigest(),
         "stage": payload.get("stage"),
         "fingerprint": payload.get("fingerprint"),
+        "fingerprint_version": payload.get("fingerprint_version"),
     }
     text = (json.dumps(manifest) + "\n").encode()
     # both files are fully on disk before either is renamed into place

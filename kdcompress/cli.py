@@ -50,6 +50,7 @@ _state = {"debug": False}
 
 RecipeArg = typer.Argument(
     None,
+    metavar="[RECIPE]",
     help="recipe YAML file, or a run directory to go on with the settings it was made with; omit it for the "
     "built-in quickstart recipe",
     show_default=False,
@@ -150,74 +151,47 @@ def _stage_command(stage: str, recipe, overrides, force, restart) -> None:
     run_stage(loaded, stage, force=force, restart=restart, console=err)
 
 
-@app.command("train-teacher")
-@_friendly
-def train_teacher(
-    recipe: Optional[Path] = RecipeArg,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
-    restart: bool = RestartOpt,
-):
-    """Train the teacher with cross-entropy.
+def _add_stage_command(stage) -> None:
+    """Register ``kdc <stage.command>`` from a stage's declaration (stages.STAGES).
 
-    Example: kdc train-teacher my-recipe.yaml --set teacher.epochs=5   (`kdc recipes copy quickstart my-recipe.yaml` makes one)
+    Every stage command takes RECIPE, --set, --force and --restart, plus the stage's declared shortcut
+    options (``kdc prune --rate 0.05`` is ``--set prune.rate=0.05``).
     """
-    _stage_command("teacher", recipe, set_, force, restart)
+    import inspect
+
+    def command(**kwargs):
+        overrides = list(kwargs.pop("set_") or [])
+        for option, key, _ in stage.options:
+            if kwargs.get(option) is not None:
+                overrides.append(f"{key}={kwargs[option]!r}")
+        _stage_command(stage.name, kwargs["recipe"], overrides, kwargs["force"], kwargs["restart"])
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("recipe", keyword, default=RecipeArg, annotation=Optional[Path])]
+    params += [
+        inspect.Parameter(option, keyword, annotation=Optional[float],
+                          default=typer.Option(None, f"--{option}", help=f"{text} (sets {key})"))
+        for option, key, text in stage.options
+    ]
+    params += [
+        inspect.Parameter("set_", keyword, default=SetOpt, annotation=Optional[List[str]]),
+        inspect.Parameter("force", keyword, default=ForceOpt, annotation=bool),
+        inspect.Parameter("restart", keyword, default=RestartOpt, annotation=bool),
+    ]
+    command.__signature__ = inspect.Signature(params)
+    command.__name__ = stage.command.replace("-", "_")
+    command.__doc__ = f"{stage.summary}\n\nExample: {stage.example}"
+    app.command(stage.command)(_friendly(command))
 
 
-@app.command("train-student")
-@_friendly
-def train_student(
-    recipe: Optional[Path] = RecipeArg,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
-    restart: bool = RestartOpt,
-):
-    """Train the student alone with cross-entropy: the baseline that shows what distillation adds.
+def _add_stage_commands() -> None:
+    from .stages import STAGES
 
-    Example: kdc train-student   (the built-in quickstart recipe)
-    """
-    _stage_command("student", recipe, set_, force, restart)
+    for stage in STAGES:
+        _add_stage_command(stage)
 
 
-@app.command()
-@_friendly
-def distill(
-    recipe: Optional[Path] = RecipeArg,
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
-    restart: bool = RestartOpt,
-):
-    """Distil the trained teacher into the student (soft targets at temperature T).
-
-    Example: kdc distill --set distill.temperature=4 --set distill.alpha=0.5   or, going on from a run directory
-    with the settings it was made with: kdc distill runs/quickstart --set distill.epochs=2
-    """
-    _stage_command("distilled", recipe, set_, force, restart)
-
-
-@app.command()
-@_friendly
-def prune(
-    recipe: Optional[Path] = RecipeArg,
-    rate: Optional[float] = typer.Option(
-        None, "--rate", help="fraction of the still-non-zero prunable weights removed at each pruning step"
-    ),
-    target: Optional[float] = typer.Option(None, "--target", help="target sparsity: fraction of prunable weights at zero"),
-    set_: Optional[List[str]] = SetOpt,
-    force: bool = ForceOpt,
-    restart: bool = RestartOpt,
-):
-    """Prune the distilled student by weight magnitude and retrain it with its masks held.
-
-    Example: kdc prune --rate 0.05 --set prune.every=0.1
-    """
-    overrides = list(set_ or [])
-    if rate is not None:
-        overrides.append(f"prune.rate={rate!r}")
-    if target is not None:
-        overrides.append(f"prune.target_sparsity={target!r}")
-    _stage_command("pruned", recipe, overrides, force, restart)
+_add_stage_commands()
 
 
 @app.command()

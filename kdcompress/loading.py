@@ -136,7 +136,7 @@ class Preprocess:
                 return x
             if shape[1:] == (h, w, c):
                 return x.permute(0, 3, 1, 2)
-        grey = f"(H, W), (N, H, W), " if c == 1 else ""
+        grey = "(H, W), (N, H, W), " if c == 1 else ""
         raise ValueError(
             f"preprocess got images shaped {shape}; this model takes {c} channel(s) of {h}x{w}: pass {grey}"
             f"(C, H, W), (H, W, C), (N, C, H, W) or (N, H, W, C) with C={c}, H={h}, W={w} (resize them first; "

@@ -15,7 +15,6 @@ run`` skips such stages. Example::
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shlex
@@ -45,65 +44,33 @@ from .errors import CheckpointError, KdcError, StageOrderError
 from .measure import count_nonzero, count_params
 from .models import build_model, model_spec
 from .prune import MagnitudePruner, prunable_weights, weight_sparsity
-from .recipe import DataSection, Recipe, TrainSettings, recipe_to_dict, section_fingerprint
+from .recipe import Recipe, TrainSettings, recipe_to_dict
+from .stages import COMMAND_OF, STAGES, stage_named
 from .train import Hook, Runtime, evaluate, fit, recalibrate_batchnorm, resolve_device, seed_everything
 
 __all__ = ["STAGES", "COMMAND_OF", "run_pipeline", "run_stage", "stage_status", "checkpoint_path"]
 
-STAGES = ("teacher", "student", "distilled", "pruned")
-COMMAND_OF = {"teacher": "kdc train-teacher", "student": "kdc train-student", "distilled": "kdc distill", "pruned": "kdc prune"}
+FINGERPRINT_VERSION = 2  # 2: hashed from each stage's declared inputs (1: sections listed by hand)
 
 
 def checkpoint_path(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / stage / "model.pt"
 
 
-def _train_settings(section) -> dict:
-    """Only the TrainSettings fields of a section (the baseline shares distill's schedule, not T or alpha)."""
-    names = [f.name for f in dataclasses.fields(TrainSettings)]
-    return {n: getattr(section, n) for n in names}
-
-
 def _stage_inputs(recipe: dict, stage: str) -> dict:
-    """The recipe values a stage is made from, as ``{dotted key: value}`` (from a resolved recipe dict).
-
-    A stage that is out of date names the ones that changed, old value to new. (The fingerprint
-    covers the same values; it is still written out by hand in :func:`_fingerprint`.)
-    """
-    # data.workers says how batches are read, not what they hold: it is left out, so changing it does not retrain
-    data = {k: v for k, v in recipe["data"].items() if k != "workers"}
-    common = {"run.seed": recipe["run"]["seed"], **{f"data.{k}": v for k, v in data.items()}}
-    if recipe["run"].get("bn_recalibrate"):  # as in _fingerprint: named only when on
-        common["run.bn_recalibrate"] = recipe["run"]["bn_recalibrate"]
-    section = lambda name, keys=None: {  # noqa: E731
-        f"{name}.{k}": v for k, v in recipe[name].items() if keys is None or k in keys
-    }
-    train_keys = [f.name for f in dataclasses.fields(TrainSettings)]
-    if stage == "teacher":
-        return {**common, **section("teacher")}
-    if stage == "student":
-        return {**common, **section("student"), **section("distill", train_keys)}
-    if stage == "distilled":
-        return {**common, **section("student"), **section("distill")}
-    return {**common, **section("prune"), **section("distill", ["temperature", "alpha"])}
+    """The recipe values a stage is made from, as ``{dotted key: value}`` (from a resolved recipe dict)."""
+    return stage_named(stage).inputs(recipe)
 
 
 def _fingerprint(recipe: Recipe, stage: str, upstream: dict[str, str]) -> str:
-    # data.workers says how batches are read, not what they hold: fingerprinted at its default so that
-    # changing it does not retrain, and fingerprints from before this rule still match
-    data = dataclasses.replace(recipe.data, workers=DataSection().workers)
-    common = (recipe.run.seed, data)
-    if recipe.run.bn_recalibrate:  # it changes the saved model; at 0 (off) fingerprints stay as they were
-        common += (("bn_recalibrate", recipe.run.bn_recalibrate),)
-    if stage == "teacher":
-        return section_fingerprint(*common, recipe.teacher)
-    if stage == "student":
-        return section_fingerprint(*common, recipe.student, _train_settings(recipe.distill))
-    if stage == "distilled":
-        return section_fingerprint(*common, recipe.student, recipe.distill, upstream["teacher"])
-    prune = recipe.prune
-    teacher = upstream["teacher"] if prune.distill else None
-    return section_fingerprint(*common, prune, recipe.distill.temperature, recipe.distill.alpha, upstream["distilled"], teacher)
+    """A short hash of what the stage is made from: its declared inputs and the fingerprints of its upstream checkpoints."""
+    blob = {
+        "version": FINGERPRINT_VERSION,
+        "stage": stage,
+        "inputs": _stage_inputs(recipe_to_dict(recipe), stage),
+        "upstream": upstream,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _changes(old: dict, new: dict, stage: str) -> list[str]:
@@ -137,13 +104,9 @@ def _read_fingerprint(path: Path) -> str | None:
     return read_manifest(path).get("fingerprint")
 
 
-def _deps(recipe: Recipe, stage: str) -> list[str]:
+def _deps(recipe: Recipe, stage: str) -> tuple[str, ...]:
     """The stages whose checkpoints ``stage`` reads."""
-    if stage == "distilled":
-        return ["teacher"]
-    if stage == "pruned":
-        return ["distilled", "teacher"] if recipe.prune.distill else ["distilled"]
-    return []
+    return stage_named(stage).upstream(recipe)
 
 
 def _stale_dependency(recipe: Recipe, stage: str) -> StageStatus | None:
@@ -226,6 +189,14 @@ def stage_status(recipe: Recipe, stage: str) -> StageStatus:
     return StageStatus(stage, True, "up to date")
 
 
+def written_version(path: Path) -> int:
+    """The fingerprint version a checkpoint was written with (1 before versions were recorded)."""
+    try:
+        return int(read_manifest(path).get("fingerprint_version", 1))
+    except (CheckpointError, TypeError, ValueError):
+        return 1
+
+
 def _why_stale(recipe: Recipe, stage: str, path: Path) -> str:
     """Which recipe values changed since the checkpoint at ``path`` was written, old -> new."""
     try:
@@ -235,6 +206,8 @@ def _why_stale(recipe: Recipe, stage: str, path: Path) -> str:
     changes = _changes(written, recipe_to_dict(recipe), stage)
     if changes:
         return f"changed since {path} was written: {'; '.join(changes)}"
+    if written and written_version(path) != FINGERPRINT_VERSION:
+        return f"{path} was written by an earlier kdc, whose fingerprints were made differently; it is made again once"
     return f"{path} was made from an earlier checkpoint of a stage it depends on"
 
 
@@ -268,15 +241,16 @@ class _Pruning(Hook):
 
 
 def run_pipeline(
-    recipe: Recipe, force: bool = False, restart: bool = False, console: Console | None = None, stages=STAGES
+    recipe: Recipe, force: bool = False, restart: bool = False, console: Console | None = None, stages=None
 ) -> dict:
-    """Run every stage in order, skipping up-to-date ones unless ``force``; return stage metrics."""
+    """Run every enabled stage in order (or those named in ``stages``), skipping up-to-date ones unless ``force``;
+    return stage metrics."""
     console = console or Console(stderr=True)
     results = {}
-    for stage in stages:
-        if stage == "student" and not recipe.student.baseline:
+    for stage in STAGES:
+        if (stages is not None and stage.name not in stages) or not stage.enabled(recipe):
             continue
-        results[stage] = run_stage(recipe, stage, force=force, restart=restart, console=console)
+        results[stage.name] = run_stage(recipe, stage.name, force=force, restart=restart, console=console)
     return results
 
 
@@ -386,7 +360,7 @@ def run_stage(
     console.print(f"[bold]{stage}[/]: training on {data.name} ({len(data.train)} train, {len(data.test)} test) on {device}")
     started = time.perf_counter()
     ctx = _StageContext(recipe, stage, data, device, console, stage_dir / "metrics.jsonl", state_path, fingerprint)
-    model, spec, history, extra = _STAGE_FUNCS[stage](ctx)
+    model, spec, history, extra = _RUN[stage](ctx)
     if recipe.run.bn_recalibrate:
         used = recalibrate_batchnorm(
             model, data.train, recipe.run.bn_recalibrate, recipe.data.batch_size, device, seed=recipe.run.seed
@@ -413,6 +387,7 @@ def run_stage(
             "arch": spec,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "fingerprint": fingerprint,
+            "fingerprint_version": FINGERPRINT_VERSION,
             "recipe": recipe_to_dict(recipe),
             "metrics": metrics,
             "history": history,  # the epochs of metrics.jsonl, to restore it beside this checkpoint
@@ -600,9 +575,6 @@ def _stage_pruned(ctx: _StageContext):
     return model, spec, history, {"target_sparsity": p.target_sparsity, "pruning_steps": pruner.steps_taken}
 
 
-_STAGE_FUNCS = {
-    "teacher": _stage_teacher,
-    "student": _stage_student,
-    "distilled": _stage_distilled,
-    "pruned": _stage_pruned,
+_RUN = {  # each declared stage's run function: stages.STAGES names them, so declaring one imports no torch
+    stage.name: globals()[stage.run] for stage in STAGES
 }

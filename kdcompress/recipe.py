@@ -100,7 +100,10 @@ class DataSection:
     )
     crop_padding: int = field(default=0, metadata=_range(lo=0, doc="augment: random crop after zero padding (pixels)"))
     hflip: bool = field(default=False, metadata=_doc("augment: random horizontal flip"))
-    workers: int = field(default=2, metadata=_range(lo=0, doc="DataLoader workers (imagefolder and your own datasets)"))
+    # input: False -- how batches are read, not what they hold: changing it retrains no stage
+    workers: int = field(
+        default=2, metadata={**_range(lo=0, doc="DataLoader workers (imagefolder and your own datasets)"), "input": False}
+    )
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from .checkpoint import atomic_write_text, load_checkpoint
 from .errors import KdcError
 from .measure import count_macs, count_nonzero, count_params, latency as measure_latency
 from .models import build_model
+from .stages import STAGES
 from .prune import prunable_weights, weight_sparsity
 from .train import has_batchnorm
 
@@ -44,13 +45,8 @@ __all__ = [
     "LATENCY_THREADS",
 ]
 
-STAGE_ORDER = ("teacher", "student", "distilled", "pruned")
-DESCRIPTIONS = {
-    "teacher": "teacher, cross-entropy",
-    "student": "student alone, cross-entropy (baseline)",
-    "distilled": "student distilled from the teacher",
-    "pruned": "distilled student, pruned and retrained",
-}
+STAGE_ORDER = tuple(stage.name for stage in STAGES)  # declared once, in pipeline.STAGES
+DESCRIPTIONS = {stage.name: stage.description for stage in STAGES}
 # A difference within NOISE_Z standard errors (about 95 % for a normal estimate) is called within noise.
 NOISE_Z = 2.0
 # Latency runs on one thread unless asked otherwise: "all cores" on a shared machine is not a fixed setting.

@@ -1,0 +1,137 @@
+"""The stages of a kdc run, each declared once.
+
+A stage's declaration holds its name (its folder and report row), its command, its descriptions, the
+recipe values it reads, the stages it reads checkpoints from and the function that runs it. The
+fingerprint (what makes a stage out of date), the CLI's stage commands, the order of ``kdc run`` and
+the report's rows all come from here, so a new stage is one new entry::
+
+    >>> from kdcompress.stages import STAGES, stage_named
+    >>> [stage.command for stage in STAGES]
+    ['train-teacher', 'train-student', 'distill', 'prune']
+    >>> stage_named("distilled").upstream(None)
+    ('teacher',)
+
+This module imports no torch, so ``kdc --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Callable
+
+from .recipe import Recipe, TrainSettings
+
+__all__ = ["Stage", "STAGES", "STAGE_NAMES", "COMMAND_OF", "COMMON_READS", "stage_named"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run, declared once: the fingerprint, the CLI, the order and the report come from here.
+
+    ``reads`` lists the recipe values the stage is made from: a dotted key (``distill.temperature``) or a
+    whole section (``teacher``), whose keys marked ``input: False`` in the schema (``data.workers``: how
+    batches are read, not what they hold) are left out. A value not listed can never make the stage rerun.
+    ``upstream(recipe)`` names the stages whose checkpoints it reads; ``enabled(recipe)`` whether
+    ``kdc run`` runs it. ``run`` names the function in :mod:`kdcompress.pipeline` that trains it and
+    returns ``(model, spec, history, extra metrics)``.
+    ``options`` are CLI shortcuts for recipe keys: ``(option name, dotted key, help)``.
+    """
+
+    name: str
+    command: str
+    summary: str
+    description: str
+    example: str
+    reads: tuple[str, ...]
+    run: str  # the name of its run function in kdcompress.pipeline (so declaring stages imports no torch)
+    upstream: Callable[[Recipe], tuple[str, ...]] = lambda recipe: ()
+    enabled: Callable[[Recipe], bool] = lambda recipe: True
+    options: tuple[tuple[str, str, str], ...] = ()
+
+    def inputs(self, recipe: dict) -> dict:
+        """``{dotted key: value}`` of what this stage reads, from a resolved recipe dict."""
+        return _read_fields(recipe, self.reads)
+
+
+COMMON_READS = ("run.seed", "run.bn_recalibrate", "data")
+
+
+def _read_fields(recipe: dict, reads: tuple[str, ...]) -> dict:
+    found = {}
+    for key in reads:
+        section, _, name = key.partition(".")
+        if name:
+            found[key] = recipe[section][name]
+        else:
+            skip = _not_inputs(section)
+            found.update({f"{section}.{k}": v for k, v in recipe[section].items() if k not in skip})
+    return found
+
+
+def _not_inputs(section: str) -> set[str]:
+    """The keys of a recipe section whose schema marks them ``input: False``."""
+    cls = typing.get_type_hints(Recipe)[section]
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("input") is False}
+
+
+_TRAIN = tuple(f"distill.{f.name}" for f in dataclasses.fields(TrainSettings))  # the baseline's schedule
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        name="teacher",
+        command="train-teacher",
+        summary="Train the teacher with cross-entropy.",
+        description="teacher, cross-entropy",
+        example="kdc train-teacher my-recipe.yaml --set teacher.epochs=5   (`kdc recipes copy quickstart "
+        "my-recipe.yaml` makes one)",
+        reads=COMMON_READS + ("teacher",),
+        run="_stage_teacher",
+    ),
+    Stage(
+        name="student",
+        command="train-student",
+        summary="Train the student alone with cross-entropy: the baseline that shows what distillation adds.",
+        description="student alone, cross-entropy (baseline)",
+        example="kdc train-student   (the built-in quickstart recipe)",
+        reads=COMMON_READS + ("student.model", "student.args") + _TRAIN,
+        run="_stage_student",
+        enabled=lambda recipe: recipe.student.baseline,
+    ),
+    Stage(
+        name="distilled",
+        command="distill",
+        summary="Distil the trained teacher into the student (soft targets at temperature T).",
+        description="student distilled from the teacher",
+        example="kdc distill --set distill.temperature=4 --set distill.alpha=0.5   or, going on from a run "
+        "directory with the settings it was made with: kdc distill runs/quickstart --set distill.epochs=2",
+        reads=COMMON_READS + ("student.model", "student.args", "distill"),
+        run="_stage_distilled",
+        upstream=lambda recipe: ("teacher",),
+    ),
+    Stage(
+        name="pruned",
+        command="prune",
+        summary="Prune the distilled student by weight magnitude and retrain it with its masks held.",
+        description="distilled student, pruned and retrained",
+        example="kdc prune --rate 0.05 --set prune.every=0.1",
+        reads=COMMON_READS + ("prune", "distill.temperature", "distill.alpha"),
+        run="_stage_pruned",
+        upstream=lambda recipe: ("distilled", "teacher") if recipe.prune.distill else ("distilled",),
+        options=(
+            ("rate", "prune.rate", "fraction of the still-non-zero prunable weights removed at each pruning step"),
+            ("target", "prune.target_sparsity", "target sparsity: fraction of prunable weights at zero"),
+        ),
+    ),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+COMMAND_OF = {stage.name: f"kdc {stage.command}" for stage in STAGES}
+
+
+def stage_named(name: str) -> Stage:
+    """The declaration of the stage called ``name``."""
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"no stage named {name!r}; the stages are {', '.join(STAGE_NAMES)}")
