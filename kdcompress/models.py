@@ -171,9 +171,10 @@ def build_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> nn.Module:
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
+        # load_state_dict names the first mismatch on its second line
+        detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:300]
         raise CheckpointError(
-            f"{where}: its weights do not fit the architecture it names ({str(exc).splitlines()[0]}); rerun the "
-            f"stage with --force"
+            f"{where}: its weights do not fit the architecture it names ({detail}); rerun the stage with --force"
         ) from None
     return model
 

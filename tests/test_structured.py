@@ -249,6 +249,37 @@ def test_round_to_keeps_multiples():
     assert (model.net[1].out_features, model.net[3].out_features) == (32, 24)  # 28.8 -> 32, 18 -> 24
 
 
+def test_every_checkpoint_load_rebuilds_a_structured_stage(in_tmp, write_recipe):
+    """load_model, the pipeline's load_stage_model and the report all take a checkpoint with a structure."""
+    from kdcompress.checkpoint import save_checkpoint
+    from kdcompress.loading import load_model
+    from kdcompress.pipeline import checkpoint_path, load_stage_model
+    from kdcompress.recipe import load_recipe
+    from kdcompress.report import build_report
+
+    recipe = load_recipe(write_recipe(changes={"student": {"model": "cnn", "args": {"channels": [8, 16], "hidden": 32}}}))
+    spec = model_spec("cnn", {"channels": [8, 16], "hidden": 32}, 10, SHAPE)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    dense_macs = count_macs(model, SHAPE)
+    pruner = StructuredPruner(model, SHAPE)
+    pruner.prune_to(0.5)
+    path = checkpoint_path(recipe.run_dir, "pruned")
+    save_checkpoint(path, {"stage": "pruned", "arch": spec, "structure": pruner.history(),
+                           "state_dict": model.state_dict(), "recipe": {}, "dataset": "fashion-mnist-mini",
+                           "metrics": {"test_accuracy": 0.5, "test_samples": 1000}})
+    model.eval()
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        expected = model(x)
+        loaded, _ = load_model(path)
+        assert torch.equal(loaded(x), expected)
+        staged, arch = load_stage_model(recipe, "pruned", torch.device("cpu"))
+        assert arch == spec and torch.equal(staged.eval()(x), expected)
+    row = build_report(recipe.run_dir, latency=False)["stages"][0]
+    assert row["stage"] == "pruned" and row["macs"] == count_macs(model, SHAPE) and row["macs"] * 2 < dense_macs
+
+
 # --------------------------------------------------------------------------- fit
 
 
