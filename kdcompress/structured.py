@@ -322,11 +322,10 @@ class StructuredPruner:
             module for name, module in self._modules.items()
             if isinstance(module, _LAYER_TYPES) and (name not in selected or name == self.classifier)
         ]
-        self._scorer = {
-            "l1": lambda: tp.importance.MagnitudeImportance(p=1),
-            "l2": lambda: tp.importance.MagnitudeImportance(p=2),
-            "bn_scale": lambda: tp.importance.BNScaleImportance(),
-        }[importance]()
+        if importance == "bn_scale":
+            self._scorer = tp.importance.BNScaleImportance()
+        else:
+            self._scorer = tp.importance.MagnitudeImportance(p=1 if importance == "l1" else 2)
         self._graph = _dependency_graph(model, self.input_shape)
         groups = self._groups()
         if not groups:
