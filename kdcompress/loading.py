@@ -25,7 +25,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .data import preprocess_info
 from .errors import CheckpointError
-from .models import build_model
+from .models import build_from_checkpoint
 
 __all__ = ["load_model", "Preprocess"]
 
@@ -197,14 +197,7 @@ def load_model(
             f"{path} holds a model built by your own code ('{name}'); kdc imports code named in a checkpoint only "
             f"when asked: call load_model(..., allow_import=True) if you trust this file"
         )
-    model = build_model(arch, where=f"{path} (arch)")
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path}: its weights do not fit the architecture it names ({str(exc).splitlines()[0]}); rerun the "
-            f"stage with --force"
-        ) from None
+    model = build_from_checkpoint(ckpt, where=str(path))
     try:
         preprocess = Preprocess(_stored_preprocess(ckpt), device)
     except (KeyError, TypeError, ValueError) as exc:

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .errors import ModelError
+from .errors import CheckpointError, ModelError
 
 __all__ = [
     "MLP",
@@ -46,6 +46,7 @@ __all__ = [
     "LeNet5",
     "BUILTIN_MODELS",
     "build_model",
+    "build_from_checkpoint",
     "model_spec",
     "model_name_problem",
     "add_import_dir",
@@ -140,6 +141,42 @@ def build_model(spec: dict, where: str = "model") -> nn.Module:
     else:
         raise ModelError(f"{where}: {_unknown_model(name)}")
     return _call_factory(factory, name, args, num_classes, input_shape, where)
+
+
+def build_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> nn.Module:
+    """The network a stage checkpoint holds: built from its spec, given its pruned shapes, weights loaded.
+
+    ``ckpt`` is the dict of a kdc checkpoint (loaded with
+    ``weights_only=True``): ``arch`` (the spec), ``state_dict`` and, for a
+    model pruned structurally, ``structure``, the pruning history that
+    :func:`kdcompress.structured.apply_structure` replays on the fresh build
+    so the smaller weights fit. ``where`` names the checkpoint in error
+    messages. Weights that do not fit raise CheckpointError. The model is
+    returned on the CPU, in training mode.
+
+    Example::
+
+        >>> ckpt = load_checkpoint(Path("runs/quickstart/pruned/model.pt"))  # doctest: +SKIP
+        >>> model = build_from_checkpoint(ckpt, where="pruned checkpoint").eval()  # doctest: +SKIP
+    """
+    model = build_model(ckpt["arch"], where=where)
+    structure = ckpt.get("structure")
+    if structure:
+        from .structured import apply_structure  # torch-pruning is imported only for structured checkpoints
+
+        try:
+            apply_structure(model, structure, ckpt["arch"]["input_shape"])
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: its 'structure' entry cannot be rebuilt ({exc}); rerun the stage with --force") from None
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        # load_state_dict names the first mismatch on its second line
+        detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:300]
+        raise CheckpointError(
+            f"{where}: its weights do not fit the architecture it names ({detail}); rerun the stage with --force"
+        ) from None
+    return model
 
 
 def model_name_problem(name: str) -> str | None:

@@ -42,7 +42,7 @@ from .data import Augment, DataSplits, load_data
 from .distill import kd_loss, kd_loss_from_log_probs, teacher_log_probs, teacher_logits
 from .errors import CheckpointError, KdcError, StageOrderError
 from .measure import count_nonzero, count_params
-from .models import build_model, model_spec
+from .models import build_from_checkpoint, build_model, model_spec
 from .prune import MagnitudePruner, prunable_weights, weight_sparsity
 from .recipe import Recipe, TrainSettings, recipe_to_dict
 from .stages import COMMAND_OF, STAGES, stage_named
@@ -440,8 +440,7 @@ def _write_resolved_recipe(recipe: Recipe) -> None:
 def load_stage_model(recipe: Recipe, stage: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """A stage's trained model, on ``device``, and its architecture spec."""
     ckpt = load_checkpoint(checkpoint_path(recipe.run_dir, stage))
-    model = build_model(ckpt["arch"], where=f"{stage} checkpoint")
-    model.load_state_dict(ckpt["state_dict"])
+    model = build_from_checkpoint(ckpt, where=f"{stage} checkpoint")
     return model.to(device), ckpt["arch"]
 
 

@@ -29,7 +29,7 @@ from rich.text import Text
 from .checkpoint import atomic_write_text, load_checkpoint
 from .errors import KdcError
 from .measure import count_macs, count_nonzero, count_params, latency as measure_latency
-from .models import build_model
+from .models import build_from_checkpoint
 from .stages import STAGES
 from .prune import prunable_weights, weight_sparsity
 from .train import has_batchnorm
@@ -162,8 +162,7 @@ def build_report(run_dir: str | Path, latency: bool | None = None, threads: int 
         dataset = dataset or ckpt.get("dataset")
         prune = recipe.get("prune", {})
         do_latency = recipe.get("report", {}).get("latency", True) if latency is None else latency
-        model = build_model(ckpt["arch"], where=f"{stage} checkpoint")
-        model.load_state_dict(ckpt["state_dict"])
+        model = build_from_checkpoint(ckpt, where=f"{stage} checkpoint")
         model.eval()
         shape = tuple(ckpt["arch"]["input_shape"])
         weights = prunable_weights(model, prune.get("include", ["*"]), prune.get("exclude", []))

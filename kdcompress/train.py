@@ -16,7 +16,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -42,8 +42,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torc
 class Hook:
     """Callbacks into :func:`fit`; every method is optional."""
 
-    def on_batch_start(self, step: int, batches_per_epoch: int) -> None:
-        """Before the forward pass of global batch ``step`` (0-based, counted over all epochs)."""
+    def on_batch_start(self, step: int, batches_per_epoch: int) -> bool | None:
+        """Before the forward pass of global batch ``step`` (0-based, counted over all epochs).
+
+        Return True when the model's parameters were replaced (structured
+        pruning removed channels): :func:`fit` then builds a new optimiser for
+        them. None or False: they are the same tensors as before.
+        """
 
     def after_optimizer_step(self, step: int) -> None:
         """Right after ``optimizer.step()``."""
@@ -349,10 +354,14 @@ def fit(
     nothing here picks a checkpoint by test accuracy.
 
     With ``state_path``, every epoch ends by saving everything needed to go
-    on (model, optimiser, schedule, hook state such as pruning masks, RNG
-    states, metrics so far); a later call with the same ``state_tag`` resumes
-    after the last completed epoch and ends with the same result as an
-    uninterrupted run.
+    on (model, optimiser, schedule, hook state such as pruning masks or a
+    structured pruning history, RNG states, metrics so far); a later call
+    with the same ``state_tag`` resumes after the last completed epoch and
+    ends with the same result as an uninterrupted run.
+
+    A hook whose :meth:`Hook.on_batch_start` returns True has changed the
+    model's parameters (structured pruning replaces them with smaller ones);
+    the optimiser is then built anew for them (see :func:`_rebuild_optimizer`).
 
     Under torch.distributed (see :mod:`kdcompress.distributed`) each rank
     trains a DistributedDataParallel copy on its shard, with ``batch_size``
@@ -363,78 +372,27 @@ def fit(
     console = console or Console(stderr=True)
     if not main:
         console = Console(stderr=True, quiet=True)
-    hooks = list(hooks)
-    model.to(device)
-    cuda = device.type == "cuda"
-    if runtime.channels_last and cuda:
-        model.to(memory_format=torch.channels_last)
-    world, rank = distributed.world_size(), distributed.rank()
-    optimizer = make_optimizer(model, settings)
-    scheduler = make_scheduler(optimizer, settings)
-    train = data.train
-    eval_name, eval_data = data.eval_split
+    world = distributed.world_size()
     per_rank_batch = max(1, batch_size // world)
-    batches_per_epoch = train.num_batches(per_rank_batch, world)
-    history: list[dict] = []
-    step, first_epoch = 0, 0
-    state = _load_state(state_path, state_tag, console, stage)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for hook, hook_state in zip(hooks, state["hooks"]):
-            hook.load_state_dict(hook_state)
-        _set_rng_state(state["rng"])
-        history, step, first_epoch = list(state["history"]), state["step"], state["epoch"]
+    loop = _Loop(
+        model=model, loss_fn=loss_fn, settings=settings, hooks=list(hooks), device=device, runtime=runtime,
+        seed=seed, stage=stage, state_path=state_path, state_tag=state_tag, main=main,
+        per_rank_batch=per_rank_batch, batches_per_epoch=data.train.num_batches(per_rank_batch, world),
+    )
+    model.to(device)
+    first_epoch = _restore(loop, _load_state(state_path, state_tag, console, stage))
+    if first_epoch:
         console.print(f"[bold]{stage}[/]: resuming after epoch {first_epoch}/{settings.epochs} (from {state_path})")
     if metrics_path is not None and main:  # the metrics file always matches the epochs the model has seen
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
-    net: nn.Module = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
-    if runtime.compile:
-        net = torch.compile(net)
-    use_bf16 = cuda and runtime.precision == "bf16"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in loop.history))
+    eval_name, eval_data = data.eval_split
     with _progress(console) as progress:
         for epoch in range(first_epoch, settings.epochs):
             started = time.perf_counter()
-            task = progress.add_task(f"{stage} {epoch + 1}/{settings.epochs}", total=batches_per_epoch, status="")
-            net.train()
-            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            epoch_start_step = step
-            tally = _Tally(device)
-            batches = train.batches(
-                per_rank_batch, shuffle=True, generator=generator, shard=(rank, world), augment=runtime.augment or None
-            )
-            for x, y, idx in batches:
-                for hook in hooks:
-                    hook.on_batch_start(step, batches_per_epoch)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if runtime.channels_last and cuda and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    logits = net(x)
-                    loss = loss_fn(logits.float(), y, idx, x)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for hook in hooks:
-                    hook.after_optimizer_step(step)
-                step += 1
-                tally.add(loss, logits, y)
-                if tally.pending >= _CHECK_EVERY:
-                    _check_losses(tally, step, epoch, batches_per_epoch, stage, settings, state_path)
-                    if main:
-                        progress.update(task, completed=step - epoch_start_step, status=tally.status())
-            _check_losses(tally, step, epoch, batches_per_epoch, stage, settings, state_path)
-            loss_sum, correct, seen = distributed.all_reduce_sum([tally.loss_sum, tally.correct, float(tally.seen)], device)
+            loss_sum, correct, seen = _train_epoch(loop, data.train, epoch, progress)
             train_seconds = time.perf_counter() - started
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            progress.remove_task(task)
+            lr = loop.optimizer.param_groups[0]["lr"]
+            loop.scheduler.step()
             result = evaluate(model, eval_data, eval_batch_size, device)
             record = {
                 "stage": stage,
@@ -447,24 +405,11 @@ def fit(
                 "train_seconds": train_seconds,  # the training pass alone
                 "seconds": time.perf_counter() - started,  # with evaluation
             }
-            for hook in hooks:
+            for hook in loop.hooks:
                 record.update(hook.epoch_metrics())
-            history.append(record)
+            loop.history.append(record)
             if state_path is not None and main:
-                save_state(
-                    state_path,
-                    {
-                        "tag": state_tag,
-                        "epoch": epoch + 1,
-                        "step": step,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "hooks": [hook.state_dict() for hook in hooks],
-                        "rng": _rng_state(),
-                        "history": history,
-                    },
-                )
+                _save_epoch_state(loop, epoch + 1)
             if metrics_path is not None and main:
                 append_jsonl(metrics_path, record)
             extra = "".join(f"  {k} {v:.3f}" for k, v in record.items() if k == "sparsity")
@@ -475,6 +420,162 @@ def fit(
             )
     if any(math.isnan(p.detach().sum().item()) for p in model.parameters()):
         raise KdcError(f"{stage}: the weights hold NaN after training; lower the learning rate")
-    if runtime.channels_last and cuda:  # checkpoints keep the default layout
+    if runtime.channels_last and device.type == "cuda":  # checkpoints keep the default layout
         model.to(memory_format=torch.contiguous_format)
-    return history
+    return loop.history
+
+
+@dataclass
+class _Loop:
+    """One call of :func:`fit`: what stays fixed, and what training changes as it goes."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    settings: TrainSettings
+    hooks: list[Hook]
+    device: torch.device
+    runtime: Runtime
+    seed: int
+    stage: str
+    state_path: Path | None
+    state_tag: str
+    main: bool
+    per_rank_batch: int
+    batches_per_epoch: int
+    # set by _restore, replaced by _rebuild_optimizer when the parameters change
+    net: nn.Module | None = None  # what batches go through: the model, wrapped for DDP and compiled as asked
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object = None
+    step: int = 0  # global batch index, counted over all epochs
+    history: list[dict] = field(default_factory=list)
+
+
+def _prepare(loop: _Loop) -> None:
+    """Put the model in the runtime's memory format and wrap it for DDP and compilation as asked."""
+    model, cuda = loop.model, loop.device.type == "cuda"
+    if loop.runtime.channels_last and cuda:
+        model.to(memory_format=torch.channels_last)
+    net: nn.Module = model
+    if distributed.world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[loop.device.index] if cuda else None)
+    if loop.runtime.compile:
+        net = torch.compile(net)
+    loop.net = net
+
+
+def _restore(loop: _Loop, state: dict | None) -> int:
+    """Build the optimiser and schedule; with a resume ``state``, put everything back first. Returns the first epoch.
+
+    The hooks are restored before the weights: a structured pruning hook
+    replays its history, so the freshly built model takes the shapes the
+    saved weights have. The optimiser is built after that, for those
+    parameters, and then takes its saved state.
+    """
+    model = loop.model
+    if state is not None:
+        try:
+            for hook, hook_state in zip(loop.hooks, state["hooks"]):
+                hook.load_state_dict(hook_state)
+            model.load_state_dict(state["model"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            # load_state_dict puts the first mismatch on its second line
+            detail = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])[:300]
+            raise CheckpointError(
+                f"the resume state {loop.state_path} does not fit the model ({type(exc).__name__}: {detail}); "
+                f"rerun with --restart to start the '{loop.stage}' stage over"
+            ) from None
+    _prepare(loop)
+    loop.optimizer = make_optimizer(model, loop.settings)
+    loop.scheduler = make_scheduler(loop.optimizer, loop.settings)
+    if state is None:
+        return 0
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    loop.history, loop.step = list(state["history"]), state["step"]
+    return state["epoch"]
+
+
+def _rebuild_optimizer(loop: _Loop) -> None:
+    """A new optimiser for parameters that a hook replaced (structured pruning), at the current learning rate.
+
+    The settings are the recipe's, the learning rate the one in force and
+    the schedule goes on from its saved state. The momentum buffers (SGD) or
+    moment estimates (Adam) of the old parameters are dropped: they have the
+    old shapes, and a new optimiser starts them afresh, as after a restart.
+    The DDP/compiled wrappers hold the old parameters too, so they are
+    rebuilt. A resumed run rebuilds at the same step, so it stays identical
+    to an uninterrupted one.
+    """
+    lrs = [group["lr"] for group in loop.optimizer.param_groups]
+    schedule = loop.scheduler.state_dict()
+    _prepare(loop)
+    loop.optimizer = make_optimizer(loop.model, loop.settings)
+    loop.scheduler = make_scheduler(loop.optimizer, loop.settings)  # building it sets the initial lr ...
+    loop.scheduler.load_state_dict(schedule)
+    for group, lr in zip(loop.optimizer.param_groups, lrs):  # ... so the one in force is put back
+        group["lr"] = lr
+
+
+def _train_epoch(loop: _Loop, train: TensorData, epoch: int, progress: Progress) -> tuple[float, float, float]:
+    """One pass over the training split; returns (loss sum, correct, samples) summed over all ranks."""
+    settings, device, runtime = loop.settings, loop.device, loop.runtime
+    cuda = device.type == "cuda"
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if cuda and runtime.precision == "bf16" else contextlib.nullcontext()
+    )
+    task = progress.add_task(f"{loop.stage} {epoch + 1}/{settings.epochs}", total=loop.batches_per_epoch, status="")
+    loop.net.train()
+    generator = torch.Generator().manual_seed(loop.seed * 100_003 + epoch)
+    epoch_start_step = loop.step
+    tally = _Tally(device)
+    batches = train.batches(
+        loop.per_rank_batch, shuffle=True, generator=generator, shard=(distributed.rank(), distributed.world_size()),
+        augment=runtime.augment or None,
+    )
+    for x, y, idx in batches:
+        changed = [hook.on_batch_start(loop.step, loop.batches_per_epoch) for hook in loop.hooks]  # every hook runs
+        if any(changed):
+            _rebuild_optimizer(loop)
+            loop.net.train()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if runtime.channels_last and cuda and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = loop.net(x)
+            loss = loop.loss_fn(logits.float(), y, idx, x)
+        loop.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        loop.optimizer.step()
+        for hook in loop.hooks:
+            hook.after_optimizer_step(loop.step)
+        loop.step += 1
+        tally.add(loss, logits, y)
+        if tally.pending >= _CHECK_EVERY:
+            _check_losses(tally, loop.step, epoch, loop.batches_per_epoch, loop.stage, settings, loop.state_path)
+            if loop.main:
+                progress.update(task, completed=loop.step - epoch_start_step, status=tally.status())
+    _check_losses(tally, loop.step, epoch, loop.batches_per_epoch, loop.stage, settings, loop.state_path)
+    progress.remove_task(task)
+    loss_sum, correct, seen = distributed.all_reduce_sum([tally.loss_sum, tally.correct, float(tally.seen)], device)
+    return loss_sum, correct, seen
+
+
+def _save_epoch_state(loop: _Loop, epochs_done: int) -> None:
+    """Everything needed to go on after ``epochs_done`` epochs, written atomically to the state path."""
+    save_state(
+        loop.state_path,
+        {
+            "tag": loop.state_tag,
+            "epoch": epochs_done,
+            "step": loop.step,
+            "model": loop.model.state_dict(),
+            "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict(),
+            "hooks": [hook.state_dict() for hook in loop.hooks],
+            "rng": _rng_state(),
+            "history": loop.history,
+        },
+    )
