@@ -522,8 +522,9 @@ def _stage_name(row: dict) -> str:
 
 
 def report_table(report: dict) -> Group:
-    """The report for the terminal: two tables that fit 100 columns, the stage settings and the
-    distilled-against-baseline comparison (warnings are in ``report["warnings"]``; the CLI prints them)."""
+    """The report for the terminal: three tables that fit 100 columns (accuracy; size; MACs and latency, one
+    column per batch size), their notes, the stage settings and the distilled-against-baseline comparison. A
+    stale stage is named ``stage*`` (warnings are in ``report["warnings"]``; the CLI prints them)."""
     rows = report["stages"]
     first = Table(title=f"kdc report: {report['recipe']} on {report['dataset']}", title_justify="left")
     first.add_column("stage", no_wrap=True)
