@@ -174,7 +174,18 @@ class PruneSection(TrainSettings):
 @dataclass(frozen=True)
 class ReportSection:
     latency: bool = field(default=True, metadata=_doc("measure CPU inference latency for each stage"))
-    latency_batch: int = field(default=1, metadata=_range(lo=1, doc="batch size for the latency measurement"))
+    latency_batches: list[int] = field(
+        default_factory=lambda: [1, 64], metadata=_doc("batch sizes for the latency measurement, each >= 1")
+    )
+    threads: int = field(
+        default=2,
+        metadata=_range(lo=1, doc="CPU threads for the latency measurement (fewer if the machine has fewer cores)"),
+    )
+    # Kept so that recipes and run directories written before latency_batches still load: a value here
+    # measures that one batch size, as it did then.
+    latency_batch: Optional[int] = field(
+        default=None, metadata=_range(lo=1, doc="deprecated: one batch size; use latency_batches")
+    )
 
 
 @dataclass(frozen=True)
@@ -673,6 +684,7 @@ def _name_checks(raw: dict, lines: dict) -> list[Problem]:
 def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
     """Checks that involve more than one value."""
     problems = []
+    problems.extend(_report_checks(recipe.report, lines))
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", recipe.run.device):
         problems.append(
             Problem("run.device", f"must be auto, cpu, cuda or cuda:N, got {recipe.run.device!r}", _line(lines, ("run", "device")))
@@ -689,6 +701,31 @@ def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
                 f"steps, one every {p.every} epoch(s), so more than {need:g} epochs of retraining; raise prune.epochs "
                 f"or prune.rate, or lower prune.every",
                 _line(lines, ("prune", "epochs")) or _line(lines, ("prune",)),
+            )
+        )
+    return problems
+
+
+def _report_checks(report: ReportSection, lines: dict) -> list[Problem]:
+    """Latency batch sizes: at least one, each >= 1; the deprecated single size only on its own."""
+    problems = []
+    where = ("report", "latency_batches")
+    if not report.latency_batches:
+        problems.append(
+            Problem("report.latency_batches", "needs at least one batch size, e.g. [1, 64]", _line(lines, where))
+        )
+    for i, batch in enumerate(report.latency_batches):
+        if batch < 1:
+            message = f"must be >= 1, got {batch!r} (a batch size)"
+            problems.append(Problem(f"report.latency_batches.{i}", message, _line(lines, where + (i,))))
+    given = where in lines or report.latency_batches != ReportSection().latency_batches  # lines: keys in the text
+    if report.latency_batch is not None and given:
+        problems.append(
+            Problem(
+                "report.latency_batch",
+                f"is the old name of report.latency_batches; keep only latency_batches (latency_batch: "
+                f"{report.latency_batch} means latency_batches: [{report.latency_batch}])",
+                _line(lines, ("report", "latency_batch")),
             )
         )
     return problems

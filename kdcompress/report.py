@@ -12,15 +12,21 @@ and ``report.md`` next to them. Example::
 Besides the measurements, a report carries what a ship decision needs: each
 stage's settings, the noise in its test accuracy (binomial standard error),
 distilled against the student trained alone with the standard error of the
-difference, latency as a median with its spread, and ``warnings`` for results
-that should not be trusted as they stand.
+difference, latency as a median with its spread at each batch size, dense
+MACs beside the MACs of the non-zero weights alone, and ``warnings`` for results
+that should not be trusted as they stand, a stage whose checkpoint is stale
+against the run's ``recipe.yaml`` among them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 from pathlib import Path
+
+import yaml
 
 from rich.console import Group
 from rich.table import Table
@@ -28,10 +34,11 @@ from rich.text import Text
 
 from .checkpoint import atomic_write_text, load_checkpoint
 from .errors import KdcError
-from .measure import count_macs, count_nonzero, count_params, latency as measure_latency
+from .measure import count_macs, count_nonzero, count_params, count_sparse_macs, latencies
 from .models import build_from_checkpoint
 from .stages import STAGES
 from .prune import prunable_weights, weight_sparsity
+from .recipe import Recipe, ReportSection, recipe_from_dict, recipe_to_dict
 from .train import has_batchnorm
 
 __all__ = [
@@ -45,12 +52,13 @@ __all__ = [
     "LATENCY_THREADS",
 ]
 
-STAGE_ORDER = tuple(stage.name for stage in STAGES)  # declared once, in pipeline.STAGES
+STAGE_ORDER = tuple(stage.name for stage in STAGES)  # declared once, in stages.STAGES
 DESCRIPTIONS = {stage.name: stage.description for stage in STAGES}
 # A difference within NOISE_Z standard errors (about 95 % for a normal estimate) is called within noise.
 NOISE_Z = 2.0
-# Latency runs on one thread unless asked otherwise: "all cores" on a shared machine is not a fixed setting.
-LATENCY_THREADS = 1
+# Latency runs on a fixed thread count (report.threads; fewer if the machine has fewer cores): "all cores"
+# on a shared machine is not a fixed setting.
+LATENCY_THREADS = ReportSection().threads
 LATENCY_MIN_RUN_TIME = 0.5  # seconds of timed runs per stage (torch.utils.benchmark blocked_autorange)
 PRUNING_METHOD = "unstructured magnitude"
 # (first stage, second stage): the report states second - first with its standard error
@@ -138,11 +146,72 @@ def _stage_settings(stage: str, recipe: dict, metrics: dict) -> dict:
     return settings
 
 
-def build_report(run_dir: str | Path, latency: bool | None = None, threads: int = LATENCY_THREADS) -> dict:
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _latency_settings(section: dict) -> tuple[bool, list[int], int]:
+    """(measure latency?, batch sizes, threads asked) from a recipe's ``report`` section as a plain dict.
+
+    A dict, not a ReportSection, because a checkpoint's recipe may come from an older kdc: the
+    deprecated ``latency_batch`` (one size) stands for ``latency_batches: [size]``.
+    """
+    default = ReportSection()
+    single = section.get("latency_batch")
+    batches = [single] if single is not None else section.get("latency_batches") or default.latency_batches
+    threads = int(section.get("threads") or default.threads)
+    return bool(section.get("latency", default.latency)), [int(b) for b in batches], threads
+
+
+def _run_recipe(run_dir: str | Path) -> tuple[Recipe | None, str | None]:
+    """The recipe ``run_dir/recipe.yaml`` holds (the resolved recipe written at each stage start), pointed at
+    ``run_dir`` wherever the directory now is; or (None, why not).
+
+    Read as data, like a checkpoint's recipe: ``recipe_from_dict`` validates every value but imports no
+    model or dataset named in it (``kdc report`` of a directory from elsewhere runs no code for it).
+    """
+    from .recipe import _Loader  # the loader recipes are read with: 5e-2 is a number, as in YAML 1.2
+
+    run_dir = Path(run_dir)
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return None, f"{path} is missing"
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        recipe = recipe_from_dict(raw if isinstance(raw, dict) else {}, source=str(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KdcError) as exc:
+        return None, f"{path} does not load ({' '.join(str(exc).split())})"
+    # a copied or moved run directory: its stages are here, not where run.out_dir/run.name pointed
+    run = dataclasses.replace(recipe.run, out_dir=str(run_dir.parent), name=run_dir.name)
+    return dataclasses.replace(recipe, run=run), None
+
+
+def _stale_stages(recipe: Recipe, stages: list[str]) -> dict[str, str | None]:
+    """Per stage: why its checkpoint is not what ``recipe`` describes (``pipeline.stage_status``), or None."""
+    from .pipeline import stage_status  # the rule the stage commands skip or rerun by
+
+    stale = {}
+    for stage in stages:
+        try:
+            status = stage_status(recipe, stage)
+            stale[stage] = None if status.done else status.reason
+        except KdcError as exc:
+            stale[stage] = f"cannot tell whether it is up to date: {exc}"
+    return stale
+
+
+def build_report(
+    run_dir: str | Path, latency: bool | None = None, threads: int | None = None, batches: list[int] | None = None
+) -> dict:
     """Measure every stage checkpoint in ``run_dir``; return the report as a dict.
 
-    ``latency=None`` follows the run's recipe (``report.latency``); latency
-    is timed on the CPU with ``threads`` threads.
+    ``latency``, ``threads`` and ``batches`` default to the run's recipe (``report.latency``,
+    ``report.threads``, ``report.latency_batches``); latency is timed on the CPU with that many
+    threads, at most as many as the machine has cores. Each stage row says whether its checkpoint
+    is ``stale`` against ``run_dir/recipe.yaml`` (why, or None).
     """
     run_dir = Path(run_dir)
     found = [s for s in STAGE_ORDER if (run_dir / s / "model.pt").is_file()]
@@ -151,17 +220,28 @@ def build_report(run_dir: str | Path, latency: bool | None = None, threads: int 
             f"no stage checkpoints in {run_dir} (looked for {', '.join(f'{s}/model.pt' for s in STAGE_ORDER)}); "
             f"run `kdc run RECIPE` first, or pass the run directory (runs/<recipe name>)"
         )
+    checkpoints = {stage: load_checkpoint(run_dir / stage / "model.pt") for stage in found}
+    current, recipe_problem = _run_recipe(run_dir)
+    stale = _stale_stages(current, found) if current is not None else dict.fromkeys(found)
+    # one setting for every stage, so that their latencies compare: the run's, else the last stage's
+    if current is not None:
+        section = recipe_to_dict(current.report)
+    else:
+        section = checkpoints[found[-1]].get("recipe", {}).get("report", {})
+    do_latency, asked_batches, asked_threads = _latency_settings(section)
+    do_latency = do_latency if latency is None else latency
+    batches = [int(b) for b in (batches or asked_batches)]
+    asked_threads = asked_threads if threads is None else int(threads)
+    threads = max(1, min(asked_threads, _available_cores()))
     rows = []
     recipe_name = dataset = None
-    latency_batch = None
     for stage in found:
-        ckpt = load_checkpoint(run_dir / stage / "model.pt")
+        ckpt = checkpoints[stage]
         recipe = ckpt.get("recipe", {})
         metrics = ckpt["metrics"]
         recipe_name = recipe_name or recipe.get("run", {}).get("name")
         dataset = dataset or ckpt.get("dataset")
         prune = recipe.get("prune", {})
-        do_latency = recipe.get("report", {}).get("latency", True) if latency is None else latency
         model = build_from_checkpoint(ckpt, where=f"{stage} checkpoint")
         model.eval()
         shape = tuple(ckpt["arch"]["input_shape"])
@@ -172,12 +252,12 @@ def build_report(run_dir: str | Path, latency: bool | None = None, threads: int 
         last = _last_epoch(run_dir / stage / "metrics.jsonl") or (ckpt.get("history") or [None])[-1]
         timing = None
         if do_latency:
-            latency_batch = recipe.get("report", {}).get("latency_batch", 1)
-            timing = measure_latency(model, shape, batch=latency_batch, threads=threads, min_run_time=LATENCY_MIN_RUN_TIME)
+            timing = latencies(model, shape, batches=batches, threads=threads, min_run_time=LATENCY_MIN_RUN_TIME)
         row = {
             "stage": stage,
             "description": DESCRIPTIONS[stage],
             "model": ckpt["arch"]["model"],
+            "stale": stale[stage],
             "accuracy": accuracy,
             "accuracy_se": accuracy_se(accuracy, test_samples),
             "test_samples": test_samples,
@@ -194,7 +274,9 @@ def build_report(run_dir: str | Path, latency: bool | None = None, threads: int 
             "target_sparsity": metrics.get("target_sparsity"),
             "checkpoint_bytes": (run_dir / stage / "model.pt").stat().st_size,
             "macs": count_macs(model, shape),
-            "latency_ms": timing["median_ms"] if timing else None,  # the median, as before
+            "sparse_macs": count_sparse_macs(model, shape),
+            # {"1": median ms, "64": median ms}; the spread of each in "latency"
+            "latency_ms": {b: t["median_ms"] for b, t in timing.items()} if timing else None,
             "latency": timing,
             "train_seconds": metrics.get("seconds"),
         }
@@ -215,9 +297,14 @@ def build_report(run_dir: str | Path, latency: bool | None = None, threads: int 
         "recipe": recipe_name,
         "dataset": dataset,
         "run_dir": str(run_dir),
-        "latency_batch": latency_batch,
+        "latency_batches": batches if do_latency else None,
         "threads": threads,
+        "threads_asked": asked_threads,
+        # read by OpenMP when torch starts: PASSIVE keeps waiting threads from spinning (see the latency note)
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "noise_z": NOISE_Z,
+        "stale_checked": current is not None,
+        "stale_check_problem": recipe_problem,
         "stages": rows,
         "comparisons": comparisons,
     }
@@ -235,6 +322,18 @@ def _near_chance(row: dict) -> bool:
 def report_warnings(report: dict) -> list[str]:
     """Results in ``report`` that should not be trusted or shipped as they stand, one sentence each."""
     warnings = []
+    recipe_file = Path(report.get("run_dir") or ".") / "recipe.yaml"
+    for row in report["stages"]:
+        if row.get("stale"):
+            warnings.append(
+                f"{row['stage']} is stale: its checkpoint is not what {recipe_file} now describes ({row['stale']}); "
+                f"its row shows that older checkpoint. `kdc run {report.get('run_dir')}` reruns what is out of date."
+            )
+    if report.get("stale_check_problem"):
+        warnings.append(
+            f"cannot tell whether the stages are up to date: {report['stale_check_problem']}; the rows show the "
+            f"checkpoints as they are."
+        )
     for row in report["stages"]:
         chance, train = row.get("chance_accuracy"), row.get("train_accuracy")
         if chance is None or train is None:
@@ -393,18 +492,34 @@ def _comparison_name(comp: dict) -> str:
 
 
 def _latency_note(report: dict) -> str:
-    if report.get("latency_batch") is None:
+    if not report.get("latency_batches"):
         return "latency not measured (report.latency: false)"
-    threads = report.get("threads")
+    threads, asked = report.get("threads"), report.get("threads_asked")
+    fewer = f" ({asked} asked; the machine has {threads} cores)" if asked and asked != threads else ""
+    sizes = " and ".join(str(b) for b in report["latency_batches"])
     return (
-        f"latency: CPU forward pass of a batch of {report['latency_batch']}, {threads} thread"
-        f"{'' if threads == 1 else 's'}, median (interquartile range) in ms"
+        f"latency: CPU forward pass of a batch of {sizes}, {threads} thread{'' if threads == 1 else 's'}{fewer}, "
+        f"median (interquartile range) in ms. A busy machine inflates it: with 2 spinning OpenMP threads under load, "
+        f"resnet18 at batch 1 took 440 ms instead of 4 ms; OMP_WAIT_POLICY=PASSIVE avoided it (the kdc command "
+        f"sets it unless it is set; this measurement: {report.get('omp_wait_policy') or 'unset'})"
     )
 
 
+SPARSE_MACS_NOTE = (
+    "MACs if sparse: only the non-zero weights' multiply-accumulates, what sparse kernels could reach at best; "
+    "dense kernels, as timed here, pay the full MACs"
+)
+STALE_NOTE = "*: stale, the checkpoint is not what the run's recipe.yaml now describes (see the warnings)"
+
+
+def _stage_name(row: dict) -> str:
+    return row["stage"] + ("*" if row.get("stale") else "")
+
+
 def report_table(report: dict) -> Group:
-    """The report for the terminal: two tables that fit 100 columns, the stage settings and the
-    distilled-against-baseline comparison (warnings are in ``report["warnings"]``; the CLI prints them)."""
+    """The report for the terminal: three tables that fit 100 columns (accuracy; size; MACs and latency, one
+    column per batch size), their notes, the stage settings and the distilled-against-baseline comparison. A
+    stale stage is named ``stage*`` (warnings are in ``report["warnings"]``; the CLI prints them)."""
     rows = report["stages"]
     first = Table(title=f"kdc report: {report['recipe']} on {report['dataset']}", title_justify="left")
     first.add_column("stage", no_wrap=True)
@@ -413,7 +528,7 @@ def report_table(report: dict) -> Group:
         first.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         first.add_row(
-            r["stage"],
+            _stage_name(r),
             Text(r["model"]),  # Text: a name is never read as rich markup
             "" if r.get("epochs") is None else str(r["epochs"]),
             _duration(r.get("train_seconds")),
@@ -421,33 +536,43 @@ def report_table(report: dict) -> Group:
             _accuracy_text(r),
             _points(r.get("accuracy_change_vs_teacher")),
         )
-    second = Table(
-        caption=f"ratio: teacher's / stage's (non-zero parameters; checkpoint bytes). {_latency_note(report)}",
-        caption_justify="left",
-    )
+    second = Table(caption="ratio: teacher's / stage's (non-zero parameters; checkpoint bytes)", caption_justify="left")
     second.add_column("stage", no_wrap=True)
-    for header in ("params", "non-zero", "sparsity", "non-zero\nratio", "bytes", "bytes\nratio", "MACs",
-                   "latency ms\nmedian (IQR)"):
+    for header in ("params", "non-zero", "sparsity", "non-zero\nratio", "bytes", "bytes\nratio"):
         second.add_column(header, justify="right", no_wrap=True)
     for r in rows:
         second.add_row(
-            r["stage"],
+            _stage_name(r),
             _compact(r["params"]),
             _compact(r["nonzero_params"]),
             f"{r['sparsity']:.1%}",
             _ratio(r.get("nonzero_ratio_vs_teacher")),
             _bytes(r["checkpoint_bytes"]),
             _ratio(r.get("bytes_ratio_vs_teacher")),
+        )
+    # what a forward pass costs: a table of its own, so that a latency column per batch size fits
+    batches = report.get("latency_batches") or []
+    third = Table()
+    third.add_column("stage", no_wrap=True)
+    for header in ["MACs", "MACs if\nsparse"] + [f"latency ms, batch {b}\nmedian (IQR)" for b in batches]:
+        third.add_column(header, justify="right", no_wrap=True)
+    for r in rows:
+        timing = r.get("latency") or {}
+        third.add_row(
+            _stage_name(r),
             _compact(r["macs"]),
-            _latency_text(r.get("latency")),
+            _compact(r.get("sparse_macs")),
+            *[_latency_text(timing.get(str(b))) for b in batches],
         )
     # grids, not lines of text: a long setting wraps under its own column, not under the stage names
     settings = Table.grid(padding=(0, 2))
     settings.add_column(no_wrap=True)
     settings.add_column(overflow="fold")
     for r in rows:
-        settings.add_row(f" {r['stage']}", Text(_settings_text(r["settings"])))
-    parts = [first, second, Text("settings", style="bold"), settings]
+        settings.add_row(f" {_stage_name(r)}", Text(_settings_text(r["settings"])))
+    # notes as text, not captions: a caption wraps at its table's width
+    notes = ([STALE_NOTE] if any(r.get("stale") for r in rows) else []) + [SPARSE_MACS_NOTE, _latency_note(report)]
+    parts = [first, second, third, Text("\n".join(notes)), Text("settings", style="bold"), settings]
     if report.get("comparisons"):
         parts.append(Text("accuracy differences (standard error of a test accuracy: sqrt(p(1-p)/n))", style="bold"))
         diffs = Table.grid(padding=(0, 2))
@@ -459,11 +584,11 @@ def report_table(report: dict) -> Group:
     return Group(*parts)
 
 
-def _md_row(r: dict) -> list[str]:
-    se, lat = r.get("accuracy_se"), r.get("latency")
+def _md_row(r: dict, batches) -> list[str]:
+    se, timing = r.get("accuracy_se"), r.get("latency") or {}
     target = r.get("target_sparsity")
-    return [
-        r["stage"],
+    cells = [
+        _stage_name(r),
         r["model"],
         "" if r.get("epochs") is None else str(r["epochs"]),
         "" if r.get("train_seconds") is None else f"{r['train_seconds']:.1f}",
@@ -479,21 +604,34 @@ def _md_row(r: dict) -> list[str]:
         f"{r['checkpoint_bytes']:,}",
         _ratio(r.get("bytes_ratio_vs_teacher")),
         f"{r['macs']:,}",
-        "" if not lat else f"{lat['median_ms']:.4f}",
-        "" if not lat else f"{lat['iqr_ms']:.4f} ({lat['p25_ms']:.4f} to {lat['p75_ms']:.4f})",
+        "" if r.get("sparse_macs") is None else f"{r['sparse_macs']:,}",
     ]
+    for b in batches:
+        lat = timing.get(str(b))
+        cells += [
+            "" if not lat else f"{lat['median_ms']:.4f}",
+            "" if not lat else f"{lat['iqr_ms']:.4f} ({lat['p25_ms']:.4f} to {lat['p75_ms']:.4f})",
+        ]
+    return cells
 
 
 MD_COLUMNS = [
     "stage", "model", "epochs", "train seconds", "train acc (last epoch)", "test acc", "± SE", "vs teacher",
     "params", "non-zero", "sparsity", "target", "non-zero ratio vs teacher", "bytes on disk",
-    "bytes ratio vs teacher", "MACs", "latency median (ms)", "latency IQR (ms)",
+    "bytes ratio vs teacher", "MACs", "MACs if sparse (non-zero weights only)",
 ]
+
+
+def _md_columns(batches) -> list[str]:
+    return MD_COLUMNS + [c for b in batches for c in (f"latency batch {b} median (ms)", f"latency batch {b} IQR (ms)")]
 
 
 def report_markdown(report: dict) -> str:
     """The report as Markdown, every number in full."""
     left = ("stage", "model")
+    batches = report.get("latency_batches") or []
+    columns = _md_columns(batches)
+    note = _latency_note(report)
     lines = [
         f"# kdc report: {report['recipe']}",
         "",
@@ -504,13 +642,16 @@ def report_markdown(report: dict) -> str:
         f"exactly zero. Non-zero ratio vs teacher is teacher non-zero parameters / stage non-zero parameters (it was "
         f"called compression): it counts weights, not bytes. Bytes on disk are the dense checkpoint's: zeros in a "
         f"dense tensor do not shrink it, and bytes ratio vs teacher is teacher bytes / stage bytes. MACs are dense "
-        f"multiply-accumulates per sample. {_latency_note(report)[0].upper() + _latency_note(report)[1:]}; timed with "
+        f"multiply-accumulates per sample of every matmul, convolution and attention (torch's flop counter, FLOPs / "
+        f"2). {SPARSE_MACS_NOTE[0].upper() + SPARSE_MACS_NOTE[1:]}. {note[0].upper() + note[1:]}; timed with "
         f"torch.utils.benchmark (blocked_autorange), it varies between machines and with their load.",
         "",
-        "| " + " | ".join(MD_COLUMNS) + " |",
-        "|" + "|".join(" --- " if c in left else " ---: " for c in MD_COLUMNS) + "|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(" --- " if c in left else " ---: " for c in columns) + "|",
     ]
-    lines += ["| " + " | ".join(_md_row(r)) + " |" for r in report["stages"]]
+    lines += ["| " + " | ".join(_md_row(r, batches)) + " |" for r in report["stages"]]
+    if any(r.get("stale") for r in report["stages"]):
+        lines += ["", STALE_NOTE + "."]
     lines += ["", "## Stages", ""]
     lines += [f"- **{r['stage']}**: {r['description']}: {_settings_text(r['settings'])}" for r in report["stages"]]
     if report.get("comparisons"):
@@ -523,7 +664,7 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path, latency: bool | None = None, threads: int = LATENCY_THREADS) -> dict:
+def write_report(run_dir: str | Path, latency: bool | None = None, threads: int | None = None) -> dict:
     """Build the report and write ``report.json`` and ``report.md`` into ``run_dir`` (atomically)."""
     report = build_report(run_dir, latency=latency, threads=threads)
     run_dir = Path(run_dir)

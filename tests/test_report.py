@@ -8,12 +8,14 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from rich.console import Console
 from torch import nn
 
@@ -96,7 +98,9 @@ def test_terminal_report_fits_100_columns_with_long_names_and_big_numbers(tiny_r
         row["nonzero_params"] *= 1000
         row["checkpoint_bytes"] *= 1000
         row["macs"] *= 100_000
-        row["latency"] = dict(row["latency"], median_ms=1234.5678, iqr_ms=98.7654)
+        row["sparse_macs"] *= 100_000
+        row["stale"] = "changed"  # the longest stage names: "distilled*"
+        row["latency"] = {b: dict(t, median_ms=1234.5678, iqr_ms=98.7654) for b, t in row["latency"].items()}
         row["train_seconds"] = 3 * 3600 + 17
     text = render(report_table(report))
     assert_fits(text)  # a long model name wraps in its column rather than being cut
@@ -134,13 +138,18 @@ def test_report_json_has_settings_noise_and_honest_ratios(tiny_run, quick_latenc
         assert row["nonzero_ratio_vs_teacher"] == pytest.approx(teacher["nonzero_params"] / row["nonzero_params"])
         assert row["compression_vs_teacher"] == row["nonzero_ratio_vs_teacher"]
         assert row["bytes_ratio_vs_teacher"] == pytest.approx(teacher["checkpoint_bytes"] / row["checkpoint_bytes"])
-        lat = row["latency"]
-        assert set(lat) >= {"median_ms", "iqr_ms", "p25_ms", "p75_ms", "batch", "threads"}
-        assert lat["p25_ms"] <= lat["median_ms"] <= lat["p75_ms"]
-        assert lat["iqr_ms"] == pytest.approx(lat["p75_ms"] - lat["p25_ms"])
-        assert (lat["batch"], lat["threads"]) == (1, 1)
-        assert row["latency_ms"] == lat["median_ms"]  # still the median, as a number
-    assert report["threads"] == 1
+        assert list(row["latency"]) == ["1", "64"]  # batch 1 and 64, keyed as JSON keys are
+        for batch, lat in row["latency"].items():
+            assert set(lat) >= {"median_ms", "iqr_ms", "p25_ms", "p75_ms", "batch", "threads"}
+            assert 0 < lat["p25_ms"] <= lat["median_ms"] <= lat["p75_ms"]
+            assert lat["iqr_ms"] == pytest.approx(lat["p75_ms"] - lat["p25_ms"])
+            assert (lat["batch"], lat["threads"]) == (int(batch), report["threads"])
+        assert row["latency_ms"] == {"1": row["latency"]["1"]["median_ms"], "64": row["latency"]["64"]["median_ms"]}
+        assert row["stale"] is None
+    assert report["latency_batches"] == [1, 64]
+    assert report["threads_asked"] == 2  # report.threads' default
+    assert report["threads"] == min(2, len(os.sched_getaffinity(0)))
+    assert report["stale_checked"] is True
     # the pruned model has 4x fewer non-zeros than the distilled one, and exactly as many bytes
     assert rows["pruned"]["nonzero_ratio_vs_teacher"] > 3 * rows["pruned"]["bytes_ratio_vs_teacher"]
     assert rows["distilled"]["settings"]["temperature"] == 4.0
@@ -163,7 +172,8 @@ def test_report_md_has_the_full_detail(tiny_run, quick_latency):
     rows = {r["stage"]: r for r in report["stages"]}
     assert f"{rows['teacher']['params']:,}" in text  # full numbers, not 50.9k
     assert f"{rows['pruned']['checkpoint_bytes']:,}" in text
-    for phrase in ("non-zero ratio vs teacher", "bytes ratio vs teacher", "± SE", "latency IQR",
+    for phrase in ("non-zero ratio vs teacher", "bytes ratio vs teacher", "± SE", "latency batch 1 IQR",
+                   "latency batch 64 median", "MACs if sparse", "what sparse kernels could reach", "440 ms",
                    "unstructured magnitude (global)", "T=4.0 alpha=0.5", "distilled - student"):
         assert phrase in text, phrase
 
@@ -180,6 +190,127 @@ def test_report_without_test_samples_in_old_checkpoints(run_copy):
     assert any("noise is unknown" in w for w in report["warnings"])
     text = render(report_table(report))
     assert "±?" in text and "noise unknown" in text
+
+
+# --------------------------------------------------------------------------- MACs, sparse MACs, latency (issue 9)
+
+
+def test_report_shows_dense_and_sparse_macs_and_latency_at_batch_1_and_64(tiny_run, quick_latency):
+    report = json.loads(json.dumps(build_report(tiny_run, latency=True)))
+    rows = {r["stage"]: r for r in report["stages"]}
+    for stage in ("teacher", "student", "distilled"):  # no zeros: both counts agree
+        assert rows[stage]["sparse_macs"] == rows[stage]["macs"]
+    assert rows["teacher"]["macs"] == 784 * 64 + 64 * 10
+    pruned = rows["pruned"]
+    model = build_model(load_checkpoint(tiny_run / "pruned" / "model.pt")["arch"])
+    model.load_state_dict(load_checkpoint(tiny_run / "pruned" / "model.pt")["state_dict"])
+    nonzero_weights = sum(int(torch.count_nonzero(m.weight)) for m in model.modules() if isinstance(m, nn.Linear))
+    assert pruned["macs"] == rows["distilled"]["macs"] == 784 * 32 + 32 * 10  # dense kernels: zeros still cost
+    assert pruned["sparse_macs"] == nonzero_weights  # one sample, each non-zero weight used once
+    assert pruned["sparse_macs"] == pytest.approx(0.25 * pruned["macs"], rel=0.01)  # 75 % sparse
+    text = render(report_table(report))
+    assert_fits(text)
+    for phrase in ("MACs if", "batch 1", "batch 64", "what sparse kernels could reach", "440 ms instead of 4 ms",
+                   "OMP_WAIT_POLICY=PASSIVE"):
+        assert phrase in " ".join(text.split()), phrase
+    cost = next(line for line in text.splitlines() if line.startswith("│ pruned") and "k" in line and "(" in line)
+    assert f"{pruned['sparse_macs']:,}" in cost  # 6,352 beside 25.4k
+
+
+def edit_run_recipe(run_dir: Path, section: str, **changes) -> None:
+    """Change values in a run directory's recipe.yaml, ``None`` dropping a key."""
+    path = run_dir / "recipe.yaml"
+    recipe = yaml.safe_load(path.read_text())
+    recipe[section].update(changes)
+    recipe[section] = {k: v for k, v in recipe[section].items() if v is not None}
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+
+def test_report_reads_latency_settings_from_the_run_recipe(run_copy, quick_latency):
+    edit_run_recipe(run_copy, "report", latency=True, latency_batches=[1, 8, 16], threads=1)
+    report = build_report(run_copy)
+    assert report["latency_batches"] == [1, 8, 16] and report["threads"] == 1
+    assert list(report["stages"][0]["latency"]) == ["1", "8", "16"]
+    assert report["stages"][0]["latency"]["16"]["threads"] == 1
+    assert_fits(render(report_table(report)))  # three latency columns still fit 100
+
+
+def test_report_of_an_old_run_directory_measures_its_one_latency_batch(run_copy, quick_latency):
+    """A run directory written before latency_batches: its recipe.yaml says latency_batch: 1."""
+    edit_run_recipe(run_copy, "report", latency=True, latency_batch=1, latency_batches=None, threads=None)
+    report = build_report(run_copy)
+    assert report["stale_checked"] and report["latency_batches"] == [1]
+    assert all(r["stale"] is None for r in report["stages"])
+
+
+# --------------------------------------------------------------------------- stale stages (issue 9)
+
+
+def _rewrite_recipe(run_dir: Path, old: str, new: str) -> None:
+    recipe = run_dir / "recipe.yaml"
+    text = recipe.read_text()
+    assert old in text
+    recipe.write_text(text.replace(old, new))
+
+
+def test_report_flags_stages_stale_against_the_run_recipe(run_copy):
+    _rewrite_recipe(run_copy, "temperature: 4.0", "temperature: 2.0")
+    report = build_report(run_copy)
+    rows = {r["stage"]: r for r in report["stages"]}
+    assert rows["teacher"]["stale"] is None and rows["student"]["stale"] is None
+    assert "distill.temperature: 4.0 -> 2.0" in rows["distilled"]["stale"]
+    assert "'distilled' stage it reads is not up to date" in rows["pruned"]["stale"]
+    stale = [w for w in report["warnings"] if "is stale" in w]
+    assert [w.split()[0] for w in stale] == ["distilled", "pruned"]
+    assert "distill.temperature: 4.0 -> 2.0" in stale[0] and f"kdc run {run_copy}" in stale[0]
+    text = render(report_table(report))
+    assert_fits(text)
+    assert "│ distilled* " in text and "│ pruned*" in text and "│ teacher " in text
+    assert "*: stale" in text
+    assert "pruned*" in report_markdown(report) and "*: stale" in report_markdown(report)
+
+
+def test_cli_report_after_a_stage_rerun_with_other_settings_flags_the_stage_downstream(run_copy, kdc, monkeypatch):
+    """`kdc distill RUN_DIR --set distill.temperature=2` retrains distilled and rewrites the run's recipe.yaml:
+    the pruned checkpoint, made from the old distilled one, is stale, and the report says so."""
+    monkeypatch.chdir(run_copy.parent)
+    run_dir = Path(run_copy.name)
+    edit_run_recipe(run_copy, "run", name=run_copy.name, out_dir=".")  # where the stage command will look
+    result = kdc("distill", run_dir, "--set", "distill.temperature=2")
+    kdc.assert_clean_exit(result, 0)
+    result = kdc.runner.invoke(app, ["report", str(run_dir)], env={"COLUMNS": "100"})
+    kdc.assert_clean_exit(result, 0)
+    assert_fits(result.stdout)
+    report = json.loads((run_copy / "report.json").read_text())
+    rows = {r["stage"]: r for r in report["stages"]}
+    assert rows["distilled"]["stale"] is None  # just retrained from this recipe
+    assert "distill.temperature: 4.0 -> 2.0" in rows["pruned"]["stale"]
+    assert "│ pruned*" in result.stdout and "│ distilled " in result.stdout
+    flat = " ".join(result.stdout.split())
+    assert "warning: pruned is stale" in flat and "distill.temperature: 4.0 -> 2.0" in flat
+
+
+def test_a_fresh_copy_of_a_run_directory_is_not_stale(run_copy):
+    # run_copy lives elsewhere than run.out_dir/run.name say: the check looks at the directory it is given
+    report = build_report(run_copy)
+    assert report["stale_checked"] and report["stale_check_problem"] is None
+    assert all(r["stale"] is None for r in report["stages"])
+    assert not [w for w in report["warnings"] if "stale" in w or "up to date" in w]
+    assert "*" not in render(report_table(report)).split("settings")[0]
+
+
+@pytest.mark.parametrize("damage", ["missing", "unknown key"])
+def test_report_says_when_it_cannot_check_staleness(run_copy, damage):
+    if damage == "missing":
+        (run_copy / "recipe.yaml").unlink()
+    else:
+        _rewrite_recipe(run_copy, "temperature: 4.0", "temperature: 4.0\n  tempreature: 2.0")
+    report = build_report(run_copy)  # the report is still made
+    assert report["stale_checked"] is False
+    assert all(r["stale"] is None for r in report["stages"])
+    (warning,) = [w for w in report["warnings"] if "cannot tell" in w]
+    assert "recipe.yaml" in warning
+    assert ("is missing" if damage == "missing" else "tempreature") in warning
 
 
 # --------------------------------------------------------------------------- warnings
@@ -247,6 +378,35 @@ def test_chance_warning_without_batchnorm_points_elsewhere():
 
 
 # --------------------------------------------------------------------------- latency
+
+
+def test_report_latency_keys_in_the_recipe():
+    from kdcompress.errors import RecipeError
+    from kdcompress.recipe import parse_recipe
+
+    report = parse_recipe("").report
+    assert (report.latency_batches, report.threads, report.latency_batch) == ([1, 64], 2, None)
+    assert parse_recipe("report: {latency_batch: 8}").report.latency_batch == 8  # the old key still loads
+    for text, message in (
+        ("report: {latency_batch: 8, latency_batches: [1, 64]}", "old name of report.latency_batches"),
+        ("report: {latency_batches: []}", "needs at least one batch size"),
+        ("report: {latency_batches: [1, 0]}", "report.latency_batches.1"),
+        ("report: {threads: 0}", "report.threads"),
+    ):
+        with pytest.raises(RecipeError, match=message):
+            parse_recipe(text)
+
+
+def test_kdc_command_sets_a_passive_openmp_wait_policy_unless_set(monkeypatch):
+    from kdcompress import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "app", lambda: seen.append(os.environ.get("OMP_WAIT_POLICY")))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cli.entry()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    cli.entry()
+    assert seen == ["PASSIVE", "ACTIVE"]
 
 
 def test_latency_is_a_median_with_its_spread_and_a_fixed_thread_count():
