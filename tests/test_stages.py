@@ -27,13 +27,16 @@ CHANGED = {
     "student.baseline": False, "student.model": "lenet5", "student.args": {},
     "distill.temperature": 2.0, "distill.alpha": 0.3, "prune.rate": 0.6, "prune.target_sparsity": 0.5,
     "prune.every": 0.25,
-    "report.latency": True,
+    "report.latency": True, "report.latency_batches": [1], "report.threads": 1,
+    "report.latency_batch": None,  # a deprecated alias of latency_batches: setting both is refused
 }
 
 
 def _changed_value(key: str, value):
     if key in CHANGED:
         return CHANGED[key]
+    if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+        return value + [max(value) + 1]
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
