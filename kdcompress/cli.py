@@ -204,19 +204,25 @@ def prune(
         None, "--rate", help="fraction of the still-non-zero prunable weights removed at each pruning step"
     ),
     target: Optional[float] = typer.Option(None, "--target", help="target sparsity: fraction of prunable weights at zero"),
+    schedule: Optional[str] = typer.Option(
+        None, "--schedule", help="how sparsity rises: iterative, agp or one-shot (prune.sparsity_schedule)"
+    ),
     set_: Optional[List[str]] = SetOpt,
     force: bool = ForceOpt,
     restart: bool = RestartOpt,
 ):
     """Prune the distilled student by weight magnitude and retrain it with its masks held.
 
-    Example: kdc prune --rate 0.05 --set prune.every=0.1
+    Example: kdc prune --rate 0.05   (45 steps to 90 % sparsity, spread over the first two thirds of retraining);
+    kdc prune --schedule agp --target 0.95
     """
     overrides = list(set_ or [])
     if rate is not None:
         overrides.append(f"prune.rate={rate!r}")
     if target is not None:
         overrides.append(f"prune.target_sparsity={target!r}")
+    if schedule is not None:  # checked with the recipe, so a wrong name gets the recipe's message and suggestion
+        overrides.append(f"prune.sparsity_schedule={schedule}")
     _stage_command("pruned", recipe, overrides, force, restart)
 
 

@@ -42,8 +42,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torc
 class Hook:
     """Callbacks into :func:`fit`; every method is optional."""
 
-    def on_batch_start(self, step: int, batches_per_epoch: int) -> None:
-        """Before the forward pass of global batch ``step`` (0-based, counted over all epochs)."""
+    def on_batch_start(self, step: int, batches_per_epoch: int) -> bool | None:
+        """Before the forward pass of global batch ``step`` (0-based, counted over all epochs).
+
+        Return True when the model's parameters were replaced (structured
+        pruning removed channels): :func:`fit` then builds a new optimiser for
+        them. None or False: they are the same tensors as before.
+        """
 
     def after_optimizer_step(self, step: int) -> None:
         """Right after ``optimizer.step()``."""
