@@ -371,10 +371,12 @@ def run_stage(
         if main:
             _restore_metrics_file(path.parent / "metrics.jsonl", ckpt)
         return ckpt["metrics"]
+    # names resolve, models fit the data, the pruning schedule fits in retraining: fail now, not an hour into
+    # training, and before asking for earlier stages that could not help
+    check_recipe(recipe)
     upstream = _upstream(recipe, stage)
     if path.exists():
         console.print(f"[yellow]{stage}[/]: rerunning ({status.reason if not status.done else '--force'})")
-    check_recipe(recipe)  # names resolve and models fit the data: fail now, not an hour into training
     if recipe.run.threads and not distributed.is_distributed():
         torch.set_num_threads(recipe.run.threads)
     data = load_data(recipe.data, seed=recipe.run.seed)
