@@ -134,7 +134,7 @@ def _stage_settings(stage: str, recipe: dict, metrics: dict) -> dict:
             scope=prune.get("scope"),
             rate=prune.get("rate"),
             target_sparsity=prune.get("target_sparsity", metrics.get("target_sparsity")),
-            schedule=prune.get("sparsity_schedule", "iterative"),  # run directories from before schedules: iterative
+            sparsity_schedule=prune.get("sparsity_schedule", "iterative"),  # run directories from before schedules: iterative
             every=prune.get("every"),
             include=prune.get("include"),
             exclude=prune.get("exclude"),
@@ -359,7 +359,7 @@ def _accuracy_text(row: dict) -> str:
 
 def _schedule_words(settings: dict) -> str:
     """'iterative, rate 0.3, steps spaced automatically' and the like, for a pruned stage's settings line."""
-    schedule = settings.get("schedule") or "iterative"
+    schedule = settings.get("sparsity_schedule") or "iterative"
     every = settings.get("every")
     spacing = "steps spaced automatically" if every == "auto" else f"a step every {every} epochs"
     if schedule == "one-shot":

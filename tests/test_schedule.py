@@ -7,7 +7,8 @@
 * what validates runs, and what would fail fails at validation (the 3-batch ``every: 0.5`` case);
 * a target that even one step per batch cannot reach is one clear message, given promptly;
 * ``kdc prune --rate 0.05`` works on the shipped quickstart recipe;
-* an interrupted agp stage resumes to the same weights.
+* an interrupted agp stage resumes to the same weights;
+* the report names the pruning schedule, apart from the learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -351,3 +352,18 @@ def test_an_interrupted_agp_stage_resumes_mid_schedule_to_the_same_weights(agp_r
     assert "pruned: resuming after epoch 1/2" in kdc.flat(result)
     for stage in ("teacher", "student", "distilled", "pruned"):
         checkpoints_equal(in_tmp / "runs/tiny" / stage / "model.pt", agp_run / "runs/tiny" / stage / "model.pt")
+
+
+@pytest.mark.parametrize("prune, words", [
+    ({}, "iterative, rate 0.3, steps spaced automatically to target 90% in 7 steps"),
+    ({"sparsity_schedule": "agp", "every": 0.5}, "agp, a step every 0.5 epochs to target 90% in 7 steps"),
+    ({"sparsity_schedule": "one-shot"}, "one-shot to target 90% in 7 steps"),
+])
+def test_the_report_names_the_pruning_schedule_beside_the_learning_rate_schedule(prune, words):
+    from kdcompress.recipe import recipe_to_dict
+    from kdcompress.report import _settings_text, _stage_settings
+
+    recipe = recipe_to_dict(parse_recipe(yaml.safe_dump({"prune": prune})))
+    text = _settings_text(_stage_settings("pruned", recipe, {"target_sparsity": 0.9, "pruning_steps": 7}))
+    assert words in text
+    assert "lr 0.01 cosine" in text  # prune.schedule: the learning-rate schedule, as before
