@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import torch
 
-from .data import dataset_info
-from .errors import ModelError, describe
+from .data import batches_per_epoch, dataset_summary
+from .errors import ModelError, ScheduleError, describe
 from .models import build_model, model_spec
-from .prune import prunable_weights
-from .recipe import Recipe, pruning_steps_needed
+from .prune import plan_schedule, prunable_weights
+from .recipe import Recipe
 
 __all__ = ["check_recipe"]
 
 
 @torch.no_grad()
 def check_recipe(recipe: Recipe) -> list[str]:
-    """Build teacher and student, run one dry forward pass each; return a short plan of the run.
+    """Build teacher and student, run one dry forward pass each, plan the pruning; return a short plan of the run.
 
     Raises one :class:`ModelError` that names every model problem found (the
-    teacher's and the student's), not just the first.
+    teacher's and the student's), not just the first; a :class:`ScheduleError`
+    when the pruning steps do not fit in retraining, planned in batches exactly
+    as the pruning stage will (:func:`kdcompress.prune.plan_schedule`, on one
+    process).
     """
-    input_shape, num_classes = dataset_info(recipe.data)
+    input_shape, num_classes, train_size = dataset_summary(recipe.data)
     counts = {}
     failures: list[str] = []
     for which in ("teacher", "student"):
@@ -38,16 +41,23 @@ def check_recipe(recipe: Recipe) -> list[str]:
             raise ModelError(failures[0])
         raise ModelError(f"{len(failures)} problems with the models:\n" + "\n".join(f"  {f}" for f in failures))
     p = recipe.prune
-    steps = pruning_steps_needed(p.rate, p.target_sparsity)
+    bpe = batches_per_epoch(train_size, recipe.data.batch_size)
+    try:
+        schedule = plan_schedule(p, bpe)
+    except ScheduleError as exc:
+        raise ScheduleError(
+            f"{exc} (batches per epoch: {train_size:,} training samples of {recipe.data.dataset} in batches of "
+            f"{recipe.data.batch_size})"
+        ) from None
     return [
         f"run directory: {recipe.run_dir}",
-        f"data: {recipe.data.dataset}, batch {recipe.data.batch_size}",
+        f"data: {recipe.data.dataset}, batch {recipe.data.batch_size}, {bpe} batches per epoch",
         f"teacher: {recipe.teacher.model} ({counts['teacher']:,} parameters), {recipe.teacher.epochs} epochs",
         f"student: {recipe.student.model} ({counts['student']:,} parameters), {recipe.distill.epochs} epochs "
         f"(T={recipe.distill.temperature}, alpha={recipe.distill.alpha})"
         + (", plus a cross-entropy baseline" if recipe.student.baseline else ""),
-        f"prune: {p.scope} magnitude, rate {p.rate} every {p.every} epoch(s), {steps} steps to sparsity "
-        f"{p.target_sparsity}, {p.epochs} epochs of retraining",
+        f"prune: {p.scope} magnitude to sparsity {p.target_sparsity}, {p.epochs} epochs of retraining",
+        f"prune schedule: {schedule.describe()}",
     ]
 
 

@@ -161,17 +161,18 @@ def _add_stage_command(stage) -> None:
 
     def command(**kwargs):
         overrides = list(kwargs.pop("set_") or [])
-        for option, key, _ in stage.options:
-            if kwargs.get(option) is not None:
-                overrides.append(f"{key}={kwargs[option]!r}")
+        for option, key, _, kind in stage.options:
+            if kwargs.get(option) is not None:  # checked with the recipe, so a bad value gets its message
+                value = kwargs[option]
+                overrides.append(f"{key}={value!r}" if kind is float else f"{key}={value}")
         _stage_command(stage.name, kwargs["recipe"], overrides, kwargs["force"], kwargs["restart"])
 
     keyword = inspect.Parameter.KEYWORD_ONLY
     params = [inspect.Parameter("recipe", keyword, default=RecipeArg, annotation=Optional[Path])]
     params += [
-        inspect.Parameter(option, keyword, annotation=Optional[float],
+        inspect.Parameter(option, keyword, annotation=Optional[kind],
                           default=typer.Option(None, f"--{option}", help=f"{text} (sets {key})"))
-        for option, key, text in stage.options
+        for option, key, text, kind in stage.options
     ]
     params += [
         inspect.Parameter("set_", keyword, default=SetOpt, annotation=Optional[List[str]]),

@@ -46,6 +46,7 @@ from .recipe import DataSection
 __all__ = [
     "TensorData", "DataSplits", "load_data", "DATASETS", "read_idx", "default_data_roots", "dataset_info",
     "dataset_name_problem", "Augment", "LoaderData", "DEBIAN_FASHION_MNIST", "CLASS_NAMES", "preprocess_info",
+    "dataset_summary", "batches_per_epoch",
 ]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -56,12 +57,13 @@ IDX_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 
-# name -> (torchvision class name, per-channel mean, per-channel std, input shape, classes);
-# mean and std are statistics of the full training split
+# name -> (torchvision class name, per-channel mean, per-channel std, input shape, classes, training images);
+# mean and std are statistics of the full training split; the size lets `kdc validate` plan the pruning
+# schedule in batches without loading the data (a test checks it against the data)
 DATASETS = {
-    "fashion-mnist-mini": ("FashionMNIST", (0.2860,), (0.3530,), (1, 28, 28), 10),
-    "fashion-mnist": ("FashionMNIST", (0.2860,), (0.3530,), (1, 28, 28), 10),
-    "mnist": ("MNIST", (0.1307,), (0.3081,), (1, 28, 28), 10),
+    "fashion-mnist-mini": ("FashionMNIST", (0.2860,), (0.3530,), (1, 28, 28), 10, 10_000),
+    "fashion-mnist": ("FashionMNIST", (0.2860,), (0.3530,), (1, 28, 28), 10, 60_000),
+    "mnist": ("MNIST", (0.1307,), (0.3081,), (1, 28, 28), 10, 60_000),
 }
 
 # class names in label order, as torchvision's dataset classes list them; kept here so that the
@@ -205,11 +207,19 @@ def _hold_out(train, section: DataSection, seed: int):
     """(train, validation) with ``section.val_split`` of the training data held out; validation is None at 0."""
     if section.val_split <= 0:
         return train, None
-    n_val = max(1, int(round(len(train) * section.val_split)))
-    if n_val >= len(train):
-        raise DataError(f"data.val_split: {section.val_split} leaves no training data; use a smaller share")
+    n_val = _held_out(len(train), section)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     return train.subset(order[n_val:]), train.subset(order[:n_val])
+
+
+def _held_out(n: int, section: DataSection) -> int:
+    """How many of ``n`` training samples ``section.val_split`` holds out for validation."""
+    if section.val_split <= 0:
+        return 0
+    n_val = max(1, int(round(n * section.val_split)))
+    if n_val >= n:
+        raise DataError(f"data.val_split: {section.val_split} leaves no training data; use a smaller share")
+    return n_val
 
 
 @dataclass(frozen=True)
@@ -317,15 +327,37 @@ def _is_external(name: str) -> bool:
 
 def dataset_info(section: DataSection | str) -> tuple[tuple[int, ...], int]:
     """(input shape, number of classes) of a dataset; built-in ones are not loaded for this."""
+    return dataset_summary(section)[:2]
+
+
+def dataset_summary(section: DataSection | str) -> tuple[tuple[int, ...], int, int]:
+    """(input shape, number of classes, training samples after ``val_split``) of a dataset, without loading it.
+
+    Built-in sets answer from :data:`DATASETS`; ``imagefolder:PATH`` and your own
+    datasets are built (not read through) to ask. The training size is what one
+    process trains on per epoch, so ``ceil(size / batch_size)`` is the batches per
+    epoch that :func:`kdcompress.prune.plan_schedule` plans with.
+
+    Example::
+
+        >>> dataset_summary(DataSection(dataset="fashion-mnist-mini", val_split=0.1))
+        ((1, 28, 28), 10, 9000)
+    """
     if isinstance(section, str):
         section = DataSection(dataset=section)
     name = section.dataset
     if _is_external(name):
         train, _, num_classes = _external_datasets(section)
-        return tuple(train[0][0].shape), num_classes
+        return tuple(train[0][0].shape), num_classes, len(train) - _held_out(len(train), section)
     if name not in DATASETS:
         raise DataError(f"data.dataset: {_unknown_dataset(name)}")
-    return DATASETS[name][3], DATASETS[name][4]
+    size = DATASETS[name][5]
+    return DATASETS[name][3], DATASETS[name][4], size - _held_out(size, section)
+
+
+def batches_per_epoch(train_size: int, batch_size: int, world: int = 1) -> int:
+    """Training batches per epoch for one process, as :func:`kdcompress.train.fit` counts them."""
+    return _num_batches(train_size, max(1, batch_size // world), world)
 
 
 def dataset_name_problem(name: str) -> str | None:
@@ -371,7 +403,7 @@ def load_data(section: DataSection, seed: int = 0) -> DataSplits:
     if _is_external(section.dataset):
         return _load_external(section, seed)
     dataset_info(section)
-    _, mean, std, _, _ = DATASETS[section.dataset]
+    mean, std = DATASETS[section.dataset][1:3]
     if section.dataset == "fashion-mnist-mini":
         train_x, train_y, test_x, test_y, source = _load_mini()
     else:

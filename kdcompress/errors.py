@@ -19,6 +19,7 @@ __all__ = [
     "ModelError",
     "StageOrderError",
     "CheckpointError",
+    "ScheduleError",
 ]
 
 
@@ -85,5 +86,11 @@ class StageOrderError(KdcError):
 
 class CheckpointError(KdcError):
     """A checkpoint that is missing, corrupt, unsafe or from an incompatible version."""
+
+    exit_code = 2
+
+
+class ScheduleError(KdcError):
+    """A pruning schedule that does not fit in its retraining (see :func:`kdcompress.prune.plan_schedule`)."""
 
     exit_code = 2

@@ -38,12 +38,12 @@ from .checkpoint import (
     save_state,
 )
 from . import distributed
-from .data import Augment, DataSplits, load_data
+from .data import Augment, DataSplits, batches_per_epoch, load_data
 from .distill import kd_loss, kd_loss_from_log_probs, teacher_log_probs, teacher_logits
 from .errors import CheckpointError, KdcError, StageOrderError
 from .measure import count_nonzero, count_params
 from .models import build_from_checkpoint, build_model, model_spec
-from .prune import MagnitudePruner, prunable_weights, weight_sparsity
+from .prune import MagnitudePruner, Schedule, plan_schedule, prunable_weights, weight_sparsity
 from .recipe import Recipe, TrainSettings, recipe_to_dict
 from .stages import COMMAND_OF, STAGES, stage_named
 from .train import Hook, Runtime, evaluate, fit, recalibrate_batchnorm, resolve_device, seed_everything
@@ -212,32 +212,42 @@ def _why_stale(recipe: Recipe, stage: str, path: Path) -> str:
 
 
 class _Pruning(Hook):
-    """Takes a pruning step every ``every`` epochs of retraining and keeps masks applied."""
+    """Prunes on its schedule (:func:`kdcompress.prune.plan_schedule`) and keeps masks applied.
 
-    def __init__(self, pruner: MagnitudePruner, every: float):
-        self.pruner, self.every = pruner, every
-        self.interval: int | None = None
+    At global batch ``step`` it prunes to ``schedule.due(step)`` when a step
+    falls there. Its state (the pruner's, and the steps taken) plus the
+    schedule, planned again from the recipe, resume mid-schedule exactly.
+    """
 
-    def on_batch_start(self, step: int, batches_per_epoch: int) -> None:
-        if self.interval is None:
-            self.interval = max(1, int(round(self.every * batches_per_epoch)))
-        if step % self.interval == 0 and not self.pruner.done:
-            self.pruner.step()
+    def __init__(self, pruner, schedule: Schedule):
+        self.pruner, self.schedule = pruner, schedule
+        self.steps_taken = 0
+
+    def on_batch_start(self, step: int, batches_per_epoch: int) -> bool:
+        if batches_per_epoch != self.schedule.batches_per_epoch:  # planned with another count: a kdc bug
+            raise RuntimeError(
+                f"the pruning schedule was planned for {self.schedule.batches_per_epoch} batches per epoch, but "
+                f"training has {batches_per_epoch}"
+            )
+        target = self.schedule.due(step)
+        if target is None:
+            return False
+        self.pruner.prune_to(target)
+        self.steps_taken += 1
+        return bool(self.pruner.changes_parameters)  # fit rebuilds its optimiser for new parameters
 
     def after_optimizer_step(self, step: int) -> None:
         self.pruner.apply()
 
     def state_dict(self) -> dict:
-        return {"masks": dict(self.pruner.masks), "steps_taken": self.pruner.steps_taken}
+        return {"pruner": self.pruner.state_dict(), "steps_taken": self.steps_taken}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, mask in state["masks"].items():
-            self.pruner.masks[name] = mask.to(self.pruner.masks[name].device)
-        self.pruner.steps_taken = state["steps_taken"]
-        self.pruner.apply()
+        self.pruner.load_state_dict(state["pruner"])
+        self.steps_taken = state["steps_taken"]
 
     def epoch_metrics(self) -> dict:
-        return {"sparsity": self.pruner.sparsity(), "pruning_steps": self.pruner.steps_taken}
+        return {"sparsity": self.pruner.sparsity(), "pruning_steps": self.steps_taken}
 
 
 def run_pipeline(
@@ -335,10 +345,12 @@ def run_stage(
         if main:
             _restore_metrics_file(path.parent / "metrics.jsonl", ckpt)
         return ckpt["metrics"]
+    # names resolve, models fit the data, the pruning schedule fits in retraining: fail now, not an hour into
+    # training, and before asking for earlier stages that could not help
+    check_recipe(recipe)
     upstream = _upstream(recipe, stage)
     if path.exists():
         console.print(f"[yellow]{stage}[/]: rerunning ({status.reason if not status.done else '--force'})")
-    check_recipe(recipe)  # names resolve and models fit the data: fail now, not an hour into training
     if recipe.run.threads and not distributed.is_distributed():
         torch.set_num_threads(recipe.run.threads)
     data = load_data(recipe.data, seed=recipe.run.seed)
@@ -562,16 +574,20 @@ def _stage_distilled(ctx: _StageContext):
 def _stage_pruned(ctx: _StageContext):
     model, spec = load_stage_model(ctx.recipe, "distilled", ctx.device)
     p = ctx.recipe.prune
-    # check_recipe, run at the start of every stage, has made sure include/exclude leave weights to prune
+    # check_recipe, run at the start of every stage, has made sure include/exclude leave weights to prune and
+    # planned this schedule on one process; this is the plan for the batches each process really trains on
+    bpe = batches_per_epoch(len(ctx.data.train), ctx.recipe.data.batch_size, distributed.world_size())
+    schedule = plan_schedule(p, bpe)
     pruner = MagnitudePruner(model, p.rate, p.target_sparsity, p.scope, p.include, p.exclude)
     loss = _distill_loss(ctx) if p.distill else _ce
-    history = _fit(ctx, model, loss, p, hooks=[_Pruning(pruner, p.every)])
-    if not pruner.done:
+    hook = _Pruning(pruner, schedule)
+    history = _fit(ctx, model, loss, p, hooks=[hook])
+    if hook.steps_taken < len(schedule.at):  # the plan fits in retraining, so only a kdc bug gets here
         raise KdcError(
-            f"prune: retraining ended at sparsity {pruner.sparsity():.3f}, short of the target {p.target_sparsity}; "
-            f"raise prune.epochs or prune.rate"
+            f"prune: retraining ended after {hook.steps_taken} of {len(schedule.at)} pruning steps, at sparsity "
+            f"{pruner.sparsity():.3f}, short of the target {p.target_sparsity}"
         )
-    return model, spec, history, {"target_sparsity": p.target_sparsity, "pruning_steps": pruner.steps_taken}
+    return model, spec, history, {"target_sparsity": p.target_sparsity, "pruning_steps": hook.steps_taken}
 
 
 _RUN = {  # each declared stage's run function: stages.STAGES names them, so declaring one imports no torch

@@ -153,15 +153,43 @@ class PruneSection(TrainSettings):
     rate: float = field(
         default=0.3,
         metadata=_range(
-            lo=0.0, hi=1.0, lo_open=True, hi_open=True, doc="fraction of still-non-zero prunable weights removed per step"
+            lo=0.0,
+            hi=1.0,
+            lo_open=True,
+            hi_open=True,
+            doc="fraction of still-non-zero prunable weights removed per step (schedule: iterative; channels when "
+            "structured)",
         ),
     )
     target_sparsity: float = field(
         default=0.9,
-        metadata=_range(lo=0.0, hi=1.0, hi_open=True, doc="fraction of all prunable weights that end at zero"),
+        metadata=_range(
+            lo=0.0, hi=1.0, hi_open=True, doc="fraction of all prunable weights that end at zero (channels when structured)"
+        ),
     )
-    every: float = field(
-        default=1.0, metadata=_range(lo=0.0, lo_open=True, doc="epochs between pruning steps (0.1 = ten a epoch)")
+    # Not 'schedule': every training section's 'schedule' is its learning-rate schedule (prune.schedule: cosine)
+    sparsity_schedule: Literal["iterative", "agp", "one-shot"] = field(
+        default="iterative",
+        metadata=_doc(
+            "how sparsity rises: iterative (rate of what is left per step), agp (Zhu & Gupta's cubic ramp) or "
+            "one-shot (all at the first batch)"
+        ),
+    )
+    every: Union[Literal["auto"], float] = field(
+        default="auto",
+        metadata=_range(
+            lo=0.0,
+            lo_open=True,
+            doc="auto (the steps spread evenly over the first two thirds of retraining) or epochs between steps",
+        ),
+    )
+    steps: Union[Literal["auto"], int] = field(
+        default="auto",
+        metadata=_range(lo=1, doc="agp: pruning steps after the start (auto: as many as iterative takes at rate)"),
+    )
+    initial_sparsity: float = field(
+        default=0.0,
+        metadata=_range(lo=0.0, hi=1.0, hi_open=True, doc="agp: sparsity at the first step (s_i)"),
     )
     scope: Literal["global", "layer"] = field(default="global", metadata=_doc("rank weights globally or per layer"))
     include: list[str] = field(default_factory=lambda: ["*"], metadata=_doc("module-name patterns to prune"))
@@ -439,6 +467,8 @@ _SYNONYMS: dict[str, tuple[str, ...]] = {
     "random_seed": ("seed",), "manual_seed": ("seed",), "gpu": ("device",), "cuda": ("device",),
     "amp": ("precision",), "dtype": ("precision",), "mixed_precision": ("precision",),
     "num_threads": ("threads",), "validation_split": ("val_split",), "train_baseline": ("baseline",),
+    "pruning_schedule": ("sparsity_schedule",), "prune_schedule": ("sparsity_schedule",),
+    "num_steps": ("steps",), "n_steps": ("steps",), "start_sparsity": ("initial_sparsity",),
 }
 
 
@@ -517,14 +547,33 @@ def _convert(value: Any, tp: Any, path: tuple, lines: dict, problems: list[Probl
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], path, lines, problems)
+        if len(inner) == 1:
+            return _convert(value, inner[0], path, lines, problems)
+        tried = {}
+        for option in inner:  # the first type that takes the value, in the order the schema lists them
+            trial: list[Problem] = []
+            converted = _convert(value, option, path, lines, trial)
+            if not trial:
+                return converted
+            tried[option] = trial
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        for option in (int, float):  # a number that is not the right one: the number's own problem (not finite, ...)
+            if number and option in tried:
+                problems.extend(tried[option])
+                return None
+        words = " or ".join(_type_words(option) for option in inner)
+        choices = [c for option in inner if typing.get_origin(option) is Literal for c in typing.get_args(option)]
+        hint = _suggest(value, choices) if isinstance(value, str) else ""
+        problems.append(Problem(where, f"expected {words}, got {_kind(value)} {value!r}{hint}", _line(lines, path)))
+        return None
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
             problems.append(
                 Problem(
                     where,
-                    f"must be one of {', '.join(map(str, choices))}, got {value!r}{_suggest(value, choices)}",
+                    f"must be one of {', '.join(map(str, choices))}, got {value!r}"
+                    + (_schedule_hint(value, path) or _suggest(value, choices)),
                     _line(lines, path),
                 )
             )
@@ -571,6 +620,24 @@ def _convert(value: Any, tp: Any, path: tuple, lines: dict, problems: list[Probl
             return ""
         return value
     raise TypeError(f"recipe schema uses an unsupported type {tp!r} at {where}")  # a bug, not user input
+
+
+def _schedule_hint(value: Any, path: tuple) -> str:
+    """For ``schedule: agp``: the learning-rate schedule key was given a pruning schedule."""
+    pruning = typing.get_args(_type_hints(PruneSection)["sparsity_schedule"])
+    if path and path[-1] == "schedule" and value in pruning:
+        return (
+            f"; {value} is a pruning schedule: set prune.sparsity_schedule (schedule is the learning-rate "
+            f"schedule of each training section)"
+        )
+    return ""
+
+
+def _type_words(tp: Any) -> str:
+    """A schema type in words, for 'expected ...' messages: ``auto``, ``a number``."""
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(str(c) for c in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _check_range(value: Any, f: dataclasses.Field, path: tuple, lines: dict) -> list[Problem]:
@@ -637,10 +704,11 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> tuple | No
         problems.append(Problem(where, error))
         return
     inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (Union, types.UnionType) else [tp]
+    numeric = [a for a in inner if a in (int, float)]  # every: auto | <epochs> takes numbers too
     if tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)):
         value: Any = text if text.lower() not in ("null", "~") or tp is str else None
-    elif inner and inner[0] in (int, float) and _number(text, inner[0]) is not None:
-        value = _number(text, inner[0])  # 1e-3 is a number here, though YAML 1.1 reads it as text
+    elif numeric and _number(text, numeric[0]) is not None:
+        value = _number(text, numeric[0])  # 1e-3 is a number here, though YAML 1.1 reads it as text
     else:
         try:
             value = yaml.load(text, Loader=_Loader)
@@ -681,6 +749,12 @@ def _name_checks(raw: dict, lines: dict) -> list[Problem]:
     return problems
 
 
+_SCHEDULE_STEPS = {
+    "iterative": "its steps follow from rate and target_sparsity",
+    "one-shot": "one step",
+}
+
+
 def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
     """Checks that involve more than one value."""
     problems = []
@@ -689,20 +763,32 @@ def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
         problems.append(
             Problem("run.device", f"must be auto, cpu, cuda or cuda:N, got {recipe.run.device!r}", _line(lines, ("run", "device")))
         )
+    # Whether the pruning steps fit in retraining depends on the batches per epoch, which needs the data:
+    # kdcompress.checks.check_recipe plans the schedule (prune.schedule.plan_schedule) as the run will.
     p = recipe.prune
-    steps = pruning_steps_needed(p.rate, p.target_sparsity)
-    # Steps happen at epoch 0, every, 2*every, ...; the last one must fall inside retraining.
-    if steps and (steps - 1) * p.every >= p.epochs:
-        need = (steps - 1) * p.every
-        problems.append(
-            Problem(
-                "prune.epochs",
-                f"too few epochs to reach target_sparsity {p.target_sparsity}: rate {p.rate} needs {steps} pruning "
-                f"steps, one every {p.every} epoch(s), so more than {need:g} epochs of retraining; raise prune.epochs "
-                f"or prune.rate, or lower prune.every",
-                _line(lines, ("prune", "epochs")) or _line(lines, ("prune",)),
-            )
-        )
+    where = lambda key: _line(lines, ("prune", key)) or _line(lines, ("prune",))  # noqa: E731
+    if p.sparsity_schedule != "agp":  # keys that only agp reads would be silently ignored
+        if p.steps != "auto":
+            problems.append(Problem(
+                "prune.steps",
+                f"sets the number of agp steps, but prune.sparsity_schedule is {p.sparsity_schedule} "
+                f"({_SCHEDULE_STEPS[p.sparsity_schedule]}); set prune.sparsity_schedule: agp, or drop prune.steps",
+                where("steps"),
+            ))
+        if p.initial_sparsity:
+            problems.append(Problem(
+                "prune.initial_sparsity",
+                f"is the starting sparsity of agp, but prune.sparsity_schedule is {p.sparsity_schedule}; set "
+                f"prune.sparsity_schedule: agp, or drop prune.initial_sparsity",
+                where("initial_sparsity"),
+            ))
+    elif p.target_sparsity > 0 and p.initial_sparsity >= p.target_sparsity:
+        problems.append(Problem(
+            "prune.initial_sparsity",
+            f"{p.initial_sparsity} must be below prune.target_sparsity ({p.target_sparsity}): agp rises from one to "
+            f"the other",
+            where("initial_sparsity"),
+        ))
     return problems
 
 

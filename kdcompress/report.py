@@ -138,6 +138,7 @@ def _stage_settings(stage: str, recipe: dict, metrics: dict) -> dict:
             scope=prune.get("scope"),
             rate=prune.get("rate"),
             target_sparsity=prune.get("target_sparsity", metrics.get("target_sparsity")),
+            sparsity_schedule=prune.get("sparsity_schedule", "iterative"),  # run directories from before schedules: iterative
             every=prune.get("every"),
             include=prune.get("include"),
             exclude=prune.get("exclude"),
@@ -450,6 +451,18 @@ def _accuracy_text(row: dict) -> str:
     return f"{row['accuracy'] * 100:.2f} ±{se * 100:.2f}" if se is not None else f"{row['accuracy'] * 100:.2f} ±?"
 
 
+def _schedule_words(settings: dict) -> str:
+    """'iterative, rate 0.3, steps spaced automatically' and the like, for a pruned stage's settings line."""
+    schedule = settings.get("sparsity_schedule") or "iterative"
+    every = settings.get("every")
+    spacing = "steps spaced automatically" if every == "auto" else f"a step every {every} epochs"
+    if schedule == "one-shot":
+        return "one-shot"
+    if schedule == "agp":
+        return f"agp, {spacing}"
+    return f"{schedule}, rate {settings.get('rate')}, {spacing}"
+
+
 def _settings_text(settings: dict) -> str:
     """A stage's settings on one line: model, loss, pruning, optimiser."""
     parts = []
@@ -460,8 +473,8 @@ def _settings_text(settings: dict) -> str:
         target = settings.get("target_sparsity")
         steps = settings.get("pruning_steps")
         parts.append(
-            f"{settings['method']} ({settings.get('scope')}), rate {settings.get('rate')} every {settings.get('every')} "
-            f"epochs to target {target * 100:g}%" if target is not None else f"{settings['method']} ({settings.get('scope')})"
+            f"{settings['method']} ({settings.get('scope')}), {_schedule_words(settings)} to target {target * 100:g}%"
+            if target is not None else f"{settings['method']} ({settings.get('scope')})"
         )
         if steps is not None:
             parts[-1] += f" in {steps} steps"

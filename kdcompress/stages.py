@@ -36,7 +36,7 @@ class Stage:
     ``upstream(recipe)`` names the stages whose checkpoints it reads; ``enabled(recipe)`` whether
     ``kdc run`` runs it. ``run`` names the function in :mod:`kdcompress.pipeline` that trains it and
     returns ``(model, spec, history, extra metrics)``.
-    ``options`` are CLI shortcuts for recipe keys: ``(option name, dotted key, help)``.
+    ``options`` are CLI shortcuts for recipe keys: ``(option name, dotted key, help, float or str)``.
     """
 
     name: str
@@ -48,7 +48,7 @@ class Stage:
     run: str  # the name of its run function in kdcompress.pipeline (so declaring stages imports no torch)
     upstream: Callable[[Recipe], tuple[str, ...]] = lambda recipe: ()
     enabled: Callable[[Recipe], bool] = lambda recipe: True
-    options: tuple[tuple[str, str, str], ...] = ()
+    options: tuple[tuple[str, str, str, type], ...] = ()
 
     def inputs(self, recipe: dict) -> dict:
         """``{dotted key: value}`` of what this stage reads, from a resolved recipe dict."""
@@ -115,13 +115,16 @@ STAGES: tuple[Stage, ...] = (
         command="prune",
         summary="Prune the distilled student by weight magnitude and retrain it with its masks held.",
         description="distilled student, pruned and retrained",
-        example="kdc prune --rate 0.05 --set prune.every=0.1",
+        example="kdc prune --rate 0.05   (45 steps to 90 % sparsity, spread over the first two thirds of "
+        "retraining);   kdc prune --schedule agp --target 0.95",
         reads=COMMON_READS + ("prune", "distill.temperature", "distill.alpha"),
         run="_stage_pruned",
         upstream=lambda recipe: ("distilled", "teacher") if recipe.prune.distill else ("distilled",),
         options=(
-            ("rate", "prune.rate", "fraction of the still-non-zero prunable weights removed at each pruning step"),
-            ("target", "prune.target_sparsity", "target sparsity: fraction of prunable weights at zero"),
+            ("rate", "prune.rate", "fraction of the still-non-zero prunable weights removed at each pruning step",
+             float),
+            ("target", "prune.target_sparsity", "target sparsity: fraction of prunable weights at zero", float),
+            ("schedule", "prune.sparsity_schedule", "how sparsity rises: iterative, agp or one-shot", str),
         ),
     ),
 )

@@ -24,14 +24,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from kdcompress.errors import RecipeError
+from kdcompress.errors import RecipeError, ScheduleError
 from kdcompress.pipeline import _Pruning
-from kdcompress.prune import MagnitudePruner
-from kdcompress.recipe import Recipe, parse_recipe
+from kdcompress.prune import MagnitudePruner, plan_schedule
+from kdcompress.recipe import PruneSection, Recipe, parse_recipe
 
 # --------------------------------------------------------------------------- helpers
 
@@ -287,16 +287,25 @@ def test_masks_hold_under_random_pruning_and_optimiser_steps(kind, width, seed, 
     rate=st.floats(0.05, 0.95),
     target=st.floats(0.0, 0.95),
     scope=st.sampled_from(["global", "layer"]),
-    every=st.floats(0.1, 2.0),
+    schedule=st.sampled_from(["iterative", "agp", "one-shot"]),
+    every=st.one_of(st.just("auto"), st.floats(0.1, 2.0)),
     batches_per_epoch=st.integers(1, 7),
-    steps=st.integers(1, 30),
+    epochs=st.integers(1, 5),
     data=st.data(),
 )
-def test_pruning_hook_state_round_trips_and_resumes_the_same_schedule(kind, width, seed, rate, target, scope, every,
-                                                                      batches_per_epoch, steps, data):
-    """A hook saved at any step (through torch.save / weights_only load) and restored goes on exactly as one that
-    never stopped: same masks, same number of pruning steps, pruned weights zero."""
+def test_pruning_hook_state_round_trips_and_resumes_the_same_schedule(kind, width, seed, rate, target, scope, schedule,
+                                                                      every, batches_per_epoch, epochs, data):
+    """A hook saved at any step (through torch.save / weights_only load) and restored, with its schedule planned
+    again from the recipe, goes on exactly as one that never stopped: same masks, same number of pruning steps,
+    pruned weights zero."""
     torch.set_num_threads(1)
+    prune = PruneSection(rate=rate, target_sparsity=target, scope=scope, sparsity_schedule=schedule, every=every,
+                         epochs=epochs)
+    try:
+        plan = plan_schedule(prune, batches_per_epoch)
+    except ScheduleError:
+        assume(False)  # a schedule that does not fit: refused before training, nothing to resume
+    steps = epochs * batches_per_epoch
     cut = data.draw(st.integers(0, steps), label="cut")
     original = small_net(kind, width, seed)
 
@@ -306,11 +315,11 @@ def test_pruning_hook_state_round_trips_and_resumes_the_same_schedule(kind, widt
             hook.after_optimizer_step(step)
 
     straight_net = copy.deepcopy(original)
-    straight = _Pruning(MagnitudePruner(straight_net, rate, target, scope), every)
+    straight = _Pruning(MagnitudePruner(straight_net, rate, target, scope), plan)
     run(straight, 0, steps)
 
     first_net = copy.deepcopy(original)
-    first = _Pruning(MagnitudePruner(first_net, rate, target, scope), every)
+    first = _Pruning(MagnitudePruner(first_net, rate, target, scope), plan)
     run(first, 0, cut)
     buffer = io.BytesIO()
     torch.save({"hooks": [first.state_dict()], "model": first_net.state_dict()}, buffer)
@@ -319,15 +328,15 @@ def test_pruning_hook_state_round_trips_and_resumes_the_same_schedule(kind, widt
 
     resumed_net = copy.deepcopy(original)
     resumed_net.load_state_dict(saved["model"])
-    resumed = _Pruning(MagnitudePruner(resumed_net, rate, target, scope), every)
+    resumed = _Pruning(MagnitudePruner(resumed_net, rate, target, scope), plan_schedule(prune, batches_per_epoch))
     resumed.load_state_dict(saved["hooks"][0])
-    assert resumed.pruner.steps_taken == first.pruner.steps_taken
+    assert resumed.steps_taken == first.steps_taken
     for name in first.pruner.masks:
         assert torch.equal(resumed.pruner.masks[name], first.pruner.masks[name])
         assert torch.all(resumed.pruner.weights[name].detach()[~resumed.pruner.masks[name]] == 0)
     run(resumed, cut, steps)
 
-    assert resumed.pruner.steps_taken == straight.pruner.steps_taken
+    assert resumed.steps_taken == straight.steps_taken == len(plan.at)
     for name in straight.pruner.masks:
         assert torch.equal(resumed.pruner.masks[name], straight.pruner.masks[name]), name
     for key, tensor in straight_net.state_dict().items():
@@ -337,17 +346,16 @@ def test_pruning_hook_state_round_trips_and_resumes_the_same_schedule(kind, widt
 
 def test_pruning_hook_state_dict_holds_only_tensors_and_plain_data():
     net = small_net("mlp", 4, 0)
-    hook = _Pruning(MagnitudePruner(net, 0.5, 0.75), 0.5)
+    hook = _Pruning(MagnitudePruner(net, 0.5, 0.75), plan_schedule(PruneSection(rate=0.5, target_sparsity=0.75), 4))
     hook.on_batch_start(0, 4)
     state = hook.state_dict()
-    assert set(state) == {"masks", "steps_taken"}
+    assert set(state) == {"pruner", "steps_taken"}
     assert state["steps_taken"] == 1
-    assert all(isinstance(m, torch.Tensor) and m.dtype == torch.bool for m in state["masks"].values())
+    masks = state["pruner"]["masks"]
+    assert all(isinstance(m, torch.Tensor) and m.dtype == torch.bool for m in masks.values())
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)  # safe to load
-    assert {k: torch.equal(v, state["masks"][k]) for k, v in loaded["masks"].items()} == {
-        k: True for k in state["masks"]
-    }
+    assert {k: torch.equal(v, masks[k]) for k, v in loaded["pruner"]["masks"].items()} == {k: True for k in masks}
 

@@ -10,6 +10,10 @@ biases and normalisation layers stay dense.
 Zeroing weights once and training on lets them grow back, so the mask is
 applied again after every optimiser step (:meth:`MagnitudePruner.apply`).
 
+Two ways to prune: :meth:`MagnitudePruner.step` removes ``rate`` of what is
+left (capped at the target); :meth:`MagnitudePruner.prune_to` prunes up to a
+given sparsity, as a schedule (:mod:`kdcompress.prune.schedule`) asks.
+
 Example::
 
     >>> import torch
@@ -59,7 +63,14 @@ def weight_sparsity(weights: dict[str, torch.Tensor]) -> float:
 
 
 class MagnitudePruner:
-    """Iterative magnitude pruning, global or per layer, up to a target sparsity."""
+    """Magnitude pruning of single weights, global or per layer, up to a target sparsity.
+
+    Weights are zeroed in place and kept at zero by boolean masks; the
+    parameters keep their shapes (``changes_parameters`` is False), so an
+    optimiser built before pruning stays valid.
+    """
+
+    changes_parameters = False
 
     def __init__(
         self,
@@ -105,28 +116,66 @@ class MagnitudePruner:
             k = min(int(round(self.rate * remaining)), self._left_to_prune(names))
             if k <= 0 and self._left_to_prune(names) > 0:
                 k = 1
-            if k <= 0:
-                continue
-            scores = torch.cat([self.weights[n].detach().abs()[self.masks[n]].float() for n in names])
-            drop = torch.topk(scores, k, largest=False, sorted=False).indices
-            offset = 0
-            for n in names:
-                alive = self.masks[n].nonzero(as_tuple=True)
-                count = alive[0].numel()
-                mine = drop[(drop >= offset) & (drop < offset + count)] - offset
-                if mine.numel():
-                    self.masks[n][tuple(a[mine] for a in alive)] = False
-                offset += count
-            removed += k
+            removed += self._prune_smallest(names, k)
         self.steps_taken += 1
         self.apply()
         return removed
+
+    @torch.no_grad()
+    def prune_to(self, sparsity: float) -> None:
+        """Prune the smallest remaining weights until ``sparsity`` of the prunable weights are masked.
+
+        Per group: the whole selection for global scope, each layer for layer
+        scope; a group already at or past ``sparsity`` is left as it is (masks
+        never come back). The count is rounded to whole weights, so the result
+        is within half a weight of ``sparsity`` per group. ``sparsity`` may be
+        anything in [0, 1); the constructor's ``target_sparsity`` only bounds
+        :meth:`step`.
+        """
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        for group in self._groups():
+            names = list(group)
+            total = sum(self.masks[n].numel() for n in names)
+            pruned = sum(int((~self.masks[n]).sum()) for n in names)
+            self._prune_smallest(names, int(round(sparsity * total)) - pruned)
+        self.steps_taken += 1
+        self.apply()
+
+    def _prune_smallest(self, names: list[str], k: int) -> int:
+        """Mask the ``k`` smallest-magnitude unmasked weights of ``names`` (ranked together); return how many."""
+        if k <= 0:
+            return 0
+        scores = torch.cat([self.weights[n].detach().abs()[self.masks[n]].float() for n in names])
+        k = min(k, scores.numel())
+        drop = torch.topk(scores, k, largest=False, sorted=False).indices
+        offset = 0
+        for n in names:
+            alive = self.masks[n].nonzero(as_tuple=True)
+            count = alive[0].numel()
+            mine = drop[(drop >= offset) & (drop < offset + count)] - offset
+            if mine.numel():
+                self.masks[n][tuple(a[mine] for a in alive)] = False
+            offset += count
+        return k
 
     @torch.no_grad()
     def apply(self) -> None:
         """Zero every pruned weight; call after each optimiser step."""
         for name, w in self.weights.items():
             w.masked_fill_(~self.masks[name], 0.0)
+
+    # -- resume
+    def state_dict(self) -> dict:
+        """The masks and the step count, as tensors and plain data (loads with ``weights_only=True``)."""
+        return {"masks": dict(self.masks), "steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned and zero the masked weights."""
+        for name, mask in state["masks"].items():
+            self.masks[name] = mask.to(self.masks[name].device)
+        self.steps_taken = state["steps_taken"]
+        self.apply()
 
     # -- helpers
     def _groups(self) -> list[Iterable[str]]:
