@@ -31,7 +31,7 @@ It is loaded with ``torch.load(..., weights_only=True)``, so a file can hold
 no code that runs on load. An unstructured pruned checkpoint is a dense
 state_dict with zeros: it loads into the plain architecture. A structured
 one also holds ``structure``: the pruning history (plain lists of layer
-names and channel indices, see :meth:`kdcompress.structured.StructuredPruner.history`)
+names and channel indices, see :meth:`kdcompress.prune.structured.StructuredPruner.history`)
 that, replayed on the plain architecture, gives it the smaller shapes of its
 weights; :func:`kdcompress.models.build_from_checkpoint` does both.
 """

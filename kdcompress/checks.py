@@ -56,7 +56,9 @@ def check_recipe(recipe: Recipe) -> list[str]:
         f"student: {recipe.student.model} ({counts['student']:,} parameters), {recipe.distill.epochs} epochs "
         f"(T={recipe.distill.temperature}, alpha={recipe.distill.alpha})"
         + (", plus a cross-entropy baseline" if recipe.student.baseline else ""),
-        f"prune: {p.scope} magnitude to sparsity {p.target_sparsity}, {p.epochs} epochs of retraining",
+        (f"prune: structured ({p.scope}, by {p.importance}), removing {p.target_sparsity:.0%} of the prunable "
+         f"channels, {p.epochs} epochs of retraining" if p.method == "structured" else
+         f"prune: {p.scope} magnitude to sparsity {p.target_sparsity}, {p.epochs} epochs of retraining"),
         f"prune schedule: {schedule.describe()}",
     ]
 

@@ -149,7 +149,7 @@ def build_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> nn.Module:
     ``ckpt`` is the dict of a kdc checkpoint (loaded with
     ``weights_only=True``): ``arch`` (the spec), ``state_dict`` and, for a
     model pruned structurally, ``structure``, the pruning history that
-    :func:`kdcompress.structured.apply_structure` replays on the fresh build
+    :func:`kdcompress.prune.structured.apply_structure` replays on the fresh build
     so the smaller weights fit. ``where`` names the checkpoint in error
     messages. Weights that do not fit raise CheckpointError. The model is
     returned on the CPU, in training mode.
@@ -162,7 +162,7 @@ def build_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> nn.Module:
     model = build_model(ckpt["arch"], where=where)
     structure = ckpt.get("structure")
     if structure:
-        from .structured import apply_structure  # torch-pruning is imported only for structured checkpoints
+        from .prune.structured import apply_structure  # torch-pruning is imported only for structured checkpoints
 
         try:
             apply_structure(model, structure, ckpt["arch"]["input_shape"])

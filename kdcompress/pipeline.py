@@ -373,6 +373,8 @@ def run_stage(
     started = time.perf_counter()
     ctx = _StageContext(recipe, stage, data, device, console, stage_dir / "metrics.jsonl", state_path, fingerprint)
     model, spec, history, extra = _RUN[stage](ctx)
+    extra = dict(extra)
+    structure = extra.pop("structure", None)  # a structurally pruned model's shapes, replayed when it is loaded
     if recipe.run.bn_recalibrate:
         used = recalibrate_batchnorm(
             model, data.train, recipe.run.bn_recalibrate, recipe.data.batch_size, device, seed=recipe.run.seed
@@ -405,6 +407,7 @@ def run_stage(
             "history": history,  # the epochs of metrics.jsonl, to restore it beside this checkpoint
             "dataset": data.name,
             "preprocess": data.preprocess,
+            **({"structure": structure} if structure is not None else {}),
         })
     distributed.barrier()  # no rank looks at this stage's files before they are written
     console.print(
@@ -578,7 +581,7 @@ def _stage_pruned(ctx: _StageContext):
     # planned this schedule on one process; this is the plan for the batches each process really trains on
     bpe = batches_per_epoch(len(ctx.data.train), ctx.recipe.data.batch_size, distributed.world_size())
     schedule = plan_schedule(p, bpe)
-    pruner = MagnitudePruner(model, p.rate, p.target_sparsity, p.scope, p.include, p.exclude)
+    pruner = make_pruner(model, p, spec["input_shape"])
     loss = _distill_loss(ctx) if p.distill else _ce
     hook = _Pruning(pruner, schedule)
     history = _fit(ctx, model, loss, p, hooks=[hook])
@@ -587,7 +590,21 @@ def _stage_pruned(ctx: _StageContext):
             f"prune: retraining ended after {hook.steps_taken} of {len(schedule.at)} pruning steps, at sparsity "
             f"{pruner.sparsity():.3f}, short of the target {p.target_sparsity}"
         )
-    return model, spec, history, {"target_sparsity": p.target_sparsity, "pruning_steps": hook.steps_taken}
+    extra = {"target_sparsity": p.target_sparsity, "pruning_steps": hook.steps_taken, "method": p.method}
+    if p.method == "structured":
+        # the share of prunable channels removed (the weights left hold no zeros: the channels are gone)
+        extra.update(channel_sparsity=pruner.sparsity(), structure=pruner.history())
+    return model, spec, history, extra
+
+
+def make_pruner(model: torch.nn.Module, p, input_shape):
+    """The pruner a recipe's ``prune`` section asks for, on ``model`` (structured: channels; else weights)."""
+    if p.method == "structured":
+        from .prune.structured import StructuredPruner  # torch-pruning is imported only when it is used
+
+        return StructuredPruner(model, input_shape, importance=p.importance, scope=p.scope, include=p.include,
+                                exclude=p.exclude)
+    return MagnitudePruner(model, p.rate, p.target_sparsity, p.scope, p.include, p.exclude)
 
 
 _RUN = {  # each declared stage's run function: stages.STAGES names them, so declaring one imports no torch

@@ -191,6 +191,17 @@ class PruneSection(TrainSettings):
         default=0.0,
         metadata=_range(lo=0.0, hi=1.0, hi_open=True, doc="agp: sparsity at the first step (s_i)"),
     )
+    method: Literal["unstructured", "structured"] = field(
+        default="unstructured",
+        metadata=_doc(
+            "unstructured: zero single weights (masks); structured: remove whole conv channels and linear neurons, "
+            "so the model gets smaller and faster (rate and target_sparsity then count channels)"
+        ),
+    )
+    importance: Literal["l1", "l2", "bn_scale"] = field(
+        default="l1",
+        metadata=_doc("structured: which channels go first; l1 or l2 norm of the channel's group, or BatchNorm scale"),
+    )
     scope: Literal["global", "layer"] = field(default="global", metadata=_doc("rank weights globally or per layer"))
     include: list[str] = field(default_factory=lambda: ["*"], metadata=_doc("module-name patterns to prune"))
     exclude: list[str] = field(default_factory=list, metadata=_doc("module-name patterns to leave dense"))

@@ -60,7 +60,10 @@ NOISE_Z = 2.0
 # on a shared machine is not a fixed setting.
 LATENCY_THREADS = ReportSection().threads
 LATENCY_MIN_RUN_TIME = 0.5  # seconds of timed runs per stage (torch.utils.benchmark blocked_autorange)
-PRUNING_METHOD = "unstructured magnitude"
+PRUNING_METHODS = {  # recipe prune.method -> words in the report
+    "unstructured": "unstructured magnitude",
+    "structured": "structured, whole channels",
+}
 # (first stage, second stage): the report states second - first with its standard error
 COMPARISONS = (("student", "distilled"), ("distilled", "pruned"))
 
@@ -134,7 +137,8 @@ def _stage_settings(stage: str, recipe: dict, metrics: dict) -> dict:
         settings.update(temperature=distill.get("temperature"), alpha=distill.get("alpha"))
     if stage == "pruned":
         settings.update(
-            method=PRUNING_METHOD,
+            method=PRUNING_METHODS[prune.get("method", "unstructured")]
+            + (f" by {prune.get('importance', 'l1')}" if prune.get("method") == "structured" else ""),
             scope=prune.get("scope"),
             rate=prune.get("rate"),
             target_sparsity=prune.get("target_sparsity", metrics.get("target_sparsity")),
@@ -272,6 +276,8 @@ def build_report(
             "params": count_params(model),
             "nonzero_params": count_nonzero(model),
             "sparsity": weight_sparsity({k: v.detach() for k, v in weights.items()}),
+            # structured pruning: the share of prunable channels removed (their weights are gone, not zero)
+            "channel_sparsity": metrics.get("channel_sparsity"),
             "target_sparsity": metrics.get("target_sparsity"),
             "checkpoint_bytes": (run_dir / stage / "model.pt").stat().st_size,
             "macs": count_macs(model, shape),
@@ -558,7 +564,7 @@ def report_table(report: dict) -> Group:
             _stage_name(r),
             _compact(r["params"]),
             _compact(r["nonzero_params"]),
-            f"{r['sparsity']:.1%}",
+            _sparsity_cell(r),
             _ratio(r.get("nonzero_ratio_vs_teacher")),
             _bytes(r["checkpoint_bytes"]),
             _ratio(r.get("bytes_ratio_vs_teacher")),
@@ -597,6 +603,13 @@ def report_table(report: dict) -> Group:
     return Group(*parts)
 
 
+def _sparsity_cell(r: dict) -> str:
+    """Weight sparsity, or for a structurally pruned stage the share of channels removed ("ch")."""
+    if r.get("channel_sparsity") is not None:
+        return f"{r['channel_sparsity']:.1%} ch"
+    return f"{r['sparsity']:.1%}"
+
+
 def _md_row(r: dict, batches) -> list[str]:
     se, timing = r.get("accuracy_se"), r.get("latency") or {}
     target = r.get("target_sparsity")
@@ -611,7 +624,7 @@ def _md_row(r: dict, batches) -> list[str]:
         "" if r.get("accuracy_change_vs_teacher") is None else f"{r['accuracy_change_vs_teacher'] * 100:+.2f} pt",
         f"{r['params']:,}",
         f"{r['nonzero_params']:,}",
-        f"{r['sparsity']:.1%}",
+        _sparsity_cell(r),
         "" if target is None else f"{target:.1%}",
         _ratio(r.get("nonzero_ratio_vs_teacher")),
         f"{r['checkpoint_bytes']:,}",
@@ -652,7 +665,8 @@ def report_markdown(report: dict) -> str:
         f"error sqrt(p(1-p)/n) over the n test images, and a difference counts as within noise when it is at most "
         f"{report.get('noise_z', NOISE_Z):g} standard errors of the difference (sqrt(se1² + se2²)). Train acc is the "
         f"last epoch's, measured in training mode. Sparsity is the share of prunable weights (Conv/Linear) that are "
-        f"exactly zero. Non-zero ratio vs teacher is teacher non-zero parameters / stage non-zero parameters (it was "
+        f"exactly zero; for a structurally pruned stage (\"ch\") it is the share of prunable channels removed, "
+        f"whose weights are gone from the model. Non-zero ratio vs teacher is teacher non-zero parameters / stage non-zero parameters (it was "
         f"called compression): it counts weights, not bytes. Bytes on disk are the dense checkpoint's: zeros in a "
         f"dense tensor do not shrink it, and bytes ratio vs teacher is teacher bytes / stage bytes. MACs are dense "
         f"multiply-accumulates per sample of every matmul, convolution and attention (torch's flop counter, FLOPs / "

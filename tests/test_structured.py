@@ -35,7 +35,7 @@ from kdcompress.errors import CheckpointError
 from kdcompress.measure import count_macs
 from kdcompress.models import SmallCNN, build_from_checkpoint, build_model, model_spec
 from kdcompress.recipe import DataSection, TrainSettings
-from kdcompress.structured import StructuredPruner, apply_structure, find_classifier
+from kdcompress.prune.structured import StructuredPruner, apply_structure, find_classifier
 from kdcompress.train import Hook, fit
 
 SHAPE = (1, 28, 28)

@@ -30,7 +30,7 @@ that for every checkpoint load.
 Example::
 
     >>> import torch
-    >>> from kdcompress.structured import StructuredPruner, apply_structure
+    >>> from kdcompress.prune.structured import StructuredPruner, apply_structure
     >>> def net():
     ...     torch.manual_seed(0)
     ...     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
@@ -56,7 +56,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping, shape_infer
 
-from .prune import prunable_weights
+from .unstructured import prunable_weights
 
 __all__ = ["StructuredPruner", "apply_structure", "find_classifier", "IMPORTANCES", "SCOPES"]
 
