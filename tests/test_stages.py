@@ -26,7 +26,8 @@ CHANGED = {
     "data.val_split": 0.1, "data.crop_padding": 2, "data.hflip": True, "data.workers": 0,
     "student.baseline": False, "student.model": "lenet5", "student.args": {},
     "distill.temperature": 2.0, "distill.alpha": 0.3, "prune.rate": 0.6, "prune.target_sparsity": 0.5,
-    "prune.every": 0.25,
+    "prune.every": "auto", "prune.method": "structured", "prune.importance": "l2", "prune.sparsity_schedule": "one-shot",
+    "prune.steps": None, "prune.initial_sparsity": None,  # read by agp only: setting them with iterative is refused
     "report.latency": True, "report.latency_batches": [1], "report.threads": 1,
     "report.latency_batch": None,  # a deprecated alias of latency_batches: setting both is refused
 }
