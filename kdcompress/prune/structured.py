@@ -46,6 +46,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import copy
 import math
 from dataclasses import dataclass
@@ -91,64 +92,53 @@ def _feeds_flatten(node) -> bool:
     return False
 
 
-def _update_concat_index_mapping(graph, cat_node) -> None:
-    """torch-pruning 1.6.1's ``update_concat_index_mapping``, with a concatenation before a flatten handled.
+def _concat_over_channels_before_flatten(graph, cat_node, original) -> None:
+    """torch-pruning's concatenation mapping, then the case it leaves out: a concatenation before a flatten.
 
     To tell a concatenation over channels from one over another dimension,
-    torch-pruning compares the channels the concatenation yields with the
-    input width of the layer after it. Behind a flatten that layer is a Linear
-    whose inputs are channels x height x width, so the test fails, the
+    torch-pruning 1.6.1 compares the channels the concatenation yields with
+    the input width of the layer after it. Behind a flatten that layer is a
+    Linear whose inputs are channels x height x width, so the test fails, the
     concatenation gets no index mapping, and its inputs are coupled channel
     by channel as if added: pruning one branch prunes the same channels of
     the other, and the Linear after the flatten loses the wrong features
     (the forward pass then fails on a shape mismatch; Torch-Pruning #481
-    describes the coupling). Here a width that is a multiple of the channels,
-    reached through a flatten, also counts as a concatenation over channels.
-    Otherwise the code is torch-pruning's.
+    describes the coupling). When torch-pruning has left such a node without
+    offsets and the width is a whole multiple of the concatenated channels,
+    reached through a flatten, each branch gets its slice of the channels here.
     """
-    if cat_node.type != tp.ops.OPTYPE.CONCAT:
+    original(graph, cat_node)
+    module = getattr(cat_node, "module", None)
+    if cat_node.type != tp.ops.OPTYPE.CONCAT or module.offsets is not None or not module.concat_sizes:
+        return  # torch-pruning mapped it, or it is not a concatenation over known channel counts
+    sizes = list(module.concat_sizes)
+    if any(size is None for size in sizes) or getattr(cat_node.grad_fn, "_saved_dim", 1) not in (1, None):
         return
-    saved_dim = getattr(cat_node.grad_fn, "_saved_dim", None)
-    if saved_dim is not None and saved_dim != 1 and saved_dim < tp.dependency.constants.MAX_VALID_DIM:
+    width = shape_infer.infer_in_channels_recursively(graph, cat_node, recursive_depth=[0])
+    if not (width and width % sum(sizes) == 0 and _feeds_flatten(cat_node)):
         return
-    if cat_node.module.concat_sizes is not None:
-        chs = cat_node.module.concat_sizes
-    else:
-        chs = [shape_infer.infer_channels_between(graph, n, cat_node) for n in cat_node.inputs]
-        cat_node.module.concat_sizes = chs
-    if any(ch is None for ch in chs):
-        return
-    out_size = shape_infer.infer_in_channels_recursively(graph, cat_node, recursive_depth=[0])
-    if out_size is not None and out_size != sum(chs):
-        if not (sum(chs) and out_size % sum(chs) == 0 and _feeds_flatten(cat_node)):
-            return  # concatenated over another dimension than the channels
-    offsets = [0]
-    for ch in chs:
-        offsets.append(offsets[-1] + ch)
-    cat_node.module.offsets = offsets
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    module.offsets = bounds
     if not cat_node.enable_index_mapping:
         return
-    addressed = []
-    for i, in_node in enumerate(cat_node.inputs):
-        for dep in cat_node.dependencies:
-            if dep.target == in_node and not any(dep is d for d in addressed):
-                dep.index_mapping[1] = index_mapping._ConcatIndexMapping(offset=offsets[i: i + 2], reverse=True)
-                addressed.append(dep)
-                break
-    addressed = []
-    for i, in_node in enumerate(cat_node.inputs):
-        for dep in in_node.dependencies:
-            if dep.target == cat_node and not any(dep is d for d in addressed):
-                dep.index_mapping[1] = index_mapping._ConcatIndexMapping(offset=offsets[i: i + 2], reverse=False)
-                addressed.append(dep)
-                break
+    # the same tensor may be concatenated twice (cat([x, x])): each slice takes the next unused dependency
+    taken: set[int] = set()
+    for i, branch in enumerate(cat_node.inputs):
+        span = bounds[i : i + 2]
+        for deps, target, reverse in ((cat_node.dependencies, branch, True), (branch.dependencies, cat_node, False)):
+            dep = next((d for d in deps if d.target is target and id(d) not in taken), None)
+            if dep is not None:
+                dep.index_mapping[1] = index_mapping._ConcatIndexMapping(offset=span, reverse=reverse)
+                taken.add(id(dep))
 
 
 @contextlib.contextmanager
 def _concat_fix():
-    """Use :func:`_update_concat_index_mapping` in torch-pruning while the block runs, then restore the original."""
+    """Map concatenations before a flatten too (:func:`_concat_over_channels_before_flatten`) while the block runs."""
     original = index_mapping.update_concat_index_mapping
-    index_mapping.update_concat_index_mapping = _update_concat_index_mapping
+    index_mapping.update_concat_index_mapping = functools.partial(_concat_over_channels_before_flatten, original=original)
     try:
         yield
     finally:
