@@ -113,7 +113,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         name="pruned",
         command="prune",
-        summary="Prune the distilled student by weight magnitude and retrain it with its masks held.",
+        summary="Prune the distilled student (single weights by magnitude, or whole channels with "
+        "--set prune.method=structured) and retrain it.",
         description="distilled student, pruned and retrained",
         example="kdc prune --rate 0.05   (45 steps to 90 % sparsity, spread over the first two thirds of "
         "retraining);   kdc prune --schedule agp --target 0.95",
