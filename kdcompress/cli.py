@@ -50,7 +50,7 @@ _state = {"debug": False}
 
 RecipeArg = typer.Argument(
     None,
-    metavar="[RECIPE]",
+    metavar="RECIPE",
     help="recipe YAML file, or a run directory to go on with the settings it was made with; omit it for the "
     "built-in quickstart recipe",
     show_default=False,
