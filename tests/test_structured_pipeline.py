@@ -203,3 +203,17 @@ def test_sigkill_mid_structured_pruning_then_rerun_ends_with_the_same_weights(fr
     for key, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][key]), key
     assert a["metrics"]["test_accuracy"] == b["metrics"]["test_accuracy"]
+
+
+def test_bench_pruned_script_times_the_two_stages_in_turns(cnn_run):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_pruned.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(cnn_run / RUN), "--rounds", "2", "--seconds", "0.05", "--threads", "1"],
+        env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["rounds"] == 2 and summary["batch"] == 64 and summary["threads"] == 1
+    assert summary["distilled_ms_median"] > 0 and summary["pruned_ms_median"] > 0
+    assert summary["ratio_min"] <= summary["ratio_median"] <= summary["ratio_max"]
+    assert "No CUDA runtime" not in done.stderr
