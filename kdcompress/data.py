@@ -40,7 +40,7 @@ from typing import Iterator
 import torch
 
 from .checkpoint import _follow_umask
-from .errors import DataError, KdcError, describe
+from .errors import DataError, KdcError, describe, did_you_mean
 from .recipe import DataSection
 
 __all__ = [
@@ -379,12 +379,8 @@ def dataset_name_problem(name: str) -> str | None:
 
 
 def _unknown_dataset(name: str) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(DATASETS), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
     return (
-        f"unknown dataset '{name}'{hint} (known: {', '.join(DATASETS)}; also imagefolder:PATH, or "
+        f"unknown dataset '{name}'{did_you_mean(name, DATASETS)} (known: {', '.join(DATASETS)}; also imagefolder:PATH, or "
         f"package.module:factory for your own)"
     )
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "describe",
+    "did_you_mean",
     "KdcError",
     "RecipeError",
     "Problem",
@@ -21,6 +22,18 @@ __all__ = [
     "CheckpointError",
     "ScheduleError",
 ]
+
+
+def did_you_mean(word, choices, prefix: str = "") -> str:
+    """``"; did you mean 'PREFIX<closest choice>'?"`` for a misspelt name, or ``""`` when nothing is close.
+
+        >>> did_you_mean("mpl", ["mlp", "cnn"])
+        "; did you mean 'mlp'?"
+    """
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
 
 
 def describe(exc: BaseException, limit: int = 200) -> str:

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .errors import CheckpointError, ModelError
+from .errors import CheckpointError, ModelError, did_you_mean
 
 __all__ = [
     "MLP",
@@ -196,10 +196,8 @@ def model_name_problem(name: str) -> str | None:
 
 
 def _unknown_model(name: str) -> str:
-    close = difflib.get_close_matches(name, list(BUILTIN_MODELS), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
     return (
-        f"unknown model '{name}'{hint} (built-in: {', '.join(BUILTIN_MODELS)}; also torchvision:NAME, "
+        f"unknown model '{name}'{did_you_mean(name, BUILTIN_MODELS)} (built-in: {', '.join(BUILTIN_MODELS)}; also torchvision:NAME, "
         f"or package.module:factory for your own)"
     )
 
@@ -310,9 +308,7 @@ def _find_factory(path: str, prefixes: tuple[str, ...] = ("torchvision",)) -> tu
     for part in attr.split("."):
         if not hasattr(obj, part):
             names = [n for n in dir(module) if not n.startswith("_")]
-            close = difflib.get_close_matches(part, names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            return None, f"module '{module_name}' has no attribute '{attr}'{hint}"
+            return None, f"module '{module_name}' has no attribute '{attr}'{did_you_mean(part, names)}"
         obj = getattr(obj, part)
     if not callable(obj):
         return None, f"'{path}' is not callable; point it at a function or class that builds it"
@@ -351,9 +347,7 @@ def _torchvision_name_problem(name: str) -> str | None:
     available = tvm.list_models(module=tvm)
     if name in available:
         return None
-    close = difflib.get_close_matches(name, available, n=1)
-    hint = f"; did you mean 'torchvision:{close[0]}'?" if close else ""
-    return f"torchvision has no classification model '{name}'{hint}"
+    return f"torchvision has no classification model '{name}'{did_you_mean(name, available, 'torchvision:')}"
 
 
 def _adapt_input_channels(model: nn.Module, channels: int) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -33,7 +32,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .errors import Problem, RecipeError, describe
+from .errors import Problem, RecipeError, describe, did_you_mean
 
 __all__ = [
     "Recipe",
@@ -448,9 +447,7 @@ def _line(lines: dict, path: tuple) -> int | str | None:
     return None
 
 
-def _suggest(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
+_suggest = did_you_mean
 
 
 # Keys people bring from other tools, which difflib does not find (too short, or too different): the key as
