@@ -138,6 +138,11 @@ def _upstream(recipe: Recipe, stage: str) -> dict[str, str]:
             + " then ".join(f"`{COMMAND_OF[s.stage]} {hint}`" for s in reversed(chain))
             + f", or `kdc run {hint}` for every stage{again}"
         )
+    return _upstream_fingerprints(recipe, stage)
+
+
+def _upstream_fingerprints(recipe: Recipe, stage: str) -> dict[str, str]:
+    """The fingerprints recorded in the checkpoints ``stage`` reads (checked up to date by the caller)."""
     return {dep: _read_fingerprint(checkpoint_path(recipe.run_dir, dep)) for dep in _deps(recipe, stage)}
 
 
@@ -175,7 +180,7 @@ def stage_status(recipe: Recipe, stage: str) -> StageStatus:
     stale = _stale_dependency(recipe, stage)
     if stale is not None:
         return StageStatus(stage, False, f"the '{stale.stage}' stage it reads is not up to date: {stale.reason}")
-    upstream = _upstream(recipe, stage)
+    upstream = _upstream_fingerprints(recipe, stage)  # up to date, just checked: no second walk up the stages
     epoch = resume_epoch(recipe, stage, upstream)
     if epoch is not None:
         return StageStatus(stage, False, f"an interrupted run stopped after epoch {epoch}; it resumes from there "
