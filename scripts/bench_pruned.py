@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from kdcompress.checkpoint import load_checkpoint
-from kdcompress.measure import _benchmark_timer
+from kdcompress.measure import latency
 from kdcompress.models import build_from_checkpoint
 
 
@@ -39,21 +39,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base, shape = _model(args.run_dir, args.base)
     other, _ = _model(args.run_dir, args.stage)
-    x = torch.randn(args.batch, *shape)
     rounds = []
-    Timer = _benchmark_timer()  # torch.utils.benchmark.Timer, without its "No CUDA runtime" warning
-    with torch.inference_mode():
-        for model in (base, other):  # warm-up
-            for _ in range(3):
-                model(x)
-        for r in range(args.rounds):
-            times = {}
-            for name, model in ((args.base, base), (args.stage, other)):
-                timer = Timer("model(x)", globals={"model": model, "x": x}, num_threads=args.threads)
-                times[name] = timer.blocked_autorange(min_run_time=args.seconds).median * 1000
-            rounds.append(times)
-            print(f"round {r + 1}: {args.base} {times[args.base]:.2f} ms, {args.stage} {times[args.stage]:.2f} ms, "
-                  f"ratio {times[args.base] / times[args.stage]:.2f}")
+    for r in range(args.rounds):
+        times = {
+            name: latency(model, shape, batch=args.batch, threads=args.threads, min_run_time=args.seconds)["median_ms"]
+            for name, model in ((args.base, base), (args.stage, other))
+        }
+        rounds.append(times)
+        print(f"round {r + 1}: {args.base} {times[args.base]:.2f} ms, {args.stage} {times[args.stage]:.2f} ms, "
+              f"ratio {times[args.base] / times[args.stage]:.2f}")
     ratios = [t[args.base] / t[args.stage] for t in rounds]
     summary = {
         "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
