@@ -255,6 +255,38 @@ def _report(run_dir: Path) -> None:
 
 @app.command()
 @_friendly
+def export(
+    recipe: Optional[Path] = RecipeArg,
+    format_: Optional[List[str]] = typer.Option(
+        None, "--format", "-f", help="sparse, shared, int8 or onnx; repeat it for several (default: export.formats)",
+        show_default=False,
+    ),
+    stage: Optional[str] = typer.Option(None, "--stage", help="the stage to export (sets export.stage; default pruned)"),
+    bits: Optional[int] = typer.Option(None, "--bits", help="shared: bits per weight index, 2 to 8 (sets export.bits)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="sparse: fp16 or fp32 non-zeros (sets export.dtype)"),
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = typer.Option(False, "--force", help="write artifacts again even when they are up to date"),
+):
+    """Write a stage's model as files to ship (<run dir>/export/), load each back and measure it; then report.
+
+    Formats: sparse (non-zeros only), shared (k-means weight sharing, --bits), int8 and onnx (need
+    `pip install 'kdcompress[onnx]'`). Example: kdc export runs/quickstart --format sparse --format shared --bits 4
+    """
+    from .export import export_stage
+
+    overrides = list(set_ or [])
+    if format_:
+        overrides.append(f"export.formats=[{','.join(format_)}]")
+    for key, value in (("stage", stage), ("bits", bits), ("dtype", dtype)):
+        if value is not None:
+            overrides.append(f"export.{key}={value}")
+    loaded = _load(recipe, overrides)
+    export_stage(loaded, force=force, console=err)
+    _report(loaded.run_dir)
+
+
+@app.command()
+@_friendly
 def report(
     run_dir: Optional[Path] = typer.Argument(
         None,

@@ -266,6 +266,10 @@ def run_pipeline(
         if (stages is not None and stage.name not in stages) or not stage.enabled(recipe):
             continue
         results[stage.name] = run_stage(recipe, stage.name, force=force, restart=restart, console=console)
+    if stages is None and recipe.export.formats and distributed.is_main():
+        from .export import export_stage  # the export section's artifacts, made from the stage they name
+
+        results["export"] = export_stage(recipe, force=force, console=console)
     return results
 
 

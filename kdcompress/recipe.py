@@ -44,6 +44,7 @@ __all__ = [
     "DistillSection",
     "PruneSection",
     "ReportSection",
+    "ExportSection",
     "load_recipe",
     "recipe_from_dict",
     "recipe_to_dict",
@@ -227,6 +228,25 @@ class ReportSection:
 
 
 @dataclass(frozen=True)
+class ExportSection:
+    formats: list[Literal["sparse", "shared", "int8", "onnx"]] = field(
+        default_factory=list,
+        metadata=_doc("artifacts `kdc run` writes to <run dir>/export/: sparse, shared, int8, onnx (none: no export)"),
+    )
+    stage: Literal["teacher", "student", "distilled", "pruned"] = field(
+        default="pruned", metadata=_doc("the stage whose model is exported")
+    )
+    dtype: Literal["fp16", "fp32"] = field(
+        default="fp16", metadata=_doc("sparse: precision of the stored non-zeros (fp32 round-trips bit for bit)")
+    )
+    codec: Literal["lzma", "zlib"] = field(default="lzma", metadata=_doc("sparse, shared: entropy coder of the file"))
+    bits: int = field(default=4, metadata=_range(lo=2, hi=8, doc="shared: bits per weight index (2**bits centroids)"))
+    calibration_batches: int = field(
+        default=8, metadata=_range(lo=1, doc="int8: training batches that calibrate the activation ranges")
+    )
+
+
+@dataclass(frozen=True)
 class Recipe:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -235,6 +255,7 @@ class Recipe:
     distill: DistillSection = field(default_factory=DistillSection)
     prune: PruneSection = field(default_factory=PruneSection)
     report: ReportSection = field(default_factory=ReportSection)
+    export: ExportSection = field(default_factory=ExportSection)
 
     @property
     def run_dir(self) -> Path:
@@ -767,6 +788,13 @@ def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
     """Checks that involve more than one value."""
     problems = []
     problems.extend(_report_checks(recipe.report, lines))
+    if recipe.export.formats and recipe.export.stage == "student" and not recipe.student.baseline:
+        problems.append(Problem(
+            "export.stage",
+            "is student, but student.baseline is false, so no student stage is trained; export pruned or distilled, "
+            "or set student.baseline: true",
+            _line(lines, ("export", "stage")) or _line(lines, ("export",)),
+        ))
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", recipe.run.device):
         problems.append(
             Problem("run.device", f"must be auto, cpu, cuda or cuda:N, got {recipe.run.device!r}", _line(lines, ("run", "device")))

@@ -33,7 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .checkpoint import atomic_write_text, load_checkpoint
-from .errors import KdcError
+from .errors import ArtifactError, KdcError
 from .measure import count_macs, count_nonzero, count_params, count_sparse_macs, latencies
 from .models import build_from_checkpoint
 from .stages import STAGES
@@ -300,6 +300,7 @@ def build_report(
             row["nonzero_ratio_vs_teacher"] = row["compression_vs_teacher"] = None
             row["bytes_ratio_vs_teacher"] = row["accuracy_change_vs_teacher"] = None
     comparisons = [compare_accuracy(by_stage[a], by_stage[b]) for a, b in COMPARISONS if a in by_stage and b in by_stage]
+    artifacts = _artifact_rows(run_dir, by_stage, batches if do_latency else [], threads)
     report = {
         "recipe": recipe_name,
         "dataset": dataset,
@@ -314,9 +315,69 @@ def build_report(
         "stale_check_problem": recipe_problem,
         "stages": rows,
         "comparisons": comparisons,
+        "artifacts": artifacts,
     }
     report["warnings"] = report_warnings(report)
     return report
+
+
+def _artifact_rows(run_dir: Path, by_stage: dict, batches: list[int], threads: int) -> list[dict]:
+    """One row per artifact in ``export/artifacts.json``: its recorded accuracy, its bytes, and its latency
+    measured here like the stages'.
+
+    Each file is checked against its manifest and loaded through :func:`kdcompress.export.load_artifact`,
+    which unpickles nothing: a damaged or replaced file is ``refused`` (with the reason) and never run.
+    """
+    from .checkpoint import read_manifest
+    from .export import load_artifact, read_artifacts, verify_artifact
+
+    try:
+        recorded = read_artifacts(run_dir)
+    except KdcError as exc:
+        return [{"path": "export/artifacts.json", "refused": str(exc)}]
+    teacher = by_stage.get("teacher")
+    rows = []
+    for found in recorded:
+        row = {key: found.get(key) for key in (
+            "stage", "format", "path", "accuracy", "test_samples", "test_loss", "stage_accuracy",
+            "accuracy_change_vs_stage", "stage_checkpoint_bytes", "options", "info",
+        )}
+        path = run_dir / str(found["path"])
+        row["refused"] = row["stale"] = None
+        row["latency_ms"] = row["latency"] = None
+        try:
+            manifest, _ = verify_artifact(path)
+        except KdcError as exc:
+            row["refused"] = str(exc)
+            rows.append(row)
+            continue
+        row["bytes"] = manifest["bytes"]
+        row["accuracy_se"] = accuracy_se(row["accuracy"], row["test_samples"]) if row["accuracy"] is not None else None
+        source = by_stage.get(row["stage"])
+        if source is not None:
+            row["compression_vs_stage"] = source["checkpoint_bytes"] / max(1, row["bytes"])
+            try:
+                current = read_manifest(run_dir / row["stage"] / "model.pt").get("fingerprint")
+            except KdcError:
+                current = None
+            if current != found.get("source_fingerprint"):
+                row["stale"] = f"the {row['stage']} checkpoint changed after this file was exported"
+        else:
+            row["compression_vs_stage"] = None
+        row["compression_vs_teacher"] = teacher["checkpoint_bytes"] / max(1, row["bytes"]) if teacher else None
+        if batches:
+            try:
+                model = load_artifact(path, allow_import=True)  # the run's own model, as for the stage rows
+                shape = tuple(model.preprocess.input_shape)
+                timing = latencies(model, shape, batches=batches, threads=threads, min_run_time=LATENCY_MIN_RUN_TIME)
+                row["latency"] = timing
+                row["latency_ms"] = {b: t["median_ms"] for b, t in timing.items()}
+            except KdcError as exc:  # refused, or its runtime (onnxruntime) is not installed
+                row["latency_problem"] = str(exc)
+                if isinstance(exc, ArtifactError):
+                    row["refused"] = str(exc)
+        rows.append(row)
+    return rows
 
 
 def _near_chance(row: dict) -> bool:
@@ -367,6 +428,22 @@ def report_warnings(report: dict) -> list[str]:
             else:
                 message += "Check that the test data is prepared like the training data, and the learning rate."
             warnings.append(message)
+    for art in report.get("artifacts", []):
+        if art.get("refused"):
+            warnings.append(f"artifact {art['path']} was not loaded: {art['refused']}")
+            continue
+        if art.get("stale"):
+            warnings.append(f"artifact {art['path']} is stale: {art['stale']}; `kdc export {report.get('run_dir')} "
+                            f"--force` writes it again.")
+        if art.get("latency_problem"):
+            warnings.append(f"artifact {art['path']}: latency not measured ({art['latency_problem']})")
+        change, se = art.get("accuracy_change_vs_stage"), art.get("accuracy_se")
+        if change is not None and se is not None and change < -max(0.005, NOISE_Z * math.sqrt(2) * se):
+            warnings.append(
+                f"artifact {art['path']} scores {-change * 100:.2f} points below the {art['stage']} checkpoint it was "
+                f"made from ({art['accuracy']:.2%} against {art['stage_accuracy']:.2%}); ship it only if that loss "
+                f"is acceptable" + (", or export with more --bits" if art.get("format") == "shared" else "") + "."
+            )
     for comp in report.get("comparisons", []):
         if (comp["stage"], comp["against"]) != ("distilled", "student") or comp["difference"] >= 0:
             continue
@@ -592,6 +669,8 @@ def report_table(report: dict) -> Group:
     # notes as text, not captions: a caption wraps at its table's width
     notes = ([STALE_NOTE] if any(r.get("stale") for r in rows) else []) + [SPARSE_MACS_NOTE, _latency_note(report)]
     parts = [first, second, third, Text("\n".join(notes)), Text("settings", style="bold"), settings]
+    if report.get("artifacts"):
+        parts.append(_artifact_table(report))
     if report.get("comparisons"):
         parts.append(Text("accuracy differences (standard error of a test accuracy: sqrt(p(1-p)/n))", style="bold"))
         diffs = Table.grid(padding=(0, 2))
@@ -601,6 +680,47 @@ def report_table(report: dict) -> Group:
             diffs.add_row(f" {_comparison_name(c)}", _comparison_text(c))
         parts.append(diffs)
     return Group(*parts)
+
+
+def _artifact_name(a: dict) -> str:
+    return Path(str(a["path"])).name + ("*" if a.get("stale") else "")
+
+
+def _artifact_table(report: dict) -> Table:
+    """Exported files: bytes, how many times smaller than the teacher's and the stage's checkpoints,
+    accuracy measured from the loaded file (against its stage's), latency medians."""
+    batches = report.get("latency_batches") or []
+    table = Table(
+        title="artifacts (export/): accuracy measured from each file loaded back",
+        title_justify="left",
+        caption="smaller: checkpoint bytes / file bytes; latency: median ms",
+        caption_justify="left",
+    )
+    table.add_column("file", overflow="fold")
+    for header in ["bytes", "smaller vs\nteacher", "smaller vs\nstage", "test acc %\n± SE", "vs stage\npoints"]:
+        table.add_column(header, justify="right", no_wrap=True)
+    for b in batches:
+        table.add_column(f"ms\nbatch {b}", justify="right", no_wrap=True)
+    for a in report["artifacts"]:
+        if a.get("refused"):
+            table.add_row(Text(_artifact_name(a)), "refused", *[""] * (4 + len(batches)))
+            continue
+        timing = a.get("latency_ms") or {}
+        table.add_row(
+            Text(_artifact_name(a)),
+            _bytes(a["bytes"]),
+            _ratio(a.get("compression_vs_teacher")),
+            _ratio(a.get("compression_vs_stage")),
+            "" if a.get("accuracy") is None else _accuracy_text(a),
+            _points(a.get("accuracy_change_vs_stage")),
+            *["-" if timing.get(str(b)) is None else _ms(timing[str(b)]) for b in batches],
+        )
+    return table
+
+
+def _ms(median: float) -> str:
+    digits = 0 if median >= 100 else 1 if median >= 10 else 2 if median >= 1 else 3
+    return f"{median:.{digits}f}"
 
 
 def _sparsity_cell(r: dict) -> str:
@@ -652,6 +772,42 @@ def _md_columns(batches) -> list[str]:
     return MD_COLUMNS + [c for b in batches for c in (f"latency batch {b} median (ms)", f"latency batch {b} IQR (ms)")]
 
 
+ARTIFACT_MD_COLUMNS = [
+    "file", "stage", "format", "bytes", "smaller vs teacher", "smaller vs stage", "test acc", "± SE",
+    "vs stage checkpoint",
+]
+ARTIFACTS_MD_NOTE = (
+    "Files written by `kdc export` to export/. Test accuracy is measured from each file loaded back with "
+    "kdcompress.export.load_artifact, never copied from the checkpoint; smaller is checkpoint bytes / file bytes; "
+    "latency is timed like the stages'."
+)
+
+
+def _md_artifact_row(a: dict, batches) -> list[str]:
+    if a.get("refused"):
+        return [str(a["path"]), str(a.get("stage") or ""), str(a.get("format") or ""), "refused: " + a["refused"]] + [""] * (
+            len(ARTIFACT_MD_COLUMNS) - 4 + len(batches)
+        )
+    se = a.get("accuracy_se")
+    timing = a.get("latency_ms") or {}
+    change = a.get("accuracy_change_vs_stage")
+    return [
+        str(a["path"]) + ("*" if a.get("stale") else ""),
+        a["stage"],
+        a["format"] + _options_md(a.get("options") or {}),
+        f"{a['bytes']:,}",
+        _ratio(a.get("compression_vs_teacher")),
+        _ratio(a.get("compression_vs_stage")),
+        "" if a.get("accuracy") is None else f"{a['accuracy']:.2%}",
+        "" if se is None else f"{se * 100:.2f} pt",
+        "" if change is None else f"{change * 100:+.2f} pt",
+    ] + ["" if timing.get(str(b)) is None else f"{timing[str(b)]:.4f}" for b in batches]
+
+
+def _options_md(options: dict) -> str:
+    return f" ({', '.join(f'{k} {v}' for k, v in options.items())})" if options else ""
+
+
 def report_markdown(report: dict) -> str:
     """The report as Markdown, every number in full."""
     left = ("stage", "model")
@@ -681,6 +837,11 @@ def report_markdown(report: dict) -> str:
         lines += ["", STALE_NOTE + "."]
     lines += ["", "## Stages", ""]
     lines += [f"- **{r['stage']}**: {r['description']}: {_settings_text(r['settings'])}" for r in report["stages"]]
+    if report.get("artifacts"):
+        lines += ["", "## Artifacts", "", ARTIFACTS_MD_NOTE, ""]
+        columns = ARTIFACT_MD_COLUMNS + [f"latency batch {b} median (ms)" for b in batches]
+        lines += ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " if c == "file" else " ---: " for c in columns) + "|"]
+        lines += ["| " + " | ".join(_md_artifact_row(a, batches)) + " |" for a in report["artifacts"]]
     if report.get("comparisons"):
         lines += ["", "## Accuracy differences", ""]
         lines += [f"- {_comparison_name(c)}: {_comparison_text(c)}" for c in report["comparisons"]]
