@@ -270,7 +270,7 @@ def export(
     """Write a stage's model as files to ship (<run dir>/export/), load each back and measure it; then report.
 
     Formats: sparse (non-zeros only), shared (k-means weight sharing, --bits), int8 and onnx (need
-    `pip install 'kdcompress[onnx]'`). Example: kdc export runs/quickstart --format sparse --format shared --bits 4
+    `pip install 'kdcompress\\[onnx]'`). Example: kdc export runs/quickstart --format sparse --format shared --bits 4
     """
     from .export import export_stage
 
