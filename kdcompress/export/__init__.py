@@ -1,0 +1,1 @@
+"""Export artifacts: compressed files of a trained model, and loading them back."""
