@@ -45,11 +45,14 @@ _CODEC_NAMES = {v: k for k, v in CODECS.items()}
 _HEADER = struct.Struct("<4sBBII")  # magic, version, codec, raw size, crc32
 MAX_RAW_BYTES = 2**31  # a model of ~1e9 fp16 parameters; far beyond any kdc artifact, well within memory limits
 
-# lzma literal/position settings tried on a sample of the raw bytes; the defaults (lc=3, lp=0, pb=2) suit
-# text. Packed bitmasks and fp16 values favour lc=0 (a byte says little about the next) and lp/pb of 1
-# (2-byte values): measured 8 % smaller on a pruned MLP than the defaults.
-_LZMA_TRIES = [(lc, lp, pb) for lc in (0, 1, 3) for lp in (0, 1) for pb in (0, 1, 2)]
-_LZMA_SAMPLE = 1 << 20
+# lzma literal/position settings tried on a sample of the raw bytes: the defaults (lc=3, lp=0, pb=2) suit
+# text, while packed bitmasks favour lc=0 (a byte says little about the next) and fp16 or fp32 values lp/pb
+# of 1 or 2 (2- or 4-byte alignment). Measured on a 90 % pruned 784-100-10 MLP: 7 % smaller with sparse
+# fp16, 9 % with sparse fp32, 5 % with shared 4-bit, than the defaults. The search uses a cheaper preset on
+# at most 256 KiB, so it costs a few seconds at most whatever the model's size.
+_LZMA_TRIES = [(lc, lp, pb) for lc in (0, 1, 3) for lp in (0, 1, 2) for pb in (0, 1, 2) if lc + lp <= 4]  # LZMA2 limit
+_LZMA_SAMPLE = 1 << 18
+_LZMA_SEARCH_PRESET = 6
 
 
 def _dict_size(raw_size: int) -> int:
@@ -68,7 +71,9 @@ def _lzma_compress(raw: bytes) -> bytes:
     sample = raw[:_LZMA_SAMPLE]
 
     def size(settings):
-        return len(lzma.compress(sample, format=lzma.FORMAT_RAW, filters=_lzma_filters(len(raw), *settings)))
+        filters = _lzma_filters(len(raw), *settings)
+        filters[0]["preset"] = _LZMA_SEARCH_PRESET
+        return len(lzma.compress(sample, format=lzma.FORMAT_RAW, filters=filters))
 
     best = min(_LZMA_TRIES, key=size)
     # lc, lp and pb travel inside the LZMA2 stream; the decoder needs only the dictionary size
