@@ -110,11 +110,17 @@ def test_sparse_fp16_refuses_values_fp16_cannot_hold(mlp):
     big = build_model(source["arch"]).eval()
     with torch.no_grad():
         big.net[1].bias[0] = 1e6
-    with pytest.raises(ValueError, match="fp32"):
+    with pytest.raises(ValueError, match="net.1.bias .*dtype fp32"):
         sparse.encode(big, source, {"dtype": "fp16"}, [])
+    with pytest.raises(ValueError, match="net.1.bias .*sparse format with dtype fp32"):
+        shared.encode(big, source, {"bits": 4}, [])
+    assert sparse.decode(sparse.encode(big, source, {"dtype": "fp32"}, [])[0])[0].net[1].bias[0] == 1e6
 
 
-@pytest.mark.parametrize("codec, options", [(sparse, {"dtype": "int8"}), (sparse, {"bits": 4}), (shared, {"bits": 9}), (shared, {"codec": "gzip"})])
+@pytest.mark.parametrize(
+    "codec, options",
+    [(sparse, {"dtype": "int8"}), (sparse, {"bits": 4}), (shared, {"bits": 9}), (shared, {"bits": 4.0}), (shared, {"codec": "gzip"})],
+)
 def test_bad_options_are_refused(mlp, codec, options):
     with pytest.raises(ValueError, match="option"):
         codec.encode(*mlp, options, [])

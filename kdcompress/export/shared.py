@@ -116,7 +116,7 @@ def encode(model: torch.nn.Module, source: dict, options: dict, calibration: lis
             layout[name] = ["k", *entry]
             nonzeros += index.numel()
         else:
-            tensors[name] = to_storage(t, torch.float16, name)
+            tensors[name] = to_storage(t, torch.float16, name, "the shared format stores it in fp16: use the sparse format with dtype fp32")
             layout[name] = ["d", *entry]
     meta = {"format": FORMAT, **model_meta(source), "options": settings, "layout": layout}
     blob = pack(tensors, meta, settings["codec"])

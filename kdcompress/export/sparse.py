@@ -74,8 +74,8 @@ def unpack_mask(packed: torch.Tensor, numel: int, where: str) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(bool))
 
 
-def to_storage(t: torch.Tensor, dtype: torch.dtype | None, name: str) -> torch.Tensor:
-    """``t`` cast to ``dtype`` for storage if it is floating (None keeps it); refuses values fp16 cannot hold."""
+def to_storage(t: torch.Tensor, dtype: torch.dtype | None, name: str, advice: str = "export it with dtype fp32") -> torch.Tensor:
+    """``t`` cast to ``dtype`` for storage if it is floating (None keeps it); ValueError for values it cannot hold."""
     t = t.detach().cpu()
     if dtype is None or not t.is_floating_point() or t.dtype == dtype:
         return t.contiguous()
@@ -83,7 +83,7 @@ def to_storage(t: torch.Tensor, dtype: torch.dtype | None, name: str) -> torch.T
     if bool((torch.isinf(out) & torch.isfinite(t)).any()):
         raise ValueError(
             f"{name} holds values beyond what {dtype_name(dtype)} can store (largest |value| "
-            f"{t.abs().max().item():.4g}); export it with dtype fp32"
+            f"{t.abs().max().item():.4g}); {advice}"
         )
     return out.contiguous()
 
@@ -96,7 +96,7 @@ def check_options(options: dict, allowed: dict) -> dict:
     settings = {}
     for key, (default, choices) in allowed.items():
         value = options.get(key, default)
-        if value not in choices:
+        if not any(value == c and type(value) is type(c) for c in choices):  # 4.0 or True is not a bit width
             raise ValueError(f"option {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
         settings[key] = value
     return settings
