@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import KdcError
@@ -88,7 +89,8 @@ def _friendly(func):
         except KdcError as exc:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+            # escaped: a message that quotes `--set export.formats=[sparse]` must keep its brackets
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             if _state["debug"]:
@@ -138,7 +140,12 @@ def _recipe_file(recipe: Optional[Path]) -> Optional[Path]:
 def _load(recipe: Optional[Path], overrides: Optional[List[str]]):
     from .recipe import load_recipe
 
-    loaded = load_recipe(_recipe_file(recipe), overrides or [])
+    path = _recipe_file(recipe)
+    where: list[str] = []
+    if path is not None and recipe is not None and path.parent == recipe:
+        # a run directory stays where it is, even moved or copied from where its recipe.yaml says runs go
+        where = [f"run.out_dir={recipe.resolve().parent}", f"run.name={recipe.resolve().name}"]
+    loaded = load_recipe(path, where + list(overrides or []))
     object.__setattr__(loaded, "_source", str(recipe) if recipe else "")
     object.__setattr__(loaded, "_overrides", tuple(overrides or ()))
     return loaded

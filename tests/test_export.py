@@ -86,7 +86,7 @@ def test_report_json_lists_artifacts_with_bytes_ratios_and_latency(exported, mon
         assert a["compression_vs_teacher"] == pytest.approx(teacher_bytes / a["bytes"])
         assert set(a["latency_ms"]) == {"1", "64"} and all(v > 0 for v in a["latency_ms"].values())
     text = _render(report_table(report))
-    assert "pruned-shared-3bit.kdca" in text and "smaller vs" in text
+    assert "pruned-shared-3bit.kdca" in text and "teacher" in text and "/ file" in text
     assert not [line for line in text.splitlines() if len(line.rstrip()) > 100]
     md = report_markdown(report)
     assert "## Artifacts" in md and "export/pruned-sparse-fp16.kdca" in md

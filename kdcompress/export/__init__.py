@@ -278,8 +278,11 @@ def export_stage(recipe, formats: list[str] | None = None, force: bool = False, 
         if fmt == "int8" and calibration is None:
             calibration = _calibration_batches(data, recipe.data.batch_size, options["calibration_batches"], recipe.run.seed)
         seed_everything(recipe.run.seed)
-        with torch.no_grad():
-            blob, info = codecs[fmt].encode(model, ckpt, options, calibration or [])
+        try:
+            with torch.no_grad():
+                blob, info = codecs[fmt].encode(model, ckpt, options, calibration or [])
+        except ValueError as exc:  # a setting the model cannot be written with (an fp16 overflow, ...)
+            raise KdcError(f"cannot export {stage} as {fmt}{_options_text(options)}: {exc}") from None
         manifest = write_artifact(run_dir / rel, blob, fmt, {"stage": stage, "source_fingerprint": fingerprint})
         # measured from the file, loaded the way a user deploys it: never copied from the checkpoint
         loaded = load_artifact(run_dir / rel, allow_import=True)  # the recipe's own model: trusted here
