@@ -232,6 +232,7 @@ def export_stage(recipe, formats: list[str] | None = None, force: bool = False, 
     from .. import __version__
     from ..data import load_data
     from ..models import build_from_checkpoint
+    from ..pipeline import _write_resolved_recipe
     from ..train import evaluate, seed_everything
 
     console = console or Console(stderr=True)
@@ -271,6 +272,7 @@ def export_stage(recipe, formats: list[str] | None = None, force: bool = False, 
     stage_accuracy = float(ckpt["metrics"]["test_accuracy"])
     calibration = None
     out_dir.mkdir(parents=True, exist_ok=True)
+    _write_resolved_recipe(recipe)  # the run directory records the export settings, as it does the stages'
     written = []
     for fmt, options, rel in todo:
         started = time.perf_counter()
