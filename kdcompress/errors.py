@@ -21,6 +21,7 @@ __all__ = [
     "StageOrderError",
     "CheckpointError",
     "ScheduleError",
+    "ArtifactError",
 ]
 
 
@@ -101,6 +102,10 @@ class CheckpointError(KdcError):
     """A checkpoint that is missing, corrupt, unsafe or from an incompatible version."""
 
     exit_code = 2
+
+
+class ArtifactError(CheckpointError):
+    """An export artifact is missing, damaged or not one kdc wrote."""
 
 
 class ScheduleError(KdcError):
