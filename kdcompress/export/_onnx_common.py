@@ -134,6 +134,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, fmt: str = "onnx"):
                 external_data=False,
             )
             proto = program.model_proto
+        _strip_debug_info(proto)
     except Exception as exc:
         tail = " ".join(said.getvalue().split()[-40:]) if "said" in locals() else ""
         raise ModelError(
@@ -142,6 +143,31 @@ def export_onnx(model: nn.Module, example: torch.Tensor, fmt: str = "onnx"):
             f"the batch size or uses Python control flow on tensor values cannot be exported with a dynamic batch"
         ) from None
     return proto
+
+
+def _strip_debug_info(proto) -> None:
+    """Drop the exporter's per-node debug metadata (stack traces, module paths, source file names).
+
+    It is about a kilobyte per node: a third of a small int8 file, and it would ship the paths of the
+    exporting machine's files to whoever gets the artifact.
+    """
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        graph.doc_string = ""
+        for entry in (*graph.node, *graph.initializer, *graph.value_info, *graph.input, *graph.output):
+            if hasattr(entry, "metadata_props"):
+                del entry.metadata_props[:]
+            entry.doc_string = ""
+        for node in graph.node:  # control-flow nodes (If, Loop) hold subgraphs
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+    for function in proto.functions:
+        for node in function.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
 
 
 def set_meta(proto, fmt: str, source: dict, info: dict) -> None:
