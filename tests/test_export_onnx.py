@@ -157,6 +157,19 @@ def test_structured_pruned_model_exports_a_smaller_graph(trained, calibration):
         assert torch.equal(loaded(x).argmax(1), pruned(x).argmax(1))
 
 
+def test_unstructured_zeros_leave_the_onnx_file_dense_sized(trained, encoded, calibration):
+    """What the docs say: ONNX stores dense tensors, so 90 % zeros make the onnx file no smaller."""
+    model, source = trained
+    sparse = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in sparse.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                w = module.weight
+                w.mul_((w.abs() >= w.abs().flatten().kthvalue(int(0.9 * w.numel())).values).float())
+    blob, _ = onnx_format.encode(sparse, source, {}, calibration[:1])
+    assert len(blob) > 0.95 * len(encoded["onnx"][0])
+
+
 def test_encode_refuses_an_export_that_does_not_match_eager(trained, calibration, monkeypatch):
     """If onnxruntime computed something else than the model, encode raises instead of writing a wrong file."""
     from kdcompress.export import _onnx_common

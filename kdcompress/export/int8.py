@@ -6,10 +6,25 @@ scale per output channel, uint8 activations with scales from the calibration bat
 onnxruntime's int8 kernels. The file is an ONNX model with kdc's metadata, so loading it is a protobuf
 parse: nothing is unpickled and no code is imported.
 
-Why this route and not torchao's PT2E (X86InductorQuantizer), measured by ``scripts/bench_int8.py`` on
-the fashion-mnist-cnn student (see its docstring for the table and the command):
+Why this route: measured by ``scripts/bench_int8.py runs/fashion-mnist-cnn --variants`` on that
+recipe's student (trained 2 epochs, 89.03 %), full test set, batch 64, one thread, on a shared 2-core
+AVX2 machine without VNNI (latencies there drift by 30 % between runs; the ratios hold better)::
 
-ROUTE_FIGURES
+    candidate                   accuracy  bytes      smaller  ms/b64  load   loading runs code?
+    fp32 eager (state_dict)     89.03 %   1,693,235  1.00x    33.5    -      no (weights_only=True)
+    onnx fp32, onnxruntime      89.03 %   1,690,836  1.00x     9.7    0.14s  no (protobuf)
+    onnxruntime int8 (this)     88.94 %     434,407  3.90x     8.6    0.12s  no (protobuf)
+    torchao pt2e x86-inductor   89.09 %   2,590,571  0.65x     8.4    5-21s  yes: torch.export.load
+                                                                            unpickles its weights
+    torchao quantize_ (Linear)  88.96 %     487,591  3.47x    63.2    -      no; the convs stay fp32
+
+PT2E is as accurate and as fast once compiled, but ``torch.export.save`` writes a file larger than the
+fp32 weights, loading it means ``torch.compile`` (a C++ compiler, 21 s cold, 5 s with a warm cache) and
+``torch.export.load`` (torch 2.14) reads an archive's weights with ``torch.load(weights_only=False)``,
+so a crafted file runs code. ``quantize_`` leaves convolutions in fp32 and is slower than eager fp32 on CPU.
+Among onnxruntime's settings: quantising only Conv/Gemm left fp32 Relu/MaxPool between them (1.6-1.8x
+slower, Quantize/Dequantize pairs around every op) and, with 8-bit weights, lost 0.32 point (uint8 x
+int8 products saturate on AVX2 without VNNI); 7-bit weights on every op lost 0.09 point.
 
 Needs the onnx extra: ``pip install 'kdcompress[onnx]'``.
 
@@ -35,7 +50,7 @@ __all__ = ["encode", "decode", "quantize", "FORMAT"]
 FORMAT = "int8"
 # The ops a Linear/Conv model exports to that hold weights: Conv, and Gemm/MatMul for Linear. The shipped
 # setting quantises every op onnxruntime can (ops=None), so that Relu and MaxPool stay in int8 between
-# them instead of converting back and forth: measured 1.6x faster, and 0.1 point more accurate.
+# them instead of converting back and forth: measured 1.6-1.8x faster (see the module docstring).
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -95,7 +110,7 @@ def quantize(proto, calibration: list[torch.Tensor], activation: str = "uint8", 
     measured choice; the others are kept for ``scripts/bench_int8.py``. ``ops``: the ONNX op types to
     quantise (None: every op onnxruntime can, Conv and Gemm/MatMul included). ``reduce_range`` keeps
     weights to 7 bits: x86 CPUs without VNNI multiply uint8 by int8 with 16-bit intermediate sums that can
-    saturate at 8 bits (onnxruntime's documentation); measured 0.11 point more accurate here.
+    saturate (onnxruntime's documentation); measured 0.11 point more accurate here.
     """
     onnx, ort_quant = require(FORMAT, "onnx", "onnxruntime.quantization")
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
