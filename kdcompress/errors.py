@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointError",
     "ArtifactError",
     "ScheduleError",
+    "ArtifactError",
 ]
 
 
