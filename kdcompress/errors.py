@@ -22,7 +22,6 @@ __all__ = [
     "CheckpointError",
     "ArtifactError",
     "ScheduleError",
-    "ArtifactError",
 ]
 
 

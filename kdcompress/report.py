@@ -375,6 +375,8 @@ def _artifact_rows(run_dir: Path, by_stage: dict, batches: list[int], threads: i
             row["latency_problem"] = str(exc)
             model = None
         if batches and model is not None:
+            if hasattr(model, "set_threads"):  # an onnxruntime session fixes its threads when it is made
+                model.set_threads(threads)
             shape = tuple(model.preprocess.input_shape)
             timing = latencies(model, shape, batches=batches, threads=threads, min_run_time=LATENCY_MIN_RUN_TIME)
             row["latency"] = timing

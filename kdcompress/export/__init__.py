@@ -85,7 +85,7 @@ def artifact_name(stage: str, fmt: str, options: dict) -> str:
         return f"{stage}-sparse-{options['dtype']}{suffix}"
     if fmt == "shared":
         return f"{stage}-shared-{options['bits']}bit{suffix}"
-    return f"{stage}-{fmt}{suffix}"
+    return f"{stage}{suffix}" if fmt == "onnx" else f"{stage}-{fmt}{suffix}"
 
 
 def _sha256(data: bytes) -> str:

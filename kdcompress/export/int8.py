@@ -45,6 +45,8 @@ from torch import nn
 from ._onnx_common import OrtModule, check_batch, compare, example_batch, export_onnx, parse, quiet, require, set_meta
 from ..errors import KdcError, ModelError, describe
 
+SUFFIX = ".onnx"  # a plain ONNX model: any onnxruntime loads it
+
 __all__ = ["encode", "decode", "quantize", "FORMAT"]
 
 FORMAT = "int8"

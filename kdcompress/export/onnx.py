@@ -29,6 +29,8 @@ from torch import nn
 from ._onnx_common import OrtModule, check_batch, compare, example_batch, export_onnx, parse, require, set_meta
 from ..errors import ModelError
 
+SUFFIX = ".onnx"  # a plain ONNX model: any onnxruntime loads it
+
 __all__ = ["encode", "decode", "FORMAT", "RTOL"]
 
 FORMAT = "onnx"

@@ -33,6 +33,8 @@ from .sparse import (
     tensor, to_storage, unpack_mask,
 )
 
+SUFFIX = ".kdca"  # kdc's container: compressed safetensors behind a KDCA header
+
 __all__ = ["FORMAT", "BITS", "encode", "decode", "kmeans_codebook", "pack_indices", "unpack_indices"]
 
 FORMAT = "shared"

@@ -26,6 +26,8 @@ import torch
 from ..errors import ArtifactError
 from .container import model_meta, pack, rebuild_model, unpack
 
+SUFFIX = ".kdca"  # kdc's container: compressed safetensors behind a KDCA header
+
 __all__ = ["FORMAT", "encode", "decode", "pack_mask", "unpack_mask"]
 
 FORMAT = "sparse"
