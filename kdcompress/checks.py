@@ -40,6 +40,10 @@ def check_recipe(recipe: Recipe) -> list[str]:
         if len(failures) == 1:
             raise ModelError(failures[0])
         raise ModelError(f"{len(failures)} problems with the models:\n" + "\n".join(f"  {f}" for f in failures))
+    if recipe.export.formats:  # an export that cannot run should stop the run now, not after training
+        from .export import check_formats
+
+        check_formats(recipe.export.formats)
     p = recipe.prune
     bpe = batches_per_epoch(train_size, recipe.data.batch_size)
     try:
@@ -60,7 +64,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
          f"channels, {p.epochs} epochs of retraining" if p.method == "structured" else
          f"prune: {p.scope} magnitude to sparsity {p.target_sparsity}, {p.epochs} epochs of retraining"),
         f"prune schedule: {schedule.describe()}",
-    ]
+    ] + ([f"export: {', '.join(recipe.export.formats)} of the {recipe.export.stage} stage, to "
+          f"{recipe.run_dir / 'export'}"] if recipe.export.formats else [])
 
 
 def _check_model(recipe: Recipe, which: str, input_shape, num_classes: int) -> int:

@@ -207,3 +207,23 @@ def test_export_of_a_stage_that_is_not_trained_is_a_recipe_problem(write_recipe,
     write_recipe(changes={"student": {"baseline": False}, "export": {"formats": ["sparse"], "stage": "student"}})
     result = kdc("validate", "recipe.yaml")
     assert result.exit_code != 0 and "export.stage" in kdc.flat(result)
+
+
+def test_a_run_whose_export_needs_a_missing_extra_stops_before_training(write_recipe, kdc, in_tmp, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    write_recipe(changes={"export": {"formats": ["sparse", "int8"]}})
+    result = kdc("run", "recipe.yaml")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    text = kdc.flat(result)
+    assert "pip install 'kdcompress[onnx]'" in text and "onnxruntime" in text
+    assert not Path("runs/recipe/teacher/model.pt").exists()
+
+
+def test_validate_lists_the_export(write_recipe, kdc, in_tmp):
+    write_recipe(changes={"export": {"formats": ["sparse", "shared"]}})
+    result = kdc("validate", "recipe.yaml")
+    kdc.assert_clean_exit(result, 0)
+    assert "export: sparse, shared of the pruned stage" in kdc.flat(result)

@@ -40,6 +40,7 @@ __all__ = [
     "read_artifacts",
     "artifact_name",
     "format_options",
+    "check_formats",
 ]
 
 FORMATS = ("sparse", "shared", "int8", "onnx")
@@ -65,6 +66,20 @@ def _codec(fmt: str):
                 f"install them with: {ONNX_EXTRA}"
             ) from None
         raise
+
+
+def check_formats(formats) -> None:
+    """Raise KdcError, before any training, when a listed format needs packages that are not installed."""
+    import importlib.util
+
+    needs = [fmt for fmt in formats if fmt in _NEEDS_ONNX]
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if needs and importlib.util.find_spec(name) is None]
+    if missing:
+        raise KdcError(
+            f"export.formats lists {' and '.join(needs)}, which need{'s' if len(needs) == 1 else ''} "
+            f"{', '.join(missing)} (not installed); install them with: {ONNX_EXTRA}, or drop "
+            f"{'it' if len(needs) == 1 else 'them'} from export.formats"
+        )
 
 
 def format_options(fmt: str, section) -> dict:
