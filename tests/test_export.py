@@ -227,3 +227,14 @@ def test_validate_lists_the_export(write_recipe, kdc, in_tmp):
     result = kdc("validate", "recipe.yaml")
     kdc.assert_clean_exit(result, 0)
     assert "export: sparse, shared of the pruned stage" in kdc.flat(result)
+
+
+def test_readme_deploy_example_runs(exported, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("\n", 1)[1].split("```")[0] for b in readme.split("```python")[1:]]
+    (code,) = [b for b in blocks if "load_artifact(" in b]
+    assert "runs/fashion-mnist-mlp/export/pruned-shared-4bit.kdca" in code
+    run_dir, _ = exported
+    exec(code.replace("runs/fashion-mnist-mlp", str(run_dir)).replace("4bit", "3bit"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("[") and printed.count("'") == 16  # eight class names
