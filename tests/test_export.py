@@ -27,7 +27,7 @@ RUN = Path("runs") / "tiny"
 
 @pytest.fixture(scope="module")
 def exported(fresh_run, tiny_recipe_text):
-    """The tiny run, then `kdc export --format sparse --format shared --bits 3` on its directory."""
+    """The tiny run, then `kdc export --format sparse --format shared --bits 3 --format onnx` on its directory."""
     work, _ = fresh_run(tiny_recipe_text, "export", "run")
     from typer.testing import CliRunner
 
@@ -36,7 +36,9 @@ def exported(fresh_run, tiny_recipe_text):
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        result = CliRunner().invoke(app, ["export", str(RUN), "--format", "sparse", "--format", "shared", "--bits", "3"])
+        result = CliRunner().invoke(
+            app, ["export", str(RUN), "--format", "sparse", "--format", "shared", "--bits", "3", "--format", "onnx"]
+        )
     finally:
         os.chdir(cwd)
     assert result.exit_code == 0, result.output
@@ -59,15 +61,19 @@ def _render(renderable, width: int = 100) -> str:
 def test_export_writes_each_artifact_with_its_manifest_and_a_measured_row(exported):
     run_dir, result = exported
     rows = {r["format"]: r for r in read_artifacts(run_dir)}
-    assert set(rows) == {"sparse", "shared"}
+    assert set(rows) == {"sparse", "shared", "onnx"}
     assert rows["sparse"]["path"] == "export/pruned-sparse-fp16.kdca"
     assert rows["shared"]["path"] == "export/pruned-shared-3bit.kdca"
+    assert rows["onnx"]["path"] == "export/pruned.onnx"
     for row in rows.values():
         path = run_dir / row["path"]
         assert path.is_file() and manifest_path(path).is_file()
         assert row["bytes"] == path.stat().st_size
-        assert row["bytes"] * 4 < (run_dir / "pruned" / "model.pt").stat().st_size
         assert 0.5 < row["accuracy"] <= 1.0 and row["test_samples"] > 0
+    for fmt in ("sparse", "shared"):
+        assert rows[fmt]["bytes"] * 4 < (run_dir / "pruned" / "model.pt").stat().st_size
+    # the same fp32 graph in onnxruntime: the same score
+    assert abs(rows["onnx"]["accuracy_change_vs_stage"]) <= 0.001
     # fp16 non-zeros change no prediction of this small model by more than a few test images
     assert abs(rows["sparse"]["accuracy_change_vs_stage"]) <= 0.01
     assert "pruned-sparse-fp16.kdca" in result.output and "artifacts" in result.output
@@ -145,7 +151,7 @@ def _plant_pickle(path: Path, marker: Path, fix_manifest: bool) -> None:
 
 
 @pytest.mark.parametrize("fix_manifest", [False, True], ids=["manifest-kept", "manifest-rewritten"])
-@pytest.mark.parametrize("name", ["pruned-sparse-fp16.kdca", "pruned-shared-3bit.kdca"])
+@pytest.mark.parametrize("name", ["pruned-sparse-fp16.kdca", "pruned-shared-3bit.kdca", "pruned.onnx"])
 def test_a_crafted_pickle_is_refused_by_load_artifact_and_the_report(run_copy, tmp_path, kdc, name, fix_manifest):
     marker = tmp_path / "payload-ran"
     path = run_copy / "export" / name

@@ -30,6 +30,8 @@ CHANGED = {
     "prune.steps": None, "prune.initial_sparsity": None,  # read by agp only: setting them with iterative is refused
     "report.latency": True, "report.latency_batches": [1], "report.threads": 1,
     "report.latency_batch": None,  # a deprecated alias of latency_batches: setting both is refused
+    # what kdc export writes is made after the stages: no stage reads it
+    "export.formats": ["sparse"], "export.stage": "distilled", "export.dtype": "fp32", "export.codec": "zlib",
 }
 
 

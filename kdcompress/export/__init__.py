@@ -175,7 +175,10 @@ def load_artifact(path: str | Path, allow_import: bool = False):
     from ..loading import Preprocess
 
     manifest, blob = verify_artifact(path)
-    model, preprocess = _codec(manifest["format"]).decode(blob, allow_import=allow_import)
+    try:
+        model, preprocess = _codec(manifest["format"]).decode(blob, allow_import=allow_import)
+    except ArtifactError as exc:  # the codecs say what is wrong; the file they were given is named here
+        raise ArtifactError(f"{path} was refused: {exc}") from None
     try:
         model.preprocess = Preprocess(preprocess)
     except (KeyError, TypeError, ValueError) as exc:
