@@ -242,7 +242,8 @@ def export_stage(recipe, formats: list[str] | None = None, force: bool = False, 
     manifest and was made from the current checkpoint with the same settings is kept (``force``
     writes it again). Each row (also in ``export/artifacts.json``): ``stage``, ``format``, ``path``
     (relative to the run directory), ``bytes``, ``accuracy`` measured from the loaded artifact on the
-    test split, ``stage_accuracy`` (the checkpoint's), ``settings`` and the source fingerprint.
+    test split, ``stage_accuracy`` (the checkpoint's), ``options`` (the settings that made the file),
+    ``info`` (what the codec reports about it) and ``source_fingerprint``.
     """
     import torch
     from rich.console import Console
