@@ -21,7 +21,7 @@ their dotted paths in ``model.named_modules()`` (``features.3``, ``layer2.1.conv
     >>> x = torch.randn(2, 1, 8, 8)
     >>> with FeatureTaps(student, ["1"]) as s_taps, FeatureTaps(teacher, ["1"]) as t_taps:
     ...     _ = student(x), teacher(x)
-    >>> float(at_loss(s_taps["1"], t_taps["1"])) >= 0
+    >>> at_loss(s_taps["1"], t_taps["1"]).item() >= 0
     True
 """
 

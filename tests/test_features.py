@@ -76,7 +76,7 @@ def test_hint_loss_matches_a_hand_computation_and_gradchecks():
                for o in range(5)] for n in range(2)]
     want = sum((mapped[n][o][y][x] - float(t[n, o, y, x])) ** 2
                for n in range(2) for o in range(5) for y in range(2) for x in range(2)) / (2 * 5 * 2 * 2)
-    assert float(hint_loss(s, t, adapter)) == pytest.approx(want, rel=1e-12)
+    assert hint_loss(s, t, adapter).item() == pytest.approx(want, rel=1e-12)
     weight = adapter.weight
     assert torch.autograd.gradcheck(lambda x, wt: torch.nn.functional.mse_loss(
         torch.nn.functional.conv2d(x, wt), t), (s, weight))
