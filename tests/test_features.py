@@ -96,12 +96,12 @@ def test_a_hint_adapter_learns_the_map_between_widths():
     t = s @ true_map
     adapter = make_adapter(s, t)
     opt = torch.optim.SGD(adapter.parameters(), lr=0.1)
-    first = float(hint_loss(s, t, adapter))
+    first = hint_loss(s, t, adapter).item()
     for _ in range(300):
         opt.zero_grad()
         hint_loss(s, t, adapter).backward()
         opt.step()
-    assert float(hint_loss(s, t, adapter)) < first * 1e-3
+    assert hint_loss(s, t, adapter).item() < first * 1e-3
 
 
 def _cnn(channels):
