@@ -294,6 +294,46 @@ def export(
 
 @app.command()
 @_friendly
+def sweep(
+    recipe: Optional[Path] = RecipeArg,
+    grid: List[str] = typer.Option(
+        ..., "--grid", "-g", help="KEY.PATH=V1,V2,...: values to try; repeat for more keys (every combination runs)",
+        show_default=False,
+    ),
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = typer.Option(False, "--force", help="retrain every stage of every point, shared ones included"),
+):
+    """Run the recipe at every point of a grid, training the stages points share once; rank the points.
+
+    Each point is a run directory <run dir>/sweep/<point>/; the ranked table goes to <run dir>/sweep/sweep.md and
+    sweep.json. Run the same command again to go on after an interruption. Example: kdc sweep my-recipe.yaml
+    --grid distill.temperature=1,2,4,8 --grid distill.alpha=0.5,0.9
+    """
+    from rich.table import Table
+
+    from .sweep import run_sweep
+
+    rows = run_sweep(recipe, grid, list(set_ or []), force=force, console=err, load=_load)
+    table = Table(title="kdc sweep: best distilled student first", title_justify="left")
+    keys = [item.partition("=")[0].strip() for item in grid]
+    for header in ["#", *keys, "student %", "distilled %", "distilled\n- student", "pruned %"]:
+        table.add_column(header, justify="right", no_wrap=True)
+    for rank, r in enumerate(rows, 1):
+        diff = r.get("distilled_minus_student")
+        table.add_row(
+            str(rank), *(r["settings"].get(k, "") for k in keys),
+            *("" if r.get(s) is None else f"{r[s] * 100:.2f}" for s in ("student", "distilled")),
+            "" if diff is None else f"{diff * 100:+.2f}",
+            "" if r.get("pruned") is None else f"{r['pruned'] * 100:.2f}",
+        )
+    _stdout().print(table)
+    if rows:
+        err.print(f"wrote {Path(rows[0]['run_dir']).parent / 'sweep.md'} and sweep.json (one run directory per point "
+                  f"in {Path(rows[0]['run_dir']).parent}; `kdc report` works on each)")
+
+
+@app.command()
+@_friendly
 def report(
     run_dir: Optional[Path] = typer.Argument(
         None,

@@ -1,0 +1,223 @@
+"""Sweeps: run a recipe at every point of a grid of values, sharing the stages the points have in common.
+
+``kdc sweep RECIPE --grid distill.temperature=1,2,4,8 --grid distill.alpha=0.5,0.9`` runs the recipe
+once per combination, each in its own run directory ``<run dir>/sweep/<point>/``. A stage whose
+fingerprint (its declared inputs and upstream checkpoints) is the same in several points is trained
+once: its checkpoint is hard-linked (copied where links are not possible) into the other points, so a
+grid over distillation settings trains the teacher, and the student baseline, a single time. Each
+point is an ordinary run directory: an interrupted sweep goes on where it stopped when the same
+command is run again, and ``kdc report <point>`` works on any of them.
+
+The ranked table (``sweep.md`` and ``sweep.json`` in ``<run dir>/sweep/``) lists each point's test
+accuracy per stage and distilled minus student, best distilled first. Example::
+
+    >>> from kdcompress.sweep import parse_grid
+    >>> parse_grid(["distill.temperature=1,2", "distill.alpha=0.5"])
+    [('distill.temperature', ['1', '2']), ('distill.alpha', ['0.5'])]
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .checkpoint import atomic_write_text, manifest_path, read_manifest
+from .errors import CheckpointError, KdcError, Problem, RecipeError
+from .stages import STAGES
+
+__all__ = ["parse_grid", "grid_points", "point_name", "run_sweep", "SWEEP_DIR"]
+
+SWEEP_DIR = "sweep"
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
+    """``["key=v1,v2", ...]`` -> ``[(key, ["v1", "v2"]), ...]``; RecipeError on a malformed item."""
+    grid, problems = [], []
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        parts = [v.strip() for v in values.split(",")]
+        if not sep or not key or not all(parts):
+            problems.append(Problem(f"--grid {item}", "expected KEY.PATH=V1,V2,..., e.g. distill.temperature=1,2,4,8"))
+        elif key in (k for k, _ in grid):
+            problems.append(Problem(f"--grid {item}", f"{key} is given twice; list all its values in one --grid"))
+        else:
+            grid.append((key, parts))
+    if problems:
+        raise RecipeError("kdc sweep", problems)
+    return grid
+
+
+def grid_points(grid: list[tuple[str, list[str]]]) -> list[list[str]]:
+    """Every combination, as lists of ``key=value`` overrides, the last key varying fastest."""
+    return [[f"{key}={value}" for (key, _), value in zip(grid, values)] for values in itertools.product(*(v for _, v in grid))]
+
+
+def point_name(overrides: list[str]) -> str:
+    """A folder name for one point: ``temperature-4_alpha-0.5`` (the last part of each key, then its value)."""
+    parts = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        parts.append(f"{key.rsplit('.', 1)[-1]}-{value}")
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", "_".join(parts)).strip(".-") or "point"
+
+
+def _expected_fingerprints(recipe) -> dict[str, str]:
+    """The fingerprint each enabled stage of ``recipe`` would have, computed from the recipe alone."""
+    from .pipeline import _fingerprint
+
+    found: dict[str, str] = {}
+    for stage in STAGES:
+        if not stage.enabled(recipe) and stage.name != "teacher":
+            continue
+        deps = stage.upstream(recipe)
+        if any(d not in found for d in deps):
+            continue
+        found[stage.name] = _fingerprint(recipe, stage.name, {d: found[d] for d in deps})
+    return found
+
+
+def _known_checkpoints(folders) -> dict[str, Path]:
+    """``{fingerprint: stage folder}`` of the finished stage checkpoints in ``folders`` (run directories)."""
+    pool: dict[str, Path] = {}
+    for folder in folders:
+        for stage in STAGES:
+            path = Path(folder) / stage.name / "model.pt"
+            try:
+                fingerprint = read_manifest(path).get("fingerprint")
+            except CheckpointError:
+                continue
+            if fingerprint:
+                pool.setdefault(fingerprint, path.parent)
+    return pool
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.link.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError:  # another file system, or links not allowed: a copy does as well
+        shutil.copy2(source, tmp)
+    os.replace(tmp, dest)
+
+
+def _share(pool: dict[str, Path], expected: dict[str, str], run_dir: Path) -> list[str]:
+    """Link into ``run_dir`` every stage checkpoint that another point (or the base run) already made."""
+    shared = []
+    for stage, fingerprint in expected.items():
+        source = pool.get(fingerprint)
+        target = run_dir / stage
+        if source is None or source.resolve() == target.resolve():
+            continue
+        try:
+            if read_manifest(target / "model.pt").get("fingerprint") == fingerprint:
+                continue  # already there
+        except CheckpointError:
+            pass
+        for name in ("model.pt", "metrics.jsonl"):
+            if (source / name).is_file():
+                _link_or_copy(source / name, target / name)
+        _link_or_copy(manifest_path(source / "model.pt"), manifest_path(target / "model.pt"))
+        shared.append(stage)
+    cache = [folder / "cache" for folder in {p.parent for p in pool.values()} if (folder / "cache").is_dir()]
+    for folder in cache:  # the teacher's cached logits are keyed by its checkpoint: any point may reuse them
+        for item in folder.glob("teacher-logits-*.pt"):
+            if not (run_dir / "cache" / item.name).exists():
+                _link_or_copy(item, run_dir / "cache" / item.name)
+    return shared
+
+
+def _point_row(run_dir: Path, overrides: list[str]) -> dict:
+    from .checkpoint import load_checkpoint
+
+    row: dict = {"point": point_name(overrides), "settings": dict(o.split("=", 1) for o in overrides),
+                 "run_dir": str(run_dir)}
+    for stage in STAGES:
+        path = run_dir / stage.name / "model.pt"
+        if path.is_file():
+            metrics = load_checkpoint(path)["metrics"]
+            row[stage.name] = metrics["test_accuracy"]
+            row[f"{stage.name}_test_samples"] = metrics.get("test_samples")
+    if "distilled" in row and "student" in row:
+        row["distilled_minus_student"] = row["distilled"] - row["student"]
+    return row
+
+
+def _ranked(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: -(r.get("distilled") if r.get("distilled") is not None else -1.0))
+
+
+def sweep_markdown(rows: list[dict], grid) -> str:
+    """The ranked table: best distilled accuracy first."""
+    keys = [key for key, _ in grid]
+    stages = [s.name for s in STAGES if any(s.name in r for r in rows)]
+    columns = ["rank", *keys, *(f"{s} acc" for s in stages), "distilled - student", "run directory"]
+    lines = [
+        "# kdc sweep",
+        "",
+        "Test accuracy of each stage at every point of the grid, best distilled student first. Stages that "
+        "points share (same fingerprint) were trained once. One seed per point: a difference of a few tenths of "
+        "a point can be noise (see each point's report for the standard errors).",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(" ---: " for _ in columns) + "|",
+    ]
+    for rank, r in enumerate(rows, 1):
+        cells = [str(rank), *(r["settings"].get(k, "") for k in keys)]
+        cells += ["" if r.get(s) is None else f"{r[s]:.2%}" for s in stages]
+        diff = r.get("distilled_minus_student")
+        cells += ["" if diff is None else f"{diff * 100:+.2f} pt", r["run_dir"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(recipe_path, grid_items: list[str], overrides: list[str] | None = None, force: bool = False,
+              console=None, load=None) -> list[dict]:
+    """Run every point of the grid (see the module docstring); return the ranked rows.
+
+    ``load(recipe_path, overrides)`` loads a recipe as the CLI does (run directories included).
+    """
+    from rich.console import Console
+
+    from .pipeline import _mark_run_dir, run_pipeline
+    from .recipe import load_recipe
+
+    console = console or Console(stderr=True)
+    load = load or (lambda path, items: load_recipe(path, items))
+    grid = parse_grid(grid_items)
+    if not grid:
+        raise KdcError("kdc sweep needs at least one --grid KEY=V1,V2 (e.g. --grid distill.temperature=1,2,4,8)")
+    overrides = list(overrides or [])
+    base = load(recipe_path, overrides)
+    points = grid_points(grid)
+    for point in points:  # every point's recipe is checked before anything trains
+        load(recipe_path, overrides + point)
+    sweep_dir = base.run_dir / SWEEP_DIR
+    names = [point_name(p) for p in points]
+    if len(set(names)) != len(names):
+        raise KdcError("two grid points give the same folder name; use values that differ in letters or digits")
+    rows = []
+    for i, (point, name) in enumerate(zip(points, names), 1):
+        run_dir = sweep_dir / name
+        placed = load(recipe_path, overrides + point + [f"run.out_dir={sweep_dir}", f"run.name={name}"])
+        console.print(f"[bold]sweep[/] point {i}/{len(points)}: {' '.join(point)} -> {run_dir}")
+        if not force:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _mark_run_dir(run_dir)
+            pool = _known_checkpoints([base.run_dir, *sorted(p for p in sweep_dir.iterdir() if p.is_dir())])
+            shared = _share(pool, _expected_fingerprints(placed), run_dir)
+            if shared:
+                console.print(f"sweep: {', '.join(shared)} shared with an earlier point (same fingerprint)")
+        run_pipeline(placed, force=force, console=console)
+        rows.append(_point_row(run_dir, point))
+        ranked = _ranked(rows)  # written after every point: an interrupted sweep keeps its table
+        atomic_write_text(sweep_dir / "sweep.json", json.dumps({"grid": dict(grid), "points": ranked}, indent=2) + "\n")
+        atomic_write_text(sweep_dir / "sweep.md", sweep_markdown(ranked, grid))
+    return _ranked(rows)

@@ -1,0 +1,102 @@
+"""`kdc sweep` (issue 11, part 4): every grid point runs as its own run directory, stages the points
+share are trained once, the points are ranked, and an interrupted sweep goes on where it stopped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kdcompress.sweep import grid_points, parse_grid, point_name
+
+SWEEP = Path("runs") / "tiny" / "sweep"
+
+
+@pytest.fixture(scope="module")
+def swept(fresh_run, tiny_recipe_text, kdc):
+    """The tiny recipe swept over two temperatures, once for this module."""
+    work, _ = fresh_run(tiny_recipe_text, "sweep")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        result = kdc("sweep", "recipe.yaml", "--grid", "distill.temperature=2,4")
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return work, result
+
+
+def test_every_point_is_a_run_directory_and_shared_stages_train_once(swept):
+    work, result = swept
+    out = result.output
+    assert out.count("teacher: training on") == 1 and out.count("student: training on") == 1
+    assert out.count("distilled: training on") == 2 and out.count("pruned: training on") == 2
+    for name in ("temperature-2", "temperature-4"):
+        for stage in ("teacher", "student", "distilled", "pruned"):
+            assert (work / SWEEP / name / stage / "model.pt").is_file()
+    # the shared teacher is the same file, not a second training run
+    t2, t4 = (work / SWEEP / n / "teacher" / "model.pt" for n in ("temperature-2", "temperature-4"))
+    assert t2.read_bytes() == t4.read_bytes()
+
+
+def test_the_ranked_table_lists_each_point_best_distilled_first(swept):
+    work, _ = swept
+    data = json.loads((work / SWEEP / "sweep.json").read_text())
+    points = data["points"]
+    assert [p["settings"]["distill.temperature"] for p in points] in (["2", "4"], ["4", "2"])
+    assert points[0]["distilled"] >= points[1]["distilled"]
+    for p in points:
+        assert p["distilled_minus_student"] == pytest.approx(p["distilled"] - p["student"])
+        assert p["student"] == points[0]["student"]  # one baseline, shared
+    md = (work / SWEEP / "sweep.md").read_text()
+    assert "| 1 |" in md and "| 2 |" in md and "distilled - student" in md
+
+
+def test_a_second_run_trains_nothing_and_an_interrupted_point_goes_on(swept, tmp_path, kdc, monkeypatch):
+    work, _ = swept
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy)
+    monkeypatch.chdir(copy)
+    result = kdc("sweep", "recipe.yaml", "--grid", "distill.temperature=2,4")
+    kdc.assert_clean_exit(result, 0)
+    assert "training on" not in result.output
+    # as if the sweep had been stopped during the second point's distillation
+    for stage in ("distilled", "pruned"):
+        shutil.rmtree(SWEEP / "temperature-4" / stage)
+    result = kdc("sweep", "recipe.yaml", "--grid", "distill.temperature=2,4")
+    kdc.assert_clean_exit(result, 0)
+    assert result.output.count("training on") == 2
+    assert "distilled: training on" in result.output and "teacher: training on" not in result.output
+
+
+def test_a_point_is_an_ordinary_run_directory_for_kdc_report(swept, kdc, tmp_path):
+    work, _ = swept
+    copy = tmp_path / "point"
+    shutil.copytree(work / SWEEP / "temperature-2", copy)
+    result = kdc("report", str(copy))
+    kdc.assert_clean_exit(result, 0)
+    assert "distilled" in result.output
+
+
+def test_bad_grids_are_refused_before_anything_trains(write_recipe, kdc, in_tmp):
+    write_recipe()
+    for grid, message in (
+        ("distill.temperature", "expected KEY.PATH=V1,V2"),
+        ("distill.temprature=1,2", "distill.temprature"),
+        ("distill.temperature=1,x", "distill.temperature"),
+    ):
+        result = kdc("sweep", "recipe.yaml", "--grid", grid)
+        assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+        assert message in kdc.flat(result)
+    assert not Path("runs").exists()
+
+
+def test_grid_helpers():
+    grid = parse_grid(["distill.temperature=1,2", "distill.alpha=0.5,0.9"])
+    points = grid_points(grid)
+    assert points[0] == ["distill.temperature=1", "distill.alpha=0.5"] and len(points) == 4
+    assert point_name(points[-1]) == "temperature-2_alpha-0.9"
