@@ -35,6 +35,8 @@ class Stage:
     ``reads`` lists the recipe values the stage is made from: a dotted key (``distill.temperature``) or a
     whole section (``teacher``), whose keys marked ``input: False`` in the schema (``data.workers``: how
     batches are read, not what they hold) are left out. A value not listed can never make the stage rerun.
+    ``refine_inputs(recipe, found)`` adjusts what was read: the teacher's adds the SHA-256 of a supplied
+    ``teacher.checkpoint`` file and drops the training schedule it does not use.
     ``upstream(recipe)`` names the stages whose checkpoints it reads; ``enabled(recipe)`` whether
     ``kdc run`` runs it. ``run`` names the function in :mod:`kdcompress.pipeline` that trains it and
     returns ``(model, spec, history, extra metrics)``.
