@@ -5,7 +5,10 @@ A checkpoint is a plain dict of tensors and plain data::
     {"format": "kdc-checkpoint", "format_version": 1, "kdc_version": str,
      "stage": str, "arch": {model spec}, "state_dict": {name: tensor},
      "fingerprint": str, "recipe": {resolved recipe}, "metrics": {...},
-     "dataset": str, "preprocess": {...}}
+     "dataset": str, "preprocess": {...}, "inputs": {...}}
+
+``inputs`` holds the stage inputs its fingerprint was made from (a supplied
+teacher's file hash among them), so a rerun can say what changed.
 
 ``preprocess`` says how to feed the model (made by
 :func:`kdcompress.data.preprocess_info`; :func:`kdcompress.load_model`

@@ -56,7 +56,10 @@ def check_recipe(recipe: Recipe) -> list[str]:
     return [
         f"run directory: {recipe.run_dir}",
         f"data: {recipe.data.dataset}, batch {recipe.data.batch_size}, {bpe} batches per epoch",
-        f"teacher: {recipe.teacher.model} ({counts['teacher']:,} parameters), {recipe.teacher.epochs} epochs",
+        (f"teacher: supplied: {recipe.teacher.checkpoint} ({counts['teacher']:,} parameters), not trained"
+         if recipe.teacher.checkpoint else
+         f"teacher: {recipe.teacher.model} ({counts['teacher']:,} parameters), {recipe.teacher.epochs} epochs"
+         + (", from torchvision's pretrained weights" if recipe.teacher.pretrained else "")),
         f"student: {recipe.student.model} ({counts['student']:,} parameters), {recipe.distill.epochs} epochs "
         f"(T={recipe.distill.temperature}, alpha={recipe.distill.alpha})"
         + (", plus a cross-entropy baseline" if recipe.student.baseline else ""),
@@ -71,7 +74,17 @@ def check_recipe(recipe: Recipe) -> list[str]:
 def _check_model(recipe: Recipe, which: str, input_shape, num_classes: int) -> int:
     """Build one model of the recipe and run a dry forward pass; return its parameter count."""
     section = getattr(recipe, which)
-    model = build_model(model_spec(section.model, section.args, num_classes, input_shape), where=f"{which}.model")
+    if which == "teacher" and section.checkpoint:  # the weights must load and fit, as the teacher stage will use them
+        from .data import preprocess_info
+        from .supplied import supplied_teacher
+
+        model = supplied_teacher(recipe, num_classes, input_shape, preprocess_info(recipe.data.dataset, input_shape))[0]
+    else:
+        model = build_model(model_spec(section.model, section.args, num_classes, input_shape), where=f"{which}.model")
+        if which == "teacher" and section.pretrained:  # in the local cache, and fitting: found now, not after hours
+            from .supplied import load_pretrained
+
+            load_pretrained(model, section.model.split(":", 1)[1])
     model.eval()
     try:
         out = model(torch.zeros(2, *input_shape))

@@ -331,7 +331,8 @@ def _torchvision_model(name, args, num_classes, input_shape, where) -> nn.Module
     if args.get("weights"):
         raise ModelError(
             f"{where}.args.weights: pretrained weights are downloaded at run time, which kdc does not do; "
-            f"drop 'weights' (training starts from scratch)"
+            f"drop 'weights' (training starts from scratch), or, for the teacher, set teacher.pretrained: true (the "
+            f"weights then come from the local torch hub cache)"
         )
     try:
         model = tvm.get_model(name, weights=None, num_classes=num_classes, **args)

@@ -79,6 +79,11 @@ def _changes(old: dict, new: dict, stage: str) -> list[str]:
         before, after = _stage_inputs(old, stage), _stage_inputs(new, stage)
     except (KeyError, TypeError, AttributeError):  # a recipe from an older kdc: no detail to give
         return []
+    return _diff_inputs(before, after)
+
+
+def _diff_inputs(before: dict, after: dict) -> list[str]:
+    """``key: old -> new`` for every stage input that differs, in recipe order."""
     keys = list(after) + [k for k in before if k not in after]
     missing = object()
     return [
@@ -205,10 +210,14 @@ def written_version(path: Path) -> int:
 def _why_stale(recipe: Recipe, stage: str, path: Path) -> str:
     """Which recipe values changed since the checkpoint at ``path`` was written, old -> new."""
     try:
-        written = load_checkpoint(path, verify=False).get("recipe") or {}
+        ckpt = load_checkpoint(path, verify=False)
+        written, written_inputs = ckpt.get("recipe") or {}, ckpt.get("inputs")
     except CheckpointError:
-        written = {}
-    changes = _changes(written, recipe_to_dict(recipe), stage)
+        written, written_inputs = {}, None
+    if isinstance(written_inputs, dict):  # the inputs as they were, a supplied file's hash included
+        changes = _diff_inputs(written_inputs, _stage_inputs(recipe_to_dict(recipe), stage))
+    else:
+        changes = _changes(written, recipe_to_dict(recipe), stage)
     if changes:
         return f"changed since {path} was written: {'; '.join(changes)}"
     if written and written_version(path) != FINGERPRINT_VERSION:
@@ -378,13 +387,18 @@ def run_stage(
             remove_stale_temp_files(folder)  # left by a process killed while writing
     distributed.barrier()
     seed_everything(recipe.run.seed)
-    console.print(f"[bold]{stage}[/]: training on {data.name} ({len(data.train)} train, {len(data.test)} test) on {device}")
+    supplied = stage == "teacher" and recipe.teacher.checkpoint
+    console.print(
+        f"[bold]{stage}[/]: supplied: {recipe.teacher.checkpoint}, not trained; evaluating it on {data.name} "
+        f"({len(data.test)} test) on {device}" if supplied else
+        f"[bold]{stage}[/]: training on {data.name} ({len(data.train)} train, {len(data.test)} test) on {device}"
+    )
     started = time.perf_counter()
     ctx = _StageContext(recipe, stage, data, device, console, stage_dir / "metrics.jsonl", state_path, fingerprint)
     model, spec, history, extra = _RUN[stage](ctx)
     extra = dict(extra)
     structure = extra.pop("structure", None)  # a structurally pruned model's shapes, replayed when it is loaded
-    if recipe.run.bn_recalibrate:
+    if recipe.run.bn_recalibrate and not supplied:  # a supplied teacher is used as it was given
         used = recalibrate_batchnorm(
             model, data.train, recipe.run.bn_recalibrate, recipe.data.batch_size, device, seed=recipe.run.seed
         )
@@ -411,6 +425,8 @@ def run_stage(
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "fingerprint": fingerprint,
             "fingerprint_version": FINGERPRINT_VERSION,
+            # what the fingerprint was made from, file hashes included, so a later run can say what changed
+            "inputs": _stage_inputs(recipe_to_dict(recipe), stage),
             "recipe": recipe_to_dict(recipe),
             "metrics": metrics,
             "history": history,  # the epochs of metrics.jsonl, to restore it beside this checkpoint
@@ -569,8 +585,22 @@ def _fit(ctx: _StageContext, model, loss, settings: TrainSettings, hooks=()):
 
 
 def _stage_teacher(ctx: _StageContext):
+    t = ctx.recipe.teacher
+    if t.checkpoint:  # the user's own teacher: evaluated and saved as this run's, never trained
+        from .supplied import supplied_teacher
+
+        model, spec, info = supplied_teacher(ctx.recipe, ctx.data.num_classes, ctx.data.input_shape, ctx.data.preprocess)
+        if distributed.is_main():  # no epochs: an earlier trained teacher's must not describe this one
+            atomic_write_text(ctx.metrics_path, "")
+        return model.to(ctx.device), spec, [], info
     model, spec = _new_model(ctx.recipe, "teacher", ctx.data, ctx.device)
-    return model, spec, _fit(ctx, model, _ce, ctx.recipe.teacher), {}
+    extra = {}
+    if t.pretrained:
+        from .supplied import load_pretrained
+
+        extra = load_pretrained(model, t.model.split(":", 1)[1])
+        ctx.console.print(f"teacher: starting from the pretrained weights in {extra['pretrained_from']}")
+    return model, spec, _fit(ctx, model, _ce, t), extra
 
 
 def _stage_student(ctx: _StageContext):

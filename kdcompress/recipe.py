@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -129,6 +130,26 @@ class TeacherSection(TrainSettings):
     model: str = field(default="cnn", metadata=_doc("mlp, cnn, lenet5, torchvision:NAME or package.module:factory"))
     args: dict = field(default_factory=dict, metadata=_doc("keyword arguments for the model factory"))
     epochs: int = field(default=8, metadata=_range(lo=0, doc="epochs of training"))
+    # input: False -- the file's content is what the teacher is made from (the teacher stage's inputs hold its
+    # SHA-256, teacher.checkpoint_sha256), not where it lies
+    checkpoint: Optional[str] = field(
+        default=None,
+        metadata={
+            **_doc(
+                "your own trained teacher, not trained again: a state_dict file (torch.save(model.state_dict())) "
+                "of teacher.model/args, or a kdc checkpoint (<run dir>/teacher/model.pt); a relative path is "
+                "looked up in the current directory, then in the recipe's folder"
+            ),
+            "input": False,
+        },
+    )
+    pretrained: bool = field(
+        default=False,
+        metadata=_doc(
+            "torchvision:NAME teachers: start from torchvision's ImageNet weights, read from the local torch hub "
+            "cache (never downloaded); a new classifier head when the data has other than 1000 classes"
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -294,7 +315,11 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         from .models import add_import_dir  # models imports torch: only once a recipe is really read
 
         add_import_dir(path.parent)
-    return parse_recipe(text, source=source, overrides=overrides, default_name=_run_name_from(path))
+    # file paths in the recipe are looked up as import paths are: the current directory, then the recipe's folder
+    folders = [Path.cwd()] + ([path.parent] if not builtin else [])
+    return parse_recipe(
+        text, source=source, overrides=overrides, default_name=_run_name_from(path), search_dirs=folders
+    )
 
 
 def _run_name_from(path: Path) -> str:
@@ -310,11 +335,14 @@ def parse_recipe(
     source: str = "<recipe>",
     overrides: list[str] | None = None,
     default_name: str | None = None,
+    search_dirs: list[Path] | None = None,
 ) -> Recipe:
     """Validate recipe text (YAML); see :func:`load_recipe`.
 
     ``default_name`` is the ``run.name`` when the text and the overrides set none
-    (else the schema's default, ``quickstart``).
+    (else the schema's default, ``quickstart``). ``search_dirs`` are the folders a
+    relative ``teacher.checkpoint`` is looked up in, in order (default: the current
+    directory); the recipe returned holds the absolute path of the file found.
     """
     try:
         node = yaml.compose(text, Loader=_Loader)
@@ -344,6 +372,7 @@ def parse_recipe(
             raw["run"].setdefault("name", default_name)
     recipe = _convert(raw, Recipe, (), lines, problems)
     problems.extend(_name_checks(raw, lines))
+    recipe = _resolve_files(recipe, lines, problems, search_dirs or [Path.cwd()])
     if not problems:
         problems.extend(_cross_checks(recipe, lines))
     if problems:
@@ -788,6 +817,21 @@ def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
     """Checks that involve more than one value."""
     problems = []
     problems.extend(_report_checks(recipe.report, lines))
+    t = recipe.teacher
+    if t.pretrained and t.checkpoint:
+        problems.append(Problem(
+            "teacher.pretrained",
+            "and teacher.checkpoint both give the teacher's weights; keep one (teacher.checkpoint: your trained "
+            "teacher, used as it is; teacher.pretrained: torchvision's ImageNet weights, then trained)",
+            _line(lines, ("teacher", "pretrained")),
+        ))
+    elif t.pretrained and not t.model.startswith("torchvision:"):
+        problems.append(Problem(
+            "teacher.pretrained",
+            f"needs a torchvision model (teacher.model: torchvision:NAME), got {t.model!r}; for your own trained "
+            f"weights use teacher.checkpoint: PATH",
+            _line(lines, ("teacher", "pretrained")),
+        ))
     if recipe.export.formats and recipe.export.stage == "student" and not recipe.student.baseline:
         problems.append(Problem(
             "export.stage",
@@ -826,6 +870,40 @@ def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
             where("initial_sparsity"),
         ))
     return problems
+
+
+def _resolve_files(recipe: Recipe, lines: dict, problems: list[Problem], folders: list[Path]) -> Recipe:
+    """The recipe with ``teacher.checkpoint`` made absolute: the first of ``folders`` that holds it.
+
+    Absolute, so that the resolved recipe a run directory keeps (``kdc distill runs/NAME``) still finds it.
+    A file found nowhere is a problem that names every place looked at.
+    """
+    given = recipe.teacher.checkpoint
+    if not given:
+        return recipe
+    where = ("teacher", "checkpoint")
+    path = Path(given).expanduser()
+    tried = [path] if path.is_absolute() else [Path(os.path.abspath(folder / path)) for folder in folders]
+    for candidate in tried:
+        if candidate.is_file():
+            return dataclasses.replace(recipe, teacher=dataclasses.replace(recipe.teacher, checkpoint=str(candidate)))
+    folder = next((c for c in tried if c.is_dir()), None)
+    if folder is not None:
+        inside = folder / "teacher" / "model.pt"
+        hint = (f"; did you mean the teacher of that run directory, {inside}?" if inside.is_file()
+                else "; give the file itself")
+        problems.append(Problem("teacher.checkpoint", f"{folder} is a folder, not a weights file{hint}",
+                                _line(lines, where)))
+        return recipe
+    looked = " and ".join(str(c) for c in dict.fromkeys(tried))
+    relative = "" if path.is_absolute() else " (a relative path is looked up in the current directory, then in the recipe's folder)"
+    problems.append(Problem(
+        "teacher.checkpoint",
+        f"file not found: looked for {looked}{relative}; give the path of a state_dict file "
+        f"(torch.save(model.state_dict(), PATH)) or of a kdc checkpoint (<run dir>/teacher/model.pt)",
+        _line(lines, where),
+    ))
+    return recipe
 
 
 def _report_checks(report: ReportSection, lines: dict) -> list[Problem]:

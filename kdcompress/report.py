@@ -113,8 +113,8 @@ def _last_epoch(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _stage_settings(stage: str, recipe: dict, metrics: dict) -> dict:
-    """What the stage was trained with, from the recipe stored in its checkpoint."""
+def _stage_settings(stage: str, recipe: dict, metrics: dict, arch: dict | None = None) -> dict:
+    """What the stage was trained with, from the recipe stored in its checkpoint (and its ``arch``)."""
     run, data = recipe.get("run", {}), recipe.get("data", {})
     student, distill, prune = recipe.get("student", {}), recipe.get("distill", {}), recipe.get("prune", {})
     model_section = recipe.get("teacher", {}) if stage == "teacher" else student
@@ -135,6 +135,12 @@ def _stage_settings(stage: str, recipe: dict, metrics: dict) -> dict:
     }
     if kd:
         settings.update(temperature=distill.get("temperature"), alpha=distill.get("alpha"))
+    if metrics.get("supplied_from"):  # teacher.checkpoint: the user's own teacher, not trained here
+        settings.update(supplied_from=metrics["supplied_from"], epochs=0)
+        if arch:  # a kdc checkpoint brings its own architecture
+            settings.update(model=arch.get("model"), args=arch.get("args"))
+    if metrics.get("pretrained_from"):
+        settings["pretrained_from"] = metrics["pretrained_from"]
     if stage == "pruned":
         settings.update(
             method=PRUNING_METHODS[prune.get("method", "unstructured")]
@@ -272,7 +278,7 @@ def build_report(
             "chance_accuracy": 1.0 / num_classes if num_classes else None,
             "has_batchnorm": has_batchnorm(model),
             "epochs": metrics.get("epochs"),
-            "settings": _stage_settings(stage, recipe, metrics),
+            "settings": _stage_settings(stage, recipe, metrics, ckpt.get("arch")),
             "params": count_params(model),
             "nonzero_params": count_nonzero(model),
             "sparsity": weight_sparsity({k: v.detach() for k, v in weights.items()}),
@@ -557,6 +563,8 @@ def _settings_text(settings: dict) -> str:
     args = settings.get("args")
     model = settings.get("model") or "?"
     parts.append(model + ("" if not args else " " + " ".join(f"{k}={v}" for k, v in args.items())))
+    if settings.get("supplied_from"):  # not trained: no loss or schedule to show
+        return "; ".join(parts + [f"supplied: {settings['supplied_from']}"])
     if settings.get("method"):
         target = settings.get("target_sparsity")
         steps = settings.get("pruning_steps")
@@ -574,6 +582,8 @@ def _settings_text(settings: dict) -> str:
         f"{settings.get('epochs')} epochs {settings.get('optimizer')} lr {settings.get('lr')} {settings.get('schedule')}, "
         f"batch {settings.get('batch_size')}"
     )
+    if settings.get("pretrained_from"):
+        parts.append(f"from pretrained weights {settings['pretrained_from']}")
     if settings.get("bn_recalibrate_batches"):
         parts.append(f"BatchNorm recalibrated on {settings['bn_recalibrate_batches']} batches")
     return "; ".join(parts)

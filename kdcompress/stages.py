@@ -17,13 +17,15 @@ This module imports no torch, so ``kdc --help`` stays fast.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import typing
 from dataclasses import dataclass
 from typing import Callable
 
 from .recipe import Recipe, TrainSettings
 
-__all__ = ["Stage", "STAGES", "STAGE_NAMES", "COMMAND_OF", "COMMON_READS", "stage_named"]
+__all__ = ["Stage", "STAGES", "STAGE_NAMES", "COMMAND_OF", "COMMON_READS", "stage_named", "file_sha256"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class Stage:
     ``reads`` lists the recipe values the stage is made from: a dotted key (``distill.temperature``) or a
     whole section (``teacher``), whose keys marked ``input: False`` in the schema (``data.workers``: how
     batches are read, not what they hold) are left out. A value not listed can never make the stage rerun.
+    ``refine_inputs(recipe, found)`` adjusts what was read: the teacher's adds the SHA-256 of a supplied
+    ``teacher.checkpoint`` file and drops the training schedule it does not use.
     ``upstream(recipe)`` names the stages whose checkpoints it reads; ``enabled(recipe)`` whether
     ``kdc run`` runs it. ``run`` names the function in :mod:`kdcompress.pipeline` that trains it and
     returns ``(model, spec, history, extra metrics)``.
@@ -49,10 +53,12 @@ class Stage:
     upstream: Callable[[Recipe], tuple[str, ...]] = lambda recipe: ()
     enabled: Callable[[Recipe], bool] = lambda recipe: True
     options: tuple[tuple[str, str, str, type], ...] = ()
+    # what the stage is made from beyond ``reads``: (resolved recipe, inputs read) -> the inputs
+    refine_inputs: Callable[[dict, dict], dict] = lambda recipe, found: found
 
     def inputs(self, recipe: dict) -> dict:
         """``{dotted key: value}`` of what this stage reads, from a resolved recipe dict."""
-        return _read_fields(recipe, self.reads)
+        return self.refine_inputs(recipe, _read_fields(recipe, self.reads))
 
 
 COMMON_READS = ("run.seed", "run.bn_recalibrate", "data")
@@ -78,16 +84,57 @@ def _not_inputs(section: str) -> set[str]:
 
 _TRAIN = tuple(f"distill.{f.name}" for f in dataclasses.fields(TrainSettings))  # the baseline's schedule
 
+
+def _teacher_inputs(recipe: dict, found: dict) -> dict:
+    """The teacher's inputs: a supplied one (``teacher.checkpoint``) is made from the file's content, not trained.
+
+    So its SHA-256 is an input (a changed file reruns the teacher, and through it every later stage) and the
+    training schedule is not. ``teacher.pretrained`` counts only when set, so that runs made before it existed
+    keep their fingerprints.
+    """
+    teacher = recipe.get("teacher", {})
+    if not found.get("teacher.pretrained"):
+        found.pop("teacher.pretrained", None)
+    if teacher.get("checkpoint"):
+        for f in dataclasses.fields(TrainSettings):
+            found.pop(f"teacher.{f.name}", None)
+        found["teacher.checkpoint_sha256"] = file_sha256(teacher["checkpoint"])
+    return found
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: str) -> str | None:
+    """The SHA-256 of a file's content (hex), or None when it cannot be read.
+
+    Remembered per (path, size, inode, modification and change times): fingerprints are taken many times a
+    run, and a supplied teacher may be hundreds of megabytes.
+    """
+    try:
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        if key not in _SHA_CACHE:
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            _SHA_CACHE[key] = digest.hexdigest()
+        return _SHA_CACHE[key]
+    except OSError:
+        return None
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="teacher",
         command="train-teacher",
-        summary="Train the teacher with cross-entropy.",
+        summary="Train the teacher with cross-entropy (or, with teacher.checkpoint, evaluate the one you supplied).",
         description="teacher, cross-entropy",
         example="kdc train-teacher my-recipe.yaml --set teacher.epochs=5   (`kdc recipes copy quickstart "
         "my-recipe.yaml` makes one)",
         reads=COMMON_READS + ("teacher",),
         run="_stage_teacher",
+        refine_inputs=_teacher_inputs,
     ),
     Stage(
         name="student",

@@ -25,6 +25,7 @@ CHANGED = {
     "data.dataset": "mnist", "data.root": "/tmp/x", "data.batch_size": 64, "data.eval_batch_size": 500,
     "data.val_split": 0.1, "data.crop_padding": 2, "data.hflip": True, "data.workers": 0,
     "student.baseline": False, "student.model": "lenet5", "student.args": {},
+    "teacher.checkpoint": None, "teacher.pretrained": None,  # need a file and a torchvision model: test_own_teacher
     "distill.temperature": 2.0, "distill.alpha": 0.3, "prune.rate": 0.6, "prune.target_sparsity": 0.5,
     "prune.every": "auto", "prune.method": "structured", "prune.importance": "l2", "prune.sparsity_schedule": "one-shot",
     "prune.steps": None, "prune.initial_sparsity": None,  # read by agp only: setting them with iterative is refused
