@@ -61,7 +61,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
          f"teacher: {recipe.teacher.model} ({counts['teacher']:,} parameters), {recipe.teacher.epochs} epochs"
          + (", from torchvision's pretrained weights" if recipe.teacher.pretrained else "")),
         f"student: {recipe.student.model} ({counts['student']:,} parameters), {recipe.distill.epochs} epochs "
-        f"(T={recipe.distill.temperature}, alpha={recipe.distill.alpha})"
+        f"({_loss_words(recipe.distill)})"
         + (", plus a cross-entropy baseline" if recipe.student.baseline else ""),
         (f"prune: structured ({p.scope}, by {p.importance}), removing {p.target_sparsity:.0%} of the prunable "
          f"channels, {p.epochs} epochs of retraining" if p.method == "structured" else
@@ -69,6 +69,16 @@ def check_recipe(recipe: Recipe) -> list[str]:
         f"prune schedule: {schedule.describe()}",
     ] + ([f"export: {', '.join(recipe.export.formats)} of the {recipe.export.stage} stage, to "
           f"{recipe.run_dir / 'export'}"] if recipe.export.formats else [])
+
+
+def _loss_words(d) -> str:
+    """The distillation loss and the settings it reads, for the plan ``kdc validate`` prints."""
+    if d.loss == "kd":
+        return f"T={d.temperature}, alpha={d.alpha}"
+    if d.loss == "dkd":
+        return (f"DKD, T={d.temperature}, alpha={d.dkd_alpha}, beta={d.dkd_beta}, warm-up "
+                f"{min(d.dkd_warmup, d.epochs)} epochs")
+    return f"loss {d.loss}" + (f" with args {d.loss_args}" if d.loss_args else "")
 
 
 def _check_model(recipe: Recipe, which: str, input_shape, num_classes: int) -> int:

@@ -18,21 +18,40 @@ for a small student costs a sizeable share of the step. The teacher's side,
 log-probabilities are computed once per stage (:func:`teacher_log_probs`) and
 looked up per batch (:func:`kd_loss_from_log_probs`).
 
+Decoupled KD (:func:`dkd_loss`, Zhao et al. 2022) splits the soft term into
+a target-class part (TCKD) and a non-target part (NCKD) and weights them
+apart. :data:`LOSSES` names the logit losses a recipe's ``distill.loss`` can
+pick; :func:`get_loss` also resolves a user's own ``package.module:function``.
+
 Example::
 
     >>> import torch
-    >>> from kdcompress.distill import kd_loss
+    >>> from kdcompress.distill import dkd_loss, kd_loss
     >>> s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
     >>> loss = kd_loss(s, t, y, temperature=4.0, alpha=0.5)
+    >>> loss = dkd_loss(s, t, y, alpha=1.0, beta=8.0, temperature=4.0)
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["kd_loss", "kd_loss_from_log_probs", "soft_target_loss", "teacher_log_probs", "teacher_logits"]
+__all__ = [
+    "LOSSES",
+    "dkd_loss",
+    "dkd_warmup_factor",
+    "get_loss",
+    "kd_loss",
+    "kd_loss_from_log_probs",
+    "loss_name_problem",
+    "soft_target_loss",
+    "teacher_log_probs",
+    "teacher_logits",
+]
 
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -118,6 +137,124 @@ def kd_loss(
     if alpha <= 0.0:
         return F.cross_entropy(student_logits, targets)
     return kd_loss_from_log_probs(student_logits, teacher_log_probs(teacher_logits, temperature), targets, temperature, alpha)
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022): ``alpha * TCKD + beta * NCKD``, each scaled by T^2, averaged over the batch.
+
+    TCKD is the KL divergence between the teacher's and the student's binary
+    distributions (target class, all other classes) at temperature T; NCKD the
+    KL divergence between their distributions among the non-target classes
+    alone. The hard-label cross-entropy is not included: the paper trains on
+    ``CE + warm-up * dkd_loss`` (see :func:`dkd_warmup_factor`).
+
+    Everything is computed in log space: the non-target mass is a logsumexp of
+    log-probabilities, not ``1 - p``, and the non-target distribution is a
+    log_softmax over the other classes' logits (the paper's code masks the
+    target with ``-1000``, which a large T can undo).
+
+    Example::
+
+        >>> s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+        >>> loss = dkd_loss(s, t, y, alpha=1.0, beta=8.0, temperature=4.0)
+    """
+    if targets.dtype != torch.long or targets.dim() != 1:
+        raise ValueError(f"dkd_loss: targets must be a 1-D tensor of class indices, got {targets.dtype} {tuple(targets.shape)}")
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(
+            f"dkd_loss: student logits {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} must "
+            f"be the same (batch, classes) shape"
+        )
+    n, c = student_logits.shape
+    t = float(temperature)
+    teacher_logits = teacher_logits.detach().to(student_logits.dtype)
+    target = F.one_hot(targets, c).bool()
+    others = ~target
+
+    def binary_log_probs(logits):  # log of [p(target), p(not target)], shape (n, 2)
+        log_p = F.log_softmax(logits / t, dim=1)
+        log_gt = log_p.masked_select(target).view(n, 1)
+        log_rest = torch.logsumexp(log_p.masked_select(others).view(n, c - 1), dim=1, keepdim=True)
+        return torch.cat([log_gt, log_rest], dim=1)
+
+    log_b_s, log_b_t = binary_log_probs(student_logits), binary_log_probs(teacher_logits)
+    tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum()
+    log_q_s = F.log_softmax(student_logits.masked_select(others).view(n, c - 1) / t, dim=1)
+    log_q_t = F.log_softmax(teacher_logits.masked_select(others).view(n, c - 1) / t, dim=1)
+    nckd = (log_q_t.exp() * (log_q_t - log_q_s)).sum()
+    return (float(alpha) * tckd + float(beta) * nckd) * (t * t / n)
+
+
+def dkd_warmup_factor(epoch: int, warmup: int) -> float:
+    """The weight of the DKD term in 0-based ``epoch``: rises linearly over ``warmup`` epochs, then stays 1.
+
+    As in the paper's code, ``min(epoch / warmup, 1)`` with epochs counted
+    from 1: the first epoch gets ``1 / warmup``, epoch ``warmup`` (1-based)
+    and later the full weight. ``warmup`` 0 means no warm-up.
+
+        >>> [dkd_warmup_factor(e, 4) for e in range(5)]
+        [0.25, 0.5, 0.75, 1.0, 1.0]
+    """
+    if warmup <= 0:
+        return 1.0
+    return min((epoch + 1) / warmup, 1.0)
+
+
+# name -> loss function on logits: (student_logits, teacher_logits, targets, ...) -> scalar
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {"kd": kd_loss, "dkd": dkd_loss}
+
+
+def loss_name_problem(name: str) -> str | None:
+    """Why ``name`` names no distillation loss, or None when it does; an import path is imported.
+
+        >>> loss_name_problem("dkdd")
+        "unknown loss 'dkdd'; did you mean 'dkd'? (built-in: kd, dkd; or package.module:function for your own)"
+    """
+    if ":" in name:
+        from .models import _find_factory  # one import-path mechanism for models, datasets and losses
+
+        return _find_factory(name, ())[1]
+    if name in LOSSES:
+        return None
+    from .errors import did_you_mean
+
+    return (
+        f"unknown loss '{name}'{did_you_mean(name, LOSSES)} (built-in: {', '.join(LOSSES)}; or "
+        f"package.module:function for your own)"
+    )
+
+
+def get_loss(name: str) -> Callable[..., torch.Tensor]:
+    """The loss function ``name`` stands for: one of :data:`LOSSES`, or ``package.module:function``.
+
+    A user's function is called as ``fn(student_logits, teacher_logits,
+    targets, args)`` with ``args`` the recipe's ``distill.loss_args`` and
+    returns a scalar tensor. Raises :class:`~kdcompress.errors.KdcError`
+    (exit code 2) naming ``distill.loss`` when the name resolves to nothing.
+
+        >>> get_loss("dkd") is dkd_loss
+        True
+    """
+    from .errors import Problem, RecipeError
+
+    if name in LOSSES:
+        return LOSSES[name]
+    if ":" in name:
+        from .models import _find_factory
+
+        fn, problem = _find_factory(name, ())
+    else:
+        fn, problem = None, loss_name_problem(name)
+    if problem:
+        raise RecipeError("recipe", [Problem("distill.loss", problem)])
+    return fn
 
 
 @torch.no_grad()

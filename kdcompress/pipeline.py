@@ -39,7 +39,7 @@ from .checkpoint import (
 )
 from . import distributed
 from .data import Augment, DataSplits, batches_per_epoch, load_data
-from .distill import kd_loss, kd_loss_from_log_probs, teacher_log_probs, teacher_logits
+from .distill import dkd_warmup_factor, get_loss, kd_loss, kd_loss_from_log_probs, teacher_log_probs, teacher_logits
 from .errors import CheckpointError, KdcError, StageOrderError
 from .measure import count_nonzero, count_params
 from .models import build_from_checkpoint, build_model, model_spec
@@ -527,28 +527,84 @@ def cached_teacher_logits(ctx: _StageContext, teacher: torch.nn.Module) -> torch
     return logits.to(ctx.device)
 
 
-def _distill_loss(ctx: _StageContext):
-    """The KD loss. Without augmentation the teacher's logits come from the cache; with it the teacher runs online."""
+def _distill_loss(ctx: _StageContext, warm_up: bool = False) -> tuple:
+    """The distillation loss of ``distill.loss`` and the hooks it needs, as ``(loss, hooks)`` for :func:`_fit`.
+
+    Without augmentation the teacher's logits come from the cache; with it the teacher runs online.
+    ``warm_up``: DKD's term rises over ``distill.dkd_warmup`` epochs (for a student trained from scratch).
+    """
     recipe = ctx.recipe
     teacher = load_stage_model(recipe, "teacher", ctx.device)[0].eval()
-    temperature, alpha = recipe.distill.temperature, recipe.distill.alpha
+    d = recipe.distill
+    if d.loss != "kd":
+        logit_loss, hooks = _logit_loss(d, min(d.dkd_warmup, d.epochs) if warm_up else 0)
+        if _augment(recipe):
+            return _online_kd_loss(teacher, logit_loss), hooks
+        cached = cached_teacher_logits(ctx, teacher)
+
+        def loss(logits, y, idx, x):
+            return logit_loss(logits, cached.index_select(0, idx.to(cached.device)), y)
+
+        return loss, hooks
+    temperature, alpha = d.temperature, d.alpha
     if _augment(recipe):
-        return _online_kd_loss(teacher, temperature, alpha)
+        return _online_kd_loss(teacher, lambda s, t, y: kd_loss(s, t, y, temperature, alpha)), []
     log_p = teacher_log_probs(cached_teacher_logits(ctx, teacher), temperature)  # once per stage, not per batch
 
     def loss(logits, y, idx, x):
         return kd_loss_from_log_probs(logits, log_p.index_select(0, idx.to(log_p.device)), y, temperature, alpha)
 
-    return loss
+    return loss, []
 
 
-def _online_kd_loss(teacher: torch.nn.Module, temperature: float, alpha: float):
-    """KD loss that runs the teacher on every (augmented) batch, in eval mode without gradients."""
+class _EpochClock(Hook):
+    """Knows which epoch :func:`fit` is in (from the global step, so it is right after a resume too)."""
+
+    epoch = 0
+
+    def on_batch_start(self, step: int, batches_per_epoch: int) -> None:
+        self.epoch = step // max(1, batches_per_epoch)
+
+
+def _logit_loss(d, warmup: int):
+    """``(loss(student_logits, teacher_logits, targets), hooks)`` for dkd or a user's loss (``d``: the distill section).
+
+    dkd follows the paper: ``CE + warm-up factor * (dkd_alpha TCKD + dkd_beta NCKD)``, the factor rising
+    over ``warmup`` epochs.
+    """
+    fn = get_loss(d.loss)
+    if d.loss == "dkd":
+        clock = _EpochClock()
+
+        def dkd(s, t, y):
+            factor = dkd_warmup_factor(clock.epoch, warmup)
+            return F.cross_entropy(s, y) + factor * fn(s, t, y, d.dkd_alpha, d.dkd_beta, d.temperature)
+
+        return dkd, [clock]
+    args = dict(d.loss_args)
+
+    def user(s, t, y):
+        value = fn(s, t, y, args)
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
+            what = type(value).__name__ if not isinstance(value, torch.Tensor) else (
+                f"a tensor of shape {tuple(value.shape)}" if value.numel() != 1 else "a tensor without a gradient"
+            )
+            raise KdcError(
+                f"distill.loss: {d.loss} returned {what}; it must return a scalar tensor computed from the "
+                f"student's logits (its first argument)"
+            )
+        return value.reshape(())
+
+    return user, []
+
+
+def _online_kd_loss(teacher: torch.nn.Module, logit_loss):
+    """A loss that runs the teacher on every (augmented) batch, in eval mode without gradients."""
 
     def loss(logits, y, idx, x):
         with torch.inference_mode():
             target = teacher(x).float()
-        return kd_loss(logits, target.clone(), y, temperature, alpha)
+        return logit_loss(logits, target.clone(), y)
 
     return loss
 
@@ -610,7 +666,8 @@ def _stage_student(ctx: _StageContext):
 
 def _stage_distilled(ctx: _StageContext):
     model, spec = _new_model(ctx.recipe, "student", ctx.data, ctx.device)  # same seed and init as the baseline
-    return model, spec, _fit(ctx, model, _distill_loss(ctx), ctx.recipe.distill), {}
+    loss, hooks = _distill_loss(ctx, warm_up=True)
+    return model, spec, _fit(ctx, model, loss, ctx.recipe.distill, hooks=hooks), {}
 
 
 def _stage_pruned(ctx: _StageContext):
@@ -621,9 +678,10 @@ def _stage_pruned(ctx: _StageContext):
     bpe = batches_per_epoch(len(ctx.data.train), ctx.recipe.data.batch_size, distributed.world_size())
     schedule = plan_schedule(p, bpe)
     pruner = make_pruner(model, p, spec["input_shape"])
-    loss = _distill_loss(ctx) if p.distill else _ce
+    # no DKD warm-up here: the distilled student it starts from has learnt from the full term already
+    loss, loss_hooks = _distill_loss(ctx) if p.distill else (_ce, [])
     hook = _Pruning(pruner, schedule)
-    history = _fit(ctx, model, loss, p, hooks=[hook])
+    history = _fit(ctx, model, loss, p, hooks=[hook, *loss_hooks])  # the pruning hook first: resume states list it so
     if hook.steps_taken < len(schedule.at):  # the plan fits in retraining, so only a kdc bug gets here
         raise KdcError(
             f"prune: retraining ended after {hook.steps_taken} of {len(schedule.at)} pruning steps, at sparsity "

@@ -166,7 +166,32 @@ class StudentSection:
 @dataclass(frozen=True)
 class DistillSection(TrainSettings):
     temperature: float = field(default=4.0, metadata=_range(lo=0.0, lo_open=True, doc="softmax temperature T"))
-    alpha: float = field(default=0.5, metadata=_range(lo=0.0, hi=1.0, doc="weight of the soft (teacher) term"))
+    alpha: float = field(
+        default=0.5, metadata=_range(lo=0.0, hi=1.0, doc="kd: weight of the soft (teacher) term (1 - alpha: cross-entropy)")
+    )
+    # The keys below came after run directories existed: "omit_default" leaves a key at its default out of the
+    # stage fingerprints, so adding them made no existing distilled or pruned stage out of date.
+    loss: str = field(
+        default="kd",
+        metadata={**_doc("kd (Hinton), dkd (decoupled KD, Zhao et al. 2022) or package.module:function for your own"),
+                  "omit_default": True},
+    )
+    dkd_alpha: float = field(
+        default=1.0, metadata={**_range(lo=0.0, doc="dkd: weight of TCKD (target vs other classes)"), "omit_default": True}
+    )
+    dkd_beta: float = field(
+        default=8.0, metadata={**_range(lo=0.0, doc="dkd: weight of NCKD (among the other classes)"), "omit_default": True}
+    )
+    dkd_warmup: int = field(
+        default=20,
+        metadata={**_range(lo=0, doc="dkd: epochs over which the DKD term rises linearly to full weight (at most the "
+                           "distill epochs; 0: none)"), "omit_default": True},
+    )
+    loss_args: dict = field(
+        default_factory=dict,
+        metadata={**_doc("your own loss: the args dict it is called with, fn(student_logits, teacher_logits, targets, "
+                         "args)"), "omit_default": True},
+    )
 
 
 @dataclass(frozen=True)
@@ -785,13 +810,14 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> tuple | No
 
 
 def _name_checks(raw: dict, lines: dict) -> list[Problem]:
-    """Model and dataset names that resolve to nothing, each with its line, beside every other problem.
+    """Model, dataset and loss names that resolve to nothing, each with its line, beside every other problem.
 
     Reads the raw document, since a section with any other problem converts to
     its defaults. Only for recipes read from text (a recipe is code its user
     chose to run): :func:`recipe_from_dict` imports nothing.
     """
     from .data import dataset_name_problem  # data imports this module, and both import torch
+    from .distill import loss_name_problem
     from .models import model_name_problem
 
     problems = []
@@ -799,6 +825,7 @@ def _name_checks(raw: dict, lines: dict) -> list[Problem]:
         ("teacher", "model", model_name_problem),
         ("student", "model", model_name_problem),
         ("data", "dataset", dataset_name_problem),
+        ("distill", "loss", loss_name_problem),
     ):
         name = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
         message = check(name) if isinstance(name, str) else None  # another type is reported as such
@@ -843,6 +870,7 @@ def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
         problems.append(
             Problem("run.device", f"must be auto, cpu, cuda or cuda:N, got {recipe.run.device!r}", _line(lines, ("run", "device")))
         )
+    problems.extend(_loss_checks(recipe.distill, lines))
     # Whether the pruning steps fit in retraining depends on the batches per epoch, which needs the data:
     # kdcompress.checks.check_recipe plans the schedule (prune.schedule.plan_schedule) as the run will.
     p = recipe.prune
@@ -904,6 +932,37 @@ def _resolve_files(recipe: Recipe, lines: dict, problems: list[Problem], folders
         _line(lines, where),
     ))
     return recipe
+
+
+def _loss_checks(d: DistillSection, lines: dict) -> list[Problem]:
+    """Distillation keys the chosen ``distill.loss`` does not read: set to anything but their defaults, refused."""
+    default = DistillSection()
+    builtin = d.loss in ("kd", "dkd")
+    unused = {  # key -> why it does nothing with this loss
+        "dkd_alpha": d.loss != "dkd", "dkd_beta": d.loss != "dkd", "dkd_warmup": d.loss != "dkd",
+        "loss_args": builtin, "alpha": d.loss != "kd", "temperature": not builtin,
+    }
+    reads = {
+        "kd": "kd reads temperature and alpha",
+        "dkd": "dkd reads temperature, dkd_alpha, dkd_beta and dkd_warmup (cross-entropy keeps weight 1, as in the "
+        "paper)",
+    }.get(d.loss, "your own loss reads only distill.loss_args")
+    fix = {  # what would read the key
+        "dkd_alpha": "set distill.loss: dkd, or drop distill.{key}", "dkd_beta": "set distill.loss: dkd, or drop distill.{key}",
+        "dkd_warmup": "set distill.loss: dkd, or drop distill.{key}",
+        "loss_args": "set distill.loss to your package.module:function, or drop distill.{key}",
+        "alpha": "drop distill.{key}" if builtin else "pass what your loss needs in distill.loss_args, and drop distill.{key}",
+        "temperature": "pass what your loss needs in distill.loss_args, and drop distill.{key}",
+    }
+    problems = []
+    for key, is_unused in unused.items():
+        if is_unused and getattr(d, key) != getattr(default, key):
+            problems.append(Problem(
+                f"distill.{key}",
+                f"is not used by distill.loss {d.loss} ({reads}); {fix[key].format(key=key)}",
+                _line(lines, ("distill", key)) or _line(lines, ("distill",)),
+            ))
+    return problems
 
 
 def _report_checks(report: ReportSection, lines: dict) -> list[Problem]:

@@ -134,7 +134,14 @@ def _stage_settings(stage: str, recipe: dict, metrics: dict, arch: dict | None =
         "bn_recalibrate_batches": metrics.get("bn_recalibrate_batches", 0),
     }
     if kd:
-        settings.update(temperature=distill.get("temperature"), alpha=distill.get("alpha"))
+        loss = distill.get("loss", "kd")  # run directories from before distill.loss: kd
+        settings.update(distill_loss=loss, temperature=distill.get("temperature"), alpha=distill.get("alpha"))
+        if loss == "dkd":
+            # the pruned stage retrains an already distilled student: no warm-up there (pipeline._distill_loss)
+            warmup = min(distill.get("dkd_warmup", 0), distill.get("epochs", 0)) if stage == "distilled" else 0
+            settings.update(dkd_alpha=distill.get("dkd_alpha"), dkd_beta=distill.get("dkd_beta"), dkd_warmup=warmup)
+        elif loss != "kd":
+            settings.update(loss_args=distill.get("loss_args", {}))
     if metrics.get("supplied_from"):  # teacher.checkpoint: the user's own teacher, not trained here
         settings.update(supplied_from=metrics["supplied_from"], epochs=0)
         if arch:  # a kdc checkpoint brings its own architecture
@@ -477,10 +484,20 @@ def report_warnings(report: dict) -> list[str]:
         else:
             message += (
                 f", beyond noise ({abs(comp['z']):.1f} standard errors of {comp['se'] * 100:.2f} points): try "
-                f"another distill.temperature or distill.alpha, or more distill.epochs."
+                + _retry_hint((d.get("settings") or {}).get("distill_loss", "kd"))
             )
         warnings.append(message)
     return warnings
+
+
+def _retry_hint(loss: str) -> str:
+    """What to change when the distilled student came out worse, for each kind of ``distill.loss``."""
+    if loss == "dkd":
+        # beta T^2 makes DKD's gradient some beta*T times KD's: a small student without BatchNorm can diverge
+        return "a lower distill.dkd_beta or distill.lr, another distill.temperature, or more distill.epochs."
+    if loss != "kd":
+        return "other distill.loss_args, or more distill.epochs."
+    return "another distill.temperature or distill.alpha, or more distill.epochs."
 
 
 # --------------------------------------------------------------------------- formatting
@@ -574,7 +591,15 @@ def _settings_text(settings: dict) -> str:
         )
         if steps is not None:
             parts[-1] += f" in {steps} steps"
-    if settings.get("loss") == "distillation":
+    if settings.get("loss") == "distillation" and settings.get("distill_loss", "kd") == "dkd":
+        parts.append(
+            f"DKD T={settings.get('temperature')} alpha={settings.get('dkd_alpha')} beta={settings.get('dkd_beta')}"
+            + (f", warm-up {settings['dkd_warmup']} epochs" if settings.get("dkd_warmup") else "")
+        )
+    elif settings.get("loss") == "distillation" and settings.get("distill_loss", "kd") != "kd":
+        args = settings.get("loss_args") or {}
+        parts.append(f"distillation {settings['distill_loss']}" + (f" args {args}" if args else ""))
+    elif settings.get("loss") == "distillation":
         parts.append(f"distillation T={settings.get('temperature')} alpha={settings.get('alpha')}")
     else:
         parts.append("cross-entropy")

@@ -37,6 +37,7 @@ class Stage:
     batches are read, not what they hold) are left out. A value not listed can never make the stage rerun.
     ``refine_inputs(recipe, found)`` adjusts what was read: the teacher's adds the SHA-256 of a supplied
     ``teacher.checkpoint`` file and drops the training schedule it does not use.
+    A key marked ``omit_default`` (``distill.loss``) counts only once it differs from its default.
     ``upstream(recipe)`` names the stages whose checkpoints it reads; ``enabled(recipe)`` whether
     ``kdc run`` runs it. ``run`` names the function in :mod:`kdcompress.pipeline` that trains it and
     returns ``(model, spec, history, extra metrics)``.
@@ -68,12 +69,30 @@ def _read_fields(recipe: dict, reads: tuple[str, ...]) -> dict:
     found = {}
     for key in reads:
         section, _, name = key.partition(".")
+        quiet = _quiet_defaults(section)
         if name:
-            found[key] = recipe[section][name]
+            if not (name in quiet and recipe[section][name] == quiet[name]):
+                found[key] = recipe[section][name]
         else:
             skip = _not_inputs(section)
-            found.update({f"{section}.{k}": v for k, v in recipe[section].items() if k not in skip})
+            found.update({
+                f"{section}.{k}": v for k, v in recipe[section].items()
+                if k not in skip and not (k in quiet and v == quiet[k])
+            })
     return found
+
+
+def _quiet_defaults(section: str) -> dict:
+    """``{key: default}`` for the keys of a section marked ``omit_default``: at their default, no input at all.
+
+    A key added to a section after run directories were made carries this mark, so that the
+    stages reading it keep the fingerprints they had (and stay up to date) until it is changed.
+    """
+    cls = typing.get_type_hints(Recipe)[section]
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(cls) if f.metadata.get("omit_default")
+    }
 
 
 def _not_inputs(section: str) -> set[str]:
@@ -165,7 +184,8 @@ STAGES: tuple[Stage, ...] = (
         description="distilled student, pruned and retrained",
         example="kdc prune --rate 0.05   (45 steps to 90 % sparsity, spread over the first two thirds of "
         "retraining);   kdc prune --schedule agp --target 0.95",
-        reads=COMMON_READS + ("prune", "distill.temperature", "distill.alpha"),
+        reads=COMMON_READS + ("prune", "distill.temperature", "distill.alpha", "distill.loss", "distill.dkd_alpha",
+                              "distill.dkd_beta", "distill.loss_args"),
         run="_stage_pruned",
         upstream=lambda recipe: ("distilled", "teacher") if recipe.prune.distill else ("distilled",),
         options=(
