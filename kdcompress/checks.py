@@ -15,7 +15,7 @@ from .models import build_model, model_spec
 from .prune import plan_schedule, prunable_weights
 from .recipe import Recipe
 
-__all__ = ["check_recipe"]
+__all__ = ["check_recipe", "check_feature_terms"]
 
 
 @torch.no_grad()
@@ -30,16 +30,19 @@ def check_recipe(recipe: Recipe) -> list[str]:
     """
     input_shape, num_classes, train_size = dataset_summary(recipe.data)
     counts = {}
+    built: dict = {}
     failures: list[str] = []
     for which in ("teacher", "student"):
         try:
-            counts[which] = _check_model(recipe, which, input_shape, num_classes)
+            counts[which] = _check_model(recipe, which, input_shape, num_classes, built)
         except ModelError as exc:
             failures.append(str(exc))
     if failures:
         if len(failures) == 1:
             raise ModelError(failures[0])
         raise ModelError(f"{len(failures)} problems with the models:\n" + "\n".join(f"  {f}" for f in failures))
+    if recipe.distill.features:
+        check_feature_terms(recipe.distill.features, built["teacher"], built["student"], input_shape)
     if recipe.export.formats:  # an export that cannot run should stop the run now, not after training
         from .export import check_formats
 
@@ -74,15 +77,64 @@ def check_recipe(recipe: Recipe) -> list[str]:
 def _loss_words(d) -> str:
     """The distillation loss and the settings it reads, for the plan ``kdc validate`` prints."""
     if d.loss == "kd":
-        return f"T={d.temperature}, alpha={d.alpha}"
+        return f"T={d.temperature}, alpha={d.alpha}" + _feature_words(d)
     if d.loss == "dkd":
         return (f"DKD, T={d.temperature}, alpha={d.dkd_alpha}, beta={d.dkd_beta}, warm-up "
-                f"{min(d.dkd_warmup, d.epochs)} epochs")
-    return f"loss {d.loss}" + (f" with args {d.loss_args}" if d.loss_args else "")
+                f"{min(d.dkd_warmup, d.epochs)} epochs") + _feature_words(d)
+    return f"loss {d.loss}" + (f" with args {d.loss_args}" if d.loss_args else "") + _feature_words(d)
 
 
-def _check_model(recipe: Recipe, which: str, input_shape, num_classes: int) -> int:
-    """Build one model of the recipe and run a dry forward pass; return its parameter count."""
+def _feature_words(d) -> str:
+    terms = ", ".join(f"{t.loss} {t.student}->{t.teacher} x{t.weight}" for t in d.features)
+    return f"; feature terms: {terms}, teacher online" if terms else ""
+
+
+def check_feature_terms(terms, teacher: torch.nn.Module, student: torch.nn.Module, input_shape, device="cpu") -> list:
+    """Check ``distill.features`` on a dry forward pass of both models; return the (student, teacher) taps' outputs.
+
+    Every module path must exist (a suggestion otherwise) and each pair's outputs must suit its loss
+    (``at``: feature maps of the same height and width; ``hint``: an adapter can map the student's to the
+    teacher's shape). All problems are reported at once, in one :class:`ModelError`.
+    """
+    from .features import FeatureTaps, at_loss, make_adapter, module_named
+
+    problems = []
+    for i, term in enumerate(terms):
+        for side, model in (("teacher", teacher), ("student", student)):
+            try:
+                module_named(model, getattr(term, side), where=f"the {side}")
+            except ModelError as exc:
+                problems.append(f"distill.features.{i}.{side}: {exc}")
+    if problems:
+        raise ModelError(problems[0] if len(problems) == 1 else f"{len(problems)} problems with distill.features:\n"
+                         + "\n".join(f"  {p}" for p in problems))
+    x = torch.zeros(2, *input_shape, device=device)
+    with torch.no_grad():
+        with FeatureTaps(teacher.eval(), {t.teacher for t in terms}, "the teacher") as t_taps:
+            teacher(x)
+        with FeatureTaps(student.eval(), {t.student for t in terms}, "the student") as s_taps:
+            student(x)
+    pairs = []
+    for i, term in enumerate(terms):
+        s, t = s_taps[term.student], t_taps[term.teacher]
+        try:
+            if not isinstance(s, torch.Tensor) or not isinstance(t, torch.Tensor):
+                raise ValueError("both modules must output one tensor")
+            if term.loss == "at":
+                at_loss(s, t)
+            else:
+                make_adapter(s, t)
+        except ValueError as exc:
+            problems.append(f"distill.features.{i} ({term.loss}, student {term.student} -> teacher {term.teacher}): {exc}")
+        pairs.append((s, t))
+    if problems:
+        raise ModelError(problems[0] if len(problems) == 1 else f"{len(problems)} problems with distill.features:\n"
+                         + "\n".join(f"  {p}" for p in problems))
+    return pairs
+
+
+def _check_model(recipe: Recipe, which: str, input_shape, num_classes: int, built: dict | None = None) -> int:
+    """Build one model of the recipe and run a dry forward pass; return its parameter count (``built[which]``: the model)."""
     section = getattr(recipe, which)
     if which == "teacher" and section.checkpoint:  # the weights must load and fit, as the teacher stage will use them
         from .data import preprocess_info
@@ -116,4 +168,6 @@ def _check_model(recipe: Recipe, which: str, input_shape, num_classes: int) -> i
             f"to prune (include {recipe.prune.include}, exclude {recipe.prune.exclude}); its module names are: "
             f"{', '.join(names[:20])}"
         )
+    if built is not None:
+        built[which] = model
     return sum(p.numel() for p in model.parameters())

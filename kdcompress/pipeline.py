@@ -666,8 +666,96 @@ def _stage_student(ctx: _StageContext):
 
 def _stage_distilled(ctx: _StageContext):
     model, spec = _new_model(ctx.recipe, "student", ctx.data, ctx.device)  # same seed and init as the baseline
+    if ctx.recipe.distill.features:
+        # the student and its hint adapters train as one module, so fit's optimiser and resume state hold both;
+        # the stage returns the bare student, whose checkpoint has no adapter weights
+        trained, loss, hooks = _feature_distill(ctx, model, warm_up=True)
+        return model, spec, _fit(ctx, trained, loss, ctx.recipe.distill, hooks=hooks), {}
     loss, hooks = _distill_loss(ctx, warm_up=True)
     return model, spec, _fit(ctx, model, loss, ctx.recipe.distill, hooks=hooks), {}
+
+
+class _FeatureStudent(torch.nn.Module):
+    """The student plus one adapter per feature term (nn.Identity for ``at``), trained together.
+
+    Its forward returns the student's logits and keeps, in ``features``, each term's student output passed
+    through its adapter; the adapters run inside forward so that DDP sees them used.
+    """
+
+    def __init__(self, student: torch.nn.Module, names: list[str], adapters: list[torch.nn.Module]):
+        super().__init__()
+        self.student = student
+        self.adapters = torch.nn.ModuleList(adapters)
+        self.names = names
+        self.features: list[torch.Tensor] = []
+
+    def forward(self, x):
+        from .features import FeatureTaps
+
+        with FeatureTaps(self.student, set(self.names), "the student") as taps:
+            logits = self.student(x)
+        self.features = [adapter(taps[name]) for name, adapter in zip(self.names, self.adapters)]
+        return logits
+
+
+class _FeatureMeter(Hook):
+    """Records the mean weighted feature loss of each epoch (``feature_loss`` in metrics.jsonl)."""
+
+    def __init__(self):
+        self.total, self.batches = 0.0, 0
+
+    def add(self, value: float) -> None:
+        self.total += value
+        self.batches += 1
+
+    def epoch_metrics(self) -> dict:
+        mean = self.total / max(1, self.batches)
+        self.total, self.batches = 0.0, 0
+        return {"feature_loss": mean}
+
+
+def _feature_distill(ctx: _StageContext, student: torch.nn.Module, warm_up: bool = False) -> tuple:
+    """``(module to train, loss, hooks)`` for ``distill.features``: the logit loss plus the weighted feature terms.
+
+    The teacher runs online on every batch (eval mode, no gradients), giving its logits for the logit loss
+    (kd, dkd or the user's) and its tapped features; the logit cache is not used. ``hint`` adapters are built
+    from a dry-run batch (check_recipe has already checked the pairs line up).
+    """
+    from .checks import check_feature_terms
+    from .features import FeatureTaps, at_loss, make_adapter
+
+    recipe, d = ctx.recipe, ctx.recipe.distill
+    teacher = load_stage_model(recipe, "teacher", ctx.device)[0].eval()
+    terms = list(d.features)
+    pairs = check_feature_terms(terms, teacher, student, ctx.data.input_shape, device=ctx.device)
+    student.train()
+
+    adapters = [
+        make_adapter(s, t) if term.loss == "hint" else torch.nn.Identity() for term, (s, t) in zip(terms, pairs)
+    ]
+    wrapper = _FeatureStudent(student, [t.student for t in terms], adapters).to(ctx.device)
+    if d.loss == "kd":
+        temperature, alpha = d.temperature, d.alpha
+        logit_loss, hooks = (lambda s, t, y: kd_loss(s, t, y, temperature, alpha)), []
+    else:
+        logit_loss, hooks = _logit_loss(d, min(d.dkd_warmup, d.epochs) if warm_up else 0)
+    meter = _FeatureMeter()
+    teacher_names = {t.teacher for t in terms}
+
+    def loss(logits, y, idx, x):
+        with torch.no_grad(), FeatureTaps(teacher, teacher_names, "the teacher") as taps:
+            target = teacher(x).float()
+        total = logit_loss(logits, target, y)
+        feature_total = 0.0
+        for term, s_feat in zip(terms, wrapper.features):
+            t_feat = taps[term.teacher].float()
+            s_feat = s_feat.float()
+            value = at_loss(s_feat, t_feat) if term.loss == "at" else F.mse_loss(s_feat, t_feat)
+            feature_total = feature_total + term.weight * value
+        meter.add(float(feature_total.detach()))
+        return total + feature_total
+
+    return wrapper, loss, [*hooks, meter]
 
 
 def _stage_pruned(ctx: _StageContext):

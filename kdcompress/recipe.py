@@ -43,6 +43,7 @@ __all__ = [
     "TeacherSection",
     "StudentSection",
     "DistillSection",
+    "FeatureTerm",
     "PruneSection",
     "ReportSection",
     "ExportSection",
@@ -164,6 +165,20 @@ class StudentSection:
 
 
 @dataclass(frozen=True)
+class FeatureTerm:
+    """One ``distill.features`` term: a student module's output matched to a teacher module's output."""
+
+    teacher: str = field(default="", metadata=_doc("the teacher module's dotted path (model.named_modules())"))
+    student: str = field(default="", metadata=_doc("the student module's dotted path (model.named_modules())"))
+    loss: Literal["hint", "at"] = field(
+        default="hint",
+        metadata=_doc("hint (FitNets: MSE through a trainable 1x1 conv or linear adapter) or at (attention transfer: "
+                      "feature maps of the same height and width)"),
+    )
+    weight: float = field(default=1.0, metadata=_range(lo=0.0, lo_open=True, doc="weight of this term in the loss"))
+
+
+@dataclass(frozen=True)
 class DistillSection(TrainSettings):
     temperature: float = field(default=4.0, metadata=_range(lo=0.0, lo_open=True, doc="softmax temperature T"))
     alpha: float = field(
@@ -191,6 +206,12 @@ class DistillSection(TrainSettings):
         default_factory=dict,
         metadata={**_doc("your own loss: the args dict it is called with, fn(student_logits, teacher_logits, targets, "
                          "args)"), "omit_default": True},
+    )
+    features: list[FeatureTerm] = field(
+        default_factory=list,
+        metadata={**_doc("feature terms added to the distilled stage's loss: a list of {teacher: module path, "
+                         "student: module path, loss: hint | at, weight: w}; the teacher then runs online"),
+                  "omit_default": True},
     )
 
 
@@ -955,6 +976,15 @@ def _loss_checks(d: DistillSection, lines: dict) -> list[Problem]:
         "temperature": "pass what your loss needs in distill.loss_args, and drop distill.{key}",
     }
     problems = []
+    for i, term in enumerate(d.features):  # module paths are looked up in the built models by check_recipe
+        for side in ("teacher", "student"):
+            if not getattr(term, side):
+                problems.append(Problem(
+                    f"distill.features.{i}.{side}",
+                    f"is missing: each feature term names a {side} module by its dotted path (model.named_modules(), "
+                    f"e.g. features.3)",
+                    _line(lines, ("distill", "features", i)) or _line(lines, ("distill", "features")),
+                ))
     for key, is_unused in unused.items():
         if is_unused and getattr(d, key) != getattr(default, key):
             problems.append(Problem(
