@@ -29,6 +29,7 @@ CHANGED = {
     "distill.temperature": 2.0, "distill.alpha": 0.3, "distill.loss": "dkd",
     # read by dkd or a user's loss only: setting them with kd is refused (tests/test_dkd.py changes them under dkd)
     "distill.dkd_alpha": None, "distill.dkd_beta": None, "distill.dkd_warmup": None, "distill.loss_args": None,
+    "distill.features": [{"teacher": "features.3", "student": "features.3", "loss": "at", "weight": 1.0}],
     "prune.rate": 0.6, "prune.target_sparsity": 0.5,
     "prune.every": "auto", "prune.method": "structured", "prune.importance": "l2", "prune.sparsity_schedule": "one-shot",
     "prune.steps": None, "prune.initial_sparsity": None,  # read by agp only: setting them with iterative is refused
