@@ -704,12 +704,12 @@ class _FeatureMeter(Hook):
     def __init__(self):
         self.total, self.batches = 0.0, 0
 
-    def add(self, value: float) -> None:
-        self.total += value
+    def add(self, value: torch.Tensor) -> None:
+        self.total = self.total + value.detach()  # a tensor: no device sync per batch
         self.batches += 1
 
     def epoch_metrics(self) -> dict:
-        mean = self.total / max(1, self.batches)
+        mean = float(self.total) / max(1, self.batches)
         self.total, self.batches = 0.0, 0
         return {"feature_loss": mean}
 
@@ -752,7 +752,7 @@ def _feature_distill(ctx: _StageContext, student: torch.nn.Module, warm_up: bool
             s_feat = s_feat.float()
             value = at_loss(s_feat, t_feat) if term.loss == "at" else F.mse_loss(s_feat, t_feat)
             feature_total = feature_total + term.weight * value
-        meter.add(float(feature_total.detach()))
+        meter.add(feature_total)
         return total + feature_total
 
     return wrapper, loss, [*hooks, meter]
