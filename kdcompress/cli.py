@@ -212,16 +212,33 @@ def run(
     nproc: int = typer.Option(
         1, "--nproc", min=1, help="train with N processes (torch.distributed: gloo on CPU, nccl on CUDA)"
     ),
+    seeds: Optional[int] = typer.Option(
+        None, "--seeds", min=1, show_default=False,
+        help="run N seeds, run.seed to run.seed+N-1 (sets run.seeds): the teacher is trained once, every other "
+        "stage per seed, in <run dir>/seeds/seed-S; the report gives mean ± std",
+    ),
 ):
     """Run every stage (skipping up-to-date ones), then write and print the report.
 
     Example: kdc run fashion-mnist-mlp.yaml   (from `kdc recipes copy fashion-mnist-mlp`); with 2 processes: kdc run
-    fashion-mnist-mlp.yaml --nproc 2
+    fashion-mnist-mlp.yaml --nproc 2; three seeds, one teacher: kdc run fashion-mnist-mlp.yaml --seeds 3
     """
     from . import distributed
     from .pipeline import run_pipeline
+    from .seeds import run_seeds, seed_list
 
     loaded = _load(recipe, set_)  # check the recipe before launching anything
+    if seeds is not None:
+        set_ = list(set_ or []) + [f"run.seeds=[{', '.join(map(str, seed_list(loaded.run.seed, seeds)))}]"]
+        loaded = _load(recipe, set_)
+    if len(loaded.run.seeds) > 1:
+        if nproc > 1 or distributed.launched_by_torchrun():
+            raise KdcError("--seeds (run.seeds) runs one process per seed for now; drop --nproc, or run each seed "
+                           "with --set run.seed=S --set teacher.seed=FIRST")
+        first = run_seeds(recipe, list(set_ or []), list(loaded.run.seeds), force=force, restart=restart,
+                          console=err, load=_load)
+        _report(first.run_dir)
+        return
     if nproc > 1 and not distributed.launched_by_torchrun():
         raise typer.Exit(_launch(nproc, recipe, set_, force, restart))
     try:

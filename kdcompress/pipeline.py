@@ -57,6 +57,17 @@ def checkpoint_path(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / stage / "model.pt"
 
 
+def stage_seed(recipe: Recipe, stage: str) -> int:
+    """The seed a stage is trained with: ``teacher.seed`` for the teacher when set, else ``run.seed``.
+
+    The teacher's inputs hold the same value (:func:`kdcompress.stages._teacher_inputs`), so a teacher
+    pinned to one seed is shared by runs at other seeds.
+    """
+    if stage == "teacher" and recipe.teacher.seed is not None:
+        return recipe.teacher.seed
+    return recipe.run.seed
+
+
 def _stage_inputs(recipe: dict, stage: str) -> dict:
     """The recipe values a stage is made from, as ``{dotted key: value}`` (from a resolved recipe dict)."""
     return stage_named(stage).inputs(recipe)
@@ -371,7 +382,8 @@ def run_stage(
         console.print(f"[yellow]{stage}[/]: rerunning ({status.reason if not status.done else '--force'})")
     if recipe.run.threads and not distributed.is_distributed():
         torch.set_num_threads(recipe.run.threads)
-    data = load_data(recipe.data, seed=recipe.run.seed)
+    seed = stage_seed(recipe, stage)
+    data = load_data(recipe.data, seed=seed)
     fingerprint = _fingerprint(recipe, stage, upstream)
     stage_dir = path.parent
     if (restart or force) and state_path.exists():
@@ -386,7 +398,7 @@ def run_stage(
         for folder in (run_dir, stage_dir, run_dir / "cache"):
             remove_stale_temp_files(folder)  # left by a process killed while writing
     distributed.barrier()
-    seed_everything(recipe.run.seed)
+    seed_everything(seed)
     supplied = stage == "teacher" and recipe.teacher.checkpoint
     console.print(
         f"[bold]{stage}[/]: supplied: {recipe.teacher.checkpoint}, not trained; evaluating it on {data.name} "
@@ -400,7 +412,7 @@ def run_stage(
     structure = extra.pop("structure", None)  # a structurally pruned model's shapes, replayed when it is loaded
     if recipe.run.bn_recalibrate and not supplied:  # a supplied teacher is used as it was given
         used = recalibrate_batchnorm(
-            model, data.train, recipe.run.bn_recalibrate, recipe.data.batch_size, device, seed=recipe.run.seed
+            model, data.train, recipe.run.bn_recalibrate, recipe.data.batch_size, device, seed=seed
         )
         if used:
             extra = {**extra, "bn_recalibrate_batches": used}
@@ -624,7 +636,7 @@ def _fit(ctx: _StageContext, model, loss, settings: TrainSettings, hooks=()):
         batch_size=recipe.data.batch_size,
         eval_batch_size=recipe.data.eval_batch_size,
         device=ctx.device,
-        seed=recipe.run.seed,
+        seed=stage_seed(recipe, ctx.stage),
         stage=ctx.stage,
         metrics_path=ctx.metrics_path,
         hooks=hooks,

@@ -72,6 +72,15 @@ class RunSection:
         metadata=_doc("run directory name: <out_dir>/<name>; default: the recipe file's name without .yaml"),
     )
     seed: int = field(default=0, metadata=_range(lo=0, doc="seed for weights, shuffling and splits"))
+    # not an input of any stage: each seed is a run directory of its own, made with run.seed set to it
+    seeds: list[int] = field(
+        default_factory=list,
+        metadata=_doc(
+            "several seeds, e.g. [0, 1, 2] (kdc run --seeds 3): the teacher is trained once (with the first seed), "
+            "every other stage once per seed; the first seed's run is this run directory, seed s's is "
+            "<run dir>/seeds/seed-s; the report gives each stage's mean and std over the seeds"
+        ),
+    )
     device: str = field(default="auto", metadata=_doc("auto, cpu, cuda or cuda:N"))
     out_dir: str = field(default="runs", metadata=_doc("folder that holds run directories"))
     threads: Optional[int] = field(default=None, metadata=_range(lo=1, doc="CPU threads (default: all cores)"))
@@ -150,6 +159,15 @@ class TeacherSection(TrainSettings):
             "torchvision:NAME teachers: start from torchvision's ImageNet weights, read from the local torch hub "
             "cache (never downloaded); a new classifier head when the data has other than 1000 classes"
         ),
+    )
+    # omit_default: added after run directories existed; at null the teacher keeps the fingerprint it had
+    seed: Optional[int] = field(
+        default=None,
+        metadata={
+            **_range(lo=0, doc="the teacher's own seed (default: run.seed); kdc run --seeds pins it to the first seed, "
+                     "so that every seed distils from the one teacher"),
+            "omit_default": True,
+        },
     )
 
 
@@ -892,6 +910,12 @@ def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
             Problem("run.device", f"must be auto, cpu, cuda or cuda:N, got {recipe.run.device!r}", _line(lines, ("run", "device")))
         )
     problems.extend(_loss_checks(recipe.distill, lines))
+    seeds = recipe.run.seeds
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        problems.append(Problem(
+            "run.seeds", f"must be distinct seeds of 0 or more, e.g. [0, 1, 2], got {list(seeds)}",
+            _line(lines, ("run", "seeds")),
+        ))
     # Whether the pruning steps fit in retraining depends on the batches per epoch, which needs the data:
     # kdcompress.checks.check_recipe plans the schedule (prune.schedule.plan_schedule) as the run will.
     p = recipe.prune

@@ -313,6 +313,11 @@ def build_report(
             row["nonzero_ratio_vs_teacher"] = row["compression_vs_teacher"] = None
             row["bytes_ratio_vs_teacher"] = row["accuracy_change_vs_teacher"] = None
     comparisons = [compare_accuracy(by_stage[a], by_stage[b]) for a, b in COMPARISONS if a in by_stage and b in by_stage]
+    seeds = list(current.run.seeds) if current is not None else list(
+        checkpoints[found[-1]].get("recipe", {}).get("run", {}).get("seeds") or []
+    )
+    if len(seeds) > 1:
+        _add_seed_statistics(run_dir, seeds, rows, comparisons)
     artifacts = _artifact_rows(run_dir, by_stage, batches if do_latency else [], threads)
     report = {
         "recipe": recipe_name,
@@ -332,6 +337,61 @@ def build_report(
     }
     report["warnings"] = report_warnings(report)
     return report
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """The mean and the sample standard deviation (n - 1; None for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _add_seed_statistics(run_dir: Path, seeds: list[int], rows: list[dict], comparisons: list[dict]) -> None:
+    """Each stage's accuracy over the seeds of ``kdc run --seeds`` and each comparison's difference per seed.
+
+    The first seed's run is ``run_dir``, seed s's ``run_dir/seeds/seed-<s>`` (:func:`kdcompress.seeds.seed_run_dirs`);
+    a seed whose checkpoint is missing (an interrupted run) is left out. A row's ``trained_once`` says that every
+    seed holds the same checkpoint (the teacher, pinned to the first seed): its spread is not seed noise.
+    A comparison's ``seeds`` holds the per-seed differences, their mean, sample std and standard error
+    std / sqrt(n), and whether the mean is above ``NOISE_Z`` times that error.
+    """
+    from .seeds import seed_run_dirs
+
+    dirs = seed_run_dirs(run_dir, seeds)
+    per_seed: dict[str, dict[int, float]] = {}
+    for row in rows:
+        stage = row["stage"]
+        found, fingerprints = {}, set()
+        for seed, folder in dirs.items():
+            path = folder / stage / "model.pt"
+            if not path.is_file():
+                continue
+            ckpt = load_checkpoint(path)
+            found[seed] = row["accuracy"] if folder == run_dir else float(ckpt["metrics"]["test_accuracy"])
+            fingerprints.add(ckpt.get("fingerprint"))
+        per_seed[stage] = found
+        mean, std = _mean_std(list(found.values()))
+        row["seeds"] = [{"seed": seed, "accuracy": acc} for seed, acc in found.items()]
+        row["accuracy_mean"], row["accuracy_std"] = mean, std
+        row["trained_once"] = len(fingerprints) == 1 and len(found) > 1
+    for comp in comparisons:
+        first, second = per_seed.get(comp["against"], {}), per_seed.get(comp["stage"], {})
+        common = [seed for seed in second if seed in first]
+        if not common:
+            continue
+        differences = [second[seed] - first[seed] for seed in common]
+        mean, std = _mean_std(differences)
+        se = std / math.sqrt(len(differences)) if std is not None else None
+        comp["seeds"] = {
+            "n": len(differences),
+            "differences": [{"seed": seed, "difference": d} for seed, d in zip(common, differences)],
+            "mean": mean,
+            "std": std,
+            "se": se,
+            "noise_z": NOISE_Z,
+            "mean_above_2se": mean > NOISE_Z * se if se is not None else None,
+        }
 
 
 def _artifact_rows(run_dir: Path, by_stage: dict, batches: list[int], threads: int) -> list[dict]:
@@ -467,6 +527,9 @@ def report_warnings(report: dict) -> list[str]:
             continue
         by_stage = {r["stage"]: r for r in report["stages"]}
         d, s = by_stage["distilled"], by_stage["student"]
+        seeded = comp.get("seeds") or {}
+        if seeded.get("n", 0) > 1:  # several seeds: their mean decides, not the first seed's run alone
+            continue
         message = (
             f"distillation came out worse than the baseline: distilled {d['accuracy']:.2%} against the student "
             f"trained alone {s['accuracy']:.2%}, {-comp['difference'] * 100:.2f} points lower"
@@ -486,6 +549,26 @@ def report_warnings(report: dict) -> list[str]:
                 f", beyond noise ({abs(comp['z']):.1f} standard errors of {comp['se'] * 100:.2f} points): try "
                 + _retry_hint((d.get("settings") or {}).get("distill_loss", "kd"))
             )
+        warnings.append(message)
+    for comp in report.get("comparisons", []):
+        seeded = comp.get("seeds") or {}
+        if (comp["stage"], comp["against"]) != ("distilled", "student") or seeded.get("n", 0) < 2:
+            continue
+        if seeded["mean"] >= 0:
+            continue
+        by_stage = {r["stage"]: r for r in report["stages"]}
+        d, s = by_stage["distilled"], by_stage["student"]
+        message = (
+            f"distillation came out worse than the baseline over {seeded['n']} seeds: distilled "
+            f"{d['accuracy_mean']:.2%} against the student trained alone {s['accuracy_mean']:.2%} on average, "
+            f"{-seeded['mean'] * 100:.2f} points lower (std {seeded['std'] * 100:.2f}, standard error of the mean "
+            f"{seeded['se'] * 100:.2f} points)"
+        )
+        if -seeded["mean"] <= NOISE_Z * seeded["se"]:
+            message += f", within seed noise (at most {NOISE_Z:g} SE): no gain from distillation, and no loss either."
+        else:
+            message += f", beyond seed noise (more than {NOISE_Z:g} SE): try " + _retry_hint(
+                (d.get("settings") or {}).get("distill_loss", "kd"))
         warnings.append(message)
     return warnings
 
@@ -557,7 +640,14 @@ def _points(value: float | None) -> str:
     return "" if value is None else f"{value * 100:+.2f}"
 
 
+def _seeded(row: dict) -> bool:
+    return len(row.get("seeds") or []) > 1
+
+
 def _accuracy_text(row: dict) -> str:
+    if _seeded(row):  # several seeds: mean ± sample std over them
+        std = row.get("accuracy_std")
+        return f"{row['accuracy_mean'] * 100:.2f} ±{(std or 0.0) * 100:.2f}"
     se = row.get("accuracy_se")
     return f"{row['accuracy'] * 100:.2f} ±{se * 100:.2f}" if se is not None else f"{row['accuracy'] * 100:.2f} ±?"
 
@@ -623,6 +713,26 @@ def _comparison_text(comp: dict) -> str:
     return f"{head} ± {comp['se'] * 100:.2f} (SE): {abs(comp['z']):.1f} SE, {verdict} {comp['noise_z']:g} SE)"
 
 
+def _seed_comparison_text(seeded: dict) -> str:
+    """'mean -0.37 points ± 0.09 (SE over 3 seeds; std 0.15): below 2 SE; per seed 0: -0.46, 1: ...'."""
+    se, std = seeded.get("se"), seeded.get("std")
+    verdict = "above" if seeded.get("mean_above_2se") else "not above"
+    per_seed = ", ".join(f"{d['seed']}: {d['difference'] * 100:+.2f}" for d in seeded["differences"])
+    return (
+        f"mean {seeded['mean'] * 100:+.2f} points ± {(se or 0.0) * 100:.2f} (SE over {seeded['n']} seeds, std "
+        f"{(std or 0.0) * 100:.2f}): {verdict} {seeded['noise_z']:g} SE; per seed {per_seed}"
+    )
+
+
+def _seeds_note(rows: list[dict]) -> str:
+    seeds = sorted({e["seed"] for r in rows for e in r.get("seeds") or []})
+    once = [r["stage"] for r in rows if r.get("trained_once")]
+    return (
+        f"test acc and vs teacher: mean ± sample std (n-1) over seeds {', '.join(map(str, seeds))}; the other "
+        f"columns are the first seed's" + (f"; trained once, shared by every seed: {', '.join(once)}" if once else "")
+    )
+
+
 def _comparison_name(comp: dict) -> str:
     return f"{comp['stage']} - {comp['against']}"
 
@@ -660,9 +770,15 @@ def report_table(report: dict) -> Group:
     first = Table(title=f"kdc report: {report['recipe']} on {report['dataset']}", title_justify="left")
     first.add_column("stage", no_wrap=True)
     first.add_column("model", overflow="fold")  # the one column that may wrap: names can be long
-    for header in ("epochs", "train\ntime", "train\nacc %", "test acc %\n± SE", "vs teacher\npoints"):
+    seeded = any(_seeded(r) for r in rows)
+    accuracy_header = "test acc %\nmean ± std" if seeded else "test acc %\n± SE"
+    for header in ("epochs", "train\ntime", "train\nacc %", accuracy_header, "vs teacher\npoints"):
         first.add_column(header, justify="right", no_wrap=True)
+    teacher_mean = next((r.get("accuracy_mean") for r in rows if r["stage"] == "teacher"), None)
     for r in rows:
+        change = r.get("accuracy_change_vs_teacher")
+        if seeded and _seeded(r) and teacher_mean is not None:  # beside a mean, the change of the means
+            change = r["accuracy_mean"] - teacher_mean
         first.add_row(
             _stage_name(r),
             Text(r["model"]),  # Text: a name is never read as rich markup
@@ -670,7 +786,7 @@ def report_table(report: dict) -> Group:
             _duration(r.get("train_seconds")),
             "" if r.get("train_accuracy") is None else f"{r['train_accuracy'] * 100:.2f}",
             _accuracy_text(r),
-            _points(r.get("accuracy_change_vs_teacher")),
+            _points(change),
         )
     second = Table(caption="ratio: teacher's / stage's (non-zero parameters; checkpoint bytes)", caption_justify="left")
     second.add_column("stage", no_wrap=True)
@@ -708,6 +824,8 @@ def report_table(report: dict) -> Group:
         settings.add_row(f" {_stage_name(r)}", Text(_settings_text(r["settings"])))
     # notes as text, not captions: a caption wraps at its table's width
     notes = ([STALE_NOTE] if any(r.get("stale") for r in rows) else []) + [SPARSE_MACS_NOTE, _latency_note(report)]
+    if seeded:
+        notes.insert(0, _seeds_note(rows))
     parts = [first, second, third, Text("\n".join(notes)), Text("settings", style="bold"), settings]
     if report.get("artifacts"):
         parts.append(_artifact_table(report))
@@ -717,7 +835,10 @@ def report_table(report: dict) -> Group:
         diffs.add_column(no_wrap=True)
         diffs.add_column(overflow="fold")
         for c in report["comparisons"]:
-            diffs.add_row(f" {_comparison_name(c)}", _comparison_text(c))
+            first_seed = f", seed {rows[0]['seeds'][0]['seed']}" if seeded and rows[0].get("seeds") else ""
+            diffs.add_row(f" {_comparison_name(c)}{first_seed}", _comparison_text(c))
+            if (c.get("seeds") or {}).get("n", 0) > 1:
+                diffs.add_row(f" {_comparison_name(c)}, {c['seeds']['n']} seeds", _seed_comparison_text(c["seeds"]))
         parts.append(diffs)
     return Group(*parts)
 
@@ -876,6 +997,23 @@ def report_markdown(report: dict) -> str:
     lines += ["| " + " | ".join(_md_row(r, batches)) + " |" for r in report["stages"]]
     if any(r.get("stale") for r in report["stages"]):
         lines += ["", STALE_NOTE + "."]
+    if any(_seeded(r) for r in report["stages"]):
+        lines += ["", "## Seeds", "", _seeds_note(report["stages"]) + ".", ""]
+        seeds = sorted({e["seed"] for r in report["stages"] for e in r.get("seeds") or []})
+        columns = ["stage", *(f"seed {s}" for s in seeds), "mean", "std"]
+        lines += ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " if c == "stage" else " ---: " for c in columns) + "|"]
+        for r in report["stages"]:
+            accs = {e["seed"]: e["accuracy"] for e in r.get("seeds") or []}
+            std = r.get("accuracy_std")
+            cells = [_stage_name(r), *("" if s not in accs else f"{accs[s]:.2%}" for s in seeds),
+                     "" if r.get("accuracy_mean") is None else f"{r['accuracy_mean']:.2%}",
+                     "" if std is None else f"{std * 100:.2f} pt"]
+            lines.append("| " + " | ".join(cells) + " |")
+        comps = [c for c in report.get("comparisons") or [] if (c.get("seeds") or {}).get("n", 0) > 1]
+        if comps:
+            lines.append("")
+            lines += [f"- {_comparison_name(c)}, {c['seeds']['n']} seeds: {_seed_comparison_text(c['seeds'])}"
+                      for c in comps]
     lines += ["", "## Stages", ""]
     lines += [f"- **{r['stage']}**: {r['description']}: {_settings_text(r['settings'])}" for r in report["stages"]]
     if report.get("artifacts"):

@@ -109,9 +109,14 @@ def _teacher_inputs(recipe: dict, found: dict) -> dict:
 
     So its SHA-256 is an input (a changed file reruns the teacher, and through it every later stage) and the
     training schedule is not. ``teacher.pretrained`` counts only when set, so that runs made before it existed
-    keep their fingerprints.
+    keep their fingerprints. ``teacher.seed``, when set, stands in for ``run.seed``: a teacher made at
+    ``run.seed=1, teacher.seed=0`` is the one made at ``run.seed=0`` (what ``kdc run --seeds`` relies on).
     """
     teacher = recipe.get("teacher", {})
+    # the teacher is made with its own seed when it has one: runs at other run.seed values then share it
+    found.pop("teacher.seed", None)
+    if teacher.get("seed") is not None:
+        found["run.seed"] = teacher["seed"]
     if not found.get("teacher.pretrained"):
         found.pop("teacher.pretrained", None)
     if teacher.get("checkpoint"):

@@ -1,0 +1,82 @@
+"""Several seeds: one run of a recipe per seed, the teacher trained once.
+
+``kdc run RECIPE --seeds 3`` (or ``run.seeds: [0, 1, 2]``) runs the recipe once per seed. The first seed's
+run is the ordinary run directory; seed ``s``'s is ``<run dir>/seeds/seed-<s>/``, itself an ordinary run
+directory made with ``run.seed=s`` and ``teacher.seed`` pinned to the first seed. The teacher's fingerprint
+then matches the first run's (see :func:`kdcompress.stages._teacher_inputs`), so, as in ``kdc sweep``, its
+checkpoint is hard-linked into every seed's directory rather than trained again; so is any other stage whose
+fingerprint matches. Running the same command again goes on where an interruption stopped it.
+
+The rule for one stage by hand: ``kdc distill runs/NAME --set run.seed=1`` retrains the teacher (its seed
+changed) unless ``--set teacher.seed=0`` pins it to the seed it was made with. Example::
+
+    >>> from kdcompress.seeds import seed_list, SEEDS_DIR
+    >>> seed_list(base=3, count=2), SEEDS_DIR
+    ([3, 4], 'seeds')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["seed_list", "seed_run_dirs", "run_seeds", "SEEDS_DIR"]
+
+SEEDS_DIR = "seeds"
+
+
+def seed_list(base: int, count: int) -> list[int]:
+    """``count`` consecutive seeds from ``base``: what ``kdc run --seeds count`` runs."""
+    return list(range(base, base + count))
+
+
+def seed_run_dirs(run_dir: str | Path, seeds: list[int]) -> dict[int, Path]:
+    """``{seed: run directory}``: the first seed's is ``run_dir`` itself, the others' ``run_dir/seeds/seed-<s>``."""
+    run_dir = Path(run_dir)
+    return {s: run_dir if i == 0 else run_dir / SEEDS_DIR / f"seed-{s}" for i, s in enumerate(seeds)}
+
+
+def run_seeds(recipe_path, overrides: list[str], seeds: list[int], force: bool = False, restart: bool = False,
+              console=None, load=None):
+    """Run the recipe once per seed (see the module docstring); return the first seed's recipe.
+
+    ``load(recipe_path, overrides)`` loads a recipe as the CLI does (run directories included).
+    """
+    from rich.console import Console
+
+    from .pipeline import _mark_run_dir, _write_resolved_recipe, run_pipeline
+    from .recipe import load_recipe
+    from .stages import STAGES
+    from .sweep import _expected_fingerprints, _known_checkpoints, _share
+
+    console = console or Console(stderr=True)
+    load = load or (lambda path, items: load_recipe(path, items))
+    overrides = list(overrides) + [f"run.seeds=[{', '.join(str(s) for s in seeds)}]"]
+    first = load(recipe_path, overrides + [f"run.seed={seeds[0]}"])
+    # the teacher keeps a seed the user gave it; else every seed shares the first seed's teacher
+    teacher_seed = first.teacher.seed if first.teacher.seed is not None else seeds[0]
+    dirs = seed_run_dirs(first.run_dir, seeds)
+    recipes = {seeds[0]: first}
+    for s in seeds[1:]:  # every seed's recipe is checked before anything trains
+        recipes[s] = load(recipe_path, overrides + [
+            f"run.seed={s}", f"teacher.seed={teacher_seed}", "run.seeds=[]",
+            f"run.out_dir={dirs[s].parent}", f"run.name={dirs[s].name}",
+        ])
+    for i, s in enumerate(seeds, 1):
+        recipe = recipes[s]
+        console.print(f"[bold]seeds[/]: seed {s} ({i}/{len(seeds)}) -> {dirs[s]}")
+        stages = None
+        if i > 1:
+            dirs[s].mkdir(parents=True, exist_ok=True)
+            _mark_run_dir(dirs[s])
+            pool = _known_checkpoints([dirs[x] for x in seeds[: i - 1]])
+            expected = _expected_fingerprints(recipe)
+            shared = _share(pool, expected, dirs[s])
+            if shared:
+                console.print(f"seeds: {', '.join(shared)} shared with an earlier seed (same fingerprint)")
+            if force:  # what an earlier seed made (the teacher) was just made again: --force trains it once
+                earlier = {stage for stage, fp in expected.items() if fp in pool}
+                stages = [st.name for st in STAGES if st.name not in earlier]
+        run_pipeline(recipe, force=force, restart=restart, console=console, stages=stages)
+    # the report reads run.seeds from here; a run whose stages were all up to date did not write it
+    _write_resolved_recipe(first)
+    return first
