@@ -36,6 +36,9 @@ CHANGED = {
     "report.latency_batch": None,  # a deprecated alias of latency_batches: setting both is refused
     # what kdc export writes is made after the stages: no stage reads it
     "export.formats": ["sparse"], "export.stage": "distilled", "export.dtype": "fp32", "export.codec": "zlib",
+    # kdc run --seeds: which run directories to make, not what a stage is made from. teacher.seed stands in for
+    # run.seed in the teacher's inputs (tests/test_seeds.py): pinned to the run's own seed, it changes nothing
+    "run.seeds": [0, 1], "teacher.seed": 0,
 }
 
 
