@@ -50,6 +50,7 @@ __all__ = [
     "model_spec",
     "model_name_problem",
     "add_import_dir",
+    "names_user_code",
 ]
 
 
@@ -123,6 +124,15 @@ BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": SmallC
 def model_spec(name: str, args: dict, num_classes: int, input_shape) -> dict:
     """The architecture spec stored in checkpoints: enough to rebuild the network."""
     return {"model": name, "args": dict(args), "num_classes": int(num_classes), "input_shape": [int(d) for d in input_shape]}
+
+
+def names_user_code(name: str) -> bool:
+    """Whether a model name is a user's own factory (``package.module:factory``): building it imports their code.
+
+        >>> names_user_code("mypkg.nets:build"), names_user_code("torchvision:resnet18"), names_user_code("mlp")
+        (True, False, False)
+    """
+    return ":" in name and not name.startswith("torchvision:")
 
 
 def build_model(spec: dict, where: str = "model") -> nn.Module:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .checkpoint import FORMAT
 from .errors import CheckpointError, ModelError, describe
-from .models import build_model, model_spec
+from .models import build_model, model_spec, names_user_code
 from .stages import file_sha256
 
 __all__ = ["read_weights_file", "supplied_teacher", "pretrained_file", "load_pretrained"]
@@ -111,7 +111,7 @@ def supplied_teacher(recipe, num_classes: int, input_shape, preprocess: dict | N
             raise ModelError(f"{where}: {path} is a kdc checkpoint without an architecture or weights; give a "
                              f"stage checkpoint (<run dir>/<stage>/model.pt)")
         name = spec["model"]
-        if ":" in name and not name.startswith("torchvision:") and name != t.model:
+        if names_user_code(name) and name != t.model:
             # a recipe is code its user chose to run; a file is not: import only what the recipe names
             raise ModelError(
                 f"{where}: {path} was built by your own factory '{name}'; kdc imports only code the recipe names: "

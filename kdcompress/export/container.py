@@ -200,10 +200,12 @@ def check_import_allowed(arch, allow_import: bool, where: str) -> None:
     Same rule as :func:`kdcompress.loading.load_model`: a user's own factory
     (``package.module:factory``) is code named by the file, imported only when asked.
     """
+    from ..models import names_user_code
+
     if not isinstance(arch, dict) or not isinstance(arch.get("model"), str):
         raise ArtifactError(f"{where}: it names no model architecture; the file is damaged or not one kdc wrote")
     name = arch["model"]
-    if ":" in name and not name.startswith("torchvision:") and not allow_import:
+    if names_user_code(name) and not allow_import:
         raise ArtifactError(
             f"{where} holds a model built by your own code ('{name}'); kdc imports code named in an artifact only "
             f"when asked: pass allow_import=True if you trust this file"
