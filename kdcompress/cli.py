@@ -319,18 +319,27 @@ def sweep(
     ),
     set_: Optional[List[str]] = SetOpt,
     force: bool = typer.Option(False, "--force", help="retrain every stage of every point, shared ones included"),
+    seeds: Optional[int] = typer.Option(
+        None, "--seeds", min=1, show_default=False,
+        help="run every point with N seeds, run.seed to run.seed+N-1 (as kdc run --seeds): the table gives means, "
+        "and the distilled - student difference with its standard error",
+    ),
 ):
     """Run the recipe at every point of a grid, training the stages points share once; rank the points.
 
     Each point is a run directory <run dir>/sweep/<point>/; the ranked table goes to <run dir>/sweep/sweep.md and
     sweep.json. Run the same command again to go on after an interruption. Example: kdc sweep my-recipe.yaml
-    --grid distill.temperature=1,2,4,8 --grid distill.alpha=0.5,0.9
+    --grid distill.temperature=1,2,4,8 --grid distill.alpha=0.5,0.9; three seeds per point: add --seeds 3
     """
     from rich.table import Table
 
+    from .seeds import seed_list
     from .sweep import run_sweep
 
-    rows = run_sweep(recipe, grid, list(set_ or []), force=force, console=err, load=_load)
+    set_ = list(set_ or [])
+    if seeds is not None:
+        set_.append(f"run.seeds=[{', '.join(map(str, seed_list(_load(recipe, set_).run.seed, seeds)))}]")
+    rows = run_sweep(recipe, grid, set_, force=force, console=err, load=_load)
     table = Table(title="kdc sweep: best distilled student first", title_justify="left")
     keys = [item.partition("=")[0].strip() for item in grid]
     for header in ["#", *keys, "student %", "distilled %", "distilled\n- student", "pruned %"]:
@@ -340,7 +349,8 @@ def sweep(
         table.add_row(
             str(rank), *(r["settings"].get(k, "") for k in keys),
             *("" if r.get(s) is None else f"{r[s] * 100:.2f}" for s in ("student", "distilled")),
-            "" if diff is None else f"{diff * 100:+.2f}",
+            "" if diff is None else f"{diff * 100:+.2f}" + (
+                "" if r.get("distilled_minus_student_se") is None else f" ± {r['distilled_minus_student_se'] * 100:.2f}"),
             "" if r.get("pruned") is None else f"{r['pruned'] * 100:.2f}",
         )
     _stdout().print(table)

@@ -36,10 +36,12 @@ def seed_run_dirs(run_dir: str | Path, seeds: list[int]) -> dict[int, Path]:
 
 
 def run_seeds(recipe_path, overrides: list[str], seeds: list[int], force: bool = False, restart: bool = False,
-              console=None, load=None):
+              console=None, load=None, share_from: list[Path] | None = None):
     """Run the recipe once per seed (see the module docstring); return the first seed's recipe.
 
     ``load(recipe_path, overrides)`` loads a recipe as the CLI does (run directories included).
+    ``share_from`` names other run directories (``kdc sweep``'s other points and their seeds) whose finished
+    stages every seed, the first included, may take instead of training them again.
     """
     from rich.console import Console
 
@@ -65,14 +67,15 @@ def run_seeds(recipe_path, overrides: list[str], seeds: list[int], force: bool =
         recipe = recipes[s]
         console.print(f"[bold]seeds[/]: seed {s} ({i}/{len(seeds)}) -> {dirs[s]}")
         stages = None
-        if i > 1:
+        if i > 1 or share_from:
             dirs[s].mkdir(parents=True, exist_ok=True)
             _mark_run_dir(dirs[s])
-            pool = _known_checkpoints([dirs[x] for x in seeds[: i - 1]])
+            pool = _known_checkpoints([dirs[x] for x in seeds[: i - 1]] + list(share_from or []))
             expected = _expected_fingerprints(recipe)
             shared = _share(pool, expected, dirs[s])
             if shared:
-                console.print(f"seeds: {', '.join(shared)} shared with an earlier seed (same fingerprint)")
+                where = "an earlier seed or sweep point" if share_from else "an earlier seed"
+                console.print(f"seeds: {', '.join(shared)} shared with {where} (same fingerprint)")
             if force:  # what an earlier seed made (the teacher) was just made again: --force trains it once
                 earlier = {stage for stage, fp in expected.items() if fp in pool}
                 stages = [st.name for st in STAGES if st.name not in earlier]

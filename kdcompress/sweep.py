@@ -96,6 +96,14 @@ def _known_checkpoints(folders) -> dict[str, Path]:
     return pool
 
 
+def _run_dirs(sweep_dir: Path) -> list[Path]:
+    """Every point's run directory under ``sweep_dir`` and its seeds' (``<point>/seeds/seed-<s>``)."""
+    from .seeds import SEEDS_DIR
+
+    points = sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else []
+    return [d for p in points for d in [p, *sorted(q for q in (p / SEEDS_DIR).glob("seed-*") if q.is_dir())]]
+
+
 def _link_or_copy(source: Path, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.link.tmp")
@@ -134,19 +142,41 @@ def _share(pool: dict[str, Path], expected: dict[str, str], run_dir: Path) -> li
     return shared
 
 
-def _point_row(run_dir: Path, overrides: list[str]) -> dict:
+def _point_row(run_dir: Path, overrides: list[str], seeds: list[int] | None = None) -> dict:
+    """One point's accuracies. With several seeds, each stage's is the mean over the seeds whose checkpoint
+    exists (``<stage>_std``: sample std) and ``distilled_minus_student`` is the mean of the per-seed
+    differences, with its standard error ``distilled_minus_student_se`` (std / sqrt(n))."""
+    import math
+
     from .checkpoint import load_checkpoint
+    from .report import _mean_std
+    from .seeds import seed_run_dirs
 
     row: dict = {"point": point_name(overrides), "settings": dict(o.split("=", 1) for o in overrides),
                  "run_dir": str(run_dir)}
+    dirs = seed_run_dirs(run_dir, seeds) if seeds and len(seeds) > 1 else {None: run_dir}
+    per_seed: dict[str, dict] = {}
     for stage in STAGES:
-        path = run_dir / stage.name / "model.pt"
-        if path.is_file():
-            metrics = load_checkpoint(path)["metrics"]
-            row[stage.name] = metrics["test_accuracy"]
-            row[f"{stage.name}_test_samples"] = metrics.get("test_samples")
-    if "distilled" in row and "student" in row:
-        row["distilled_minus_student"] = row["distilled"] - row["student"]
+        found = {}
+        for seed, folder in dirs.items():
+            path = folder / stage.name / "model.pt"
+            if path.is_file():
+                metrics = load_checkpoint(path)["metrics"]
+                found[seed] = metrics["test_accuracy"]
+                row[f"{stage.name}_test_samples"] = metrics.get("test_samples")
+        if found:
+            per_seed[stage.name] = found
+            row[stage.name], std = _mean_std(list(found.values()))
+            if len(dirs) > 1:
+                row[f"{stage.name}_std"] = std
+                row[f"{stage.name}_seeds"] = sorted(found)
+    common = [s for s in per_seed.get("distilled", {}) if s in per_seed.get("student", {})]
+    if common:
+        diffs = [per_seed["distilled"][s] - per_seed["student"][s] for s in common]
+        row["distilled_minus_student"], std = _mean_std(diffs)
+        if len(dirs) > 1:
+            row["seeds"] = len(common)
+            row["distilled_minus_student_se"] = std / math.sqrt(len(diffs)) if std is not None else None
     return row
 
 
@@ -158,22 +188,34 @@ def sweep_markdown(rows: list[dict], grid) -> str:
     """The ranked table: best distilled accuracy first."""
     keys = [key for key, _ in grid]
     stages = [s.name for s in STAGES if any(s.name in r for r in rows)]
+    seeded = any(r.get("seeds") for r in rows)
     columns = ["rank", *keys, *(f"{s} acc" for s in stages), "distilled - student", "run directory"]
+    if seeded:
+        n = max(r.get("seeds") or 0 for r in rows)
+        about = (f"Mean over {n} seeds per point (± sample std for a stage; ± standard error for the difference, "
+                 "which is beyond seed noise when it is more than twice that error).")
+    else:
+        about = ("One seed per point: a difference of a few tenths of a point can be noise (see each point's "
+                 "report for the standard errors, or sweep again with --seeds 3).")
     lines = [
         "# kdc sweep",
         "",
         "Test accuracy of each stage at every point of the grid, best distilled student first. Stages that "
-        "points share (same fingerprint) were trained once. One seed per point: a difference of a few tenths of "
-        "a point can be noise (see each point's report for the standard errors).",
+        "points share (same fingerprint) were trained once. " + about,
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "|".join(" ---: " for _ in columns) + "|",
     ]
     for rank, r in enumerate(rows, 1):
         cells = [str(rank), *(r["settings"].get(k, "") for k in keys)]
-        cells += ["" if r.get(s) is None else f"{r[s]:.2%}" for s in stages]
-        diff = r.get("distilled_minus_student")
-        cells += ["" if diff is None else f"{diff * 100:+.2f} pt", r["run_dir"]]
+        for s in stages:
+            std = r.get(f"{s}_std")
+            cells.append("" if r.get(s) is None else f"{r[s]:.2%}" + (f" ± {std * 100:.2f}" if std is not None else ""))
+        diff, se = r.get("distilled_minus_student"), r.get("distilled_minus_student_se")
+        text = "" if diff is None else f"{diff * 100:+.2f} pt"
+        if diff is not None and se is not None:
+            text += f" ± {se * 100:.2f}" + (" (> 2 SE)" if diff > 2 * se else "")
+        cells += [text, r["run_dir"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -188,6 +230,7 @@ def run_sweep(recipe_path, grid_items: list[str], overrides: list[str] | None = 
 
     from .pipeline import _mark_run_dir, run_pipeline
     from .recipe import load_recipe
+    from .seeds import run_seeds
 
     console = console or Console(stderr=True)
     load = load or (lambda path, items: load_recipe(path, items))
@@ -203,20 +246,27 @@ def run_sweep(recipe_path, grid_items: list[str], overrides: list[str] | None = 
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
         raise KdcError("two grid points give the same folder name; use values that differ in letters or digits")
+    seeds = list(base.run.seeds) if len(base.run.seeds) > 1 else None
     rows = []
     for i, (point, name) in enumerate(zip(points, names), 1):
         run_dir = sweep_dir / name
-        placed = load(recipe_path, overrides + point + [f"run.out_dir={sweep_dir}", f"run.name={name}"])
+        placement = [f"run.out_dir={sweep_dir}", f"run.name={name}"]
+        placed = load(recipe_path, overrides + point + placement)
         console.print(f"[bold]sweep[/] point {i}/{len(points)}: {' '.join(point)} -> {run_dir}")
-        if not force:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _mark_run_dir(run_dir)
-            pool = _known_checkpoints([base.run_dir, *sorted(p for p in sweep_dir.iterdir() if p.is_dir())])
-            shared = _share(pool, _expected_fingerprints(placed), run_dir)
-            if shared:
-                console.print(f"sweep: {', '.join(shared)} shared with an earlier point (same fingerprint)")
-        run_pipeline(placed, force=force, console=console)
-        rows.append(_point_row(run_dir, point))
+        if seeds:  # every seed of this point, sharing what earlier points (and their seeds) already trained
+            others = [] if force else [base.run_dir, *_run_dirs(sweep_dir)]
+            run_seeds(recipe_path, overrides + point + placement, seeds, force=force, console=console, load=load,
+                      share_from=[d for d in others if d != run_dir])
+        else:
+            if not force:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                _mark_run_dir(run_dir)
+                pool = _known_checkpoints([base.run_dir, *_run_dirs(sweep_dir)])
+                shared = _share(pool, _expected_fingerprints(placed), run_dir)
+                if shared:
+                    console.print(f"sweep: {', '.join(shared)} shared with an earlier point (same fingerprint)")
+            run_pipeline(placed, force=force, console=console)
+        rows.append(_point_row(run_dir, point, seeds))
         ranked = _ranked(rows)  # written after every point: an interrupted sweep keeps its table
         atomic_write_text(sweep_dir / "sweep.json", json.dumps({"grid": dict(grid), "points": ranked}, indent=2) + "\n")
         atomic_write_text(sweep_dir / "sweep.md", sweep_markdown(ranked, grid))

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from kdcompress.sweep import grid_points, parse_grid, point_name
 
@@ -100,3 +101,40 @@ def test_grid_helpers():
     points = grid_points(grid)
     assert points[0] == ["distill.temperature=1", "distill.alpha=0.5"] and len(points) == 4
     assert point_name(points[-1]) == "temperature-2_alpha-0.9"
+
+
+def test_four_points_by_two_seeds_train_the_teacher_once(fresh_run, tiny_recipe_text, kdc, monkeypatch):
+    """The issue's acceptance: 4 points x 2 seeds, one teacher; the baseline once per seed; means and SE."""
+    work, _ = fresh_run(tiny_recipe_text, "sweep-seeds")
+    monkeypatch.chdir(work)
+    grid = ["--grid", "distill.temperature=2,4", "--grid", "distill.alpha=0.5,0.9"]
+    result = kdc("sweep", "recipe.yaml", *grid, "--seeds", "2")
+    kdc.assert_clean_exit(result, 0)
+    out = result.output
+    assert out.count("teacher: training on") == 1
+    assert out.count("student: training on") == 2  # one baseline per seed, shared by the four points
+    assert out.count("distilled: training on") == 8 and out.count("pruned: training on") == 8
+    points = json.loads((SWEEP / "sweep.json").read_text())["points"]
+    assert len(points) == 4
+    teachers = set()
+    for p in points:
+        assert p["seeds"] == 2 and p["distilled_seeds"] == [0, 1]
+        run_dir = Path(p["run_dir"])
+        per_seed = {}
+        for seed, folder in ((0, run_dir), (1, run_dir / "seeds" / "seed-1")):
+            for stage in ("teacher", "student", "distilled"):
+                path = folder / stage / "model.pt"
+                assert path.is_file()
+                per_seed[seed, stage] = torch.load(path, weights_only=True)["metrics"]["test_accuracy"]
+            teachers.add((folder / "teacher" / "model.pt").read_bytes())
+        diffs = [per_seed[s, "distilled"] - per_seed[s, "student"] for s in (0, 1)]
+        assert p["distilled_minus_student"] == pytest.approx(sum(diffs) / 2)
+        assert p["distilled_minus_student_se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2)
+        assert p["distilled"] == pytest.approx((per_seed[0, "distilled"] + per_seed[1, "distilled"]) / 2)
+    assert len(teachers) == 1
+    md = (SWEEP / "sweep.md").read_text()
+    assert "Mean over 2 seeds" in md and "±" in md
+    # run again: everything is up to date
+    again = kdc("sweep", "recipe.yaml", *grid, "--seeds", "2")
+    kdc.assert_clean_exit(again, 0)
+    assert "training on" not in again.output
