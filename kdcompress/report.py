@@ -142,6 +142,10 @@ def _stage_settings(stage: str, recipe: dict, metrics: dict, arch: dict | None =
             settings.update(dkd_alpha=distill.get("dkd_alpha"), dkd_beta=distill.get("dkd_beta"), dkd_warmup=warmup)
         elif loss != "kd":
             settings.update(loss_args=distill.get("loss_args", {}))
+        if stage == "distilled" and distill.get("features"):  # the pruned stage retrains with the logit loss only
+            settings["features"] = [
+                {k: term.get(k) for k in ("loss", "teacher", "student", "weight")} for term in distill["features"]
+            ]
     if metrics.get("supplied_from"):  # teacher.checkpoint: the user's own teacher, not trained here
         settings.update(supplied_from=metrics["supplied_from"], epochs=0)
         if arch:  # a kdc checkpoint brings its own architecture
@@ -693,6 +697,8 @@ def _settings_text(settings: dict) -> str:
         parts.append(f"distillation T={settings.get('temperature')} alpha={settings.get('alpha')}")
     else:
         parts.append("cross-entropy")
+    for term in settings.get("features") or []:
+        parts.append(f"+ {term['loss']} {term['student']} <- teacher {term['teacher']} (weight {term['weight']:g})")
     parts.append(
         f"{settings.get('epochs')} epochs {settings.get('optimizer')} lr {settings.get('lr')} {settings.get('schedule')}, "
         f"batch {settings.get('batch_size')}"

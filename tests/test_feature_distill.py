@@ -150,3 +150,13 @@ def test_no_feature_terms_keeps_the_distilled_fingerprint_inputs():
     with_terms = _stage_inputs(recipe_to_dict(recipe_from_dict(_deep_merge(TINY_RECIPE, {"distill": {"features": HINT}}))),
                                "distilled")
     assert with_terms["distill.features"] == [dict(HINT[0])]
+
+
+def test_the_report_names_the_feature_terms_of_the_distilled_stage_only(at_run):
+    report = json.loads((at_run / RUN / "report.json").read_text())
+    by_stage = {row["stage"]: row for row in report["stages"]}
+    terms = by_stage["distilled"]["settings"]["features"]
+    assert terms == [{k: term[k] for k in ("loss", "teacher", "student", "weight")} for term in AT]
+    assert "features" not in by_stage["pruned"]["settings"]
+    md = (at_run / RUN / "report.md").read_text()
+    assert f"+ at {terms[0]['student']} <- teacher {terms[0]['teacher']}" in md

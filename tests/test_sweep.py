@@ -91,9 +91,9 @@ def test_bad_grids_are_refused_before_anything_trains(write_recipe, kdc, in_tmp)
         ("distill.temperature=1,x", "distill.temperature"),
     ):
         result = kdc("sweep", "recipe.yaml", "--grid", grid)
-        assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+        kdc.assert_clean_exit(result, 2)
         assert message in kdc.flat(result)
-    assert not Path("runs").exists()
+    assert not Path("runs").exists() and sorted(p.name for p in Path(".").iterdir()) == ["recipe.yaml"]
 
 
 def test_grid_helpers():
