@@ -247,6 +247,7 @@ def run_sweep(recipe_path, grid_items: list[str], overrides: list[str] | None = 
     if len(set(names)) != len(names):
         raise KdcError("two grid points give the same folder name; use values that differ in letters or digits")
     seeds = list(base.run.seeds) if len(base.run.seeds) > 1 else None
+    earlier, earlier_grid = _earlier_points(sweep_dir)
     rows = []
     for i, (point, name) in enumerate(zip(points, names), 1):
         run_dir = sweep_dir / name
@@ -267,7 +268,28 @@ def run_sweep(recipe_path, grid_items: list[str], overrides: list[str] | None = 
                     console.print(f"sweep: {', '.join(shared)} shared with an earlier point (same fingerprint)")
             run_pipeline(placed, force=force, console=console)
         rows.append(_point_row(run_dir, point, seeds))
-        ranked = _ranked(rows)  # written after every point: an interrupted sweep keeps its table
-        atomic_write_text(sweep_dir / "sweep.json", json.dumps({"grid": dict(grid), "points": ranked}, indent=2) + "\n")
-        atomic_write_text(sweep_dir / "sweep.md", sweep_markdown(ranked, grid))
+        # written after every point: an interrupted sweep keeps its table; points of earlier sweeps with another
+        # grid in this folder stay listed
+        ranked = _ranked(rows + [r for r in earlier if r["point"] not in names])
+        keys = _merged_grid(grid, earlier_grid)
+        atomic_write_text(sweep_dir / "sweep.json", json.dumps({"grid": keys, "points": ranked}, indent=2) + "\n")
+        atomic_write_text(sweep_dir / "sweep.md", sweep_markdown(ranked, list(keys.items())))
     return _ranked(rows)
+
+
+def _earlier_points(sweep_dir: Path) -> tuple[list[dict], dict]:
+    """The rows and grid of the last ``sweep.json`` in ``sweep_dir`` whose point folders still exist."""
+    try:
+        data = json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8"))
+        rows = [r for r in data.get("points", []) if Path(r["run_dir"]).is_dir()]
+        return rows, dict(data.get("grid") or {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [], {}  # none, or not one we can read: this sweep's table starts afresh
+
+
+def _merged_grid(grid, earlier_grid: dict) -> dict:
+    """This sweep's grid keys and values, then any key only an earlier sweep in the folder had."""
+    merged = {key: list(values) for key, values in grid}
+    for key, values in earlier_grid.items():
+        merged.setdefault(key, list(values) if isinstance(values, list) else [values])
+    return merged

@@ -138,3 +138,22 @@ def test_four_points_by_two_seeds_train_the_teacher_once(fresh_run, tiny_recipe_
     again = kdc("sweep", "recipe.yaml", *grid, "--seeds", "2")
     kdc.assert_clean_exit(again, 0)
     assert "training on" not in again.output
+
+
+def test_a_sweep_over_another_grid_keeps_the_earlier_points_in_the_table(swept, tmp_path, kdc, monkeypatch):
+    work, _ = swept
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy)
+    monkeypatch.chdir(copy)
+    result = kdc("sweep", "recipe.yaml", "--grid", "distill.alpha=0.9")
+    kdc.assert_clean_exit(result, 0)
+    data = json.loads((SWEEP / "sweep.json").read_text())
+    assert sorted(p["point"] for p in data["points"]) == ["alpha-0.9", "temperature-2", "temperature-4"]
+    assert list(data["grid"]) == ["distill.alpha", "distill.temperature"]
+    md = (SWEEP / "sweep.md").read_text()
+    assert "| 3 |" in md and "temperature-4" in md and "alpha-0.9" in md
+    # a point folder that was deleted leaves the table at the next sweep
+    shutil.rmtree(SWEEP / "temperature-4")
+    kdc.assert_clean_exit(kdc("sweep", "recipe.yaml", "--grid", "distill.alpha=0.9"), 0)
+    points = json.loads((SWEEP / "sweep.json").read_text())["points"]
+    assert sorted(p["point"] for p in points) == ["alpha-0.9", "temperature-2"]
