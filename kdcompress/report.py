@@ -328,7 +328,8 @@ def _relative(text: str | None, run_dir: Path) -> str | None:
     run directory is (``runs/x/distilled/model.pt`` -> ``distilled/model.pt``)."""
     if not text:
         return text
-    for prefix in {str(run_dir.resolve()), str(run_dir)}:
+    # the longer first: the absolute path holds the relative one
+    for prefix in sorted({str(run_dir.resolve()), str(run_dir)}, key=len, reverse=True):
         if prefix not in (".", ""):
             text = text.replace(prefix + os.sep, "")
     return text

@@ -195,6 +195,30 @@ def test_report_of_a_copied_run_directory_is_the_same_but_for_its_time(timed_run
     assert all(set(r["latency"]) == {"1", "8"} for r in again["stages"])
 
 
+def test_stale_and_refused_rows_do_not_depend_on_where_the_run_directory_is(timed_run, tmp_path, monkeypatch):
+    """Messages that name files in the run directory name them relative to it, given as a relative or an
+    absolute path."""
+    monkeypatch.setattr(report_mod, "LATENCY_MIN_RUN_TIME", 0.02)  # the cached latencies' budget: taken from the cache
+    reports = []
+    for where in ("first/place", "second/elsewhere"):
+        copy = tmp_path / where
+        shutil.copytree(timed_run, copy)
+        recipe = copy / "recipe.yaml"
+        recipe.write_text(recipe.read_text().replace("temperature: 4.0", "temperature: 2.0"))
+        artifact = copy / "export" / "pruned-sparse-fp16.kdca"
+        artifact.write_bytes(artifact.read_bytes()[:-1])
+        monkeypatch.chdir(tmp_path)
+        reports.append(build_report(Path(where) if where.startswith("first") else copy))
+    for report in reports:
+        text = json.dumps(report)
+        assert str(tmp_path) not in text and "first" not in text and "elsewhere" not in text
+        report.pop("generated_at")
+    assert reports[0] == reports[1]
+    rows = _rows(reports[0])
+    assert "changed since distilled/model.pt was written" in rows["distilled"]["stale"]
+    assert reports[0]["artifacts"][0]["refused"].startswith("export/pruned-sparse-fp16.kdca was refused")
+
+
 def test_a_changed_checkpoint_is_measured_again_and_its_old_entries_dropped(timed_run, tmp_path, monkeypatch):
     copy = tmp_path / "run"
     shutil.copytree(timed_run, copy)
