@@ -15,7 +15,14 @@ distilled against the student trained alone with the standard error of the
 difference, latency as a median with its spread at each batch size, dense
 MACs beside the MACs of the non-zero weights alone, and ``warnings`` for results
 that should not be trusted as they stand, a stage whose checkpoint is stale
-against the run's ``recipe.yaml`` among them.
+against the run's ``recipe.yaml`` among them. It also carries what the HTML
+report draws: each stage's training curve, per-class accuracy with its
+confusion matrix (recorded at training time), the weights or channels kept per
+layer, the confusions that changed most, the resolved recipe and the
+environment. Latency is timed once per file and cached in
+``cache/latency.json``, so report.json depends on the run directory alone
+(``generated_at`` aside); its keys are listed in the README ("report.json
+fields").
 """
 
 from __future__ import annotations
