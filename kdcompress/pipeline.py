@@ -46,7 +46,9 @@ from .models import build_from_checkpoint, build_model, model_spec
 from .prune import MagnitudePruner, Schedule, plan_schedule, prunable_weights, weight_sparsity
 from .recipe import Recipe, TrainSettings, recipe_to_dict
 from .stages import COMMAND_OF, STAGES, stage_named
-from .train import Hook, Runtime, evaluate, fit, recalibrate_batchnorm, resolve_device, seed_everything
+from .train import (
+    Hook, Runtime, device_words, evaluate, fit, recalibrate_batchnorm, resolve_device, seed_everything,
+)
 
 __all__ = ["STAGES", "COMMAND_OF", "run_pipeline", "run_stage", "stage_status", "checkpoint_path"]
 
@@ -417,12 +419,16 @@ def run_stage(
         if used:
             extra = {**extra, "bn_recalibrate_batches": used}
             console.print(f"{stage}: recomputed the BatchNorm running statistics from {used} training batches")
-    test = evaluate(model, data.test, recipe.data.eval_batch_size, device)
+    # the confusion matrix lets the report show per-class accuracy without loading the dataset again
+    test = evaluate(model, data.test, recipe.data.eval_batch_size, device, confusion=True)
     prune = recipe.prune
+    world = distributed.world_size()
     metrics = {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "test_samples": len(data.test),  # the report's noise estimate: binomial SE sqrt(p(1-p)/n)
+        "confusion": test["confusion"],  # rows: true class, columns: predicted class
+        "train_device": device_words(device) + (f" x {world} processes" if world > 1 else ""),
         "params": count_params(model),
         "nonzero_params": count_nonzero(model),
         "sparsity": weight_sparsity({k: v.detach() for k, v in prunable_weights(model, prune.include, prune.exclude).items()}),

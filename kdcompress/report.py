@@ -15,27 +15,38 @@ distilled against the student trained alone with the standard error of the
 difference, latency as a median with its spread at each batch size, dense
 MACs beside the MACs of the non-zero weights alone, and ``warnings`` for results
 that should not be trusted as they stand, a stage whose checkpoint is stale
-against the run's ``recipe.yaml`` among them.
+against the run's ``recipe.yaml`` among them. It also carries what the HTML
+report draws: each stage's training curve, per-class accuracy with its
+confusion matrix (recorded at training time), the weights or channels kept per
+layer, the confusions that changed most, the resolved recipe and the
+environment. Latency is timed once per file and cached in
+``cache/latency.json``, so report.json depends on the run directory alone
+(``generated_at`` aside); its keys are listed in the README ("report.json
+fields").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import platform
+from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
 import yaml
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .checkpoint import atomic_write_text, load_checkpoint
+from .checkpoint import atomic_write_text, load_checkpoint, read_manifest
 from .errors import ArtifactError, KdcError
 from .measure import count_macs, count_nonzero, count_params, count_sparse_macs, latencies
-from .models import build_from_checkpoint
+from .models import build_from_checkpoint, build_model
 from .stages import STAGES
 from .prune import prunable_weights, weight_sparsity
 from .recipe import Recipe, ReportSection, recipe_from_dict, recipe_to_dict
@@ -50,6 +61,8 @@ __all__ = [
     "compare_accuracy",
     "NOISE_Z",
     "LATENCY_THREADS",
+    "SCHEMA_VERSION",
+    "LATENCY_CACHE",
 ]
 
 STAGE_ORDER = tuple(stage.name for stage in STAGES)  # declared once, in stages.STAGES
@@ -66,6 +79,14 @@ PRUNING_METHODS = {  # recipe prune.method -> words in the report
 }
 # (first stage, second stage): the report states second - first with its standard error
 COMPARISONS = (("student", "distilled"), ("distilled", "pruned"))
+# report.json's layout; bumped when a key changes meaning or goes (new keys alone do not bump it)
+SCHEMA_VERSION = 1
+# latency measured once per checkpoint (or artifact) file, relative to the run directory: reused by later reports
+LATENCY_CACHE = Path("cache") / "latency.json"
+LATENCY_CACHE_VERSION = 1
+# (before, after): the confusion changes the report lists, the largest CLASS_CHANGES_SHOWN of them overall
+CLASS_CHANGE_PAIRS = (("student", "distilled"), ("distilled", "pruned"), ("student", "pruned"))
+CLASS_CHANGES_SHOWN = 10
 
 
 def accuracy_se(accuracy: float, n: int | None) -> float | None:
@@ -195,20 +216,27 @@ def _run_recipe(run_dir: str | Path) -> tuple[Recipe | None, str | None]:
     Read as data, like a checkpoint's recipe: ``recipe_from_dict`` validates every value but imports no
     model or dataset named in it (``kdc report`` of a directory from elsewhere runs no code for it).
     """
+    run_dir = Path(run_dir)
+    recipe, problem = _read_run_recipe(run_dir)
+    if recipe is None:
+        return None, problem
+    # a copied or moved run directory: its stages are here, not where run.out_dir/run.name pointed
+    run = dataclasses.replace(recipe.run, out_dir=str(run_dir.parent), name=run_dir.name)
+    return dataclasses.replace(recipe, run=run), None
+
+
+def _read_run_recipe(run_dir: Path) -> tuple[Recipe | None, str | None]:
+    """``run_dir/recipe.yaml`` as written (run.out_dir and run.name untouched), validated; or (None, why not)."""
     from .recipe import _Loader  # the loader recipes are read with: 5e-2 is a number, as in YAML 1.2
 
-    run_dir = Path(run_dir)
-    path = run_dir / "recipe.yaml"
+    path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
         return None, f"{path} is missing"
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
-        recipe = recipe_from_dict(raw if isinstance(raw, dict) else {}, source=str(path))
+        return recipe_from_dict(raw if isinstance(raw, dict) else {}, source=str(path)), None
     except (OSError, UnicodeDecodeError, yaml.YAMLError, KdcError) as exc:
         return None, f"{path} does not load ({' '.join(str(exc).split())})"
-    # a copied or moved run directory: its stages are here, not where run.out_dir/run.name pointed
-    run = dataclasses.replace(recipe.run, out_dir=str(run_dir.parent), name=run_dir.name)
-    return dataclasses.replace(recipe, run=run), None
 
 
 def _stale_stages(recipe: Recipe, stages: list[str]) -> dict[str, str | None]:
@@ -225,6 +253,246 @@ def _stale_stages(recipe: Recipe, stages: list[str]) -> dict[str, str | None]:
     return stale
 
 
+def _now() -> str:
+    """The current time, ISO-8601 in UTC, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class _LatencyCache:
+    """Latency per model file, kept in ``<run dir>/cache/latency.json`` so a later report reuses it.
+
+    An entry is keyed by the file's SHA-256 (a stage checkpoint's, or an artifact's, from its manifest), the
+    batch size, the thread count, the timing budget, the runtime's version (torch, or onnxruntime for an
+    onnx/int8 artifact) and the machine (platform, processor, core count): a changed file or setting is
+    measured again, an unchanged one never, so report.json stays a pure function of the run directory. A
+    missing or damaged cache file is started afresh; one that cannot be written is skipped (the numbers
+    are in the report all the same).
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LATENCY_CACHE
+        self.entries: dict[str, dict] = {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if data.get("version") == LATENCY_CACHE_VERSION and isinstance(data.get("entries"), dict):
+                self.entries = {k: v for k, v in data["entries"].items() if isinstance(v, dict) and "timing" in v}
+        except (OSError, ValueError, AttributeError):
+            pass
+        self.changed = False
+        self.used_shas: set[str] = set()
+        self.used_times: list[str] = []
+        self.machine = {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count()}
+
+    def latencies(self, sha256: str, model, shape, batches: list[int], threads: int, runtime: str) -> dict[str, dict]:
+        """:func:`kdcompress.measure.latencies` of ``model``, each batch size taken from the cache when there."""
+        self.used_shas.add(sha256)
+        timing = {}
+        for batch in batches:
+            fields = {
+                "sha256": sha256, "batch": int(batch), "threads": int(threads), "runtime": runtime,
+                "min_run_time": LATENCY_MIN_RUN_TIME, **self.machine,
+            }
+            key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+            entry = self.entries.get(key)
+            if entry is None:
+                measured = latencies(model, shape, batches=[batch], threads=threads, min_run_time=LATENCY_MIN_RUN_TIME)
+                entry = {**fields, "measured_at": _now(), "timing": measured[str(int(batch))]}
+                self.entries[key] = entry
+                self.changed = True
+            timing[str(int(batch))] = entry["timing"]
+            self.used_times.append(entry["measured_at"])
+        return timing
+
+    def measured_at(self) -> str | None:
+        """When the newest of the latencies used was measured (ISO-8601 UTC), None if none was."""
+        return max(self.used_times) if self.used_times else None
+
+    def save(self) -> None:
+        """Write the cache when something was measured, dropping entries of files no longer in the run."""
+        kept = {k: v for k, v in self.entries.items() if v.get("sha256") in self.used_shas}
+        if not self.changed and len(kept) == len(self.entries):
+            return
+        text = json.dumps({"version": LATENCY_CACHE_VERSION, "entries": kept}, indent=1, sort_keys=True) + "\n"
+        try:
+            atomic_write_text(self.path, text)
+        except (KdcError, OSError):  # a read-only run directory: the report is made all the same
+            pass
+
+
+def _relative(text: str | None, run_dir: Path) -> str | None:
+    """``text`` with paths inside ``run_dir`` written relative to it, so the report does not depend on where the
+    run directory is (``runs/x/distilled/model.pt`` -> ``distilled/model.pt``)."""
+    if not text:
+        return text
+    # the longer first: the absolute path holds the relative one
+    for prefix in sorted({str(run_dir.resolve()), str(run_dir)}, key=len, reverse=True):
+        if prefix not in (".", ""):
+            text = text.replace(prefix + os.sep, "")
+    return text
+
+
+def _curve(run_dir: Path, stage: str, ckpt: dict) -> list[dict]:
+    """The stage's epochs from ``metrics.jsonl`` (else the checkpoint's history), one dict per epoch.
+
+    The per-epoch evaluation is on the validation split when one was held out (``val_*``), else on the test
+    split (``test_*``); the other pair is None. ``sparsity`` is the pruning schedule's measured sparsity
+    after the epoch (for structured pruning, the share of channels removed); None outside the pruned stage.
+    """
+    records = None
+    path = run_dir / stage / "metrics.jsonl"
+    if path.is_file():
+        try:
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError, ValueError):
+            records = None
+    if records is None:
+        records = ckpt.get("history") or []
+    curve = []
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        point = {key: record.get(key) for key in (
+            "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "val_loss", "val_accuracy", "lr",
+        )}
+        point["sparsity"] = record.get("sparsity") if stage == "pruned" else None
+        point["seconds"] = record.get("seconds")
+        curve.append(point)
+    return curve
+
+
+def _class_names(ckpt: dict, count: int) -> list[str]:
+    """The names of a checkpoint's classes in label order: its preprocess entry's, the built-in dataset's, else
+    "0", "1", ..."""
+    from .data import preprocess_info
+
+    classes = (ckpt.get("preprocess") or {}).get("classes")
+    if not classes and ckpt.get("dataset"):  # a checkpoint from before preprocess was recorded
+        classes = preprocess_info(str(ckpt["dataset"]), ckpt["arch"].get("input_shape") or [])["classes"]
+    if isinstance(classes, (list, tuple)) and len(classes) == count:
+        return [str(c) for c in classes]
+    return [str(i) for i in range(count)]
+
+
+def _per_class(ckpt: dict) -> dict | None:
+    """Per-class test accuracy and the confusion matrix recorded at training time; None when the checkpoint did
+    not record it (written before it was)."""
+    confusion = ckpt["metrics"].get("confusion")
+    if not (isinstance(confusion, list) and confusion and all(
+        isinstance(row, list) and len(row) == len(confusion) for row in confusion
+    )):
+        return None
+    confusion = [[int(c) for c in row] for row in confusion]
+    return {
+        "classes": _class_names(ckpt, len(confusion)),
+        "accuracy": [row[i] / sum(row) if sum(row) else None for i, row in enumerate(confusion)],
+        "confusion": confusion,
+    }
+
+
+def _out_size(module) -> int:
+    """A layer's output channels (convolution) or features (linear)."""
+    return int(getattr(module, "out_channels", None) or getattr(module, "out_features"))
+
+
+def _layers(model, recipe: dict, structured: bool, dense_model=None) -> list[dict]:
+    """One entry per prunable layer (Conv/Linear weight selected by the recipe's prune include/exclude).
+
+    Dense and unstructured-pruned models: ``kind`` "weights", ``total`` the layer's weights, ``kept`` those
+    not exactly zero. A structured-pruned model (``structured``): ``kind`` "channels", ``total`` the layer's
+    output channels (features) in ``dense_model`` (the distilled student it was pruned from), ``kept`` in
+    ``model``.
+    """
+    prune = recipe.get("prune", {})
+    weights = prunable_weights(model, prune.get("include", ["*"]), prune.get("exclude", []))
+    layers = []
+    for key, weight in weights.items():
+        name = key[: -len(".weight")] if key.endswith(".weight") else ""
+        module = model.get_submodule(name)
+        if structured:
+            try:
+                total = _out_size(dense_model.get_submodule(name))
+            except AttributeError:  # not in the dense model: nothing to compare with
+                total = None
+            layers.append({"name": name, "kind": "channels", "total": total, "kept": _out_size(module)})
+        else:
+            layers.append({"name": name, "kind": "weights", "total": weight.numel(),
+                           "kept": int(torch.count_nonzero(weight.detach()))})
+    return layers
+
+
+def _class_changes(by_stage: dict) -> list[dict]:
+    """The off-diagonal confusion counts that changed most from one model to the next (CLASS_CHANGE_PAIRS), the
+    CLASS_CHANGES_SHOWN largest in size over all pairs."""
+    changes = []
+    for order, (first, second) in enumerate(CLASS_CHANGE_PAIRS):
+        a = (by_stage.get(first) or {}).get("per_class")
+        b = (by_stage.get(second) or {}).get("per_class")
+        if not a or not b or len(a["confusion"]) != len(b["confusion"]):
+            continue
+        for i, (row_a, row_b) in enumerate(zip(a["confusion"], b["confusion"])):
+            for j, (before, after) in enumerate(zip(row_a, row_b)):
+                if i != j and after != before:
+                    changes.append((order, i, j, before, after, b["classes"]))
+    changes.sort(key=lambda c: (-abs(c[4] - c[3]), c[0], c[1], c[2]))
+    return [
+        {"from_stage": CLASS_CHANGE_PAIRS[order][0], "to_stage": CLASS_CHANGE_PAIRS[order][1], "true": i,
+         "predicted": j, "true_name": classes[i], "predicted_name": classes[j], "before": before, "after": after,
+         "change": after - before}
+        for order, i, j, before, after, classes in changes[:CLASS_CHANGES_SHOWN]
+    ]
+
+
+def _train_device(checkpoints: dict) -> str | None:
+    """The devices the stages trained on, as recorded in their checkpoints ("cpu", "cuda:0 (NAME)"), in stage
+    order without repeats; a checkpoint from before it was recorded counts by its recipe's run.device unless
+    that was "auto". None when no stage says."""
+    seen = []
+    for ckpt in checkpoints.values():
+        device = ckpt["metrics"].get("train_device")
+        if device is None:
+            asked = ckpt.get("recipe", {}).get("run", {}).get("device")
+            device = asked if asked and asked != "auto" else None
+        if device is not None and device not in seen:
+            seen.append(str(device))
+    return ", ".join(seen) or None
+
+
+def _environment(checkpoints: dict, latency_threads: int | None, measured_at: str | None) -> dict:
+    """Versions and machine of this report, the training device, and the latency's threads and time."""
+    from . import __version__
+
+    return {
+        "kdcompress": __version__,
+        "torch": torch.__version__,
+        "torchvision": _version_of("torchvision"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "train_device": _train_device(checkpoints),
+        "latency_threads": latency_threads,
+        "latency_measured_at": measured_at,
+    }
+
+
+def _resolved_recipe(run_dir: Path, checkpoints: dict, found: list[str]) -> dict:
+    """The run's resolved recipe as written in ``recipe.yaml`` (validated), else the last checkpoint's."""
+    recipe, _ = _read_run_recipe(run_dir)
+    if recipe is not None:
+        return recipe_to_dict(recipe)
+    return checkpoints[found[-1]].get("recipe", {})
+
+
 def build_report(
     run_dir: str | Path, latency: bool | None = None, threads: int | None = None, batches: list[int] | None = None
 ) -> dict:
@@ -232,9 +500,13 @@ def build_report(
 
     ``latency``, ``threads`` and ``batches`` default to the run's recipe (``report.latency``,
     ``report.threads``, ``report.latency_batches``); latency is timed on the CPU with that many
-    threads, at most as many as the machine has cores. Each stage row says whether its checkpoint
-    is ``stale`` against ``run_dir/recipe.yaml`` (why, or None).
+    threads, at most as many as the machine has cores, once per checkpoint: later reports take it from
+    ``run_dir/cache/latency.json`` (:class:`_LatencyCache`), so the report is a pure function of the run
+    directory, the same for a copy of it elsewhere but for ``generated_at``. Each stage row says whether its
+    checkpoint is ``stale`` against ``run_dir/recipe.yaml`` (why, or None). The keys are listed in the
+    README ("report.json fields").
     """
+    generated_at = _now()
     run_dir = Path(run_dir)
     found = [s for s in STAGE_ORDER if (run_dir / s / "model.pt").is_file()]
     if not found:
@@ -255,8 +527,10 @@ def build_report(
     batches = [int(b) for b in (batches or asked_batches)]
     asked_threads = asked_threads if threads is None else int(threads)
     threads = max(1, min(asked_threads, _available_cores()))
+    cache = _LatencyCache(run_dir) if do_latency else None
     rows = []
     recipe_name = dataset = None
+    dense_student = None  # the distilled model: what structured pruning removed channels from
     for stage in found:
         ckpt = checkpoints[stage]
         recipe = ckpt.get("recipe", {})
@@ -273,13 +547,17 @@ def build_report(
         num_classes = ckpt["arch"].get("num_classes")
         last = _last_epoch(run_dir / stage / "metrics.jsonl") or (ckpt.get("history") or [None])[-1]
         timing = None
-        if do_latency:
-            timing = latencies(model, shape, batches=batches, threads=threads, min_run_time=LATENCY_MIN_RUN_TIME)
+        if cache is not None:
+            sha = read_manifest(run_dir / stage / "model.pt")["sha256"]  # checked against the file on loading
+            timing = cache.latencies(sha, model, shape, batches, threads, runtime=f"torch {torch.__version__}")
+        structured = stage == "pruned" and metrics.get("channel_sparsity") is not None
+        if structured and dense_student is None:  # no distilled checkpoint: the plain architecture is its shape
+            dense_student = build_model(ckpt["arch"], where=f"{stage} checkpoint")
         row = {
             "stage": stage,
             "description": DESCRIPTIONS[stage],
             "model": ckpt["arch"]["model"],
-            "stale": stale[stage],
+            "stale": _relative(stale[stage], run_dir),
             "accuracy": accuracy,
             "accuracy_se": accuracy_se(accuracy, test_samples),
             "test_samples": test_samples,
@@ -303,8 +581,13 @@ def build_report(
             "latency_ms": {b: t["median_ms"] for b, t in timing.items()} if timing else None,
             "latency": timing,
             "train_seconds": metrics.get("seconds"),
+            "curve": _curve(run_dir, stage, ckpt),
+            "per_class": _per_class(ckpt),
+            "layers": _layers(model, recipe, structured, dense_student),
         }
         rows.append(row)
+        if stage == "distilled":
+            dense_student = model
     by_stage = {r["stage"]: r for r in rows}
     teacher = by_stage.get("teacher")
     for row in rows:
@@ -322,11 +605,15 @@ def build_report(
     )
     if len(seeds) > 1:
         _add_seed_statistics(run_dir, seeds, rows, comparisons)
-    artifacts = _artifact_rows(run_dir, by_stage, batches if do_latency else [], threads)
+    artifacts = _artifact_rows(run_dir, by_stage, batches if do_latency else [], threads, cache)
+    if cache is not None:
+        cache.save()
     report = {
+        "schema_version": SCHEMA_VERSION,
+        "generated_at": generated_at,
+        "run_name": recipe_name,
         "recipe": recipe_name,
         "dataset": dataset,
-        "run_dir": str(run_dir),
         "latency_batches": batches if do_latency else None,
         "threads": threads,
         "threads_asked": asked_threads,
@@ -334,10 +621,15 @@ def build_report(
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "noise_z": NOISE_Z,
         "stale_checked": current is not None,
-        "stale_check_problem": recipe_problem,
+        "stale_check_problem": _relative(recipe_problem, run_dir),
         "stages": rows,
         "comparisons": comparisons,
+        "class_changes": _class_changes(by_stage),
         "artifacts": artifacts,
+        "recipe_resolved": _resolved_recipe(run_dir, checkpoints, found),
+        "environment": _environment(
+            checkpoints, threads if do_latency else None, cache.measured_at() if cache is not None else None
+        ),
     }
     report["warnings"] = report_warnings(report)
     return report
@@ -398,9 +690,11 @@ def _add_seed_statistics(run_dir: Path, seeds: list[int], rows: list[dict], comp
         }
 
 
-def _artifact_rows(run_dir: Path, by_stage: dict, batches: list[int], threads: int) -> list[dict]:
+def _artifact_rows(
+    run_dir: Path, by_stage: dict, batches: list[int], threads: int, cache: _LatencyCache | None = None
+) -> list[dict]:
     """One row per artifact in ``export/artifacts.json``: its recorded accuracy, its bytes, and its latency
-    measured here like the stages'.
+    measured here like the stages' (once per file: through ``cache``, keyed by the file's SHA-256).
 
     Each file is checked against its manifest and loaded through :func:`kdcompress.export.load_artifact`,
     which unpickles nothing: a damaged or replaced file is ``refused`` (with the reason) and never run.
@@ -411,7 +705,7 @@ def _artifact_rows(run_dir: Path, by_stage: dict, batches: list[int], threads: i
     try:
         recorded = read_artifacts(run_dir)
     except KdcError as exc:
-        return [{"path": "export/artifacts.json", "refused": str(exc)}]
+        return [{"path": "export/artifacts.json", "refused": _relative(str(exc), run_dir)}]
     teacher = by_stage.get("teacher")
     rows = []
     for found in recorded:
@@ -425,7 +719,7 @@ def _artifact_rows(run_dir: Path, by_stage: dict, batches: list[int], threads: i
         try:
             manifest, _ = verify_artifact(path)
         except KdcError as exc:
-            row["refused"] = str(exc)
+            row["refused"] = _relative(str(exc), run_dir)
             rows.append(row)
             continue
         row["bytes"] = manifest["bytes"]
@@ -445,21 +739,36 @@ def _artifact_rows(run_dir: Path, by_stage: dict, batches: list[int], threads: i
         try:  # decoded even without latency: a file that is no artifact of kdc's is refused here, not shipped
             model = load_artifact(path, allow_import=True)  # the run's own model, as for the stage rows
         except ArtifactError as exc:
-            row["refused"] = str(exc)
+            row["refused"] = _relative(str(exc), run_dir)
             rows.append(row)
             continue
         except KdcError as exc:  # its runtime (onnxruntime) is not installed
-            row["latency_problem"] = str(exc)
+            row["latency_problem"] = _relative(str(exc), run_dir)
             model = None
         if batches and model is not None:
+            runtime = f"torch {torch.__version__}"
             if hasattr(model, "set_threads"):  # an onnxruntime session fixes its threads when it is made
                 model.set_threads(threads)
+                runtime = f"onnxruntime {_version_of('onnxruntime')}"
             shape = tuple(model.preprocess.input_shape)
-            timing = latencies(model, shape, batches=batches, threads=threads, min_run_time=LATENCY_MIN_RUN_TIME)
+            if cache is not None:
+                timing = cache.latencies(manifest["sha256"], model, shape, batches, threads, runtime=runtime)
+            else:
+                timing = latencies(model, shape, batches=batches, threads=threads, min_run_time=LATENCY_MIN_RUN_TIME)
             row["latency"] = timing
             row["latency_ms"] = {b: t["median_ms"] for b, t in timing.items()}
         rows.append(row)
     return rows
+
+
+def _version_of(package: str) -> str | None:
+    """An installed package's version, None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _near_chance(row: dict) -> bool:
@@ -469,15 +778,20 @@ def _near_chance(row: dict) -> bool:
     return row["accuracy"] <= chance + margin
 
 
-def report_warnings(report: dict) -> list[str]:
-    """Results in ``report`` that should not be trusted or shipped as they stand, one sentence each."""
+def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str]:
+    """Results in ``report`` that should not be trusted or shipped as they stand, one sentence each.
+
+    Commands in them name the run directory ``run_dir``; without it, ``RUN_DIR`` (report.json does not
+    depend on where the run directory is, so the warnings it holds say RUN_DIR).
+    """
     warnings = []
-    recipe_file = Path(report.get("run_dir") or ".") / "recipe.yaml"
+    where = str(run_dir if run_dir is not None else report.get("run_dir") or "RUN_DIR")  # run_dir: reports before v1
+    recipe_file = Path(where) / "recipe.yaml"
     for row in report["stages"]:
         if row.get("stale"):
             warnings.append(
                 f"{row['stage']} is stale: its checkpoint is not what {recipe_file} now describes ({row['stale']}); "
-                f"its row shows that older checkpoint. `kdc run {report.get('run_dir')}` reruns what is out of date."
+                f"its row shows that older checkpoint. `kdc run {where}` reruns what is out of date."
             )
     if report.get("stale_check_problem"):
         warnings.append(
@@ -515,7 +829,7 @@ def report_warnings(report: dict) -> list[str]:
             warnings.append(f"artifact {art['path']} was not loaded: {art['refused']}")
             continue
         if art.get("stale"):
-            warnings.append(f"artifact {art['path']} is stale: {art['stale']}; `kdc export {report.get('run_dir')} "
+            warnings.append(f"artifact {art['path']} is stale: {art['stale']}; `kdc export {where} "
                             f"--force` writes it again.")
         if art.get("latency_problem"):
             warnings.append(f"artifact {art['path']}: latency not measured ({art['latency_problem']})")

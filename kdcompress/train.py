@@ -32,7 +32,7 @@ from .data import Augment, DataSplits, TensorData
 from .errors import CheckpointError, KdcError, describe
 from .recipe import TrainSettings
 
-__all__ = ["fit", "evaluate", "recalibrate_batchnorm", "has_batchnorm", "Hook", "make_optimizer", "make_scheduler", "resolve_device", "seed_everything", "Runtime"]
+__all__ = ["fit", "evaluate", "device_words", "recalibrate_batchnorm", "has_batchnorm", "Hook", "make_optimizer", "make_scheduler", "resolve_device", "seed_everything", "Runtime"]
 
 _CHECK_EVERY = 10  # batches between the loss checks (and progress updates): one device sync each
 
@@ -129,19 +129,53 @@ def make_scheduler(optimizer: torch.optim.Optimizer, s: TrainSettings):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TensorData, batch_size: int, device: torch.device) -> dict:
-    """Mean cross-entropy and accuracy (0-1) of ``model`` on ``data``."""
+def evaluate(
+    model: nn.Module, data: TensorData, batch_size: int, device: torch.device, confusion: bool = False
+) -> dict:
+    """Mean cross-entropy and accuracy (0-1) of ``model`` on ``data``.
+
+    With ``confusion``, also ``"confusion"``: the confusion matrix as a list of lists of ints, one row per
+    true class and one column per predicted class (as many as the model has outputs), so that
+    ``confusion[i][j]`` counts the images of class i predicted as j. Example::
+
+        >>> evaluate(model, splits.test, 1000, torch.device("cpu"), confusion=True)["confusion"][0][:3]  # doctest: +SKIP
+        [812, 3, 21]
+    """
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
+    counts = None  # on the device, flattened (true * classes + predicted): one transfer at the end
     for x, y, _ in data.batches(batch_size):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
+        predicted = logits.argmax(1)
+        correct += int((predicted == y).sum())
         n += len(y)
+        if confusion:
+            classes = logits.shape[1]
+            batch_counts = torch.bincount(y * classes + predicted, minlength=classes * classes)
+            counts = batch_counts if counts is None else counts + batch_counts
     model.train(was_training)
-    return {"loss": loss_sum / max(1, n), "accuracy": correct / max(1, n)}
+    result = {"loss": loss_sum / max(1, n), "accuracy": correct / max(1, n)}
+    if confusion:
+        flat = counts.tolist() if counts is not None else []
+        classes = int(len(flat) ** 0.5 + 0.5)
+        result["confusion"] = [[int(c) for c in flat[i * classes:(i + 1) * classes]] for i in range(classes)]
+    return result
+
+
+def device_words(device: torch.device | str) -> str:
+    """The device a model ran on, for reports: ``"cpu"`` or ``"cuda:0 (NVIDIA H200)"``.
+
+    >>> device_words("cpu")
+    'cpu'
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def has_batchnorm(model: nn.Module) -> bool:

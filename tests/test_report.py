@@ -262,7 +262,12 @@ def test_report_flags_stages_stale_against_the_run_recipe(run_copy):
     assert "'distilled' stage it reads is not up to date" in rows["pruned"]["stale"]
     stale = [w for w in report["warnings"] if "is stale" in w]
     assert [w.split()[0] for w in stale] == ["distilled", "pruned"]
-    assert "distill.temperature: 4.0 -> 2.0" in stale[0] and f"kdc run {run_copy}" in stale[0]
+    # report.json does not depend on where the run directory is: its warnings say RUN_DIR, its paths are relative
+    assert "distill.temperature: 4.0 -> 2.0" in stale[0] and "kdc run RUN_DIR" in stale[0]
+    assert str(run_copy) not in json.dumps(report)
+    assert "changed since distilled/model.pt was written" in rows["distilled"]["stale"]
+    named = [w for w in report_warnings(report, run_copy) if "is stale" in w]  # the CLI can name the directory
+    assert f"kdc run {run_copy}" in named[0]
     text = render(report_table(report))
     assert_fits(text)
     assert "│ distilled* " in text and "│ pruned*" in text and "│ teacher " in text
