@@ -9,8 +9,11 @@ epoch. A quiet console (``kdc ... --quiet``) shows neither.
 The time left is said only once it has been measured: after a whole epoch of the stage, or
 :data:`ETA_MIN_BATCHES` batches, whichever comes first. The stage's is its batches still to train at its
 own rate so far (evaluation and saving included). The run's adds the epochs of the stages still to come
-(the plan :func:`kdcompress.pipeline.run_pipeline` makes), each at the rate measured for a stage that
-trains the same model, else at the run's mean rate so far; it is refined as batches and epochs finish.
+(the plan :func:`kdcompress.pipeline.run_pipeline` makes), each at the rate measured for stages that
+train the same model; it is refined as batches and epochs finish. While a model still to be trained has
+no measured rate (the student, during the teacher stage), the run's time is a lower bound that says so,
+``run >2:43 (38 student epochs not timed yet)``, rather than a guess from another model's speed: the
+quickstart's CNN teacher trains about 100 times slower per batch than its MLP student.
 Example::
 
     >>> from rich.console import Console
@@ -174,34 +177,64 @@ class RunProgress:
         self._refresh()
 
     def eta(self) -> tuple[float | None, float | None]:
-        """Seconds left for the current stage and for the run; None until a rate has been measured."""
+        """Seconds left for the current stage and for the run; None until a rate has been measured.
+
+        The run's covers the stages to come whose model has a measured rate; the epochs of the others are
+        in :meth:`untimed` (the teacher's rate says little about the student's: 100 times slower in the
+        quickstart), so the run's time is then a lower bound.
+        """
         s = self._stage
         if s is None:
             return None, None
         elapsed = self.clock() - s.started
         if s.batches < min(s.batches_per_epoch, self.min_batches) or s.batches <= 0 or elapsed <= 0:
             return None, None
-        rate = s.batches / elapsed
-        stage_left = max(0, s.to_train - s.batches) / rate
-        total = [s.batches + sum(b for b, _ in self._measured.values()),
-                 elapsed + sum(t for _, t in self._measured.values())]
+        stage_left = max(0, s.to_train - s.batches) * elapsed / s.batches
         later = 0.0
-        for name, (epochs, group) in self.plan.items():
-            if name == s.name or name in self._finished or epochs <= 0:
-                continue
-            batches, seconds = self._measured.get(group, [0.0, 0.0])
-            if group == s.group:
-                batches, seconds = batches + s.batches, seconds + elapsed
-            group_rate = batches / seconds if batches and seconds > 0 else total[0] / total[1]
-            later += epochs * s.batches_per_epoch / group_rate
+        for epochs, group in self._later():
+            batches, seconds = self._rate_of(group, elapsed)
+            if batches:
+                later += epochs * s.batches_per_epoch * seconds / batches
         return stage_left, stage_left + later
 
-    @staticmethod
-    def _eta_text(stage_left: float | None, run_left: float | None, bar: bool = False) -> str:
-        """``ETA stage 0:12, run 1:05``: each part while something is left of it; empty before a rate is known."""
+    def untimed(self) -> dict[str, int]:
+        """``{model: epochs}`` of the stages to come that train a model no rate has been measured for yet."""
+        left: dict[str, int] = {}
+        elapsed = self.clock() - self._stage.started if self._stage else 0.0
+        for epochs, group in self._later():
+            if not self._rate_of(group, elapsed)[0]:
+                left[group] = left.get(group, 0) + epochs
+        return left
+
+    def _later(self) -> list[tuple[int, str]]:
+        """``(epochs, model)`` of the planned stages after the current one that have epochs to train."""
+        current = self._stage.name if self._stage else None
+        return [(epochs, group) for name, (epochs, group) in self.plan.items()
+                if name != current and name not in self._finished and epochs > 0]
+
+    def _rate_of(self, group: str, elapsed: float) -> tuple[float, float]:
+        """(batches, seconds) measured for ``group``: its finished stages', plus the current one if it trains it."""
+        batches, seconds = self._measured.get(group, [0.0, 0.0])
+        if self._stage is not None and group == self._stage.group:
+            batches, seconds = batches + self._stage.batches, seconds + elapsed
+        return (batches, seconds) if batches and seconds > 0 else (0.0, 0.0)
+
+    def _eta_text(self, stage_left: float | None, run_left: float | None, bar: bool = False) -> str:
+        """``ETA stage 0:12, run 1:05``: each part while something is left of it; empty before a rate is known.
+
+        With stages to come whose speed is not known yet: ``run >0:12 (38 student epochs not timed yet)``
+        (on the bar: ``run >0:12``).
+        """
         if stage_left is None:
             return ""
         parts = [f"{'' if bar else 'stage '}{clock_text(stage_left)}"] if stage_left > 0 or bar else []
-        if run_left is not None and run_left > stage_left:  # stages to come after this one
+        untimed = self.untimed()
+        if untimed:
+            what = ", ".join(f"{epochs} {group} epoch{'s' if epochs != 1 else ''}" for group, epochs in untimed.items())
+            if run_left >= 1:
+                parts.append(f"run >{clock_text(run_left)}" + ("" if bar else f" ({what} not timed yet)"))
+            else:
+                parts.append("run ?" if bar else f"run: {what} not timed yet")
+        elif run_left is not None and run_left > stage_left:  # stages to come after this one
             parts.append(f"run {clock_text(run_left)}")
         return f"ETA {', '.join(parts)}" if parts else ""

@@ -69,8 +69,10 @@ def test_stderr_to_a_file_gets_one_plain_line_per_epoch(tiny_dir):
     # the learning rate is the one the epoch trained with: cosine over 2 epochs from 0.05 (0.01 when pruning)
     assert "lr 0.05 " in epoch_lines[0] and "lr 0.025 " in epoch_lines[1]
     assert "lr 0.01 " in epoch_lines[-2] and "lr 0.005 " in epoch_lines[-1]
-    # the first epoch of a stage has measured a rate: it says what is left of the stage and of the run
-    assert re.search(r"ETA stage \d+:\d\d, run \d+:\d\d$", epoch_lines[0]), epoch_lines[0]
+    # the first epoch of a stage has measured a rate: it says what is left of the stage and of the run; the
+    # teacher's rate is not taken for the student's
+    assert epoch_lines[0].endswith(" 6 student epochs not timed yet"), epoch_lines[0]
+    assert re.search(r"ETA stage \d+:\d\d, run \d+:\d\d$", epoch_lines[2]), epoch_lines[2]  # student, 1/2
     assert "ETA" not in epoch_lines[-1]  # nothing left
     assert not [line for line in lines if not line.strip()], "blank lines in the log"
     # per stage: a start line, its epochs, an end line; plus the cache line and the report line
@@ -171,13 +173,15 @@ def test_run_eta_covers_the_stages_to_come_at_their_models_rate():
         progress.end_epoch(_record(1))
         stage_left, run_left = progress.eta()
         assert stage_left == pytest.approx(10.0)
-        # no student stage measured yet: its 3 epochs at the run's rate so far
-        assert run_left == pytest.approx(10.0 + 300 / 10)
+        # no student stage measured yet: its 3 epochs are not guessed from the teacher's speed
+        assert run_left == pytest.approx(10.0)
+        assert progress.untimed() == {"student": 3}
         progress.begin_epoch(1)
         clock.now = 20.0
         progress.end_epoch(_record(2))
     assert "teacher epoch 1/2  loss 0.5000  train acc 0.8000  test acc 0.7500  lr 0.0125  (10.0 s)  " \
-           "ETA stage 0:10, run 0:40" in buf.getvalue()
+           "ETA stage 0:10, run >0:10 (3 student epochs not timed yet)" in buf.getvalue()
+    assert buf.getvalue().splitlines()[1].endswith("(10.0 s)  ETA run: 3 student epochs not timed yet")
     with progress.stage("distilled", epochs=2, first_epoch=0, batches_per_epoch=100):
         progress.begin_epoch(0)
         clock.now = 22.0  # the student: 50 batches a second
@@ -185,6 +189,12 @@ def test_run_eta_covers_the_stages_to_come_at_their_models_rate():
         stage_left, run_left = progress.eta()
         assert stage_left == pytest.approx(2.0)
         assert run_left == pytest.approx(2.0 + 100 / 50)  # pruned trains the student: its rate, not the teacher's
+        assert progress.untimed() == {}
+    with progress.stage("pruned", epochs=1, first_epoch=0, batches_per_epoch=100):
+        progress.begin_epoch(0)
+        clock.now = 25.0
+        progress.advance(50)  # 50 batches in 3 s: this stage's own rate now, not distilled's
+        assert progress.eta() == (pytest.approx(3.0), pytest.approx(3.0))
 
 
 def test_a_resumed_stage_counts_only_the_epochs_left():
