@@ -26,7 +26,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
     teacher's and the student's), not just the first; a :class:`ScheduleError`
     when the pruning steps do not fit in retraining, planned in batches exactly
     as the pruning stage will (:func:`kdcompress.prune.plan_schedule`, on one
-    process).
+    process); a :class:`~kdcompress.errors.MissingPackageError` when
+    ``report.tensorboard`` is on and tensorboard is not installed.
     """
     input_shape, num_classes, train_size = dataset_summary(recipe.data)
     counts = {}
@@ -47,6 +48,10 @@ def check_recipe(recipe: Recipe) -> list[str]:
         from .export import check_formats
 
         check_formats(recipe.export.formats)
+    if recipe.report.tensorboard:  # likewise: stop before training, not at the end of the first epoch
+        from .progress import tensorboard_writer_class
+
+        tensorboard_writer_class()
     p = recipe.prune
     bpe = batches_per_epoch(train_size, recipe.data.batch_size)
     try:
@@ -71,7 +76,9 @@ def check_recipe(recipe: Recipe) -> list[str]:
          f"prune: {p.scope} magnitude to sparsity {p.target_sparsity}, {p.epochs} epochs of retraining"),
         f"prune schedule: {schedule.describe()}",
     ] + ([f"export: {', '.join(recipe.export.formats)} of the {recipe.export.stage} stage, to "
-          f"{recipe.run_dir / 'export'}"] if recipe.export.formats else [])
+          f"{recipe.run_dir / 'export'}"] if recipe.export.formats else []) + (
+        [f"tensorboard: scalars every epoch in {recipe.run_dir / 'tensorboard'}/<stage>"]
+        if recipe.report.tensorboard else [])
 
 
 def _loss_words(d) -> str:

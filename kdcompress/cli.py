@@ -63,6 +63,15 @@ ForceOpt = typer.Option(False, "--force", help="rerun stages even when their che
 RestartOpt = typer.Option(
     False, "--restart", help="start an interrupted stage over instead of resuming it from its last completed epoch"
 )
+QuietOpt = typer.Option(
+    False, "--quiet", "-q",
+    help="for scripts: print errors and the final summary only (no progress, epoch lines or per-stage messages)",
+)
+
+
+def _chatter(quiet: bool) -> Console:
+    """Where training's progress and per-stage messages go: stderr, or nowhere with --quiet (errors still print)."""
+    return Console(stderr=True, quiet=True) if quiet else err
 
 
 def _version(value: bool) -> None:
@@ -151,11 +160,16 @@ def _load(recipe: Optional[Path], overrides: Optional[List[str]]):
     return loaded
 
 
-def _stage_command(stage: str, recipe, overrides, force, restart) -> None:
-    from .pipeline import run_stage
+def _stage_command(stage: str, recipe, overrides, force, restart, quiet: bool = False) -> None:
+    from .pipeline import checkpoint_path, run_stage
 
     loaded = _load(recipe, overrides)
-    run_stage(loaded, stage, force=force, restart=restart, console=err)
+    metrics = run_stage(loaded, stage, force=force, restart=restart, console=_chatter(quiet))
+    if quiet:  # the stage's own closing line went with the rest: the summary is this one
+        err.print(
+            f"{stage}: test accuracy {metrics['test_accuracy']:.4f}, {metrics['nonzero_params']:,} of "
+            f"{metrics['params']:,} parameters non-zero ({checkpoint_path(loaded.run_dir, stage)})"
+        )
 
 
 def _add_stage_command(stage) -> None:
@@ -172,7 +186,7 @@ def _add_stage_command(stage) -> None:
             if kwargs.get(option) is not None:  # checked with the recipe, so a bad value gets its message
                 value = kwargs[option]
                 overrides.append(f"{key}={value!r}" if kind is float else f"{key}={value}")
-        _stage_command(stage.name, kwargs["recipe"], overrides, kwargs["force"], kwargs["restart"])
+        _stage_command(stage.name, kwargs["recipe"], overrides, kwargs["force"], kwargs["restart"], kwargs["quiet"])
 
     keyword = inspect.Parameter.KEYWORD_ONLY
     params = [inspect.Parameter("recipe", keyword, default=RecipeArg, annotation=Optional[Path])]
@@ -185,6 +199,7 @@ def _add_stage_command(stage) -> None:
         inspect.Parameter("set_", keyword, default=SetOpt, annotation=Optional[List[str]]),
         inspect.Parameter("force", keyword, default=ForceOpt, annotation=bool),
         inspect.Parameter("restart", keyword, default=RestartOpt, annotation=bool),
+        inspect.Parameter("quiet", keyword, default=QuietOpt, annotation=bool),
     ]
     command.__signature__ = inspect.Signature(params)
     command.__name__ = stage.command.replace("-", "_")
@@ -217,6 +232,7 @@ def run(
         help="run N seeds, run.seed to run.seed+N-1 (sets run.seeds): the teacher is trained once, every other "
         "stage per seed, in <run dir>/seeds/seed-S; the report gives mean ± std",
     ),
+    quiet: bool = QuietOpt,
 ):
     """Run every stage (skipping up-to-date ones), then write and print the report.
 
@@ -236,20 +252,20 @@ def run(
             raise KdcError("--seeds (run.seeds) runs one process per seed for now; drop --nproc, or run each seed "
                            "with --set run.seed=S --set teacher.seed=FIRST")
         first = run_seeds(recipe, list(set_ or []), list(loaded.run.seeds), force=force, restart=restart,
-                          console=err, load=_load)
+                          console=_chatter(quiet), load=_load)
         _report(first.run_dir)
         return
     if nproc > 1 and not distributed.launched_by_torchrun():
-        raise typer.Exit(_launch(nproc, recipe, set_, force, restart))
+        raise typer.Exit(_launch(nproc, recipe, set_, force, restart, quiet))
     try:
-        run_pipeline(loaded, force=force, restart=restart, console=err)
+        run_pipeline(loaded, force=force, restart=restart, console=_chatter(quiet))
         if distributed.is_main():
             _report(loaded.run_dir)
     finally:
         distributed.shutdown()
 
 
-def _launch(nproc: int, recipe, overrides, force: bool, restart: bool) -> int:
+def _launch(nproc: int, recipe, overrides, force: bool, restart: bool, quiet: bool = False) -> int:
     """Start ``torchrun --standalone --nproc_per_node=N -m kdcompress run ...``; return its exit code."""
     import subprocess
 
@@ -260,7 +276,8 @@ def _launch(nproc: int, recipe, overrides, force: bool, restart: bool) -> int:
         cmd += ["--set", item]
     cmd += ["--force"] if force else []
     cmd += ["--restart"] if restart else []
-    err.print(f"launching {nproc} processes: {' '.join(cmd[1:])}")
+    cmd += ["--quiet"] if quiet else []
+    _chatter(quiet).print(f"launching {nproc} processes: {' '.join(cmd[1:])}")
     return subprocess.call(cmd)
 
 
@@ -290,6 +307,7 @@ def export(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="sparse: fp16 or fp32 non-zeros (sets export.dtype)"),
     set_: Optional[List[str]] = SetOpt,
     force: bool = typer.Option(False, "--force", help="write artifacts again even when they are up to date"),
+    quiet: bool = QuietOpt,
 ):
     """Write a stage's model as files to ship (<run dir>/export/), load each back and measure it; then report.
 
@@ -305,7 +323,7 @@ def export(
         if value is not None:
             overrides.append(f"export.{key}={value}")
     loaded = _load(recipe, overrides)
-    export_stage(loaded, force=force, console=err)
+    export_stage(loaded, force=force, console=_chatter(quiet))
     _report(loaded.run_dir)
 
 
@@ -324,6 +342,7 @@ def sweep(
         help="run every point with N seeds, run.seed to run.seed+N-1 (as kdc run --seeds): the table gives means, "
         "and the distilled - student difference with its standard error",
     ),
+    quiet: bool = QuietOpt,
 ):
     """Run the recipe at every point of a grid, training the stages points share once; rank the points.
 
@@ -339,7 +358,7 @@ def sweep(
     set_ = list(set_ or [])
     if seeds is not None:
         set_.append(f"run.seeds=[{', '.join(map(str, seed_list(_load(recipe, set_).run.seed, seeds)))}]")
-    rows = run_sweep(recipe, grid, set_, force=force, console=err, load=_load)
+    rows = run_sweep(recipe, grid, set_, force=force, console=_chatter(quiet), load=_load)
     table = Table(title="kdc sweep: best distilled student first", title_justify="left")
     keys = [item.partition("=")[0].strip() for item in grid]
     for header in ["#", *keys, "student %", "distilled %", "distilled\n- student", "pruned %"]:

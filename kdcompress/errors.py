@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointError",
     "ArtifactError",
     "ScheduleError",
+    "MissingPackageError",
 ]
 
 
@@ -110,5 +111,11 @@ class ArtifactError(CheckpointError):
 
 class ScheduleError(KdcError):
     """A pruning schedule that does not fit in its retraining (see :func:`kdcompress.prune.plan_schedule`)."""
+
+    exit_code = 2
+
+
+class MissingPackageError(KdcError):
+    """The recipe asks for something that needs an optional package which is not installed."""
 
     exit_code = 2

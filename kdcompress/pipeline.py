@@ -43,6 +43,7 @@ from .distill import dkd_warmup_factor, get_loss, kd_loss, kd_loss_from_log_prob
 from .errors import CheckpointError, KdcError, StageOrderError
 from .measure import count_nonzero, count_params
 from .models import build_from_checkpoint, build_model, model_spec
+from .progress import RunProgress, tensorboard_writer_class
 from .prune import MagnitudePruner, Schedule, plan_schedule, prunable_weights, weight_sparsity
 from .recipe import Recipe, TrainSettings, recipe_to_dict
 from .stages import COMMAND_OF, STAGES, stage_named
@@ -283,16 +284,43 @@ def run_pipeline(
     """Run every enabled stage in order (or those named in ``stages``), skipping up-to-date ones unless ``force``;
     return stage metrics."""
     console = console or Console(stderr=True)
+    progress = RunProgress(console, _plan(recipe, force, restart, stages))
     results = {}
     for stage in STAGES:
         if (stages is not None and stage.name not in stages) or not stage.enabled(recipe):
             continue
-        results[stage.name] = run_stage(recipe, stage.name, force=force, restart=restart, console=console)
+        results[stage.name] = run_stage(recipe, stage.name, force=force, restart=restart, console=console,
+                                        progress=progress)
     if stages is None and recipe.export.formats and distributed.is_main():
         from .export import export_stage  # the export section's artifacts, made from the stage they name
 
         results["export"] = export_stage(recipe, force=force, console=console)
     return results
+
+
+def _plan(recipe: Recipe, force: bool, restart: bool, stages=None) -> dict[str, tuple[int, str]]:
+    """``{stage: (epochs it still has to train, model it trains)}`` for the stages a run goes through, in order.
+
+    What the run's time left is estimated from: an up-to-date stage trains none, an interrupted one the
+    epochs after its resume state. A stage whose state cannot be read counts all its epochs.
+    """
+    plan = {}
+    for stage in STAGES:
+        if (stages is not None and stage.name not in stages) or not stage.enabled(recipe):
+            continue
+        epochs = stage.epochs(recipe)
+        if not force:
+            try:
+                status = stage_status(recipe, stage.name)
+                if status.done:
+                    epochs = 0
+                elif not restart and _stale_dependency(recipe, stage.name) is None:
+                    done = resume_epoch(recipe, stage.name, _upstream_fingerprints(recipe, stage.name))
+                    epochs = max(0, epochs - (done or 0))
+            except KdcError:  # a damaged checkpoint: run_stage says what to do about it
+                pass
+        plan[stage.name] = (epochs, stage.trains)
+    return plan
 
 
 @dataclass
@@ -307,6 +335,7 @@ class _StageContext:
     metrics_path: Path
     state_path: Path
     tag: str
+    progress: RunProgress | None = None  # the run's, so the time left covers the stages to come
 
 
 RUN_FORMAT = 1  # bump when a run directory's layout changes incompatibly
@@ -345,18 +374,21 @@ def _mark_run_dir(run_dir: Path) -> None:
 
 
 def run_stage(
-    recipe: Recipe, stage: str, force: bool = False, restart: bool = False, console: Console | None = None
+    recipe: Recipe, stage: str, force: bool = False, restart: bool = False, console: Console | None = None,
+    progress: RunProgress | None = None,
 ) -> dict:
     """Run one stage, resuming an interrupted one; skip it when up to date unless ``force``.
 
-    ``restart`` drops the resume state of an unfinished stage and starts it over.
-    Returns the stage's metrics.
+    ``restart`` drops the resume state of an unfinished stage and starts it over. ``progress``: the run's
+    progress display (:func:`run_pipeline` passes one that knows the stages to come); else the stage
+    shows its own. Returns the stage's metrics.
     """
     console = console or Console(stderr=True)
     device = distributed.init(resolve_device(recipe.run.device))
     main = distributed.is_main()
     if not main:  # one voice: rank 0 speaks for all
         console = Console(stderr=True, quiet=True)
+        progress = None
     run_dir = recipe.run_dir
     _check_run_dir(run_dir)
     distributed.barrier()  # every rank checks the run directory before rank 0 writes into it
@@ -408,7 +440,8 @@ def run_stage(
         f"[bold]{stage}[/]: training on {data.name} ({len(data.train)} train, {len(data.test)} test) on {device}"
     )
     started = time.perf_counter()
-    ctx = _StageContext(recipe, stage, data, device, console, stage_dir / "metrics.jsonl", state_path, fingerprint)
+    ctx = _StageContext(recipe, stage, data, device, console, stage_dir / "metrics.jsonl", state_path, fingerprint,
+                        progress)
     model, spec, history, extra = _RUN[stage](ctx)
     extra = dict(extra)
     structure = extra.pop("structure", None)  # a structurally pruned model's shapes, replayed when it is loaded
@@ -634,28 +667,73 @@ def _augment(recipe: Recipe) -> Augment | None:
 
 def _fit(ctx: _StageContext, model, loss, settings: TrainSettings, hooks=()):
     recipe = ctx.recipe
-    return fit(
-        model,
-        loss,
-        ctx.data,
-        settings,
-        batch_size=recipe.data.batch_size,
-        eval_batch_size=recipe.data.eval_batch_size,
-        device=ctx.device,
-        seed=stage_seed(recipe, ctx.stage),
-        stage=ctx.stage,
-        metrics_path=ctx.metrics_path,
-        hooks=hooks,
-        console=ctx.console,
-        state_path=ctx.state_path,
-        state_tag=ctx.tag,
-        runtime=Runtime(
-            precision=recipe.run.precision,
-            channels_last=recipe.run.channels_last,
-            compile=recipe.run.compile,
-            augment=_augment(recipe),
-        ),
-    )
+    # last: resume states list the hooks in order, and this one keeps no state
+    board = [_TensorBoard(recipe.run_dir / "tensorboard" / ctx.stage)] if (
+        recipe.report.tensorboard and distributed.is_main()) else []
+    try:
+        return fit(
+            model,
+            loss,
+            ctx.data,
+            settings,
+            batch_size=recipe.data.batch_size,
+            eval_batch_size=recipe.data.eval_batch_size,
+            device=ctx.device,
+            seed=stage_seed(recipe, ctx.stage),
+            stage=ctx.stage,
+            metrics_path=ctx.metrics_path,
+            hooks=[*hooks, *board],
+            console=ctx.console,
+            state_path=ctx.state_path,
+            state_tag=ctx.tag,
+            runtime=Runtime(
+                precision=recipe.run.precision,
+                channels_last=recipe.run.channels_last,
+                compile=recipe.run.compile,
+                augment=_augment(recipe),
+            ),
+            progress=ctx.progress,
+        )
+    finally:
+        for writer in board:
+            writer.close()
+
+
+class _TensorBoard(Hook):
+    """Writes every epoch's metrics as TensorBoard scalars to ``log_dir`` (``report.tensorboard: true``).
+
+    Tags: ``loss/train``, ``loss/test`` (``loss/val`` with a validation split), ``accuracy/...``, ``lr``,
+    ``sparsity`` when pruning, ``seconds``; the step is the epoch. A stage that starts over (from epoch 1)
+    first removes the event files an earlier run of it left, so its curves are not drawn twice; a resumed
+    one adds to them.
+    """
+
+    _SKIP = ("stage", "epoch", "pruning_steps")
+
+    def __init__(self, log_dir: Path):
+        self.writer_class = tensorboard_writer_class()  # check_recipe has checked; this names it for fit's users
+        self.log_dir = Path(log_dir)
+        self.writer = None
+
+    def on_epoch_end(self, record: dict) -> None:
+        if self.writer is None:
+            if record["epoch"] == 1 and self.log_dir.is_dir():
+                for old in self.log_dir.glob("events.out.tfevents.*"):
+                    old.unlink()
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = self.writer_class(log_dir=str(self.log_dir))
+        for key, value in record.items():
+            if key in self._SKIP or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            split, _, what = key.partition("_")
+            tag = f"{what}/{split}" if what in ("loss", "accuracy") and split in ("train", "val", "test") else key
+            self.writer.add_scalar(tag, value, record["epoch"])
+        self.writer.flush()  # an interrupted run keeps the epochs it finished
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def _stage_teacher(ctx: _StageContext):

@@ -310,6 +310,13 @@ class ReportSection:
     latency_batch: Optional[int] = field(
         default=None, metadata=_range(lo=1, doc="deprecated: one batch size; use latency_batches")
     )
+    # omit_default: added after run directories existed. No stage reads this section today; marked like the
+    # other late keys so that a stage that ever comes to read it keeps its fingerprint while it is false.
+    tensorboard: bool = field(
+        default=False,
+        metadata={**_doc("also write TensorBoard scalars every epoch to <run dir>/tensorboard/<stage>/ (needs "
+                         "`pip install tensorboard`)"), "omit_default": True},
+    )
 
 
 @dataclass(frozen=True)

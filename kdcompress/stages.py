@@ -42,6 +42,8 @@ class Stage:
     ``kdc run`` runs it. ``run`` names the function in :mod:`kdcompress.pipeline` that trains it and
     returns ``(model, spec, history, extra metrics)``.
     ``options`` are CLI shortcuts for recipe keys: ``(option name, dotted key, help, float or str)``.
+    ``epochs(recipe)`` is how many epochs it trains (0: not trained) and ``trains`` which model, ``teacher`` or
+    ``student``: the run's progress display estimates the time left from them.
     """
 
     name: str
@@ -56,6 +58,8 @@ class Stage:
     options: tuple[tuple[str, str, str, type], ...] = ()
     # what the stage is made from beyond ``reads``: (resolved recipe, inputs read) -> the inputs
     refine_inputs: Callable[[dict, dict], dict] = lambda recipe, found: found
+    epochs: Callable[[Recipe], int] = lambda recipe: 0
+    trains: str = "student"  # stages that train the same model run at about the same batches per second
 
     def inputs(self, recipe: dict) -> dict:
         """``{dotted key: value}`` of what this stage reads, from a resolved recipe dict."""
@@ -159,6 +163,8 @@ STAGES: tuple[Stage, ...] = (
         reads=COMMON_READS + ("teacher",),
         run="_stage_teacher",
         refine_inputs=_teacher_inputs,
+        epochs=lambda recipe: 0 if recipe.teacher.checkpoint else recipe.teacher.epochs,
+        trains="teacher",
     ),
     Stage(
         name="student",
@@ -169,6 +175,7 @@ STAGES: tuple[Stage, ...] = (
         reads=COMMON_READS + ("student.model", "student.args") + _TRAIN,
         run="_stage_student",
         enabled=lambda recipe: recipe.student.baseline,
+        epochs=lambda recipe: recipe.distill.epochs,
     ),
     Stage(
         name="distilled",
@@ -180,6 +187,7 @@ STAGES: tuple[Stage, ...] = (
         reads=COMMON_READS + ("student.model", "student.args", "distill"),
         run="_stage_distilled",
         upstream=lambda recipe: ("teacher",),
+        epochs=lambda recipe: recipe.distill.epochs,
     ),
     Stage(
         name="pruned",
@@ -193,6 +201,7 @@ STAGES: tuple[Stage, ...] = (
                               "distill.dkd_beta", "distill.loss_args"),
         run="_stage_pruned",
         upstream=lambda recipe: ("distilled", "teacher") if recipe.prune.distill else ("distilled",),
+        epochs=lambda recipe: recipe.prune.epochs,
         options=(
             ("rate", "prune.rate", "fraction of the still-non-zero prunable weights removed at each pruning step",
              float),

@@ -23,13 +23,13 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 from .checkpoint import append_jsonl, atomic_write_text, save_state
 from . import distributed
 from .data import Augment, DataSplits, TensorData
 from .errors import CheckpointError, KdcError, describe
+from .progress import RunProgress
 from .recipe import TrainSettings
 
 __all__ = ["fit", "evaluate", "device_words", "recalibrate_batchnorm", "has_batchnorm", "Hook", "make_optimizer", "make_scheduler", "resolve_device", "seed_everything", "Runtime"]
@@ -56,6 +56,9 @@ class Hook:
     def epoch_metrics(self) -> dict:
         """Extra values recorded with each epoch's metrics."""
         return {}
+
+    def on_epoch_end(self, record: dict) -> None:
+        """After an epoch, with its complete metrics record (what metrics.jsonl gets), on every process."""
 
     def state_dict(self) -> dict:
         """What the hook needs to resume (tensors and plain data only)."""
@@ -227,19 +230,6 @@ def recalibrate_batchnorm(
     return used
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-
-
 def _rng_state() -> dict:
     """Every RNG a training step touches, as tensors and plain data (safe for weights_only loading)."""
     import random
@@ -377,6 +367,7 @@ def fit(
     state_path: Path | None = None,
     state_tag: str = "",
     runtime: Runtime = Runtime(),
+    progress: RunProgress | None = None,
 ) -> list[dict]:
     """Train ``model`` in place for ``settings.epochs`` epochs; return one metrics dict per epoch.
 
@@ -400,12 +391,18 @@ def fit(
     Under torch.distributed (see :mod:`kdcompress.distributed`) each rank
     trains a DistributedDataParallel copy on its shard, with ``batch_size``
     split across ranks; only rank 0 writes files and prints.
+
+    ``progress`` shows the training (a bar on a terminal, a line per epoch, the time left); a run passes
+    one that knows its later stages, so the time left covers the whole run. Without it, one for this
+    stage alone is made on ``console``.
     """
     device = torch.device(device)
     main = distributed.is_main()
     console = console or Console(stderr=True)
     if not main:
         console = Console(stderr=True, quiet=True)
+        progress = None
+    progress = progress or RunProgress(console)
     world = distributed.world_size()
     per_rank_batch = max(1, batch_size // world)
     loop = _Loop(
@@ -420,7 +417,7 @@ def fit(
     if metrics_path is not None and main:  # the metrics file always matches the epochs the model has seen
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in loop.history))
     eval_name, eval_data = data.eval_split
-    with _progress(console) as progress:
+    with progress.stage(stage, settings.epochs, first_epoch, loop.batches_per_epoch):
         for epoch in range(first_epoch, settings.epochs):
             started = time.perf_counter()
             loss_sum, correct, seen = _train_epoch(loop, data.train, epoch, progress)
@@ -446,12 +443,9 @@ def fit(
                 _save_epoch_state(loop, epoch + 1)
             if metrics_path is not None and main:
                 append_jsonl(metrics_path, record)
-            extra = "".join(f"  {k} {v:.3f}" for k, v in record.items() if k == "sparsity")
-            console.print(
-                f"{stage} epoch {epoch + 1}/{settings.epochs}  loss {record['train_loss']:.4f}  "
-                f"train acc {record['train_accuracy']:.4f}  {eval_name} acc {result['accuracy']:.4f}{extra}  "
-                f"({record['seconds']:.1f} s)"
-            )
+            for hook in loop.hooks:
+                hook.on_epoch_end(record)
+            progress.end_epoch(record, eval_name)
     if any(math.isnan(p.detach().sum().item()) for p in model.parameters()):
         raise KdcError(f"{stage}: the weights hold NaN after training; lower the learning rate")
     if runtime.channels_last and device.type == "cuda":  # checkpoints keep the default layout
@@ -553,14 +547,14 @@ def _rebuild_optimizer(loop: _Loop) -> None:
         group["lr"] = lr
 
 
-def _train_epoch(loop: _Loop, train: TensorData, epoch: int, progress: Progress) -> tuple[float, float, float]:
+def _train_epoch(loop: _Loop, train: TensorData, epoch: int, progress: RunProgress) -> tuple[float, float, float]:
     """One pass over the training split; returns (loss sum, correct, samples) summed over all ranks."""
     settings, device, runtime = loop.settings, loop.device, loop.runtime
     cuda = device.type == "cuda"
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if cuda and runtime.precision == "bf16" else contextlib.nullcontext()
     )
-    task = progress.add_task(f"{loop.stage} {epoch + 1}/{settings.epochs}", total=loop.batches_per_epoch, status="")
+    progress.begin_epoch(epoch)
     loop.net.train()
     generator = torch.Generator().manual_seed(loop.seed * 100_003 + epoch)
     epoch_start_step = loop.step
@@ -590,9 +584,8 @@ def _train_epoch(loop: _Loop, train: TensorData, epoch: int, progress: Progress)
         if tally.pending >= _CHECK_EVERY:
             _check_losses(tally, loop.step, epoch, loop.batches_per_epoch, loop.stage, settings, loop.state_path)
             if loop.main:
-                progress.update(task, completed=loop.step - epoch_start_step, status=tally.status())
+                progress.advance(loop.step - epoch_start_step, tally.status())
     _check_losses(tally, loop.step, epoch, loop.batches_per_epoch, loop.stage, settings, loop.state_path)
-    progress.remove_task(task)
     loss_sum, correct, seen = distributed.all_reduce_sum([tally.loss_sum, tally.correct, float(tally.seen)], device)
     return loss_sum, correct, seen
 
