@@ -68,6 +68,7 @@ CHART_STYLE = {
     "grid.color": "#e6e6e6",
     "grid.linewidth": 0.6,
     "axes.spines.top": False,
+    "axes.spines.right": False,
     "lines.linewidth": 1.4,
     "lines.markersize": 4,
 }
@@ -88,7 +89,7 @@ th,td{padding:.22rem .5rem;border-bottom:1px solid #e5e5e5;text-align:right;whit
 th{background:#f6f6f6;font-weight:600}
 th.l,td.l{text-align:left}
 td.wrap{white-space:normal;min-width:16rem;text-align:left}
-figure{margin:.8rem 0}
+figure{margin:.8rem 0;max-width:100%}
 figure svg{display:block;max-width:100%;height:auto}
 figcaption,.note{font-size:.8rem;color:#555}
 .charts{display:flex;flex-wrap:wrap;gap:.5rem 1.5rem}
@@ -105,7 +106,7 @@ a{color:inherit;text-decoration:none}
 table{font-size:7.5pt}
 th,td{white-space:normal}
 pre{white-space:pre-wrap;font-size:7pt}
-figure,table,pre,.charts>figure{break-inside:avoid}
+figure,table,pre{break-inside:avoid}
 h2,h3{break-after:avoid}
 }
 """
@@ -197,45 +198,75 @@ def _percent(value) -> float:
 LABEL_SIZE = 6.5  # points
 
 
+CHAR_WIDTH = 0.62  # DejaVu Sans's mean advance in ems, a little generous: a margin rather roomy than cut
+LEGEND_ROW = 0.22  # inches a row of a legend below the axes takes
+
+
+def _text_inches(text, size: float) -> float:
+    """About how wide ``text`` is at ``size`` points, in inches."""
+    return CHAR_WIDTH * size * len(str(text)) / 72
+
+
+def _short(text, limit: int) -> str:
+    """``text`` cut in the middle to at most ``limit`` characters (long layer or class names on an axis)."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit // 2 - 1] + "…" + text[-(limit - limit // 2):]
+
+
+def _frame(fig: Figure, left=0.62, right=0.15, bottom=0.5, top=0.3, gap=0.0, columns=1) -> None:
+    """Place the subplots with fixed margins, in inches.
+
+    Matplotlib's constrained layout would find the margins itself, but it measures every text of a figure to do
+    so, which doubled the time a report's charts take; and a report is written after every run.
+    """
+    width, height = fig.get_size_inches()
+    axes_width = (width - left - right - gap * (columns - 1)) / columns
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=gap / axes_width if columns > 1 else None)
+
+
+def _legend_below(fig: Figure, handles=None, labels=None, columns: int = 4) -> None:
+    args = () if handles is None else (handles, labels)
+    fig.legend(*args, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncols=columns, frameon=False,
+               handletextpad=0.4, columnspacing=1.2, borderaxespad=0.2)
+
+
 def _boxes_overlap(a, b) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _place_labels(fig: Figure, ax, items: list[tuple[float, float, str, str]]) -> None:
-    """Label each point (x, y, text, colour) beside it, on the first side where the label overlaps no other.
+    """Label each point (x, y, text, colour) beside it, on the first side where the label stays inside the axes
+    and overlaps no other label.
 
-    Where every side is taken and the same text is already written close by (two runs' equal points), the label
-    is left out rather than written over the other. Positions come from the final layout, so the axis limits must
-    be set before.
+    A label whose text is already written next to a point close by (two runs' points of the same stage) is left
+    out: the points' colours tell the runs apart. The margins and axis limits must be set before.
     """
-    fig.draw_without_rendering()  # runs the constrained layout: the points' places on the page are final
+    ax.get_xlim(), ax.get_ylim()  # brings autoscaled limits up to date: transData reads them as they stand
     scale = 72 / fig.dpi
-    width, height = 0.6 * LABEL_SIZE, LABEL_SIZE  # per character; a label's height, in points
-    placed: list[tuple[float, float, float, float, str]] = []
+    frame = [v * scale for v in ax.get_window_extent().extents]
+    height = LABEL_SIZE
+    placed: list[tuple[float, float, float, float, str, float, float]] = []
     for x, y, text, colour in items:
         if not (math.isfinite(x) and math.isfinite(y)):
             continue
         px, py = (v * scale for v in ax.transData.transform((x, y)))
-        w = width * len(str(text))
+        w = _text_inches(text, LABEL_SIZE) * 72
+        if any(other[4] == text and abs(other[5] - px) < 12 and abs(other[6] - py) < 2 * height for other in placed):
+            continue
         sides = [(4, 2, "left"), (4, -2 - height, "left"), (-4, 2, "right"), (-4, -2 - height, "right"),
                  (4, 2 + height, "left"), (4, -2 - 2 * height, "left")]
-        choice = None
+        choices = []
         for dx, dy, ha in sides:
             left = px + dx if ha == "left" else px + dx - w
             box = (left, py + dy, left + w, py + dy + height)
-            if not any(_boxes_overlap(box, other[:4]) for other in placed):
-                choice = (dx, dy, ha, box)
-                break
-        if choice is None:
-            if any(other[4] == text and abs(other[0] - px) < 3 * w and abs(other[1] - py) < 4 * height
-                   for other in placed):
-                continue
-            dx, dy, ha = sides[0]
-            choice = (dx, dy, ha, (px + dx, py + dy, px + dx + w, py + dy + height))
-        dx, dy, ha, box = choice
+            inside = box[0] >= frame[0] and box[2] <= frame[2] and box[1] >= frame[1] and box[3] <= frame[3]
+            free = not any(_boxes_overlap(box, other[:4]) for other in placed)
+            choices.append((not (inside and free), not inside, (dx, dy, ha, box)))
+        dx, dy, ha, box = min(choices, key=lambda c: c[:2])[2]  # the first free side inside; else inside; else right
         ax.annotate(_label(text), (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=LABEL_SIZE,
                     color=colour, ha=ha, va="bottom")
-        placed.append((*box, text))
+        placed.append((*box, text, px, py))
 
 
 def _points(report: dict) -> list[dict]:
@@ -258,8 +289,9 @@ def _size_chart(report: dict, charts: _Charts) -> str | None:
     if not points:
         return None
     with _style():
-        fig = Figure(figsize=(6.4, 3.4), layout="constrained")
+        fig = Figure(figsize=(6.4, 3.4))
         ax = fig.add_subplot()
+        _frame(fig)
         for p in points:
             x, y = p["bytes"], _percent(p["accuracy"])
             ax.errorbar([x], [y], yerr=None if p["se"] is None else [p["se"] * 100], fmt=p["marker"],
@@ -294,8 +326,9 @@ def _latency_chart(report: dict, batch: int, charts: _Charts) -> str | None:
     if not points:
         return None
     with _style():
-        fig = Figure(figsize=(6.4, 3.2), layout="constrained")
+        fig = Figure(figsize=(6.4, 3.2))
         ax = fig.add_subplot()
+        _frame(fig)
         for p, ms, xerr in points:
             y = _percent(p["accuracy"])
             ax.errorbar([ms], [y], xerr=xerr, yerr=None if p["se"] is None else [p["se"] * 100], fmt=p["marker"],
@@ -326,7 +359,7 @@ def _curve_chart(row: dict, charts: _Charts) -> str | None:
 
     marker = "o" if len(curve) < 25 else None
     with _style():
-        fig = Figure(figsize=(6.4, 2.5), layout="constrained")
+        fig = Figure(figsize=(4.8, 2.5))  # two side by side on a wide screen
         loss_ax, acc_ax = fig.subplots(1, 2)
         loss_ax.plot(epochs, series("train_loss"), marker=marker, color="#4c72b0", label="train")
         loss_ax.plot(epochs, series(f"{split}_loss"), marker=marker, color="#dd8452", label=split)
@@ -350,7 +383,9 @@ def _curve_chart(row: dict, charts: _Charts) -> str | None:
             ax.set_xlabel("epoch")
             if len(set(epochs)) < 8:
                 ax.set_xticks(sorted(set(epochs)))
-        fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
+        _frame(fig, left=0.45, right=0.5 if len(labels) > 2 else 0.15, bottom=0.45 + LEGEND_ROW, top=0.28,
+               gap=0.45, columns=2)
+        _legend_below(fig, handles, labels, columns=len(labels))
         return charts.svg(fig, f"training curves of the {stage} stage")
 
 
@@ -364,7 +399,7 @@ def _layers_chart(row: dict, charts: _Charts) -> tuple[str | None, str]:
         note = f"The first {MAX_LAYERS_SHOWN} of {len(layers)} layers. "
         layers = layers[:MAX_LAYERS_SHOWN]
     kind = "channels" if any(layer.get("kind") == "channels" for layer in layers) else "weights"
-    names = [_label(layer.get("name") or "?") for layer in layers][::-1]  # first layer on top
+    names = [_label(_short(layer.get("name") or "?", 36)) for layer in layers][::-1]  # first layer on top
     shares, texts = [], []
     for layer in layers[::-1]:
         kept, total = layer.get("kept"), layer.get("total")
@@ -372,16 +407,22 @@ def _layers_chart(row: dict, charts: _Charts) -> tuple[str | None, str]:
         shares.append(share)
         texts.append(f"{_number(kept)} / {_number(total)}" if total else f"{_number(kept)} (dense size unknown)")
     with _style():
-        fig = Figure(figsize=(6.4, 0.8 + 0.22 * len(layers)), layout="constrained")
+        fig = Figure(figsize=(6.4, 0.8 + 0.22 * len(layers)))
         ax = fig.add_subplot()
+        left = 0.2 + max(_text_inches(n, 7) for n in names)
+        _frame(fig, left=left, bottom=0.45, top=0.28)
+        # the counts are written right of the 100 % mark: the axis goes on as far as the longest needs
+        room = (max(_text_inches(t, LABEL_SIZE) for t in texts) + _text_inches("100.0%  ", LABEL_SIZE) + 0.05) / (
+            6.4 - left - 0.15)
+        xmax = 101 / (1 - min(room, 0.6))
         ax.barh(range(len(layers)), [100] * len(layers), color="#eeeeee", height=0.7)
         ax.barh(range(len(layers)), [0 if math.isnan(s) else s for s in shares], color=_colour(row.get("stage")),
                 height=0.7)
         for i, (share, text) in enumerate(zip(shares, texts)):
             shown = "" if math.isnan(share) else f"{share:.1f}%  "
-            ax.text(101, i, _label(shown + text), va="center", fontsize=6.5)
+            ax.text(101, i, _label(shown + text), va="center", fontsize=LABEL_SIZE)
         ax.set_yticks(range(len(layers)), names)
-        ax.set_xlim(0, 135)
+        ax.set_xlim(0, xmax)
         ax.set_xticks([0, 25, 50, 75, 100])
         ax.grid(axis="y", visible=False)
         ax.set_xlabel(f"{kind} kept (%)")
@@ -393,27 +434,33 @@ def _layers_chart(row: dict, charts: _Charts) -> tuple[str | None, str]:
 def _per_class_chart(rows: list[dict], classes: list[str], shown: list[int], charts: _Charts) -> str:
     width = 0.8 / len(rows)
     with _style():
-        fig = Figure(figsize=(max(6.4, 0.3 * len(shown) * len(rows) / 2), 3.0), layout="constrained")
+        names = [_label(_short(classes[i], 24)) for i in shown]
+        angle = 35 if len(shown) <= 12 else 65
+        # the class names are written at an angle: their height below the axis
+        below = max(_text_inches(n, 7) for n in names) * math.sin(math.radians(angle)) + 7 / 72 * math.cos(
+            math.radians(angle))
+        fig = Figure(figsize=(min(9.6, max(6.4, 0.06 * len(shown) * len(rows) + 1)), 2.4 + below))
         ax = fig.add_subplot()
+        _frame(fig, bottom=0.15 + below + LEGEND_ROW, top=0.28)
         for k, r in enumerate(rows):
             accuracy = r["per_class"].get("accuracy") or []
             values = [_percent(accuracy[i]) if i < len(accuracy) else float("nan") for i in shown]
             ax.bar([i + (k - (len(rows) - 1) / 2) * width for i in range(len(shown))], values, width=width,
                    color=_colour(r["stage"]), label=_label(r["stage"]))
-        ax.set_xticks(range(len(shown)), [_label(classes[i]) for i in shown], rotation=35, ha="right",
-                      rotation_mode="anchor")
+        ax.set_xticks(range(len(shown)), names, rotation=angle, ha="right", rotation_mode="anchor")
         ax.set_ylim(0, 100)
         ax.grid(axis="x", visible=False)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("per-class test accuracy")
-        fig.legend(loc="outside lower center", ncols=len(rows), frameon=False)
+        _legend_below(fig, columns=len(rows))
         return charts.svg(fig, "per-class test accuracy of each stage")
 
 
 def _seeds_chart(rows: list[dict], charts: _Charts) -> str:
     with _style():
-        fig = Figure(figsize=(5.2, 2.6), layout="constrained")
+        fig = Figure(figsize=(5.2, 2.6))
         ax = fig.add_subplot()
+        _frame(fig, bottom=0.3, top=0.28)
         for i, r in enumerate(rows):
             accs = [_percent(e.get("accuracy")) for e in r.get("seeds") or []]
             colour = _colour(r.get("stage"))
@@ -432,8 +479,10 @@ def _seeds_chart(rows: list[dict], charts: _Charts) -> str:
 def _comparison_chart(comparison: dict, charts: _Charts) -> str | None:
     runs = comparison.get("runs") or []
     with _style():
-        fig = Figure(figsize=(6.8, 3.8), layout="constrained")
+        legend_rows = math.ceil(max(1, len(runs)) / 4)
+        fig = Figure(figsize=(6.8, 3.4 + LEGEND_ROW * legend_rows))
         ax = fig.add_subplot()
+        _frame(fig, bottom=0.5 + LEGEND_ROW * legend_rows)
         labels = []
         for n, run in enumerate(runs):
             colour = RUN_COLOURS[n % len(RUN_COLOURS)]
@@ -451,7 +500,7 @@ def _comparison_chart(comparison: dict, charts: _Charts) -> str | None:
         ax.set_xlabel("bytes on disk (log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("accuracy against size, every run: stages (circles), exported files (squares)")
-        fig.legend(title="run", loc="outside lower center", ncols=min(len(runs), 4), frameon=False, title_fontsize=7)
+        _legend_below(fig, columns=min(len(runs), 4))
         _place_labels(fig, ax, labels)
         return charts.svg(fig, "accuracy against bytes on disk, every run")
 
@@ -469,11 +518,16 @@ def _e(value) -> str:
 
 def _table(header: list[str] | None, rows: list[list[str]], left: int = 1) -> str:
     """A table (cells already escaped HTML) in a box that scrolls sideways on a narrow screen; the first
-    ``left`` columns are text, aligned left. No header row when ``header`` is None."""
+    ``left`` columns are text, aligned left. No header row when ``header`` is None. A row may end in a tuple
+    (html, n): one cell spanning n columns."""
     head = "" if header is None else "<thead><tr>" + "".join(
         f'<th{" class=l" if i < left else ""}>{h}</th>' for i, h in enumerate(header)) + "</tr></thead>"
     body = "".join(
         "<tr>" + "".join(f'<td{" class=l" if i < left else ""}>{c}</td>' for i, c in enumerate(row)) + "</tr>"
+        if not isinstance(row[-1], tuple) else
+        # a row that ends in (html, span): that cell spans the remaining columns (a refused file's reason)
+        "<tr>" + "".join(f'<td class=l>{c}</td>' for c in row[:-1])
+        + f'<td class=l colspan={row[-1][1]}>{row[-1][0]}</td></tr>'
         for row in rows
     )
     return f'<div class="scroll"><table>{head}<tbody>{body}</tbody></table></div>'
@@ -482,7 +536,10 @@ def _table(header: list[str] | None, rows: list[list[str]], left: int = 1) -> st
 def _figure(svg: str | None, caption: str, missing: str = "nothing to draw") -> str:
     if svg is None:
         return f'<p class="missing">{escape(missing)}</p>'
-    return f"<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>"
+    # as wide as its chart, so that the caption wraps under it and charts sit side by side where there is room
+    width = re.search(r'<svg[^>]*\swidth="([0-9.]+pt)"', svg)
+    style = f' style="width:{width.group(1)}"' if width else ""
+    return f"<figure{style}>{svg}<figcaption>{escape(caption)}</figcaption></figure>"
 
 
 def _missing(text: str = NOT_RECORDED) -> str:
@@ -549,8 +606,8 @@ def _artifact_table(report: dict) -> str:
         fmt = _e(a.get("format")) + (_e(" (" + ", ".join(f"{k} {v}" for k, v in options.items()) + ")")
                                      if options else "")
         if a.get("refused"):
-            body.append([name, _e(a.get("stage")), fmt, f'<span class="missing">refused: {_e(a["refused"])}</span>']
-                        + [""] * (4 + len(batches)))
+            body.append([name, _e(a.get("stage")), fmt,
+                         (f'<span class="missing">refused: {_e(a["refused"])}</span>', 5 + len(batches))])
             continue
         body.append([
             name, _e(a.get("stage")), fmt, "" if a.get("bytes") is None else _e(_bytes(a["bytes"])),
@@ -836,8 +893,8 @@ def render_comparison_html(comparison: dict) -> str:
         label = _e(r["label"]) if r["kind"] == "stage" else f"{_e(r['label'])} <small>(from {_e(r['stage'])})</small>"
         label += "*" if r["stale"] else ""
         if r["refused"]:
-            body.append([_e(r["run"]), label, _e(r["detail"]), f'<span class="missing">refused: {_e(r["refused"])}'
-                                                               f"</span>", "", "", "", "", ""])
+            body.append([_e(r["run"]), label, _e(r["detail"]),
+                         (f'<span class="missing">refused: {_e(r["refused"])}</span>', 6)])
             continue
         body.append([
             _e(r["run"]), label, _e(r["detail"]),
