@@ -19,7 +19,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["build_comparison", "comparison_markdown", "comparison_rows", "COMPARISON_SCHEMA_VERSION"]
+__all__ = ["build_comparison", "comparison_markdown", "comparison_rows", "latency_at", "COMPARISON_SCHEMA_VERSION"]
 
 # the comparison file's own layout (the runs' reports carry theirs in report["schema_version"])
 COMPARISON_SCHEMA_VERSION = 1

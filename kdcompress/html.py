@@ -3,8 +3,9 @@
 :func:`render_html` turns a report dict (report.json, :func:`kdcompress.report.build_report`) into a page;
 :func:`render_comparison_html` does the same for a comparison of several runs (:mod:`kdcompress.compare`).
 The page references nothing outside itself: no scripts, no style sheets, no fonts, no images to fetch. The
-charts are drawn with matplotlib (Agg, one ``Figure`` per chart, no pyplot state), written as SVG with text
-kept as text, every id in them prefixed so that several charts on one page never clash. Every key added by
+charts are drawn with matplotlib (one ``matplotlib.figure.Figure`` per chart, saved by its SVG backend: no
+pyplot state, no GUI backend), written as SVG with text kept as text, every id in them prefixed so that
+several charts on one page never clash. Every key added by
 report schema 1 (curves, per-class accuracy, layers, environment...) may be missing from an older report:
 its section then says "not recorded". Example::
 
@@ -138,11 +139,16 @@ def _inline_svg(text: str, prefix: str, title: str) -> str:
     others dropped: they are matplotlib's group names), one short local font list."""
     text = text[text.index("<svg"):]
     text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)
-    text = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", text)
-    used = set(re.findall(r'(?:url\(#|href="#)([^")]+)', text))
-    text = re.sub(r' id="([^"]+)"', lambda m: f' id="{prefix}{m.group(1)}"' if m.group(1) in used else "", text)
-    text = re.sub(r'(url\(#|href="#)([^")]+)', lambda m: f"{m.group(1)}{prefix}{m.group(2)}", text)
-    text = re.sub(r'font-family: [^;"]*', f"font-family: {CHART_FONTS}", text)
+    tags = re.compile(r"<[^>]*>")  # the edits touch tags only: a label's text is written as it is
+    used = {ref for tag in tags.findall(text) for ref in re.findall(r'(?:url\(#|href="#)([^")]+)', tag)}
+
+    def edit(match: re.Match) -> str:
+        tag = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", match.group(0))
+        tag = re.sub(r'\sid="([^"]+)"', lambda m: f' id="{prefix}{m.group(1)}"' if m.group(1) in used else "", tag)
+        tag = re.sub(r'(url\(#|href="#)([^")]+)', lambda m: f"{m.group(1)}{prefix}{m.group(2)}", tag)
+        return re.sub(r'font-family: [^;"]*', f"font-family: {CHART_FONTS}", tag)
+
+    text = tags.sub(edit, text)
     text = text.replace("<svg ", f'<svg role="img" aria-label="{escape(title)}" ', 1)
     return text.strip()
 

@@ -248,12 +248,14 @@ def test_every_text_is_escaped_in_tables_and_charts():
     report["stages"][0]["model"] = "<img src=x onerror=alert(2)>"
     report["artifacts"][0]["path"] = "export/a<b>&c.kdca"
     report["stages"][3]["layers"][0]["name"] = "net.<i>1</i> costs $5 and $6"  # '$..$' would be mathtext
+    report["stages"][3]["layers"][1]["name"] = 'fc url(#m1) id="x"'  # looks like the SVG's own ids
     page = render_html(report)
     assert "<script>" not in page and "<img" not in page and "<b>looks" not in page and "<i>" not in page
     assert "kdc report: &lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "&lt;img src=x onerror=alert(2)&gt;" in page
     assert ">a&lt;b&gt;&amp;c.kdca</text>" in page  # in the chart: matplotlib escapes SVG text
     assert ">net.&lt;i&gt;1&lt;/i&gt; costs $5 and $6</text>" in page  # drawn as written, not as maths
+    assert '>fc url(#m1) id="x"</text>' in page  # the ids are renamed in tags, never in a label's text
     assert "distilled &lt;b&gt;looks&lt;/b&gt; fine &amp; dandy" in page
     assert_self_contained(page)
 
