@@ -1352,9 +1352,12 @@ def report_markdown(report: dict) -> str:
 
 
 def write_report(run_dir: str | Path, latency: bool | None = None, threads: int | None = None) -> dict:
-    """Build the report and write ``report.json`` and ``report.md`` into ``run_dir`` (atomically)."""
+    """Build the report and write ``report.json``, ``report.md`` and ``report.html`` into ``run_dir`` (atomically)."""
+    from .html import render_html  # matplotlib is imported only when a report is written
+
     report = build_report(run_dir, latency=latency, threads=threads)
     run_dir = Path(run_dir)
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(run_dir / "report.md", report_markdown(report))
+    atomic_write_text(run_dir / "report.html", render_html(report))
     return report
