@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import KdcError
+from .errors import KdcError, UsageError
 
 app = typer.Typer(
     name="kdc",
@@ -281,17 +281,114 @@ def _launch(nproc: int, recipe, overrides, force: bool, restart: bool, quiet: bo
     return subprocess.call(cmd)
 
 
-def _report(run_dir: Path) -> None:
-    from rich.text import Text
+REPORT_FORMATS = ("table", "md", "json", "html", "all")
 
-    from .report import report_table, write_report
+
+def _report(run_dir: Path, fmt: str = "table", open_: bool = False) -> None:
+    """Write the run's report.json, report.md and report.html; show ``fmt`` on stdout (see `kdc report`)."""
+    import json
+
+    from .report import report_markdown, report_warnings, write_report
 
     report = write_report(run_dir)
+    files = {name: Path(run_dir) / f"report.{name}" for name in ("md", "json", "html")}
+    if fmt in ("table", "all"):
+        _print_report_table(report, report_warnings(report, run_dir))  # warnings naming this run's real path
+    elif fmt == "md":
+        _stdout_text(report_markdown(report))
+    elif fmt == "json":
+        _stdout_text(json.dumps(report, indent=2) + "\n")
+    elif fmt == "html":
+        _stdout_text(files["html"].read_text(encoding="utf-8"))
+    err.print(f"wrote {files['md']}, {files['json']} and {files['html']}")
+    if open_:
+        _open_in_browser(files["html"])
+
+
+def _print_report_table(report: dict, warnings: list[str]) -> None:
+    from rich.text import Text
+
+    from .report import report_table
+
     console = _stdout()
     console.print(report_table(report))
-    for warning in report["warnings"]:  # with the table, so they travel where it goes
+    for warning in warnings:  # with the table, so they travel where it goes
         console.print(Text.assemble(("warning", "bold yellow"), ": ", warning))
-    err.print(f"wrote {Path(run_dir) / 'report.md'} and {Path(run_dir) / 'report.json'}")
+
+
+def _stdout_text(text: str) -> None:
+    """Plain text to stdout, exactly as written (no rich markup or wrapping): for pipes and files."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _open_in_browser(path: Path) -> None:
+    """Open ``path`` in the user's browser when there is one; otherwise say so (the report is written anyway)."""
+    import webbrowser
+
+    try:
+        browser = webbrowser.get()
+    except webbrowser.Error:
+        err.print(f"no web browser found here (set $BROWSER to one); open {path} in a browser yourself")
+        return
+    if not browser.open(path.resolve().as_uri()):
+        err.print(f"the browser did not open; open {path} in a browser yourself")
+
+
+def _compare_reports(run_dirs: list[Path], out_dir: Path, fmt: str, open_: bool) -> None:
+    """Write each run's report, then one comparison of them all into ``out_dir``: report.json, .md and .html."""
+    import json
+
+    from .checkpoint import atomic_write_text
+    from .compare import build_comparison, comparison_markdown
+    from .html import render_comparison_html
+    from .report import write_report
+
+    reports = []
+    for run_dir in run_dirs:
+        report = write_report(run_dir)
+        reports.append((report.get("run_name") or report.get("recipe") or run_dir.name, report))
+    comparison = build_comparison(reports)
+    texts = {
+        "json": json.dumps(comparison, indent=2) + "\n",
+        "md": comparison_markdown(comparison),
+        "html": render_comparison_html(comparison),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        atomic_write_text(out_dir / f"report.{name}", text)
+    if fmt in ("table", "all"):
+        _stdout().print(_comparison_table(comparison))
+    else:
+        _stdout_text(texts[fmt])
+    err.print(f"compared {len(run_dirs)} runs: wrote {out_dir / 'report.md'}, {out_dir / 'report.json'} and "
+              f"{out_dir / 'report.html'}")
+    if open_:
+        _open_in_browser(out_dir / "report.html")
+
+
+def _comparison_table(comparison: dict):
+    """The comparison as a terminal table: one row per stage and per artifact of every run."""
+    from rich.table import Table
+
+    from .compare import LATENCY_BATCH, comparison_rows
+
+    names = ", ".join(run["name"] for run in comparison["runs"])
+    table = Table(title=f"kdc report: {names}", title_justify="left")
+    for header in ("run", "stage / file", "acc %", "bytes", "non-zero", f"ms @{LATENCY_BATCH}"):
+        table.add_column(header, justify="left" if header in ("run", "stage / file") else "right")
+    for r in comparison_rows(comparison):
+        if r["refused"]:
+            table.add_row(r["run"], r["label"], "refused", "", "", "")
+            continue
+        table.add_row(
+            r["run"], r["label"] + (" (stale)" if r["stale"] else ""),
+            "" if r["accuracy"] is None else f"{r['accuracy'] * 100:.2f}",
+            "" if r["bytes"] is None else f"{r['bytes']:,}",
+            "" if r["nonzero_params"] is None else f"{r['nonzero_params']:,}",
+            "" if r["latency_ms"] is None else f"{r['latency_ms']:.3f}",
+        )
+    return table
 
 
 @app.command()
@@ -381,26 +478,48 @@ def sweep(
 @app.command()
 @_friendly
 def report(
-    run_dir: Optional[Path] = typer.Argument(
+    run_dirs: Optional[List[Path]] = typer.Argument(
         None,
         help="run directory (runs/<run.name>; run.name defaults to the recipe file's name without .yaml); omit it "
-        "for the quickstart's",
+        "for the quickstart's; several, with --out, to compare them",
         show_default=False,
     ),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out", help="compare the runs into this folder: report.html, report.md and report.json",
+        show_default=False,
+    ),
+    format_: str = typer.Option(
+        "table", "--format", help="what to print: table, md, json, html, or all (the table; every file is written "
+        "whichever you choose)",
+    ),
+    open_: bool = typer.Option(False, "--open", help="open report.html in a web browser when there is one"),
 ):
     """Compare every stage of a run: accuracy, parameters, non-zeros, sparsity, bytes, MACs, latency at batch 1
-    and 64; flags a stage whose checkpoint is stale against the run's recipe.yaml.
+    and 64; flags a stage whose checkpoint is stale against the run's recipe.yaml. Writes report.json, report.md
+    and report.html (charts) into the run directory.
 
-    Example: kdc report runs/quickstart
+    Examples: kdc report runs/quickstart;  kdc report runs/quickstart --format md > report.md;  two runs side by
+    side: kdc report runs/quickstart runs/t2 --out cmp
     """
-    if run_dir is None:
-        run_dir = _load(None, None).run_dir
-    if not Path(run_dir).is_dir():
-        raise KdcError(
-            f"run directory not found: {run_dir}; run `kdc run RECIPE` first (it writes <run.out_dir>/<run.name>, "
-            f"by default runs/ and the recipe file's name without .yaml)"
-        )
-    _report(Path(run_dir))
+    if format_ not in REPORT_FORMATS:
+        raise UsageError(f"--format {format_!r} is not one of {', '.join(REPORT_FORMATS)}; e.g. --format html")
+    run_dirs = list(run_dirs or []) or [_load(None, None).run_dir]
+    for run_dir in run_dirs:  # every one checked before any report is written
+        if not Path(run_dir).is_dir():
+            raise UsageError(
+                f"run directory not found: {run_dir}; run `kdc run RECIPE` first (it writes <run.out_dir>/"
+                f"<run.name>, by default runs/ and the recipe file's name without .yaml)"
+            )
+    if len(run_dirs) > 1 and out_dir is None:
+        raise UsageError(f"{len(run_dirs)} run directories are compared into one folder: add --out DIR (e.g. "
+                       f"kdc report {' '.join(str(d) for d in run_dirs)} --out comparison)")
+    if out_dir is not None:
+        if any(Path(out_dir).resolve() == Path(d).resolve() for d in run_dirs):
+            raise UsageError(f"--out {out_dir} is one of the run directories; its report would be overwritten: choose "
+                           f"another folder")
+        _compare_reports([Path(d) for d in run_dirs], Path(out_dir), format_, open_)
+        return
+    _report(Path(run_dirs[0]), format_, open_)
 
 
 @app.command()

@@ -23,6 +23,7 @@ __all__ = [
     "ArtifactError",
     "ScheduleError",
     "MissingPackageError",
+    "UsageError",
 ]
 
 
@@ -117,5 +118,11 @@ class ScheduleError(KdcError):
 
 class MissingPackageError(KdcError):
     """The recipe asks for something that needs an optional package which is not installed."""
+
+    exit_code = 2
+
+
+class UsageError(KdcError):
+    """Command-line arguments that cannot work together or name nothing (a missing run directory, a bad option)."""
 
     exit_code = 2
