@@ -845,7 +845,7 @@ SECTIONS = (("stages", "Stages"), ("size", "Size"), ("latency", "Latency"), ("cu
 
 def _page(title: str, intro: str, sections: list[str]) -> str:
     present = [(key, label) for key, label in SECTIONS if any(f'<section id="{key}">' in s for s in sections)]
-    nav = "<nav>" + "".join(f'<a href="#{key}">{escape(label)}</a>' for key, label in present) + "</nav>"
+    nav = "<nav>" + " ".join(f'<a href="#{key}">{escape(label)}</a>' for key, label in present) + "</nav>"
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'

@@ -339,3 +339,47 @@ def test_headless_chromium_renders_every_chart(tiny_run, tmp_path):
         assert near > 20, f"no pixels of {colour}: the charts were not drawn"
     print(f"\nchromium: {seconds:.1f} s; report.html {page.stat().st_size:,} bytes; screenshot "
           f"{'x'.join(map(str, _png_size(shot)))} px, {shot.stat().st_size:,} bytes, {ink:.1%} ink")
+
+
+_MEASURE = """<script>
+window.addEventListener('load', () => {
+  const boxes = [...document.querySelectorAll('svg')].map(s => {
+    const r = s.getBoundingClientRect();
+    return [Math.round(r.width), Math.round(r.height), Math.round(r.left), Math.round(r.right)];
+  });
+  const out = document.createElement('pre');
+  out.id = 'kdc-measure';
+  out.textContent = JSON.stringify({svgs: boxes, innerWidth: window.innerWidth,
+                                    scrollWidth: document.documentElement.scrollWidth});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.mark.parametrize("width", [1200, 380])
+def test_every_chart_is_laid_out_visibly_on_a_wide_and_a_narrow_screen(tiny_run, tmp_path, width):
+    """Chromium lays the page out; a measuring script added to a copy (the report itself has none) reports
+    every chart's box: each must have a size and fit inside the window, and the page must not scroll sideways
+    on a phone-sized screen."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on PATH: install Debian's chromium (.ci/run does) to render report.html")
+    html = (tiny_run / "report.html").read_text(encoding="utf-8")
+    assert "<script" not in html.lower()
+    page = tmp_path / "measured.html"
+    page.write_text(html.replace("</body>", _MEASURE + "</body>"), encoding="utf-8")
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},2000",
+         "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()],
+        check=True, capture_output=True, timeout=120, text=True,
+    ).stdout
+    found = re.search(r'<pre id="kdc-measure">(.*?)</pre>', dom, re.S)
+    assert found, "the page did not finish loading in Chromium"
+    import html as html_module
+
+    measured = json.loads(html_module.unescape(found.group(1)))
+    assert len(measured["svgs"]) == html.count("<svg") >= 4
+    for w, h, left, right in measured["svgs"]:
+        assert w > 50 and h > 50, measured
+        assert left >= 0 and right <= measured["innerWidth"] + 1, measured
+    assert measured["scrollWidth"] <= measured["innerWidth"] + 1, measured
