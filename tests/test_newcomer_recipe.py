@@ -89,7 +89,7 @@ def test_validate_shows_the_run_directory_named_after_the_file(kdc, in_tmp, writ
 
 def test_report_message_says_where_runs_go(kdc, in_tmp):
     result = kdc("report", "runs/nothing-here")
-    kdc.assert_clean_exit(result, 1)
+    kdc.assert_clean_exit(result, 2)  # a path that names nothing: bad input, as other usage errors
     out = kdc.flat(result)
     assert "<recipe name>" not in out
     assert "run.name" in out and "recipe file's name without .yaml" in out
