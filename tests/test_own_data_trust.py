@@ -171,7 +171,7 @@ def test_a_run_whose_students_score_100_percent_writes_all_three_report_files(tm
     from kdcompress.html import render_html
 
     root = make_folder(tmp_path / "imgs", {"train": {"ant": 24, "bee": 24}, "test": {"ant": 12, "bee": 12}})
-    result = kdc("run", folder_recipe(write_recipe, root, distill={"epochs": 2}))
+    result = kdc("run", folder_recipe(write_recipe, root))
     kdc.assert_clean_exit(result, 0)
     run_dir = in_tmp / "runs" / "tiny"
     report = strict_json((run_dir / "report.json").read_text())
