@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from PIL import Image
 
 from .checkpoint import _follow_umask
 from .errors import DataError, KdcError, describe, did_you_mean
@@ -46,7 +47,8 @@ from .recipe import DataSection
 __all__ = [
     "TensorData", "DataSplits", "load_data", "DATASETS", "read_idx", "default_data_roots", "dataset_info",
     "dataset_name_problem", "Augment", "LoaderData", "DEBIAN_FASHION_MNIST", "CLASS_NAMES", "preprocess_info",
-    "dataset_summary", "batches_per_epoch",
+    "dataset_summary", "batches_per_epoch", "IMAGE_EXTENSIONS", "image_format", "imagefolder_problem",
+    "ImageFolderScan", "scan_imagefolder", "ImageFiles",
 ]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -370,7 +372,7 @@ def dataset_name_problem(name: str) -> str | None:
         "unknown dataset 'fashion-mnst'; did you mean 'fashion-mnist'? (known: fashion-mnist-mini, fashion-mnist, mnist; also imagefolder:PATH, or package.module:factory for your own)"
     """
     if name.startswith("imagefolder:"):
-        return _imagefolder_dirs(name)[1]
+        return imagefolder_problem(name)
     if _is_external(name):
         from .models import _find_factory  # one import-path mechanism for models and datasets
 
@@ -392,6 +394,188 @@ def _imagefolder_dirs(name: str) -> tuple[tuple[Path, Path] | None, str | None]:
     if not (root / "train").is_dir() or test_dir is None:
         return None, f"{name} needs {root}/train/<class>/*.png and {root}/test/<class>/... (or val/); not found"
     return (root / "train", test_dir), None
+
+
+# the file endings torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# the first bytes of each image format PIL reads from those files; PIL goes by the bytes, not the ending
+IMAGE_SIGNATURES = (
+    ("PNG", b"\x89PNG\r\n\x1a\n"), ("JPEG", b"\xff\xd8\xff"), ("BMP", b"BM"), ("GIF", b"GIF87a"),
+    ("GIF", b"GIF89a"), ("TIFF", b"II*\x00"), ("TIFF", b"MM\x00*"), ("TIFF", b"II+\x00"), ("TIFF", b"MM\x00+"),
+    *((f"Netpbm P{k}", f"P{k}".encode()) for k in range(1, 7)),
+)
+BAD_FILES_NAMED = 10  # a message names this many unreadable files, then counts the rest
+
+
+def image_format(head: bytes) -> str | None:
+    """The image format whose signature ``head`` (a file's first 16 bytes) starts with, or None.
+
+        >>> image_format(b"\\x89PNG\\r\\n\\x1a\\n" + bytes(8)), image_format(b"hello")
+        ('PNG', None)
+    """
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((fmt for fmt, magic in IMAGE_SIGNATURES if head.startswith(magic)), None)
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The class folders of one split, as torchvision's ImageFolder finds them: every sub-folder, sorted."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+
+
+def _quoted(names, limit: int = BAD_FILES_NAMED) -> str:
+    names = sorted(names)
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def imagefolder_problem(name: str) -> str | None:
+    """Why ``imagefolder:PATH`` cannot be used as its folders stand, or None; lists folders, reads no image.
+
+    The held-out split (``test/``, else ``val/``) must hold the same class folders as
+    ``train/``: labels are numbered from train's sorted class names, and a class missing
+    from one split would shift every later label of the other (torchvision numbers each
+    split on its own).
+    """
+    dirs, error = _imagefolder_dirs(name)
+    if error:
+        return error
+    train_dir, test_dir = dirs
+    try:
+        train, held = _class_folders(train_dir), _class_folders(test_dir)
+    except OSError as exc:
+        return f"{name}: cannot list its class folders: {describe(exc)}"
+    if not train:
+        return f"{name}: {train_dir} has no class folders; put each class's images in {train_dir}/<class>/"
+    missing, extra = set(train) - set(held), set(held) - set(train)
+    if not missing and not extra:
+        return None
+    differences = []
+    if missing:
+        differences.append(f"{test_dir} lacks {_folders(missing)}, which {train_dir} has")
+    if extra:
+        differences.append(f"{test_dir} has {_folders(extra)}, which {train_dir} lacks")
+    return (
+        f"{name}: its splits hold different classes: {'; '.join(differences)}. Labels are numbered from the class "
+        f"folders of {train_dir}, so every split needs the same ones: add the missing folders with their images, or "
+        f"remove the extra ones"
+    )
+
+
+def _folders(names) -> str:
+    """"the class folder 'bee'" or "the class folders 'ant', 'bee'", for messages."""
+    return f"the class folder{'s' if len(names) != 1 else ''} {_quoted(names)}"
+
+
+@dataclass(frozen=True)
+class ImageFolderScan:
+    """What :func:`scan_imagefolder` found in ``imagefolder:PATH``.
+
+    ``classes``: train's class folder names in label order (sorted); ``folders``: the folder read
+    for each split (``"train"``, ``"test"``: ``test/`` or else ``val/``); ``samples``: per split,
+    every image file (its path as a string, as torchvision keeps them: a million ``Path`` objects
+    cost several times the memory) with its label, in torchvision's ImageFolder order.
+    """
+
+    root: Path
+    classes: tuple[str, ...]
+    folders: dict[str, Path]
+    samples: dict[str, list[tuple[str, int]]]
+
+
+def scan_imagefolder(name: str) -> ImageFolderScan:
+    """List every image file of ``imagefolder:PATH`` per split with its class and check each one's header.
+
+    Raises one :class:`DataError` for folders that cannot be used (see
+    :func:`imagefolder_problem`), a class folder without image files, or files that
+    are empty or do not start like an image, naming every such file. Reads the first
+    16 bytes of each file, not the image: a 60,000-file folder takes well under a
+    second with a warm cache. A file with a sound header whose data is damaged is
+    found when it is decoded (:class:`ImageFiles`).
+    """
+    problem = imagefolder_problem(name)
+    if problem:
+        raise DataError(f"data.dataset: {problem}")
+    train_dir, test_dir = _imagefolder_dirs(name)[0]
+    folders = {"train": train_dir, "test": test_dir}
+    classes = tuple(_class_folders(train_dir))
+    samples: dict[str, list[tuple[str, int]]] = {}
+    bad: list[str] = []
+    empty_classes: list[Path] = []
+
+    def unlisted(exc: OSError) -> None:  # os.walk skips a folder it cannot list unless told
+        bad.append(f"{exc.filename}: cannot be listed ({describe(exc)})")
+
+    for split, folder in folders.items():
+        found = []
+        for label, cls in enumerate(classes):
+            start = len(found)
+            for parent, _, files in sorted(os.walk(folder / cls, onerror=unlisted, followlinks=True)):
+                for file in sorted(files):
+                    if file.lower().endswith(IMAGE_EXTENSIONS):
+                        path = os.path.join(parent, file)
+                        why = _image_problem(path)
+                        if why:
+                            bad.append(f"{path}: {why}")
+                        found.append((path, label))
+            if len(found) == start:
+                empty_classes.append(folder / cls)
+        samples[split] = found
+    if empty_classes:
+        raise DataError(
+            f"data.dataset: {name}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in "
+            f"{', '.join(str(f) for f in empty_classes[:BAD_FILES_NAMED])}"
+            + (f" and {len(empty_classes) - BAD_FILES_NAMED} more" if len(empty_classes) > BAD_FILES_NAMED else "")
+            + "; put the class's images there, or remove its folder from every split"
+        )
+    if bad:
+        shown = "; ".join(bad[:BAD_FILES_NAMED])
+        more = f"; and {len(bad) - BAD_FILES_NAMED} more" if len(bad) > BAD_FILES_NAMED else ""
+        raise DataError(
+            f"data.dataset: {name}: {len(bad)} image file{'s' if len(bad) != 1 else ''} cannot be used: {shown}{more}. "
+            f"Delete or replace {'them' if len(bad) != 1 else 'it'}"
+        )
+    return ImageFolderScan(train_dir.parent, classes, folders, samples)
+
+
+def _image_problem(path: str) -> str | None:
+    """What is wrong with the file at ``path`` as an image, judged by its first bytes; None when it starts like one."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        return f"cannot be read ({describe(exc)})"
+    if not head:
+        return "empty (0 bytes)"
+    return None if image_format(head) else f"not an image (it starts with {head[:8]!r})"
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """One split of an image folder: (transformed image, label) per file of ``samples`` (from :func:`scan_imagefolder`).
+
+    Images are read as torchvision's ImageFolder reads them (PIL, converted to RGB). A file
+    that cannot be decoded is a :class:`DataError` naming it.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], classes: tuple[str, ...], transform=None):
+        self.samples, self.classes, self.transform = samples, list(classes), transform
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        self.targets = [label for _, label in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with open(path, "rb") as fh:
+                image = Image.open(fh).convert("RGB")
+        except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) for damaged data
+            raise DataError(
+                f"cannot decode image {path}: {type(exc).__name__}: {describe(exc)}; it starts like an image but its "
+                f"data is damaged: delete or replace it"
+            ) from None
+        return (self.transform(image) if self.transform is not None else image), label
 
 
 def load_data(section: DataSection, seed: int = 0) -> DataSplits:
@@ -435,8 +619,26 @@ class _Indexed(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, pos):
-        x, y = self.dataset[int(self.indices[pos])]
+        try:
+            x, y = self.dataset[int(self.indices[pos])]
+        except DataError as exc:
+            # a DataLoader worker hands exceptions back as a type and a traceback in the message: carry the
+            # message as data instead, so the main process raises it as it reads
+            return _Unreadable(str(exc))
         return x, int(y), pos
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """A sample that could not be read, as a worker returns it: the DataError's message."""
+
+    message: str
+
+
+def _collate(items: list):
+    """DataLoader's default collation, unless a sample could not be read: then that sample's :class:`_Unreadable`."""
+    bad = next((item for item in items if isinstance(item, _Unreadable)), None)
+    return bad if bad is not None else torch.utils.data.default_collate(items)
 
 
 class LoaderData:
@@ -466,9 +668,13 @@ class LoaderData:
             batch_sampler=plan,
             num_workers=self.workers,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=_collate,
         )
         try:
-            for x, y, idx in loader:
+            for batch in loader:
+                if isinstance(batch, _Unreadable):
+                    raise DataError(batch.message)
+                x, y, idx = batch
                 if augment is not None:
                     x = augment(x, generator)
                 yield x, y.long(), idx
@@ -480,18 +686,13 @@ def _external_datasets(section: DataSection):
     """(train dataset, test dataset, number of classes) for imagefolder:PATH or package.module:factory."""
     name = section.dataset
     if name.startswith("imagefolder:"):
-        from torchvision import datasets as tvd, transforms as T
+        from torchvision import transforms as T
 
-        dirs, error = _imagefolder_dirs(name)
-        if error:
-            raise DataError(f"data.dataset: {error}")
-        train_dir, test_dir = dirs
+        scan = scan_imagefolder(name)
         tf = T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.5,))])
-        try:
-            train, test = tvd.ImageFolder(str(train_dir), transform=tf), tvd.ImageFolder(str(test_dir), transform=tf)
-        except Exception as exc:
-            raise DataError(f"data.dataset: cannot read {name}: {exc}") from None
-        return train, test, len(train.classes)
+        # both splits carry train's class numbers: a split numbered from its own folders shifts labels
+        train, test = (ImageFiles(scan.samples[split], scan.classes, tf) for split in ("train", "test"))
+        return train, test, len(scan.classes)
     from .models import _import_factory  # one import-path mechanism for models and datasets
 
     try:

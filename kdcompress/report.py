@@ -108,20 +108,44 @@ def compare_accuracy(first: dict, second: dict, z: float = NOISE_Z) -> dict:
 
     The two errors are combined as for independent samples, sqrt(se1^2 + se2^2):
     both models are scored on the same test images, so this is on the cautious
-    side. ``within_noise`` is None when either error is unknown.
+    side. ``within_noise`` is None when either error is unknown. An error of 0
+    (both scores 0 % or 100 %) is exact: a difference of 0 is within noise (``z``
+    0), any other is beyond it, by infinitely many errors, which no JSON number
+    says (``z`` None).
+
+    >>> perfect = {"stage": "student", "accuracy": 1.0, "accuracy_se": 0.0}
+    >>> compare_accuracy(perfect, {**perfect, "stage": "distilled"})["within_noise"]
+    True
     """
     difference = second["accuracy"] - first["accuracy"]
     se1, se2 = first.get("accuracy_se"), second.get("accuracy_se")
     se = math.sqrt(se1**2 + se2**2) if se1 is not None and se2 is not None else None
+    if se is None:
+        ratio, within = None, None
+    elif se > 0:
+        ratio, within = difference / se, abs(difference) <= z * se
+    else:
+        within = difference == 0
+        ratio = 0.0 if within else None
     return {
         "stage": second["stage"],
         "against": first["stage"],
         "difference": difference,
         "se": se,
-        "z": difference / se if se else None,
-        "within_noise": abs(difference) <= z * se if se is not None else None,
+        "z": ratio,
+        "within_noise": within,
         "noise_z": z,
     }
+
+
+def _standard_errors(comp: dict, unit: str = "SE") -> str:
+    """How many standard errors a comparison's difference is: '0.6 SE'; with an error of 0, '0.0 SE' for no
+    difference and 'infinitely many SE' for any other. From ``difference`` and ``se``, so reports written
+    before ``z`` was defined for an error of 0 read the same."""
+    difference, se = abs(comp["difference"]), comp["se"]
+    if se > 0:
+        return f"{difference / se:.1f} {unit}"
+    return f"0.0 {unit}" if difference == 0 else f"infinitely many {unit}"
 
 
 def _last_epoch(path: Path) -> dict | None:
@@ -860,11 +884,11 @@ def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str
         elif comp["within_noise"]:
             message += (
                 f", within noise (standard error of the difference {comp['se'] * 100:.2f} points, "
-                f"{abs(comp['z']):.1f} SE): this run shows no gain from distillation, and no loss either."
+                f"{_standard_errors(comp)}): this run shows no gain from distillation, and no loss either."
             )
         else:
             message += (
-                f", beyond noise ({abs(comp['z']):.1f} standard errors of {comp['se'] * 100:.2f} points): try "
+                f", beyond noise ({_standard_errors(comp, 'standard errors')} of {comp['se'] * 100:.2f} points): try "
                 + _retry_hint((d.get("settings") or {}).get("distill_loss", "kd"))
             )
         warnings.append(message)
@@ -1030,7 +1054,7 @@ def _comparison_text(comp: dict) -> str:
     if comp["se"] is None:
         return head + " (noise unknown: the checkpoints predate the recorded test-set size)"
     verdict = "within noise (<=" if comp["within_noise"] else "beyond noise (>"
-    return f"{head} ± {comp['se'] * 100:.2f} (SE): {abs(comp['z']):.1f} SE, {verdict} {comp['noise_z']:g} SE)"
+    return f"{head} ± {comp['se'] * 100:.2f} (SE): {_standard_errors(comp)}, {verdict} {comp['noise_z']:g} SE)"
 
 
 def _seed_comparison_text(seeded: dict) -> str:
