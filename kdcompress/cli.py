@@ -67,6 +67,11 @@ QuietOpt = typer.Option(
     False, "--quiet", "-q",
     help="for scripts: print errors and the final summary only (no progress, epoch lines or per-stage messages)",
 )
+TrustOpt = typer.Option(
+    False, "--trust-code",
+    help="RECIPE is a run directory you trust: import the code its recipe.yaml names (your own models, datasets or "
+    "losses); without it, kdc refuses to, since a run directory is data anyone who can write there may have changed",
+)
 
 
 def _chatter(quiet: bool) -> Console:
@@ -146,24 +151,37 @@ def _recipe_file(recipe: Optional[Path]) -> Optional[Path]:
     return recipe
 
 
-def _load(recipe: Optional[Path], overrides: Optional[List[str]]):
-    from .recipe import load_recipe
+def _load(recipe: Optional[Path], overrides: Optional[List[str]], trust_code: bool = False):
+    """The recipe a command argument names (see :func:`_recipe_file`), checked, with ``overrides`` applied.
+
+    A run directory's recipe.yaml is data: its folder never goes on the import path, and without
+    ``trust_code`` a recipe.yaml naming code to import is refused before anything is imported.
+    """
+    from .recipe import CODE_KEYS, load_recipe
+    from .trust import refuse_untrusted_code
 
     path = _recipe_file(recipe)
     where: list[str] = []
     if path is not None and recipe is not None and path.parent == recipe:
         # a run directory stays where it is, even moved or copied from where its recipe.yaml says runs go
         where = [f"run.out_dir={recipe.resolve().parent}", f"run.name={recipe.resolve().name}"]
-    loaded = load_recipe(path, where + list(overrides or []))
+    in_run_dir = path is not None and path.name == "recipe.yaml" and (path.parent / "kdc-run.json").is_file()
+    loaded = load_recipe(path, where + list(overrides or []), import_folder=not in_run_dir,
+                         import_code=trust_code or not in_run_dir)
+    if in_run_dir and not trust_code:
+        typed = {item.partition("=")[0].strip() for item in overrides or []}  # set on the command line: the user's
+        refuse_untrusted_code(loaded, path, [key for key in CODE_KEYS if key not in typed])
     object.__setattr__(loaded, "_source", str(recipe) if recipe else "")
     object.__setattr__(loaded, "_overrides", tuple(overrides or ()))
     return loaded
 
 
-def _stage_command(stage: str, recipe, overrides, force, restart, quiet: bool = False) -> None:
+def _stage_command(
+    stage: str, recipe, overrides, force, restart, quiet: bool = False, trust_code: bool = False
+) -> None:
     from .pipeline import checkpoint_path, run_stage
 
-    loaded = _load(recipe, overrides)
+    loaded = _load(recipe, overrides, trust_code)
     metrics = run_stage(loaded, stage, force=force, restart=restart, console=_chatter(quiet))
     if quiet:  # the stage's own closing line went with the rest: the summary is this one
         err.print(
@@ -186,7 +204,8 @@ def _add_stage_command(stage) -> None:
             if kwargs.get(option) is not None:  # checked with the recipe, so a bad value gets its message
                 value = kwargs[option]
                 overrides.append(f"{key}={value!r}" if kind is float else f"{key}={value}")
-        _stage_command(stage.name, kwargs["recipe"], overrides, kwargs["force"], kwargs["restart"], kwargs["quiet"])
+        _stage_command(stage.name, kwargs["recipe"], overrides, kwargs["force"], kwargs["restart"], kwargs["quiet"],
+                       kwargs["trust_code"])
 
     keyword = inspect.Parameter.KEYWORD_ONLY
     params = [inspect.Parameter("recipe", keyword, default=RecipeArg, annotation=Optional[Path])]
@@ -200,6 +219,7 @@ def _add_stage_command(stage) -> None:
         inspect.Parameter("force", keyword, default=ForceOpt, annotation=bool),
         inspect.Parameter("restart", keyword, default=RestartOpt, annotation=bool),
         inspect.Parameter("quiet", keyword, default=QuietOpt, annotation=bool),
+        inspect.Parameter("trust_code", keyword, default=TrustOpt, annotation=bool),
     ]
     command.__signature__ = inspect.Signature(params)
     command.__name__ = stage.command.replace("-", "_")
@@ -233,6 +253,7 @@ def run(
         "stage per seed, in <run dir>/seeds/seed-S; the report gives mean ± std",
     ),
     quiet: bool = QuietOpt,
+    trust_code: bool = TrustOpt,
 ):
     """Run every stage (skipping up-to-date ones), then write and print the report.
 
@@ -243,29 +264,31 @@ def run(
     from .pipeline import run_pipeline
     from .seeds import run_seeds, seed_list
 
-    loaded = _load(recipe, set_)  # check the recipe before launching anything
+    load = functools.partial(_load, trust_code=trust_code)
+    loaded = load(recipe, set_)  # check the recipe before launching anything
     if seeds is not None:
         set_ = list(set_ or []) + [f"run.seeds=[{', '.join(map(str, seed_list(loaded.run.seed, seeds)))}]"]
-        loaded = _load(recipe, set_)
+        loaded = load(recipe, set_)
     if len(loaded.run.seeds) > 1:
         if nproc > 1 or distributed.launched_by_torchrun():
             raise KdcError("--seeds (run.seeds) runs one process per seed for now; drop --nproc, or run each seed "
                            "with --set run.seed=S --set teacher.seed=FIRST")
         first = run_seeds(recipe, list(set_ or []), list(loaded.run.seeds), force=force, restart=restart,
-                          console=_chatter(quiet), load=_load)
-        _report(first.run_dir)
+                          console=_chatter(quiet), load=load)
+        _report(first.run_dir, recipe=first)
         return
     if nproc > 1 and not distributed.launched_by_torchrun():
-        raise typer.Exit(_launch(nproc, recipe, set_, force, restart, quiet))
+        raise typer.Exit(_launch(nproc, recipe, set_, force, restart, quiet, trust_code))
     try:
         run_pipeline(loaded, force=force, restart=restart, console=_chatter(quiet))
         if distributed.is_main():
-            _report(loaded.run_dir)
+            _report(loaded.run_dir, recipe=loaded)
     finally:
         distributed.shutdown()
 
 
-def _launch(nproc: int, recipe, overrides, force: bool, restart: bool, quiet: bool = False) -> int:
+def _launch(nproc: int, recipe, overrides, force: bool, restart: bool, quiet: bool = False,
+            trust_code: bool = False) -> int:
     """Start ``torchrun --standalone --nproc_per_node=N -m kdcompress run ...``; return its exit code."""
     import subprocess
 
@@ -277,6 +300,7 @@ def _launch(nproc: int, recipe, overrides, force: bool, restart: bool, quiet: bo
     cmd += ["--force"] if force else []
     cmd += ["--restart"] if restart else []
     cmd += ["--quiet"] if quiet else []
+    cmd += ["--trust-code"] if trust_code else []
     _chatter(quiet).print(f"launching {nproc} processes: {' '.join(cmd[1:])}")
     return subprocess.call(cmd)
 
@@ -284,13 +308,16 @@ def _launch(nproc: int, recipe, overrides, force: bool, restart: bool, quiet: bo
 REPORT_FORMATS = ("table", "md", "json", "html", "all")
 
 
-def _report(run_dir: Path, fmt: str = "table", open_: bool = False) -> None:
-    """Write the run's report.json, report.md and report.html; show ``fmt`` on stdout (see `kdc report`)."""
+def _report(run_dir: Path, fmt: str = "table", open_: bool = False, recipe=None) -> None:
+    """Write the run's report.json, report.md and report.html; show ``fmt`` on stdout (see `kdc report`).
+
+    ``recipe``: the recipe the user gave for the run, whose models are built (else its recipe.yaml's built-in ones).
+    """
     import json
 
     from .report import report_markdown, report_warnings, write_report
 
-    report = write_report(run_dir)
+    report = write_report(run_dir, recipe=recipe)
     files = {name: Path(run_dir) / f"report.{name}" for name in ("md", "json", "html")}
     if fmt in ("table", "all"):
         _print_report_table(report, report_warnings(report, run_dir))  # warnings naming this run's real path
@@ -335,8 +362,13 @@ def _open_in_browser(path: Path) -> None:
         err.print(f"the browser did not open; open {path} in a browser yourself")
 
 
-def _compare_reports(run_dirs: list[Path], out_dir: Path, fmt: str, open_: bool) -> None:
-    """Write each run's report, then one comparison of them all into ``out_dir``: report.json, .md and .html."""
+def _compare_reports(
+    run_dirs: list[Path], out_dir: Path, fmt: str, open_: bool, recipes: Optional[list] = None
+) -> None:
+    """Write each run's report, then one comparison of them all into ``out_dir``: report.json, .md and .html.
+
+    ``recipes``: per run, the recipe whose models are built (see :func:`_report`).
+    """
     import json
 
     from .checkpoint import atomic_write_text
@@ -345,8 +377,8 @@ def _compare_reports(run_dirs: list[Path], out_dir: Path, fmt: str, open_: bool)
     from .report import write_report
 
     reports = []
-    for run_dir in run_dirs:
-        report = write_report(run_dir)
+    for run_dir, recipe in zip(run_dirs, recipes or [None] * len(run_dirs)):
+        report = write_report(run_dir, recipe=recipe)
         reports.append((report.get("run_name") or report.get("recipe") or run_dir.name, report))
     comparison = build_comparison(reports)
     texts = {
@@ -405,6 +437,7 @@ def export(
     set_: Optional[List[str]] = SetOpt,
     force: bool = typer.Option(False, "--force", help="write artifacts again even when they are up to date"),
     quiet: bool = QuietOpt,
+    trust_code: bool = TrustOpt,
 ):
     """Write a stage's model as files to ship (<run dir>/export/), load each back and measure it; then report.
 
@@ -419,9 +452,9 @@ def export(
     for key, value in (("stage", stage), ("bits", bits), ("dtype", dtype)):
         if value is not None:
             overrides.append(f"export.{key}={value}")
-    loaded = _load(recipe, overrides)
+    loaded = _load(recipe, overrides, trust_code)
     export_stage(loaded, force=force, console=_chatter(quiet))
-    _report(loaded.run_dir)
+    _report(loaded.run_dir, recipe=loaded)
 
 
 @app.command()
@@ -440,6 +473,7 @@ def sweep(
         "and the distilled - student difference with its standard error",
     ),
     quiet: bool = QuietOpt,
+    trust_code: bool = TrustOpt,
 ):
     """Run the recipe at every point of a grid, training the stages points share once; rank the points.
 
@@ -452,10 +486,11 @@ def sweep(
     from .seeds import seed_list
     from .sweep import run_sweep
 
+    load = functools.partial(_load, trust_code=trust_code)
     set_ = list(set_ or [])
     if seeds is not None:
-        set_.append(f"run.seeds=[{', '.join(map(str, seed_list(_load(recipe, set_).run.seed, seeds)))}]")
-    rows = run_sweep(recipe, grid, set_, force=force, console=_chatter(quiet), load=_load)
+        set_.append(f"run.seeds=[{', '.join(map(str, seed_list(load(recipe, set_).run.seed, seeds)))}]")
+    rows = run_sweep(recipe, grid, set_, force=force, console=_chatter(quiet), load=load)
     table = Table(title="kdc sweep: best distilled student first", title_justify="left")
     keys = [item.partition("=")[0].strip() for item in grid]
     for header in ["#", *keys, "student %", "distilled %", "distilled\n- student", "pruned %"]:
@@ -493,6 +528,11 @@ def report(
         "whichever you choose)",
     ),
     open_: bool = typer.Option(False, "--open", help="open report.html in a web browser when there is one"),
+    trust_code: bool = typer.Option(
+        False, "--trust-code",
+        help="build the models of your own code that each run's recipe.yaml names (only if you trust the run "
+        "directory: it is data anyone who can write there may have changed); built-in models need no trust",
+    ),
 ):
     """Compare every stage of a run: accuracy, parameters, non-zeros, sparsity, bytes, MACs, latency at batch 1
     and 64; flags a stage whose checkpoint is stale against the run's recipe.yaml. Writes report.json, report.md
@@ -517,9 +557,12 @@ def report(
         if any(Path(out_dir).resolve() == Path(d).resolve() for d in run_dirs):
             raise UsageError(f"--out {out_dir} is one of the run directories; its report would be overwritten: choose "
                            f"another folder")
-        _compare_reports([Path(d) for d in run_dirs], Path(out_dir), format_, open_)
+    # the recipe.yaml of a run directory is read as data; with --trust-code, as the user's own recipe
+    recipes = [_load(Path(d), None, trust_code=True) if trust_code else None for d in run_dirs]
+    if out_dir is not None:
+        _compare_reports([Path(d) for d in run_dirs], Path(out_dir), format_, open_, recipes)
         return
-    _report(Path(run_dirs[0]), format_, open_)
+    _report(Path(run_dirs[0]), format_, open_, recipe=recipes[0])
 
 
 @app.command()
@@ -527,6 +570,7 @@ def report(
 def validate(
     recipe: Path = typer.Argument(..., help="recipe YAML file to check"),
     set_: Optional[List[str]] = SetOpt,
+    trust_code: bool = TrustOpt,
 ):
     """Check a recipe without running it: keys, types, ranges, model and dataset names.
 
@@ -536,7 +580,7 @@ def validate(
     from .errors import KdcError
     from .train import resolve_device
 
-    loaded = _load(recipe, set_)
+    loaded = _load(recipe, set_, trust_code)
     summary = check_recipe(loaded)
     out.print(f"[green]ok[/]: {recipe} is a valid recipe")
     for line in summary:

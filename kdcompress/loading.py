@@ -25,7 +25,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .data import preprocess_info
 from .errors import CheckpointError
-from .models import build_from_checkpoint, names_user_code
+from .models import build_from_checkpoint
 
 __all__ = ["load_model", "Preprocess"]
 
@@ -191,13 +191,7 @@ def load_model(
     arch = ckpt.get("arch")
     if not isinstance(arch, dict) or not isinstance(arch.get("model"), str) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} has no model architecture or weights; is it a stage checkpoint (<stage>/model.pt)?")
-    name = arch["model"]
-    if names_user_code(name) and not allow_import:
-        raise CheckpointError(
-            f"{path} holds a model built by your own code ('{name}'); kdc imports code named in a checkpoint only "
-            f"when asked: call load_model(..., allow_import=True) if you trust this file"
-        )
-    model = build_from_checkpoint(ckpt, where=str(path))
+    model = build_from_checkpoint(ckpt, where=str(path), allow_import=allow_import)
     try:
         preprocess = Preprocess(_stored_preprocess(ckpt), device)
     except (KeyError, TypeError, ValueError) as exc:

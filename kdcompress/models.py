@@ -51,6 +51,7 @@ __all__ = [
     "model_name_problem",
     "add_import_dir",
     "names_user_code",
+    "check_model_name",
 ]
 
 
@@ -126,13 +127,45 @@ def model_spec(name: str, args: dict, num_classes: int, input_shape) -> dict:
     return {"model": name, "args": dict(args), "num_classes": int(num_classes), "input_shape": [int(d) for d in input_shape]}
 
 
-def names_user_code(name: str) -> bool:
-    """Whether a model name is a user's own factory (``package.module:factory``): building it imports their code.
+def names_user_code(name: str, prefixes: tuple[str, ...] = ("torchvision",)) -> bool:
+    """Whether a name is an import path (``package.module:factory``): using it imports and runs the user's code.
+
+    ``prefixes`` are the ``NAME:`` forms that are not import paths: ``torchvision:`` for models (the default),
+    ``imagefolder:`` for datasets, none for losses.
 
         >>> names_user_code("mypkg.nets:build"), names_user_code("torchvision:resnet18"), names_user_code("mlp")
         (True, False, False)
+        >>> names_user_code("imagefolder:data/pets", prefixes=("imagefolder",))
+        False
     """
-    return ":" in name and not name.startswith("torchvision:")
+    return ":" in name and name.partition(":")[0] not in prefixes
+
+
+def check_model_name(
+    name: str, expected: str | None, where: str, allow_import: bool = False, fix: str | None = None
+) -> None:
+    """Refuse to build the model a file names unless the recipe names it too: CheckpointError naming both.
+
+    A model name read from a checkpoint or an artifact is data, never an instruction. ``expected`` is the
+    name the recipe the user gave has for that model (``teacher.model`` or ``student.model``); any other
+    name is refused, a built-in one included. With no recipe to compare with (``expected=None``) a built-in
+    or torchvision model is built, and one of your own code only with ``allow_import=True``, the library's
+    explicit opt-in (:func:`kdcompress.load_model`, :func:`kdcompress.export.load_artifact`).
+    ``fix`` replaces the advice for a mismatch (by default: make the file again, or remove it).
+    Example: ``check_model_name("evil:build", "mlp", "pruned checkpoint")`` raises, naming both.
+    """
+    if expected is not None:
+        if name != expected:
+            raise CheckpointError(
+                f"{where} names the model '{name}' but the recipe says '{expected}'; kdc builds only the models "
+                f"your recipe names: "
+                + (fix or "rerun the stage with --force (kdc export --force for an exported file), or remove the file")
+            )
+    elif names_user_code(name) and not allow_import:
+        raise CheckpointError(
+            f"{where} names the model '{name}', built by your own code; kdc imports code a file names only when "
+            f"asked: give the recipe that names it, or pass allow_import=True if you trust this file"
+        )
 
 
 def build_model(spec: dict, where: str = "model") -> nn.Module:
@@ -153,7 +186,9 @@ def build_model(spec: dict, where: str = "model") -> nn.Module:
     return _call_factory(factory, name, args, num_classes, input_shape, where)
 
 
-def build_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> nn.Module:
+def build_from_checkpoint(
+    ckpt: dict, where: str = "checkpoint", expected: str | None = None, allow_import: bool = False
+) -> nn.Module:
     """The network a stage checkpoint holds: built from its spec, given its pruned shapes, weights loaded.
 
     ``ckpt`` is the dict of a kdc checkpoint (loaded with
@@ -164,11 +199,17 @@ def build_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> nn.Module:
     messages. Weights that do not fit raise CheckpointError. The model is
     returned on the CPU, in training mode.
 
+    The model name in ``arch`` is data: it is built only when it equals
+    ``expected``, the name your recipe gives that model; without ``expected``,
+    a model of your own code needs ``allow_import=True``
+    (see :func:`check_model_name`).
+
     Example::
 
         >>> ckpt = load_checkpoint(Path("runs/quickstart/pruned/model.pt"))  # doctest: +SKIP
         >>> model = build_from_checkpoint(ckpt, where="pruned checkpoint").eval()  # doctest: +SKIP
     """
+    check_model_name(ckpt["arch"]["model"], expected, where, allow_import)
     model = build_model(ckpt["arch"], where=where)
     structure = ckpt.get("structure")
     if structure:

@@ -529,9 +529,12 @@ def _write_resolved_recipe(recipe: Recipe) -> None:
 
 
 def load_stage_model(recipe: Recipe, stage: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """A stage's trained model, on ``device``, and its architecture spec."""
+    """A stage's trained model, on ``device``, and its architecture spec.
+
+    Only the model ``recipe`` names for the stage is built: a checkpoint naming another is refused.
+    """
     ckpt = load_checkpoint(checkpoint_path(recipe.run_dir, stage))
-    model = build_from_checkpoint(ckpt, where=f"{stage} checkpoint")
+    model = build_from_checkpoint(ckpt, where=f"{stage} checkpoint", expected=stage_named(stage).model(recipe))
     return model.to(device), ckpt["arch"]
 
 

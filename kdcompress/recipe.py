@@ -48,6 +48,7 @@ __all__ = [
     "ReportSection",
     "ExportSection",
     "load_recipe",
+    "CODE_KEYS",
     "recipe_from_dict",
     "recipe_to_dict",
     "section_fingerprint",
@@ -357,12 +358,27 @@ class Recipe:
 # --------------------------------------------------------------------------- loading
 
 
+# The recipe values that can name code to import (package.module:name), each with the NAME: forms that are not
+# import paths. kdc imports them for a recipe the user gave; a run directory's recipe.yaml only when trusted.
+CODE_KEYS: dict[str, tuple[str, ...]] = {
+    "teacher.model": ("torchvision",),
+    "student.model": ("torchvision",),
+    "data.dataset": ("imagefolder",),
+    "distill.loss": (),
+}
+
+
 def builtin_recipe_path(name: str = "quickstart") -> Path:
     """Path of a recipe shipped inside the package (``quickstart`` is the default)."""
     return Path(str(resources.files("kdcompress") / "recipes" / f"{name}.yaml"))
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    import_folder: bool = True,
+    import_code: bool = True,
+) -> Recipe:
     """Read, override and validate a recipe; raise :class:`RecipeError` listing every problem.
 
     ``path=None`` loads the built-in quickstart recipe. ``overrides`` are
@@ -370,7 +386,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     ``run.name``, the run is named after the file (``recipes/cifar.yaml`` writes
     ``runs/cifar``). Import paths in the recipe (``model: mynets:build``) find
     modules in the current directory and in the recipe's directory, as
-    ``python -m`` would.
+    ``python -m`` would; they are imported to check that they name something.
+
+    A run directory's ``recipe.yaml`` is data: ``import_folder=False`` leaves
+    its folder off the import path, and ``import_code=False`` imports none of
+    the code it names (values listed in :data:`CODE_KEYS` are then left
+    unchecked, for the caller to refuse or trust: see :mod:`kdcompress.trust`).
     """
     builtin = path is None
     path = builtin_recipe_path() if builtin else Path(path)
@@ -382,14 +403,15 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(source, [Problem("", f"cannot read the recipe: {exc}")]) from None
-    if not builtin:
+    if not builtin and import_folder:
         from .models import add_import_dir  # models imports torch: only once a recipe is really read
 
         add_import_dir(path.parent)
     # file paths in the recipe are looked up as import paths are: the current directory, then the recipe's folder
     folders = [Path.cwd()] + ([path.parent] if not builtin else [])
     return parse_recipe(
-        text, source=source, overrides=overrides, default_name=_run_name_from(path), search_dirs=folders
+        text, source=source, overrides=overrides, default_name=_run_name_from(path), search_dirs=folders,
+        import_code=import_code,
     )
 
 
@@ -407,8 +429,9 @@ def parse_recipe(
     overrides: list[str] | None = None,
     default_name: str | None = None,
     search_dirs: list[Path] | None = None,
+    import_code: bool = True,
 ) -> Recipe:
-    """Validate recipe text (YAML); see :func:`load_recipe`.
+    """Validate recipe text (YAML); see :func:`load_recipe` (and its ``import_code``).
 
     ``default_name`` is the ``run.name`` when the text and the overrides set none
     (else the schema's default, ``quickstart``). ``search_dirs`` are the folders a
@@ -442,7 +465,7 @@ def parse_recipe(
         if isinstance(raw["run"], dict):
             raw["run"].setdefault("name", default_name)
     recipe = _convert(raw, Recipe, (), lines, problems)
-    problems.extend(_name_checks(raw, lines))
+    problems.extend(_name_checks(raw, lines, import_code))
     recipe = _resolve_files(recipe, lines, problems, search_dirs or [Path.cwd()])
     if not problems:
         problems.extend(_cross_checks(recipe, lines))
@@ -855,7 +878,7 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> tuple | No
     return tuple(keys)
 
 
-def _name_checks(raw: dict, lines: dict) -> list[Problem]:
+def _name_checks(raw: dict, lines: dict, import_code: bool = True) -> list[Problem]:
     """Model, dataset and loss names that resolve to nothing, each with its line, beside every other problem.
 
     Reads the raw document, since a section with any other problem converts to
@@ -864,7 +887,7 @@ def _name_checks(raw: dict, lines: dict) -> list[Problem]:
     """
     from .data import dataset_name_problem  # data imports this module, and both import torch
     from .distill import loss_name_problem
-    from .models import model_name_problem
+    from .models import model_name_problem, names_user_code
 
     problems = []
     for section, key, check in (
@@ -874,6 +897,8 @@ def _name_checks(raw: dict, lines: dict) -> list[Problem]:
         ("distill", "loss", loss_name_problem),
     ):
         name = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if not import_code and isinstance(name, str) and names_user_code(name, CODE_KEYS[f"{section}.{key}"]):
+            continue  # code a file that is data names: not imported here, even to check it
         message = check(name) if isinstance(name, str) else None  # another type is reported as such
         if message:
             problems.append(Problem(f"{section}.{key}", message, _line(lines, (section, key))))

@@ -46,11 +46,12 @@ from rich.text import Text
 from .checkpoint import atomic_write_text, load_checkpoint, read_manifest
 from .errors import ArtifactError, KdcError
 from .measure import count_macs, count_nonzero, count_params, count_sparse_macs, latencies
-from .models import build_from_checkpoint, build_model
-from .stages import STAGES
+from .models import build_from_checkpoint, build_model, names_user_code
+from .stages import STAGES, stage_named
 from .prune import prunable_weights, weight_sparsity
 from .recipe import Recipe, ReportSection, recipe_from_dict, recipe_to_dict
 from .train import has_batchnorm
+from .trust import MODEL_KEYS, refuse_untrusted_code
 
 __all__ = [
     "build_report",
@@ -518,7 +519,8 @@ def _resolved_recipe(run_dir: Path, checkpoints: dict, found: list[str]) -> dict
 
 
 def build_report(
-    run_dir: str | Path, latency: bool | None = None, threads: int | None = None, batches: list[int] | None = None
+    run_dir: str | Path, latency: bool | None = None, threads: int | None = None, batches: list[int] | None = None,
+    recipe: Recipe | None = None,
 ) -> dict:
     """Measure every stage checkpoint in ``run_dir``; return the report as a dict.
 
@@ -529,6 +531,10 @@ def build_report(
     directory, the same for a copy of it elsewhere but for ``generated_at``. Each stage row says whether its
     checkpoint is ``stale`` against ``run_dir/recipe.yaml`` (why, or None). The keys are listed in the
     README ("report.json fields").
+
+    Only the models a recipe names are built from the run's files: ``recipe``, the one you gave for this
+    run (trusted: the code it names is imported), else ``run_dir/recipe.yaml``, which is data: a model of
+    your own code it names raises UsageError before anything is imported (pass the recipe to trust it).
     """
     generated_at = _now()
     run_dir = Path(run_dir)
@@ -540,6 +546,9 @@ def build_report(
         )
     checkpoints = {stage: load_checkpoint(run_dir / stage / "model.pt") for stage in found}
     current, recipe_problem = _run_recipe(run_dir)
+    if recipe is None and current is not None:
+        refuse_untrusted_code(current, run_dir / "recipe.yaml", MODEL_KEYS)
+    trusted = recipe if recipe is not None else current
     stale = _stale_stages(current, found) if current is not None else dict.fromkeys(found)
     # one setting for every stage, so that their latencies compare: the run's, else the last stage's
     if current is not None:
@@ -557,12 +566,15 @@ def build_report(
     dense_student = None  # the distilled model: what structured pruning removed channels from
     for stage in found:
         ckpt = checkpoints[stage]
-        recipe = ckpt.get("recipe", {})
+        written = ckpt.get("recipe", {})
         metrics = ckpt["metrics"]
-        recipe_name = recipe_name or recipe.get("run", {}).get("name")
+        recipe_name = recipe_name or written.get("run", {}).get("name")
         dataset = dataset or ckpt.get("dataset")
-        prune = recipe.get("prune", {})
-        model = build_from_checkpoint(ckpt, where=f"{stage} checkpoint")
+        prune = written.get("prune", {})
+        expected = stage_named(stage).model(trusted) if trusted is not None else None
+        if stale[stage] and not names_user_code(ckpt["arch"]["model"]):
+            expected = None  # an out-of-date stage may be of a built-in model the recipe no longer names: no code
+        model = build_from_checkpoint(ckpt, where=f"{stage} checkpoint", expected=expected)
         model.eval()
         shape = tuple(ckpt["arch"]["input_shape"])
         weights = prunable_weights(model, prune.get("include", ["*"]), prune.get("exclude", []))
@@ -591,7 +603,7 @@ def build_report(
             "chance_accuracy": 1.0 / num_classes if num_classes else None,
             "has_batchnorm": has_batchnorm(model),
             "epochs": metrics.get("epochs"),
-            "settings": _stage_settings(stage, recipe, metrics, ckpt.get("arch")),
+            "settings": _stage_settings(stage, written, metrics, ckpt.get("arch")),
             "params": count_params(model),
             "nonzero_params": count_nonzero(model),
             "sparsity": weight_sparsity({k: v.detach() for k, v in weights.items()}),
@@ -607,7 +619,7 @@ def build_report(
             "train_seconds": metrics.get("seconds"),
             "curve": _curve(run_dir, stage, ckpt),
             "per_class": _per_class(ckpt),
-            "layers": _layers(model, recipe, structured, dense_student),
+            "layers": _layers(model, written, structured, dense_student),
         }
         rows.append(row)
         if stage == "distilled":
@@ -629,7 +641,8 @@ def build_report(
     )
     if len(seeds) > 1:
         _add_seed_statistics(run_dir, seeds, rows, comparisons)
-    artifacts = _artifact_rows(run_dir, by_stage, batches if do_latency else [], threads, cache)
+    models = {stage.name: stage.model(trusted) for stage in STAGES} if trusted is not None else {}
+    artifacts = _artifact_rows(run_dir, by_stage, batches if do_latency else [], threads, cache, models)
     if cache is not None:
         cache.save()
     report = {
@@ -715,13 +728,15 @@ def _add_seed_statistics(run_dir: Path, seeds: list[int], rows: list[dict], comp
 
 
 def _artifact_rows(
-    run_dir: Path, by_stage: dict, batches: list[int], threads: int, cache: _LatencyCache | None = None
+    run_dir: Path, by_stage: dict, batches: list[int], threads: int, cache: _LatencyCache | None = None,
+    models: dict[str, str] | None = None,
 ) -> list[dict]:
     """One row per artifact in ``export/artifacts.json``: its recorded accuracy, its bytes, and its latency
     measured here like the stages' (once per file: through ``cache``, keyed by the file's SHA-256).
 
     Each file is checked against its manifest and loaded through :func:`kdcompress.export.load_artifact`,
-    which unpickles nothing: a damaged or replaced file is ``refused`` (with the reason) and never run.
+    which unpickles nothing: a damaged or replaced file is ``refused`` (with the reason) and never run, and
+    so is one naming another model than ``models`` gives for its stage (the recipe's names).
     """
     from .checkpoint import read_manifest
     from .export import load_artifact, read_artifacts, verify_artifact
@@ -761,7 +776,7 @@ def _artifact_rows(
             row["compression_vs_stage"] = None
         row["compression_vs_teacher"] = teacher["checkpoint_bytes"] / max(1, row["bytes"]) if teacher else None
         try:  # decoded even without latency: a file that is no artifact of kdc's is refused here, not shipped
-            model = load_artifact(path, allow_import=True)  # the run's own model, as for the stage rows
+            model = load_artifact(path, expected=(models or {}).get(str(row["stage"])))
         except ArtifactError as exc:
             row["refused"] = _relative(str(exc), run_dir)
             rows.append(row)
@@ -1375,11 +1390,16 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path, latency: bool | None = None, threads: int | None = None) -> dict:
-    """Build the report and write ``report.json``, ``report.md`` and ``report.html`` into ``run_dir`` (atomically)."""
+def write_report(
+    run_dir: str | Path, latency: bool | None = None, threads: int | None = None, recipe: Recipe | None = None
+) -> dict:
+    """Build the report and write ``report.json``, ``report.md`` and ``report.html`` into ``run_dir`` (atomically).
+
+    ``recipe``: the recipe you gave for the run, whose models are built (see :func:`build_report`).
+    """
     from .html import render_html  # matplotlib is imported only when a report is written
 
-    report = build_report(run_dir, latency=latency, threads=threads)
+    report = build_report(run_dir, latency=latency, threads=threads, recipe=recipe)
     run_dir = Path(run_dir)
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(run_dir / "report.md", report_markdown(report))

@@ -65,6 +65,14 @@ class Stage:
         """``{dotted key: value}`` of what this stage reads, from a resolved recipe dict."""
         return self.refine_inputs(recipe, _read_fields(recipe, self.reads))
 
+    def model(self, recipe: Recipe) -> str:
+        """The model name ``recipe`` gives this stage's network (``teacher.model`` or ``student.model``).
+
+        The only model kdc builds from this stage's checkpoint and artifacts: a name read from a file is compared
+        with it (:func:`kdcompress.models.check_model_name`), never imported on its own say-so.
+        """
+        return getattr(recipe, self.trains).model
+
 
 COMMON_READS = ("run.seed", "run.bn_recalibrate", "data")
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from .checkpoint import FORMAT
 from .errors import CheckpointError, ModelError, describe
-from .models import build_model, model_spec, names_user_code
+from .models import build_model, check_model_name, model_spec
 from .stages import file_sha256
 
 __all__ = ["read_weights_file", "supplied_teacher", "pretrained_file", "load_pretrained"]
@@ -111,12 +111,10 @@ def supplied_teacher(recipe, num_classes: int, input_shape, preprocess: dict | N
             raise ModelError(f"{where}: {path} is a kdc checkpoint without an architecture or weights; give a "
                              f"stage checkpoint (<run dir>/<stage>/model.pt)")
         name = spec["model"]
-        if names_user_code(name) and name != t.model:
-            # a recipe is code its user chose to run; a file is not: import only what the recipe names
-            raise ModelError(
-                f"{where}: {path} was built by your own factory '{name}'; kdc imports only code the recipe names: "
-                f"set teacher.model: {name} if you trust it"
-            )
+        # a recipe is code its user chose to run; a file is not: build only the model the recipe names (the
+        # teacher stage's checkpoint then names teacher.model, as every later stage expects)
+        check_model_name(name, t.model, f"{where}: {path}",
+                         fix=f"set teacher.model: {name} (and teacher.args) if that is your teacher and you trust it")
         if list(spec.get("input_shape") or []) != shape or int(spec.get("num_classes", -1)) != int(num_classes):
             raise ModelError(
                 f"{where}: {path} holds a {name} for inputs {spec.get('input_shape')} and {spec.get('num_classes')} "

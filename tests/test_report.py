@@ -351,6 +351,10 @@ def _replace_teacher_with_cnn(run_dir: Path, test_accuracy: float, train_accurac
     save_checkpoint(path, ckpt)
     record = {"stage": "teacher", "epoch": 3, "train_accuracy": train_accuracy, "test_accuracy": test_accuracy}
     (run_dir / "teacher" / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    # the run's recipe names the cnn too: kdc builds no model the recipe does not name
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    recipe["teacher"].update(model="cnn", args={"channels": [4], "hidden": 16})
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
 def test_warns_when_a_batchnorm_model_sits_at_chance_and_suggests_recalibration(run_copy):

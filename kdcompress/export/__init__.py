@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..checkpoint import _atomic_write_many, atomic_write_text, manifest_path
 from ..errors import ArtifactError, KdcError, StageOrderError
+from ..stages import stage_named
 
 __all__ = [
     "FORMATS",
@@ -158,14 +159,15 @@ def verify_artifact(path: str | Path) -> tuple[dict, bytes]:
     return manifest, blob
 
 
-def load_artifact(path: str | Path, allow_import: bool = False):
+def load_artifact(path: str | Path, allow_import: bool = False, expected: str | None = None):
     """A ready model (eval mode, CPU) from an artifact file, with ``.preprocess`` and ``.artifact`` attached.
 
     The file is checked against its manifest first and decoded without unpickling anything: a crafted
     or damaged file raises ArtifactError and runs nothing. For ``onnx`` and ``int8`` the model wraps
     an onnxruntime session (install ``kdcompress[onnx]``). ``model.preprocess(images)`` turns raw uint8
-    images into the batch the model takes (see :class:`kdcompress.loading.Preprocess`). A model built
-    by your own factory (``package.module:factory``) is imported only with ``allow_import=True``.
+    images into the batch the model takes (see :class:`kdcompress.loading.Preprocess`). The model name in
+    the file is data: given ``expected`` (your recipe's name for the model), no other model is built; without
+    it, one built by your own factory (``package.module:factory``) is imported only with ``allow_import=True``.
 
     Example::
 
@@ -176,7 +178,7 @@ def load_artifact(path: str | Path, allow_import: bool = False):
 
     manifest, blob = verify_artifact(path)
     try:
-        model, preprocess = _codec(manifest["format"]).decode(blob, allow_import=allow_import)
+        model, preprocess = _codec(manifest["format"]).decode(blob, allow_import=allow_import, expected=expected)
     except ArtifactError as exc:  # the codecs say what is wrong; the file they were given is named here
         raise ArtifactError(f"{path} was refused: {exc}") from None
     try:
@@ -287,7 +289,8 @@ def export_stage(recipe, formats: list[str] | None = None, force: bool = False, 
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     data = load_data(recipe.data, seed=recipe.run.seed)
-    model = build_from_checkpoint(ckpt, where=f"{stage} checkpoint").eval()
+    model_name = stage_named(stage).model(recipe)  # the recipe's name: the only model built from these files
+    model = build_from_checkpoint(ckpt, where=f"{stage} checkpoint", expected=model_name).eval()
     stage_accuracy = float(ckpt["metrics"]["test_accuracy"])
     calibration = None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -306,7 +309,7 @@ def export_stage(recipe, formats: list[str] | None = None, force: bool = False, 
             raise KdcError(f"cannot export {stage} as {fmt}{_options_text(options)}: {exc}") from None
         manifest = write_artifact(run_dir / rel, blob, fmt, {"stage": stage, "source_fingerprint": fingerprint})
         # measured from the file, loaded the way a user deploys it: never copied from the checkpoint
-        loaded = load_artifact(run_dir / rel, allow_import=True)  # the recipe's own model: trusted here
+        loaded = load_artifact(run_dir / rel, expected=model_name)
         with torch.no_grad():
             test = evaluate(loaded, data.test, recipe.data.eval_batch_size, torch.device("cpu"))
         row = {

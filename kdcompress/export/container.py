@@ -36,7 +36,7 @@ import torch
 
 from ..errors import ArtifactError, KdcError
 
-__all__ = ["MAGIC", "CODECS", "MAX_RAW_BYTES", "pack", "unpack", "model_meta", "rebuild_model", "check_import_allowed"]
+__all__ = ["MAGIC", "CODECS", "MAX_RAW_BYTES", "pack", "unpack", "model_meta", "rebuild_model"]
 
 MAGIC = b"KDCA"
 VERSION = 1
@@ -194,33 +194,23 @@ def model_meta(source: dict) -> dict:
     return meta
 
 
-def check_import_allowed(arch, allow_import: bool, where: str) -> None:
-    """ArtifactError unless ``arch`` names a built-in or torchvision model, or ``allow_import`` is True.
+def rebuild_model(
+    meta: dict, state_dict: dict[str, torch.Tensor], allow_import: bool, where: str, expected: str | None = None
+) -> tuple[torch.nn.Module, dict]:
+    """``(model in eval mode, preprocess dict)`` from an artifact's meta and its decoded state_dict.
 
-    Same rule as :func:`kdcompress.loading.load_model`: a user's own factory
-    (``package.module:factory``) is code named by the file, imported only when asked.
+    The model the file names is built only when it is ``expected`` (the recipe's name for it), or, with no
+    recipe to compare with, a built-in one or, with ``allow_import``, your own: see
+    :func:`kdcompress.models.check_model_name`.
     """
-    from ..models import names_user_code
-
-    if not isinstance(arch, dict) or not isinstance(arch.get("model"), str):
-        raise ArtifactError(f"{where}: it names no model architecture; the file is damaged or not one kdc wrote")
-    name = arch["model"]
-    if names_user_code(name) and not allow_import:
-        raise ArtifactError(
-            f"{where} holds a model built by your own code ('{name}'); kdc imports code named in an artifact only "
-            f"when asked: pass allow_import=True if you trust this file"
-        )
-
-
-def rebuild_model(meta: dict, state_dict: dict[str, torch.Tensor], allow_import: bool, where: str) -> tuple[torch.nn.Module, dict]:
-    """``(model in eval mode, preprocess dict)`` from an artifact's meta and its decoded state_dict."""
     from ..models import build_from_checkpoint
 
     arch = meta.get("arch")
-    check_import_allowed(arch, allow_import, where)
+    if not isinstance(arch, dict) or not isinstance(arch.get("model"), str):
+        raise ArtifactError(f"{where}: it names no model architecture; the file is damaged or not one kdc wrote")
     ckpt = {"arch": arch, "structure": meta.get("structure"), "state_dict": state_dict}
     try:
-        model = build_from_checkpoint(ckpt, where=where)
+        model = build_from_checkpoint(ckpt, where=where, expected=expected, allow_import=allow_import)
     except ArtifactError:
         raise
     except KdcError as exc:

@@ -94,11 +94,13 @@ def encode(model: nn.Module, source: dict, options: dict, calibration: list[torc
     return blob, info
 
 
-def decode(blob: bytes, allow_import: bool = False, threads: int = 1) -> tuple[nn.Module, dict]:
+def decode(
+    blob: bytes, allow_import: bool = False, threads: int = 1, expected: str | None = None
+) -> tuple[nn.Module, dict]:
     """``(onnxruntime module, preprocess dict)`` from int8 bytes kdc wrote; ArtifactError if they are not that.
 
-    ``allow_import`` changes nothing: no code named in the file is imported or run. ``threads`` fixes
-    onnxruntime's intra-op threads.
+    ``allow_import`` and ``expected`` change nothing: no code named in the file is imported or run.
+    ``threads`` fixes onnxruntime's intra-op threads.
     """
     _, meta = parse(blob, FORMAT)
     return OrtModule(blob, meta, threads=threads), dict(meta.get("preprocess") or {})

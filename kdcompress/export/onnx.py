@@ -68,11 +68,14 @@ def encode(model: nn.Module, source: dict, options: dict, calibration: list[torc
     return blob, info
 
 
-def decode(blob: bytes, allow_import: bool = False, threads: int = 1) -> tuple[nn.Module, dict]:
+def decode(
+    blob: bytes, allow_import: bool = False, threads: int = 1, expected: str | None = None
+) -> tuple[nn.Module, dict]:
     """``(onnxruntime module, preprocess dict)`` from ONNX bytes kdc wrote; ArtifactError if they are not that.
 
-    ``allow_import`` is accepted for the common interface and changes nothing: onnxruntime runs the graph,
-    so no code named in the file is ever imported or run. ``threads`` fixes onnxruntime's intra-op threads.
+    ``allow_import`` and ``expected`` are accepted for the common interface and change nothing: onnxruntime
+    runs the graph, so no code named in the file is ever imported or run. ``threads`` fixes onnxruntime's
+    intra-op threads.
     """
     _, meta = parse(blob, FORMAT)
     return OrtModule(blob, meta, threads=threads), dict(meta.get("preprocess") or {})

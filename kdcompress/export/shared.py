@@ -125,11 +125,14 @@ def encode(model: torch.nn.Module, source: dict, options: dict, calibration: lis
     return blob, {**settings, "clustered_tensors": sum(kind == "k" for kind, *_ in layout.values()), "nonzeros": nonzeros}
 
 
-def decode(blob: bytes, allow_import: bool = False, where: str = "shared artifact") -> tuple[torch.nn.Module, dict]:
+def decode(
+    blob: bytes, allow_import: bool = False, where: str = "shared artifact", expected: str | None = None
+) -> tuple[torch.nn.Module, dict]:
     """``(model in eval mode, preprocess dict)`` from a ``shared`` artifact's bytes; ArtifactError if malformed.
 
-    Nothing is unpickled. A model built by the user's own factory is imported
-    only with ``allow_import=True``.
+    Nothing is unpickled. The model the file names is built only when it is
+    ``expected`` (the recipe's name for it); without ``expected``, one built by
+    the user's own factory is imported only with ``allow_import=True``.
     """
     tensors, meta = unpack(blob, where)
     check_format(meta, FORMAT, where)
@@ -152,4 +155,4 @@ def decode(blob: bytes, allow_import: bool = False, where: str = "shared artifac
             state[name] = scatter(mask, codebook[index], dtype, shape, name, where)
         else:
             raise ArtifactError(f"{where}: unknown storage kind {kind!r} for {name!r}; the file is damaged")
-    return rebuild_model(meta, state, allow_import, where)
+    return rebuild_model(meta, state, allow_import, where, expected)

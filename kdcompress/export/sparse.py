@@ -189,11 +189,14 @@ def check_format(meta: dict, expected: str, where: str) -> None:
         )
 
 
-def decode(blob: bytes, allow_import: bool = False, where: str = "sparse artifact") -> tuple[torch.nn.Module, dict]:
+def decode(
+    blob: bytes, allow_import: bool = False, where: str = "sparse artifact", expected: str | None = None
+) -> tuple[torch.nn.Module, dict]:
     """``(model in eval mode, preprocess dict)`` from a ``sparse`` artifact's bytes; ArtifactError if malformed.
 
-    Nothing is unpickled. A model built by the user's own factory is imported
-    only with ``allow_import=True``.
+    Nothing is unpickled. The model the file names is built only when it is
+    ``expected`` (the recipe's name for it); without ``expected``, one built by
+    the user's own factory is imported only with ``allow_import=True``.
     """
     tensors, meta = unpack(blob, where)
     check_format(meta, FORMAT, where)
@@ -206,4 +209,4 @@ def decode(blob: bytes, allow_import: bool = False, where: str = "sparse artifac
             state[name] = scatter(mask, tensor(tensors, f"{name}|v", where), dtype, shape, name, where)
         else:
             raise ArtifactError(f"{where}: unknown storage kind {kind!r} for {name!r}; the file is damaged")
-    return rebuild_model(meta, state, allow_import, where)
+    return rebuild_model(meta, state, allow_import, where, expected)

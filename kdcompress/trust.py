@@ -1,0 +1,61 @@
+"""What kdc trusts: the recipe you give it and the code that recipe names; a run directory is data.
+
+A recipe is code its user chose to run: ``model: mynets:build`` imports ``mynets`` and calls ``build``.
+Everything in a run directory or an artifact was written by whoever could write there, so:
+
+* a model name in a checkpoint or an artifact is only compared with the recipe's
+  (:func:`kdcompress.models.check_model_name`), never imported on its own say-so;
+* a run directory is never on the import path (``load_recipe(..., import_folder=False)``);
+* a run directory's own ``recipe.yaml`` (``kdc prune runs/NAME``) gives the settings to go on with, but
+  the code it names (:data:`kdcompress.recipe.CODE_KEYS`) is imported only when you say so
+  (``--trust-code``): it is read with ``load_recipe(..., import_code=False)``, then :func:`refuse_untrusted_code`.
+
+Example::
+
+    >>> from kdcompress.recipe import recipe_from_dict
+    >>> code_names(recipe_from_dict({"student": {"model": "mynets:build"}, "data": {"dataset": "imagefolder:pets"}}))
+    [('student.model', 'mynets:build')]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UsageError
+from .models import names_user_code
+from .recipe import CODE_KEYS, Recipe
+
+__all__ = ["MODEL_KEYS", "code_names", "refuse_untrusted_code"]
+
+MODEL_KEYS = ("teacher.model", "student.model")  # what a report builds: it reads no data and computes no loss
+
+
+def code_names(recipe: Recipe, keys=tuple(CODE_KEYS)) -> list[tuple[str, str]]:
+    """``(key, import path)`` for each of ``keys`` whose value in ``recipe`` names your own code.
+
+    Built-in names, ``torchvision:NAME`` and ``imagefolder:PATH`` name none.
+    """
+    found = []
+    for key in keys:
+        section, _, name = key.partition(".")
+        value = getattr(getattr(recipe, section), name)
+        if names_user_code(value, CODE_KEYS[key]):
+            found.append((key, value))
+    return found
+
+
+def refuse_untrusted_code(recipe: Recipe, recipe_file: str | Path, keys=tuple(CODE_KEYS)) -> None:
+    """UsageError (exit 2) when ``recipe``, read from a run directory's ``recipe_file``, names code to import.
+
+    Raised before anything is imported. ``keys`` are the values that count (the report builds models only;
+    the CLI leaves out a key the user set with ``--set``, which is their own word).
+    """
+    names = code_names(recipe, keys)
+    if names:
+        listed = " and ".join(f"'{value}' ({key})" for key, value in names)
+        run_dir = Path(recipe_file).parent
+        raise UsageError(
+            f"{recipe_file} names your own code {listed}; a run directory is data, so kdc imports code it names "
+            f"only when you say so: pass --trust-code if you trust {run_dir}, or give your recipe file instead of "
+            f"the run directory"
+        )
