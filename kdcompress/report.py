@@ -37,7 +37,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import yaml
 
 from rich.console import Group
 from rich.table import Table
@@ -49,7 +48,7 @@ from .measure import count_macs, count_nonzero, count_params, count_sparse_macs,
 from .models import build_from_checkpoint, build_model
 from .stages import STAGES
 from .prune import prunable_weights, weight_sparsity
-from .recipe import Recipe, ReportSection, recipe_from_dict, recipe_to_dict
+from .recipe import Recipe, ReportSection, read_yaml, recipe_from_dict, recipe_to_dict
 from .train import has_batchnorm
 
 __all__ = [
@@ -227,15 +226,13 @@ def _run_recipe(run_dir: str | Path) -> tuple[Recipe | None, str | None]:
 
 def _read_run_recipe(run_dir: Path) -> tuple[Recipe | None, str | None]:
     """``run_dir/recipe.yaml`` as written (run.out_dir and run.name untouched), validated; or (None, why not)."""
-    from .recipe import _Loader  # the loader recipes are read with: 5e-2 is a number, as in YAML 1.2
-
     path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
         return None, f"{path} is missing"
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        raw = read_yaml(path.read_text(encoding="utf-8"), source=str(path))[0]
         return recipe_from_dict(raw if isinstance(raw, dict) else {}, source=str(path)), None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KdcError) as exc:
+    except (OSError, UnicodeDecodeError, KdcError) as exc:
         return None, f"{path} does not load ({' '.join(str(exc).split())})"
 
 
