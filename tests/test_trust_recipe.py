@@ -1,13 +1,15 @@
-"""Issue 17, rows 4 and 6: YAML alias bombs, run.name outside out_dir.
+"""Issue 17, rows 4, 6 and 11: YAML alias bombs, run.name outside out_dir, and results that mean nothing.
 
 A recipe (or a run directory's recipe.yaml, or a --set value) whose aliases expand it a billionfold is refused
-with exit 2 before anything that size is built; run.name is one folder inside run.out_dir.
+with exit 2 before anything that size is built; run.name is one folder inside run.out_dir; a stage trained 0
+epochs, a teacher at chance and a loss that exploded are warned about in the terminal and in report.json.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ import yaml
 import kdcompress
 from kdcompress.errors import RecipeError
 from kdcompress.recipe import parse_recipe, recipe_from_dict, recipe_to_dict
+from kdcompress.report import report_warnings
 
 from conftest import TINY_RECIPE, _deep_merge
 
@@ -200,3 +203,91 @@ def test_a_resolved_recipe_with_a_climbing_run_name_is_refused():
     data = _deep_merge(TINY_RECIPE, {"run": {"name": "../../escape"}})
     with pytest.raises(RecipeError, match="run.name"):
         recipe_from_dict(data)
+
+
+# --------------------------------------------------------------------------- results that mean nothing
+
+
+@pytest.fixture(scope="module")
+def zero_epoch_run(fresh_run):
+    """A tiny run in which no stage trains (pruning kept at 0 %, which needs no retraining)."""
+    text = yaml.safe_dump(_deep_merge(TINY_RECIPE, {
+        "run": {"name": "zero"}, "teacher": {"epochs": 0}, "distill": {"epochs": 0},
+        "prune": {"epochs": 0, "target_sparsity": 0.0},
+    }), sort_keys=False)
+    work, result = fresh_run(text, "zero", "run")
+    return work, result
+
+
+def test_stages_trained_0_epochs_are_warned_about_in_the_terminal_and_in_report_json(zero_epoch_run, kdc):
+    work, result = zero_epoch_run
+    warnings = json.loads((work / "runs" / "zero" / "report.json").read_text())["warnings"]
+    for stage, key in (("teacher", "teacher"), ("student", "distill"), ("distilled", "distill"), ("pruned", "prune")):
+        (found,) = [w for w in warnings if w.startswith(f"{stage}: trained 0 epochs")]
+        assert f"({key}.epochs: 0)" in found and f"--set {key}.epochs=" in found
+    flat = kdc.flat(result)
+    assert "warning: teacher: trained 0 epochs (teacher.epochs: 0)" in flat
+    assert "warning: pruned: trained 0 epochs (prune.epochs: 0)" in flat
+
+
+def test_a_run_directory_still_runs_by_its_path_with_its_name_as_run_name(zero_epoch_run, kdc, monkeypatch):
+    work, _ = zero_epoch_run
+    monkeypatch.chdir(work)
+    result = kdc("run", "runs/zero")  # cli._load passes run.name=zero, run.out_dir=<work>/runs
+    kdc.assert_clean_exit(result, 0)
+    assert "warning: teacher: trained 0 epochs" in kdc.flat(result)
+
+
+def test_a_planted_alias_bomb_recipe_yaml_in_a_run_directory_is_refused_by_kdc_report_under_1_gb(
+    zero_epoch_run, tmp_path
+):
+    work, _ = zero_epoch_run
+    run = tmp_path / "zero"
+    shutil.copytree(work / "runs" / "zero", run)
+    (run / "recipe.yaml").write_text(BOMB_IN_ARGS, encoding="utf-8")
+    result = _kdc_in_child("report", str(run), "--format", "json", cwd=tmp_path)
+    assert result["rc"] == 0, result["output"]
+    (warning,) = [w for w in json.loads((run / "report.json").read_text())["warnings"] if "up to date" in w]
+    assert "recipe.yaml does not load" in warning and "too big for a recipe" in warning
+    assert result["max_rss_kb"] < 1024 * 1024, f"peak RSS {result['max_rss_kb'] / 1024:.0f} MiB"
+
+
+def test_an_exploding_loss_is_warned_about_though_each_epoch_mean_fell(fresh_run, kdc):
+    text = yaml.safe_dump(_deep_merge(TINY_RECIPE, {
+        "run": {"name": "diverged"}, "teacher": {"optimizer": "adam", "lr": 1e6},
+    }), sort_keys=False)
+    work, result = fresh_run(text, "diverged", "train-teacher")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        result = kdc("report", "runs/diverged")
+    kdc.assert_clean_exit(result, 0)
+    report = json.loads((work / "runs" / "diverged" / "report.json").read_text())
+    (found,) = [w for w in report["warnings"] if "training loss grew" in w]
+    assert found.startswith("teacher:") and "teacher.lr (1e+06 with adam" in found
+    assert "warning: teacher: its training loss grew" in kdc.flat(result)
+    curve = report["stages"][0]["curve"]
+    assert curve[0]["first_batch_loss"] < 10 < 1e12 < max(p["max_batch_loss"] for p in curve)
+
+
+def test_a_normal_tiny_run_gets_none_of_these_warnings(fresh_run):
+    text = yaml.safe_dump(_deep_merge(TINY_RECIPE, {"run": {"name": "normal"}}), sort_keys=False)
+    work, result = fresh_run(text, "normal", "run")
+    report = json.loads((work / "runs" / "normal" / "report.json").read_text())
+    assert not [w for w in report["warnings"] if "0 epochs" in w or "at chance" in w or "loss grew" in w]
+    assert all(p["first_batch_loss"] > 0 for row in report["stages"] for p in row["curve"])
+
+
+def _row(**extra) -> dict:
+    row = {"stage": "teacher", "accuracy": 0.1, "test_samples": 2000, "num_classes": 10, "chance_accuracy": 0.1,
+           "train_accuracy": 0.1, "has_batchnorm": False, "epochs": 8, "settings": {"lr": 0.05, "epochs": 8},
+           "curve": []}
+    return {**row, **extra}
+
+
+def test_a_teacher_at_chance_is_warned_about_and_a_supplied_one_names_its_file():
+    (warning,) = report_warnings({"stages": [_row()], "comparisons": []})
+    assert warning.startswith("teacher: test accuracy 10.0% is at chance") and "nothing to teach" in warning
+    supplied = {"supplied_from": "/models/t.pt", "epochs": 0}  # teacher.checkpoint: 0 epochs here is right
+    (warning,) = report_warnings({"stages": [_row(epochs=0, settings=supplied)], "comparisons": []})
+    assert "teacher.checkpoint (/models/t.pt)" in warning and "0 epochs" not in warning
+    assert report_warnings({"stages": [_row(epochs=0, accuracy=0.9, settings=supplied)], "comparisons": []}) == []
