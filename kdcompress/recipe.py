@@ -490,8 +490,9 @@ def read_yaml(text: str, source: str = "<yaml>") -> tuple[Any, dict[tuple, int],
     written out, or whose aliases make a value contain itself, raises :class:`RecipeError` naming the key
     path and line. A key under an alias has no line of its own; its problems point at the alias.
     """
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # the reader already refuses unprintable characters here
         node = loader.get_single_node()
         lines: dict[tuple, int] = {}
         problems: list[Problem] = []
@@ -507,7 +508,8 @@ def read_yaml(text: str, source: str = "<yaml>") -> tuple[Any, dict[tuple, int],
     except RecursionError:
         raise RecipeError(source, [Problem("", "the YAML is nested too deeply to be a recipe")]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _first_oversized(root: Any, children, size, limit: int = MAX_YAML_SIZE) -> tuple[tuple, Any, Any, bool] | None:
