@@ -649,14 +649,16 @@ def _index_lines(node: yaml.Node, path: tuple, lines: dict, problems: list[Probl
         return
     seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        seen: set = set()
+        keys: set = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list or mapping as a key: building the document refuses it, with its line
             key = key_node.value
-            if key in seen:
+            if key in keys:
                 problems.append(
                     Problem(_dotted(path + (key,)), "duplicate key; keep one", key_node.start_mark.line + 1)
                 )
-            seen.add(key)
+            keys.add(key)
             lines[path + (key,)] = key_node.start_mark.line + 1
             _index_lines(value_node, path + (key,), lines, problems, seen)
     elif isinstance(node, yaml.SequenceNode):

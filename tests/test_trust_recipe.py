@@ -39,6 +39,11 @@ BOMB_IN_ARGS = "\n".join(["run: {name: xy}", "teacher:", "  model: mlp", "  args
 # 368 bytes: the bomb as top-level keys
 BOMB_AT_TOP = "# a billion laughs: 9 levels of 9 aliases.\n\n" + "\n".join(_bomb_lines("", ",")) + "\n"
 
+# the same through merge keys (<<): PyYAML builds it small, but a walk of the tree visits i's 9**8 merged copies
+BOMB_BY_MERGES = "teacher:\n  args:\n    a: &a {x: 1, y: 2, z: 3}\n" + "".join(
+    f"    {level}: &{level} {{<<: [" + ", ".join([f"*{before}"] * 9) + "]}\n" for before, level in zip(LEVELS, LEVELS[1:])
+)
+
 # Run in a child process: RUSAGE_CHILDREN then holds that child's peak RSS alone. The address-space cap only
 # keeps a regression from taking the machine down with it (the code before the fix passed 11 GB).
 _MEASURE = """
@@ -61,9 +66,10 @@ def _kdc_in_child(*args: str, cwd: Path) -> dict:
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("text", [BOMB_IN_ARGS, BOMB_AT_TOP], ids=["478-byte-in-args", "368-byte-at-top"])
-def test_a_yaml_alias_bomb_is_refused_with_exit_2_under_1_gb_peak_rss(tmp_path, text):
-    assert len(text.encode()) in (478, 368)
+@pytest.mark.parametrize("text,size", [(BOMB_IN_ARGS, 478), (BOMB_AT_TOP, 368), (BOMB_BY_MERGES, 470)],
+                         ids=["in-args", "at-top", "merge-keys"])
+def test_a_yaml_alias_bomb_is_refused_with_exit_2_under_1_gb_peak_rss(tmp_path, text, size):
+    assert len(text.encode()) == size
     (tmp_path / "bomb.yaml").write_text(text, encoding="utf-8")
     result = _kdc_in_child("validate", "bomb.yaml", cwd=tmp_path)
     assert result["rc"] == 2, result["output"]
