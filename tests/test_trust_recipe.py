@@ -41,7 +41,8 @@ BOMB_AT_TOP = "# a billion laughs: 9 levels of 9 aliases.\n\n" + "\n".join(_bomb
 
 # the same through merge keys (<<): PyYAML builds it small, but a walk of the tree visits i's 9**8 merged copies
 BOMB_BY_MERGES = "teacher:\n  args:\n    a: &a {x: 1, y: 2, z: 3}\n" + "".join(
-    f"    {level}: &{level} {{<<: [" + ", ".join([f"*{before}"] * 9) + "]}\n" for before, level in zip(LEVELS, LEVELS[1:])
+    f"    {level}: &{level} {{<<: [" + ", ".join([f"*{before}"] * 9) + "]}\n"
+    for before, level in zip(LEVELS, LEVELS[1:])
 )
 
 # Run in a child process: RUSAGE_CHILDREN then holds that child's peak RSS alone. The address-space cap only
