@@ -26,6 +26,7 @@ import os
 import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -49,6 +50,9 @@ __all__ = [
     "ExportSection",
     "load_recipe",
     "CODE_KEYS",
+    "parse_recipe",
+    "read_yaml",
+    "MAX_YAML_SIZE",
     "recipe_from_dict",
     "recipe_to_dict",
     "section_fingerprint",
@@ -438,17 +442,7 @@ def parse_recipe(
     relative ``teacher.checkpoint`` is looked up in, in order (default: the current
     directory); the recipe returned holds the absolute path of the file found.
     """
-    try:
-        node = yaml.compose(text, Loader=_Loader)
-        raw = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        raise RecipeError(source, [_yaml_problem(exc)]) from None
-    except RecursionError:
-        raise RecipeError(source, [Problem("", "the YAML is nested too deeply to be a recipe")]) from None
-    lines: dict[tuple, int] = {}
-    problems: list[Problem] = []
-    if node is not None:
-        _index_lines(node, (), lines, problems)
+    raw, lines, problems = read_yaml(text, source)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -465,6 +459,7 @@ def parse_recipe(
         if isinstance(raw["run"], dict):
             raw["run"].setdefault("name", default_name)
     recipe = _convert(raw, Recipe, (), lines, problems)
+    problems.extend(_run_name_checks(recipe.run, lines))
     problems.extend(_name_checks(raw, lines, import_code))
     recipe = _resolve_files(recipe, lines, problems, search_dirs or [Path.cwd()])
     if not problems:
@@ -501,6 +496,115 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
+# A recipe holds a few hundred values. An alias (*name) stands for everything its anchor (&name) holds without
+# copying it, so 400 bytes with nine aliases per level stand for billions of values, and whatever walks the data
+# (the line index, the schema check, JSON and YAML dumps, fingerprints) would walk every one of them. A document
+# bigger than this once written out in full is refused before anything that size is built.
+MAX_YAML_SIZE = 100_000  # values, plus the characters of each text value
+
+
+def read_yaml(text: str, source: str = "<yaml>") -> tuple[Any, dict[tuple, int], list[Problem]]:
+    """Parse YAML the way kdc reads every YAML: recipes, a run directory's recipe.yaml, ``--set`` values.
+
+    Returns the data, the 1-based line of each key path and a :class:`Problem` for each duplicate key.
+    Numbers follow YAML 1.2 (``5e-2`` is a number); ``!!python`` tags are refused. The document's node
+    graph is measured before it is built, each node once, so the work stays proportional to the text: a
+    document that would hold more than ``MAX_YAML_SIZE`` values and characters once its aliases are
+    written out, or whose aliases make a value contain itself, raises :class:`RecipeError` naming the key
+    path and line. A key under an alias has no line of its own; its problems point at the alias.
+    """
+    loader = None
+    try:
+        loader = _Loader(text)  # the reader already refuses unprintable characters here
+        node = loader.get_single_node()
+        lines: dict[tuple, int] = {}
+        problems: list[Problem] = []
+        if node is None:
+            return None, lines, problems
+        found = _first_oversized(node, _node_children, _node_size)
+        if found is not None:
+            raise RecipeError(source, [_oversized_problem(*found)])
+        _index_lines(node, (), lines, problems, set())
+        return loader.construct_document(node), lines, problems
+    except yaml.YAMLError as exc:
+        raise RecipeError(source, [_yaml_problem(exc)]) from None
+    except RecursionError:
+        raise RecipeError(source, [Problem("", "the YAML is nested too deeply to be a recipe")]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _first_oversized(root: Any, children, size, limit: int = MAX_YAML_SIZE) -> tuple[tuple, Any, Any, bool] | None:
+    """Where a graph of values is too big once every shared value is counted each time it is reached.
+
+    ``children(value)`` lists ``(key, child)`` pairs and ``size(value)`` a value's own size. Each distinct
+    value (by identity) is visited once, so a document of N values costs O(N) however far its shared parts
+    would expand. Returns None when the expansion stays within ``limit``; else ``(path, value, container,
+    cyclic)``: the first value found whose expansion passes the limit (``cyclic`` False), or a value reached
+    again from inside itself (``cyclic`` True; ``container`` holds the reference back).
+    """
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()  # the values whose children are being measured: the current value's ancestors
+    stack: list[tuple[Any, tuple, bool]] = [(root, (), False)]
+    while stack:
+        value, path, done = stack.pop()
+        if done:
+            open_.discard(id(value))
+            total = size(value) + sum(sizes[id(child)] for _, child in children(value))
+            if total > limit:
+                return path, value, value, False
+            sizes[id(value)] = total
+            continue
+        if id(value) in sizes:  # reached again through another alias: measured already
+            continue
+        open_.add(id(value))
+        stack.append((value, path, True))
+        for key, child in reversed(children(value)):  # reversed: popped in document order, anchors first
+            if id(child) in open_:
+                return path + (key,), child, value, True
+            if id(child) not in sizes:
+                stack.append((child, path + (key,), False))
+    return None
+
+
+def _node_children(node: yaml.Node) -> list[tuple[Any, yaml.Node]]:
+    if isinstance(node, yaml.MappingNode):
+        return [(getattr(k, "value", "?") if isinstance(k, yaml.ScalarNode) else "?", child)
+                for k, v in node.value for child in (k, v)]
+    if isinstance(node, yaml.SequenceNode):
+        return list(enumerate(node.value))
+    return []
+
+
+def _node_size(node: yaml.Node) -> int:
+    return 1 + len(node.value) if isinstance(node, yaml.ScalarNode) else 1
+
+
+def _value_children(value: Any) -> list[tuple[Any, Any]]:
+    if isinstance(value, dict):
+        return [(str(k), child) for k, v in value.items() for child in (k, v)]
+    if isinstance(value, (list, tuple)):
+        return list(enumerate(value))
+    return []
+
+
+def _value_size(value: Any) -> int:
+    return 1 + len(value) if isinstance(value, (str, bytes)) else 1
+
+
+def _oversized_problem(path: tuple, value: Any, container: Any, cyclic: bool) -> Problem:
+    """The Problem for what :func:`_first_oversized` found (with a YAML line when the values are YAML nodes)."""
+    mark = getattr(container, "start_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    if cyclic:
+        return Problem(_dotted(path), "is an alias (*name) inside the very value its anchor (&name) names, so the "
+                       "value would contain itself without end; write the value out instead", line)
+    return Problem(_dotted(path), f"is too big for a recipe: written out in full (each alias *name replaced by "
+                   f"what its anchor &name holds) it holds more than {MAX_YAML_SIZE:,} values and characters; write "
+                   f"the values out, or alias fewer of them", line)
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> Problem:
     """One Problem for a YAML syntax error, placed where the broken construct starts."""
     problem = getattr(exc, "problem", None) or describe(exc)
@@ -520,8 +624,12 @@ def _yaml_problem(exc: yaml.YAMLError) -> Problem:
 
 def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     """Validate a plain dict (for example a resolved recipe stored in a checkpoint)."""
+    found = _first_oversized(data, _value_children, _value_size)
+    if found is not None:  # a dict from a checkpoint can share (or contain) its own parts too
+        raise RecipeError(source, [_oversized_problem(*found)])
     problems: list[Problem] = []
     recipe = _convert(copy.deepcopy(data), Recipe, (), {}, problems)
+    problems.extend(_run_name_checks(recipe.run, {}))
     if not problems:
         problems.extend(_cross_checks(recipe, {}))
     if problems:
@@ -552,23 +660,33 @@ def pruning_steps_needed(rate: float, target: float) -> int:
 # --------------------------------------------------------------------------- internals
 
 
-def _index_lines(node: yaml.Node, path: tuple, lines: dict, problems: list[Problem]) -> None:
-    """Record the 1-based line of every key path; report duplicate keys."""
+def _index_lines(node: yaml.Node, path: tuple, lines: dict, problems: list[Problem], seen: set) -> None:
+    """Record the 1-based line of every key path; report duplicate keys.
+
+    Walks the node graph, each node once (``seen``: the ids of the nodes indexed): the keys inside a value
+    reached again through an alias keep no line of their own, so an alias-heavy document costs no more
+    than its text.
+    """
     lines.setdefault(path, node.start_mark.line + 1)
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        seen: set = set()
+        keys: set = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list or mapping as a key: building the document refuses it, with its line
             key = key_node.value
-            if key in seen:
+            if key in keys:
                 problems.append(
                     Problem(_dotted(path + (key,)), "duplicate key; keep one", key_node.start_mark.line + 1)
                 )
-            seen.add(key)
+            keys.add(key)
             lines[path + (key,)] = key_node.start_mark.line + 1
-            _index_lines(value_node, path + (key,), lines, problems)
+            _index_lines(value_node, path + (key,), lines, problems, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, child in enumerate(node.value):
-            _index_lines(child, path + (i,), lines, problems)
+            _index_lines(child, path + (i,), lines, problems, seen)
 
 
 def _dotted(path: tuple) -> str:
@@ -863,16 +981,17 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> tuple | No
         value = _number(text, numeric[0])  # 1e-3 is a number here, though YAML 1.1 reads it as text
     else:
         try:
-            value = yaml.load(text, Loader=_Loader)
-        except yaml.YAMLError:
-            problems.append(Problem(where, f"cannot read the value {text!r}"))
+            value = read_yaml(text, where)[0]
+        except RecipeError as exc:
+            reason = "; ".join(f"{p.path} {p.message}" if p.path else p.message for p in exc.problems)
+            problems.append(Problem(where, f"cannot read the value {text!r}: {reason}"))
             return
     node = raw
     for k in keys[:-1]:
         child = node.get(k)
-        if not isinstance(child, dict):
-            child = {}
-            node[k] = child
+        # a copy: the section may be an alias of another (args: *shared), which must keep its value
+        child = dict(child) if isinstance(child, dict) else {}
+        node[k] = child
         node = child
     node[keys[-1]] = value
     return tuple(keys)
@@ -903,6 +1022,29 @@ def _name_checks(raw: dict, lines: dict, import_code: bool = True) -> list[Probl
         if message:
             problems.append(Problem(f"{section}.{key}", message, _line(lines, (section, key))))
     return problems
+
+
+def _run_name_checks(run: RunSection, lines: dict) -> list[Problem]:
+    """``run.name`` is one folder inside ``run.out_dir``: a name that would climb out of it (``..``, a path,
+    an absolute path) or that names no folder (empty, control characters) is refused before anything is
+    written."""
+    name = run.name
+    if not name.strip():
+        why = "is empty"
+    elif name in (".", ".."):
+        why = f"is {name!r}, {'run.out_dir itself' if name == '.' else 'the folder above run.out_dir'}"
+    elif "/" in name or "\\" in name:
+        why = f"is a path ({name!r}), not a folder name"
+    elif any(unicodedata.category(c) == "Cc" for c in name):
+        why = f"holds a control character ({name!r})"
+    else:
+        return []
+    return [Problem(
+        "run.name",
+        f"{why}: run.name is a folder name inside run.out_dir; use run.out_dir to put runs elsewhere "
+        f"(e.g. run: {{out_dir: /data/runs, name: exp1}})",
+        _line(lines, ("run", "name")),
+    )]
 
 
 _SCHEDULE_STEPS = {

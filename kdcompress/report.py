@@ -37,7 +37,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import yaml
 
 from rich.console import Group
 from rich.table import Table
@@ -49,7 +48,7 @@ from .measure import count_macs, count_nonzero, count_params, count_sparse_macs,
 from .models import build_from_checkpoint, build_model, names_user_code
 from .stages import STAGES, stage_named
 from .prune import prunable_weights, weight_sparsity
-from .recipe import Recipe, ReportSection, recipe_from_dict, recipe_to_dict
+from .recipe import Recipe, ReportSection, read_yaml, recipe_from_dict, recipe_to_dict
 from .train import has_batchnorm
 from .trust import MODEL_KEYS, refuse_untrusted_code
 
@@ -252,15 +251,13 @@ def _run_recipe(run_dir: str | Path) -> tuple[Recipe | None, str | None]:
 
 def _read_run_recipe(run_dir: Path) -> tuple[Recipe | None, str | None]:
     """``run_dir/recipe.yaml`` as written (run.out_dir and run.name untouched), validated; or (None, why not)."""
-    from .recipe import _Loader  # the loader recipes are read with: 5e-2 is a number, as in YAML 1.2
-
     path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
         return None, f"{path} is missing"
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        raw = read_yaml(path.read_text(encoding="utf-8"), source=str(path))[0]
         return recipe_from_dict(raw if isinstance(raw, dict) else {}, source=str(path)), None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KdcError) as exc:
+    except (OSError, UnicodeDecodeError, KdcError) as exc:
         return None, f"{path} does not load ({' '.join(str(exc).split())})"
 
 
@@ -389,6 +386,7 @@ def _curve(run_dir: Path, stage: str, ckpt: dict) -> list[dict]:
             continue
         point = {key: record.get(key) for key in (
             "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "val_loss", "val_accuracy", "lr",
+            "first_batch_loss", "max_batch_loss",
         )}
         point["sparsity"] = record.get("sparsity") if stage == "pruned" else None
         point["seconds"] = record.get("seconds")
@@ -817,6 +815,61 @@ def _near_chance(row: dict) -> bool:
     return row["accuracy"] <= chance + margin
 
 
+# A training loss this many times its first batch's: training diverged, whatever the epochs' means show.
+LOSS_GROWTH_LIMIT = 1e6
+TRAIN_SECTIONS = {"teacher": "teacher", "pruned": "prune"}  # the recipe section a stage trains with; else distill
+
+
+def _untrained_warnings(row: dict, where: str) -> list[str]:
+    """A stage whose result means nothing: trained 0 epochs, a teacher at chance, a loss that exploded."""
+    stage, settings, accuracy = row["stage"], row.get("settings") or {}, row.get("accuracy")
+    section = TRAIN_SECTIONS.get(stage, "distill")
+    supplied = settings.get("supplied_from")  # teacher.checkpoint: trained elsewhere, 0 epochs here is right
+    scored = f" ({accuracy:.1%})" if accuracy is not None else ""
+    warnings = []
+    if row.get("epochs") == 0 and not supplied:
+        what = {
+            "teacher": "its random initial weights and every stage distilled from it learned from noise",
+            "pruned": "the distilled model as it was, with no retraining after pruning",
+        }.get(stage, "its random initial weights")
+        warnings.append(
+            f"{stage}: trained 0 epochs ({section}.epochs: 0), so it is {what}; its test accuracy{scored} measures "
+            f"no training. `kdc run {where} --set {section}.epochs={getattr(Recipe(), section).epochs}` trains it."
+        )
+    elif (stage == "teacher" and accuracy is not None and row.get("chance_accuracy") is not None
+          and _near_chance(row) and not _chance_after_training(row)):
+        fix = (f"check that teacher.checkpoint ({supplied}) holds a trained model for this dataset, prepared like "
+               f"this data" if supplied else
+               f"check teacher.lr ({settings.get('lr')}) and teacher.epochs ({settings.get('epochs')}), and that the "
+               f"data's labels match its images")
+        warnings.append(
+            f"teacher: test accuracy {accuracy:.1%} is at chance (1/{row['num_classes']} = "
+            f"{row['chance_accuracy']:.1%}, within noise of guessing): it has nothing to teach, so the distilled "
+            f"and pruned rows say nothing about distillation; {fix}."
+        )
+    curve = row.get("curve") or []
+    # per-batch values where recorded; a checkpoint from before they were has the epochs' means only
+    first = (curve[0].get("first_batch_loss") or curve[0].get("train_loss")) if curve else None
+    peak = max((p.get("max_batch_loss") or p.get("train_loss") or 0.0 for p in curve), default=None)
+    if first is not None and peak is not None and first > 0 and peak > LOSS_GROWTH_LIMIT * first:
+        lr = settings.get("lr")
+        lr = f"{lr:g}" if isinstance(lr, (int, float)) else lr
+        warnings.append(
+            f"{stage}: its training loss grew from {first:.3g} (first batch) to {peak:.3g}, more than a million "
+            f"times: training diverged, and its test accuracy{scored} comes from broken weights. Lower "
+            f"{section}.lr ({lr} with {settings.get('optimizer')}; adam and adamw usually train near 0.001, sgd "
+            f"near 0.05) with `kdc run {where} --set {section}.lr=VALUE`."
+        )
+    return warnings
+
+
+def _chance_after_training(row: dict) -> bool:
+    """At chance on the test set while the last training epoch was good: a mismatch, not an untrained model."""
+    chance, train = row.get("chance_accuracy"), row.get("train_accuracy")
+    # "good": at least halfway from guessing to perfect
+    return chance is not None and train is not None and _near_chance(row) and train >= chance + 0.5 * (1.0 - chance)
+
+
 def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str]:
     """Results in ``report`` that should not be trusted or shipped as they stand, one sentence each.
 
@@ -838,11 +891,9 @@ def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str
             f"checkpoints as they are."
         )
     for row in report["stages"]:
+        warnings.extend(_untrained_warnings(row, where))
         chance, train = row.get("chance_accuracy"), row.get("train_accuracy")
-        if chance is None or train is None:
-            continue
-        # "high": at least halfway from guessing to perfect
-        if _near_chance(row) and train >= chance + 0.5 * (1.0 - chance):
+        if _chance_after_training(row):
             message = (
                 f"{row['stage']}: test accuracy {row['accuracy']:.1%} is at chance (1/{row['num_classes']} = "
                 f"{chance:.1%}) while its last training epoch reached {train:.1%}. "

@@ -294,6 +294,9 @@ class _Tally:
         self._sizes: list[int] = []
         self._correct = torch.zeros((), dtype=torch.long, device=device)
         self.loss_sum, self.correct, self.seen = 0.0, 0.0, 0
+        # the epoch's first and largest batch losses: an epoch's mean hides a loss that exploded within it
+        self.first_loss: float | None = None
+        self.max_loss: float | None = None
 
     @property
     def pending(self) -> int:
@@ -314,6 +317,9 @@ class _Tally:
         for k, value in enumerate(values):
             if not math.isfinite(value):
                 return len(values) - k, value
+        if self.first_loss is None:
+            self.first_loss = values[0]
+        self.max_loss = max(values + ([self.max_loss] if self.max_loss is not None else []))
         self.loss_sum += sum(v * n for v, n in zip(values, self._sizes))
         self.seen += sum(self._sizes)
         self.correct = correct
@@ -420,7 +426,7 @@ def fit(
     with progress.stage(stage, settings.epochs, first_epoch, loop.batches_per_epoch):
         for epoch in range(first_epoch, settings.epochs):
             started = time.perf_counter()
-            loss_sum, correct, seen = _train_epoch(loop, data.train, epoch, progress)
+            loss_sum, correct, seen, tally = _train_epoch(loop, data.train, epoch, progress)
             train_seconds = time.perf_counter() - started
             lr = loop.optimizer.param_groups[0]["lr"]
             loop.scheduler.step()
@@ -430,6 +436,9 @@ def fit(
                 "epoch": epoch + 1,
                 "train_loss": loss_sum / max(1, seen),
                 "train_accuracy": correct / max(1, seen),
+                # this rank's first and largest batch loss (report: a loss that grew a millionfold diverged)
+                "first_batch_loss": tally.first_loss,
+                "max_batch_loss": tally.max_loss,
                 f"{eval_name}_loss": result["loss"],
                 f"{eval_name}_accuracy": result["accuracy"],
                 "lr": lr,
@@ -547,8 +556,11 @@ def _rebuild_optimizer(loop: _Loop) -> None:
         group["lr"] = lr
 
 
-def _train_epoch(loop: _Loop, train: TensorData, epoch: int, progress: RunProgress) -> tuple[float, float, float]:
-    """One pass over the training split; returns (loss sum, correct, samples) summed over all ranks."""
+def _train_epoch(
+    loop: _Loop, train: TensorData, epoch: int, progress: RunProgress
+) -> tuple[float, float, float, _Tally]:
+    """One pass over the training split; returns (loss sum, correct, samples) summed over all ranks, and this
+    rank's tally (its first and largest batch loss)."""
     settings, device, runtime = loop.settings, loop.device, loop.runtime
     cuda = device.type == "cuda"
     autocast = (
@@ -587,7 +599,7 @@ def _train_epoch(loop: _Loop, train: TensorData, epoch: int, progress: RunProgre
                 progress.advance(loop.step - epoch_start_step, tally.status())
     _check_losses(tally, loop.step, epoch, loop.batches_per_epoch, loop.stage, settings, loop.state_path)
     loss_sum, correct, seen = distributed.all_reduce_sum([tally.loss_sum, tally.correct, float(tally.seen)], device)
-    return loss_sum, correct, seen
+    return loss_sum, correct, seen, tally
 
 
 def _save_epoch_state(loop: _Loop, epochs_done: int) -> None:

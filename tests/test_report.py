@@ -374,9 +374,10 @@ def test_no_chance_warning_for_a_model_that_learned(run_copy):
     assert not [w for w in build_report(run_copy)["warnings"] if "at chance" in w]
 
 
-def test_no_chance_warning_when_training_accuracy_is_low_too(run_copy):
+def test_a_teacher_at_chance_in_training_too_gets_the_untrained_teacher_warning_not_the_batchnorm_one(run_copy):
     _replace_teacher_with_cnn(run_copy, test_accuracy=0.10, train_accuracy=0.12)
-    assert not [w for w in build_report(run_copy)["warnings"] if "at chance" in w]
+    (warning,) = [w for w in build_report(run_copy)["warnings"] if "at chance" in w]
+    assert "nothing to teach" in warning and "bn_recalibrate" not in warning
 
 
 def test_chance_warning_without_batchnorm_points_elsewhere():
