@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from .bounds import first_oversized, value_children, value_size
 from .errors import CheckpointError, describe
 
 __all__ = [
@@ -71,6 +72,10 @@ __all__ = [
 
 FORMAT = "kdc-checkpoint"
 FORMAT_VERSION = 1
+# Plain values a checkpoint may hold once its shared parts are written out (tensors count 1 each). A real one
+# holds far fewer (a 1,000-class confusion matrix is 1M); pickle's memo lets a 3 KB file name billions.
+MAX_CHECKPOINT_VALUES = 20_000_000
+MAX_RECIPE_VALUES = 1_000_000  # in each of its recipe-like parts, which reports write out as YAML and JSON
 
 
 def _write_error(path: Path, exc: BaseException) -> CheckpointError:
@@ -291,6 +296,18 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
             f"{data.get('format_version')!r}; this kdc reads format {FORMAT_VERSION}. Rerun the stage, or use the "
             f"kdc version that wrote it"
         )
+    parts = [((), data, MAX_CHECKPOINT_VALUES)]
+    parts += [((key,), data[key], MAX_RECIPE_VALUES) for key in ("recipe", "inputs", "arch", "preprocess") if key in data]
+    for prefix, part, limit in parts:
+        found = first_oversized(part, value_children, value_size, limit)
+        if found is not None:
+            inner, _, _, cyclic = found
+            where = ".".join(map(str, prefix + inner)) or "its top level"
+            what = "contains itself" if cyclic else f"holds more than {limit:,} values once written out"
+            raise CheckpointError(
+                f"{path} was refused: {where} {what}, which no checkpoint kdc writes does; delete it and rerun the "
+                f"stage"
+            )
     return data
 
 

@@ -34,6 +34,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .bounds import first_oversized, value_children, value_size
 from .errors import Problem, RecipeError, describe, did_you_mean
 
 __all__ = [
@@ -521,7 +522,7 @@ def read_yaml(text: str, source: str = "<yaml>") -> tuple[Any, dict[tuple, int],
         problems: list[Problem] = []
         if node is None:
             return None, lines, problems
-        found = _first_oversized(node, _node_children, _node_size)
+        found = first_oversized(node, _node_children, _node_size, MAX_YAML_SIZE)
         if found is not None:
             raise RecipeError(source, [_oversized_problem(*found)])
         _index_lines(node, (), lines, problems, set())
@@ -533,39 +534,6 @@ def read_yaml(text: str, source: str = "<yaml>") -> tuple[Any, dict[tuple, int],
     finally:
         if loader is not None:
             loader.dispose()
-
-
-def _first_oversized(root: Any, children, size, limit: int = MAX_YAML_SIZE) -> tuple[tuple, Any, Any, bool] | None:
-    """Where a graph of values is too big once every shared value is counted each time it is reached.
-
-    ``children(value)`` lists ``(key, child)`` pairs and ``size(value)`` a value's own size. Each distinct
-    value (by identity) is visited once, so a document of N values costs O(N) however far its shared parts
-    would expand. Returns None when the expansion stays within ``limit``; else ``(path, value, container,
-    cyclic)``: the first value found whose expansion passes the limit (``cyclic`` False), or a value reached
-    again from inside itself (``cyclic`` True; ``container`` holds the reference back).
-    """
-    sizes: dict[int, int] = {}
-    open_: set[int] = set()  # the values whose children are being measured: the current value's ancestors
-    stack: list[tuple[Any, tuple, bool]] = [(root, (), False)]
-    while stack:
-        value, path, done = stack.pop()
-        if done:
-            open_.discard(id(value))
-            total = size(value) + sum(sizes[id(child)] for _, child in children(value))
-            if total > limit:
-                return path, value, value, False
-            sizes[id(value)] = total
-            continue
-        if id(value) in sizes:  # reached again through another alias: measured already
-            continue
-        open_.add(id(value))
-        stack.append((value, path, True))
-        for key, child in reversed(children(value)):  # reversed: popped in document order, anchors first
-            if id(child) in open_:
-                return path + (key,), child, value, True
-            if id(child) not in sizes:
-                stack.append((child, path + (key,), False))
-    return None
 
 
 def _node_children(node: yaml.Node) -> list[tuple[Any, yaml.Node]]:
@@ -581,20 +549,8 @@ def _node_size(node: yaml.Node) -> int:
     return 1 + len(node.value) if isinstance(node, yaml.ScalarNode) else 1
 
 
-def _value_children(value: Any) -> list[tuple[Any, Any]]:
-    if isinstance(value, dict):
-        return [(str(k), child) for k, v in value.items() for child in (k, v)]
-    if isinstance(value, (list, tuple)):
-        return list(enumerate(value))
-    return []
-
-
-def _value_size(value: Any) -> int:
-    return 1 + len(value) if isinstance(value, (str, bytes)) else 1
-
-
 def _oversized_problem(path: tuple, value: Any, container: Any, cyclic: bool) -> Problem:
-    """The Problem for what :func:`_first_oversized` found (with a YAML line when the values are YAML nodes)."""
+    """The Problem for what :func:`first_oversized` found (with a YAML line when the values are YAML nodes)."""
     mark = getattr(container, "start_mark", None)
     line = mark.line + 1 if mark is not None else None
     if cyclic:
@@ -624,7 +580,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> Problem:
 
 def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
     """Validate a plain dict (for example a resolved recipe stored in a checkpoint)."""
-    found = _first_oversized(data, _value_children, _value_size)
+    found = first_oversized(data, value_children, value_size, MAX_YAML_SIZE)
     if found is not None:  # a dict from a checkpoint can share (or contain) its own parts too
         raise RecipeError(source, [_oversized_problem(*found)])
     problems: list[Problem] = []

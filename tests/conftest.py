@@ -7,6 +7,10 @@ shipped fashion-mnist-mini set for two epochs per stage (a few seconds).
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+import kdcompress
 from kdcompress.cli import app
 
 # The suite runs on a 2-core machine that may be busy with other training runs:
@@ -215,3 +220,25 @@ def checkpoints_equal():
         assert ca["metrics"]["test_loss"] == cb["metrics"]["test_loss"]
 
     return check
+
+
+# Run in a child process: RUSAGE_CHILDREN then holds that child's peak RSS alone. The address-space cap only
+# keeps a regression from taking the machine down with it (the code before the fix passed 11 GB).
+_MEASURE = """
+import json, resource, subprocess, sys
+cap = 8 << 30
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=600,
+                      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+print(json.dumps({"rc": done.returncode, "output": done.stdout + done.stderr,
+                  "max_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
+def kdc_in_child(*args: str, cwd: Path) -> dict:
+    """``kdc ARGS`` in a child process: its exit code, its output and its peak RSS in KiB."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(kdcompress.__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    ))
+    done = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "kdcompress", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)

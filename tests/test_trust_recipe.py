@@ -8,21 +8,17 @@ epochs, a teacher at chance and a loss that exploded are warned about in the ter
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-import kdcompress
 from kdcompress.errors import RecipeError
 from kdcompress.recipe import parse_recipe, recipe_from_dict, recipe_to_dict
 from kdcompress.report import report_warnings
 
-from conftest import TINY_RECIPE, _deep_merge
+from conftest import TINY_RECIPE, _deep_merge, kdc_in_child
 
 LEVELS = "abcdefghi"  # nine levels of nine aliases each: 9**9 (387 million) leaves once expanded
 
@@ -45,34 +41,12 @@ BOMB_BY_MERGES = "teacher:\n  args:\n    a: &a {x: 1, y: 2, z: 3}\n" + "".join(
     for before, level in zip(LEVELS, LEVELS[1:])
 )
 
-# Run in a child process: RUSAGE_CHILDREN then holds that child's peak RSS alone. The address-space cap only
-# keeps a regression from taking the machine down with it (the code before the fix passed 11 GB).
-_MEASURE = """
-import json, resource, subprocess, sys
-cap = 8 << 30
-done = subprocess.run(sys.argv[1:], capture_output=True, text=True, timeout=600,
-                      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
-print(json.dumps({"rc": done.returncode, "output": done.stdout + done.stderr,
-                  "max_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
-"""
-
-
-def _kdc_in_child(*args: str, cwd: Path) -> dict:
-    """``kdc ARGS`` in a child process: its exit code, its output and its peak RSS in KiB."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(kdcompress.__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-    ))
-    done = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "kdcompress", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
-
-
 @pytest.mark.parametrize("text,size", [(BOMB_IN_ARGS, 478), (BOMB_AT_TOP, 368), (BOMB_BY_MERGES, 470)],
                          ids=["in-args", "at-top", "merge-keys"])
 def test_a_yaml_alias_bomb_is_refused_with_exit_2_under_1_gb_peak_rss(tmp_path, text, size):
     assert len(text.encode()) == size
     (tmp_path / "bomb.yaml").write_text(text, encoding="utf-8")
-    result = _kdc_in_child("validate", "bomb.yaml", cwd=tmp_path)
+    result = kdc_in_child("validate", "bomb.yaml", cwd=tmp_path)
     assert result["rc"] == 2, result["output"]
     assert "too big for a recipe" in result["output"] and "alias" in result["output"]
     assert "(line " in result["output"]
@@ -252,7 +226,7 @@ def test_a_planted_alias_bomb_recipe_yaml_in_a_run_directory_is_refused_by_kdc_r
     run = tmp_path / "zero"
     shutil.copytree(work / "runs" / "zero", run)
     (run / "recipe.yaml").write_text(BOMB_IN_ARGS, encoding="utf-8")
-    result = _kdc_in_child("report", str(run), "--format", "json", cwd=tmp_path)
+    result = kdc_in_child("report", str(run), "--format", "json", cwd=tmp_path)
     assert result["rc"] == 0, result["output"]
     (warning,) = [w for w in json.loads((run / "report.json").read_text())["warnings"] if "up to date" in w]
     assert "recipe.yaml does not load" in warning and "too big for a recipe" in warning

@@ -1,0 +1,71 @@
+"""Bounded memory on crafted checkpoints (issue 17, item 4): pickle's memo cannot make a small file huge.
+
+``torch.load(..., weights_only=True)`` runs no code, but pickle's memo lets a file name the same list many
+times: a few kilobytes can hold a value that is billions of values once written out, as the report writes
+a checkpoint's recipe and history (YAML, JSON) and as stage_status compares them. load_checkpoint measures
+the shared graph before anyone walks it and refuses such a file, naming the part.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import kdc_in_child
+from kdcompress.checkpoint import load_checkpoint, save_checkpoint
+from kdcompress.errors import CheckpointError
+
+
+def _memo_bomb(levels: int = 9, width: int = 10) -> list:
+    """A list that is width**levels strings once written out, but levels lists in memory (and in the file)."""
+    value = ["kdc"] * width
+    for _ in range(levels):
+        value = [value] * width
+    return value
+
+
+@pytest.fixture(scope="module")
+def run(fresh_run, tiny_recipe_text):
+    work, _ = fresh_run(tiny_recipe_text, "memo", "train-teacher")
+    return work
+
+
+@pytest.mark.parametrize("part", ["history", "recipe", "metrics"])
+def test_a_checkpoint_whose_shared_parts_expand_to_billions_is_refused_naming_the_part(run, tmp_path, part):
+    path, original = tmp_path / "model.pt", run / "runs" / "tiny" / "teacher" / "model.pt"
+    ckpt = load_checkpoint(original)
+    if part == "recipe":
+        ckpt["recipe"]["teacher"]["args"]["hidden"] = _memo_bomb()
+    else:
+        ckpt[part] = _memo_bomb() if part == "history" else {**ckpt[part], "confusion": _memo_bomb()}
+    save_checkpoint(path, ckpt)  # torch.save keeps the sharing: the file stays small
+    assert path.stat().st_size < original.stat().st_size + 5_000
+    with pytest.raises(CheckpointError, match=f"{part}.* values once written out"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_that_contains_itself_is_refused(run, tmp_path):
+    path = tmp_path / "model.pt"
+    ckpt = load_checkpoint(run / "runs" / "tiny" / "teacher" / "model.pt")
+    loop: list = []
+    loop.append(loop)
+    ckpt["history"] = loop
+    save_checkpoint(path, ckpt)
+    with pytest.raises(CheckpointError, match="contains itself"):
+        load_checkpoint(path)
+
+
+def test_kdc_report_of_a_run_with_a_memo_bomb_checkpoint_exits_2_under_1_gb(run, tmp_path):
+    work = tmp_path / "copy"
+    shutil.copytree(run, work)
+    path = work / "runs" / "tiny" / "teacher" / "model.pt"
+    ckpt = load_checkpoint(path)
+    ckpt["recipe"]["report"] = _memo_bomb()
+    ckpt["history"] = _memo_bomb()
+    save_checkpoint(path, ckpt)
+    (work / "runs" / "tiny" / "recipe.yaml").unlink()  # the report then falls back on the checkpoint's recipe
+    result = kdc_in_child("report", "runs/tiny", cwd=work)
+    assert result["rc"] == 2, result["output"]
+    assert "values once written out" in result["output"] and "Traceback" not in result["output"]
+    assert result["max_rss_kb"] < 1024 * 1024, f"peak RSS {result['max_rss_kb'] / 1024:.0f} MiB"
