@@ -66,6 +66,7 @@ __all__ = [
     "atomic_write_text",
     "append_jsonl",
     "remove_stale_temp_files",
+    "refuse_oversized",
     "FORMAT",
     "FORMAT_VERSION",
 ]
@@ -296,19 +297,28 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
             f"{data.get('format_version')!r}; this kdc reads format {FORMAT_VERSION}. Rerun the stage, or use the "
             f"kdc version that wrote it"
         )
+    refuse_oversized(data, str(path), "delete it and rerun the stage")
+    return data
+
+
+def refuse_oversized(data: Any, where: str, fix: str) -> None:
+    """CheckpointError naming the part of ``data`` (loaded from ``where``) that is too big once written out.
+
+    ``weights_only`` runs no code, but pickle's memo lets a few kilobytes name one list billions of
+    times, and whoever compares, copies or writes the value out pays for every one. Checkpoints, resume
+    states and caches all pass through here before anything walks them. ``fix`` ends the message.
+    """
     parts = [((), data, MAX_CHECKPOINT_VALUES)]
-    parts += [((key,), data[key], MAX_RECIPE_VALUES) for key in ("recipe", "inputs", "arch", "preprocess") if key in data]
+    if isinstance(data, dict):
+        parts += [((key,), data[key], MAX_RECIPE_VALUES) for key in ("recipe", "inputs", "arch", "preprocess")
+                  if key in data]
     for prefix, part, limit in parts:
         found = first_oversized(part, value_children, value_size, limit)
         if found is not None:
             inner, _, _, cyclic = found
-            where = ".".join(map(str, prefix + inner)) or "its top level"
+            at = ".".join(map(str, prefix + inner)) or "its top level"
             what = "contains itself" if cyclic else f"holds more than {limit:,} values once written out"
-            raise CheckpointError(
-                f"{path} was refused: {where} {what}, which no checkpoint kdc writes does; delete it and rerun the "
-                f"stage"
-            )
-    return data
+            raise CheckpointError(f"{where} was refused: {at} {what}, which no file kdc writes does; {fix}")
 
 
 def append_jsonl(path: Path, record: dict) -> None:
