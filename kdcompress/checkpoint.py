@@ -159,11 +159,24 @@ def _atomic_write(path: Path, write) -> None:
     _atomic_write_many([(Path(path), write)])
 
 
-def remove_stale_temp_files(folder: Path) -> None:
-    """Delete ``.*.tmp`` files a killed process left behind in ``folder`` (not recursive)."""
-    for tmp in Path(folder).glob(".*.tmp"):
+def remove_stale_temp_files(folder: Path, within: Path) -> None:
+    """Delete ``.*.tmp`` files a killed process left behind in ``folder`` (not recursive).
+
+    Call it only while holding the run directory's lock (:func:`kdcompress.runlock.run_dir_lock`): a
+    live writer's temporary files look the same. ``folder`` must lie inside ``within`` (the run
+    directory) once links are resolved: a planted link to a folder outside is left alone. A ``.tmp``
+    entry that is a link is removed itself, never what it points to.
+    """
+    folder = Path(folder)
+    try:
+        if not folder.resolve(strict=True).is_relative_to(Path(within).resolve(strict=True)):
+            return
+    except OSError:  # not there (nothing to sweep) or unreadable
+        return
+    for tmp in folder.glob(".*.tmp"):
         try:
-            tmp.unlink()
+            if tmp.is_symlink() or tmp.is_file():
+                tmp.unlink()
         except OSError:
             pass
 

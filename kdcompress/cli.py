@@ -240,7 +240,7 @@ def run(
     fashion-mnist-mlp.yaml --nproc 2; three seeds, one teacher: kdc run fashion-mnist-mlp.yaml --seeds 3
     """
     from . import distributed
-    from .pipeline import run_pipeline
+    from .pipeline import lock_run_dir, run_pipeline
     from .seeds import run_seeds, seed_list
 
     loaded = _load(recipe, set_)  # check the recipe before launching anything
@@ -251,16 +251,18 @@ def run(
         if nproc > 1 or distributed.launched_by_torchrun():
             raise KdcError("--seeds (run.seeds) runs one process per seed for now; drop --nproc, or run each seed "
                            "with --set run.seed=S --set teacher.seed=FIRST")
-        first = run_seeds(recipe, list(set_ or []), list(loaded.run.seeds), force=force, restart=restart,
-                          console=_chatter(quiet), load=_load)
-        _report(first.run_dir)
+        with lock_run_dir(loaded.run_dir):  # one writer from the first seed to the report
+            first = run_seeds(recipe, list(set_ or []), list(loaded.run.seeds), force=force, restart=restart,
+                              console=_chatter(quiet), load=_load)
+            _report(first.run_dir)
         return
     if nproc > 1 and not distributed.launched_by_torchrun():
         raise typer.Exit(_launch(nproc, recipe, set_, force, restart, quiet))
     try:
-        run_pipeline(loaded, force=force, restart=restart, console=_chatter(quiet))
-        if distributed.is_main():
-            _report(loaded.run_dir)
+        with lock_run_dir(loaded.run_dir):  # one writer from the first stage to the report
+            run_pipeline(loaded, force=force, restart=restart, console=_chatter(quiet))
+            if distributed.is_main():
+                _report(loaded.run_dir)
     finally:
         distributed.shutdown()
 
@@ -411,7 +413,8 @@ def export(
     Formats: sparse (non-zeros only), shared (k-means weight sharing, --bits), int8 and onnx (need
     `pip install 'kdcompress\\[onnx]'`). Example: kdc export runs/quickstart --format sparse --format shared --bits 4
     """
-    from .export import export_stage
+    from .export import EXPORT_WAIT_ADVICE, export_stage
+    from .runlock import run_dir_lock
 
     overrides = list(set_ or [])
     if format_:
@@ -420,8 +423,9 @@ def export(
         if value is not None:
             overrides.append(f"export.{key}={value}")
     loaded = _load(recipe, overrides)
-    export_stage(loaded, force=force, console=_chatter(quiet))
-    _report(loaded.run_dir)
+    with run_dir_lock(loaded.run_dir, advice=EXPORT_WAIT_ADVICE, create=False):  # through the report it writes
+        export_stage(loaded, force=force, console=_chatter(quiet))
+        _report(loaded.run_dir)
 
 
 @app.command()

@@ -50,6 +50,7 @@ from .models import build_from_checkpoint, build_model
 from .stages import STAGES
 from .prune import prunable_weights, weight_sparsity
 from .recipe import Recipe, ReportSection, recipe_from_dict, recipe_to_dict
+from .runlock import run_dir_lock
 from .train import has_batchnorm
 
 __all__ = [
@@ -1351,13 +1352,24 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+# Why the report refuses a live run rather than waiting: the writer is nearly always a training run that
+# holds the lock for minutes or hours, so a short wait would end in the same refusal, and the report
+# writes into the run directory itself (the report files, the latency cache).
+REPORT_WAIT_ADVICE = "wait for it to finish, then make the report"
+
+
 def write_report(run_dir: str | Path, latency: bool | None = None, threads: int | None = None) -> dict:
-    """Build the report and write ``report.json``, ``report.md`` and ``report.html`` into ``run_dir`` (atomically)."""
+    """Build the report and write ``report.json``, ``report.md`` and ``report.html`` into ``run_dir`` (atomically).
+
+    The run directory's lock (:func:`kdcompress.runlock.run_dir_lock`) is held throughout, so the
+    report reads no file another kdc is writing; while one writes there it is refused at once.
+    """
     from .html import render_html  # matplotlib is imported only when a report is written
 
-    report = build_report(run_dir, latency=latency, threads=threads)
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(run_dir / "report.md", report_markdown(report))
-    atomic_write_text(run_dir / "report.html", render_html(report))
+    with run_dir_lock(run_dir, advice=REPORT_WAIT_ADVICE, create=False):
+        report = build_report(run_dir, latency=latency, threads=threads)
+        atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(run_dir / "report.md", report_markdown(report))
+        atomic_write_text(run_dir / "report.html", render_html(report))
     return report
