@@ -88,8 +88,16 @@ def main(
     _state["debug"] = debug
 
 
+# What Ctrl-C leaves behind in the commands that train nothing (the others keep every completed epoch)
+_INTERRUPTED = {
+    "export": "every artifact finished so far is kept, each written whole with its manifest; rerun the same "
+              "command to go on",
+    "report": "no stage or artifact of the run was changed; rerun the same command to make the report",
+}
+
+
 def _friendly(func):
-    """Turn KdcError into one clear message and an exit code; Ctrl-C into exit 130."""
+    """Turn KdcError into one clear message and an exit code; Ctrl-C into exit 130 with advice that fits the command."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -104,6 +112,9 @@ def _friendly(func):
         except KeyboardInterrupt:
             if _state["debug"]:
                 raise
+            if func.__name__ in _INTERRUPTED:
+                err.print(f"[yellow]interrupted[/]: {_INTERRUPTED[func.__name__]}")
+                raise typer.Exit(130) from None
             if kwargs.get("force"):  # --force drops the resume state, so the same command would start over
                 advice = "rerun the command without --force to resume (--restart or --force starts the stage over)"
             else:
@@ -341,7 +352,7 @@ def _compare_reports(run_dirs: list[Path], out_dir: Path, fmt: str, open_: bool)
     """Write each run's report, then one comparison of them all into ``out_dir``: report.json, .md and .html."""
     import json
 
-    from .checkpoint import atomic_write_text
+    from .checkpoint import atomic_write_files
     from .compare import build_comparison, comparison_markdown
     from .html import render_comparison_html
     from .report import write_report
@@ -357,8 +368,7 @@ def _compare_reports(run_dirs: list[Path], out_dir: Path, fmt: str, open_: bool)
         "html": render_comparison_html(comparison),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in texts.items():
-        atomic_write_text(out_dir / f"report.{name}", text)
+    atomic_write_files({out_dir / f"report.{name}": text for name, text in texts.items()})  # all three, or none
     if fmt in ("table", "all"):
         _stdout().print(_comparison_table(comparison))
     else:

@@ -56,7 +56,12 @@ from .train import (
 
 __all__ = [
     "STAGES", "COMMAND_OF", "run_pipeline", "run_stage", "stage_status", "checkpoint_path", "lock_run_dir",
+    "RUNNING_LOG",
 ]
+
+# An unfinished stage's epochs, one JSON line each, beside its resume state. metrics.jsonl is written
+# only with the stage's checkpoint, so it always describes that checkpoint, even after a failed rerun.
+RUNNING_LOG = "metrics.partial.jsonl"
 
 FINGERPRINT_VERSION = 2  # 2: hashed from each stage's declared inputs (1: sections listed by hand)
 
@@ -343,7 +348,7 @@ class _StageContext:
     data: DataSplits
     device: torch.device
     console: Console
-    metrics_path: Path
+    log_path: Path  # the running log (RUNNING_LOG); metrics.jsonl is written with the checkpoint
     state_path: Path
     tag: str
     progress: RunProgress | None = None  # the run's, so the time left covers the stages to come
@@ -471,7 +476,7 @@ def _run_stage(recipe: Recipe, stage: str, force: bool, restart: bool, console: 
         f"[bold]{stage}[/]: training on {data.name} ({len(data.train)} train, {len(data.test)} test) on {device}"
     )
     started = time.perf_counter()
-    ctx = _StageContext(recipe, stage, data, device, console, stage_dir / "metrics.jsonl", state_path, fingerprint,
+    ctx = _StageContext(recipe, stage, data, device, console, stage_dir / RUNNING_LOG, state_path, fingerprint,
                         progress)
     model, spec, history, extra = _RUN[stage](ctx)
     extra = dict(extra)
@@ -531,8 +536,8 @@ def _metrics_lines(history: list[dict]) -> str:
 def _restore_metrics_file(metrics_path: Path, ckpt: dict) -> None:
     """Make ``metrics.jsonl`` describe the checkpoint beside it again.
 
-    An interrupted run of other settings (whose resume state the current recipe does not use) leaves
-    its own epochs there.
+    A process killed between writing a checkpoint and its metrics.jsonl, or a kdc from before the
+    running log was kept apart (:data:`RUNNING_LOG`), can leave other epochs there.
     """
     history = ckpt.get("history")
     if history is None:  # a checkpoint from before histories were saved
@@ -547,9 +552,16 @@ def _restore_metrics_file(metrics_path: Path, ckpt: dict) -> None:
 
 
 def _save_stage(path: Path, state_path: Path, payload: dict) -> None:
+    """Save a finished stage: its checkpoint, then the metrics.jsonl that describes it.
+
+    A failed save keeps the previous checkpoint and its metrics.jsonl together; a kill between the two
+    writes is mended when the stage is next skipped (:func:`_restore_metrics_file`).
+    """
     save_checkpoint(path, payload)
-    if state_path.exists():  # the finished checkpoint supersedes the resume state
-        state_path.unlink()
+    atomic_write_text(path.parent / "metrics.jsonl", _metrics_lines(payload["history"]))
+    for done in (state_path, path.parent / RUNNING_LOG):  # the finished checkpoint supersedes both
+        if done.exists():
+            done.unlink()
 
 
 def _write_resolved_recipe(recipe: Recipe) -> None:
@@ -712,7 +724,7 @@ def _fit(ctx: _StageContext, model, loss, settings: TrainSettings, hooks=()):
             device=ctx.device,
             seed=stage_seed(recipe, ctx.stage),
             stage=ctx.stage,
-            metrics_path=ctx.metrics_path,
+            metrics_path=ctx.log_path,
             hooks=[*hooks, *board],
             console=ctx.console,
             state_path=ctx.state_path,
@@ -773,9 +785,7 @@ def _stage_teacher(ctx: _StageContext):
         from .supplied import supplied_teacher
 
         model, spec, info = supplied_teacher(ctx.recipe, ctx.data.num_classes, ctx.data.input_shape, ctx.data.preprocess)
-        if distributed.is_main():  # no epochs: an earlier trained teacher's must not describe this one
-            atomic_write_text(ctx.metrics_path, "")
-        return model.to(ctx.device), spec, [], info
+        return model.to(ctx.device), spec, [], info  # no epochs: its metrics.jsonl is written empty
     model, spec = _new_model(ctx.recipe, "teacher", ctx.data, ctx.device)
     extra = {}
     if t.pretrained:

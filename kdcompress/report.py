@@ -43,7 +43,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .checkpoint import atomic_write_text, load_checkpoint, read_manifest
+from .checkpoint import atomic_write_files, atomic_write_text, load_checkpoint, read_manifest
 from .errors import ArtifactError, KdcError
 from .measure import count_macs, count_nonzero, count_params, count_sparse_macs, latencies
 from .models import build_from_checkpoint, build_model
@@ -1359,8 +1359,9 @@ REPORT_WAIT_ADVICE = "wait for it to finish, then make the report"
 
 
 def write_report(run_dir: str | Path, latency: bool | None = None, threads: int | None = None) -> dict:
-    """Build the report and write ``report.json``, ``report.md`` and ``report.html`` into ``run_dir`` (atomically).
+    """Build the report and write ``report.json``, ``report.md`` and ``report.html`` into ``run_dir``.
 
+    The three files are replaced as a set: all of them, or none (a full disk keeps the previous three).
     The run directory's lock (:func:`kdcompress.runlock.run_dir_lock`) is held throughout, so the
     report reads no file another kdc is writing; while one writes there it is refused at once.
     """
@@ -1369,7 +1370,9 @@ def write_report(run_dir: str | Path, latency: bool | None = None, threads: int 
     run_dir = Path(run_dir)
     with run_dir_lock(run_dir, advice=REPORT_WAIT_ADVICE, create=False):
         report = build_report(run_dir, latency=latency, threads=threads)
-        atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
-        atomic_write_text(run_dir / "report.md", report_markdown(report))
-        atomic_write_text(run_dir / "report.html", render_html(report))
+        atomic_write_files({
+            run_dir / "report.json": json.dumps(report, indent=2) + "\n",
+            run_dir / "report.md": report_markdown(report),
+            run_dir / "report.html": render_html(report),
+        })
     return report
