@@ -11,6 +11,8 @@ The lock is ``fcntl.flock(LOCK_EX | LOCK_NB)`` on the lock file. The kernel drop
 ends, however it ends (a SIGKILL included), so a lock is never stale and nothing has to be cleaned
 up: the file stays, and holds the holder's pid, host, command line and start time (JSON) while it is
 held, empty after. What a waiting process reads there is shown, never trusted for anything else.
+A command that created the run directory and wrote nothing else into it (bad input found after
+the lock was taken) removes the lock file and the folders it made, so it leaves nothing behind.
 
 It is re-entrant within a process (``kdc run`` holds it while its stages, the export and the report
 take it again) and a no-op on the ranks other than 0 of a distributed run, which write nothing
@@ -62,9 +64,17 @@ __all__ = ["LOCK_FILE", "run_dir_lock", "current_command", "WAIT_ADVICE"]
 LOCK_FILE = ".kdc.lock"
 WAIT_ADVICE = "wait for it or use another run.name"
 _INFO_BYTES = 4096  # what is read of a lock file another process wrote: a small JSON, bounded on a crafted one
+_ATTEMPTS = 20  # a lock file removed under us (by a holder tidying up) is opened again, this many times at most
 
-_held: dict[str, list] = {}  # real path of a run directory -> [file descriptor, depth]
+_held: dict[str, list] = {}  # real path of a run directory -> [_Held, depth]
 _guard = threading.Lock()
+
+
+class _Held:
+    """A lock this process holds: its file, and the folders it made to hold it (outermost first)."""
+
+    def __init__(self, fd: int, path: Path, created: list[Path]):
+        self.fd, self.path, self.created = fd, path, created
 
 
 def current_command() -> str:
@@ -117,14 +127,56 @@ def run_dir_lock(run_dir: str | Path, command: str | None = None, advice: str = 
                 _release(entry[0])
 
 
-def _acquire(run_dir: Path, command: str, advice: str) -> int:
-    """Open and lock ``run_dir/.kdc.lock``, write who holds it; return its file descriptor."""
+def _acquire(run_dir: Path, command: str, advice: str) -> _Held:
+    """Open and lock ``run_dir/.kdc.lock`` and write who holds it."""
     path = run_dir / LOCK_FILE
+    created: list[Path] = []
+    for _ in range(_ATTEMPTS):
+        created += _make_dirs(run_dir)
+        fd = _open_locked(path, run_dir, advice)
+        # a holder that made the folder and wrote nothing removes the file before it lets go (_release): the
+        # file locked here must still be the one at the path, or a third process could lock a new one
+        try:
+            current = os.stat(path, follow_symlinks=False)
+            opened = os.fstat(fd)
+            if (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    else:
+        raise RunLockedError(f"could not lock {path}: it kept being removed; is another program deleting it?")
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": time.time()}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+    except OSError:  # a full disk: the lock holds all the same, a second writer just learns less about it
+        pass
+    return _Held(fd, path, created)
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return those made here, outermost first."""
+    missing = []
+    for candidate in [folder, *folder.parents]:
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunLockedError(
+            f"could not create the run directory {folder}: {exc.strerror or exc}; choose a run.out_dir you can write"
+        ) from None
+    return list(reversed(missing))
+
+
+def _open_locked(path: Path, run_dir: Path, advice: str) -> int:
+    """The lock file, opened (never through a link) and locked; RunLockedError when another process holds it."""
     # no O_TRUNC before the lock is ours; O_NOFOLLOW: a planted link must not make kdc write elsewhere;
     # O_NONBLOCK: a planted FIFO must not hang the open
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, flags, 0o666)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
@@ -150,24 +202,24 @@ def _acquire(run_dir: Path, command: str, advice: str) -> int:
     except BaseException:
         os.close(fd)
         raise
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": time.time()}
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
-    except OSError:  # a full disk: the lock holds all the same, a second writer just learns less about it
-        pass
     return fd
 
 
-def _release(fd: int) -> None:
+def _release(held: _Held) -> None:
+    """Let the lock go; first, when this process made the run directory and wrote nothing else there, remove
+    the lock file and the folders it made (still holding the lock, so no other process is tidied away)."""
     try:
-        os.ftruncate(fd, 0)  # emptied while still held: what it said is no longer true
+        os.ftruncate(held.fd, 0)  # emptied while still held: what it said is no longer true
+        if held.created and [p.name for p in held.path.parent.iterdir()] == [LOCK_FILE]:
+            held.path.unlink()
+            for folder in reversed(held.created):
+                folder.rmdir()  # stops at the first folder something else was put in since
     except OSError:
         pass
     try:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.flock(held.fd, fcntl.LOCK_UN)
     finally:
-        os.close(fd)
+        os.close(held.fd)
 
 
 def _printable(text: str, limit: int = 200) -> str:

@@ -267,6 +267,7 @@ def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
     from kdcompress.runlock import run_dir_lock
 
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
     with run_dir_lock(run_dir, "kdc run r.yaml"):
         with run_dir_lock(run_dir, "kdc report run"):  # kdc run's stages, export and report take it again
             assert json.loads((run_dir / LOCK_FILE).read_text())["command"] == "kdc run r.yaml"
@@ -292,3 +293,14 @@ def test_ranks_other_than_0_of_a_distributed_run_take_no_lock(tmp_path, monkeypa
         with pytest.raises(RunLockedError):
             with run_dir_lock(run_dir, "kdc run r.yaml"):
                 pass
+
+
+def test_a_command_that_made_the_run_directory_and_wrote_nothing_leaves_nothing_behind(tmp_path):
+    from kdcompress.runlock import run_dir_lock
+
+    with run_dir_lock(tmp_path / "runs" / "new", "kdc run r.yaml"):  # bad input found after the lock was taken
+        assert (tmp_path / "runs" / "new" / LOCK_FILE).is_file()
+    assert list(tmp_path.iterdir()) == []
+    with run_dir_lock(tmp_path / "runs" / "new", "kdc run r.yaml"):
+        (tmp_path / "runs" / "new" / "kdc-run.json").write_text("{}")  # a command that wrote something
+    assert sorted(p.name for p in (tmp_path / "runs" / "new").iterdir()) == [LOCK_FILE, "kdc-run.json"]
