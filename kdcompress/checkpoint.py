@@ -64,6 +64,7 @@ __all__ = [
     "manifest_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "atomic_write_files",
     "append_jsonl",
     "remove_stale_temp_files",
     "refuse_oversized",
@@ -79,8 +80,14 @@ MAX_CHECKPOINT_VALUES = 20_000_000
 MAX_RECIPE_VALUES = 1_000_000  # in each of its recipe-like parts, which reports write out as YAML and JSON
 
 
-def _write_error(path: Path, exc: BaseException) -> CheckpointError:
-    kept = "; the previous version is intact" if Path(path).exists() else ""
+def _write_error(path: Path, exc: BaseException, replaced: tuple[Path, ...] = ()) -> CheckpointError:
+    """The message for a failed write of ``path``; ``replaced``: files of the same set already renamed into place."""
+    if replaced:  # only the rename of a set can fail after some of it is in place: say which files are new
+        names = ", ".join(Path(p).name for p in replaced)
+        were = "was" if len(replaced) == 1 else "were"
+        kept = f"; {names} {were} already replaced, the others keep their previous version"
+    else:
+        kept = "; the previous version is intact" if Path(path).exists() else ""
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else describe(exc)
     return CheckpointError(
         f"could not write {path}: {reason}{kept}. Free some space (or fix permissions) and rerun the same command "
@@ -120,14 +127,61 @@ def _follow_umask(fd: int, path: str | Path) -> None:
         os.chmod(path, mode)
 
 
+class _RecordingWriter:
+    """A file's ``write`` that remembers the OSError it raised.
+
+    torch.save writes through a C++ zip writer that turns a failed write into a RuntimeError such as
+    "unexpected pos 704 vs 598", dropping the reason; the remembered error ("No space left on device")
+    is what the user is told instead.
+    """
+
+    def __init__(self, fh):
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
+def _underlying_os_error(exc: BaseException, recorded: OSError | None) -> BaseException:
+    """The OSError behind ``exc`` (the one the file's write raised, or one in its context chain), else ``exc``."""
+    if isinstance(exc, OSError):
+        return exc
+    if recorded is not None:
+        return recorded
+    seen = exc.__context__
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__context__
+    return exc
+
+
 def _write_tmp(path: Path, write) -> str:
-    """Write through ``write(fh)`` to a temporary file beside ``path`` and fsync it; return its name."""
+    """Write through ``write(fh)`` to a temporary file beside ``path`` and fsync it; return its name.
+
+    A failed write raises the OSError the file system gave, even when ``write`` (torch.save) hid it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             _follow_umask(fh.fileno(), tmp)
-            write(fh)
+            recorder = _RecordingWriter(fh)
+            try:
+                write(recorder)
+            except RuntimeError as exc:
+                found = _underlying_os_error(exc, recorder.error)
+                if found is exc:
+                    raise
+                raise found from None
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:
@@ -139,11 +193,13 @@ def _write_tmp(path: Path, write) -> str:
 def _atomic_write_many(items: list[tuple[Path, object]]) -> None:
     """Write every ``(path, write)`` to a temporary file first, then rename them all into place.
 
-    A crash or a full disk while writing leaves every previous file
-    untouched; temporary files are removed on any error.
+    A crash or a full disk while writing leaves every previous file untouched; temporary files are
+    removed on any error. Only a failed rename (rare: the data is on disk by then) can leave the set
+    mixed, and its message names the files already replaced.
     """
     tmps: list[str] = []
     current = items[0][0]
+    replaced: list[Path] = []
     try:
         for path, write in items:
             current = Path(path)
@@ -151,9 +207,10 @@ def _atomic_write_many(items: list[tuple[Path, object]]) -> None:
         for (path, _), tmp in zip(items, tmps):
             current = Path(path)
             os.replace(tmp, path)
+            replaced.append(current)
         tmps = []
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
-        raise _write_error(current, exc) from None
+        raise _write_error(current, exc, tuple(replaced)) from None
     finally:
         for tmp in tmps:
             if os.path.exists(tmp):
@@ -165,11 +222,41 @@ def _atomic_write(path: Path, write) -> None:
     _atomic_write_many([(Path(path), write)])
 
 
-def remove_stale_temp_files(folder: Path) -> None:
-    """Delete ``.*.tmp`` files a killed process left behind in ``folder`` (not recursive)."""
-    for tmp in Path(folder).glob(".*.tmp"):
+def atomic_write_files(files: dict[Path, str | bytes]) -> None:
+    """Replace several files as a set: all are written to temporary files first, then renamed into place.
+
+    A full disk (or any write error) leaves every previous file as it was, and the CheckpointError says
+    so truthfully. Text is written as UTF-8. Example::
+
+        >>> atomic_write_files({Path("report.json"): "{}", Path("report.md"): "# report"})  # doctest: +SKIP
+    """
+
+    def writer(data: bytes):
+        return lambda fh: fh.write(data)
+
+    _atomic_write_many([
+        (Path(path), writer(data.encode("utf-8") if isinstance(data, str) else data)) for path, data in files.items()
+    ])
+
+
+def remove_stale_temp_files(folder: Path, within: Path) -> None:
+    """Delete ``.*.tmp`` files a killed process left behind in ``folder`` (not recursive).
+
+    Call it only while holding the run directory's lock (:func:`kdcompress.runlock.run_dir_lock`): a
+    live writer's temporary files look the same. ``folder`` must lie inside ``within`` (the run
+    directory) once links are resolved: a planted link to a folder outside is left alone. A ``.tmp``
+    entry that is a link is removed itself, never what it points to.
+    """
+    folder = Path(folder)
+    try:
+        if not folder.resolve(strict=True).is_relative_to(Path(within).resolve(strict=True)):
+            return
+    except OSError:  # not there (nothing to sweep) or unreadable
+        return
+    for tmp in folder.glob(".*.tmp"):
         try:
-            tmp.unlink()
+            if tmp.is_symlink() or tmp.is_file():
+                tmp.unlink()
         except OSError:
             pass
 

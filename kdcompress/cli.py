@@ -93,8 +93,16 @@ def main(
     _state["debug"] = debug
 
 
+# What Ctrl-C leaves behind in the commands that train nothing (the others keep every completed epoch)
+_INTERRUPTED = {
+    "export": "every artifact finished so far is kept, each written whole with its manifest; rerun the same "
+              "command to go on",
+    "report": "no stage or artifact of the run was changed; rerun the same command to make the report",
+}
+
+
 def _friendly(func):
-    """Turn KdcError into one clear message and an exit code; Ctrl-C into exit 130."""
+    """Turn KdcError into one clear message and an exit code; Ctrl-C into exit 130 with advice that fits the command."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -109,6 +117,9 @@ def _friendly(func):
         except KeyboardInterrupt:
             if _state["debug"]:
                 raise
+            if func.__name__ in _INTERRUPTED:
+                err.print(f"[yellow]interrupted[/]: {_INTERRUPTED[func.__name__]}")
+                raise typer.Exit(130) from None
             if kwargs.get("force"):  # --force drops the resume state, so the same command would start over
                 advice = "rerun the command without --force to resume (--restart or --force starts the stage over)"
             else:
@@ -261,7 +272,7 @@ def run(
     fashion-mnist-mlp.yaml --nproc 2; three seeds, one teacher: kdc run fashion-mnist-mlp.yaml --seeds 3
     """
     from . import distributed
-    from .pipeline import run_pipeline
+    from .pipeline import lock_run_dir, run_pipeline
     from .seeds import run_seeds, seed_list
 
     load = functools.partial(_load, trust_code=trust_code)
@@ -273,16 +284,18 @@ def run(
         if nproc > 1 or distributed.launched_by_torchrun():
             raise KdcError("--seeds (run.seeds) runs one process per seed for now; drop --nproc, or run each seed "
                            "with --set run.seed=S --set teacher.seed=FIRST")
-        first = run_seeds(recipe, list(set_ or []), list(loaded.run.seeds), force=force, restart=restart,
-                          console=_chatter(quiet), load=load)
-        _report(first.run_dir, recipe=first)
+        with lock_run_dir(loaded.run_dir):  # one writer from the first seed to the report
+            first = run_seeds(recipe, list(set_ or []), list(loaded.run.seeds), force=force, restart=restart,
+                              console=_chatter(quiet), load=load)
+            _report(first.run_dir, recipe=first)
         return
     if nproc > 1 and not distributed.launched_by_torchrun():
         raise typer.Exit(_launch(nproc, recipe, set_, force, restart, quiet, trust_code))
     try:
-        run_pipeline(loaded, force=force, restart=restart, console=_chatter(quiet))
-        if distributed.is_main():
-            _report(loaded.run_dir, recipe=loaded)
+        with lock_run_dir(loaded.run_dir):  # one writer from the first stage to the report
+            run_pipeline(loaded, force=force, restart=restart, console=_chatter(quiet))
+            if distributed.is_main():
+                _report(loaded.run_dir, recipe=loaded)
     finally:
         distributed.shutdown()
 
@@ -371,7 +384,7 @@ def _compare_reports(
     """
     import json
 
-    from .checkpoint import atomic_write_text
+    from .checkpoint import atomic_write_files
     from .compare import build_comparison, comparison_markdown
     from .html import render_comparison_html
     from .report import write_report
@@ -387,8 +400,7 @@ def _compare_reports(
         "html": render_comparison_html(comparison),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in texts.items():
-        atomic_write_text(out_dir / f"report.{name}", text)
+    atomic_write_files({out_dir / f"report.{name}": text for name, text in texts.items()})  # all three, or none
     if fmt in ("table", "all"):
         _stdout().print(_comparison_table(comparison))
     else:
@@ -444,7 +456,8 @@ def export(
     Formats: sparse (non-zeros only), shared (k-means weight sharing, --bits), int8 and onnx (need
     `pip install 'kdcompress\\[onnx]'`). Example: kdc export runs/quickstart --format sparse --format shared --bits 4
     """
-    from .export import export_stage
+    from .export import EXPORT_WAIT_ADVICE, export_stage
+    from .runlock import run_dir_lock
 
     overrides = list(set_ or [])
     if format_:
@@ -453,8 +466,9 @@ def export(
         if value is not None:
             overrides.append(f"export.{key}={value}")
     loaded = _load(recipe, overrides, trust_code)
-    export_stage(loaded, force=force, console=_chatter(quiet))
-    _report(loaded.run_dir, recipe=loaded)
+    with run_dir_lock(loaded.run_dir, advice=EXPORT_WAIT_ADVICE, create=False):  # through the report it writes
+        export_stage(loaded, force=force, console=_chatter(quiet))
+        _report(loaded.run_dir, recipe=loaded)
 
 
 @app.command()

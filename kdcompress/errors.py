@@ -24,6 +24,7 @@ __all__ = [
     "ScheduleError",
     "MissingPackageError",
     "UsageError",
+    "RunLockedError",
 ]
 
 
@@ -124,5 +125,11 @@ class MissingPackageError(KdcError):
 
 class UsageError(KdcError):
     """Command-line arguments that cannot work together or name nothing (a missing run directory, a bad option)."""
+
+    exit_code = 2
+
+
+class RunLockedError(KdcError):
+    """Another kdc process is writing the run directory (see :mod:`kdcompress.runlock`)."""
 
     exit_code = 2

@@ -15,12 +15,14 @@ run`` skips such stages. Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +48,20 @@ from .models import build_from_checkpoint, build_model, model_spec
 from .progress import RunProgress, tensorboard_writer_class
 from .prune import MagnitudePruner, Schedule, plan_schedule, prunable_weights, weight_sparsity
 from .recipe import Recipe, TrainSettings, recipe_to_dict
+from .runlock import LOCK_FILE, run_dir_lock
 from .stages import COMMAND_OF, STAGES, stage_named
 from .train import (
     Hook, Runtime, device_words, evaluate, fit, recalibrate_batchnorm, resolve_device, seed_everything,
 )
 
-__all__ = ["STAGES", "COMMAND_OF", "run_pipeline", "run_stage", "stage_status", "checkpoint_path"]
+__all__ = [
+    "STAGES", "COMMAND_OF", "run_pipeline", "run_stage", "stage_status", "checkpoint_path", "lock_run_dir",
+    "RUNNING_LOG",
+]
+
+# An unfinished stage's epochs, one JSON line each, beside its resume state. metrics.jsonl is written
+# only with the stage's checkpoint, so it always describes that checkpoint, even after a failed rerun.
+RUNNING_LOG = "metrics.partial.jsonl"
 
 FINGERPRINT_VERSION = 2  # 2: hashed from each stage's declared inputs (1: sections listed by hand)
 
@@ -282,7 +292,13 @@ def run_pipeline(
     recipe: Recipe, force: bool = False, restart: bool = False, console: Console | None = None, stages=None
 ) -> dict:
     """Run every enabled stage in order (or those named in ``stages``), skipping up-to-date ones unless ``force``;
-    return stage metrics."""
+    return stage metrics. Holds the run directory's lock throughout (:func:`kdcompress.runlock.run_dir_lock`)."""
+    with lock_run_dir(recipe.run_dir):  # one writer from the first stage to the export
+        return _run_pipeline(recipe, force, restart, console, stages)
+
+
+def _run_pipeline(recipe: Recipe, force: bool, restart: bool, console: Console | None, stages) -> dict:
+    """:func:`run_pipeline`'s work, done while holding the run directory's lock."""
     console = console or Console(stderr=True)
     progress = RunProgress(console, _plan(recipe, force, restart, stages))
     results = {}
@@ -332,7 +348,7 @@ class _StageContext:
     data: DataSplits
     device: torch.device
     console: Console
-    metrics_path: Path
+    log_path: Path  # the running log (RUNNING_LOG); metrics.jsonl is written with the checkpoint
     state_path: Path
     tag: str
     progress: RunProgress | None = None  # the run's, so the time left covers the stages to come
@@ -358,11 +374,23 @@ def _check_run_dir(run_dir: Path) -> None:
                 f"{__version__} reads run format {RUN_FORMAT}. Use another run.name (or run.out_dir), or the kdc "
                 f"version that wrote it"
             )
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise KdcError(
             f"{run_dir} exists but was not written by kdc (no kdc-run.json); choose another run.name or run.out_dir, "
             f"or empty it"
         )
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path) -> Iterator[None]:
+    """Check that ``run_dir`` is kdc's (or new), then hold its lock (:func:`kdcompress.runlock.run_dir_lock`).
+
+    Checked first so that no lock file goes into a folder kdc did not make; a second kdc writing
+    there is refused with RunLockedError (exit 2).
+    """
+    _check_run_dir(Path(run_dir))
+    with run_dir_lock(run_dir):
+        yield
 
 
 def _mark_run_dir(run_dir: Path) -> None:
@@ -381,8 +409,16 @@ def run_stage(
 
     ``restart`` drops the resume state of an unfinished stage and starts it over. ``progress``: the run's
     progress display (:func:`run_pipeline` passes one that knows the stages to come); else the stage
-    shows its own. Returns the stage's metrics.
+    shows its own. Returns the stage's metrics. Holds the run directory's lock
+    (:func:`kdcompress.runlock.run_dir_lock`) throughout: another kdc writing there is refused.
     """
+    with lock_run_dir(recipe.run_dir):
+        return _run_stage(recipe, stage, force, restart, console, progress)
+
+
+def _run_stage(recipe: Recipe, stage: str, force: bool, restart: bool, console: Console | None,
+               progress: RunProgress | None) -> dict:
+    """:func:`run_stage`'s work, done while holding the run directory's lock."""
     console = console or Console(stderr=True)
     device = distributed.init(resolve_device(recipe.run.device))
     main = distributed.is_main()
@@ -430,7 +466,7 @@ def run_stage(
         _write_resolved_recipe(recipe)
         stage_dir.mkdir(parents=True, exist_ok=True)
         for folder in (run_dir, stage_dir, run_dir / "cache"):
-            remove_stale_temp_files(folder)  # left by a process killed while writing
+            remove_stale_temp_files(folder, run_dir)  # left by a process killed while writing; we hold the lock
     distributed.barrier()
     seed_everything(seed)
     supplied = stage == "teacher" and recipe.teacher.checkpoint
@@ -440,7 +476,7 @@ def run_stage(
         f"[bold]{stage}[/]: training on {data.name} ({len(data.train)} train, {len(data.test)} test) on {device}"
     )
     started = time.perf_counter()
-    ctx = _StageContext(recipe, stage, data, device, console, stage_dir / "metrics.jsonl", state_path, fingerprint,
+    ctx = _StageContext(recipe, stage, data, device, console, stage_dir / RUNNING_LOG, state_path, fingerprint,
                         progress)
     model, spec, history, extra = _RUN[stage](ctx)
     extra = dict(extra)
@@ -500,8 +536,8 @@ def _metrics_lines(history: list[dict]) -> str:
 def _restore_metrics_file(metrics_path: Path, ckpt: dict) -> None:
     """Make ``metrics.jsonl`` describe the checkpoint beside it again.
 
-    An interrupted run of other settings (whose resume state the current recipe does not use) leaves
-    its own epochs there.
+    A process killed between writing a checkpoint and its metrics.jsonl, or a kdc from before the
+    running log was kept apart (:data:`RUNNING_LOG`), can leave other epochs there.
     """
     history = ckpt.get("history")
     if history is None:  # a checkpoint from before histories were saved
@@ -516,9 +552,16 @@ def _restore_metrics_file(metrics_path: Path, ckpt: dict) -> None:
 
 
 def _save_stage(path: Path, state_path: Path, payload: dict) -> None:
+    """Save a finished stage: its checkpoint, then the metrics.jsonl that describes it.
+
+    A failed save keeps the previous checkpoint and its metrics.jsonl together; a kill between the two
+    writes is mended when the stage is next skipped (:func:`_restore_metrics_file`).
+    """
     save_checkpoint(path, payload)
-    if state_path.exists():  # the finished checkpoint supersedes the resume state
-        state_path.unlink()
+    atomic_write_text(path.parent / "metrics.jsonl", _metrics_lines(payload["history"]))
+    for done in (state_path, path.parent / RUNNING_LOG):  # the finished checkpoint supersedes both
+        if done.exists():
+            done.unlink()
 
 
 def _write_resolved_recipe(recipe: Recipe) -> None:
@@ -684,7 +727,7 @@ def _fit(ctx: _StageContext, model, loss, settings: TrainSettings, hooks=()):
             device=ctx.device,
             seed=stage_seed(recipe, ctx.stage),
             stage=ctx.stage,
-            metrics_path=ctx.metrics_path,
+            metrics_path=ctx.log_path,
             hooks=[*hooks, *board],
             console=ctx.console,
             state_path=ctx.state_path,
@@ -745,9 +788,7 @@ def _stage_teacher(ctx: _StageContext):
         from .supplied import supplied_teacher
 
         model, spec, info = supplied_teacher(ctx.recipe, ctx.data.num_classes, ctx.data.input_shape, ctx.data.preprocess)
-        if distributed.is_main():  # no epochs: an earlier trained teacher's must not describe this one
-            atomic_write_text(ctx.metrics_path, "")
-        return model.to(ctx.device), spec, [], info
+        return model.to(ctx.device), spec, [], info  # no epochs: its metrics.jsonl is written empty
     model, spec = _new_model(ctx.recipe, "teacher", ctx.data, ctx.device)
     extra = {}
     if t.pretrained:

@@ -42,13 +42,14 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .checkpoint import atomic_write_text, load_checkpoint, read_manifest
+from .checkpoint import atomic_write_files, atomic_write_text, load_checkpoint, read_manifest
 from .errors import ArtifactError, KdcError
 from .measure import count_macs, count_nonzero, count_params, count_sparse_macs, latencies
 from .models import build_from_checkpoint, build_model, names_user_code
 from .stages import STAGES, stage_named
 from .prune import prunable_weights, weight_sparsity
 from .recipe import Recipe, ReportSection, read_yaml, recipe_from_dict, recipe_to_dict
+from .runlock import run_dir_lock
 from .train import has_batchnorm
 from .trust import MODEL_KEYS, refuse_untrusted_code
 
@@ -1441,18 +1442,30 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+# Why the report refuses a live run rather than waiting: the writer is nearly always a training run that
+# holds the lock for minutes or hours, so a short wait would end in the same refusal, and the report
+# writes into the run directory itself (the report files, the latency cache).
+REPORT_WAIT_ADVICE = "wait for it to finish, then make the report"
+
+
 def write_report(
     run_dir: str | Path, latency: bool | None = None, threads: int | None = None, recipe: Recipe | None = None
 ) -> dict:
-    """Build the report and write ``report.json``, ``report.md`` and ``report.html`` into ``run_dir`` (atomically).
+    """Build the report and write ``report.json``, ``report.md`` and ``report.html`` into ``run_dir``.
 
     ``recipe``: the recipe you gave for the run, whose models are built (see :func:`build_report`).
+    The three files are replaced as a set: all of them, or none (a full disk keeps the previous three).
+    The run directory's lock (:func:`kdcompress.runlock.run_dir_lock`) is held throughout, so the
+    report reads no file another kdc is writing; while one writes there it is refused at once.
     """
     from .html import render_html  # matplotlib is imported only when a report is written
 
-    report = build_report(run_dir, latency=latency, threads=threads, recipe=recipe)
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(run_dir / "report.md", report_markdown(report))
-    atomic_write_text(run_dir / "report.html", render_html(report))
+    with run_dir_lock(run_dir, advice=REPORT_WAIT_ADVICE, create=False):
+        report = build_report(run_dir, latency=latency, threads=threads, recipe=recipe)
+        atomic_write_files({
+            run_dir / "report.json": json.dumps(report, indent=2) + "\n",
+            run_dir / "report.md": report_markdown(report),
+            run_dir / "report.html": render_html(report),
+        })
     return report

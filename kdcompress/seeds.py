@@ -41,11 +41,12 @@ def run_seeds(recipe_path, overrides: list[str], seeds: list[int], force: bool =
 
     ``load(recipe_path, overrides)`` loads a recipe as the CLI does (run directories included).
     ``share_from`` names other run directories (``kdc sweep``'s other points and their seeds) whose finished
-    stages every seed, the first included, may take instead of training them again.
+    stages every seed, the first included, may take instead of training them again. The first seed's run
+    directory is locked throughout (:func:`kdcompress.pipeline.lock_run_dir`), each seed's while it runs.
     """
     from rich.console import Console
 
-    from .pipeline import _mark_run_dir, _write_resolved_recipe, run_pipeline
+    from .pipeline import _mark_run_dir, _write_resolved_recipe, lock_run_dir, run_pipeline
     from .recipe import load_recipe
     from .stages import STAGES
     from .sweep import _expected_fingerprints, _known_checkpoints, _share
@@ -63,23 +64,25 @@ def run_seeds(recipe_path, overrides: list[str], seeds: list[int], force: bool =
             f"run.seed={s}", f"teacher.seed={teacher_seed}", "run.seeds=[]",
             f"run.out_dir={dirs[s].parent}", f"run.name={dirs[s].name}",
         ])
-    for i, s in enumerate(seeds, 1):
-        recipe = recipes[s]
-        console.print(f"[bold]seeds[/]: seed {s} ({i}/{len(seeds)}) -> {dirs[s]}")
-        stages = None
-        if i > 1 or share_from:
-            dirs[s].mkdir(parents=True, exist_ok=True)
-            _mark_run_dir(dirs[s])
-            pool = _known_checkpoints([dirs[x] for x in seeds[: i - 1]] + list(share_from or []))
-            expected = _expected_fingerprints(recipe)
-            shared = _share(pool, expected, dirs[s])
-            if shared:
-                where = "an earlier seed or sweep point" if share_from else "an earlier seed"
-                console.print(f"seeds: {', '.join(shared)} shared with {where} (same fingerprint)")
-            if force:  # what an earlier seed made (the teacher) was just made again: --force trains it once
-                earlier = {stage for stage, fp in expected.items() if fp in pool}
-                stages = [st.name for st in STAGES if st.name not in earlier]
-        run_pipeline(recipe, force=force, restart=restart, console=console, stages=stages)
-    # the report reads run.seeds from here; a run whose stages were all up to date did not write it
-    _write_resolved_recipe(first)
+    with lock_run_dir(first.run_dir):
+        for i, s in enumerate(seeds, 1):
+            with lock_run_dir(dirs[s]):  # shared checkpoints are linked in before its stages run
+                recipe = recipes[s]
+                console.print(f"[bold]seeds[/]: seed {s} ({i}/{len(seeds)}) -> {dirs[s]}")
+                stages = None
+                if i > 1 or share_from:
+                    dirs[s].mkdir(parents=True, exist_ok=True)
+                    _mark_run_dir(dirs[s])
+                    pool = _known_checkpoints([dirs[x] for x in seeds[: i - 1]] + list(share_from or []))
+                    expected = _expected_fingerprints(recipe)
+                    shared = _share(pool, expected, dirs[s])
+                    if shared:
+                        where = "an earlier seed or sweep point" if share_from else "an earlier seed"
+                        console.print(f"seeds: {', '.join(shared)} shared with {where} (same fingerprint)")
+                    if force:  # what an earlier seed made (the teacher) was just made again: --force trains it once
+                        earlier = {stage for stage, fp in expected.items() if fp in pool}
+                        stages = [st.name for st in STAGES if st.name not in earlier]
+                run_pipeline(recipe, force=force, restart=restart, console=console, stages=stages)
+        # the report reads run.seeds from here; a run whose stages were all up to date did not write it
+        _write_resolved_recipe(first)
     return first

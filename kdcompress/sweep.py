@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_text, manifest_path, read_manifest
 from .errors import CheckpointError, KdcError, Problem, RecipeError
+from .runlock import run_dir_lock
 from .stages import STAGES
 
 __all__ = ["parse_grid", "grid_points", "point_name", "run_sweep", "SWEEP_DIR"]
@@ -225,6 +226,8 @@ def run_sweep(recipe_path, grid_items: list[str], overrides: list[str] | None = 
     """Run every point of the grid (see the module docstring); return the ranked rows.
 
     ``load(recipe_path, overrides)`` loads a recipe as the CLI does (run directories included).
+    The base run directory (which holds ``sweep/``) is locked throughout
+    (:func:`kdcompress.runlock.run_dir_lock`), each point's while it runs.
     """
     from rich.console import Console
 
@@ -247,33 +250,34 @@ def run_sweep(recipe_path, grid_items: list[str], overrides: list[str] | None = 
     if len(set(names)) != len(names):
         raise KdcError("two grid points give the same folder name; use values that differ in letters or digits")
     seeds = list(base.run.seeds) if len(base.run.seeds) > 1 else None
-    earlier, earlier_grid = _earlier_points(sweep_dir)
-    rows = []
-    for i, (point, name) in enumerate(zip(points, names), 1):
-        run_dir = sweep_dir / name
-        placement = [f"run.out_dir={sweep_dir}", f"run.name={name}"]
-        placed = load(recipe_path, overrides + point + placement)
-        console.print(f"[bold]sweep[/] point {i}/{len(points)}: {' '.join(point)} -> {run_dir}")
-        if seeds:  # every seed of this point, sharing what earlier points (and their seeds) already trained
-            others = [] if force else [base.run_dir, *_run_dirs(sweep_dir)]
-            run_seeds(recipe_path, overrides + point + placement, seeds, force=force, console=console, load=load,
-                      share_from=[d for d in others if d != run_dir])
-        else:
-            if not force:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                _mark_run_dir(run_dir)
-                pool = _known_checkpoints([base.run_dir, *_run_dirs(sweep_dir)])
-                shared = _share(pool, _expected_fingerprints(placed), run_dir)
-                if shared:
-                    console.print(f"sweep: {', '.join(shared)} shared with an earlier point (same fingerprint)")
-            run_pipeline(placed, force=force, console=console)
-        rows.append(_point_row(run_dir, point, seeds))
-        # written after every point: an interrupted sweep keeps its table; points of earlier sweeps with another
-        # grid in this folder stay listed
-        ranked = _ranked(rows + [r for r in earlier if r["point"] not in names])
-        keys = _merged_grid(grid, earlier_grid)
-        atomic_write_text(sweep_dir / "sweep.json", json.dumps({"grid": keys, "points": ranked}, indent=2) + "\n")
-        atomic_write_text(sweep_dir / "sweep.md", sweep_markdown(ranked, list(keys.items())))
+    with run_dir_lock(base.run_dir):
+        earlier, earlier_grid = _earlier_points(sweep_dir)
+        rows = []
+        for i, (point, name) in enumerate(zip(points, names), 1):
+            run_dir = sweep_dir / name
+            placement = [f"run.out_dir={sweep_dir}", f"run.name={name}"]
+            placed = load(recipe_path, overrides + point + placement)
+            console.print(f"[bold]sweep[/] point {i}/{len(points)}: {' '.join(point)} -> {run_dir}")
+            if seeds:  # every seed of this point, sharing what earlier points (and their seeds) already trained
+                others = [] if force else [base.run_dir, *_run_dirs(sweep_dir)]
+                run_seeds(recipe_path, overrides + point + placement, seeds, force=force, console=console, load=load,
+                          share_from=[d for d in others if d != run_dir])
+            else:
+                with run_dir_lock(run_dir):  # shared checkpoints are linked in before its stages run
+                    if not force:
+                        _mark_run_dir(run_dir)
+                        pool = _known_checkpoints([base.run_dir, *_run_dirs(sweep_dir)])
+                        shared = _share(pool, _expected_fingerprints(placed), run_dir)
+                        if shared:
+                            console.print(f"sweep: {', '.join(shared)} shared with an earlier point (same fingerprint)")
+                    run_pipeline(placed, force=force, console=console)
+            rows.append(_point_row(run_dir, point, seeds))
+            # written after every point: an interrupted sweep keeps its table; points of earlier sweeps with
+            # another grid in this folder stay listed
+            ranked = _ranked(rows + [r for r in earlier if r["point"] not in names])
+            keys = _merged_grid(grid, earlier_grid)
+            atomic_write_text(sweep_dir / "sweep.json", json.dumps({"grid": keys, "points": ranked}, indent=2) + "\n")
+            atomic_write_text(sweep_dir / "sweep.md", sweep_markdown(ranked, list(keys.items())))
     return _ranked(rows)
 
 

@@ -398,6 +398,10 @@ def fit(
     trains a DistributedDataParallel copy on its shard, with ``batch_size``
     split across ranks; only rank 0 writes files and prints.
 
+    ``metrics_path`` gets one JSON line per epoch as it ends (rewritten at the start to the epochs a
+    resume state holds); kdc's stages give it a running log and write ``metrics.jsonl`` only with the
+    finished checkpoint.
+
     ``progress`` shows the training (a bar on a terminal, a line per epoch, the time left); a run passes
     one that knows its later stages, so the time left covers the whole run. Without it, one for this
     stage alone is made on ``console``.

@@ -30,9 +30,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # one set of outputs: one report, one checkpoint per stage, one line per epoch in the metrics
     run = tmp_path / "runs" / "double"
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["cache", "distilled", "kdc-run.json", "pruned", "recipe.yaml", "report.html", "report.json", "report.md",
-         "student", "teacher"]
+        [".kdc.lock", "cache", "distilled", "kdc-run.json", "pruned", "recipe.yaml", "report.html", "report.json",
+         "report.md", "student", "teacher"]
     )
+    assert (run / ".kdc.lock").read_text() == ""  # rank 0 held the run directory's lock, and let it go
     assert [json.loads(l)["epoch"] for l in (run / "teacher" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert double.stdout.count("kdc report") == 1
     ckpt = torch.load(run / "pruned" / "model.pt", weights_only=True)

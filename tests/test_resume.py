@@ -84,6 +84,7 @@ def test_sigkill_mid_stage_then_rerun_resumes_to_the_identical_result(tmp_path):
         (folder / "recipe.yaml").write_text(text, encoding="utf-8")
     run_dir = killed_dir / "runs" / "killme"
     teacher_metrics = run_dir / "teacher" / "metrics.jsonl"
+    teacher_log = run_dir / "teacher" / "metrics.partial.jsonl"  # the unfinished stage's epochs
 
     # The uninterrupted run goes alongside (two cores, one thread each).
     with open(ref_dir / "log.txt", "wb") as ref_log, open(killed_dir / "killed-log.txt", "wb") as log:
@@ -95,8 +96,8 @@ def test_sigkill_mid_stage_then_rerun_resumes_to_the_identical_result(tmp_path):
                 deadline = time.monotonic() + 240
                 lines: list[str] = []
                 while victim.poll() is None and time.monotonic() < deadline:
-                    if teacher_metrics.is_file():
-                        lines = [x for x in teacher_metrics.read_text().split("\n")[:-1] if x.strip()]
+                    if teacher_log.is_file():
+                        lines = [x for x in teacher_log.read_text().split("\n")[:-1] if x.strip()]
                         if len(lines) >= 2:
                             break
                     time.sleep(0.02)
@@ -229,7 +230,8 @@ def test_ctrl_c_in_a_stage_then_rerun_resumes_to_the_same_weights(stage, in_tmp,
     kdc.assert_clean_exit(first, 130)
     assert resume_state(in_tmp / RUN / stage / "state.pt")["epoch"] == 1
     assert not (in_tmp / RUN / stage / "model.pt").exists()
-    assert epochs_in(in_tmp / RUN / stage / "metrics.jsonl") == [1]
+    assert epochs_in(in_tmp / RUN / stage / "metrics.partial.jsonl") == [1]
+    assert not (in_tmp / RUN / stage / "metrics.jsonl").exists()  # written only with a finished checkpoint
 
     second = kdc("run", "recipe.yaml")  # the fault fired once; this run goes through
     kdc.assert_clean_exit(second, 0)
@@ -418,7 +420,7 @@ def test_nan_loss_in_epoch_2_keeps_the_epoch_1_state(in_tmp, write_recipe, kdc, 
     assert "the last good state (epoch 1) is kept in" in out and "state.pt" in out
     state = in_tmp / RUN / "teacher" / "state.pt"
     assert resume_state(state)["epoch"] == 1
-    assert epochs_in(in_tmp / RUN / "teacher" / "metrics.jsonl") == [1]
+    assert epochs_in(in_tmp / RUN / "teacher" / "metrics.partial.jsonl") == [1]
     assert not (in_tmp / RUN / "teacher" / "model.pt").exists()
     # the kept state is good: with the fault gone, the same command resumes and ends where a clean run ends
     again = kdc("train-teacher", "recipe.yaml")

@@ -199,7 +199,7 @@ def test_disk_full_while_appending_a_metrics_line_is_a_clear_error(in_tmp, write
     real_open = open
 
     def full_disk_open(file, mode="r", *args, **kwargs):
-        if "a" in mode and str(file).endswith("metrics.jsonl"):
+        if "a" in mode and str(file).endswith("metrics.partial.jsonl"):  # the running log of the stage
             raise OSError(errno.ENOSPC, ENOSPC, str(file))
         return real_open(file, mode, *args, **kwargs)
 

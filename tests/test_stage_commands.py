@@ -94,7 +94,8 @@ def test_interrupting_a_forced_rerun_gives_true_advice_and_the_rerun_resumes(in_
     kdc.assert_clean_exit(result, 130)
     hint = [line for line in result.output.splitlines() if "interrupted" in line]
     assert len(hint) == 1 and "without --force to resume" in hint[0], result.output
-    assert (stage_dir / "state.pt").is_file() and epochs_in(stage_dir / "metrics.jsonl") == [1]
+    assert (stage_dir / "state.pt").is_file() and epochs_in(stage_dir / "metrics.partial.jsonl") == [1]
+    assert epochs_in(stage_dir / "metrics.jsonl") == [1, 2]  # still the finished checkpoint's
 
     # the advice: the same command without --force goes on from epoch 1; it is not "up to date, skipped"
     result = kdc("train-teacher", "recipe.yaml")
@@ -124,10 +125,12 @@ def test_a_skipped_stage_puts_back_the_metrics_that_describe_its_checkpoint(in_t
     kdc.assert_clean_exit(kdc("train-teacher", "recipe.yaml"), 0)
     stage_dir = in_tmp / RUN / "teacher"
     before = (stage_dir / "metrics.jsonl").read_text()
-    # an interrupted run of other settings leaves its own first epoch in metrics.jsonl
+    # an interrupted run of other settings keeps its own first epoch in the running log, not in metrics.jsonl
     fail_training("teacher", epoch=2, batch=3)
     kdc.assert_clean_exit(kdc("train-teacher", "recipe.yaml", "--set", "teacher.lr=0.02"), 130)
-    assert epochs_in(stage_dir / "metrics.jsonl") == [1]
+    assert epochs_in(stage_dir / "metrics.partial.jsonl") == [1]
+    assert (stage_dir / "metrics.jsonl").read_text() == before
+    (stage_dir / "metrics.jsonl").write_text("{\"epoch\": 9}\n")  # as a kill between checkpoint and metrics leaves it
     result = kdc("train-teacher", "recipe.yaml")  # the original settings: the checkpoint is up to date
     kdc.assert_clean_exit(result, 0)
     assert "up to date, skipped" in kdc.flat(result)

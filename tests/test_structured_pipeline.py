@@ -167,7 +167,7 @@ def test_sigkill_mid_structured_pruning_then_rerun_ends_with_the_same_weights(fr
     shutil.copytree(prepared, killed)
     shutil.copytree(prepared, reference)
     cmd = [sys.executable, "-m", "kdcompress", "prune", "recipe.yaml"]
-    metrics = killed / RUN / "pruned" / "metrics.jsonl"
+    metrics = killed / RUN / "pruned" / "metrics.partial.jsonl"  # the unfinished stage's running log
     with open(tmp_path / "ref.log", "wb") as ref_log, open(tmp_path / "killed.log", "wb") as log:
         ref = subprocess.Popen(cmd, cwd=reference, env=_env(), stdout=ref_log, stderr=subprocess.STDOUT)
         victim = subprocess.Popen(cmd, cwd=killed, env=_env(), stdout=log, stderr=subprocess.STDOUT)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..checkpoint import _atomic_write_many, atomic_write_text, manifest_path
 from ..errors import ArtifactError, KdcError, StageOrderError
+from ..runlock import run_dir_lock
 from ..stages import stage_named
 
 __all__ = [
@@ -237,6 +238,10 @@ def _source(recipe, stage: str):
     return path, load_checkpoint(path), read_manifest(path)["fingerprint"]
 
 
+# a live run's stage is unfinished: the export waits for it rather than reporting it interrupted
+EXPORT_WAIT_ADVICE = "wait for it to finish, then export"
+
+
 def export_stage(recipe, formats: list[str] | None = None, force: bool = False, console=None) -> list[dict]:
     """Write, load back and evaluate each artifact of ``recipe.export.stage``; return their rows.
 
@@ -245,8 +250,15 @@ def export_stage(recipe, formats: list[str] | None = None, force: bool = False, 
     writes it again). Each row (also in ``export/artifacts.json``): ``stage``, ``format``, ``path``
     (relative to the run directory), ``bytes``, ``accuracy`` measured from the loaded artifact on the
     test split, ``stage_accuracy`` (the checkpoint's), ``options`` (the settings that made the file),
-    ``info`` (what the codec reports about it) and ``source_fingerprint``.
+    ``info`` (what the codec reports about it) and ``source_fingerprint``. Holds the run directory's lock
+    (:func:`kdcompress.runlock.run_dir_lock`): while another kdc writes there it is refused at once.
     """
+    with run_dir_lock(recipe.run_dir, advice=EXPORT_WAIT_ADVICE, create=False):
+        return _export_stage(recipe, formats, force, console)
+
+
+def _export_stage(recipe, formats: list[str] | None, force: bool, console) -> list[dict]:
+    """:func:`export_stage`'s work, done while holding the run directory's lock."""
     import torch
     from rich.console import Console
 
