@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import logging
+import tempfile
 import warnings
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "check_batch",
     "set_meta",
     "parse",
+    "external_tensors",
     "OrtModule",
     "compare",
 ]
@@ -196,7 +198,6 @@ def parse(blob: bytes, fmt: str):
     which the bytes would not cover), and kdc's metadata entry is present, plain JSON and names ``fmt``.
     """
     onnx = require(fmt, "onnx")
-    from onnx import external_data_helper
 
     what = f"this {fmt} artifact"
     if not isinstance(blob, (bytes, bytearray)) or not blob:
@@ -228,16 +229,63 @@ def parse(blob: bytes, fmt: str):
         )
     if not isinstance(meta.get("preprocess"), (dict, type(None))):
         raise ArtifactError(f"{what}: its 'preprocess' metadata is not a mapping; export it again")
-    if any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(proto)):
+    for where, tensor in external_tensors(proto):
         raise ArtifactError(
-            f"{what} refers to external weight files, which kdc never writes (they would be read from disk "
-            f"outside the checked artifact); export it again"
+            f"{what} refers to an external weight file: tensor {tensor.name[:100]!r} ({where}) points at "
+            f"{_location(tensor)!r}. kdc never writes external data (it would be read from disk outside the "
+            f"checked artifact), so the file was refused; export it again"
         )
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ArtifactError(f"{what} is not a valid ONNX graph ({describe(exc)}); export it again") from None
     return proto, meta
+
+
+def external_tensors(message):
+    """``(where, tensor)`` for every ``TensorProto`` in an ONNX message that points at external data.
+
+    Walks every message-typed field, not a list of known places, so dense and sparse initializers (values and
+    indices), node attributes (``t``, ``tensors``, ``sparse_tensor``, ``sparse_tensors``), subgraphs of
+    If/Loop/Scan (``g``, ``graphs``) at any depth, functions and training info are all covered, and so is any
+    field a later ONNX version adds. A tensor counts when its ``data_location`` says EXTERNAL or it carries
+    any ``external_data`` entry (kdc writes neither). ``where`` is the field path (``graph.node[3].attribute[0]
+    .sparse_tensor.values``). The walk never touches the tensors' bytes.
+    """
+    import onnx
+
+    stack = [(message, "")]
+    while stack:
+        current, path = stack.pop()
+        if isinstance(current, onnx.TensorProto) and (
+            current.data_location == onnx.TensorProto.EXTERNAL or len(current.external_data)
+        ):
+            yield path or current.DESCRIPTOR.name, current
+        for name, repeated in _message_fields(current.DESCRIPTOR):
+            prefix = f"{path}.{name}" if path else name
+            if repeated:
+                stack.extend((item, f"{prefix}[{i}]") for i, item in reversed(list(enumerate(getattr(current, name)))))
+            elif current.HasField(name):
+                stack.append((getattr(current, name), prefix))
+
+
+_FIELDS: dict = {}
+
+
+def _message_fields(descriptor) -> list[tuple[str, bool]]:
+    """``(name, repeated)`` of a protobuf message type's message-typed fields (cached per type)."""
+    if descriptor not in _FIELDS:
+        _FIELDS[descriptor] = [
+            (f.name, f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED)
+            for f in descriptor.fields
+            if f.message_type is not None
+        ]
+    return _FIELDS[descriptor]
+
+
+def _location(tensor) -> str:
+    """The ``location`` an external tensor names (at most 100 characters), or "" when it names none."""
+    return next((entry.value[:100] for entry in tensor.external_data if entry.key == "location"), "")
 
 
 class OrtModule(nn.Module):
@@ -282,10 +330,17 @@ def _session(blob: bytes, threads: int):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # errors only: its warnings would reach the user's terminal
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(blob, sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ArtifactError(f"onnxruntime cannot load this artifact ({describe(exc)}); export it again") from None
+    # Defence in depth behind parse()'s refusal of external data: onnxruntime given bytes resolves an external
+    # sparse tensor's location against the process's cwd (and follows "../"). With this folder set it resolves
+    # every external location inside the folder and refuses ones that escape it (onnxruntime 1.32, see
+    # test_artifact_trust.py), and the folder is a fresh empty one that only this process can write to.
+    # External data is read while the session is made, so the folder can go right after.
+    with tempfile.TemporaryDirectory(prefix="kdc-ort-") as empty:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", empty)
+        try:
+            return ort.InferenceSession(blob, sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ArtifactError(f"onnxruntime cannot load this artifact ({describe(exc)}); export it again") from None
 
 
 def compare(model: nn.Module, loaded: nn.Module, inputs: torch.Tensor) -> dict:
