@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from .errors import CheckpointError, ModelError, did_you_mean
@@ -47,6 +48,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "build_model",
     "build_from_checkpoint",
+    "check_architecture_size",
     "model_spec",
     "model_name_problem",
     "add_import_dir",
@@ -169,6 +171,7 @@ def build_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> nn.Module:
         >>> ckpt = load_checkpoint(Path("runs/quickstart/pruned/model.pt"))  # doctest: +SKIP
         >>> model = build_from_checkpoint(ckpt, where="pruned checkpoint").eval()  # doctest: +SKIP
     """
+    check_architecture_size(ckpt, where)
     model = build_model(ckpt["arch"], where=where)
     structure = ckpt.get("structure")
     if structure:
@@ -187,6 +190,40 @@ def build_from_checkpoint(ckpt: dict, where: str = "checkpoint") -> nn.Module:
             f"{where}: its weights do not fit the architecture it names ({detail}); rerun the stage with --force"
         ) from None
     return model
+
+
+# The bytes of weights the architecture named in a checkpoint or artifact may hold, at most: ARCH_RATIO times the
+# weights the file holds, but never less than ARCH_FLOOR. An architecture is sized by its arguments, so a 2 KB file
+# naming mlp with hidden [200000] would otherwise make kdc allocate 600 MB before finding that no weights fit it.
+# A file's weights fill its architecture exactly, or, pruned structurally, a part of it far above 1/1024.
+ARCH_RATIO = 1024
+ARCH_FLOOR = 64 * 2**20
+
+
+def check_architecture_size(ckpt: dict, where: str = "checkpoint") -> None:
+    """CheckpointError, before anything is allocated, when ``ckpt["arch"]`` names a network far bigger than its weights.
+
+    The network is built on PyTorch's meta device (shapes without memory) and its parameters and buffers are
+    weighed against ``ckpt["state_dict"]`` (see ``ARCH_RATIO``). A factory that cannot be built there is left
+    to the real build, which reports whatever is wrong with it.
+    """
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        return
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(ckpt["arch"], where=where)
+    except Exception:  # the real build raises the same error with its message, or builds what meta could not
+        return
+    declared = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+    present = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    if declared > max(ARCH_FLOOR, ARCH_RATIO * present):
+        raise CheckpointError(
+            f"{where}: the architecture it names ({ckpt['arch'].get('model')!r} with args "
+            f"{str(ckpt['arch'].get('args'))[:200]}) holds {declared:,} bytes of weights, far more than the "
+            f"{present:,} it holds; it is damaged or crafted, and the model was not built. Rerun the stage with "
+            f"--force (or export the model again)"
+        )
 
 
 def model_name_problem(name: str) -> str | None:
