@@ -215,3 +215,17 @@ def checkpoints_equal():
         assert ca["metrics"]["test_loss"] == cb["metrics"]["test_loss"]
 
     return check
+
+
+@pytest.fixture(scope="session")
+def exported_run(fresh_run, tiny_recipe_text, kdc):
+    """The tiny run, exported by `kdc export` in every format (sparse, shared, int8, onnx), made once per session.
+
+    Returns its run directory (``.../runs/tiny``); copy it (``shutil.copytree``) before changing anything in it.
+    """
+    work, _ = fresh_run(tiny_recipe_text, "exported", "run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        result = kdc("export", "runs/tiny", *[arg for fmt in ("sparse", "shared", "int8", "onnx") for arg in ("--format", fmt)])
+    assert result.exit_code == 0, result.output
+    return work / "runs" / "tiny"
