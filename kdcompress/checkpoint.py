@@ -330,7 +330,36 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
             f"{data.get('format_version')!r}; this kdc reads format {FORMAT_VERSION}. Rerun the stage, or use the "
             f"kdc version that wrote it"
         )
+    problem = _entries_problem(data)
+    if problem:
+        raise CheckpointError(f"{path} is damaged: {problem}; delete it and rerun the stage")
     return data
+
+
+# the entries of a stage checkpoint that kdc reads, by type; None stands for an entry older checkpoints lack
+_ENTRY_TYPES = {
+    "stage": str, "arch": dict, "state_dict": dict, "metrics": dict, "fingerprint": str, "recipe": dict,
+    "inputs": dict, "history": list, "dataset": str, "preprocess": dict, "structure": list,
+}
+_REQUIRED_ENTRIES = ("arch", "state_dict", "metrics")
+
+
+def _entries_problem(data: dict) -> str | None:
+    """What makes a loaded checkpoint's entries other than kdc writes them, or None.
+
+    The file is data from a run directory: a changed key or type must be refused here, with the file named,
+    rather than fail wherever the entry is first used.
+    """
+    for key, kind in _ENTRY_TYPES.items():
+        value = data.get(key)
+        if value is None and key not in _REQUIRED_ENTRIES:
+            continue
+        if not isinstance(value, kind):
+            return f"its '{key}' entry is {'missing' if value is None else f'a {type(value).__name__}, not a {kind.__name__}'}"
+    accuracy = data["metrics"].get("test_accuracy")
+    if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool):
+        return "its metrics have no test accuracy"
+    return None
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -249,4 +249,9 @@ def rebuild_model(meta: dict, state_dict: dict[str, torch.Tensor], allow_import:
     except (KeyError, TypeError, ValueError) as exc:  # an arch entry of the wrong shape
         raise ArtifactError(f"{where}: its architecture entry is damaged ({type(exc).__name__}: {exc}); export the model again") from None
     preprocess = meta.get("preprocess")
+    if isinstance(preprocess, dict) and preprocess.get("input_shape") != arch["input_shape"]:
+        raise ArtifactError(
+            f"{where}: its preprocessing entry describes inputs shaped {str(preprocess.get('input_shape'))[:100]}, its "
+            f"model takes {arch['input_shape']}; the file is damaged. Export the model again"
+        )
     return model.eval(), dict(preprocess) if isinstance(preprocess, dict) else {}
