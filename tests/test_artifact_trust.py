@@ -252,7 +252,7 @@ def test_a_huge_architecture_named_by_a_small_checkpoint_is_refused_before_it_is
 
     path = tmp_path / "teacher" / "model.pt"
     save_checkpoint(path, {"stage": "teacher", "arch": model_spec("mlp", {"hidden": [200_000]}, 10, (1, 28, 28)),
-                           "state_dict": {}, "metrics": {}, "dataset": "fashion-mnist-mini"})
+                           "state_dict": {}, "metrics": {"test_accuracy": 0.9}, "dataset": "fashion-mnist-mini"})
     assert path.stat().st_size < 3_000
     result = load_in_child("checkpoint", path)
     assert result["outcome"].startswith("refused:") and "architecture it names" in result["outcome"], result
@@ -290,6 +290,37 @@ def test_a_huge_length_field_is_refused_without_allocating_it(run_copy, field):
     rewrite_manifest(path)
     result = load_in_child("artifact", path)
     assert result["outcome"].startswith("refused:"), result
+    assert result["peak_bytes"] < PEAK_LIMIT_BYTES, result
+
+
+def constant_bomb_onnx(meta_from: bytes) -> bytes:
+    """A 2 KB classifier whose graph holds a ConstantOfShape of 200M floats (800 MB), summed into the logits."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [200_000_000])
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["big"], value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
+        helper.make_node("ConstantOfShape", ["w_shape"], ["W"], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])),
+        helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+        helper.make_node("Flatten", ["input"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "W"], ["mm"]),
+        helper.make_node("Add", ["mm", "total"], ["logits"]),
+    ]
+    initializers = [shape, helper.make_tensor("w_shape", TensorProto.INT64, [2], [784, 10])]
+    graph = helper.make_graph(
+        nodes, "bomb", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model.metadata_props.extend(onnx.load_model_from_string(meta_from).metadata_props)
+    return model.SerializeToString()
+
+
+def test_loading_a_small_onnx_graph_with_a_huge_constant_stays_under_1_gb(run_copy):
+    """onnxruntime's constant folding would make the 800 MB tensor while the session is made; it is off."""
+    path = run_copy / "export" / "pruned.onnx"
+    path.write_bytes(constant_bomb_onnx(path.read_bytes()))
+    rewrite_manifest(path)
+    assert path.stat().st_size < 3_000
+    result = load_in_child("artifact", path)
     assert result["peak_bytes"] < PEAK_LIMIT_BYTES, result
 
 
