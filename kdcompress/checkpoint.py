@@ -62,6 +62,7 @@ __all__ = [
     "verify_checkpoint",
     "read_manifest",
     "manifest_path",
+    "confined_path",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_files",
@@ -274,6 +275,44 @@ def manifest_path(path: Path) -> Path:
     return Path(path).with_name(Path(path).name + ".manifest.json")
 
 
+def confined_path(run_dir: str | Path, rel, where: str) -> Path:
+    """``run_dir / rel``, resolved, for a path ``rel`` read from a file in the run directory; CheckpointError if it leaves it.
+
+    Everything in a run directory is untrusted, so a path found in one of its files must name a file of the
+    same run: ``rel`` must be a non-empty relative path (a string) without ``..`` components, and the joined
+    path, symlinks followed, must still lie inside the run directory (itself resolved, so a run directory
+    reached through a symlink is fine). ``where`` names the file the path came from, for the message. The
+    returned path has every symlink resolved, so what is opened is what was checked.
+
+        >>> confined_path("runs/x", "export/a.kdca", "artifacts.json") == Path("runs/x/export/a.kdca").resolve()
+        True
+        >>> confined_path("runs/x", "/etc/passwd", "artifacts.json")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        kdcompress.errors.CheckpointError: artifacts.json names '/etc/passwd', which is an absolute path; ...
+    """
+    root = Path(run_dir)
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        reason = "which is not a file name"
+    elif Path(rel).is_absolute():
+        reason = "which is an absolute path"
+    elif ".." in Path(rel).parts:
+        reason = "which goes up with '..'"
+    else:
+        try:
+            base = root.resolve()
+            path = (root / rel).resolve()
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a name too long
+            reason = "which cannot be resolved"
+        else:
+            if path.is_relative_to(base):
+                return path
+            reason = f"which leads out of the run directory (through a link, to {path})"
+    raise CheckpointError(
+        f"{where} names {str(rel)[:200]!r}, {reason}; kdc reads only files inside the run directory {root}, so "
+        f"it was refused"
+    )
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -328,7 +367,7 @@ def read_manifest(path: Path) -> dict:
             f"{path} has no manifest ({mpath.name}): it was not completely written by kdc; delete it, or rerun the "
             f"stage with --force"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):  # inf, deep nesting
         raise CheckpointError(f"the manifest {mpath} is damaged; delete it and {path.name}, or rerun with --force") from None
     if not path.is_file():
         raise CheckpointError(
@@ -385,6 +424,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
             f"kdc version that wrote it"
         )
     refuse_oversized(data, str(path), "delete it and rerun the stage")
+    problem = _entries_problem(data)
+    if problem:
+        raise CheckpointError(f"{path} is damaged: {problem}; delete it and rerun the stage")
     return data
 
 
@@ -406,6 +448,32 @@ def refuse_oversized(data: Any, where: str, fix: str) -> None:
             at = ".".join(map(str, prefix + inner)) or "its top level"
             what = "contains itself" if cyclic else f"holds more than {limit:,} values once written out"
             raise CheckpointError(f"{where} was refused: {at} {what}, which no file kdc writes does; {fix}")
+
+
+# the entries of a stage checkpoint that kdc reads, by type; None stands for an entry older checkpoints lack
+_ENTRY_TYPES = {
+    "stage": str, "arch": dict, "state_dict": dict, "metrics": dict, "fingerprint": str, "recipe": dict,
+    "inputs": dict, "history": list, "dataset": str, "preprocess": dict, "structure": list,
+}
+_REQUIRED_ENTRIES = ("arch", "state_dict", "metrics")
+
+
+def _entries_problem(data: dict) -> str | None:
+    """What makes a loaded checkpoint's entries other than kdc writes them, or None.
+
+    The file is data from a run directory: a changed key or type must be refused here, with the file named,
+    rather than fail wherever the entry is first used.
+    """
+    for key, kind in _ENTRY_TYPES.items():
+        value = data.get(key)
+        if value is None and key not in _REQUIRED_ENTRIES:
+            continue
+        if not isinstance(value, kind):
+            return f"its '{key}' entry is {'missing' if value is None else f'a {type(value).__name__}, not a {kind.__name__}'}"
+    accuracy = data["metrics"].get("test_accuracy")
+    if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool):
+        return "its metrics have no test accuracy"
+    return None
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -194,6 +194,8 @@ def load_model(
     model = build_from_checkpoint(ckpt, where=str(path), allow_import=allow_import)
     try:
         preprocess = Preprocess(_stored_preprocess(ckpt), device)
+        if preprocess.input_shape != tuple(arch["input_shape"]):
+            raise ValueError(f"it describes inputs shaped {preprocess.input_shape}, the model takes {tuple(arch['input_shape'])}")
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(
             f"{path}: its 'preprocess' entry is damaged ({type(exc).__name__}: {exc}); rerun the stage with --force"

@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from .errors import CheckpointError, ModelError, did_you_mean
@@ -47,6 +48,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "build_model",
     "build_from_checkpoint",
+    "check_architecture",
     "model_spec",
     "model_name_problem",
     "add_import_dir",
@@ -209,7 +211,11 @@ def build_from_checkpoint(
         >>> ckpt = load_checkpoint(Path("runs/quickstart/pruned/model.pt"))  # doctest: +SKIP
         >>> model = build_from_checkpoint(ckpt, where="pruned checkpoint").eval()  # doctest: +SKIP
     """
-    check_model_name(ckpt["arch"]["model"], expected, where, allow_import)
+    problem = _spec_problem(ckpt.get("arch"))  # the name is read only from a spec of the right shape
+    if problem:
+        raise CheckpointError(f"{where}: its architecture entry is damaged ({problem}); rerun the stage with --force")
+    check_model_name(ckpt["arch"]["model"], expected, where, allow_import)  # before anything is built, meta too
+    check_architecture(ckpt, where)  # the file's entries are data: checked before the network takes any memory
     model = build_model(ckpt["arch"], where=where)
     structure = ckpt.get("structure")
     if structure:
@@ -228,6 +234,63 @@ def build_from_checkpoint(
             f"{where}: its weights do not fit the architecture it names ({detail}); rerun the stage with --force"
         ) from None
     return model
+
+
+# The bytes of weights the architecture named in a checkpoint or artifact may hold, at most: ARCH_RATIO times the
+# weights the file holds, but never less than ARCH_FLOOR. An architecture is sized by its arguments, so a 2 KB file
+# naming mlp with hidden [200000] would otherwise make kdc allocate 600 MB before finding that no weights fit it.
+# A file's weights fill its architecture exactly, or, pruned structurally, a part of it far above 1/1024.
+ARCH_RATIO = 1024
+ARCH_FLOOR = 64 * 2**20
+
+
+def _spec_problem(arch) -> str | None:
+    """What makes an architecture spec read from a file unbuildable before any code runs, or None."""
+    if not isinstance(arch, dict):
+        return "it is not a mapping"
+    if not isinstance(arch.get("model"), str):
+        return "its 'model' is not a name"
+    if not isinstance(arch.get("args") or {}, dict):
+        return "its 'args' are not a mapping"
+    classes, shape = arch.get("num_classes"), arch.get("input_shape")
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+        return "its 'num_classes' is not a positive whole number"
+    if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 4 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape
+    ):
+        return "its 'input_shape' is not a list of 1 to 4 positive whole numbers"
+    return None
+
+
+def check_architecture(ckpt: dict, where: str = "checkpoint") -> None:
+    """CheckpointError, before anything is built, when a checkpoint's architecture and weights cannot be kdc's.
+
+    ``ckpt`` is read from a file, so it is checked as data: ``arch`` must be a spec of the right shape, and
+    ``state_dict`` a mapping of names to tensors. Then the network is built on PyTorch's meta device (shapes
+    without memory) and its parameters and buffers are weighed against the weights the file holds (see
+    ``ARCH_RATIO``). A factory that cannot be built there is left to the real build, which reports whatever
+    is wrong with it.
+    """
+    again = "rerun the stage with --force (or export the model again)"
+    problem = _spec_problem(ckpt.get("arch"))
+    if problem:
+        raise CheckpointError(f"{where}: its architecture entry is damaged ({problem}); {again}")
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f"{where}: its weights are damaged (not a mapping of names to tensors); {again}")
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(ckpt["arch"], where=where)
+    except Exception:  # the real build raises the same error with its message, or builds what meta could not
+        return
+    declared = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+    present = sum(t.numel() * t.element_size() for t in state.values())
+    if declared > max(ARCH_FLOOR, ARCH_RATIO * present):
+        raise CheckpointError(
+            f"{where}: the architecture it names ({ckpt['arch']['model']!r} with args "
+            f"{str(ckpt['arch'].get('args'))[:200]}) holds {declared:,} bytes of weights, far more than the "
+            f"{present:,} it holds; it is damaged or crafted, and the model was not built. {again[0].upper()}{again[1:]}"
+        )
 
 
 def model_name_problem(name: str) -> str | None:

@@ -737,8 +737,8 @@ def _artifact_rows(
     which unpickles nothing: a damaged or replaced file is ``refused`` (with the reason) and never run, and
     so is one naming another model than ``models`` gives for its stage (the recipe's names).
     """
-    from .checkpoint import read_manifest
-    from .export import load_artifact, read_artifacts, verify_artifact
+    from .checkpoint import confined_path, read_manifest
+    from .export import ARTIFACTS_FILE, EXPORT_DIR, load_artifact, read_artifacts, verify_artifact
 
     try:
         recorded = read_artifacts(run_dir)
@@ -751,10 +751,10 @@ def _artifact_rows(
             "stage", "format", "path", "accuracy", "test_samples", "test_loss", "stage_accuracy",
             "accuracy_change_vs_stage", "stage_checkpoint_bytes", "options", "info",
         )}
-        path = run_dir / str(found["path"])
         row["refused"] = row["stale"] = None
         row["latency_ms"] = row["latency"] = None
-        try:
+        try:  # a row that points out of the run directory would show another run's file as this run's
+            path = confined_path(run_dir, found["path"], f"{EXPORT_DIR}/{ARTIFACTS_FILE}")
             manifest, _ = verify_artifact(path)
         except KdcError as exc:
             row["refused"] = _relative(str(exc), run_dir)

@@ -242,3 +242,17 @@ def kdc_in_child(*args: str, cwd: Path) -> dict:
     done = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "kdcompress", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="session")
+def exported_run(fresh_run, tiny_recipe_text, kdc):
+    """The tiny run, exported by `kdc export` in every format (sparse, shared, int8, onnx), made once per session.
+
+    Returns its run directory (``.../runs/tiny``); copy it (``shutil.copytree``) before changing anything in it.
+    """
+    work, _ = fresh_run(tiny_recipe_text, "exported", "run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        result = kdc("export", "runs/tiny", *[arg for fmt in ("sparse", "shared", "int8", "onnx") for arg in ("--format", fmt)])
+    assert result.exit_code == 0, result.output
+    return work / "runs" / "tiny"

@@ -147,11 +147,11 @@ def verify_artifact(path: str | Path) -> tuple[dict, bytes]:
             f"{path} has no manifest ({mpath.name}), so kdc cannot tell that it wrote it; it was not loaded. "
             f"Delete it and {again}"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):  # inf, deep nesting
         raise ArtifactError(f"the manifest {mpath} is damaged or not a kdc artifact's; delete both and {again}") from None
     if fmt not in FORMATS:
         raise ArtifactError(f"{mpath} names an unknown format {fmt!r}; this kdc reads {', '.join(FORMATS)}")
-    blob = path.read_bytes()
+    blob = path.read_bytes() if path.stat().st_size == size else b""  # a file of another size is not read at all
     if len(blob) != size or _sha256(blob) != digest:
         raise ArtifactError(
             f"{path} was refused: its {'size' if len(blob) != size else 'SHA-256'} differs from the one recorded "
@@ -190,16 +190,40 @@ def load_artifact(path: str | Path, allow_import: bool = False, expected: str | 
     return model.eval()
 
 
+_NUMBER = (int, float)
+# the types of the row entries kdc writes and reads back (None allowed for each but path, stage and format)
+_ROW_TYPES = {
+    "path": str, "stage": str, "format": str, "accuracy": _NUMBER, "test_loss": _NUMBER, "test_samples": int,
+    "stage_accuracy": _NUMBER, "accuracy_change_vs_stage": _NUMBER, "stage_checkpoint_bytes": int, "bytes": int,
+    "options": dict, "info": dict, "source_fingerprint": str, "sha256": str,
+}
+_REQUIRED = ("path", "stage", "format")
+
+
+def _row_ok(row) -> bool:
+    if not isinstance(row, dict) or not all(isinstance(row.get(key), str) for key in _REQUIRED):
+        return False
+    return all(
+        row.get(key) is None or (isinstance(row[key], types) and not isinstance(row[key], bool))
+        for key, types in _ROW_TYPES.items()
+    )
+
+
 def read_artifacts(run_dir: str | Path) -> list[dict]:
-    """The rows of ``<run dir>/export/artifacts.json`` (empty when nothing was exported)."""
+    """The rows of ``<run dir>/export/artifacts.json`` (empty when nothing was exported).
+
+    ArtifactError when the file is damaged, a row included (an entry of the wrong type). A row's ``path`` is
+    the file's path as written; confine it to the run directory before opening it
+    (:func:`kdcompress.checkpoint.confined_path`).
+    """
     path = Path(run_dir) / EXPORT_DIR / ARTIFACTS_FILE
     if not path.is_file():
         return []
     try:
         rows = json.loads(path.read_text())["artifacts"]
-        if not isinstance(rows, list) or not all(isinstance(r, dict) and "path" in r for r in rows):
+        if not isinstance(rows, list) or not all(_row_ok(r) for r in rows):
             raise ValueError
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise ArtifactError(f"{path} is damaged; delete it and export again (kdc export RUN_DIR --force)") from None
     return rows
 

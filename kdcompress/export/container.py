@@ -36,7 +36,10 @@ import torch
 
 from ..errors import ArtifactError, KdcError
 
-__all__ = ["MAGIC", "CODECS", "MAX_RAW_BYTES", "pack", "unpack", "model_meta", "rebuild_model"]
+__all__ = [
+    "MAGIC", "CODECS", "MAX_RAW_BYTES", "MAX_DECODED_BYTES", "decoded_limit", "pack", "unpack", "model_meta",
+    "rebuild_model",
+]
 
 MAGIC = b"KDCA"
 VERSION = 1
@@ -44,6 +47,15 @@ CODECS = {"lzma": 1, "zlib": 2}
 _CODEC_NAMES = {v: k for k, v in CODECS.items()}
 _HEADER = struct.Struct("<4sBBII")  # magic, version, codec, raw size, crc32
 MAX_RAW_BYTES = 2**31  # a model of ~1e9 fp16 parameters; far beyond any kdc artifact, well within memory limits
+# The weights an artifact may decode to (the sum over its layout of elements x bytes per element), checked before
+# anything is allocated: at most MAX_DECODED_BYTES (~1e9 fp32 parameters), and at most DECODED_RATIO times the
+# file's own size, though never less than DECODED_FLOOR. The ratio is what stops a small file from declaring a
+# huge model: a bitmask of zeros compresses ~5000-fold, so a 3 KB file can declare 134M weights. A real model
+# cannot get near it: a 99 % sparse one decodes to ~150x its file (its non-zeros and the bitmask's entropy are
+# in the file), a 2-bit shared one ~300x.
+MAX_DECODED_BYTES = 2**32
+DECODED_RATIO = 1024
+DECODED_FLOOR = 64 * 2**20
 
 # lzma literal/position settings tried on a sample of the raw bytes: the defaults (lc=3, lp=0, pb=2) suit
 # text, while packed bitmasks favour lc=0 (a byte says little about the next) and fp16 or fp32 values lp/pb
@@ -58,6 +70,15 @@ _LZMA_SEARCH_PRESET = 6
 def _dict_size(raw_size: int) -> int:
     """The LZMA2 dictionary for ``raw_size`` bytes: derived from the size, so the header need not store it."""
     return min(max(raw_size, 4096), 1 << 26)
+
+
+def decoded_limit(blob_size: int) -> int:
+    """The most bytes of weights an artifact of ``blob_size`` bytes may decode to (see ``DECODED_RATIO``).
+
+        >>> decoded_limit(3_000) == DECODED_FLOOR, decoded_limit(10**9) == MAX_DECODED_BYTES
+        (True, True)
+    """
+    return min(MAX_DECODED_BYTES, max(DECODED_FLOOR, DECODED_RATIO * int(blob_size)))
 
 
 def _lzma_filters(raw_size: int, lc: int = 3, lp: int = 0, pb: int = 2) -> list[dict]:
@@ -218,4 +239,9 @@ def rebuild_model(
     except (KeyError, TypeError, ValueError) as exc:  # an arch entry of the wrong shape
         raise ArtifactError(f"{where}: its architecture entry is damaged ({type(exc).__name__}: {exc}); export the model again") from None
     preprocess = meta.get("preprocess")
+    if isinstance(preprocess, dict) and preprocess.get("input_shape") != arch["input_shape"]:
+        raise ArtifactError(
+            f"{where}: its preprocessing entry describes inputs shaped {str(preprocess.get('input_shape'))[:100]}, its "
+            f"model takes {arch['input_shape']}; the file is damaged. Export the model again"
+        )
     return model.eval(), dict(preprocess) if isinstance(preprocess, dict) else {}

@@ -27,10 +27,10 @@ import torch
 
 from ..errors import ArtifactError
 from ..prune.unstructured import prunable_weights
-from .container import model_meta, pack, rebuild_model, unpack
+from .container import decoded_limit, model_meta, pack, rebuild_model, unpack
 from .sparse import (
-    CODEC_CHOICES, check_format, check_options, dense, dtype_name, layout_entries, pack_mask, scatter, state_of,
-    tensor, to_storage, unpack_mask,
+    CODEC_CHOICES, check_format, check_options, dense, dtype_name, layout_entries, mask_count, pack_mask, scatter,
+    state_of, tensor, to_storage, unpack_mask,
 )
 
 SUFFIX = ".kdca"  # kdc's container: compressed safetensors behind a KDCA header
@@ -140,19 +140,20 @@ def decode(
     if bits not in BITS:
         raise ArtifactError(f"{where}: its options name no valid bit width (got {bits!r}); the file is damaged")
     state = {}
-    for name, kind, dtype, shape, numel in layout_entries(meta, where):
+    for name, kind, dtype, shape, numel in layout_entries(meta, where, decoded_limit(len(blob))):
         if kind == "d":
             state[name] = dense(tensors, name, dtype, shape, where)
         elif kind == "k":
-            mask = unpack_mask(tensor(tensors, f"{name}|m", where), numel, where)
+            packed = tensor(tensors, f"{name}|m", where)
+            count = mask_count(packed, numel, where)
             codebook = tensor(tensors, f"{name}|c", where)
             if codebook.dtype != torch.float16 or list(codebook.shape) != [2**bits]:
                 raise ArtifactError(f"{where}: the codebook of {name!r} is not {2**bits} fp16 values; the file is damaged")
-            try:
-                index = unpack_indices(tensor(tensors, f"{name}|i", where), bits, int(mask.sum()))
+            try:  # checks the packed length against the count before anything is unpacked
+                index = unpack_indices(tensor(tensors, f"{name}|i", where), bits, count)
             except ValueError as exc:
                 raise ArtifactError(f"{where}: the indices of {name!r} are damaged ({exc})") from None
-            state[name] = scatter(mask, codebook[index], dtype, shape, name, where)
+            state[name] = scatter(unpack_mask(packed, numel, where), codebook[index], dtype, shape, name, where)
         else:
             raise ArtifactError(f"{where}: unknown storage kind {kind!r} for {name!r}; the file is damaged")
     return rebuild_model(meta, state, allow_import, where, expected)

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from ..errors import ArtifactError
-from .container import model_meta, pack, rebuild_model, unpack
+from .container import decoded_limit, model_meta, pack, rebuild_model, unpack
 
 SUFFIX = ".kdca"  # kdc's container: compressed safetensors behind a KDCA header
 
-__all__ = ["FORMAT", "encode", "decode", "pack_mask", "unpack_mask"]
+__all__ = ["FORMAT", "encode", "decode", "pack_mask", "unpack_mask", "mask_count", "layout_entries"]
 
 FORMAT = "sparse"
 DTYPES = {"fp16": torch.float16, "fp32": None}  # None: each tensor keeps its own floating dtype
@@ -41,6 +41,7 @@ _DTYPE_NAMES = {
     "bool": torch.bool,
 }
 _BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -69,11 +70,25 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(mask.reshape(-1).numpy()))
 
 
-def unpack_mask(packed: torch.Tensor, numel: int, where: str) -> torch.Tensor:
-    """The flat bool mask of ``numel`` elements that :func:`pack_mask` packed; ArtifactError on a length mismatch."""
+def mask_count(packed: torch.Tensor, numel: int, where: str) -> int:
+    """How many elements a packed bitmask of ``numel`` elements marks, counted without unpacking it.
+
+    ArtifactError when its length does not fit ``numel`` or a padding bit after the last element is set (kdc
+    writes them as zeros), so the count is the number of values the file must hold for it.
+    """
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != math.ceil(numel / 8):
         raise ArtifactError(f"{where}: a bitmask does not fit its tensor's {numel:,} elements; the file is damaged")
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(bool))
+    array = packed.numpy()
+    if numel % 8 and array[-1] & (0xFF >> (numel % 8)):
+        raise ArtifactError(f"{where}: a bitmask marks elements past its tensor's {numel:,}; the file is damaged")
+    return int(_POPCOUNT[array].sum(dtype=np.int64))
+
+
+def unpack_mask(packed: torch.Tensor, numel: int, where: str) -> torch.Tensor:
+    """The flat bool mask of ``numel`` elements that :func:`pack_mask` packed; ArtifactError on a length mismatch."""
+    mask_count(packed, numel, where)
+    # unpackbits gives 0/1 bytes: viewed as bool, not copied (a mask costs one byte per element, once)
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).view(np.bool_))
 
 
 def to_storage(t: torch.Tensor, dtype: torch.dtype | None, name: str, advice: str = "export it with dtype fp32") -> torch.Tensor:
@@ -140,19 +155,36 @@ def encode(model: torch.nn.Module, source: dict, options: dict, calibration: lis
     return blob, {**settings, "sparse_tensors": sparse_count, "nonzeros": nonzeros}
 
 
-def layout_entries(meta: dict, where: str):
-    """``(name, kind, dtype, shape, numel)`` for each entry of an artifact's layout; ArtifactError if malformed."""
+def layout_entries(meta: dict, where: str, limit: int) -> list[tuple[str, str, torch.dtype, list, int]]:
+    """``(name, kind, dtype, shape, numel)`` for each entry of an artifact's layout; ArtifactError if malformed.
+
+    Every entry is checked before any is returned, so before anything is allocated: its shape, its dtype, and
+    its size in bytes (elements x bytes per element) alone and summed over the layout, which must not pass
+    ``limit`` (:func:`kdcompress.export.container.decoded_limit` of the file's size).
+    """
     layout = meta.get("layout")
     if not isinstance(layout, dict):
         raise ArtifactError(f"{where}: it has no tensor layout; the file is damaged or not one kdc wrote")
+    entries, total = [], 0
     for name, entry in layout.items():
         if not (
             isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[2], list)
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry[2])
+            and len(entry[2]) <= 64 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry[2])
         ):
-            raise ArtifactError(f"{where}: its layout entry for {name!r} is damaged")
+            raise ArtifactError(f"{where}: its layout entry for {name[:100]!r} is damaged")
         kind, dtype, shape = entry
-        yield name, kind, named_dtype(dtype, where), shape, math.prod(shape)
+        dtype = named_dtype(dtype, where)
+        numel = math.prod(shape)
+        size = numel * dtype.itemsize
+        total += size
+        if total > limit:
+            raise ArtifactError(
+                f"{where}: its layout declares {'a tensor' if size > limit else 'tensors'} of more than {limit:,} "
+                f"bytes ({name[:100]!r}: {size:,} bytes, {numel:,} elements), more than a file of its size can "
+                f"hold; it is damaged or crafted, and nothing was allocated. Export the model again"
+            )
+        entries.append((name, kind, dtype, shape, numel))
+    return entries
 
 
 def tensor(tensors: dict, key: str, where: str) -> torch.Tensor:
@@ -170,14 +202,19 @@ def dense(tensors: dict, name: str, dtype: torch.dtype, shape: list, where: str)
     return t.to(dtype)
 
 
-def scatter(mask: torch.Tensor, values: torch.Tensor, dtype: torch.dtype, shape: list, name: str, where: str) -> torch.Tensor:
-    """The dense tensor with ``values`` at the mask's positions and zeros elsewhere, in ``dtype`` and ``shape``."""
-    count = int(mask.sum())
+def check_values(values: torch.Tensor, count: int, name: str, where: str) -> None:
+    """ArtifactError unless ``values`` is a flat tensor of ``count`` elements (the non-zeros a bitmask marks)."""
     if values.dim() != 1 or values.numel() != count:
         raise ArtifactError(f"{where}: {name!r} has {values.numel():,} values for {count:,} non-zeros; the file is damaged")
-    out = torch.zeros(mask.numel(), dtype=values.dtype)
-    out[mask] = values
-    return out.to(dtype).reshape(shape)
+
+
+def scatter(mask: torch.Tensor, values: torch.Tensor, dtype: torch.dtype, shape: list, name: str, where: str) -> torch.Tensor:
+    """The dense tensor with ``values`` at the mask's positions and zeros elsewhere, in ``dtype`` and ``shape``."""
+    check_values(values, int(mask.sum()), name, where)
+    # made in its final dtype at once: casting each value first gives the same bits as casting the whole
+    out = torch.zeros(mask.numel(), dtype=dtype)
+    out[mask] = values.to(dtype)
+    return out.reshape(shape)
 
 
 def check_format(meta: dict, expected: str, where: str) -> None:
@@ -201,12 +238,13 @@ def decode(
     tensors, meta = unpack(blob, where)
     check_format(meta, FORMAT, where)
     state = {}
-    for name, kind, dtype, shape, numel in layout_entries(meta, where):
+    for name, kind, dtype, shape, numel in layout_entries(meta, where, decoded_limit(len(blob))):
         if kind == "d":
             state[name] = dense(tensors, name, dtype, shape, where)
         elif kind == "s":
-            mask = unpack_mask(tensor(tensors, f"{name}|m", where), numel, where)
-            state[name] = scatter(mask, tensor(tensors, f"{name}|v", where), dtype, shape, name, where)
+            packed, values = tensor(tensors, f"{name}|m", where), tensor(tensors, f"{name}|v", where)
+            check_values(values, mask_count(packed, numel, where), name, where)  # before the mask is unpacked
+            state[name] = scatter(unpack_mask(packed, numel, where), values, dtype, shape, name, where)
         else:
             raise ArtifactError(f"{where}: unknown storage kind {kind!r} for {name!r}; the file is damaged")
     return rebuild_model(meta, state, allow_import, where, expected)
