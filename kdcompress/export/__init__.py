@@ -27,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-from ..checkpoint import _atomic_write_many, atomic_write_text, manifest_path
+from ..checkpoint import atomic_write_files, atomic_write_text, manifest_path
 from ..errors import ArtifactError, KdcError, StageOrderError
 from ..runlock import run_dir_lock
 from ..stages import stage_named
@@ -122,8 +122,7 @@ def write_artifact(path: Path, blob: bytes, fmt: str, extra: dict | None = None)
         "kdc_version": __version__,
         **(extra or {}),
     }
-    text = (json.dumps(manifest) + "\n").encode()
-    _atomic_write_many([(Path(path), lambda fh: fh.write(blob)), (manifest_path(path), lambda fh: fh.write(text))])
+    atomic_write_files({Path(path): blob, manifest_path(path): json.dumps(manifest) + "\n"})  # both or neither
     return manifest
 
 
