@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from .checkpoint import append_jsonl, atomic_write_text, save_state
+from .checkpoint import append_jsonl, atomic_write_text, refuse_oversized, save_state
 from . import distributed
 from .data import Augment, DataSplits, TensorData
 from .errors import CheckpointError, KdcError, describe
@@ -274,6 +274,7 @@ def _load_state(path: Path, tag: str, console: Console, stage: str) -> dict | No
         ) from None
     if not isinstance(state, dict) or not {"tag", "epoch", "model"} <= set(state):
         raise CheckpointError(f"the resume state {path} is not a kdc resume state; rerun with --restart")
+    refuse_oversized(state, f"the resume state {path}", f"rerun with --restart to start the '{stage}' stage over")
     if state.get("tag") != tag:
         console.print(f"[yellow]{stage}[/]: the recipe changed since {path} was saved; starting the stage over")
         return None
