@@ -169,7 +169,7 @@ def _load(recipe: Optional[Path], overrides: Optional[List[str]], trust_code: bo
     ``trust_code`` a recipe.yaml naming code to import is refused before anything is imported.
     """
     from .recipe import CODE_KEYS, load_recipe
-    from .trust import refuse_untrusted_code
+    from .trust import FILE_KEYS, refuse_untrusted_code
 
     path = _recipe_file(recipe)
     where: list[str] = []
@@ -181,7 +181,8 @@ def _load(recipe: Optional[Path], overrides: Optional[List[str]], trust_code: bo
                          import_code=trust_code or not in_run_dir)
     if in_run_dir and not trust_code:
         typed = {item.partition("=")[0].strip() for item in overrides or []}  # set on the command line: the user's
-        refuse_untrusted_code(loaded, path, [key for key in CODE_KEYS if key not in typed])
+        refuse_untrusted_code(loaded, path, [key for key in CODE_KEYS if key not in typed],
+                              [key for key in FILE_KEYS if key not in typed])
     object.__setattr__(loaded, "_source", str(recipe) if recipe else "")
     object.__setattr__(loaded, "_overrides", tuple(overrides or ()))
     return loaded

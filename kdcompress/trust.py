@@ -7,8 +7,9 @@ Everything in a run directory or an artifact was written by whoever could write 
   (:func:`kdcompress.models.check_model_name`), never imported on its own say-so;
 * a run directory is never on the import path (``load_recipe(..., import_folder=False)``);
 * a run directory's own ``recipe.yaml`` (``kdc prune runs/NAME``) gives the settings to go on with, but
-  the code it names (:data:`kdcompress.recipe.CODE_KEYS`) is imported only when you say so
-  (``--trust-code``): it is read with ``load_recipe(..., import_code=False)``, then :func:`refuse_untrusted_code`.
+  the code it names (:data:`kdcompress.recipe.CODE_KEYS`) is imported, and a file outside the run it names
+  (``teacher.checkpoint``) is read, only when you say so (``--trust-code``): it is read with
+  ``load_recipe(..., import_code=False)``, then :func:`refuse_untrusted_code`.
 
 Example::
 
@@ -25,9 +26,12 @@ from .errors import UsageError
 from .models import names_user_code
 from .recipe import CODE_KEYS, Recipe
 
-__all__ = ["MODEL_KEYS", "code_names", "refuse_untrusted_code"]
+__all__ = ["MODEL_KEYS", "FILE_KEYS", "code_names", "outside_files", "refuse_untrusted_code"]
 
 MODEL_KEYS = ("teacher.model", "student.model")  # what a report builds: it reads no data and computes no loss
+# recipe values that name a file kdc reads: from a run directory's recipe.yaml, one outside that run could
+# carry the weights of any model of yours into a folder others can read (a supplied teacher is copied there)
+FILE_KEYS = ("teacher.checkpoint",)
 
 
 def code_names(recipe: Recipe, keys=tuple(CODE_KEYS)) -> list[tuple[str, str]]:
@@ -44,18 +48,42 @@ def code_names(recipe: Recipe, keys=tuple(CODE_KEYS)) -> list[tuple[str, str]]:
     return found
 
 
-def refuse_untrusted_code(recipe: Recipe, recipe_file: str | Path, keys=tuple(CODE_KEYS)) -> None:
-    """UsageError (exit 2) when ``recipe``, read from a run directory's ``recipe_file``, names code to import.
+def outside_files(recipe: Recipe, run_dir: str | Path, keys=FILE_KEYS) -> list[tuple[str, str]]:
+    """``(key, path)`` for each of ``keys`` whose value in ``recipe`` is a file outside ``run_dir``."""
+    inside = Path(run_dir).resolve()
+    found = []
+    for key in keys:
+        section, _, name = key.partition(".")
+        value = getattr(getattr(recipe, section), name)
+        if value and not Path(value).resolve().is_relative_to(inside):
+            found.append((key, str(value)))
+    return found
 
-    Raised before anything is imported. ``keys`` are the values that count (the report builds models only;
-    the CLI leaves out a key the user set with ``--set``, which is their own word).
+
+def refuse_untrusted_code(
+    recipe: Recipe, recipe_file: str | Path, keys=tuple(CODE_KEYS), file_keys=FILE_KEYS
+) -> None:
+    """UsageError (exit 2) when ``recipe``, read from a run directory's ``recipe_file``, names code to import
+    or (``file_keys``) a file outside that run directory to read.
+
+    Raised before anything is imported or read. ``keys`` are the values that count (the report builds models
+    only and reads no teacher file; the CLI leaves out a key the user set with ``--set``, which is their own
+    word).
     """
+    run_dir = Path(recipe_file).parent
     names = code_names(recipe, keys)
     if names:
         listed = " and ".join(f"'{value}' ({key})" for key, value in names)
-        run_dir = Path(recipe_file).parent
         raise UsageError(
             f"{recipe_file} names your own code {listed}; a run directory is data, so kdc imports code it names "
             f"only when you say so: pass --trust-code if you trust {run_dir}, or give your recipe file instead of "
             f"the run directory"
+        )
+    files = outside_files(recipe, run_dir, file_keys)
+    if files:
+        listed = " and ".join(f"{path} ({key})" for key, path in files)
+        raise UsageError(
+            f"{recipe_file} names {listed}, a file outside the run; a run directory is data, so kdc reads the files "
+            f"outside it that it names only when you say so: pass --trust-code if you trust {run_dir}, or give your "
+            f"recipe file instead of the run directory"
         )

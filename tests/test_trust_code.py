@@ -230,3 +230,23 @@ def test_your_own_model_beside_your_recipe_runs_and_reports_with_trust_code(in_t
     kdc.assert_clean_exit(trusted, 0)
     assert (in_tmp / RUN / "report.json").is_file()
     assert f"{name}:build" in (in_tmp / RUN / "report.json").read_text()
+
+
+def test_a_teacher_file_outside_the_run_named_by_its_recipe_needs_trust_code(work, kdc):
+    """A planted teacher.checkpoint would copy the weights of any model of yours into a folder others read."""
+    private = work / "private" / "model.pt"  # any weights of yours, outside the run
+    private.parent.mkdir()
+    shutil.copy(work / RUN / "teacher" / "model.pt", private)
+    shutil.copy(work / RUN / "teacher" / "model.pt.manifest.json", private.parent)
+    before = (work / RUN / "teacher" / "model.pt").read_bytes()
+    edit_run_recipe({"teacher": {"checkpoint": str(private)}})
+    result = kdc("train-teacher", str(RUN), "--force")
+    kdc.assert_clean_exit(result, 2)
+    out = kdc.flat(result)
+    assert f"names {private} (teacher.checkpoint), a file outside the run" in out, out
+    assert "--trust-code" in out
+    assert (work / RUN / "teacher" / "model.pt").read_bytes() == before  # nothing was read into the run
+
+    trusted = kdc("train-teacher", str(RUN), "--force", "--trust-code")
+    kdc.assert_clean_exit(trusted, 0)
+    assert f"supplied: {private}" in kdc.flat(trusted)
