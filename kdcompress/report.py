@@ -546,7 +546,7 @@ def build_report(
     checkpoints = {stage: load_checkpoint(run_dir / stage / "model.pt") for stage in found}
     current, recipe_problem = _run_recipe(run_dir)
     if recipe is None and current is not None:
-        refuse_untrusted_code(current, run_dir / "recipe.yaml", MODEL_KEYS)
+        refuse_untrusted_code(current, run_dir / "recipe.yaml", MODEL_KEYS, file_keys=())  # hashes, never loads
     trusted = recipe if recipe is not None else current
     stale = _stale_stages(current, found) if current is not None else dict.fromkeys(found)
     # one setting for every stage, so that their latencies compare: the run's, else the last stage's
@@ -931,10 +931,13 @@ def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str
                 f"made from ({art['accuracy']:.2%} against {art['stage_accuracy']:.2%}); ship it only if that loss "
                 f"is acceptable" + (", or export with more --bits" if art.get("format") == "shared" else "") + "."
             )
+    by_stage = {r["stage"]: r for r in report["stages"]}
+    # a teacher with nothing to teach (its own warning above says why): tuning distillation would not help
+    teacher = by_stage.get("teacher")
+    hopeless = teacher is not None and bool(_untrained_warnings(teacher, where))
     for comp in report.get("comparisons", []):
         if (comp["stage"], comp["against"]) != ("distilled", "student") or comp["difference"] >= 0:
             continue
-        by_stage = {r["stage"]: r for r in report["stages"]}
         d, s = by_stage["distilled"], by_stage["student"]
         seeded = comp.get("seeds") or {}
         if seeded.get("n", 0) > 1:  # several seeds: their mean decides, not the first seed's run alone
@@ -955,8 +958,8 @@ def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str
             )
         else:
             message += (
-                f", beyond noise ({_standard_errors(comp, 'standard errors')} of {comp['se'] * 100:.2f} points): try "
-                + _retry_hint((d.get("settings") or {}).get("distill_loss", "kd"))
+                f", beyond noise ({_standard_errors(comp, 'standard errors')} of {comp['se'] * 100:.2f} points): "
+                + _retry_hint((d.get("settings") or {}).get("distill_loss", "kd"), hopeless)
             )
         warnings.append(message)
     for comp in report.get("comparisons", []):
@@ -965,7 +968,6 @@ def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str
             continue
         if seeded["mean"] >= 0:
             continue
-        by_stage = {r["stage"]: r for r in report["stages"]}
         d, s = by_stage["distilled"], by_stage["student"]
         message = (
             f"distillation came out worse than the baseline over {seeded['n']} seeds: distilled "
@@ -976,20 +978,25 @@ def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str
         if -seeded["mean"] <= NOISE_Z * seeded["se"]:
             message += f", within seed noise (at most {NOISE_Z:g} SE): no gain from distillation, and no loss either."
         else:
-            message += f", beyond seed noise (more than {NOISE_Z:g} SE): try " + _retry_hint(
-                (d.get("settings") or {}).get("distill_loss", "kd"))
+            message += f", beyond seed noise (more than {NOISE_Z:g} SE): " + _retry_hint(
+                (d.get("settings") or {}).get("distill_loss", "kd"), hopeless)
         warnings.append(message)
     return warnings
 
 
-def _retry_hint(loss: str) -> str:
-    """What to change when the distilled student came out worse, for each kind of ``distill.loss``."""
+def _retry_hint(loss: str, hopeless_teacher: bool = False) -> str:
+    """What to change when the distilled student came out worse, for each kind of ``distill.loss``.
+
+    ``hopeless_teacher``: the teacher itself is untrained or diverged, so the fix is there, not in the loss.
+    """
+    if hopeless_teacher:
+        return "fix the teacher first (see its warning): a student distilled from it learns nothing to gain."
     if loss == "dkd":
         # beta T^2 makes DKD's gradient some beta*T times KD's: a small student without BatchNorm can diverge
-        return "a lower distill.dkd_beta or distill.lr, another distill.temperature, or more distill.epochs."
+        return "try a lower distill.dkd_beta or distill.lr, another distill.temperature, or more distill.epochs."
     if loss != "kd":
-        return "other distill.loss_args, or more distill.epochs."
-    return "another distill.temperature or distill.alpha, or more distill.epochs."
+        return "try other distill.loss_args, or more distill.epochs."
+    return "try another distill.temperature or distill.alpha, or more distill.epochs."
 
 
 # --------------------------------------------------------------------------- formatting

@@ -272,3 +272,19 @@ def test_a_teacher_at_chance_is_warned_about_and_a_supplied_one_names_its_file()
     (warning,) = report_warnings({"stages": [_row(epochs=0, settings=supplied)], "comparisons": []})
     assert "teacher.checkpoint (/models/t.pt)" in warning and "0 epochs" not in warning
     assert report_warnings({"stages": [_row(epochs=0, accuracy=0.9, settings=supplied)], "comparisons": []}) == []
+
+
+def test_distillation_worse_than_baseline_from_a_teacher_at_chance_says_fix_the_teacher_not_the_temperature():
+    stages = [
+        _row(),  # the teacher at chance
+        _row(stage="student", accuracy=0.8, chance_accuracy=None),
+        _row(stage="distilled", accuracy=0.5, chance_accuracy=None),
+    ]
+    comparison = {"stage": "distilled", "against": "student", "difference": -0.3, "se": 0.01, "z": -30.0,
+                  "within_noise": False, "noise_z": 2.0}
+    warning = report_warnings({"stages": stages, "comparisons": [comparison]})[-1]
+    assert warning.startswith("distillation came out worse") and "fix the teacher first" in warning, warning
+    assert "distill.temperature" not in warning
+    stages[0] = _row(accuracy=0.9)  # a teacher that learned: the usual advice
+    warning = report_warnings({"stages": stages, "comparisons": [comparison]})[-1]
+    assert "try another distill.temperature" in warning, warning
