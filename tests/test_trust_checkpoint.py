@@ -69,3 +69,19 @@ def test_kdc_report_of_a_run_with_a_memo_bomb_checkpoint_exits_2_under_1_gb(run,
     assert result["rc"] == 2, result["output"]
     assert "values once written out" in result["output"] and "Traceback" not in result["output"]
     assert result["max_rss_kb"] < 1024 * 1024, f"peak RSS {result['max_rss_kb'] / 1024:.0f} MiB"
+
+
+def test_a_resume_state_holding_a_memo_bomb_is_refused_with_restart_advice(run, tmp_path, kdc, monkeypatch):
+    from kdcompress.checkpoint import save_state
+
+    work = tmp_path / "copy"
+    shutil.copytree(run, work)
+    stage = work / "runs" / "tiny" / "teacher"
+    for name in ("model.pt", "model.pt.manifest.json", "metrics.jsonl"):
+        (stage / name).unlink()  # an unfinished teacher: its state.pt is what a rerun resumes from
+    save_state(stage / "state.pt", {"tag": "x", "epoch": 1, "model": {}, "history": _memo_bomb()})
+    monkeypatch.chdir(work)
+    result = kdc("train-teacher", "recipe.yaml")
+    kdc.assert_clean_exit(result, 2)
+    out = kdc.flat(result)
+    assert "state.pt was refused" in out and "values once written out" in out and "--restart" in out, out
