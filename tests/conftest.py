@@ -7,6 +7,7 @@ shipped fashion-mnist-mini set for two epochs per stage (a few seconds).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -256,3 +257,21 @@ def exported_run(fresh_run, tiny_recipe_text, kdc):
         result = kdc("export", "runs/tiny", *[arg for fmt in ("sparse", "shared", "int8", "onnx") for arg in ("--format", fmt)])
     assert result.exit_code == 0, result.output
     return work / "runs" / "tiny"
+
+
+def rewrite_manifest(path: Path) -> None:
+    """Make the manifest beside ``path`` match its bytes again, as an attacker who edits both would."""
+    from kdcompress.checkpoint import manifest_path
+
+    blob = path.read_bytes()
+    mpath = manifest_path(path)
+    manifest = json.loads(mpath.read_text())
+    manifest.update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    mpath.write_text(json.dumps(manifest))
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for a `kdc` child process: one thread, unbuffered, never under torchrun."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env

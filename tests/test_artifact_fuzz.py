@@ -13,7 +13,6 @@ entries). Peak memory on crafted files is measured in test_artifact_trust.py.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 import struct
@@ -25,7 +24,8 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from kdcompress.checkpoint import load_checkpoint, manifest_path, save_checkpoint
+from conftest import rewrite_manifest
+from kdcompress.checkpoint import load_checkpoint, save_checkpoint
 from kdcompress.errors import KdcError
 from kdcompress.export import load_artifact
 from kdcompress.export.container import pack, unpack
@@ -46,14 +46,6 @@ FUZZ = settings(
     max_examples=150, deadline=None, database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-def rewrite_manifest(path: Path) -> None:
-    blob = path.read_bytes()
-    mpath = manifest_path(path)
-    manifest = json.loads(mpath.read_text())
-    manifest.update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
-    mpath.write_text(json.dumps(manifest))
 
 
 class Sandbox(tuple):

@@ -5,7 +5,6 @@ leads out of it. The random-input counterpart is test_artifact_fuzz.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import rewrite_manifest
 from kdcompress.checkpoint import confined_path, manifest_path, save_checkpoint
 from kdcompress.errors import ArtifactError, CheckpointError
 
@@ -33,15 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 # what a secret file beside the artifact holds: ten float32 values no trained model produces
 SECRET_VALUES = np.array([31337.25 + i for i in range(10)], dtype=np.float32)
 PEAK_LIMIT_BYTES = 10**9  # "under 1 GB" peak resident memory
-
-
-def rewrite_manifest(path: Path) -> None:
-    """Make the manifest beside ``path`` match its bytes again, as an attacker who edits both would."""
-    blob = path.read_bytes()
-    mpath = manifest_path(path)
-    manifest = json.loads(mpath.read_text())
-    manifest.update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
-    mpath.write_text(json.dumps(manifest))
 
 
 @pytest.fixture

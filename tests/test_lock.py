@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import subprocess_env
+
 RUN = Path("runs") / "tiny"
 LOCK_FILE = ".kdc.lock"  # kdcompress.runlock.LOCK_FILE, spelt out: the CLI tests hold on code without it too
 LIVE_RECIPE = {
@@ -33,13 +35,6 @@ LIVE_RECIPE = {
     "prune": {"rate": 0.5, "target_sparsity": 0.75, "every": 0.5, "epochs": 2},
     "report": {"latency": False},
 }
-
-
-def _env() -> dict[str, str]:
-    """One thread, unbuffered, never under torchrun."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
 
 
 def _kdc(*args: str) -> list[str]:
@@ -110,14 +105,14 @@ def test_a_second_kdc_run_on_a_live_run_directory_exits_2_at_once_and_the_first_
     log = tmp_path / "first.log"
     with open(log, "wb") as out:
         first = subprocess.Popen(_kdc("run", "recipe.yaml", "--set", "distill.temperature=3"), cwd=tmp_path,
-                                 env=_env(), stdout=out, stderr=subprocess.STDOUT)
+                                 env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_until_held_by(first, run_dir, log, training=True)
         # paused while it holds the lock: whatever the others do now, they cannot wait for it to finish
         os.kill(first.pid, signal.SIGSTOP)
         try:
             second = subprocess.run(_kdc("run", "recipe.yaml", "--set", "distill.temperature=2"), cwd=tmp_path,
-                                    env=_env(), capture_output=True, text=True, timeout=300)
+                                    env=subprocess_env(), capture_output=True, text=True, timeout=300)
             monkeypatch.chdir(tmp_path)
             export = kdc("export", "runs/live", "--format", "sparse")
         finally:
@@ -155,7 +150,7 @@ def test_a_sigkilled_kdc_leaves_no_stale_lock_and_the_next_run_proceeds(tmp_path
     run_dir = tmp_path / "runs" / "live"
     log = tmp_path / "killed.log"
     with open(log, "wb") as out:
-        victim = subprocess.Popen(_kdc("run", "recipe.yaml"), cwd=tmp_path, env=_env(), stdout=out,
+        victim = subprocess.Popen(_kdc("run", "recipe.yaml"), cwd=tmp_path, env=subprocess_env(), stdout=out,
                                   stderr=subprocess.STDOUT)
     try:
         _wait_until_held_by(victim, run_dir, log)

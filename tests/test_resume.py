@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import subprocess_env
 from kdcompress.checkpoint import verify_checkpoint
 
 STAGES = ["teacher", "student", "distilled", "pruned"]
@@ -63,20 +63,13 @@ KILL_RECIPE = {
 }
 
 
-def _subprocess_env() -> dict[str, str]:
-    """The same environment for every `kdc` subprocess: one thread, unbuffered, never under torchrun."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
-
-
 def _kdc_cmd(recipe: Path) -> list[str]:
     return [sys.executable, "-m", "kdcompress", "run", str(recipe)]
 
 
 @pytest.mark.slow
 def test_sigkill_mid_stage_then_rerun_resumes_to_the_identical_result(tmp_path):
-    env = _subprocess_env()
+    env = subprocess_env()
     text = yaml.safe_dump(KILL_RECIPE, sort_keys=False)
     killed_dir, ref_dir = tmp_path / "killed", tmp_path / "uninterrupted"
     for folder in (killed_dir, ref_dir):
@@ -187,7 +180,7 @@ def killed_in_save(tmp_path_factory, kdc, tiny_recipe_text):
     """(run dir, state after the kill, temp files after the kill, in-process rerun result)."""
     work = tmp_path_factory.mktemp("killed-in-save")
     (work / "recipe.yaml").write_text(tiny_recipe_text, encoding="utf-8")
-    child = subprocess.run([sys.executable, "-c", KILL_IN_SAVE], cwd=work, env=_subprocess_env(),
+    child = subprocess.run([sys.executable, "-c", KILL_IN_SAVE], cwd=work, env=subprocess_env(),
                            capture_output=True, text=True, timeout=300)
     assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
     state = resume_state(work / RUN / "teacher" / "state.pt")
@@ -355,8 +348,6 @@ def test_resume_state_from_a_different_recipe_is_not_used(interrupted_teacher, k
     from kdcompress.checkpoint import load_checkpoint
 
     assert load_checkpoint(interrupted_teacher / RUN / "teacher" / "model.pt")["recipe"]["teacher"]["lr"] == 0.02
-
-
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty",

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import subprocess_env
 from kdcompress.checkpoint import load_checkpoint
 
 CNN_RECIPE = {
@@ -39,12 +39,6 @@ CNN_RECIPE = {
 RUN = Path("runs") / "cnn"
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
-
-
 def _outputs_in_fresh_process(path: Path, cwd: Path) -> torch.Tensor:
     """Logits of the checkpoint at ``path`` on fixed inputs, computed by a new Python process."""
     out = cwd / "fresh-logits.pt"
@@ -55,7 +49,7 @@ def _outputs_in_fresh_process(path: Path, cwd: Path) -> torch.Tensor:
         with torch.no_grad():
             torch.save(model(preprocess(x)), {str(out)!r})
     """)
-    subprocess.run([sys.executable, "-c", code], cwd=cwd, env=_env(), check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], cwd=cwd, env=subprocess_env(), check=True, timeout=120)
     return torch.load(out, weights_only=True)
 
 
@@ -142,7 +136,7 @@ def test_resnet18_student_pruned_structurally_through_the_pipeline(tmp_path, mon
         with torch.no_grad():
             torch.save(model(torch.randn(2, 1, 28, 28)), "rn-logits.pt")
     """)
-    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=subprocess_env(), check=True, timeout=120)
     from kdcompress.models import build_from_checkpoint
 
     model = build_from_checkpoint(load_checkpoint(path)).eval()
@@ -169,8 +163,8 @@ def test_sigkill_mid_structured_pruning_then_rerun_ends_with_the_same_weights(fr
     cmd = [sys.executable, "-m", "kdcompress", "prune", "recipe.yaml"]
     metrics = killed / RUN / "pruned" / "metrics.partial.jsonl"  # the unfinished stage's running log
     with open(tmp_path / "ref.log", "wb") as ref_log, open(tmp_path / "killed.log", "wb") as log:
-        ref = subprocess.Popen(cmd, cwd=reference, env=_env(), stdout=ref_log, stderr=subprocess.STDOUT)
-        victim = subprocess.Popen(cmd, cwd=killed, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        ref = subprocess.Popen(cmd, cwd=reference, env=subprocess_env(), stdout=ref_log, stderr=subprocess.STDOUT)
+        victim = subprocess.Popen(cmd, cwd=killed, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
             lines: list[str] = []
@@ -193,7 +187,7 @@ def test_sigkill_mid_structured_pruning_then_rerun_ends_with_the_same_weights(fr
                     proc.wait()
     state = torch.load(killed / RUN / "pruned" / "state.pt", weights_only=True)
     assert state["epoch"] == 1 and state["hooks"][0]["pruner"]["history"]  # killed mid-schedule, shapes changed
-    rerun = subprocess.run(cmd, cwd=killed, env=_env(), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cmd, cwd=killed, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "pruned: resuming after epoch 1/4" in rerun.stdout + rerun.stderr
     a = load_checkpoint(killed / RUN / "pruned" / "model.pt")
@@ -209,7 +203,7 @@ def test_bench_pruned_script_times_the_two_stages_in_turns(cnn_run):
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_pruned.py"
     done = subprocess.run(
         [sys.executable, str(script), str(cnn_run / RUN), "--rounds", "2", "--seconds", "0.05", "--threads", "1"],
-        env=_env(), capture_output=True, text=True, timeout=120,
+        env=subprocess_env(), capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
