@@ -41,6 +41,7 @@ BOMB_BY_MERGES = "teacher:\n  args:\n    a: &a {x: 1, y: 2, z: 3}\n" + "".join(
     for before, level in zip(LEVELS, LEVELS[1:])
 )
 
+
 @pytest.mark.parametrize("text,size", [(BOMB_IN_ARGS, 478), (BOMB_AT_TOP, 368), (BOMB_BY_MERGES, 470)],
                          ids=["in-args", "at-top", "merge-keys"])
 def test_a_yaml_alias_bomb_is_refused_with_exit_2_under_1_gb_peak_rss(tmp_path, text, size):
