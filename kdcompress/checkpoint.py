@@ -456,6 +456,12 @@ _ENTRY_TYPES = {
     "inputs": dict, "history": list, "dataset": str, "preprocess": dict, "structure": list,
 }
 _REQUIRED_ENTRIES = ("arch", "state_dict", "metrics")
+# the metrics kdc writes and reads back as numbers (absent or None in older checkpoints), and as text
+_NUMBER_METRICS = (
+    "test_accuracy", "test_loss", "test_samples", "seconds", "epochs", "params", "nonzero_params", "sparsity",
+    "channel_sparsity", "target_sparsity", "pruning_steps", "bn_recalibrate_batches",
+)
+_TEXT_METRICS = ("train_device", "supplied_from", "supplied_format", "pretrained_from")
 
 
 def _entries_problem(data: dict) -> str | None:
@@ -470,9 +476,24 @@ def _entries_problem(data: dict) -> str | None:
             continue
         if not isinstance(value, kind):
             return f"its '{key}' entry is {'missing' if value is None else f'a {type(value).__name__}, not a {kind.__name__}'}"
-    accuracy = data["metrics"].get("test_accuracy")
+    metrics = data["metrics"]
+    accuracy = metrics.get("test_accuracy")
     if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool):
         return "its metrics have no test accuracy"
+    for key in _NUMBER_METRICS:
+        value = metrics.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            return f"its metric '{key}' is a {type(value).__name__}, not a number"
+    for key in _TEXT_METRICS:
+        if metrics.get(key) is not None and not isinstance(metrics[key], str):
+            return f"its metric '{key}' is a {type(metrics[key]).__name__}, not text"
+    confusion = metrics.get("confusion")
+    if confusion is not None and not (
+        isinstance(confusion, list)
+        and all(isinstance(row, list) and len(row) == len(confusion) for row in confusion)
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for row in confusion for n in row)
+    ):
+        return "its confusion matrix is not a square table of counts"
     return None
 
 

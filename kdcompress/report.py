@@ -51,7 +51,7 @@ from .prune import prunable_weights, weight_sparsity
 from .recipe import Recipe, ReportSection, read_yaml, recipe_from_dict, recipe_to_dict
 from .runlock import run_dir_lock
 from .train import has_batchnorm
-from .trust import MODEL_KEYS, refuse_untrusted_code
+from .trust import MODEL_KEYS, outside_files, refuse_untrusted_code
 
 __all__ = [
     "build_report",
@@ -147,16 +147,6 @@ def _standard_errors(comp: dict, unit: str = "SE") -> str:
     if se > 0:
         return f"{difference / se:.1f} {unit}"
     return f"0.0 {unit}" if difference == 0 else f"infinitely many {unit}"
-
-
-def _last_epoch(path: Path) -> dict | None:
-    """The last record of a stage's metrics.jsonl, or None if it is missing or unreadable."""
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        record = json.loads(lines[-1]) if lines else None
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def _stage_settings(stage: str, recipe: dict, metrics: dict, arch: dict | None = None) -> dict:
@@ -353,6 +343,9 @@ class _LatencyCache:
             pass
 
 
+MAX_METRICS_BYTES = 64 << 20  # a metrics.jsonl over this is not one kdc wrote (about 300,000 epochs)
+
+
 def _relative(text: str | None, run_dir: Path) -> str | None:
     """``text`` with paths inside ``run_dir`` written relative to it, so the report does not depend on where the
     run directory is (``runs/x/distilled/model.pt`` -> ``distilled/model.pt``)."""
@@ -374,25 +367,32 @@ def _curve(run_dir: Path, stage: str, ckpt: dict) -> list[dict]:
     """
     records = None
     path = run_dir / stage / "metrics.jsonl"
-    if path.is_file():
-        try:
+    try:  # data anyone could write (it has no manifest): read within a bound, each value checked below
+        if path.stat().st_size <= MAX_METRICS_BYTES:
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError, ValueError):
-            records = None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        records = None
     if records is None:
         records = ckpt.get("history") or []
     curve = []
     for record in records:
         if not isinstance(record, dict):
             continue
-        point = {key: record.get(key) for key in (
+        point = {key: _finite(record.get(key)) for key in (
             "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "val_loss", "val_accuracy", "lr",
             "first_batch_loss", "max_batch_loss",
         )}
-        point["sparsity"] = record.get("sparsity") if stage == "pruned" else None
-        point["seconds"] = record.get("seconds")
+        point["sparsity"] = _finite(record.get("sparsity")) if stage == "pruned" else None
+        point["seconds"] = _finite(record.get("seconds"))
         curve.append(point)
     return curve
+
+
+def _finite(value) -> int | float | None:
+    """``value`` when it is a finite number (not a bool), else None: a curve's values are read from a file."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return value
+    return None
 
 
 def _class_names(ckpt: dict, count: int) -> list[str]:
@@ -509,6 +509,17 @@ def _environment(checkpoints: dict, latency_threads: int | None, measured_at: st
     }
 
 
+def _with_checked_recipe(ckpt: dict) -> dict:
+    """``ckpt`` with its stored recipe validated and written out whole, types checked (the file is data: its
+    settings are read for every row); one that does not validate is dropped, and the rows show no settings."""
+    if ckpt.get("recipe"):
+        try:
+            ckpt["recipe"] = recipe_to_dict(recipe_from_dict(ckpt["recipe"], source="the checkpoint's recipe"))
+        except KdcError:
+            ckpt["recipe"] = {}
+    return ckpt
+
+
 def _resolved_recipe(run_dir: Path, checkpoints: dict, found: list[str]) -> dict:
     """The run's resolved recipe as written in ``recipe.yaml`` (validated), else the last checkpoint's."""
     recipe, _ = _read_run_recipe(run_dir)
@@ -543,12 +554,21 @@ def build_report(
             f"no stage checkpoints in {run_dir} (looked for {', '.join(f'{s}/model.pt' for s in STAGE_ORDER)}); "
             f"run `kdc run RECIPE` first, or pass the run directory (runs/<recipe name>)"
         )
-    checkpoints = {stage: load_checkpoint(run_dir / stage / "model.pt") for stage in found}
+    checkpoints = {stage: _with_checked_recipe(load_checkpoint(run_dir / stage / "model.pt")) for stage in found}
     current, recipe_problem = _run_recipe(run_dir)
+    check_stale = current is not None
     if recipe is None and current is not None:
-        refuse_untrusted_code(current, run_dir / "recipe.yaml", MODEL_KEYS, file_keys=())  # hashes, never loads
+        refuse_untrusted_code(current, run_dir / "recipe.yaml", MODEL_KEYS, file_keys=(), instead="")
+        outside = outside_files(current, run_dir)
+        if outside:  # telling whether the teacher is up to date would read that file: only with --trust-code
+            key, path = outside[0]
+            recipe_problem = recipe_problem or (
+                f"its recipe.yaml names {key} {path}, outside the run, which kdc reads only when you trust the run "
+                f"(`kdc report RUN --trust-code`)"
+            )
+            check_stale = False
     trusted = recipe if recipe is not None else current
-    stale = _stale_stages(current, found) if current is not None else dict.fromkeys(found)
+    stale = _stale_stages(current, found) if check_stale else dict.fromkeys(found)
     # one setting for every stage, so that their latencies compare: the run's, else the last stage's
     if current is not None:
         section = recipe_to_dict(current.report)
@@ -571,7 +591,8 @@ def build_report(
         dataset = dataset or ckpt.get("dataset")
         prune = written.get("prune", {})
         expected = stage_named(stage).model(trusted) if trusted is not None else None
-        if stale[stage] and not names_user_code(ckpt["arch"]["model"]):
+        name = ckpt["arch"].get("model")  # not yet checked: build_from_checkpoint refuses a damaged spec
+        if stale[stage] and isinstance(name, str) and not names_user_code(name):
             expected = None  # an out-of-date stage may be of a built-in model the recipe no longer names: no code
         model = build_from_checkpoint(ckpt, where=f"{stage} checkpoint", expected=expected)
         model.eval()
@@ -580,7 +601,7 @@ def build_report(
         accuracy = float(metrics["test_accuracy"])
         test_samples = metrics.get("test_samples")  # checkpoints from before it was recorded lack it
         num_classes = ckpt["arch"].get("num_classes")
-        last = _last_epoch(run_dir / stage / "metrics.jsonl") or (ckpt.get("history") or [None])[-1]
+        curve = _curve(run_dir, stage, ckpt)
         timing = None
         if cache is not None:
             sha = read_manifest(run_dir / stage / "model.pt")["sha256"]  # checked against the file on loading
@@ -597,7 +618,7 @@ def build_report(
             "accuracy_se": accuracy_se(accuracy, test_samples),
             "test_samples": test_samples,
             "test_loss": metrics.get("test_loss"),
-            "train_accuracy": last.get("train_accuracy") if isinstance(last, dict) else None,
+            "train_accuracy": curve[-1]["train_accuracy"] if curve else None,
             "num_classes": num_classes,
             "chance_accuracy": 1.0 / num_classes if num_classes else None,
             "has_batchnorm": has_batchnorm(model),
@@ -616,7 +637,7 @@ def build_report(
             "latency_ms": {b: t["median_ms"] for b, t in timing.items()} if timing else None,
             "latency": timing,
             "train_seconds": metrics.get("seconds"),
-            "curve": _curve(run_dir, stage, ckpt),
+            "curve": curve,
             "per_class": _per_class(ckpt),
             "layers": _layers(model, written, structured, dense_student),
         }
@@ -656,7 +677,7 @@ def build_report(
         # read by OpenMP when torch starts: PASSIVE keeps waiting threads from spinning (see the latency note)
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "noise_z": NOISE_Z,
-        "stale_checked": current is not None,
+        "stale_checked": check_stale,
         "stale_check_problem": _relative(recipe_problem, run_dir),
         "stages": rows,
         "comparisons": comparisons,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import stat
 import typing
 from dataclasses import dataclass
 from typing import Callable
@@ -149,6 +150,8 @@ def file_sha256(path: str) -> str | None:
     """
     try:
         st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):  # a device (/dev/zero) or a FIFO would never end, or block
+            return None
         key = (os.path.abspath(path), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
         if key not in _SHA_CACHE:
             digest = hashlib.sha256()

@@ -60,15 +60,18 @@ def outside_files(recipe: Recipe, run_dir: str | Path, keys=FILE_KEYS) -> list[t
     return found
 
 
+INSTEAD = ", or give your recipe file instead of the run directory"  # for commands that take a recipe too
+
+
 def refuse_untrusted_code(
-    recipe: Recipe, recipe_file: str | Path, keys=tuple(CODE_KEYS), file_keys=FILE_KEYS
+    recipe: Recipe, recipe_file: str | Path, keys=tuple(CODE_KEYS), file_keys=FILE_KEYS, instead: str = INSTEAD
 ) -> None:
     """UsageError (exit 2) when ``recipe``, read from a run directory's ``recipe_file``, names code to import
     or (``file_keys``) a file outside that run directory to read.
 
     Raised before anything is imported or read. ``keys`` are the values that count (the report builds models
     only and reads no teacher file; the CLI leaves out a key the user set with ``--set``, which is their own
-    word).
+    word). ``instead`` ends the advice: what else the command takes (nothing else, for ``kdc report``).
     """
     run_dir = Path(recipe_file).parent
     names = code_names(recipe, keys)
@@ -76,14 +79,12 @@ def refuse_untrusted_code(
         listed = " and ".join(f"'{value}' ({key})" for key, value in names)
         raise UsageError(
             f"{recipe_file} names your own code {listed}; a run directory is data, so kdc imports code it names "
-            f"only when you say so: pass --trust-code if you trust {run_dir}, or give your recipe file instead of "
-            f"the run directory"
+            f"only when you say so: pass --trust-code if you trust {run_dir}{instead}"
         )
     files = outside_files(recipe, run_dir, file_keys)
     if files:
         listed = " and ".join(f"{path} ({key})" for key, path in files)
         raise UsageError(
             f"{recipe_file} names {listed}, a file outside the run; a run directory is data, so kdc reads the files "
-            f"outside it that it names only when you say so: pass --trust-code if you trust {run_dir}, or give your "
-            f"recipe file instead of the run directory"
+            f"outside it that it names only when you say so: pass --trust-code if you trust {run_dir}{instead}"
         )

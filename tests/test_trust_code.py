@@ -223,6 +223,7 @@ def test_your_own_model_beside_your_recipe_runs_and_reports_with_trust_code(in_t
     kdc.assert_clean_exit(refused, 2)
     assert f"names your own code '{name}:build' (student.model)" in kdc.flat(refused)
     assert "--trust-code" in kdc.flat(refused)
+    assert "give your recipe file" not in kdc.flat(refused)  # kdc report takes run directories only
 
     shutil.copy(folder / f"{name}.py", in_tmp)  # a new process finds the module in the working directory
     (in_tmp / RUN / "report.json").unlink()
