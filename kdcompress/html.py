@@ -645,7 +645,7 @@ def _stages_section(report: dict) -> str:
             f"<li><b>{_e(stage)}</b>{': ' + _e(desc) if desc else ''}: {_e(_settings_text(s))}</li>"
             for stage, desc, s in settings) + "</ul>")
     if report.get("comparisons"):
-        parts.append("<h3>Accuracy differences</h3><ul>" + "".join(
+        parts.append("<h3>Differences</h3><ul>" + "".join(
             f"<li>{_e(_comparison_name(c))}: {_e(_comparison_text(c))}</li>" for c in report["comparisons"]) + "</ul>")
     parts.append("<h3>Exported artifacts</h3>")
     if report.get("artifacts"):

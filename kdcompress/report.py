@@ -390,10 +390,19 @@ class _LatencyCache:
 
 def _cache_entry_ok(entry) -> bool:
     """A latency cache entry of the shape kdc writes (the file is data: anything else is timed afresh)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("measured_at"), str):
+        return False
+    timing = entry.get("timing")
     return (
-        isinstance(entry, dict) and isinstance(entry.get("timing"), dict) and isinstance(entry.get("measured_at"), str)
-        and isinstance(entry.get("omp_wait_policy"), (str, type(None)))
+        isinstance(entry.get("omp_wait_policy"), (str, type(None))) and isinstance(timing, dict)
+        and all(_finite(timing.get(key)) and timing[key] >= 0 for key in ("median_ms", "iqr_ms", "p25_ms", "p75_ms"))
+        and isinstance(timing.get("round_set"), str)
     )
+
+
+def _finite(value) -> bool:
+    """A JSON number (not a bool) that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 MAX_METRICS_BYTES = 64 << 20  # a metrics.jsonl over this is not one kdc wrote (about 300,000 epochs)
@@ -726,6 +735,8 @@ def build_report(
         for row in artifacts:
             _set_latency(row, timings.get(f"artifact {row['path']}"))
         cache.save()
+    for comp in comparisons:
+        comp["latency_ratio"] = _latency_ratios(by_stage[comp["against"]], by_stage[comp["stage"]])
     report = {
         "schema_version": SCHEMA_VERSION,
         "generated_at": generated_at,
@@ -807,6 +818,20 @@ def _add_seed_statistics(run_dir: Path, seeds: list[int], rows: list[dict], comp
             "noise_z": NOISE_Z,
             "mean_above_2se": mean > NOISE_Z * se if se is not None else None,
         }
+
+
+def _latency_ratios(first: dict, second: dict) -> dict[str, float | None] | None:
+    """``first``'s median latency over ``second``'s at each batch size (how many times faster ``second`` is), from
+    the rounds that timed both; None at a batch size whose two figures come from different rounds. None when
+    latency was not measured."""
+    a, b = first.get("latency") or {}, second.get("latency") or {}
+    if not a or not b:
+        return None
+    return {
+        batch: a[batch]["median_ms"] / b[batch]["median_ms"]
+        if a[batch].get("round_set") == b[batch].get("round_set") and b[batch]["median_ms"] > 0 else None
+        for batch in a if batch in b
+    }
 
 
 def _set_latency(row: dict, timing: dict | None) -> None:
@@ -1209,12 +1234,24 @@ def _settings_text(settings: dict) -> str:
 
 
 def _comparison_text(comp: dict) -> str:
-    """'+0.70 points ± 1.18 (SE): 0.6 SE, within noise (<= 2 SE)' for one comparison."""
+    """'+0.70 points ± 1.18 (SE): 0.6 SE, within noise (<= 2 SE); latency distilled/pruned 2.61x at batch 64' for
+    one comparison."""
     head = f"{comp['difference'] * 100:+.2f} points"
     if comp["se"] is None:
-        return head + " (noise unknown: the checkpoints predate the recorded test-set size)"
+        return head + " (noise unknown: the checkpoints predate the recorded test-set size)" + _latency_ratio_text(comp)
     verdict = "within noise (<=" if comp["within_noise"] else "beyond noise (>"
-    return f"{head} ± {comp['se'] * 100:.2f} (SE): {_standard_errors(comp)}, {verdict} {comp['noise_z']:g} SE)"
+    return (f"{head} ± {comp['se'] * 100:.2f} (SE): {_standard_errors(comp)}, {verdict} {comp['noise_z']:g} SE)"
+            + _latency_ratio_text(comp))
+
+
+def _latency_ratio_text(comp: dict) -> str:
+    """'; latency distilled/pruned 2.11x at batch 1, 2.61x at batch 64', or "" without latency."""
+    ratios = comp.get("latency_ratio") or {}
+    if not ratios:
+        return ""
+    parts = [f"{r:.2f}x at batch {b}" if r is not None else f"not compared at batch {b} (timed in different rounds)"
+             for b, r in ratios.items()]
+    return f"; latency {comp['against']}/{comp['stage']} {', '.join(parts)}"
 
 
 def _seed_comparison_text(seeded: dict) -> str:
@@ -1353,7 +1390,8 @@ def report_table(report: dict) -> Group:
     if report.get("artifacts"):
         parts.append(_artifact_table(report))
     if report.get("comparisons"):
-        parts.append(Text("accuracy differences (standard error of a test accuracy: sqrt(p(1-p)/n))", style="bold"))
+        parts.append(Text("differences (standard error of a test accuracy: sqrt(p(1-p)/n); latency: ratio of the medians, "
+                          "timed in the same rounds)", style="bold"))
         diffs = Table.grid(padding=(0, 2))
         diffs.add_column(no_wrap=True)
         diffs.add_column(overflow="fold")
@@ -1545,7 +1583,7 @@ def report_markdown(report: dict) -> str:
         lines += ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " if c == "file" else " ---: " for c in columns) + "|"]
         lines += ["| " + " | ".join(_md_artifact_row(a, batches)) + " |" for a in report["artifacts"]]
     if report.get("comparisons"):
-        lines += ["", "## Accuracy differences", ""]
+        lines += ["", "## Differences", "", "Latency: the ratio of the two medians, timed in the same rounds.", ""]
         lines += [f"- {_comparison_name(c)}: {_comparison_text(c)}" for c in report["comparisons"]]
     if report.get("warnings"):
         lines += ["", "## Warnings", ""]

@@ -254,6 +254,12 @@ def test_every_stage_and_artifact_is_timed_in_the_same_rounds_in_a_passive_proce
     assert timed[0]["latency"]["1"]["round_set"] != timed[0]["latency"]["8"]["round_set"]
     note = " ".join(report_markdown(report).split())
     assert f"over {LATENCY_ROUNDS} rounds in which every model ran in turn" in note and "sets;" not in note
+    rows = _rows(report)
+    for comp in report["comparisons"]:  # each ratio: the two medians of the same rounds
+        first, second = rows[comp["against"]]["latency_ms"], rows[comp["stage"]]["latency_ms"]
+        assert comp["latency_ratio"] == {b: pytest.approx(first[b] / second[b]) for b in ("1", "8")}
+        ratio = comp["latency_ratio"]["8"]
+        assert f"latency {comp['against']}/{comp['stage']} " in note and f"{ratio:.2f}x at batch 8" in note
 
 
 def test_a_rerun_stage_is_timed_in_new_rounds_and_the_report_says_ratios_across_them_differ(
@@ -278,6 +284,26 @@ def test_a_rerun_stage_is_timed_in_new_rounds_and_the_report_says_ratios_across_
     assert report["omp_wait_policy"] == "PASSIVE"
     note = " ".join(report_markdown(report).split())
     assert "batch 1: 2 sets, batch 8: 2 sets" in note and "delete cache/latency.json to time all together" in note
+    comparisons = {(c["against"], c["stage"]): c["latency_ratio"] for c in report["comparisons"]}
+    assert comparisons[("student", "distilled")] == {"1": None, "8": None}  # a fresh figure against a cached one
+    assert "student/distilled not compared at batch 1 (timed in different rounds)" in note
+    pruned, distilled = rows["pruned"]["latency"]["8"], rows["distilled"]["latency"]["8"]
+    assert comparisons[("distilled", "pruned")]["8"] is None and pruned["round_set"] != distilled["round_set"]
+
+
+def test_a_planted_latency_cache_entry_of_the_wrong_shape_is_timed_afresh(timed_run, tmp_path, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(timed_run, copy)
+    path = copy / "cache" / "latency.json"
+    cache = json.loads(path.read_text())
+    key, entry = next((k, e) for k, e in cache["entries"].items() if e["batch"] == 8)
+    entry["timing"]["median_ms"] = "0.001"  # text where kdc writes a number
+    path.write_text(json.dumps(cache))
+    calls = _count_latency_calls(monkeypatch)
+    report = build_report(copy)
+    assert [batches for _, batches in calls] == [(8,)]  # that figure alone, timed again
+    assert all(isinstance(r["latency_ms"]["8"], float) for r in [*report["stages"], *report["artifacts"]])
+    assert json.loads(path.read_text())["entries"][key]["timing"]["median_ms"] != "0.001"
 
 
 def test_a_damaged_latency_cache_is_measured_afresh(timed_run, tmp_path, monkeypatch):
