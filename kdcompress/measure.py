@@ -28,6 +28,7 @@ __all__ = [
     "latencies",
     "latency_ms",
     "interleaved_latencies",
+    "paired_ratio",
     "LATENCY_BATCHES",
     "LATENCY_ROUNDS",
 ]
@@ -251,10 +252,12 @@ def interleaved_latencies(
     one block (``torch.utils.benchmark.Timer.timeit``, which runs two warm-up calls before it, so a block
     does not pay for the caches the previous model left cold), starting each round one model further on so
     none is always first. A change in the machine's load during the measurement falls on every model
-    alike, and a ratio of two models' medians compares times taken side by side, where timing one model
-    after the other (as :func:`latencies` does) compares one stretch of time with another.
+    alike, where timing one model after the other (as :func:`latencies` does) compares one stretch of time
+    with another. For a ratio of two models, :func:`paired_ratio` of their ``rounds_ms`` compares each
+    round's two blocks, taken side by side.
 
-    Returns, per key, what :func:`latency` returns (``runs``: the rounds the quartiles come from).
+    Returns, per key, what :func:`latency` returns (``runs``: the rounds the quartiles come from) and
+    ``rounds_ms``: the per-call time of each round, in round order.
 
     Example::
 
@@ -290,6 +293,27 @@ def interleaved_latencies(
         for key, (model, _) in models.items():
             model.train(modes[key])
     return {
-        key: {**_quartiles_ms(times[key]), "batch": int(batch), "threads": int(threads), "runs": len(times[key])}
+        key: {**_quartiles_ms(times[key]), "batch": int(batch), "threads": int(threads), "runs": len(times[key]),
+              "rounds_ms": [t * 1e3 for t in times[key]]}
         for key in keys
     }
+
+
+def paired_ratio(first_ms: list[float], second_ms: list[float]) -> float:
+    """How many times slower ``first`` is than ``second``: the median over rounds of first / second, each round's
+    two times taken side by side (``rounds_ms`` of :func:`interleaved_latencies`, the same rounds).
+
+    On a busy machine a small model's per-round times can jump between two levels (a thread woken at once or
+    late); the ratio of two medians then jumps with them, while each round's ratio stays put: for two copies of
+    one MLP at batch 1, six timings gave medians' ratios from 0.59 to 1.06 and paired ratios from 0.91 to 1.01.
+
+        >>> paired_ratio([2.0, 4.0, 2.2], [1.0, 2.0, 1.0])
+        2.0
+    """
+    if len(first_ms) != len(second_ms) or not first_ms:
+        raise ValueError(f"paired_ratio needs two equal, non-empty lists of rounds ({len(first_ms)}, {len(second_ms)})")
+    ratios = sorted(a / b for a, b in zip(first_ms, second_ms) if b > 0)
+    if not ratios:
+        raise ValueError("paired_ratio: every round of the second model took no time")
+    middle = len(ratios) // 2
+    return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2

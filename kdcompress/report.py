@@ -44,7 +44,7 @@ from rich.text import Text
 
 from .checkpoint import atomic_write_files, atomic_write_text, load_checkpoint, read_manifest
 from .errors import ArtifactError, KdcError
-from .measure import LATENCY_ROUNDS, count_macs, count_nonzero, count_params, count_sparse_macs
+from .measure import LATENCY_ROUNDS, count_macs, count_nonzero, count_params, count_sparse_macs, paired_ratio
 from .models import build_from_checkpoint, build_model, names_user_code
 from .stages import STAGES, stage_named
 from .prune import prunable_weights, weight_sparsity
@@ -88,6 +88,7 @@ LATENCY_CACHE = Path("cache") / "latency.json"
 # 2: timed in interleaved rounds in a child process (kdcompress.timing); version 1's figures were timed one model
 # after the other in the report's own process, so they are timed again
 LATENCY_CACHE_VERSION = 2
+MAX_ROUNDS = 10_000  # a cached figure with more rounds than this is not one kdc wrote: timed afresh
 # (before, after): the confusion changes the report lists, the largest CLASS_CHANGES_SHOWN of them overall
 CLASS_CHANGE_PAIRS = (("student", "distilled"), ("distilled", "pruned"), ("student", "pruned"))
 CLASS_CHANGES_SHOWN = 10
@@ -393,10 +394,12 @@ def _cache_entry_ok(entry) -> bool:
     if not isinstance(entry, dict) or not isinstance(entry.get("measured_at"), str):
         return False
     timing = entry.get("timing")
+    if not isinstance(timing, dict) or not isinstance(timing.get("rounds_ms"), list):
+        return False
     return (
-        isinstance(entry.get("omp_wait_policy"), (str, type(None))) and isinstance(timing, dict)
+        isinstance(entry.get("omp_wait_policy"), (str, type(None))) and isinstance(timing.get("round_set"), str)
         and all(_finite(timing.get(key)) and timing[key] >= 0 for key in ("median_ms", "iqr_ms", "p25_ms", "p75_ms"))
-        and isinstance(timing.get("round_set"), str)
+        and 0 < len(timing["rounds_ms"]) <= MAX_ROUNDS and all(_finite(t) and t >= 0 for t in timing["rounds_ms"])
     )
 
 
@@ -821,17 +824,20 @@ def _add_seed_statistics(run_dir: Path, seeds: list[int], rows: list[dict], comp
 
 
 def _latency_ratios(first: dict, second: dict) -> dict[str, float | None] | None:
-    """``first``'s median latency over ``second``'s at each batch size (how many times faster ``second`` is), from
-    the rounds that timed both; None at a batch size whose two figures come from different rounds. None when
-    latency was not measured."""
+    """How many times faster ``second`` is than ``first`` at each batch size: the median of the per-round ratios of
+    the rounds that timed both (:func:`kdcompress.measure.paired_ratio`); None at a batch size whose two figures
+    come from different rounds. None when latency was not measured."""
     a, b = first.get("latency") or {}, second.get("latency") or {}
     if not a or not b:
         return None
-    return {
-        batch: a[batch]["median_ms"] / b[batch]["median_ms"]
-        if a[batch].get("round_set") == b[batch].get("round_set") and b[batch]["median_ms"] > 0 else None
-        for batch in a if batch in b
-    }
+    ratios = {}
+    for batch in (batch for batch in a if batch in b):
+        same = a[batch].get("round_set") == b[batch].get("round_set")
+        try:
+            ratios[batch] = paired_ratio(a[batch]["rounds_ms"], b[batch]["rounds_ms"]) if same else None
+        except ValueError:  # a cached figure whose rounds took no time (planted): nothing to compare
+            ratios[batch] = None
+    return ratios
 
 
 def _set_latency(row: dict, timing: dict | None) -> None:
@@ -1390,8 +1396,8 @@ def report_table(report: dict) -> Group:
     if report.get("artifacts"):
         parts.append(_artifact_table(report))
     if report.get("comparisons"):
-        parts.append(Text("differences (standard error of a test accuracy: sqrt(p(1-p)/n); latency: ratio of the medians, "
-                          "timed in the same rounds)", style="bold"))
+        parts.append(Text("differences (standard error of a test accuracy: sqrt(p(1-p)/n); latency: the median of the "
+                          "per-round ratios, the two timed side by side)", style="bold"))
         diffs = Table.grid(padding=(0, 2))
         diffs.add_column(no_wrap=True)
         diffs.add_column(overflow="fold")
@@ -1583,7 +1589,8 @@ def report_markdown(report: dict) -> str:
         lines += ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " if c == "file" else " ---: " for c in columns) + "|"]
         lines += ["| " + " | ".join(_md_artifact_row(a, batches)) + " |" for a in report["artifacts"]]
     if report.get("comparisons"):
-        lines += ["", "## Differences", "", "Latency: the ratio of the two medians, timed in the same rounds.", ""]
+        lines += ["", "## Differences", "", "Latency: the median of the per-round ratios (each round timed the two side by "
+                  "side).", ""]
         lines += [f"- {_comparison_name(c)}: {_comparison_text(c)}" for c in report["comparisons"]]
     if report.get("warnings"):
         lines += ["", "## Warnings", ""]

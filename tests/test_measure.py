@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcompress.measure import count_macs, count_sparse_macs, interleaved_latencies, latencies
+from kdcompress.measure import count_macs, count_sparse_macs, interleaved_latencies, latencies, paired_ratio
 
 
 def zero_half(weight: torch.Tensor) -> None:
@@ -179,7 +179,8 @@ def test_interleaved_latencies_give_every_model_one_block_per_round_in_turns():
     timing = interleaved_latencies(models, batch=16, threads=1, rounds=5, min_run_time=0.01)
     assert list(timing) == ["a", "b", "c"]
     for name, entry in timing.items():
-        assert entry["runs"] == 5  # every model, the same rounds
+        assert entry["runs"] == len(entry["rounds_ms"]) == 5  # every model, the same rounds
+        assert entry["median_ms"] == pytest.approx(sorted(entry["rounds_ms"])[2])
         assert (entry["batch"], entry["threads"]) == (16, 1)
         assert 0 < entry["p25_ms"] <= entry["median_ms"] <= entry["p75_ms"]
         assert entry["iqr_ms"] == pytest.approx(entry["p75_ms"] - entry["p25_ms"])
@@ -191,6 +192,17 @@ def test_interleaved_latencies_give_every_model_one_block_per_round_in_turns():
     assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b"]  # and starts one model further on
     for name in "abc":  # a model's blocks are all the same size (two warm-up calls, then the timed ones)
         assert len({calls for n, calls in timed if n == name}) == 1
+
+
+def test_paired_ratio_compares_each_round_s_two_times_not_the_two_medians():
+    # two copies of one model whose rounds jump between 1 ms and 2 ms: their medians differ (2 and 1),
+    # while in four rounds of five the two took the same time
+    first, second = [1.0, 2.0, 1.0, 2.0, 2.0], [1.0, 2.0, 1.0, 2.0, 1.0]
+    assert sorted(first)[2] / sorted(second)[2] == 2.0
+    assert paired_ratio(first, second) == 1.0
+    assert paired_ratio([3.0, 5.0], [1.0, 1.0]) == 4.0  # an even count: the mean of the middle two
+    with pytest.raises(ValueError, match="equal"):
+        paired_ratio([1.0, 2.0], [1.0])
 
 
 def test_latency_does_not_print_the_no_cuda_runtime_warning():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import statistics
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -251,13 +252,17 @@ def test_every_stage_and_artifact_is_timed_in_the_same_rounds_in_a_passive_proce
     for batch in ("1", "8"):  # one set of rounds per batch size, every model in it
         assert len({row["latency"][batch]["round_set"] for row in timed}) == 1
         assert {row["latency"][batch]["runs"] for row in timed} == {LATENCY_ROUNDS}
+        assert {len(row["latency"][batch]["rounds_ms"]) for row in timed} == {LATENCY_ROUNDS}
     assert timed[0]["latency"]["1"]["round_set"] != timed[0]["latency"]["8"]["round_set"]
     note = " ".join(report_markdown(report).split())
     assert f"over {LATENCY_ROUNDS} rounds in which every model ran in turn" in note and "sets;" not in note
     rows = _rows(report)
-    for comp in report["comparisons"]:  # each ratio: the two medians of the same rounds
-        first, second = rows[comp["against"]]["latency_ms"], rows[comp["stage"]]["latency_ms"]
-        assert comp["latency_ratio"] == {b: pytest.approx(first[b] / second[b]) for b in ("1", "8")}
+    for comp in report["comparisons"]:  # each ratio: the median of the per-round ratios of the same rounds
+        first, second = rows[comp["against"]]["latency"], rows[comp["stage"]]["latency"]
+        assert comp["latency_ratio"] == {
+            b: pytest.approx(statistics.median(x / y for x, y in zip(first[b]["rounds_ms"], second[b]["rounds_ms"])))
+            for b in ("1", "8")
+        }
         ratio = comp["latency_ratio"]["8"]
         assert f"latency {comp['against']}/{comp['stage']} " in note and f"{ratio:.2f}x at batch 8" in note
 
