@@ -177,7 +177,8 @@ def latency(
     (one teacher read 4.59 ms, then 2.97 ms); ``threads`` is recorded.
     A busy machine still inflates the numbers: with 2 OpenMP threads that spin while they wait, resnet18
     at batch 1 took 440 ms instead of 4 ms under load; ``OMP_WAIT_POLICY=PASSIVE`` in the environment
-    before torch starts avoided it (the ``kdc`` command sets it when it is unset).
+    before torch starts avoided it. OpenMP reads it once, so the report times in a process of its own
+    started with it (:mod:`kdcompress.timing`); training keeps the default, which suits it.
     Returns ``{"median_ms", "iqr_ms", "p25_ms", "p75_ms", "batch", "threads", "runs"}``
     (``runs``: how many timed blocks the quartiles come from).
 

@@ -19,8 +19,9 @@ against the run's ``recipe.yaml`` among them. It also carries what the HTML
 report draws: each stage's training curve, per-class accuracy with its
 confusion matrix (recorded at training time), the weights or channels kept per
 layer, the confusions that changed most, the resolved recipe and the
-environment. Latency is timed once per file and cached in
-``cache/latency.json``, so report.json depends on the run directory alone
+environment. Latency is timed once per file, every stage and artifact in the
+same interleaved rounds in a separate process (:mod:`kdcompress.timing`), and
+cached in ``cache/latency.json``, so report.json depends on the run directory alone
 (``generated_at`` aside); its keys are listed in the README ("report.json
 fields").
 """
@@ -670,9 +671,8 @@ def build_report(
         curve = _curve(run_dir, stage, ckpt)
         if cache is not None:
             sha = read_manifest(run_dir / stage / "model.pt")["sha256"]  # checked against the file on loading
-            where = f"{stage} checkpoint"
-            timed[f"stage {stage}"] = (ModelFile("checkpoint", str(run_dir / stage / "model.pt"), sha, expected, where),
-                                      f"torch {torch.__version__}")
+            source = ModelFile("checkpoint", str(run_dir / stage / "model.pt"), sha, expected, f"{stage} checkpoint")
+            timed[f"stage {stage}"] = (source, f"torch {torch.__version__}")
         structured = stage == "pruned" and metrics.get("channel_sparsity") is not None
         if structured and dense_student is None:  # no distilled checkpoint: the plain architecture is its shape
             dense_student = build_model(ckpt["arch"], where=f"{stage} checkpoint")
