@@ -3,8 +3,9 @@
 OpenMP reads its wait policy once, when torch loads. Its default lets a waiting thread spin for a while: training
 small models (many short parallel regions) needs that, since a sleeping thread pays a wake-up on each region
 (kdc's forced ``OMP_WAIT_POLICY=PASSIVE`` made an MLP's training epoch 2.6x slower). Timing needs the opposite on
-a busy machine: a spinning thread holds a core that the work could use, and a forward pass can take many times
-its quiet time (``scripts/bench_latency_policy.py``). So the process that trains keeps the default, and
+a busy machine: a spinning thread holds a core that the work could use (with one of two cores busy, a small CNN
+at batch 64 took 86 ms with the default policy, 24 ms with PASSIVE, 12 to 14 ms on the quiet machine:
+``scripts/bench_latency_policy.py``). So the process that trains keeps the default, and
 :func:`time_in_child` times models in a fresh Python process started with ``OMP_WAIT_POLICY=PASSIVE``, where
 :func:`kdcompress.measure.interleaved_latencies` times them in turns.
 
@@ -75,8 +76,8 @@ def time_in_child(
     ``sets`` lists (batch size, keys of ``files``): the models of one set are timed together, in turns
     (:func:`kdcompress.measure.interleaved_latencies`, ``rounds`` rounds, ``min_run_time`` seconds per model), so
     the ratio of two of them comes from the same rounds. Returns the timing of each set, key -> what
-    :func:`kdcompress.measure.latency` returns, and the wait policy the child ran with. A file that changed since
-    the parent checked it, or a child that fails, raises KdcError.
+    :func:`kdcompress.measure.interleaved_latencies` returns, and the wait policy the child ran with. A file that
+    changed since the parent checked it, or a child that fails, raises KdcError.
     """
     request = {
         "files": {key: dataclasses.asdict(f) | {"path": os.path.abspath(f.path)} for key, f in files.items()},
