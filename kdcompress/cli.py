@@ -688,11 +688,9 @@ def recipes_copy(
 
 def entry() -> None:
     """Console-script entry point (``kdc`` and ``python -m kdcompress``)."""
-    # OpenMP reads its wait policy once, when torch loads it, so it is set here, before any command imports
-    # torch. Its default lets waiting threads spin: on a busy machine they take the cores the work needs
-    # (resnet18 at batch 1 took 440 ms instead of 4 ms with 2 threads under load; PASSIVE avoided it).
-    # OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # No OpenMP wait policy is set here: training small models runs many short parallel regions, and threads
+    # made to sleep (PASSIVE) pay a wake-up on each (an MLP's epoch took 2.6x as long). Latency, which needs
+    # sleeping threads on a busy machine, is timed in its own process (kdcompress.timing).
     app()
 
 

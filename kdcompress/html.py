@@ -645,7 +645,7 @@ def _stages_section(report: dict) -> str:
             f"<li><b>{_e(stage)}</b>{': ' + _e(desc) if desc else ''}: {_e(_settings_text(s))}</li>"
             for stage, desc, s in settings) + "</ul>")
     if report.get("comparisons"):
-        parts.append("<h3>Accuracy differences</h3><ul>" + "".join(
+        parts.append("<h3>Differences</h3><ul>" + "".join(
             f"<li>{_e(_comparison_name(c))}: {_e(_comparison_text(c))}</li>" for c in report["comparisons"]) + "</ul>")
     parts.append("<h3>Exported artifacts</h3>")
     if report.get("artifacts"):
@@ -830,8 +830,10 @@ def _environment_section(report: dict) -> str:
     if isinstance(env, dict):
         rows += [(label, env.get(key, "not recorded")) for key, label in ENVIRONMENT_ROWS]
         rows += [(key, value) for key, value in env.items() if key not in dict(ENVIRONMENT_ROWS)]
+    measured = bool(report.get("latency_batches"))
     rows += [("latency threads asked", report.get("threads_asked")),
-             ("OMP_WAIT_POLICY", report.get("omp_wait_policy") or "unset")]
+             ("latency timed with OMP_WAIT_POLICY", (report.get("omp_wait_policy") or "unset") if measured else
+              "latency not measured")]
     body = _table(None, [[_e(label), _e(value)] for label, value in rows], left=2)
     if not isinstance(env, dict):
         body = _missing("versions and device " + NOT_RECORDED) + body

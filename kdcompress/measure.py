@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+from collections.abc import Hashable, Mapping
 
 import torch
 from torch import nn
@@ -25,11 +27,17 @@ __all__ = [
     "latency",
     "latencies",
     "latency_ms",
+    "interleaved_latencies",
+    "paired_ratio",
     "LATENCY_BATCHES",
+    "LATENCY_ROUNDS",
 ]
 
 # batch 1 is what one request costs; batch 64 is throughput, where removed channels show best
 LATENCY_BATCHES = (1, 64)
+# rounds of interleaved_latencies: enough for quartiles that mean something, few enough that a model whose
+# one call is slow (a block of one call) still fits a report's time
+LATENCY_ROUNDS = 15
 
 
 def count_params(model: nn.Module) -> int:
@@ -169,7 +177,8 @@ def latency(
     (one teacher read 4.59 ms, then 2.97 ms); ``threads`` is recorded.
     A busy machine still inflates the numbers: with 2 OpenMP threads that spin while they wait, resnet18
     at batch 1 took 440 ms instead of 4 ms under load; ``OMP_WAIT_POLICY=PASSIVE`` in the environment
-    before torch starts avoided it (the ``kdc`` command sets it when it is unset).
+    before torch starts avoided it. OpenMP reads it once, so the report times in a process of its own
+    started with it (:mod:`kdcompress.timing`); training keeps the default, which suits it.
     Returns ``{"median_ms", "iqr_ms", "p25_ms", "p75_ms", "batch", "threads", "runs"}``
     (``runs``: how many timed blocks the quartiles come from).
 
@@ -222,3 +231,90 @@ def latencies(
 def latency_ms(model: nn.Module, input_shape, batch: int = 1, threads: int = 1, min_run_time: float = 0.5) -> float:
     """Median milliseconds of one CPU forward pass of ``batch`` samples; see :func:`latency` for the spread."""
     return latency(model, input_shape, batch=batch, threads=threads, min_run_time=min_run_time)["median_ms"]
+
+
+def _quartiles_ms(seconds: list[float]) -> dict:
+    """Median, 25th and 75th percentile and interquartile range of per-call times, in milliseconds."""
+    p25, median, p75 = torch.tensor(seconds, dtype=torch.float64).quantile(
+        torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+    ).tolist()
+    return {"median_ms": median * 1e3, "iqr_ms": (p75 - p25) * 1e3, "p25_ms": p25 * 1e3, "p75_ms": p75 * 1e3}
+
+
+@torch.no_grad()
+def interleaved_latencies(
+    models: Mapping[Hashable, tuple[nn.Module, tuple]], batch: int = 1, threads: int = 1,
+    rounds: int = LATENCY_ROUNDS, min_run_time: float = 0.5,
+) -> dict[Hashable, dict]:
+    """CPU forward-pass time of several models at one batch size, timed in turns: the same rounds for all.
+
+    ``models`` maps a key to ``(model, input_shape)``. Each model first gets a block size: as many calls
+    as take about ``min_run_time / rounds`` seconds (at least one). Then, ``rounds`` times, every model runs
+    one block (``torch.utils.benchmark.Timer.timeit``, which runs two warm-up calls before it, so a block
+    does not pay for the caches the previous model left cold), starting each round one model further on so
+    none is always first. A change in the machine's load during the measurement falls on every model
+    alike, where timing one model after the other (as :func:`latencies` does) compares one stretch of time
+    with another. For a ratio of two models, :func:`paired_ratio` of their ``rounds_ms`` compares each
+    round's two blocks, taken side by side.
+
+    Returns, per key, what :func:`latency` returns (``runs``: the rounds the quartiles come from) and
+    ``rounds_ms``: the per-call time of each round, in round order.
+
+    Example::
+
+        >>> timing = interleaved_latencies({"a": (torch.nn.Linear(4, 2), (4,)), "b": (torch.nn.Linear(4, 8), (4,))},
+        ...                                batch=64, threads=1, min_run_time=0.05)  # doctest: +SKIP
+        >>> timing["a"]["runs"] == timing["b"]["runs"]  # doctest: +SKIP
+        True
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, not {rounds}")
+    Timer = _benchmark_timer()
+    keys = list(models)
+    modes = {key: model.training for key, (model, _) in models.items()}
+    timers, numbers = {}, {}
+    target = min_run_time / rounds  # seconds of one block
+    try:
+        for key, (model, shape) in models.items():
+            model.eval()
+            # no_grad above applies: the Timer runs the statement in this thread
+            timers[key] = Timer("model(x)", globals={"model": model, "x": torch.randn(batch, *shape)},
+                                num_threads=threads)
+            number = 1
+            for _ in range(2):  # a first guess from one call (also the warm-up), then from the block it gives
+                per_call = max(timers[key].timeit(number).raw_times[0] / number, 1e-9)
+                number = max(1, math.ceil(target / per_call))
+            numbers[key] = number
+        times: dict[Hashable, list[float]] = {key: [] for key in keys}
+        for r in range(rounds):
+            start = r % len(keys) if keys else 0
+            for key in keys[start:] + keys[:start]:
+                times[key].append(timers[key].timeit(numbers[key]).times[0])
+    finally:
+        for key, (model, _) in models.items():
+            model.train(modes[key])
+    return {
+        key: {**_quartiles_ms(times[key]), "batch": int(batch), "threads": int(threads), "runs": len(times[key]),
+              "rounds_ms": [t * 1e3 for t in times[key]]}
+        for key in keys
+    }
+
+
+def paired_ratio(first_ms: list[float], second_ms: list[float]) -> float:
+    """How many times slower ``first`` is than ``second``: the median over rounds of first / second, each round's
+    two times taken side by side (``rounds_ms`` of :func:`interleaved_latencies`, the same rounds).
+
+    On a busy machine a small model's per-round times can jump between two levels (a thread woken at once or
+    late); the ratio of two medians then jumps with them, while each round's ratio stays put: for two copies of
+    one MLP at batch 1, six timings gave medians' ratios from 0.59 to 1.06 and paired ratios from 0.91 to 1.01.
+
+        >>> paired_ratio([2.0, 4.0, 2.2], [1.0, 2.0, 1.0])
+        2.0
+    """
+    if len(first_ms) != len(second_ms) or not first_ms:
+        raise ValueError(f"paired_ratio needs two equal, non-empty lists of rounds ({len(first_ms)}, {len(second_ms)})")
+    ratios = sorted(a / b for a, b in zip(first_ms, second_ms) if b > 0)
+    if not ratios:
+        raise ValueError("paired_ratio: every round of the second model took no time")
+    middle = len(ratios) // 2
+    return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2

@@ -52,6 +52,7 @@ __all__ = [
     "model_spec",
     "model_name_problem",
     "add_import_dir",
+    "import_dirs",
     "names_user_code",
     "check_model_name",
 ]
@@ -361,6 +362,12 @@ def add_import_dir(folder: str | os.PathLike) -> None:
     if path in _IMPORT_DIRS:
         _IMPORT_DIRS.remove(path)
     _IMPORT_DIRS.insert(0, path)
+
+
+def import_dirs() -> list[str]:
+    """The folders :func:`add_import_dir` gave this process, newest first (for a child process to find the same
+    modules)."""
+    return list(_IMPORT_DIRS)
 
 
 def _search_dirs() -> list[str]:

@@ -19,8 +19,9 @@ against the run's ``recipe.yaml`` among them. It also carries what the HTML
 report draws: each stage's training curve, per-class accuracy with its
 confusion matrix (recorded at training time), the weights or channels kept per
 layer, the confusions that changed most, the resolved recipe and the
-environment. Latency is timed once per file and cached in
-``cache/latency.json``, so report.json depends on the run directory alone
+environment. Latency is timed once per file, every stage and artifact in the
+same interleaved rounds in a separate process (:mod:`kdcompress.timing`), and
+cached in ``cache/latency.json``, so report.json depends on the run directory alone
 (``generated_at`` aside); its keys are listed in the README ("report.json
 fields").
 """
@@ -44,12 +45,13 @@ from rich.text import Text
 
 from .checkpoint import atomic_write_files, atomic_write_text, load_checkpoint, read_manifest
 from .errors import ArtifactError, KdcError
-from .measure import count_macs, count_nonzero, count_params, count_sparse_macs, latencies
+from .measure import LATENCY_ROUNDS, count_macs, count_nonzero, count_params, count_sparse_macs, paired_ratio
 from .models import build_from_checkpoint, build_model, names_user_code
 from .stages import STAGES, stage_named
 from .prune import prunable_weights, weight_sparsity
 from .recipe import Recipe, ReportSection, read_yaml, recipe_from_dict, recipe_to_dict
 from .runlock import run_dir_lock
+from .timing import ModelFile, time_in_child
 from .train import has_batchnorm
 from .trust import MODEL_KEYS, outside_files, refuse_untrusted_code
 
@@ -73,7 +75,7 @@ NOISE_Z = 2.0
 # Latency runs on a fixed thread count (report.threads; fewer if the machine has fewer cores): "all cores"
 # on a shared machine is not a fixed setting.
 LATENCY_THREADS = ReportSection().threads
-LATENCY_MIN_RUN_TIME = 0.5  # seconds of timed runs per stage (torch.utils.benchmark blocked_autorange)
+LATENCY_MIN_RUN_TIME = 0.5  # seconds of timed runs per model and batch size, spread over LATENCY_ROUNDS rounds
 PRUNING_METHODS = {  # recipe prune.method -> words in the report
     "unstructured": "unstructured magnitude",
     "structured": "structured, whole channels",
@@ -84,7 +86,10 @@ COMPARISONS = (("student", "distilled"), ("distilled", "pruned"))
 SCHEMA_VERSION = 1
 # latency measured once per checkpoint (or artifact) file, relative to the run directory: reused by later reports
 LATENCY_CACHE = Path("cache") / "latency.json"
-LATENCY_CACHE_VERSION = 1
+# 2: timed in interleaved rounds in a child process (kdcompress.timing); version 1's figures were timed one model
+# after the other in the report's own process, so they are timed again
+LATENCY_CACHE_VERSION = 2
+MAX_ROUNDS = 10_000  # a cached figure with more rounds than this is not one kdc wrote: timed afresh
 # (before, after): the confusion changes the report lists, the largest CLASS_CHANGES_SHOWN of them overall
 CLASS_CHANGE_PAIRS = (("student", "distilled"), ("distilled", "pruned"), ("student", "pruned"))
 CLASS_CHANGES_SHOWN = 10
@@ -286,11 +291,17 @@ class _LatencyCache:
     """Latency per model file, kept in ``<run dir>/cache/latency.json`` so a later report reuses it.
 
     An entry is keyed by the file's SHA-256 (a stage checkpoint's, or an artifact's, from its manifest), the
-    batch size, the thread count, the timing budget, the runtime's version (torch, or onnxruntime for an
-    onnx/int8 artifact) and the machine (platform, processor, core count): a changed file or setting is
-    measured again, an unchanged one never, so report.json stays a pure function of the run directory. A
-    missing or damaged cache file is started afresh; one that cannot be written is skipped (the numbers
-    are in the report all the same).
+    batch size, the thread count, the timing budget (seconds and rounds), the runtime's version (torch, or
+    onnxruntime for an onnx/int8 artifact) and the machine (platform, processor, core count): a changed file or
+    setting is measured again, an unchanged one never, so report.json stays a pure function of the run
+    directory. A missing or damaged cache file is started afresh; one that cannot be written is skipped (the
+    numbers are in the report all the same).
+
+    :meth:`time` times every missing figure in one child process (:func:`kdcompress.timing.time_in_child`): at
+    each batch size, all the models missing there in the same interleaved rounds. A figure found in the cache is
+    not timed again, so after one stage is rerun its figure comes from new rounds and the others' from the
+    rounds that timed them before: a ratio between the two compares different rounds. Each figure's
+    ``round_set`` names its rounds (the same value: timed side by side); deleting the cache times all together.
     """
 
     def __init__(self, run_dir: Path):
@@ -299,37 +310,73 @@ class _LatencyCache:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             if data.get("version") == LATENCY_CACHE_VERSION and isinstance(data.get("entries"), dict):
-                self.entries = {k: v for k, v in data["entries"].items() if isinstance(v, dict) and "timing" in v}
+                self.entries = {k: v for k, v in data["entries"].items() if _cache_entry_ok(v)}
         except (OSError, ValueError, AttributeError):
             pass
         self.changed = False
         self.used_shas: set[str] = set()
         self.used_times: list[str] = []
+        self.used_policies: set[str | None] = set()
         self.machine = {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count()}
 
-    def latencies(self, sha256: str, model, shape, batches: list[int], threads: int, runtime: str) -> dict[str, dict]:
-        """:func:`kdcompress.measure.latencies` of ``model``, each batch size taken from the cache when there."""
-        self.used_shas.add(sha256)
-        timing = {}
+    def _fields(self, sha256: str, batch: int, threads: int, runtime: str) -> dict:
+        return {
+            "sha256": sha256, "batch": int(batch), "threads": int(threads), "runtime": runtime,
+            "min_run_time": LATENCY_MIN_RUN_TIME, "rounds": LATENCY_ROUNDS, **self.machine,
+        }
+
+    @staticmethod
+    def _key(fields: dict) -> str:
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+    def time(self, files: dict[str, tuple[ModelFile, str]], batches: list[int], threads: int) -> dict[str, dict]:
+        """Each of ``files`` (key -> (file, runtime version)) at each batch size: key -> {"1": timing, ...}.
+
+        Figures found in the cache are taken from it; the others are timed in one child process, those of one
+        batch size in the same rounds.
+        """
+        sets = []
         for batch in batches:
-            fields = {
-                "sha256": sha256, "batch": int(batch), "threads": int(threads), "runtime": runtime,
-                "min_run_time": LATENCY_MIN_RUN_TIME, **self.machine,
-            }
-            key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
-            entry = self.entries.get(key)
-            if entry is None:
-                measured = latencies(model, shape, batches=[batch], threads=threads, min_run_time=LATENCY_MIN_RUN_TIME)
-                entry = {**fields, "measured_at": _now(), "timing": measured[str(int(batch))]}
-                self.entries[key] = entry
-                self.changed = True
-            timing[str(int(batch))] = entry["timing"]
-            self.used_times.append(entry["measured_at"])
-        return timing
+            missing = [key for key, (file, runtime) in files.items()
+                       if self._key(self._fields(file.sha256, batch, threads, runtime)) not in self.entries]
+            if missing:
+                sets.append((int(batch), missing))
+        if sets:
+            timed, policy = time_in_child(
+                {key: files[key][0] for _, keys in sets for key in keys}, sets, threads,
+                rounds=LATENCY_ROUNDS, min_run_time=LATENCY_MIN_RUN_TIME,
+            )
+            measured_at = _now()
+            for (batch, keys), timing in zip(sets, timed):
+                # one name per set of rounds: the figures that share it were timed side by side
+                members = sorted(f"{files[key][0].sha256} {files[key][1]}" for key in keys)
+                round_set = hashlib.sha256(json.dumps([measured_at, batch, members]).encode()).hexdigest()[:12]
+                for key in keys:
+                    fields = self._fields(files[key][0].sha256, batch, threads, files[key][1])
+                    self.entries[self._key(fields)] = {
+                        **fields, "measured_at": measured_at, "omp_wait_policy": policy,
+                        "timing": {**timing[key], "round_set": round_set},
+                    }
+            self.changed = True
+        found: dict[str, dict] = {}
+        for key, (file, runtime) in files.items():
+            self.used_shas.add(file.sha256)
+            found[key] = {}
+            for batch in batches:
+                entry = self.entries[self._key(self._fields(file.sha256, batch, threads, runtime))]
+                found[key][str(int(batch))] = entry["timing"]
+                self.used_times.append(entry["measured_at"])
+                self.used_policies.add(entry.get("omp_wait_policy"))
+        return found
 
     def measured_at(self) -> str | None:
         """When the newest of the latencies used was measured (ISO-8601 UTC), None if none was."""
         return max(self.used_times) if self.used_times else None
+
+    def wait_policy(self) -> str | None:
+        """The OpenMP wait policy the latencies used were timed under (several joined by ", "), None if none."""
+        policies = sorted(str(p) for p in self.used_policies)
+        return ", ".join(policies) if policies else None
 
     def save(self) -> None:
         """Write the cache when something was measured, dropping entries of files no longer in the run."""
@@ -341,6 +388,25 @@ class _LatencyCache:
             atomic_write_text(self.path, text)
         except (KdcError, OSError):  # a read-only run directory: the report is made all the same
             pass
+
+
+def _cache_entry_ok(entry) -> bool:
+    """A latency cache entry of the shape kdc writes (the file is data: anything else is timed afresh)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("measured_at"), str):
+        return False
+    timing = entry.get("timing")
+    if not isinstance(timing, dict) or not isinstance(timing.get("rounds_ms"), list):
+        return False
+    return (
+        isinstance(entry.get("omp_wait_policy"), (str, type(None))) and isinstance(timing.get("round_set"), str)
+        and all(_finite(timing.get(key)) and timing[key] >= 0 for key in ("median_ms", "iqr_ms", "p25_ms", "p75_ms"))
+        and 0 < len(timing["rounds_ms"]) <= MAX_ROUNDS and all(_finite(t) and t >= 0 for t in timing["rounds_ms"])
+    )
+
+
+def _finite(value) -> bool:
+    """A JSON number (not a bool) that is finite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 MAX_METRICS_BYTES = 64 << 20  # a metrics.jsonl over this is not one kdc wrote (about 300,000 epochs)
@@ -581,6 +647,7 @@ def build_report(
     threads = max(1, min(asked_threads, _available_cores()))
     cache = _LatencyCache(run_dir) if do_latency else None
     rows = []
+    timed: dict[str, tuple[ModelFile, str]] = {}  # what to time: key -> (file, runtime), timed together below
     recipe_name = dataset = None
     dense_student = None  # the distilled model: what structured pruning removed channels from
     for stage in found:
@@ -602,10 +669,10 @@ def build_report(
         test_samples = metrics.get("test_samples")  # checkpoints from before it was recorded lack it
         num_classes = ckpt["arch"].get("num_classes")
         curve = _curve(run_dir, stage, ckpt)
-        timing = None
         if cache is not None:
             sha = read_manifest(run_dir / stage / "model.pt")["sha256"]  # checked against the file on loading
-            timing = cache.latencies(sha, model, shape, batches, threads, runtime=f"torch {torch.__version__}")
+            source = ModelFile("checkpoint", str(run_dir / stage / "model.pt"), sha, expected, f"{stage} checkpoint")
+            timed[f"stage {stage}"] = (source, f"torch {torch.__version__}")
         structured = stage == "pruned" and metrics.get("channel_sparsity") is not None
         if structured and dense_student is None:  # no distilled checkpoint: the plain architecture is its shape
             dense_student = build_model(ckpt["arch"], where=f"{stage} checkpoint")
@@ -633,9 +700,9 @@ def build_report(
             "checkpoint_bytes": (run_dir / stage / "model.pt").stat().st_size,
             "macs": count_macs(model, shape),
             "sparse_macs": count_sparse_macs(model, shape),
-            # {"1": median ms, "64": median ms}; the spread of each in "latency"
-            "latency_ms": {b: t["median_ms"] for b, t in timing.items()} if timing else None,
-            "latency": timing,
+            # {"1": median ms, "64": median ms}; the spread of each in "latency" (filled in below)
+            "latency_ms": None,
+            "latency": None,
             "train_seconds": metrics.get("seconds"),
             "curve": curve,
             "per_class": _per_class(ckpt),
@@ -662,9 +729,17 @@ def build_report(
     if len(seeds) > 1:
         _add_seed_statistics(run_dir, seeds, rows, comparisons)
     models = {stage.name: stage.model(trusted) for stage in STAGES} if trusted is not None else {}
-    artifacts = _artifact_rows(run_dir, by_stage, batches if do_latency else [], threads, cache, models)
+    artifacts = _artifact_rows(run_dir, by_stage, models, timed if cache is not None else None)
     if cache is not None:
+        # every stage and artifact at once: those timed now share their rounds, so their ratios hold
+        timings = cache.time(timed, batches, threads)
+        for row in rows:
+            _set_latency(row, timings.get(f"stage {row['stage']}"))
+        for row in artifacts:
+            _set_latency(row, timings.get(f"artifact {row['path']}"))
         cache.save()
+    for comp in comparisons:
+        comp["latency_ratio"] = _latency_ratios(by_stage[comp["against"]], by_stage[comp["stage"]])
     report = {
         "schema_version": SCHEMA_VERSION,
         "generated_at": generated_at,
@@ -672,10 +747,11 @@ def build_report(
         "recipe": recipe_name,
         "dataset": dataset,
         "latency_batches": batches if do_latency else None,
+        "latency_rounds": LATENCY_ROUNDS if do_latency else None,
         "threads": threads,
         "threads_asked": asked_threads,
-        # read by OpenMP when torch starts: PASSIVE keeps waiting threads from spinning (see the latency note)
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        # what the timing process ran with (kdcompress.timing): PASSIVE keeps waiting threads from spinning
+        "omp_wait_policy": cache.wait_policy() if cache is not None else None,
         "noise_z": NOISE_Z,
         "stale_checked": check_stale,
         "stale_check_problem": _relative(recipe_problem, run_dir),
@@ -747,12 +823,36 @@ def _add_seed_statistics(run_dir: Path, seeds: list[int], rows: list[dict], comp
         }
 
 
+def _latency_ratios(first: dict, second: dict) -> dict[str, float | None] | None:
+    """How many times faster ``second`` is than ``first`` at each batch size: the median of the per-round ratios of
+    the rounds that timed both (:func:`kdcompress.measure.paired_ratio`); None at a batch size whose two figures
+    come from different rounds. None when latency was not measured."""
+    a, b = first.get("latency") or {}, second.get("latency") or {}
+    if not a or not b:
+        return None
+    ratios = {}
+    for batch in (batch for batch in a if batch in b):
+        same = a[batch].get("round_set") == b[batch].get("round_set")
+        try:
+            ratios[batch] = paired_ratio(a[batch]["rounds_ms"], b[batch]["rounds_ms"]) if same else None
+        except ValueError:  # a cached figure whose rounds took no time (planted): nothing to compare
+            ratios[batch] = None
+    return ratios
+
+
+def _set_latency(row: dict, timing: dict | None) -> None:
+    """A stage's or artifact's ``latency`` ({"1": timing, ...}) and ``latency_ms`` (the medians)."""
+    if timing:
+        row["latency"] = timing
+        row["latency_ms"] = {b: t["median_ms"] for b, t in timing.items()}
+
+
 def _artifact_rows(
-    run_dir: Path, by_stage: dict, batches: list[int], threads: int, cache: _LatencyCache | None = None,
-    models: dict[str, str] | None = None,
+    run_dir: Path, by_stage: dict, models: dict[str, str] | None = None,
+    timed: dict[str, tuple[ModelFile, str]] | None = None,
 ) -> list[dict]:
-    """One row per artifact in ``export/artifacts.json``: its recorded accuracy, its bytes, and its latency
-    measured here like the stages' (once per file: through ``cache``, keyed by the file's SHA-256).
+    """One row per artifact in ``export/artifacts.json``: its recorded accuracy and its bytes; with ``timed``,
+    each loaded file is added to it (``"artifact <path>"`` -> (file, runtime)), to be timed with the stages.
 
     Each file is checked against its manifest and loaded through :func:`kdcompress.export.load_artifact`,
     which unpickles nothing: a damaged or replaced file is ``refused`` (with the reason) and never run, and
@@ -804,18 +904,14 @@ def _artifact_rows(
         except KdcError as exc:  # its runtime (onnxruntime) is not installed
             row["latency_problem"] = _relative(str(exc), run_dir)
             model = None
-        if batches and model is not None:
+        if timed is not None and model is not None:
             runtime = f"torch {torch.__version__}"
-            if hasattr(model, "set_threads"):  # an onnxruntime session fixes its threads when it is made
-                model.set_threads(threads)
+            if hasattr(model, "set_threads"):  # an onnxruntime session: its version goes into the cache key
                 runtime = f"onnxruntime {_version_of('onnxruntime')}"
-            shape = tuple(model.preprocess.input_shape)
-            if cache is not None:
-                timing = cache.latencies(manifest["sha256"], model, shape, batches, threads, runtime=runtime)
-            else:
-                timing = latencies(model, shape, batches=batches, threads=threads, min_run_time=LATENCY_MIN_RUN_TIME)
-            row["latency"] = timing
-            row["latency_ms"] = {b: t["median_ms"] for b, t in timing.items()}
+            expected = (models or {}).get(str(row["stage"]))
+            timed[f"artifact {row['path']}"] = (
+                ModelFile("artifact", str(path), manifest["sha256"], expected, f"artifact {row['path']}"), runtime
+            )
         rows.append(row)
     return rows
 
@@ -1144,12 +1240,24 @@ def _settings_text(settings: dict) -> str:
 
 
 def _comparison_text(comp: dict) -> str:
-    """'+0.70 points ± 1.18 (SE): 0.6 SE, within noise (<= 2 SE)' for one comparison."""
+    """'+0.70 points ± 1.18 (SE): 0.6 SE, within noise (<= 2 SE); latency distilled/pruned 2.61x at batch 64' for
+    one comparison."""
     head = f"{comp['difference'] * 100:+.2f} points"
     if comp["se"] is None:
-        return head + " (noise unknown: the checkpoints predate the recorded test-set size)"
+        return head + " (noise unknown: the checkpoints predate the recorded test-set size)" + _latency_ratio_text(comp)
     verdict = "within noise (<=" if comp["within_noise"] else "beyond noise (>"
-    return f"{head} ± {comp['se'] * 100:.2f} (SE): {_standard_errors(comp)}, {verdict} {comp['noise_z']:g} SE)"
+    return (f"{head} ± {comp['se'] * 100:.2f} (SE): {_standard_errors(comp)}, {verdict} {comp['noise_z']:g} SE)"
+            + _latency_ratio_text(comp))
+
+
+def _latency_ratio_text(comp: dict) -> str:
+    """'; latency distilled/pruned 2.11x at batch 1, 2.61x at batch 64', or "" without latency."""
+    ratios = comp.get("latency_ratio") or {}
+    if not ratios:
+        return ""
+    parts = [f"{r:.2f}x at batch {b}" if r is not None else f"not compared at batch {b} (timed in different rounds)"
+             for b, r in ratios.items()]
+    return f"; latency {comp['against']}/{comp['stage']} {', '.join(parts)}"
 
 
 def _seed_comparison_text(seeded: dict) -> str:
@@ -1176,17 +1284,36 @@ def _comparison_name(comp: dict) -> str:
     return f"{comp['stage']} - {comp['against']}"
 
 
+def _round_sets(report: dict) -> dict[str, int]:
+    """Per batch size measured, how many sets of rounds its stage and artifact figures come from."""
+    sets: dict[str, set] = {}
+    for row in [*report.get("stages", []), *report.get("artifacts", [])]:
+        for batch, timing in (row.get("latency") or {}).items():
+            sets.setdefault(str(batch), set()).add((timing or {}).get("round_set"))
+    return {batch: len(found) for batch, found in sets.items()}
+
+
 def _latency_note(report: dict) -> str:
     if not report.get("latency_batches"):
         return "latency not measured (report.latency: false)"
     threads, asked = report.get("threads"), report.get("threads_asked")
     fewer = f" ({asked} asked; the machine has {threads} cores)" if asked and asked != threads else ""
     sizes = " and ".join(str(b) for b in report["latency_batches"])
+    rounds = report.get("latency_rounds")
+    turns = f" over {rounds} rounds in which every model ran in turn, so that ratios hold as the load changes"
+    turns = turns if rounds else ""  # a report.json from before the rounds
+    mixed = [f"batch {b}: {n} sets" for b, n in _round_sets(report).items() if n > 1]
+    mixed_note = (
+        f". Some figures were timed in earlier rounds ({', '.join(mixed)}; a rerun stage is timed anew, the cached "
+        f"ones are not), so a ratio across sets compares different moments: delete cache/latency.json to time all "
+        f"together" if mixed else ""
+    )
     return (
         f"latency: CPU forward pass of a batch of {sizes}, {threads} thread{'' if threads == 1 else 's'}{fewer}, "
-        f"median (interquartile range) in ms. A busy machine inflates it: with 2 spinning OpenMP threads under load, "
-        f"resnet18 at batch 1 took 440 ms instead of 4 ms; OMP_WAIT_POLICY=PASSIVE avoided it (the kdc command "
-        f"sets it unless it is set; this measurement: {report.get('omp_wait_policy') or 'unset'})"
+        f"median (interquartile range) in ms{turns}, timed in a separate process with OMP_WAIT_POLICY="
+        f"{report.get('omp_wait_policy') or 'unset'}: waiting threads sleep there, where spinning ones take the cores "
+        f"the work needs on a busy machine (resnet18 at batch 1 with 2 spinning threads under load took 440 ms "
+        f"instead of 4 ms){mixed_note}"
     )
 
 
@@ -1269,7 +1396,8 @@ def report_table(report: dict) -> Group:
     if report.get("artifacts"):
         parts.append(_artifact_table(report))
     if report.get("comparisons"):
-        parts.append(Text("accuracy differences (standard error of a test accuracy: sqrt(p(1-p)/n))", style="bold"))
+        parts.append(Text("differences (standard error of a test accuracy: sqrt(p(1-p)/n); latency: the median of the "
+                          "per-round ratios, the two timed side by side)", style="bold"))
         diffs = Table.grid(padding=(0, 2))
         diffs.add_column(no_wrap=True)
         diffs.add_column(overflow="fold")
@@ -1461,7 +1589,8 @@ def report_markdown(report: dict) -> str:
         lines += ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " if c == "file" else " ---: " for c in columns) + "|"]
         lines += ["| " + " | ".join(_md_artifact_row(a, batches)) + " |" for a in report["artifacts"]]
     if report.get("comparisons"):
-        lines += ["", "## Accuracy differences", ""]
+        lines += ["", "## Differences", "", "Latency: the median of the per-round ratios (each round timed the two side by "
+                  "side).", ""]
         lines += [f"- {_comparison_name(c)}: {_comparison_text(c)}" for c in report["comparisons"]]
     if report.get("warnings"):
         lines += ["", "## Warnings", ""]

@@ -7,7 +7,7 @@ set -uo pipefail
 CNN=0; [ "${1:-}" = "--cnn" ] && { CNN=1; shift; }
 WORK=${1:-$(mktemp -d)}
 mkdir -p "$WORK" && cd "$WORK" || exit 1
-export OMP_WAIT_POLICY=PASSIVE
+# no OMP_WAIT_POLICY here: training runs as users run it, and `kdc report` times latency in its own process
 step() {  # run one kdc command, print its exit code and wall time
   local start=$(date +%s.%N)
   kdc "$@" > "log-$(echo "$*" | tr ' /' '__').txt" 2>&1

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcompress.measure import count_macs, count_sparse_macs, latencies
+from kdcompress.measure import count_macs, count_sparse_macs, interleaved_latencies, latencies, paired_ratio
 
 
 def zero_half(weight: torch.Tensor) -> None:
@@ -147,6 +147,62 @@ def test_latencies_at_batch_1_and_64_on_a_fixed_thread_count():
     assert torch.get_num_threads() == threads_before
     assert net.training
     assert list(latencies(net, (32,), batches=[8], threads=1, min_run_time=0.02)) == ["8"]
+
+
+class Logged(nn.Module):
+    """A model that writes its name into ``log`` on every call."""
+
+    def __init__(self, name: str, log: list, width: int):
+        super().__init__()
+        self.name, self.log, self.layer = name, log, nn.Linear(8, width)
+
+    def forward(self, x):
+        self.log.append(self.name)
+        return self.layer(x)
+
+
+def _blocks(log: list) -> list[tuple[str, int]]:
+    """The call log as (model, calls in a row)."""
+    blocks = []
+    for name in log:
+        if blocks and blocks[-1][0] == name:
+            blocks[-1] = (name, blocks[-1][1] + 1)
+        else:
+            blocks.append((name, 1))
+    return blocks
+
+
+def test_interleaved_latencies_give_every_model_one_block_per_round_in_turns():
+    log: list = []
+    models = {name: (Logged(name, log, width).train(), (8,)) for name, width in (("a", 4), ("b", 256), ("c", 32))}
+    threads_before = torch.get_num_threads()
+    timing = interleaved_latencies(models, batch=16, threads=1, rounds=5, min_run_time=0.01)
+    assert list(timing) == ["a", "b", "c"]
+    for name, entry in timing.items():
+        assert entry["runs"] == len(entry["rounds_ms"]) == 5  # every model, the same rounds
+        assert entry["median_ms"] == pytest.approx(sorted(entry["rounds_ms"])[2])
+        assert (entry["batch"], entry["threads"]) == (16, 1)
+        assert 0 < entry["p25_ms"] <= entry["median_ms"] <= entry["p75_ms"]
+        assert entry["iqr_ms"] == pytest.approx(entry["p75_ms"] - entry["p25_ms"])
+        assert models[name][0].training  # the caller's mode is kept
+    assert torch.get_num_threads() == threads_before
+    timed = _blocks(log)[-15:]  # after each model's warm-up: 5 rounds of one block per model
+    rounds = [[name for name, _ in timed[i:i + 3]] for i in range(0, 15, 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds), rounds  # each round runs each model once
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b"]  # and starts one model further on
+    for name in "abc":  # a model's blocks are all the same size (two warm-up calls, then the timed ones)
+        assert len({calls for n, calls in timed if n == name}) == 1
+
+
+def test_paired_ratio_compares_each_round_s_two_times_not_the_two_medians():
+    # two copies of one model whose rounds jump between 1 ms and 2 ms: their medians differ (2 and 1),
+    # while in four rounds of five the two took the same time
+    first, second = [1.0, 2.0, 1.0, 2.0, 2.0], [1.0, 2.0, 1.0, 2.0, 1.0]
+    assert sorted(first)[2] / sorted(second)[2] == 2.0
+    assert paired_ratio(first, second) == 1.0
+    assert paired_ratio([3.0, 5.0], [1.0, 1.0]) == 4.0  # an even count: the mean of the middle two
+    with pytest.raises(ValueError, match="equal"):
+        paired_ratio([1.0, 2.0], [1.0])
 
 
 def test_latency_does_not_print_the_no_cuda_runtime_warning():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import statistics
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from conftest import TINY_RECIPE, _deep_merge
 from kdcompress import report as report_mod
 from kdcompress.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from kdcompress.data import CLASS_NAMES, TensorData
+from kdcompress.measure import LATENCY_ROUNDS
 from kdcompress.models import build_from_checkpoint
 from kdcompress.report import build_report, report_markdown, report_table, write_report
 from kdcompress.train import evaluate
@@ -67,15 +69,15 @@ def _rows(report: dict) -> dict:
 
 
 def _count_latency_calls(monkeypatch) -> list:
-    """Record the model of every latency measurement the report makes (it still measures)."""
+    """Record (model, (batch,)) for every model and batch size the report times (it still times them)."""
     calls = []
-    real = report_mod.latencies
+    real = report_mod.time_in_child
 
-    def counting(model, shape, **kwargs):
-        calls.append((model, tuple(kwargs.get("batches") or ())))
-        return real(model, shape, **kwargs)
+    def counting(files, sets, threads, **kwargs):
+        calls.extend((key, (batch,)) for batch, keys in sets for key in keys)
+        return real(files, sets, threads, **kwargs)
 
-    monkeypatch.setattr(report_mod, "latencies", counting)
+    monkeypatch.setattr(report_mod, "time_in_child", counting)
     monkeypatch.setattr(report_mod, "LATENCY_MIN_RUN_TIME", 0.02)
     return calls
 
@@ -239,6 +241,74 @@ def test_a_changed_checkpoint_is_measured_again_and_its_old_entries_dropped(time
     calls.clear()
     build_report(copy, batches=[8, 2])
     assert [batches for _, batches in calls] == [(2,)] * 5  # a new batch size is measured for every file, 8 is not
+
+
+def test_every_stage_and_artifact_is_timed_in_the_same_rounds_in_a_passive_process(timed_run):
+    report = json.loads((timed_run / "report.json").read_text())
+    assert report["latency_rounds"] == LATENCY_ROUNDS
+    assert report["omp_wait_policy"] == "PASSIVE"  # what the timing process ran with, whatever the tests' own is
+    timed = [*report["stages"], *report["artifacts"]]
+    assert len(timed) == 5
+    for batch in ("1", "8"):  # one set of rounds per batch size, every model in it
+        assert len({row["latency"][batch]["round_set"] for row in timed}) == 1
+        assert {row["latency"][batch]["runs"] for row in timed} == {LATENCY_ROUNDS}
+        assert {len(row["latency"][batch]["rounds_ms"]) for row in timed} == {LATENCY_ROUNDS}
+    assert timed[0]["latency"]["1"]["round_set"] != timed[0]["latency"]["8"]["round_set"]
+    note = " ".join(report_markdown(report).split())
+    assert f"over {LATENCY_ROUNDS} rounds in which every model ran in turn" in note and "sets;" not in note
+    rows = _rows(report)
+    for comp in report["comparisons"]:  # each ratio: the median of the per-round ratios of the same rounds
+        first, second = rows[comp["against"]]["latency"], rows[comp["stage"]]["latency"]
+        assert comp["latency_ratio"] == {
+            b: pytest.approx(statistics.median(x / y for x, y in zip(first[b]["rounds_ms"], second[b]["rounds_ms"])))
+            for b in ("1", "8")
+        }
+        ratio = comp["latency_ratio"]["8"]
+        assert f"latency {comp['against']}/{comp['stage']} " in note and f"{ratio:.2f}x at batch 8" in note
+
+
+def test_a_rerun_stage_is_timed_in_new_rounds_and_the_report_says_ratios_across_them_differ(
+    timed_run, tmp_path, monkeypatch
+):
+    copy = tmp_path / "run"
+    shutil.copytree(timed_run, copy)
+    before = {r["stage"]: r for r in json.loads((copy / "report.json").read_text())["stages"]}
+    ckpt = load_checkpoint(copy / "distilled" / "model.pt")
+    ckpt["metrics"]["test_loss"] += 0.001  # another file: timed again, alone
+    save_checkpoint(copy / "distilled" / "model.pt", ckpt)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    calls = _count_latency_calls(monkeypatch)
+    report = build_report(copy)
+    assert [key for key, _ in calls] == ["stage distilled", "stage distilled"]
+    rows = _rows(report)
+    assert rows["pruned"]["latency"] == before["pruned"]["latency"]  # cached: the same figures, the same rounds
+    for batch in ("1", "8"):
+        cached = {rows[s]["latency"][batch]["round_set"] for s in ("teacher", "student", "pruned")}
+        cached.add(report["artifacts"][0]["latency"][batch]["round_set"])
+        assert len(cached) == 1 and rows["distilled"]["latency"][batch]["round_set"] not in cached
+    assert report["omp_wait_policy"] == "PASSIVE"
+    note = " ".join(report_markdown(report).split())
+    assert "batch 1: 2 sets, batch 8: 2 sets" in note and "delete cache/latency.json to time all together" in note
+    comparisons = {(c["against"], c["stage"]): c["latency_ratio"] for c in report["comparisons"]}
+    assert comparisons[("student", "distilled")] == {"1": None, "8": None}  # a fresh figure against a cached one
+    assert "student/distilled not compared at batch 1 (timed in different rounds)" in note
+    pruned, distilled = rows["pruned"]["latency"]["8"], rows["distilled"]["latency"]["8"]
+    assert comparisons[("distilled", "pruned")]["8"] is None and pruned["round_set"] != distilled["round_set"]
+
+
+def test_a_planted_latency_cache_entry_of_the_wrong_shape_is_timed_afresh(timed_run, tmp_path, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(timed_run, copy)
+    path = copy / "cache" / "latency.json"
+    cache = json.loads(path.read_text())
+    key, entry = next((k, e) for k, e in cache["entries"].items() if e["batch"] == 8)
+    entry["timing"]["median_ms"] = "0.001"  # text where kdc writes a number
+    path.write_text(json.dumps(cache))
+    calls = _count_latency_calls(monkeypatch)
+    report = build_report(copy)
+    assert [batches for _, batches in calls] == [(8,)]  # that figure alone, timed again
+    assert all(isinstance(r["latency_ms"]["8"], float) for r in [*report["stages"], *report["artifacts"]])
+    assert json.loads(path.read_text())["entries"][key]["timing"]["median_ms"] != "0.001"
 
 
 def test_a_damaged_latency_cache_is_measured_afresh(timed_run, tmp_path, monkeypatch):

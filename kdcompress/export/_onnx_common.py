@@ -291,7 +291,7 @@ def _location(tensor) -> str:
 class OrtModule(nn.Module):
     """An onnxruntime CPU session as an ``nn.Module``: float tensor (N, ...) in, float32 logits tensor out.
 
-    ``threads`` fixes onnxruntime's intra-op thread count (spinning off, as kdc's OpenMP wait policy is),
+    ``threads`` fixes onnxruntime's intra-op thread count (spinning off, as OpenMP's is in kdc's timing process),
     so latencies are comparable with torch's at the same thread count; :meth:`set_threads` changes it.
     ``meta`` holds kdc's metadata from the file. The module has no parameters: the weights live in the
     session.
