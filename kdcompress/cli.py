@@ -688,11 +688,6 @@ def recipes_copy(
 
 def entry() -> None:
     """Console-script entry point (``kdc`` and ``python -m kdcompress``)."""
-    # OpenMP reads its wait policy once, when torch loads it, so it is set here, before any command imports
-    # torch. Its default lets waiting threads spin: on a busy machine they take the cores the work needs
-    # (resnet18 at batch 1 took 440 ms instead of 4 ms with 2 threads under load; PASSIVE avoided it).
-    # OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 
