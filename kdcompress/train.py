@@ -37,7 +37,7 @@ __all__ = ["fit", "evaluate", "device_words", "recalibrate_batchnorm", "has_batc
 _CHECK_EVERY = 10  # batches between the loss checks (and progress updates): one device sync each
 # Resume states are written after the first and the last epoch of a fit, and in between once this many seconds
 # have passed since the last one. Writing one every epoch (torch.save, fsync, rename) cost 1 % of a 0.4 s MLP
-# epoch and 7 % of a quickstart student's 60 ms one (scripts/epoch_overhead.py); a kill now loses at most this
+# epoch and 5 % of a quickstart student's 70 ms one (scripts/epoch_overhead.py); a kill now loses at most this
 # much training beyond the epoch in progress, and a resumed run still ends exactly as an uninterrupted one.
 # The Ctrl-C message (cli.py) and the README's "Interrupted runs" quote the 30 s.
 RESUME_SAVE_SECONDS = 30.0
