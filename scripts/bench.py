@@ -422,8 +422,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fashion-mnist-mini, 1 teacher epoch, 1 in-process epoch, one CLI round of 2 vs 3 epochs "
                         "(CI and tests: seconds, not a figure to quote)")
     p.add_argument("--dataset", choices=list(DATASETS), help="default: fashion-mnist (--quick: fashion-mnist-mini)")
-    p.add_argument("--data-root", default=None, help="data root for the in-process loops (default: $KDC_DATA, else "
-                   "kdc's cache dir; the CLI finds its data the same way)")
+    p.add_argument("--data-root", default=None, help="data root, in process and for the CLI (data.root) (default: "
+                   "$KDC_DATA, else kdc's cache dir)")
     p.add_argument("--epochs", type=int, help="in-process epochs (rounds) of (a), (b), (c) (default 5)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs, trained once by `kdc train-teacher` (default 2)")
     p.add_argument("--cli-epochs", type=int, help=f"N, the longer `kdc distill` run (default 12; vs {SHORT_EPOCHS})")
@@ -470,7 +470,8 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     section = DataSection(dataset=args.dataset, root=args.data_root, batch_size=args.batch_size)
     rss: dict[str, float] = {}
-    sets = [f"run.device={device}", *([f"run.threads={args.threads}"] if args.threads else [])]
+    sets = [f"run.device={device}", *([f"run.threads={args.threads}"] if args.threads else []),
+            *([f"data.root={args.data_root}"] if args.data_root else [])]
     # (a)'s data is written here (the mini set) and the CLI's run directories are copied here
     work = Path(tempfile.mkdtemp(prefix="kdc-bench-"))
     try:
