@@ -87,9 +87,9 @@ Run
 ---
 ::
 
-    python scripts/bench.py                  # full Fashion-MNIST; about 5 minutes on this project's 2-core CPU
+    python scripts/bench.py                  # full Fashion-MNIST; about 3.5 minutes on this project's 2-core CPU
     python scripts/bench.py --threads 2      # in-process torch threads and the CLI's run.threads
-    python scripts/bench.py --quick --json /tmp/bench.json    # fashion-mnist-mini, small: about 40 s (CI, tests)
+    python scripts/bench.py --quick --json /tmp/bench.json    # fashion-mnist-mini, small: about 30 s (CI, tests)
     python scripts/bench.py --device cuda
 
 Timings are wall-clock and move with whatever else runs on the machine:
@@ -146,7 +146,7 @@ AUGMENT = {"hflip": True, "crop_padding": 2}
 TARGET_NAIVE_CLI = 15.0
 TARGET_A_B = 15.0
 TARGET_B_C = 1.25
-FULL = {"dataset": "fashion-mnist", "epochs": 5, "teacher_epochs": 2, "cli_epochs": 12, "augment_epochs": 3,
+FULL = {"dataset": "fashion-mnist", "epochs": 5, "teacher_epochs": 2, "cli_epochs": 12, "augment_epochs": 4,
         "cli_rounds": 3}
 QUICK = {"dataset": "fashion-mnist-mini", "epochs": 1, "teacher_epochs": 1, "cli_epochs": 3, "augment_epochs": 3,
          "cli_rounds": 1}
@@ -386,10 +386,11 @@ Rows added by `python scripts/bench.py` (a full run; see its docstring for what 
 are median epochs; "CLI" is the marginal epoch of a whole `kdc distill` process (N vs 2 epochs, default
 environment), "naive" the seed document's loop, "kdc" and "CE" kdc's in-process training passes for
 distillation and cross-entropy, "augmented" the CLI's marginal epoch with data augmentation (teacher online).
-Targets: naive/CLI >= 15, kdc/CE <= 1.25. The JSON file holds every figure and the load averages.
+Targets: naive/CLI >= 15, kdc/CE <= 1.25. "load" is the 1-minute load average at the start and the end (the
+bench itself adds about 1-2); `+` after a commit: the tree differed from it. The JSON file holds every figure.
 
-| date | commit | dataset | CPU | threads | naive s | kdc s | CE s | CLI s | naive/CLI | naive/kdc | kdc/CE | augmented s | JSON |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| date | commit | dataset | CPU | threads | load | naive s | kdc s | CE s | CLI s | naive/CLI | naive/kdc | kdc/CE | augmented s | JSON |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 
@@ -400,7 +401,8 @@ def history_row(r: dict, json_path: Path | None, history: Path) -> str:
     if json_path is not None:
         link = f"[{json_path.name}]({os.path.relpath(json_path.resolve(), history.resolve().parent)})"
     cells = [r["date"][:16].replace("T", " "), f"`{commit}`", r["dataset"], f"{r['cpu_model']} ({r['cpu_count']} cores)",
-             str(r["torch_threads"]), f"{r['naive_median_epoch_seconds']:.2f}",
+             str(r["torch_threads"]), f"{r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f}",
+             f"{r['naive_median_epoch_seconds']:.2f}",
              f"{r['kdc_distill_median_epoch_seconds']:.3f}", f"{r['ce_median_epoch_seconds']:.3f}",
              f"{r['cli_marginal_epoch_seconds']:.3f}", f"{r['ratio_naive_cli']:.1f}", f"{r['ratio_a_b']:.1f}",
              f"{r['ratio_b_c']:.2f}", f"{r['augment_marginal_epoch_seconds']:.2f}", link]
@@ -427,7 +429,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="in-process epochs (rounds) of (a), (b), (c) (default 5)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs, trained once by `kdc train-teacher` (default 2)")
     p.add_argument("--cli-epochs", type=int, help=f"N, the longer `kdc distill` run (default 12; vs {SHORT_EPOCHS})")
-    p.add_argument("--augment-epochs", type=int, help=f"N for the augmented `kdc distill` (default 3; vs {SHORT_EPOCHS})")
+    p.add_argument("--augment-epochs", type=int, help=f"N for the augmented `kdc distill` (default 4; vs {SHORT_EPOCHS})")
     p.add_argument("--cli-rounds", type=int, help="rounds of CLI runs, one pair of each kind per round (default 3)")
     p.add_argument("--batch-size", type=int, default=128, help="in-process batch size (the recipe's: 128)")
     p.add_argument("--threads", type=int, default=None,
