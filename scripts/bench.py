@@ -87,7 +87,7 @@ Run
 ---
 ::
 
-    python scripts/bench.py                  # full Fashion-MNIST; about 3.5 minutes on this project's 2-core CPU
+    python scripts/bench.py                  # full Fashion-MNIST; about 3 minutes on this project's 2-core CPU
     python scripts/bench.py --threads 2      # in-process torch threads and the CLI's run.threads
     python scripts/bench.py --quick --json /tmp/bench.json    # fashion-mnist-mini, small: about 30 s (CI, tests)
     python scripts/bench.py --device cuda
