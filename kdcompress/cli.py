@@ -61,7 +61,7 @@ SetOpt = typer.Option(
 )
 ForceOpt = typer.Option(False, "--force", help="rerun stages even when their checkpoints are up to date")
 RestartOpt = typer.Option(
-    False, "--restart", help="start an interrupted stage over instead of resuming it from its last saved epoch"
+    False, "--restart", help="start an interrupted stage over instead of resuming it from its last completed epoch"
 )
 QuietOpt = typer.Option(
     False, "--quiet", "-q",
@@ -93,7 +93,7 @@ def main(
     _state["debug"] = debug
 
 
-# What Ctrl-C leaves behind in the commands that train nothing (the others keep their resume state)
+# What Ctrl-C leaves behind in the commands that train nothing (the others keep every completed epoch)
 _INTERRUPTED = {
     "export": "every artifact finished so far is kept, each written whole with its manifest; rerun the same "
               "command to go on",
@@ -124,8 +124,7 @@ def _friendly(func):
                 advice = "rerun the command without --force to resume (--restart or --force starts the stage over)"
             else:
                 advice = "rerun the same command to resume (--restart starts the stage over)"
-            err.print("[yellow]interrupted[/]: the stage's resume state is kept (saved after its first epoch, then after "
-                      f"an epoch once 30 s have passed since the last save); {advice}")
+            err.print(f"[yellow]interrupted[/]: every completed epoch is saved; {advice}")
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise

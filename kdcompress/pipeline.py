@@ -183,7 +183,7 @@ def _recipe_hint(recipe: Recipe) -> str:
 
 
 def resume_epoch(recipe: Recipe, stage: str, upstream: dict[str, str]) -> int | None:
-    """The epoch of the resume state an interrupted run of ``stage`` left, if the current recipe would resume it, else None.
+    """The last completed epoch of an interrupted run of ``stage`` that the current recipe would resume, else None.
 
     A resume state made from another recipe (another fingerprint) is not counted: the stage starts over.
     """
@@ -212,7 +212,7 @@ def stage_status(recipe: Recipe, stage: str) -> StageStatus:
     upstream = _upstream_fingerprints(recipe, stage)  # up to date, just checked: no second walk up the stages
     epoch = resume_epoch(recipe, stage, upstream)
     if epoch is not None:
-        return StageStatus(stage, False, f"an interrupted run left its resume state after epoch {epoch}; it resumes from there "
+        return StageStatus(stage, False, f"an interrupted run stopped after epoch {epoch}; it resumes from there "
                            f"(--restart starts it over)")
     if not path.is_file() and not manifest_path(path).is_file():
         return StageStatus(stage, False, f"no checkpoint at {path}")

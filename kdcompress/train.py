@@ -35,12 +35,6 @@ from .recipe import TrainSettings
 __all__ = ["fit", "evaluate", "device_words", "recalibrate_batchnorm", "has_batchnorm", "Hook", "make_optimizer", "make_scheduler", "resolve_device", "seed_everything", "Runtime"]
 
 _CHECK_EVERY = 10  # batches between the loss checks (and progress updates): one device sync each
-# Resume states are written after the first and the last epoch of a fit, and in between once this many seconds
-# have passed since the last one. Writing one every epoch (torch.save, fsync, rename) cost 1 % of a 0.4 s MLP
-# epoch and 5 % of a quickstart student's 70 ms one (scripts/epoch_overhead.py); a kill now loses at most this
-# much training beyond the epoch in progress, and a resumed run still ends exactly as an uninterrupted one.
-# The Ctrl-C message (cli.py) and the README's "Interrupted runs" quote the 30 s.
-RESUME_SAVE_SECONDS = 30.0
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -338,18 +332,18 @@ class _Tally:
         return f"loss {self.loss_sum / max(1, self.seen):.4f} acc {self.correct / max(1, self.seen):.3f}"
 
 
-def _check_losses(tally: _Tally, loop: _Loop, epoch: int) -> None:
+def _check_losses(tally: _Tally, step: int, epoch: int, batches_per_epoch: int, stage: str,
+                  settings: TrainSettings, state_path: Path | None) -> None:
     """Flush ``tally``; a NaN or infinite loss stops training with the epoch and step it happened at."""
     bad = tally.flush()
     if bad is None:
         return
     back, value = bad
-    bad_step = loop.step - back  # global 0-based index of the failing batch
-    saved = loop.saved_epoch  # resume states are saved by time, so it may be older than the last epoch
-    kept = f"; the last good state (epoch {saved}) is kept in {loop.state_path}" if loop.state_path and saved else ""
+    bad_step = step - back  # global 0-based index of the failing batch
+    kept = f"; the last good state (epoch {epoch}) is kept in {state_path}" if state_path and epoch else ""
     raise KdcError(
-        f"{loop.stage}: the loss became {value} at epoch {epoch + 1}, step {bad_step % loop.batches_per_epoch + 1} "
-        f"of {loop.batches_per_epoch}; lower the learning rate ({loop.settings.lr}) or check the data{kept}"
+        f"{stage}: the loss became {value} at epoch {epoch + 1}, step {bad_step % batches_per_epoch + 1} "
+        f"of {batches_per_epoch}; lower the learning rate ({settings.lr}) or check the data{kept}"
     )
 
 
@@ -391,13 +385,11 @@ def fit(
     split if there is one, else on the test split for the learning curve only;
     nothing here picks a checkpoint by test accuracy.
 
-    With ``state_path``, everything needed to go on (model, optimiser,
-    schedule, hook state such as pruning masks or a structured pruning
-    history, RNG states, metrics so far) is saved after the first and the
-    last epoch, and after any epoch that ends :data:`RESUME_SAVE_SECONDS` or
-    more after the last save; a later call with the same ``state_tag``
-    resumes after the saved epoch and ends with the same result as an
-    uninterrupted run.
+    With ``state_path``, every epoch ends by saving everything needed to go
+    on (model, optimiser, schedule, hook state such as pruning masks or a
+    structured pruning history, RNG states, metrics so far); a later call
+    with the same ``state_tag`` resumes after the last completed epoch and
+    ends with the same result as an uninterrupted run.
 
     A hook whose :meth:`Hook.on_batch_start` returns True has changed the
     model's parameters (structured pruning replaces them with smaller ones);
@@ -436,7 +428,6 @@ def fit(
     if metrics_path is not None and main:  # the metrics file always matches the epochs the model has seen
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in loop.history))
     eval_name, eval_data = data.eval_split
-    last_save = time.perf_counter()
     with progress.stage(stage, settings.epochs, first_epoch, loop.batches_per_epoch):
         for epoch in range(first_epoch, settings.epochs):
             started = time.perf_counter()
@@ -462,11 +453,8 @@ def fit(
             for hook in loop.hooks:
                 record.update(hook.epoch_metrics())
             loop.history.append(record)
-            due = epoch == first_epoch or epoch + 1 == settings.epochs or (
-                time.perf_counter() - last_save >= RESUME_SAVE_SECONDS)
-            if state_path is not None and main and due:
+            if state_path is not None and main:
                 _save_epoch_state(loop, epoch + 1)
-                last_save = time.perf_counter()
             if metrics_path is not None and main:
                 append_jsonl(metrics_path, record)
             for hook in loop.hooks:
@@ -502,7 +490,6 @@ class _Loop:
     scheduler: object = None
     step: int = 0  # global batch index, counted over all epochs
     history: list[dict] = field(default_factory=list)
-    saved_epoch: int = 0  # the epochs the resume state on disk holds (0: none)
 
 
 def _prepare(loop: _Loop) -> None:
@@ -550,7 +537,6 @@ def _restore(loop: _Loop, state: dict | None) -> int:
     loop.scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     loop.history, loop.step = list(state["history"]), state["step"]
-    loop.saved_epoch = state["epoch"]
     return state["epoch"]
 
 
@@ -580,7 +566,7 @@ def _train_epoch(
 ) -> tuple[float, float, float, _Tally]:
     """One pass over the training split; returns (loss sum, correct, samples) summed over all ranks, and this
     rank's tally (its first and largest batch loss)."""
-    device, runtime = loop.device, loop.runtime
+    settings, device, runtime = loop.settings, loop.device, loop.runtime
     cuda = device.type == "cuda"
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if cuda and runtime.precision == "bf16" else contextlib.nullcontext()
@@ -613,10 +599,10 @@ def _train_epoch(
         loop.step += 1
         tally.add(loss, logits, y)
         if tally.pending >= _CHECK_EVERY:
-            _check_losses(tally, loop, epoch)
+            _check_losses(tally, loop.step, epoch, loop.batches_per_epoch, loop.stage, settings, loop.state_path)
             if loop.main:
                 progress.advance(loop.step - epoch_start_step, tally.status())
-    _check_losses(tally, loop, epoch)
+    _check_losses(tally, loop.step, epoch, loop.batches_per_epoch, loop.stage, settings, loop.state_path)
     loss_sum, correct, seen = distributed.all_reduce_sum([tally.loss_sum, tally.correct, float(tally.seen)], device)
     return loss_sum, correct, seen, tally
 
@@ -637,4 +623,3 @@ def _save_epoch_state(loop: _Loop, epochs_done: int) -> None:
             "history": loop.history,
         },
     )
-    loop.saved_epoch = epochs_done

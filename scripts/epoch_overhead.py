@@ -23,7 +23,7 @@ An epoch's wall time runs from one ``begin_epoch`` to the next, so the last
 epoch is not timed. ``train_seconds`` is ``fit``'s own figure for the
 training pass. Means over the stage's epochs but the first (it warms caches
 and allocators) and the last (no epoch starts after it): a piece that does not
-run every epoch (the resume state is saved by time) counts at its average.
+run every epoch counts at its average.
 TensorBoard (``report.tensorboard``, off by default) is not timed: its package
 is not installed on this project's machine.
 

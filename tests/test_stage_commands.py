@@ -116,7 +116,7 @@ def test_status_of_a_stage_with_an_interrupted_run_is_not_up_to_date(in_tmp, wri
     fail_training("teacher", epoch=2, batch=3)
     kdc.assert_clean_exit(kdc("train-teacher", "recipe.yaml", "--force"), 130)
     status = stage_status(load_recipe(path), "teacher")
-    assert not status.done and "interrupted run left its resume state after epoch 1" in status.reason
+    assert not status.done and "interrupted run stopped after epoch 1" in status.reason
 
 
 def test_a_skipped_stage_puts_back_the_metrics_that_describe_its_checkpoint(in_tmp, write_recipe, kdc,
