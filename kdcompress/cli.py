@@ -686,11 +686,19 @@ def recipes_copy(
     err.print(f"copied the '{name}' recipe to {target}; run it with `kdc run {target}`")
 
 
+TRAIN_SPINCOUNT = "10000"  # libgomp's GOMP_SPINCOUNT for the kdc process: see entry()
+
+
 def entry() -> None:
     """Console-script entry point (``kdc`` and ``python -m kdcompress``)."""
-    # No OpenMP wait policy is set here: training small models runs many short parallel regions, and threads
-    # made to sleep (PASSIVE) pay a wake-up on each (an MLP's epoch took 2.6x as long). Latency, which needs
+    # Training small models runs many short parallel regions: threads made to sleep at once (PASSIVE) pay a
+    # wake-up on each (an MLP's epoch took 0.92 s instead of 0.38 s), while libgomp's default spin (300,000
+    # turns) holds a core another process needs (4 to 14 s an epoch with one core busy). Spinning 10,000
+    # turns keeps the quiet speed (0.38 s) and gives back most of the busy one (2.0 s; PASSIVE 0.8 s):
+    # scripts/bench_train_policy.py. A wait policy or spin count you set is left alone. Latency, which needs
     # sleeping threads on a busy machine, is timed in its own process (kdcompress.timing).
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", TRAIN_SPINCOUNT)
     app()
 
 

@@ -41,7 +41,7 @@ from .export import load_artifact
 from .measure import LATENCY_ROUNDS, interleaved_latencies
 from .models import add_import_dir, build_from_checkpoint, import_dirs
 
-__all__ = ["ModelFile", "time_in_child", "WAIT_POLICY", "KINDS"]
+__all__ = ["ModelFile", "time_in_child", "child_env", "WAIT_POLICY", "KINDS"]
 
 WAIT_POLICY = "PASSIVE"  # the OpenMP wait policy the timing process starts with
 KINDS = ("checkpoint", "artifact")
@@ -67,6 +67,12 @@ class ModelFile:
     where: str
 
 
+def child_env() -> dict[str, str]:
+    """The timing process's environment: this one's with ``OMP_WAIT_POLICY=PASSIVE``, and without the
+    ``GOMP_SPINCOUNT`` that training may run with (:func:`kdcompress.cli.entry`), which would override PASSIVE's 0."""
+    return {**{k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}, "OMP_WAIT_POLICY": WAIT_POLICY}
+
+
 def time_in_child(
     files: Mapping[str, ModelFile], sets: Sequence[tuple[int, Sequence[str]]], threads: int,
     rounds: int = LATENCY_ROUNDS, min_run_time: float = 0.5,
@@ -87,7 +93,7 @@ def time_in_child(
         "min_run_time": float(min_run_time),
         "import_dirs": import_dirs(),
     }
-    env = {**os.environ, "OMP_WAIT_POLICY": WAIT_POLICY}
+    env = child_env()
     done = subprocess.run(
         [sys.executable, "-I", "-c", _CHILD, json.dumps(_import_path())], input=json.dumps(request), env=env,
         capture_output=True, text=True,

@@ -407,17 +407,21 @@ def test_report_latency_keys_in_the_recipe():
             parse_recipe(text)
 
 
-def test_kdc_command_leaves_the_openmp_wait_policy_to_the_user(monkeypatch):
-    """Training runs with OpenMP's default (or the user's) wait policy; latency is timed in its own process."""
+def test_kdc_command_bounds_the_openmp_spin_for_training_unless_the_user_chose(monkeypatch):
+    """Training spins 10,000 turns (scripts/bench_train_policy.py); a policy or spin count the user set is kept."""
     from kdcompress import cli
 
     seen = []
-    monkeypatch.setattr(cli, "app", lambda: seen.append(os.environ.get("OMP_WAIT_POLICY")))
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    cli.entry()
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    cli.entry()
-    assert seen == [None, "ACTIVE"]
+    monkeypatch.setattr(cli, "app", lambda: seen.append(
+        (os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"))))
+    for policy, spin in ((None, None), ("ACTIVE", None), (None, "500")):
+        for name, value in (("OMP_WAIT_POLICY", policy), ("GOMP_SPINCOUNT", spin)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        cli.entry()
+    assert seen == [(None, "10000"), ("ACTIVE", None), (None, "500")]
 
 
 def test_latency_is_a_median_with_its_spread_and_a_fixed_thread_count():

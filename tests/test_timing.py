@@ -4,6 +4,7 @@ process starts with OMP_WAIT_POLICY=PASSIVE, and that process builds only what t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from kdcompress import models
 from kdcompress.checkpoint import read_manifest, save_checkpoint
 from kdcompress.errors import KdcError
 from kdcompress.models import MLP, model_spec
-from kdcompress.timing import ModelFile, time_in_child
+from kdcompress.timing import ModelFile, child_env, time_in_child
 
 MARKER_MODULE = """\
 import pathlib
@@ -56,6 +57,12 @@ def test_the_timing_process_waits_passively_whatever_the_calling_process_has(tmp
     assert [sorted(t) for t in timed] == [["small", "wide"], ["wide"]]
     assert {t["runs"] for t in timed[0].values()} == {3} and timed[1]["wide"]["batch"] == 4
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # this process's environment is left as it was
+
+
+def test_the_timing_process_does_not_inherit_the_training_spin_count(monkeypatch):
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")  # what cli.entry gives training: it would override PASSIVE's 0
+    env = child_env()
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in env
 
 
 def test_the_timing_process_builds_no_model_but_the_one_the_report_named(tmp_path, monkeypatch):
@@ -103,7 +110,7 @@ from kdcompress.models import MLP
 
 
 def build(num_classes, input_shape, hidden=(16,)):
-    pathlib.Path("policy.json").write_text(json.dumps(os.environ.get("OMP_WAIT_POLICY")))
+    pathlib.Path("policy.json").write_text(json.dumps([os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")]))
     return MLP(input_shape, num_classes, list(hidden))
 """
 
@@ -113,10 +120,11 @@ def test_kdc_trains_with_the_openmp_wait_policy_it_was_started_with(tmp_path):
     (tmp_path / "probe.py").write_text(PROBE)
     recipe = _deep_merge(TINY_RECIPE, {"teacher": {"model": "probe:build", "args": {"hidden": [16]}, "epochs": 1}})
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    env = {k: v for k, v in subprocess_env().items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in subprocess_env().items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(models.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-m", "kdcompress", "train-teacher", "recipe.yaml", "--quiet"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "policy.json").read_text() == "null"  # unset: OpenMP's default, spinning a while
+    # no policy: OpenMP's default, spinning 10,000 turns (cli.entry) rather than its 300,000
+    assert json.loads((tmp_path / "policy.json").read_text()) == [None, "10000"]
 
