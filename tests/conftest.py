@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -275,3 +276,11 @@ def subprocess_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
+
+
+def working_copy(source: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A private copy of ``source`` (a finished run's folder, made once per module), made the working directory."""
+    work = tmp_path / "work"
+    shutil.copytree(source, work)
+    monkeypatch.chdir(work)
+    return work

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import working_copy
 from kdcompress.checkpoint import save_state
 from kdcompress.errors import CheckpointError
 
@@ -84,10 +84,7 @@ def teacher_done(fresh_run, tiny_recipe_text):
 @pytest.fixture
 def teacher_run(teacher_done, tmp_path, monkeypatch):
     """A private copy of teacher_done, made the working directory."""
-    work = tmp_path / "work"
-    shutil.copytree(teacher_done, work)
-    monkeypatch.chdir(work)
-    return work
+    return working_copy(teacher_done, tmp_path, monkeypatch)
 
 
 # --------------------------------------------------------------------------- the report files, as a set

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import subprocess_env
+from conftest import subprocess_env, working_copy
 
 RUN = Path("runs") / "tiny"
 LOCK_FILE = ".kdc.lock"  # kdcompress.runlock.LOCK_FILE, spelt out: the CLI tests hold on code without it too
@@ -82,10 +81,7 @@ def tiny_done(fresh_run, tiny_recipe_text):
 @pytest.fixture
 def tiny_run(tiny_done, tmp_path, monkeypatch):
     """A private copy of tiny_done, made the working directory."""
-    work = tmp_path / "work"
-    shutil.copytree(tiny_done, work)
-    monkeypatch.chdir(work)
-    return work
+    return working_copy(tiny_done, tmp_path, monkeypatch)
 
 
 def _files(root: Path) -> dict[str, bytes]:

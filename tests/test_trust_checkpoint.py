@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import kdc_in_child, subprocess_env, working_copy
 
-from conftest import kdc_in_child, subprocess_env
 from kdcompress.checkpoint import load_checkpoint, save_checkpoint
 from kdcompress.errors import CheckpointError
 
@@ -101,10 +101,7 @@ def full_run(fresh_run, tiny_recipe_text):
 
 @pytest.fixture
 def copy(full_run, tmp_path, monkeypatch):
-    work = tmp_path / "copy"
-    shutil.copytree(full_run, work)
-    monkeypatch.chdir(work)
-    return work
+    return working_copy(full_run, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("key, value", [("test_samples", "2000"), ("seconds", [1]), ("channel_sparsity", "c"),

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_RECIPE, _deep_merge, working_copy
 
-from conftest import TINY_RECIPE, _deep_merge
 from kdcompress import models
 from kdcompress.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from kdcompress.errors import ArtifactError
@@ -68,10 +68,7 @@ def fresh_import_path(monkeypatch):
 @pytest.fixture
 def work(exported, tmp_path, monkeypatch):
     """A private copy of the exported run's folder, made the working directory."""
-    dest = tmp_path / "work"
-    shutil.copytree(exported, dest)
-    monkeypatch.chdir(dest)
-    return dest
+    return working_copy(exported, tmp_path, monkeypatch)
 
 
 def drop_module(marker: Path, *folders: Path) -> str:
