@@ -64,5 +64,3 @@ def value_children(value: Any) -> list[tuple[Any, Any]]:
 def value_size(value: Any) -> int:
     """A plain value's own size: 1, plus its length for text and bytes."""
     return 1 + len(value) if isinstance(value, (str, bytes)) else 1
-
-

@@ -235,9 +235,9 @@ def atomic_write_files(files: dict[Path, str | bytes]) -> None:
     def writer(data: bytes):
         return lambda fh: fh.write(data)
 
-    _atomic_write_many([
-        (Path(path), writer(data.encode("utf-8") if isinstance(data, str) else data)) for path, data in files.items()
-    ])
+    _atomic_write_many(
+        [(Path(path), writer(data.encode("utf-8") if isinstance(data, str) else data)) for path, data in files.items()]
+    )
 
 
 def remove_stale_temp_files(folder: Path, within: Path) -> None:
@@ -368,7 +368,9 @@ def read_manifest(path: Path) -> dict:
             f"stage with --force"
         ) from None
     except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):  # inf, deep nesting
-        raise CheckpointError(f"the manifest {mpath} is damaged; delete it and {path.name}, or rerun with --force") from None
+        raise CheckpointError(
+            f"the manifest {mpath} is damaged; delete it and {path.name}, or rerun with --force"
+        ) from None
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint not found: {path} (its manifest {mpath.name} is there); rerun the stage with --force to "
@@ -439,8 +441,9 @@ def refuse_oversized(data: Any, where: str, fix: str) -> None:
     """
     parts = [((), data, MAX_CHECKPOINT_VALUES)]
     if isinstance(data, dict):
-        parts += [((key,), data[key], MAX_RECIPE_VALUES) for key in ("recipe", "inputs", "arch", "preprocess")
-                  if key in data]
+        parts += [
+            ((key,), data[key], MAX_RECIPE_VALUES) for key in ("recipe", "inputs", "arch", "preprocess") if key in data
+        ]
     for prefix, part, limit in parts:
         found = first_oversized(part, value_children, value_size, limit)
         if found is not None:
@@ -452,14 +455,33 @@ def refuse_oversized(data: Any, where: str, fix: str) -> None:
 
 # the entries of a stage checkpoint that kdc reads, by type; None stands for an entry older checkpoints lack
 _ENTRY_TYPES = {
-    "stage": str, "arch": dict, "state_dict": dict, "metrics": dict, "fingerprint": str, "recipe": dict,
-    "inputs": dict, "history": list, "dataset": str, "preprocess": dict, "structure": list,
+    "stage": str,
+    "arch": dict,
+    "state_dict": dict,
+    "metrics": dict,
+    "fingerprint": str,
+    "recipe": dict,
+    "inputs": dict,
+    "history": list,
+    "dataset": str,
+    "preprocess": dict,
+    "structure": list,
 }
 _REQUIRED_ENTRIES = ("arch", "state_dict", "metrics")
 # the metrics kdc writes and reads back as numbers (absent or None in older checkpoints), and as text
 _NUMBER_METRICS = (
-    "test_accuracy", "test_loss", "test_samples", "seconds", "epochs", "params", "nonzero_params", "sparsity",
-    "channel_sparsity", "target_sparsity", "pruning_steps", "bn_recalibrate_batches",
+    "test_accuracy",
+    "test_loss",
+    "test_samples",
+    "seconds",
+    "epochs",
+    "params",
+    "nonzero_params",
+    "sparsity",
+    "channel_sparsity",
+    "target_sparsity",
+    "pruning_steps",
+    "bn_recalibrate_batches",
 )
 _TEXT_METRICS = ("train_device", "supplied_from", "supplied_format", "pretrained_from")
 

@@ -61,24 +61,40 @@ def check_recipe(recipe: Recipe) -> list[str]:
             f"{exc} (batches per epoch: {train_size:,} training samples of {recipe.data.dataset} in batches of "
             f"{recipe.data.batch_size})"
         ) from None
-    return [
-        f"run directory: {recipe.run_dir}",
-        f"data: {recipe.data.dataset}, batch {recipe.data.batch_size}, {bpe} batches per epoch",
-        (f"teacher: supplied: {recipe.teacher.checkpoint} ({counts['teacher']:,} parameters), not trained"
-         if recipe.teacher.checkpoint else
-         f"teacher: {recipe.teacher.model} ({counts['teacher']:,} parameters), {recipe.teacher.epochs} epochs"
-         + (", from torchvision's pretrained weights" if recipe.teacher.pretrained else "")),
-        f"student: {recipe.student.model} ({counts['student']:,} parameters), {recipe.distill.epochs} epochs "
-        f"({_loss_words(recipe.distill)})"
-        + (", plus a cross-entropy baseline" if recipe.student.baseline else ""),
-        (f"prune: structured ({p.scope}, by {p.importance}), removing {p.target_sparsity:.0%} of the prunable "
-         f"channels, {p.epochs} epochs of retraining" if p.method == "structured" else
-         f"prune: {p.scope} magnitude to sparsity {p.target_sparsity}, {p.epochs} epochs of retraining"),
-        f"prune schedule: {schedule.describe()}",
-    ] + ([f"export: {', '.join(recipe.export.formats)} of the {recipe.export.stage} stage, to "
-          f"{recipe.run_dir / 'export'}"] if recipe.export.formats else []) + (
-        [f"tensorboard: scalars every epoch in {recipe.run_dir / 'tensorboard'}/<stage>"]
-        if recipe.report.tensorboard else [])
+    return (
+        [
+            f"run directory: {recipe.run_dir}",
+            f"data: {recipe.data.dataset}, batch {recipe.data.batch_size}, {bpe} batches per epoch",
+            (
+                f"teacher: supplied: {recipe.teacher.checkpoint} ({counts['teacher']:,} parameters), not trained"
+                if recipe.teacher.checkpoint
+                else f"teacher: {recipe.teacher.model} ({counts['teacher']:,} parameters), {recipe.teacher.epochs} epochs"
+                + (", from torchvision's pretrained weights" if recipe.teacher.pretrained else "")
+            ),
+            f"student: {recipe.student.model} ({counts['student']:,} parameters), {recipe.distill.epochs} epochs "
+            f"({_loss_words(recipe.distill)})" + (", plus a cross-entropy baseline" if recipe.student.baseline else ""),
+            (
+                f"prune: structured ({p.scope}, by {p.importance}), removing {p.target_sparsity:.0%} of the prunable "
+                f"channels, {p.epochs} epochs of retraining"
+                if p.method == "structured"
+                else f"prune: {p.scope} magnitude to sparsity {p.target_sparsity}, {p.epochs} epochs of retraining"
+            ),
+            f"prune schedule: {schedule.describe()}",
+        ]
+        + (
+            [
+                f"export: {', '.join(recipe.export.formats)} of the {recipe.export.stage} stage, to "
+                f"{recipe.run_dir / 'export'}"
+            ]
+            if recipe.export.formats
+            else []
+        )
+        + (
+            [f"tensorboard: scalars every epoch in {recipe.run_dir / 'tensorboard'}/<stage>"]
+            if recipe.report.tensorboard
+            else []
+        )
+    )
 
 
 def _loss_words(d) -> str:
@@ -86,8 +102,10 @@ def _loss_words(d) -> str:
     if d.loss == "kd":
         return f"T={d.temperature}, alpha={d.alpha}" + _feature_words(d)
     if d.loss == "dkd":
-        return (f"DKD, T={d.temperature}, alpha={d.dkd_alpha}, beta={d.dkd_beta}, warm-up "
-                f"{min(d.dkd_warmup, d.epochs)} epochs") + _feature_words(d)
+        return (
+            f"DKD, T={d.temperature}, alpha={d.dkd_alpha}, beta={d.dkd_beta}, warm-up "
+            f"{min(d.dkd_warmup, d.epochs)} epochs"
+        ) + _feature_words(d)
     return f"loss {d.loss}" + (f" with args {d.loss_args}" if d.loss_args else "") + _feature_words(d)
 
 
@@ -113,8 +131,11 @@ def check_feature_terms(terms, teacher: torch.nn.Module, student: torch.nn.Modul
             except ModelError as exc:
                 problems.append(f"distill.features.{i}.{side}: {exc}")
     if problems:
-        raise ModelError(problems[0] if len(problems) == 1 else f"{len(problems)} problems with distill.features:\n"
-                         + "\n".join(f"  {p}" for p in problems))
+        raise ModelError(
+            problems[0]
+            if len(problems) == 1
+            else f"{len(problems)} problems with distill.features:\n" + "\n".join(f"  {p}" for p in problems)
+        )
     x = torch.zeros(2, *input_shape, device=device)
     with torch.no_grad():
         with FeatureTaps(teacher.eval(), {t.teacher for t in terms}, "the teacher") as t_taps:
@@ -132,11 +153,16 @@ def check_feature_terms(terms, teacher: torch.nn.Module, student: torch.nn.Modul
             else:
                 make_adapter(s, t)
         except ValueError as exc:
-            problems.append(f"distill.features.{i} ({term.loss}, student {term.student} -> teacher {term.teacher}): {exc}")
+            problems.append(
+                f"distill.features.{i} ({term.loss}, student {term.student} -> teacher {term.teacher}): {exc}"
+            )
         pairs.append((s, t))
     if problems:
-        raise ModelError(problems[0] if len(problems) == 1 else f"{len(problems)} problems with distill.features:\n"
-                         + "\n".join(f"  {p}" for p in problems))
+        raise ModelError(
+            problems[0]
+            if len(problems) == 1
+            else f"{len(problems)} problems with distill.features:\n" + "\n".join(f"  {p}" for p in problems)
+        )
     return pairs
 
 

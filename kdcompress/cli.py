@@ -64,11 +64,14 @@ RestartOpt = typer.Option(
     False, "--restart", help="start an interrupted stage over instead of resuming it from its last completed epoch"
 )
 QuietOpt = typer.Option(
-    False, "--quiet", "-q",
+    False,
+    "--quiet",
+    "-q",
     help="for scripts: print errors and the final summary only (no progress, epoch lines or per-stage messages)",
 )
 TrustOpt = typer.Option(
-    False, "--trust-code",
+    False,
+    "--trust-code",
     help="RECIPE is a run directory you trust: import the code its recipe.yaml names (your own models, datasets or "
     "losses); without it, kdc refuses to, since a run directory is data anyone who can write there may have changed",
 )
@@ -96,7 +99,7 @@ def main(
 # What Ctrl-C leaves behind in the commands that train nothing (the others keep every completed epoch)
 _INTERRUPTED = {
     "export": "every artifact finished so far is kept, each written whole with its manifest; rerun the same "
-              "command to go on",
+    "command to go on",
     "report": "no stage or artifact of the run was changed; rerun the same command to make the report",
 }
 
@@ -156,8 +159,13 @@ def _recipe_file(recipe: Optional[Path]) -> Optional[Path]:
     if not recipe.exists() and recipe.stem in shipped_recipes():
         raise RecipeError(
             str(recipe),
-            [Problem("", f"recipe file not found; '{recipe.stem}' is a recipe shipped with kdc: "
-                         f"`kdc recipes copy {recipe.stem}` copies it here as {recipe.stem}.yaml")],
+            [
+                Problem(
+                    "",
+                    f"recipe file not found; '{recipe.stem}' is a recipe shipped with kdc: "
+                    f"`kdc recipes copy {recipe.stem}` copies it here as {recipe.stem}.yaml",
+                )
+            ],
         )
     return recipe
 
@@ -177,12 +185,14 @@ def _load(recipe: Optional[Path], overrides: Optional[List[str]], trust_code: bo
         # a run directory stays where it is, even moved or copied from where its recipe.yaml says runs go
         where = [f"run.out_dir={recipe.resolve().parent}", f"run.name={recipe.resolve().name}"]
     in_run_dir = path is not None and path.name == "recipe.yaml" and (path.parent / "kdc-run.json").is_file()
-    loaded = load_recipe(path, where + list(overrides or []), import_folder=not in_run_dir,
-                         import_code=trust_code or not in_run_dir)
+    loaded = load_recipe(
+        path, where + list(overrides or []), import_folder=not in_run_dir, import_code=trust_code or not in_run_dir
+    )
     if in_run_dir and not trust_code:
         typed = {item.partition("=")[0].strip() for item in overrides or []}  # set on the command line: the user's
-        refuse_untrusted_code(loaded, path, [key for key in CODE_KEYS if key not in typed],
-                              [key for key in FILE_KEYS if key not in typed])
+        refuse_untrusted_code(
+            loaded, path, [key for key in CODE_KEYS if key not in typed], [key for key in FILE_KEYS if key not in typed]
+        )
     object.__setattr__(loaded, "_source", str(recipe) if recipe else "")
     object.__setattr__(loaded, "_overrides", tuple(overrides or ()))
     return loaded
@@ -216,14 +226,25 @@ def _add_stage_command(stage) -> None:
             if kwargs.get(option) is not None:  # checked with the recipe, so a bad value gets its message
                 value = kwargs[option]
                 overrides.append(f"{key}={value!r}" if kind is float else f"{key}={value}")
-        _stage_command(stage.name, kwargs["recipe"], overrides, kwargs["force"], kwargs["restart"], kwargs["quiet"],
-                       kwargs["trust_code"])
+        _stage_command(
+            stage.name,
+            kwargs["recipe"],
+            overrides,
+            kwargs["force"],
+            kwargs["restart"],
+            kwargs["quiet"],
+            kwargs["trust_code"],
+        )
 
     keyword = inspect.Parameter.KEYWORD_ONLY
     params = [inspect.Parameter("recipe", keyword, default=RecipeArg, annotation=Optional[Path])]
     params += [
-        inspect.Parameter(option, keyword, annotation=Optional[kind],
-                          default=typer.Option(None, f"--{option}", help=f"{text} (sets {key})"))
+        inspect.Parameter(
+            option,
+            keyword,
+            annotation=Optional[kind],
+            default=typer.Option(None, f"--{option}", help=f"{text} (sets {key})"),
+        )
         for option, key, text, kind in stage.options
     ]
     params += [
@@ -260,7 +281,10 @@ def run(
         1, "--nproc", min=1, help="train with N processes (torch.distributed: gloo on CPU, nccl on CUDA)"
     ),
     seeds: Optional[int] = typer.Option(
-        None, "--seeds", min=1, show_default=False,
+        None,
+        "--seeds",
+        min=1,
+        show_default=False,
         help="run N seeds, run.seed to run.seed+N-1 (sets run.seeds): the teacher is trained once, every other "
         "stage per seed, in <run dir>/seeds/seed-S; the report gives mean ± std",
     ),
@@ -283,11 +307,20 @@ def run(
         loaded = load(recipe, set_)
     if len(loaded.run.seeds) > 1:
         if nproc > 1 or distributed.launched_by_torchrun():
-            raise KdcError("--seeds (run.seeds) runs one process per seed for now; drop --nproc, or run each seed "
-                           "with --set run.seed=S --set teacher.seed=FIRST")
+            raise KdcError(
+                "--seeds (run.seeds) runs one process per seed for now; drop --nproc, or run each seed "
+                "with --set run.seed=S --set teacher.seed=FIRST"
+            )
         with lock_run_dir(loaded.run_dir):  # one writer from the first seed to the report
-            first = run_seeds(recipe, list(set_ or []), list(loaded.run.seeds), force=force, restart=restart,
-                              console=_chatter(quiet), load=load)
+            first = run_seeds(
+                recipe,
+                list(set_ or []),
+                list(loaded.run.seeds),
+                force=force,
+                restart=restart,
+                console=_chatter(quiet),
+                load=load,
+            )
             _report(first.run_dir, recipe=first)
         return
     if nproc > 1 and not distributed.launched_by_torchrun():
@@ -301,12 +334,21 @@ def run(
         distributed.shutdown()
 
 
-def _launch(nproc: int, recipe, overrides, force: bool, restart: bool, quiet: bool = False,
-            trust_code: bool = False) -> int:
+def _launch(
+    nproc: int, recipe, overrides, force: bool, restart: bool, quiet: bool = False, trust_code: bool = False
+) -> int:
     """Start ``torchrun --standalone --nproc_per_node=N -m kdcompress run ...``; return its exit code."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "kdcompress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "kdcompress",
+    ]
     cmd += ["--debug"] if _state["debug"] else []
     cmd += ["run"] + ([str(recipe)] if recipe else [])
     for item in overrides or []:
@@ -406,8 +448,10 @@ def _compare_reports(
         _stdout().print(_comparison_table(comparison))
     else:
         _stdout_text(texts[fmt])
-    err.print(f"compared {len(run_dirs)} runs: wrote {out_dir / 'report.md'}, {out_dir / 'report.json'} and "
-              f"{out_dir / 'report.html'}")
+    err.print(
+        f"compared {len(run_dirs)} runs: wrote {out_dir / 'report.md'}, {out_dir / 'report.json'} and "
+        f"{out_dir / 'report.html'}"
+    )
     if open_:
         _open_in_browser(out_dir / "report.html")
 
@@ -427,7 +471,8 @@ def _comparison_table(comparison: dict):
             table.add_row(r["run"], r["label"], "refused", "", "", "")
             continue
         table.add_row(
-            r["run"], r["label"] + (" (stale)" if r["stale"] else ""),
+            r["run"],
+            r["label"] + (" (stale)" if r["stale"] else ""),
             "" if r["accuracy"] is None else f"{r['accuracy'] * 100:.2f}",
             "" if r["bytes"] is None else f"{r['bytes']:,}",
             "" if r["nonzero_params"] is None else f"{r['nonzero_params']:,}",
@@ -441,10 +486,15 @@ def _comparison_table(comparison: dict):
 def export(
     recipe: Optional[Path] = RecipeArg,
     format_: Optional[List[str]] = typer.Option(
-        None, "--format", "-f", help="sparse, shared, int8 or onnx; repeat it for several (default: export.formats)",
+        None,
+        "--format",
+        "-f",
+        help="sparse, shared, int8 or onnx; repeat it for several (default: export.formats)",
         show_default=False,
     ),
-    stage: Optional[str] = typer.Option(None, "--stage", help="the stage to export (sets export.stage; default pruned)"),
+    stage: Optional[str] = typer.Option(
+        None, "--stage", help="the stage to export (sets export.stage; default pruned)"
+    ),
     bits: Optional[int] = typer.Option(None, "--bits", help="shared: bits per weight index, 2 to 8 (sets export.bits)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="sparse: fp16 or fp32 non-zeros (sets export.dtype)"),
     set_: Optional[List[str]] = SetOpt,
@@ -477,13 +527,19 @@ def export(
 def sweep(
     recipe: Optional[Path] = RecipeArg,
     grid: List[str] = typer.Option(
-        ..., "--grid", "-g", help="KEY.PATH=V1,V2,...: values to try; repeat for more keys (every combination runs)",
+        ...,
+        "--grid",
+        "-g",
+        help="KEY.PATH=V1,V2,...: values to try; repeat for more keys (every combination runs)",
         show_default=False,
     ),
     set_: Optional[List[str]] = SetOpt,
     force: bool = typer.Option(False, "--force", help="retrain every stage of every point, shared ones included"),
     seeds: Optional[int] = typer.Option(
-        None, "--seeds", min=1, show_default=False,
+        None,
+        "--seeds",
+        min=1,
+        show_default=False,
         help="run every point with N seeds, run.seed to run.seed+N-1 (as kdc run --seeds): the table gives means, "
         "and the distilled - student difference with its standard error",
     ),
@@ -513,16 +569,23 @@ def sweep(
     for rank, r in enumerate(rows, 1):
         diff = r.get("distilled_minus_student")
         table.add_row(
-            str(rank), *(r["settings"].get(k, "") for k in keys),
+            str(rank),
+            *(r["settings"].get(k, "") for k in keys),
             *("" if r.get(s) is None else f"{r[s] * 100:.2f}" for s in ("student", "distilled")),
-            "" if diff is None else f"{diff * 100:+.2f}" + (
-                "" if r.get("distilled_minus_student_se") is None else f" ± {r['distilled_minus_student_se'] * 100:.2f}"),
+            ""
+            if diff is None
+            else f"{diff * 100:+.2f}"
+            + (
+                "" if r.get("distilled_minus_student_se") is None else f" ± {r['distilled_minus_student_se'] * 100:.2f}"
+            ),
             "" if r.get("pruned") is None else f"{r['pruned'] * 100:.2f}",
         )
     _stdout().print(table)
     if rows:
-        err.print(f"wrote {Path(rows[0]['run_dir']).parent / 'sweep.md'} and sweep.json (one run directory per point "
-                  f"in {Path(rows[0]['run_dir']).parent}; `kdc report` works on each)")
+        err.print(
+            f"wrote {Path(rows[0]['run_dir']).parent / 'sweep.md'} and sweep.json (one run directory per point "
+            f"in {Path(rows[0]['run_dir']).parent}; `kdc report` works on each)"
+        )
 
 
 @app.command()
@@ -535,16 +598,20 @@ def report(
         show_default=False,
     ),
     out_dir: Optional[Path] = typer.Option(
-        None, "--out", help="compare the runs into this folder: report.html, report.md and report.json",
+        None,
+        "--out",
+        help="compare the runs into this folder: report.html, report.md and report.json",
         show_default=False,
     ),
     format_: str = typer.Option(
-        "table", "--format", help="what to print: table, md, json, html, or all (the table; every file is written "
-        "whichever you choose)",
+        "table",
+        "--format",
+        help="what to print: table, md, json, html, or all (the table; every file is written whichever you choose)",
     ),
     open_: bool = typer.Option(False, "--open", help="open report.html in a web browser when there is one"),
     trust_code: bool = typer.Option(
-        False, "--trust-code",
+        False,
+        "--trust-code",
         help="build the models of your own code that each run's recipe.yaml names (only if you trust the run "
         "directory: it is data anyone who can write there may have changed); built-in models need no trust",
     ),
@@ -566,12 +633,15 @@ def report(
                 f"<run.name>, by default runs/ and the recipe file's name without .yaml)"
             )
     if len(run_dirs) > 1 and out_dir is None:
-        raise UsageError(f"{len(run_dirs)} run directories are compared into one folder: add --out DIR (e.g. "
-                       f"kdc report {' '.join(str(d) for d in run_dirs)} --out comparison)")
+        raise UsageError(
+            f"{len(run_dirs)} run directories are compared into one folder: add --out DIR (e.g. "
+            f"kdc report {' '.join(str(d) for d in run_dirs)} --out comparison)"
+        )
     if out_dir is not None:
         if any(Path(out_dir).resolve() == Path(d).resolve() for d in run_dirs):
-            raise UsageError(f"--out {out_dir} is one of the run directories; its report would be overwritten: choose "
-                           f"another folder")
+            raise UsageError(
+                f"--out {out_dir} is one of the run directories; its report would be overwritten: choose another folder"
+            )
     # the recipe.yaml of a run directory is read as data; with --trust-code, as the user's own recipe
     recipes = [_load(Path(d), None, trust_code=True) if trust_code else None for d in run_dirs]
     if out_dir is not None:
@@ -650,7 +720,9 @@ def recipes(ctx: typer.Context):
     for name, path in shipped_recipes().items():
         table.add_row(name, _summary(path))
     out.print(table)
-    out.print("copy one to edit it: kdc recipes copy NAME [DEST]; run it: kdc run NAME.yaml (quickstart: plain `kdc run`)")
+    out.print(
+        "copy one to edit it: kdc recipes copy NAME [DEST]; run it: kdc run NAME.yaml (quickstart: plain `kdc run`)"
+    )
 
 
 @recipes_app.command("copy")

@@ -65,23 +65,42 @@ def comparison_rows(comparison: dict) -> list[dict]:
     for run in comparison.get("runs") or []:
         report = run.get("report") or {}
         for r in report.get("stages") or []:
-            rows.append({
-                "run": run["name"], "kind": "stage", "label": r.get("stage"), "stage": r.get("stage"),
-                "detail": r.get("model"), "stale": bool(r.get("stale")), "accuracy": r.get("accuracy"),
-                "accuracy_se": r.get("accuracy_se"), "bytes": r.get("checkpoint_bytes"),
-                "nonzero_params": r.get("nonzero_params"), "macs": r.get("macs"),
-                "latency_ms": latency_at(r, LATENCY_BATCH), "refused": None,
-            })
+            rows.append(
+                {
+                    "run": run["name"],
+                    "kind": "stage",
+                    "label": r.get("stage"),
+                    "stage": r.get("stage"),
+                    "detail": r.get("model"),
+                    "stale": bool(r.get("stale")),
+                    "accuracy": r.get("accuracy"),
+                    "accuracy_se": r.get("accuracy_se"),
+                    "bytes": r.get("checkpoint_bytes"),
+                    "nonzero_params": r.get("nonzero_params"),
+                    "macs": r.get("macs"),
+                    "latency_ms": latency_at(r, LATENCY_BATCH),
+                    "refused": None,
+                }
+            )
         for a in report.get("artifacts") or []:
             refused = a.get("refused")
-            rows.append({
-                "run": run["name"], "kind": "artifact", "label": Path(str(a.get("path") or "?")).name,
-                "stage": a.get("stage"), "detail": a.get("format"), "stale": bool(a.get("stale")),
-                "accuracy": None if refused else a.get("accuracy"),
-                "accuracy_se": None if refused else a.get("accuracy_se"),
-                "bytes": None if refused else a.get("bytes"), "nonzero_params": None, "macs": None,
-                "latency_ms": None if refused else latency_at(a, LATENCY_BATCH), "refused": refused,
-            })
+            rows.append(
+                {
+                    "run": run["name"],
+                    "kind": "artifact",
+                    "label": Path(str(a.get("path") or "?")).name,
+                    "stage": a.get("stage"),
+                    "detail": a.get("format"),
+                    "stale": bool(a.get("stale")),
+                    "accuracy": None if refused else a.get("accuracy"),
+                    "accuracy_se": None if refused else a.get("accuracy_se"),
+                    "bytes": None if refused else a.get("bytes"),
+                    "nonzero_params": None,
+                    "macs": None,
+                    "latency_ms": None if refused else latency_at(a, LATENCY_BATCH),
+                    "refused": refused,
+                }
+            )
     return rows
 
 
@@ -97,8 +116,17 @@ def _number(value) -> str:
 def comparison_markdown(comparison: dict) -> str:
     """The comparison as Markdown: one table with every run's stages and artifacts, every number in full."""
     names = [run["name"] for run in comparison.get("runs") or []]
-    columns = ["run", "stage / artifact", "model / format", "test acc", "± SE", "bytes on disk", "non-zero params",
-               "MACs", f"latency batch {LATENCY_BATCH} median (ms)"]
+    columns = [
+        "run",
+        "stage / artifact",
+        "model / format",
+        "test acc",
+        "± SE",
+        "bytes on disk",
+        "non-zero params",
+        "MACs",
+        f"latency batch {LATENCY_BATCH} median (ms)",
+    ]
     lines = [
         f"# kdc comparison: {_md(', '.join(names))}",
         "",
@@ -117,10 +145,14 @@ def comparison_markdown(comparison: dict) -> str:
             cells = [r["run"], label, r["detail"] or "", f"refused: {r['refused']}", "", "", "", "", ""]
         else:
             cells = [
-                r["run"], label + ("*" if r["stale"] else ""), r["detail"] or "",
+                r["run"],
+                label + ("*" if r["stale"] else ""),
+                r["detail"] or "",
                 "" if r["accuracy"] is None else f"{r['accuracy']:.2%}",
                 "" if r["accuracy_se"] is None else f"{r['accuracy_se'] * 100:.2f} pt",
-                _number(r["bytes"]), _number(r["nonzero_params"]), _number(r["macs"]),
+                _number(r["bytes"]),
+                _number(r["nonzero_params"]),
+                _number(r["macs"]),
                 "" if r["latency_ms"] is None else f"{r['latency_ms']:.4f}",
             ]
         lines.append("| " + " | ".join(_md(c) for c in cells) + " |")

@@ -45,10 +45,27 @@ from .errors import DataError, KdcError, describe, did_you_mean
 from .recipe import DataSection
 
 __all__ = [
-    "TensorData", "DataSplits", "load_data", "DATASETS", "read_idx", "default_data_roots", "dataset_info",
-    "dataset_name_problem", "Augment", "LoaderData", "DEBIAN_FASHION_MNIST", "CLASS_NAMES", "preprocess_info",
-    "dataset_summary", "batches_per_epoch", "IMAGE_EXTENSIONS", "image_format", "imagefolder_problem",
-    "ImageFolderScan", "scan_imagefolder", "ImageFiles",
+    "TensorData",
+    "DataSplits",
+    "load_data",
+    "DATASETS",
+    "read_idx",
+    "default_data_roots",
+    "dataset_info",
+    "dataset_name_problem",
+    "Augment",
+    "LoaderData",
+    "DEBIAN_FASHION_MNIST",
+    "CLASS_NAMES",
+    "preprocess_info",
+    "dataset_summary",
+    "batches_per_epoch",
+    "IMAGE_EXTENSIONS",
+    "image_format",
+    "imagefolder_problem",
+    "ImageFolderScan",
+    "scan_imagefolder",
+    "ImageFiles",
 ]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -72,11 +89,28 @@ DATASETS = {
 # shipped set needs no torchvision import (tests check they still match)
 CLASS_NAMES = {
     "FashionMNIST": (
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
     ),
     "MNIST": (
-        "0 - zero", "1 - one", "2 - two", "3 - three", "4 - four",
-        "5 - five", "6 - six", "7 - seven", "8 - eight", "9 - nine",
+        "0 - zero",
+        "1 - one",
+        "2 - two",
+        "3 - three",
+        "4 - four",
+        "5 - five",
+        "6 - six",
+        "7 - seven",
+        "8 - eight",
+        "9 - nine",
     ),
 }
 
@@ -400,8 +434,15 @@ def _imagefolder_dirs(name: str) -> tuple[tuple[Path, Path] | None, str | None]:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # the first bytes of each image format PIL reads from those files; PIL goes by the bytes, not the ending
 IMAGE_SIGNATURES = (
-    ("PNG", b"\x89PNG\r\n\x1a\n"), ("JPEG", b"\xff\xd8\xff"), ("BMP", b"BM"), ("GIF", b"GIF87a"),
-    ("GIF", b"GIF89a"), ("TIFF", b"II*\x00"), ("TIFF", b"MM\x00*"), ("TIFF", b"II+\x00"), ("TIFF", b"MM\x00+"),
+    ("PNG", b"\x89PNG\r\n\x1a\n"),
+    ("JPEG", b"\xff\xd8\xff"),
+    ("BMP", b"BM"),
+    ("GIF", b"GIF87a"),
+    ("GIF", b"GIF89a"),
+    ("TIFF", b"II*\x00"),
+    ("TIFF", b"MM\x00*"),
+    ("TIFF", b"II+\x00"),
+    ("TIFF", b"MM\x00+"),
     *((f"Netpbm P{k}", f"P{k}".encode()) for k in range(1, 7)),
 )
 BAD_FILES_NAMED = 10  # a message names this many unreadable files, then counts the rest
@@ -410,8 +451,8 @@ BAD_FILES_NAMED = 10  # a message names this many unreadable files, then counts 
 def image_format(head: bytes) -> str | None:
     """The image format whose signature ``head`` (a file's first 16 bytes) starts with, or None.
 
-        >>> image_format(b"\\x89PNG\\r\\n\\x1a\\n" + bytes(8)), image_format(b"hello")
-        ('PNG', None)
+    >>> image_format(b"\\x89PNG\\r\\n\\x1a\\n" + bytes(8)), image_format(b"hello")
+    ('PNG', None)
     """
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
@@ -463,7 +504,7 @@ def imagefolder_problem(name: str) -> str | None:
 
 
 def _folders(names) -> str:
-    """"the class folder 'bee'" or "the class folders 'ant', 'bee'", for messages."""
+    """ "the class folder 'bee'" or "the class folders 'ant', 'bee'", for messages."""
     return f"the class folder{'s' if len(names) != 1 else ''} {_quoted(names)}"
 
 
@@ -679,7 +720,9 @@ class LoaderData:
                     x = augment(x, generator)
                 yield x, y.long(), idx
         except RuntimeError as exc:
-            raise DataError(f"reading a batch failed: {describe(exc)}; check that every sample has the same shape") from None
+            raise DataError(
+                f"reading a batch failed: {describe(exc)}; check that every sample has the same shape"
+            ) from None
 
 
 def _external_datasets(section: DataSection):

@@ -118,12 +118,16 @@ def kd_loss_from_log_probs(
     if alpha <= 0.0:
         return F.cross_entropy(student_logits, targets)
     if targets.dtype != torch.long or targets.dim() != 1:
-        raise ValueError(f"kd_loss: targets must be a 1-D tensor of class indices, got {targets.dtype} {tuple(targets.shape)}")
+        raise ValueError(
+            f"kd_loss: targets must be a 1-D tensor of class indices, got {targets.dtype} {tuple(targets.shape)}"
+        )
     if student_logits.shape != teacher_log_p.shape:
         raise ValueError(
             f"kd_loss: student logits {tuple(student_logits.shape)} and teacher {tuple(teacher_log_p.shape)} differ in shape"
         )
-    return _KDLoss.apply(student_logits, teacher_log_p.to(student_logits.dtype), targets, float(temperature), float(alpha))
+    return _KDLoss.apply(
+        student_logits, teacher_log_p.to(student_logits.dtype), targets, float(temperature), float(alpha)
+    )
 
 
 def kd_loss(
@@ -136,7 +140,9 @@ def kd_loss(
     """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, targets), averaged over the batch."""
     if alpha <= 0.0:
         return F.cross_entropy(student_logits, targets)
-    return kd_loss_from_log_probs(student_logits, teacher_log_probs(teacher_logits, temperature), targets, temperature, alpha)
+    return kd_loss_from_log_probs(
+        student_logits, teacher_log_probs(teacher_logits, temperature), targets, temperature, alpha
+    )
 
 
 def dkd_loss(
@@ -166,7 +172,9 @@ def dkd_loss(
         >>> loss = dkd_loss(s, t, y, alpha=1.0, beta=8.0, temperature=4.0)
     """
     if targets.dtype != torch.long or targets.dim() != 1:
-        raise ValueError(f"dkd_loss: targets must be a 1-D tensor of class indices, got {targets.dtype} {tuple(targets.shape)}")
+        raise ValueError(
+            f"dkd_loss: targets must be a 1-D tensor of class indices, got {targets.dtype} {tuple(targets.shape)}"
+        )
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(
             f"dkd_loss: student logits {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} must "
@@ -214,8 +222,8 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {"kd": kd_loss, "dkd": dkd_loss
 def loss_name_problem(name: str) -> str | None:
     """Why ``name`` names no distillation loss, or None when it does; an import path is imported.
 
-        >>> loss_name_problem("dkdd")
-        "unknown loss 'dkdd'; did you mean 'dkd'? (built-in: kd, dkd; or package.module:function for your own)"
+    >>> loss_name_problem("dkdd")
+    "unknown loss 'dkdd'; did you mean 'dkd'? (built-in: kd, dkd; or package.module:function for your own)"
     """
     if ":" in name:
         from .models import _find_factory  # one import-path mechanism for models, datasets and losses

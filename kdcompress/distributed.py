@@ -18,7 +18,17 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["init", "is_distributed", "rank", "world_size", "is_main", "barrier", "all_reduce_sum", "local_rank", "shutdown"]
+__all__ = [
+    "init",
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main",
+    "barrier",
+    "all_reduce_sum",
+    "local_rank",
+    "shutdown",
+]
 
 
 def is_distributed() -> bool:

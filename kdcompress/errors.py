@@ -31,8 +31,8 @@ __all__ = [
 def did_you_mean(word, choices, prefix: str = "") -> str:
     """``"; did you mean 'PREFIX<closest choice>'?"`` for a misspelt name, or ``""`` when nothing is close.
 
-        >>> did_you_mean("mpl", ["mlp", "cnn"])
-        "; did you mean 'mlp'?"
+    >>> did_you_mean("mpl", ["mlp", "cnn"])
+    "; did you mean 'mlp'?"
     """
     import difflib
 

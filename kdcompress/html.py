@@ -33,9 +33,9 @@ from .report import (
     NOISE_Z,
     SPARSE_MACS_NOTE,
     _bytes,
+    _compact,
     _comparison_name,
     _comparison_text,
-    _compact,
     _latency_note,
     _ms,
     _ratio,
@@ -48,8 +48,18 @@ __all__ = ["render_html", "render_comparison_html"]
 
 # one colour per stage, the same in every chart; an unknown stage name gets grey
 STAGE_COLOURS = {"teacher": "#4c72b0", "student": "#dd8452", "distilled": "#55a868", "pruned": "#c44e52"}
-RUN_COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974",
-               "#64b5cd"]
+RUN_COLOURS = [
+    "#4c72b0",
+    "#dd8452",
+    "#55a868",
+    "#c44e52",
+    "#8172b3",
+    "#937860",
+    "#da8bc3",
+    "#8c8c8c",
+    "#ccb974",
+    "#64b5cd",
+]
 PER_CLASS_STAGES = ("teacher", "student", "distilled", "pruned")
 MAX_CLASSES_SHOWN = 30  # more classes than this: the chart shows those whose accuracy differs most between stages
 MAX_LAYERS_SHOWN = 60
@@ -137,7 +147,7 @@ def _inline_svg(text: str, prefix: str, title: str) -> str:
     """Matplotlib's SVG file made fit to sit in a page: no XML prolog, doctype or metadata, no namespace
     declarations (an HTML parser puts <svg> in its namespace itself), ids that are referenced prefixed (the
     others dropped: they are matplotlib's group names), one short local font list."""
-    text = text[text.index("<svg"):]
+    text = text[text.index("<svg") :]
     text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)
     tags = re.compile(r"<[^>]*>")  # the edits touch tags only: a label's text is written as it is
     used = {ref for tag in tags.findall(text) for ref in re.findall(r'(?:url\(#|href="#)([^")]+)', tag)}
@@ -181,9 +191,11 @@ def _log_x(ax, xs: list[float], text) -> None:
     ax.set_xlim(left, right)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: text(v) if v > 0 else ""))
     if math.log10(right / left) < 2:
+
         def minor(v, _):
             mantissa = round(v / 10 ** math.floor(math.log10(v)), 6) if v > 0 else 0
             return text(v) if mantissa in (2, 5) else ""
+
         ax.xaxis.set_minor_formatter(FuncFormatter(minor))
     else:
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -216,7 +228,7 @@ def _text_inches(text, size: float) -> float:
 def _short(text, limit: int) -> str:
     """``text`` cut in the middle to at most ``limit`` characters (long layer or class names on an axis)."""
     text = str(text)
-    return text if len(text) <= limit else text[: limit // 2 - 1] + "…" + text[-(limit - limit // 2):]
+    return text if len(text) <= limit else text[: limit // 2 - 1] + "…" + text[-(limit - limit // 2) :]
 
 
 def _frame(fig: Figure, left=0.62, right=0.15, bottom=0.5, top=0.3, gap=0.0, columns=1) -> None:
@@ -227,14 +239,27 @@ def _frame(fig: Figure, left=0.62, right=0.15, bottom=0.5, top=0.3, gap=0.0, col
     """
     width, height = fig.get_size_inches()
     axes_width = (width - left - right - gap * (columns - 1)) / columns
-    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
-                        wspace=gap / axes_width if columns > 1 else None)
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=gap / axes_width if columns > 1 else None,
+    )
 
 
 def _legend_below(fig: Figure, handles=None, labels=None, columns: int = 4) -> None:
     args = () if handles is None else (handles, labels)
-    fig.legend(*args, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncols=columns, frameon=False,
-               handletextpad=0.4, columnspacing=1.2, borderaxespad=0.2)
+    fig.legend(
+        *args,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncols=columns,
+        frameon=False,
+        handletextpad=0.4,
+        columnspacing=1.2,
+        borderaxespad=0.2,
+    )
 
 
 def _boxes_overlap(a, b) -> bool:
@@ -260,8 +285,14 @@ def _place_labels(fig: Figure, ax, items: list[tuple[float, float, str, str]]) -
         w = _text_inches(text, LABEL_SIZE) * 72
         if any(other[4] == text and abs(other[5] - px) < 12 and abs(other[6] - py) < 2 * height for other in placed):
             continue
-        sides = [(4, 2, "left"), (4, -2 - height, "left"), (-4, 2, "right"), (-4, -2 - height, "right"),
-                 (4, 2 + height, "left"), (4, -2 - 2 * height, "left")]
+        sides = [
+            (4, 2, "left"),
+            (4, -2 - height, "left"),
+            (-4, 2, "right"),
+            (-4, -2 - height, "right"),
+            (4, 2 + height, "left"),
+            (4, -2 - 2 * height, "left"),
+        ]
         choices = []
         for dx, dy, ha in sides:
             left = px + dx if ha == "left" else px + dx - w
@@ -270,8 +301,16 @@ def _place_labels(fig: Figure, ax, items: list[tuple[float, float, str, str]]) -
             free = not any(_boxes_overlap(box, other[:4]) for other in placed)
             choices.append((not (inside and free), not inside, (dx, dy, ha, box)))
         dx, dy, ha, box = min(choices, key=lambda c: c[:2])[2]  # the first free side inside; else inside; else right
-        ax.annotate(_label(text), (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=LABEL_SIZE,
-                    color=colour, ha=ha, va="bottom")
+        ax.annotate(
+            _label(text),
+            (x, y),
+            xytext=(dx, dy),
+            textcoords="offset points",
+            fontsize=LABEL_SIZE,
+            color=colour,
+            ha=ha,
+            va="bottom",
+        )
         placed.append((*box, text, px, py))
 
 
@@ -279,14 +318,31 @@ def _points(report: dict) -> list[dict]:
     """Every stage and loaded artifact as a point: label, colour, accuracy (%), its SE, bytes, marker."""
     points = []
     for r in report.get("stages") or []:
-        points.append({"label": r.get("stage"), "colour": _colour(r.get("stage")), "marker": "o",
-                       "accuracy": r.get("accuracy"), "se": r.get("accuracy_se"), "bytes": r.get("checkpoint_bytes"),
-                       "row": r})
+        points.append(
+            {
+                "label": r.get("stage"),
+                "colour": _colour(r.get("stage")),
+                "marker": "o",
+                "accuracy": r.get("accuracy"),
+                "se": r.get("accuracy_se"),
+                "bytes": r.get("checkpoint_bytes"),
+                "row": r,
+            }
+        )
     for a in report.get("artifacts") or []:
         if a.get("refused") or a.get("accuracy") is None:
             continue
-        points.append({"label": Path(str(a.get("path"))).name, "colour": _colour(a.get("stage")), "marker": "s",
-                       "accuracy": a.get("accuracy"), "se": a.get("accuracy_se"), "bytes": a.get("bytes"), "row": a})
+        points.append(
+            {
+                "label": Path(str(a.get("path"))).name,
+                "colour": _colour(a.get("stage")),
+                "marker": "s",
+                "accuracy": a.get("accuracy"),
+                "se": a.get("accuracy_se"),
+                "bytes": a.get("bytes"),
+                "row": a,
+            }
+        )
     return points
 
 
@@ -300,8 +356,15 @@ def _size_chart(report: dict, charts: _Charts) -> str | None:
         _frame(fig)
         for p in points:
             x, y = p["bytes"], _percent(p["accuracy"])
-            ax.errorbar([x], [y], yerr=None if p["se"] is None else [p["se"] * 100], fmt=p["marker"],
-                        color=p["colour"], capsize=2.5, elinewidth=1)
+            ax.errorbar(
+                [x],
+                [y],
+                yerr=None if p["se"] is None else [p["se"] * 100],
+                fmt=p["marker"],
+                color=p["colour"],
+                capsize=2.5,
+                elinewidth=1,
+            )
         _log_x(ax, [p["bytes"] for p in points], _bytes_text)
         ax.set_xlabel("bytes on disk (log scale)")
         ax.set_ylabel("test accuracy (%)")
@@ -325,7 +388,7 @@ def _latency_chart(report: dict, batch: int, charts: _Charts) -> str | None:
         ms = latency_at(p["row"], batch)
         if ms is None or ms <= 0:
             continue
-        spread = ((p["row"].get("latency") or {}).get(str(batch)) or {})
+        spread = (p["row"].get("latency") or {}).get(str(batch)) or {}
         low, high = spread.get("p25_ms"), spread.get("p75_ms")
         xerr = [[max(0.0, ms - low)], [max(0.0, high - ms)]] if low is not None and high is not None else None
         points.append((p, ms, xerr))
@@ -337,8 +400,16 @@ def _latency_chart(report: dict, batch: int, charts: _Charts) -> str | None:
         _frame(fig)
         for p, ms, xerr in points:
             y = _percent(p["accuracy"])
-            ax.errorbar([ms], [y], xerr=xerr, yerr=None if p["se"] is None else [p["se"] * 100], fmt=p["marker"],
-                        color=p["colour"], capsize=2.5, elinewidth=1)
+            ax.errorbar(
+                [ms],
+                [y],
+                xerr=xerr,
+                yerr=None if p["se"] is None else [p["se"] * 100],
+                fmt=p["marker"],
+                color=p["colour"],
+                capsize=2.5,
+                elinewidth=1,
+            )
         _log_x(ax, [ms for _, ms, _ in points], _ms_text)
         ax.set_xlabel(f"latency at batch {batch}, median ms (log scale; bars: interquartile range)")
         ax.set_ylabel("test accuracy (%)")
@@ -380,8 +451,9 @@ def _curve_chart(row: dict, charts: _Charts) -> str | None:
             twin = acc_ax.twinx()
             twin.grid(False)
             twin.spines["top"].set_visible(False)
-            line = twin.plot(epochs, [v * 100 for v in sparsity], marker=marker, linestyle="--", color="#c44e52",
-                             label="sparsity")
+            line = twin.plot(
+                epochs, [v * 100 for v in sparsity], marker=marker, linestyle="--", color="#c44e52", label="sparsity"
+            )
             twin.set_ylabel("sparsity (%)", color="#c44e52")
             twin.set_ylim(0, 100)
             handles, labels = handles + line, labels + ["sparsity"]
@@ -389,8 +461,15 @@ def _curve_chart(row: dict, charts: _Charts) -> str | None:
             ax.set_xlabel("epoch")
             if len(set(epochs)) < 8:
                 ax.set_xticks(sorted(set(epochs)))
-        _frame(fig, left=0.45, right=0.5 if len(labels) > 2 else 0.15, bottom=0.45 + LEGEND_ROW, top=0.28,
-               gap=0.45, columns=2)
+        _frame(
+            fig,
+            left=0.45,
+            right=0.5 if len(labels) > 2 else 0.15,
+            bottom=0.45 + LEGEND_ROW,
+            top=0.28,
+            gap=0.45,
+            columns=2,
+        )
         _legend_below(fig, handles, labels, columns=len(labels))
         return charts.svg(fig, f"training curves of the {stage} stage")
 
@@ -419,11 +498,13 @@ def _layers_chart(row: dict, charts: _Charts) -> tuple[str | None, str]:
         _frame(fig, left=left, bottom=0.45, top=0.28)
         # the counts are written right of the 100 % mark: the axis goes on as far as the longest needs
         room = (max(_text_inches(t, LABEL_SIZE) for t in texts) + _text_inches("100.0%  ", LABEL_SIZE) + 0.05) / (
-            6.4 - left - 0.15)
+            6.4 - left - 0.15
+        )
         xmax = 101 / (1 - min(room, 0.6))
         ax.barh(range(len(layers)), [100] * len(layers), color="#eeeeee", height=0.7)
-        ax.barh(range(len(layers)), [0 if math.isnan(s) else s for s in shares], color=_colour(row.get("stage")),
-                height=0.7)
+        ax.barh(
+            range(len(layers)), [0 if math.isnan(s) else s for s in shares], color=_colour(row.get("stage")), height=0.7
+        )
         for i, (share, text) in enumerate(zip(shares, texts)):
             shown = "" if math.isnan(share) else f"{share:.1f}%  "
             ax.text(101, i, _label(shown + text), va="center", fontsize=LABEL_SIZE)
@@ -444,15 +525,21 @@ def _per_class_chart(rows: list[dict], classes: list[str], shown: list[int], cha
         angle = 35 if len(shown) <= 12 else 65
         # the class names are written at an angle: their height below the axis
         below = max(_text_inches(n, 7) for n in names) * math.sin(math.radians(angle)) + 7 / 72 * math.cos(
-            math.radians(angle))
+            math.radians(angle)
+        )
         fig = Figure(figsize=(min(9.6, max(6.4, 0.06 * len(shown) * len(rows) + 1)), 2.4 + below))
         ax = fig.add_subplot()
         _frame(fig, bottom=0.15 + below + LEGEND_ROW, top=0.28)
         for k, r in enumerate(rows):
             accuracy = r["per_class"].get("accuracy") or []
             values = [_percent(accuracy[i]) if i < len(accuracy) else float("nan") for i in shown]
-            ax.bar([i + (k - (len(rows) - 1) / 2) * width for i in range(len(shown))], values, width=width,
-                   color=_colour(r["stage"]), label=_label(r["stage"]))
+            ax.bar(
+                [i + (k - (len(rows) - 1) / 2) * width for i in range(len(shown))],
+                values,
+                width=width,
+                color=_colour(r["stage"]),
+                label=_label(r["stage"]),
+            )
         ax.set_xticks(range(len(shown)), names, rotation=angle, ha="right", rotation_mode="anchor")
         ax.set_ylim(0, 100)
         ax.grid(axis="x", visible=False)
@@ -472,8 +559,15 @@ def _seeds_chart(rows: list[dict], charts: _Charts) -> str:
             colour = _colour(r.get("stage"))
             ax.plot([i - 0.12] * len(accs), accs, "o", color=colour, alpha=0.7, markersize=3.5)
             std = r.get("accuracy_std")
-            ax.errorbar([i + 0.12], [_percent(r.get("accuracy_mean"))], yerr=None if std is None else [std * 100],
-                        fmt="D", color=colour, capsize=3, markersize=4)
+            ax.errorbar(
+                [i + 0.12],
+                [_percent(r.get("accuracy_mean"))],
+                yerr=None if std is None else [std * 100],
+                fmt="D",
+                color=colour,
+                capsize=3,
+                markersize=4,
+            )
         ax.set_xticks(range(len(rows)), [_label(r.get("stage")) for r in rows])
         ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.grid(axis="x", visible=False)
@@ -497,8 +591,16 @@ def _comparison_chart(comparison: dict, charts: _Charts) -> str | None:
             points = [p for p in _points(run.get("report") or {}) if p["bytes"] and p["accuracy"] is not None]
             for k, p in enumerate(points):
                 x, y = p["bytes"] * dodge, _percent(p["accuracy"])
-                ax.errorbar([x], [y], yerr=None if p["se"] is None else [p["se"] * 100], fmt=p["marker"],
-                            color=colour, capsize=2.5, elinewidth=1, label=_label(run["name"]) if k == 0 else None)
+                ax.errorbar(
+                    [x],
+                    [y],
+                    yerr=None if p["se"] is None else [p["se"] * 100],
+                    fmt=p["marker"],
+                    color=colour,
+                    capsize=2.5,
+                    elinewidth=1,
+                    label=_label(run["name"]) if k == 0 else None,
+                )
                 labels.append((x, y, p["label"], colour))
         if not labels:
             return None
@@ -526,14 +628,20 @@ def _table(header: list[str] | None, rows: list[list[str]], left: int = 1) -> st
     """A table (cells already escaped HTML) in a box that scrolls sideways on a narrow screen; the first
     ``left`` columns are text, aligned left. No header row when ``header`` is None. A row may end in a tuple
     (html, n): one cell spanning n columns."""
-    head = "" if header is None else "<thead><tr>" + "".join(
-        f'<th{" class=l" if i < left else ""}>{h}</th>' for i, h in enumerate(header)) + "</tr></thead>"
+    head = (
+        ""
+        if header is None
+        else "<thead><tr>"
+        + "".join(f"<th{' class=l' if i < left else ''}>{h}</th>" for i, h in enumerate(header))
+        + "</tr></thead>"
+    )
     body = "".join(
-        "<tr>" + "".join(f'<td{" class=l" if i < left else ""}>{c}</td>' for i, c in enumerate(row)) + "</tr>"
-        if not isinstance(row[-1], tuple) else
+        "<tr>" + "".join(f"<td{' class=l' if i < left else ''}>{c}</td>" for i, c in enumerate(row)) + "</tr>"
+        if not isinstance(row[-1], tuple)
         # a row that ends in (html, span): that cell spans the remaining columns (a refused file's reason)
-        "<tr>" + "".join(f'<td class=l>{c}</td>' for c in row[:-1])
-        + f'<td class=l colspan={row[-1][1]}>{row[-1][0]}</td></tr>'
+        else "<tr>"
+        + "".join(f"<td class=l>{c}</td>" for c in row[:-1])
+        + f"<td class=l colspan={row[-1][1]}>{row[-1][0]}</td></tr>"
         for row in rows
     )
     return f'<div class="scroll"><table>{head}<tbody>{body}</tbody></table></div>'
@@ -577,8 +685,20 @@ def _points_cell(value) -> str:
 def _stage_table(report: dict) -> str:
     rows = report.get("stages") or []
     batches = report.get("latency_batches") or []
-    header = ["stage", "model", "epochs", "test acc %<br>± SE", "vs teacher<br>points", "params", "non-zero",
-              "sparsity", "bytes on disk", "bytes ratio<br>vs teacher", "MACs", "MACs if<br>sparse"]
+    header = [
+        "stage",
+        "model",
+        "epochs",
+        "test acc %<br>± SE",
+        "vs teacher<br>points",
+        "params",
+        "non-zero",
+        "sparsity",
+        "bytes on disk",
+        "bytes ratio<br>vs teacher",
+        "MACs",
+        "MACs if<br>sparse",
+    ]
     header += [f"latency ms<br>batch {b}" for b in batches]
     body = []
     for r in rows:
@@ -603,23 +723,46 @@ def _stage_table(report: dict) -> str:
 
 def _artifact_table(report: dict) -> str:
     batches = report.get("latency_batches") or []
-    header = ["file", "stage", "format", "bytes", "teacher<br>/ file", "stage<br>/ file", "test acc %<br>± SE",
-              "vs stage<br>points"] + [f"latency ms<br>batch {b}" for b in batches]
+    header = [
+        "file",
+        "stage",
+        "format",
+        "bytes",
+        "teacher<br>/ file",
+        "stage<br>/ file",
+        "test acc %<br>± SE",
+        "vs stage<br>points",
+    ] + [f"latency ms<br>batch {b}" for b in batches]
     body = []
     for a in report.get("artifacts") or []:
         name = _e(a.get("path")) + ("*" if a.get("stale") else "")
         options = a.get("options") or {}
-        fmt = _e(a.get("format")) + (_e(" (" + ", ".join(f"{k} {v}" for k, v in options.items()) + ")")
-                                     if options else "")
+        fmt = _e(a.get("format")) + (
+            _e(" (" + ", ".join(f"{k} {v}" for k, v in options.items()) + ")") if options else ""
+        )
         if a.get("refused"):
-            body.append([name, _e(a.get("stage")), fmt,
-                         (f'<span class="missing">refused: {_e(a["refused"])}</span>', 5 + len(batches))])
+            body.append(
+                [
+                    name,
+                    _e(a.get("stage")),
+                    fmt,
+                    (f'<span class="missing">refused: {_e(a["refused"])}</span>', 5 + len(batches)),
+                ]
+            )
             continue
-        body.append([
-            name, _e(a.get("stage")), fmt, "" if a.get("bytes") is None else _e(_bytes(a["bytes"])),
-            _ratio(a.get("compression_vs_teacher")), _ratio(a.get("compression_vs_stage")),
-            "" if a.get("accuracy") is None else _accuracy_cell(a), _points_cell(a.get("accuracy_change_vs_stage")),
-        ] + ["" if latency_at(a, b) is None else _ms(latency_at(a, b)) for b in batches])
+        body.append(
+            [
+                name,
+                _e(a.get("stage")),
+                fmt,
+                "" if a.get("bytes") is None else _e(_bytes(a["bytes"])),
+                _ratio(a.get("compression_vs_teacher")),
+                _ratio(a.get("compression_vs_stage")),
+                "" if a.get("accuracy") is None else _accuracy_cell(a),
+                _points_cell(a.get("accuracy_change_vs_stage")),
+            ]
+            + ["" if latency_at(a, b) is None else _ms(latency_at(a, b)) for b in batches]
+        )
     return _table(header, body, left=3)
 
 
@@ -629,7 +772,7 @@ def _stages_section(report: dict) -> str:
     notes = [
         f"Test accuracy ± its binomial standard error sqrt(p(1-p)/n); a difference counts as within noise when at "
         f"most {report.get('noise_z', NOISE_Z):g} standard errors of the difference.",
-        "Sparsity: the share of prunable weights that are exactly zero (\"ch\": the share of channels removed).",
+        'Sparsity: the share of prunable weights that are exactly zero ("ch": the share of channels removed).',
         "Bytes on disk are the checkpoint file's; zeros in a dense tensor do not shrink it.",
         _sentence(SPARSE_MACS_NOTE),
         _sentence(_latency_note(report)),
@@ -641,17 +784,27 @@ def _stages_section(report: dict) -> str:
     parts.append("".join(f'<p class="note">{escape(n)}</p>' for n in notes))
     settings = [(r.get("stage"), r.get("description"), r.get("settings")) for r in rows if r.get("settings")]
     if settings:
-        parts.append("<h3>Settings</h3><ul>" + "".join(
-            f"<li><b>{_e(stage)}</b>{': ' + _e(desc) if desc else ''}: {_e(_settings_text(s))}</li>"
-            for stage, desc, s in settings) + "</ul>")
+        parts.append(
+            "<h3>Settings</h3><ul>"
+            + "".join(
+                f"<li><b>{_e(stage)}</b>{': ' + _e(desc) if desc else ''}: {_e(_settings_text(s))}</li>"
+                for stage, desc, s in settings
+            )
+            + "</ul>"
+        )
     if report.get("comparisons"):
-        parts.append("<h3>Differences</h3><ul>" + "".join(
-            f"<li>{_e(_comparison_name(c))}: {_e(_comparison_text(c))}</li>" for c in report["comparisons"]) + "</ul>")
+        parts.append(
+            "<h3>Differences</h3><ul>"
+            + "".join(f"<li>{_e(_comparison_name(c))}: {_e(_comparison_text(c))}</li>" for c in report["comparisons"])
+            + "</ul>"
+        )
     parts.append("<h3>Exported artifacts</h3>")
     if report.get("artifacts"):
         parts.append(_artifact_table(report))
-        parts.append('<p class="note">Files written by <code>kdc export</code> to export/; accuracy measured from each '
-                     "file loaded back; teacher / file and stage / file: checkpoint bytes over file bytes.</p>")
+        parts.append(
+            '<p class="note">Files written by <code>kdc export</code> to export/; accuracy measured from each '
+            "file loaded back; teacher / file and stage / file: checkpoint bytes over file bytes.</p>"
+        )
     else:
         parts.append(_missing("none: `kdc export RUN_DIR` writes the files to ship and adds them here"))
     parts.append("</section>")
@@ -659,11 +812,15 @@ def _stages_section(report: dict) -> str:
 
 
 def _size_section(report: dict, charts: _Charts) -> str:
-    return ('<section id="size"><h2>Accuracy against size</h2>'
-            + _figure(_size_chart(report, charts),
-                      "Test accuracy against bytes on disk (log scale), one point per stage checkpoint and per exported "
-                      "file; the bars are ± one standard error of the accuracy.")
-            + "</section>")
+    return (
+        '<section id="size"><h2>Accuracy against size</h2>'
+        + _figure(
+            _size_chart(report, charts),
+            "Test accuracy against bytes on disk (log scale), one point per stage checkpoint and per exported "
+            "file; the bars are ± one standard error of the accuracy.",
+        )
+        + "</section>"
+    )
 
 
 def _latency_section(report: dict, charts: _Charts) -> str:
@@ -671,9 +828,12 @@ def _latency_section(report: dict, charts: _Charts) -> str:
     if batch is None:
         body = _missing("latency not measured (report.latency: false, or no batch size measured)")
     else:
-        body = _figure(_latency_chart(report, batch, charts),
-                       f"Test accuracy against the median latency of a CPU forward pass at batch {batch}; "
-                       + _latency_note(report) + ".")
+        body = _figure(
+            _latency_chart(report, batch, charts),
+            f"Test accuracy against the median latency of a CPU forward pass at batch {batch}; "
+            + _latency_note(report)
+            + ".",
+        )
     return f'<section id="latency"><h2>Accuracy against latency</h2>{body}</section>'
 
 
@@ -690,15 +850,24 @@ def _curves_section(report: dict, charts: _Charts) -> str:
                 empty.append(str(r.get("stage")))
                 continue
             split = _eval_split(r.get("curve") or [])
-            figures.append(_figure(svg, f"{r.get('stage')}: loss and accuracy per epoch, on the training data (in "
-                                        f"training mode) and the {'validation' if split == 'val' else 'test'} split"
-                                        + ("; dashed: the pruning schedule's sparsity (right axis)"
-                                           if any((p or {}).get("sparsity") is not None for p in r.get("curve") or [])
-                                           else "") + "."))
+            figures.append(
+                _figure(
+                    svg,
+                    f"{r.get('stage')}: loss and accuracy per epoch, on the training data (in "
+                    f"training mode) and the {'validation' if split == 'val' else 'test'} split"
+                    + (
+                        "; dashed: the pruning schedule's sparsity (right axis)"
+                        if any((p or {}).get("sparsity") is not None for p in r.get("curve") or [])
+                        else ""
+                    )
+                    + ".",
+                )
+            )
         parts.append('<div class="charts">' + "".join(figures) + "</div>")
         if empty:
-            parts.append(_missing(f"no per-epoch record for: {', '.join(empty)} (a supplied teacher is not trained "
-                                  f"here)"))
+            parts.append(
+                _missing(f"no per-epoch record for: {', '.join(empty)} (a supplied teacher is not trained here)")
+            )
     parts.append("</section>")
     return "".join(parts)
 
@@ -714,9 +883,12 @@ def _layers_section(report: dict, charts: _Charts) -> str:
     else:
         svg, note = _layers_chart(pruned, charts)
         channels = any(layer.get("kind") == "channels" for layer in pruned.get("layers") or [])
-        caption = (note + ("Output channels (features) each prunable layer keeps after structured pruning, against "
-                           "the distilled student it was pruned from." if channels else
-                           "Non-zero weights each prunable layer (Conv/Linear) keeps after pruning."))
+        caption = note + (
+            "Output channels (features) each prunable layer keeps after structured pruning, against "
+            "the distilled student it was pruned from."
+            if channels
+            else "Non-zero weights each prunable layer (Conv/Linear) keeps after pruning."
+        )
         parts.append(_figure(svg, caption, "no prunable layer recorded"))
     parts.append("</section>")
     return "".join(parts)
@@ -727,24 +899,40 @@ def _per_class_section(report: dict, charts: _Charts) -> str:
     stages = report.get("stages") or []
     rows = [r for r in stages if r.get("stage") in PER_CLASS_STAGES and isinstance(r.get("per_class"), dict)]
     if not rows:
-        parts.append(_missing() if not any("per_class" in r for r in stages)
-                     else _missing("no stage checkpoint recorded its confusion matrix"))
+        parts.append(
+            _missing()
+            if not any("per_class" in r for r in stages)
+            else _missing("no stage checkpoint recorded its confusion matrix")
+        )
     else:
         classes = [str(c) for c in rows[0]["per_class"].get("classes") or []]
         rows = [r for r in rows if len(r["per_class"].get("classes") or []) == len(classes)]
         shown = list(range(len(classes)))
         note = ""
         if len(classes) > MAX_CLASSES_SHOWN:
+
             def spread(i):
                 values = [r["per_class"]["accuracy"][i] for r in rows if r["per_class"]["accuracy"][i] is not None]
                 return max(values) - min(values) if values else -1.0
+
             shown = sorted(sorted(shown, key=spread, reverse=True)[:MAX_CLASSES_SHOWN])
-            note = (f"The {MAX_CLASSES_SHOWN} of {len(classes)} classes whose accuracy differs most between the "
-                    f"stages. ")
-        parts.append(_figure(_per_class_chart(rows, classes, shown, charts),
-                             note + "Share of each class's test images the model classifies right."))
-        table = [[_e(classes[i])] + ["" if (r["per_class"].get("accuracy") or [None] * len(classes))[i] is None
-                                     else f"{r['per_class']['accuracy'][i] * 100:.1f}" for r in rows] for i in shown]
+            note = f"The {MAX_CLASSES_SHOWN} of {len(classes)} classes whose accuracy differs most between the stages. "
+        parts.append(
+            _figure(
+                _per_class_chart(rows, classes, shown, charts),
+                note + "Share of each class's test images the model classifies right.",
+            )
+        )
+        table = [
+            [_e(classes[i])]
+            + [
+                ""
+                if (r["per_class"].get("accuracy") or [None] * len(classes))[i] is None
+                else f"{r['per_class']['accuracy'][i] * 100:.1f}"
+                for r in rows
+            ]
+            for i in shown
+        ]
         parts.append(_table(["class"] + [f"{_e(r['stage'])} %" for r in rows], table))
     parts.append("<h3>Confusions that changed most</h3>")
     changes = report.get("class_changes")
@@ -765,12 +953,22 @@ def _per_class_section(report: dict, charts: _Charts) -> str:
                 given = names[index]
             return given if given is not None else index
 
-        body = [[_e(c.get("from_stage")) + " → " + _e(c.get("to_stage")), _e(name(c, "true")), _e(name(c, "predicted")),
-                 _e(c.get("before")), _e(c.get("after")), "" if c.get("change") is None else f"{c['change']:+d}"]
-                for c in changes]
+        body = [
+            [
+                _e(c.get("from_stage")) + " → " + _e(c.get("to_stage")),
+                _e(name(c, "true")),
+                _e(name(c, "predicted")),
+                _e(c.get("before")),
+                _e(c.get("after")),
+                "" if c.get("change") is None else f"{c['change']:+d}",
+            ]
+            for c in changes
+        ]
         parts.append(_table(["models", "true class", "predicted as", "before", "after", "change"], body, left=3))
-        parts.append('<p class="note">Test images of the true class predicted as the other class, before and after; '
-                     "the largest changes between the student, the distilled and the pruned models.</p>")
+        parts.append(
+            '<p class="note">Test images of the true class predicted as the other class, before and after; '
+            "the largest changes between the student, the distilled and the pruned models.</p>"
+        )
     parts.append("</section>")
     return "".join(parts)
 
@@ -784,27 +982,44 @@ def _seeds_section(report: dict, charts: _Charts) -> str | None:
     for r in rows:
         accs = {e.get("seed"): e.get("accuracy") for e in r.get("seeds") or []}
         std = r.get("accuracy_std")
-        body.append([_e(r.get("stage")) + (" (trained once)" if r.get("trained_once") else "")]
-                    + ["" if accs.get(s) is None else f"{accs[s] * 100:.2f}" for s in seeds]
-                    + ["" if r.get("accuracy_mean") is None else f"{r['accuracy_mean'] * 100:.2f}",
-                       "" if std is None else f"{std * 100:.2f}"])
-    parts = ['<section id="seeds"><h2>Seeds</h2>',
-             _figure(_seeds_chart(rows, charts), "Test accuracy of each seed's run, and their mean ± sample std; a "
-                                                 "stage trained once is shared by every seed."),
-             _table(["stage"] + [f"seed {_e(s)} %" for s in seeds] + ["mean %", "std (points)"], body)]
+        body.append(
+            [_e(r.get("stage")) + (" (trained once)" if r.get("trained_once") else "")]
+            + ["" if accs.get(s) is None else f"{accs[s] * 100:.2f}" for s in seeds]
+            + [
+                "" if r.get("accuracy_mean") is None else f"{r['accuracy_mean'] * 100:.2f}",
+                "" if std is None else f"{std * 100:.2f}",
+            ]
+        )
+    parts = [
+        '<section id="seeds"><h2>Seeds</h2>',
+        _figure(
+            _seeds_chart(rows, charts),
+            "Test accuracy of each seed's run, and their mean ± sample std; a "
+            "stage trained once is shared by every seed.",
+        ),
+        _table(["stage"] + [f"seed {_e(s)} %" for s in seeds] + ["mean %", "std (points)"], body),
+    ]
     comps = [c for c in report.get("comparisons") or [] if ((c.get("seeds") or {}).get("n") or 0) > 1]
     if comps:
-        parts.append("<h3>Differences per seed</h3><ul>" + "".join(
-            f"<li>{_e(_comparison_name(c))}, {c['seeds']['n']} seeds: {_e(_seed_comparison_text(c['seeds']))}</li>"
-            for c in comps) + "</ul>")
+        parts.append(
+            "<h3>Differences per seed</h3><ul>"
+            + "".join(
+                f"<li>{_e(_comparison_name(c))}, {c['seeds']['n']} seeds: {_e(_seed_comparison_text(c['seeds']))}</li>"
+                for c in comps
+            )
+            + "</ul>"
+        )
     parts.append("</section>")
     return "".join(parts)
 
 
 def _warnings_section(report: dict) -> str:
     warnings = report.get("warnings") or []
-    body = ('<ul class="warnings">' + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>") if warnings \
+    body = (
+        ('<ul class="warnings">' + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>")
+        if warnings
         else '<p class="missing">none</p>'
+    )
     return f'<section id="warnings"><h2>Warnings</h2>{body}</section>'
 
 
@@ -818,9 +1033,15 @@ def _recipe_section(report: dict) -> str:
 
 
 ENVIRONMENT_ROWS = (
-    ("kdcompress", "kdcompress"), ("torch", "torch"), ("torchvision", "torchvision"), ("python", "Python"),
-    ("platform", "platform"), ("cpu_count", "CPU cores"), ("train_device", "trained on"),
-    ("latency_threads", "latency threads"), ("latency_measured_at", "latency measured at"),
+    ("kdcompress", "kdcompress"),
+    ("torch", "torch"),
+    ("torchvision", "torchvision"),
+    ("python", "Python"),
+    ("platform", "platform"),
+    ("cpu_count", "CPU cores"),
+    ("train_device", "trained on"),
+    ("latency_threads", "latency threads"),
+    ("latency_measured_at", "latency measured at"),
 )
 
 
@@ -831,18 +1052,31 @@ def _environment_section(report: dict) -> str:
         rows += [(label, env.get(key, "not recorded")) for key, label in ENVIRONMENT_ROWS]
         rows += [(key, value) for key, value in env.items() if key not in dict(ENVIRONMENT_ROWS)]
     measured = bool(report.get("latency_batches"))
-    rows += [("latency threads asked", report.get("threads_asked")),
-             ("latency timed with OMP_WAIT_POLICY", (report.get("omp_wait_policy") or "unset") if measured else
-              "latency not measured")]
+    rows += [
+        ("latency threads asked", report.get("threads_asked")),
+        (
+            "latency timed with OMP_WAIT_POLICY",
+            (report.get("omp_wait_policy") or "unset") if measured else "latency not measured",
+        ),
+    ]
     body = _table(None, [[_e(label), _e(value)] for label, value in rows], left=2)
     if not isinstance(env, dict):
         body = _missing("versions and device " + NOT_RECORDED) + body
     return f'<section id="environment"><h2>Environment</h2>{body}</section>'
 
 
-SECTIONS = (("stages", "Stages"), ("size", "Size"), ("latency", "Latency"), ("curves", "Curves"),
-            ("layers", "Layers"), ("classes", "Classes"), ("seeds", "Seeds"), ("warnings", "Warnings"),
-            ("recipe", "Recipe"), ("environment", "Environment"))
+SECTIONS = (
+    ("stages", "Stages"),
+    ("size", "Size"),
+    ("latency", "Latency"),
+    ("curves", "Curves"),
+    ("layers", "Layers"),
+    ("classes", "Classes"),
+    ("seeds", "Seeds"),
+    ("warnings", "Warnings"),
+    ("recipe", "Recipe"),
+    ("environment", "Environment"),
+)
 
 
 def _page(title: str, intro: str, sections: list[str]) -> str:
@@ -867,12 +1101,16 @@ def render_html(report: dict) -> str:
     stages = report.get("stages") or []
     env = report.get("environment") if isinstance(report.get("environment"), dict) else {}
     made_by = f" by kdcompress {env['kdcompress']}" if env.get("kdcompress") else ""
-    intro = (f'<p class="note">Dataset: {_e(report.get("dataset") or "unknown")}. Stages: '
-             f"{_e(', '.join(str(r.get('stage')) for r in stages) or 'none')}. Made "
-             f"{_e(report.get('generated_at') or 'at a time not recorded')}{_e(made_by)}.</p>")
+    intro = (
+        f'<p class="note">Dataset: {_e(report.get("dataset") or "unknown")}. Stages: '
+        f"{_e(', '.join(str(r.get('stage')) for r in stages) or 'none')}. Made "
+        f"{_e(report.get('generated_at') or 'at a time not recorded')}{_e(made_by)}.</p>"
+    )
     if report.get("warnings"):
-        intro += f'<p class="note"><a href="#warnings">{len(report["warnings"])} warning' \
-                 f'{"" if len(report["warnings"]) == 1 else "s"}</a> below.</p>'
+        intro += (
+            f'<p class="note"><a href="#warnings">{len(report["warnings"])} warning'
+            f"{'' if len(report['warnings']) == 1 else 's'}</a> below.</p>"
+        )
     sections = [
         _stages_section(report),
         _size_section(report, charts),
@@ -901,33 +1139,62 @@ def render_comparison_html(comparison: dict) -> str:
         label = _e(r["label"]) if r["kind"] == "stage" else f"{_e(r['label'])} <small>(from {_e(r['stage'])})</small>"
         label += "*" if r["stale"] else ""
         if r["refused"]:
-            body.append([_e(r["run"]), label, _e(r["detail"]),
-                         (f'<span class="missing">refused: {_e(r["refused"])}</span>', 6)])
+            body.append(
+                [_e(r["run"]), label, _e(r["detail"]), (f'<span class="missing">refused: {_e(r["refused"])}</span>', 6)]
+            )
             continue
-        body.append([
-            _e(r["run"]), label, _e(r["detail"]),
-            "" if r["accuracy"] is None else f"{r['accuracy'] * 100:.2f}",
-            "" if r["accuracy_se"] is None else f"{r['accuracy_se'] * 100:.2f}",
-            "" if r["bytes"] is None else _e(_bytes(r["bytes"])),
-            _compact(r["nonzero_params"]), _compact(r["macs"]),
-            "" if r["latency_ms"] is None else _ms(r["latency_ms"]),
-        ])
-    table = _table(["run", "stage / artifact", "model / format", "test acc %", "± SE", "bytes on disk", "non-zero",
-                    "MACs", f"latency ms<br>batch {LATENCY_BATCH}"], body, left=3)
-    intro = (f'<p class="note">{len(runs)} run{"" if len(runs) == 1 else "s"}: {_e(", ".join(names))}. Made '
-             f"{_e(comparison.get('generated_at') or 'at a time not recorded')}. Each run's own report.html has the "
-             f"details; latency compares only between runs timed on the same machine.</p>")
+        body.append(
+            [
+                _e(r["run"]),
+                label,
+                _e(r["detail"]),
+                "" if r["accuracy"] is None else f"{r['accuracy'] * 100:.2f}",
+                "" if r["accuracy_se"] is None else f"{r['accuracy_se'] * 100:.2f}",
+                "" if r["bytes"] is None else _e(_bytes(r["bytes"])),
+                _compact(r["nonzero_params"]),
+                _compact(r["macs"]),
+                "" if r["latency_ms"] is None else _ms(r["latency_ms"]),
+            ]
+        )
+    table = _table(
+        [
+            "run",
+            "stage / artifact",
+            "model / format",
+            "test acc %",
+            "± SE",
+            "bytes on disk",
+            "non-zero",
+            "MACs",
+            f"latency ms<br>batch {LATENCY_BATCH}",
+        ],
+        body,
+        left=3,
+    )
+    intro = (
+        f'<p class="note">{len(runs)} run{"" if len(runs) == 1 else "s"}: {_e(", ".join(names))}. Made '
+        f"{_e(comparison.get('generated_at') or 'at a time not recorded')}. Each run's own report.html has the "
+        f"details; latency compares only between runs timed on the same machine.</p>"
+    )
     sections = [
         f'<section id="stages"><h2>Stages and artifacts</h2>{table}</section>',
         '<section id="size"><h2>Accuracy against size</h2>'
-        + _figure(_comparison_chart(comparison, charts),
-                  "Test accuracy against bytes on disk (log scale), one colour per run; ± one standard error. Each run's "
-                  f"points are shifted sideways by {round((DODGE - 1) * 100)} % from the next run's so that equal "
-                  "points stay visible.")
+        + _figure(
+            _comparison_chart(comparison, charts),
+            "Test accuracy against bytes on disk (log scale), one colour per run; ± one standard error. Each run's "
+            f"points are shifted sideways by {round((DODGE - 1) * 100)} % from the next run's so that equal "
+            "points stay visible.",
+        )
         + "</section>",
     ]
     warnings = [(run.get("name"), w) for run in runs for w in (run.get("report") or {}).get("warnings") or []]
-    sections.append('<section id="warnings"><h2>Warnings</h2>' + (
-        '<ul class="warnings">' + "".join(f"<li><b>{_e(n)}</b>: {_e(w)}</li>" for n, w in warnings) + "</ul>"
-        if warnings else '<p class="missing">none</p>') + "</section>")
+    sections.append(
+        '<section id="warnings"><h2>Warnings</h2>'
+        + (
+            '<ul class="warnings">' + "".join(f"<li><b>{_e(n)}</b>: {_e(w)}</li>" for n, w in warnings) + "</ul>"
+            if warnings
+            else '<p class="missing">none</p>'
+        )
+        + "</section>"
+    )
     return _page(f"kdc comparison: {', '.join(names)}", intro, sections)

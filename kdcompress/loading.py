@@ -190,12 +190,16 @@ def load_model(
     ckpt = load_checkpoint(path)
     arch = ckpt.get("arch")
     if not isinstance(arch, dict) or not isinstance(arch.get("model"), str) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} has no model architecture or weights; is it a stage checkpoint (<stage>/model.pt)?")
+        raise CheckpointError(
+            f"{path} has no model architecture or weights; is it a stage checkpoint (<stage>/model.pt)?"
+        )
     model = build_from_checkpoint(ckpt, where=str(path), allow_import=allow_import)
     try:
         preprocess = Preprocess(_stored_preprocess(ckpt), device)
         if preprocess.input_shape != tuple(arch["input_shape"]):
-            raise ValueError(f"it describes inputs shaped {preprocess.input_shape}, the model takes {tuple(arch['input_shape'])}")
+            raise ValueError(
+                f"it describes inputs shaped {preprocess.input_shape}, the model takes {tuple(arch['input_shape'])}"
+            )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(
             f"{path}: its 'preprocess' entry is damaged ({type(exc).__name__}: {exc}); rerun the stage with --force"

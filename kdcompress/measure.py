@@ -164,9 +164,7 @@ def _benchmark_timer():
 
 
 @torch.no_grad()
-def latency(
-    model: nn.Module, input_shape, batch: int = 1, threads: int = 1, min_run_time: float = 0.5
-) -> dict:
+def latency(model: nn.Module, input_shape, batch: int = 1, threads: int = 1, min_run_time: float = 0.5) -> dict:
     """CPU forward-pass time of ``batch`` samples: median and spread, with a fixed thread count.
 
     Measured with ``torch.utils.benchmark.Timer.blocked_autorange`` (it warms
@@ -198,9 +196,11 @@ def latency(
         )
     finally:
         model.train(was_training)
-    p25, median, p75 = torch.tensor(measured.times, dtype=torch.float64).quantile(
-        torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
-    ).tolist()
+    p25, median, p75 = (
+        torch.tensor(measured.times, dtype=torch.float64)
+        .quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        .tolist()
+    )
     return {
         "median_ms": median * 1e3,
         "iqr_ms": (p75 - p25) * 1e3,
@@ -235,16 +235,21 @@ def latency_ms(model: nn.Module, input_shape, batch: int = 1, threads: int = 1, 
 
 def _quartiles_ms(seconds: list[float]) -> dict:
     """Median, 25th and 75th percentile and interquartile range of per-call times, in milliseconds."""
-    p25, median, p75 = torch.tensor(seconds, dtype=torch.float64).quantile(
-        torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
-    ).tolist()
+    p25, median, p75 = (
+        torch.tensor(seconds, dtype=torch.float64)
+        .quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        .tolist()
+    )
     return {"median_ms": median * 1e3, "iqr_ms": (p75 - p25) * 1e3, "p25_ms": p25 * 1e3, "p75_ms": p75 * 1e3}
 
 
 @torch.no_grad()
 def interleaved_latencies(
-    models: Mapping[Hashable, tuple[nn.Module, tuple]], batch: int = 1, threads: int = 1,
-    rounds: int = LATENCY_ROUNDS, min_run_time: float = 0.5,
+    models: Mapping[Hashable, tuple[nn.Module, tuple]],
+    batch: int = 1,
+    threads: int = 1,
+    rounds: int = LATENCY_ROUNDS,
+    min_run_time: float = 0.5,
 ) -> dict[Hashable, dict]:
     """CPU forward-pass time of several models at one batch size, timed in turns: the same rounds for all.
 
@@ -278,8 +283,9 @@ def interleaved_latencies(
         for key, (model, shape) in models.items():
             model.eval()
             # no_grad above applies: the Timer runs the statement in this thread
-            timers[key] = Timer("model(x)", globals={"model": model, "x": torch.randn(batch, *shape)},
-                                num_threads=threads)
+            timers[key] = Timer(
+                "model(x)", globals={"model": model, "x": torch.randn(batch, *shape)}, num_threads=threads
+            )
             number = 1
             for _ in range(2):  # a first guess from one call (also the warm-up), then from the block it gives
                 per_call = max(timers[key].timeit(number).raw_times[0] / number, 1e-9)
@@ -294,8 +300,13 @@ def interleaved_latencies(
         for key, (model, _) in models.items():
             model.train(modes[key])
     return {
-        key: {**_quartiles_ms(times[key]), "batch": int(batch), "threads": int(threads), "runs": len(times[key]),
-              "rounds_ms": [t * 1e3 for t in times[key]]}
+        key: {
+            **_quartiles_ms(times[key]),
+            "batch": int(batch),
+            "threads": int(threads),
+            "runs": len(times[key]),
+            "rounds_ms": [t * 1e3 for t in times[key]],
+        }
         for key in keys
     }
 

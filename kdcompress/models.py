@@ -87,7 +87,11 @@ class SmallCNN(nn.Module):
         c, h, w = (int(d) for d in input_shape)
         blocks: list[nn.Module] = []
         for out in channels:
-            blocks += [nn.Conv2d(c, int(out), 3, padding=1, bias=False), nn.BatchNorm2d(int(out)), nn.ReLU(inplace=True)]
+            blocks += [
+                nn.Conv2d(c, int(out), 3, padding=1, bias=False),
+                nn.BatchNorm2d(int(out)),
+                nn.ReLU(inplace=True),
+            ]
             blocks.append(nn.MaxPool2d(2))
             c, h, w = int(out), h // 2, w // 2
         self.features = nn.Sequential(*blocks)
@@ -109,13 +113,21 @@ class LeNet5(nn.Module):
         c, h, _ = (int(d) for d in input_shape)
         pad = 2 if h == 28 else 0
         self.features = nn.Sequential(
-            nn.Conv2d(c, 6, 5, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c, 6, 5, padding=pad),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
         )
         side = ((h + 2 * pad - 4) // 2 - 4) // 2
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(16 * side * side, 120), nn.ReLU(inplace=True),
-            nn.Linear(120, 84), nn.ReLU(inplace=True), nn.Linear(84, num_classes),
+            nn.Flatten(),
+            nn.Linear(16 * side * side, 120),
+            nn.ReLU(inplace=True),
+            nn.Linear(120, 84),
+            nn.ReLU(inplace=True),
+            nn.Linear(84, num_classes),
         )
 
     def forward(self, x):
@@ -127,7 +139,12 @@ BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": SmallC
 
 def model_spec(name: str, args: dict, num_classes: int, input_shape) -> dict:
     """The architecture spec stored in checkpoints: enough to rebuild the network."""
-    return {"model": name, "args": dict(args), "num_classes": int(num_classes), "input_shape": [int(d) for d in input_shape]}
+    return {
+        "model": name,
+        "args": dict(args),
+        "num_classes": int(num_classes),
+        "input_shape": [int(d) for d in input_shape],
+    }
 
 
 def names_user_code(name: str, prefixes: tuple[str, ...] = ("torchvision",)) -> bool:
@@ -225,7 +242,9 @@ def build_from_checkpoint(
         try:
             apply_structure(model, structure, ckpt["arch"]["input_shape"])
         except ValueError as exc:
-            raise CheckpointError(f"{where}: its 'structure' entry cannot be rebuilt ({exc}); rerun the stage with --force") from None
+            raise CheckpointError(
+                f"{where}: its 'structure' entry cannot be rebuilt ({exc}); rerun the stage with --force"
+            ) from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
@@ -256,8 +275,10 @@ def _spec_problem(arch) -> str | None:
     classes, shape = arch.get("num_classes"), arch.get("input_shape")
     if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
         return "its 'num_classes' is not a positive whole number"
-    if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 4 or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape
+    if (
+        not isinstance(shape, (list, tuple))
+        or not 1 <= len(shape) <= 4
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
     ):
         return "its 'input_shape' is not a list of 1 to 4 positive whole numbers"
     return None
@@ -277,7 +298,9 @@ def check_architecture(ckpt: dict, where: str = "checkpoint") -> None:
     if problem:
         raise CheckpointError(f"{where}: its architecture entry is damaged ({problem}); {again}")
     state = ckpt.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise CheckpointError(f"{where}: its weights are damaged (not a mapping of names to tensors); {again}")
     try:
         with torch.device("meta"):
@@ -400,7 +423,9 @@ def _import_module(module_name: str):
             sys.path.append(folder)
 
 
-def _find_factory(path: str, prefixes: tuple[str, ...] = ("torchvision",)) -> tuple[Callable[..., Any] | None, str | None]:
+def _find_factory(
+    path: str, prefixes: tuple[str, ...] = ("torchvision",)
+) -> tuple[Callable[..., Any] | None, str | None]:
     """(the factory an import path names, None) or (None, why not): one mechanism for models and datasets.
 
     ``prefixes`` are the ``NAME:`` forms that are not import paths (``torchvision:`` for models,
@@ -419,7 +444,7 @@ def _find_factory(path: str, prefixes: tuple[str, ...] = ("torchvision",)) -> tu
             if close:
                 return None, (
                     f"cannot import '{module_name}' ({type(exc).__name__}: {exc}); did you mean "
-                    f"'{close[0]}{module_name[len(top):]}:{attr}'?"
+                    f"'{close[0]}{module_name[len(top) :]}:{attr}'?"
                 )
         return None, (
             f"cannot import '{module_name}' ({type(exc).__name__}: {exc}); check the name and that the module is "

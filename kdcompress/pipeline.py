@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import yaml
 from rich.console import Console
 
-from .checks import check_recipe
+from . import distributed
 from .checkpoint import (
     atomic_write_text,
     load_checkpoint,
@@ -39,7 +39,7 @@ from .checkpoint import (
     save_checkpoint,
     save_state,
 )
-from . import distributed
+from .checks import check_recipe
 from .data import Augment, DataSplits, batches_per_epoch, load_data
 from .distill import dkd_warmup_factor, get_loss, kd_loss, kd_loss_from_log_probs, teacher_log_probs, teacher_logits
 from .errors import CheckpointError, KdcError, StageOrderError
@@ -51,11 +51,24 @@ from .recipe import Recipe, TrainSettings, recipe_to_dict
 from .runlock import LOCK_FILE, run_dir_lock
 from .stages import COMMAND_OF, STAGES, stage_named
 from .train import (
-    Hook, Runtime, device_words, evaluate, fit, recalibrate_batchnorm, resolve_device, seed_everything,
+    Hook,
+    Runtime,
+    device_words,
+    evaluate,
+    fit,
+    recalibrate_batchnorm,
+    resolve_device,
+    seed_everything,
 )
 
 __all__ = [
-    "STAGES", "COMMAND_OF", "run_pipeline", "run_stage", "stage_status", "checkpoint_path", "lock_run_dir",
+    "STAGES",
+    "COMMAND_OF",
+    "run_pipeline",
+    "run_stage",
+    "stage_status",
+    "checkpoint_path",
+    "lock_run_dir",
     "RUNNING_LOG",
 ]
 
@@ -212,8 +225,11 @@ def stage_status(recipe: Recipe, stage: str) -> StageStatus:
     upstream = _upstream_fingerprints(recipe, stage)  # up to date, just checked: no second walk up the stages
     epoch = resume_epoch(recipe, stage, upstream)
     if epoch is not None:
-        return StageStatus(stage, False, f"an interrupted run stopped after epoch {epoch}; it resumes from there "
-                           f"(--restart starts it over)")
+        return StageStatus(
+            stage,
+            False,
+            f"an interrupted run stopped after epoch {epoch}; it resumes from there (--restart starts it over)",
+        )
     if not path.is_file() and not manifest_path(path).is_file():
         return StageStatus(stage, False, f"no checkpoint at {path}")
     found = _read_fingerprint(path)
@@ -305,8 +321,9 @@ def _run_pipeline(recipe: Recipe, force: bool, restart: bool, console: Console |
     for stage in STAGES:
         if (stages is not None and stage.name not in stages) or not stage.enabled(recipe):
             continue
-        results[stage.name] = run_stage(recipe, stage.name, force=force, restart=restart, console=console,
-                                        progress=progress)
+        results[stage.name] = run_stage(
+            recipe, stage.name, force=force, restart=restart, console=console, progress=progress
+        )
     if stages is None and recipe.export.formats and distributed.is_main():
         from .export import export_stage  # the export section's artifacts, made from the stage they name
 
@@ -402,7 +419,11 @@ def _mark_run_dir(run_dir: Path) -> None:
 
 
 def run_stage(
-    recipe: Recipe, stage: str, force: bool = False, restart: bool = False, console: Console | None = None,
+    recipe: Recipe,
+    stage: str,
+    force: bool = False,
+    restart: bool = False,
+    console: Console | None = None,
     progress: RunProgress | None = None,
 ) -> dict:
     """Run one stage, resuming an interrupted one; skip it when up to date unless ``force``.
@@ -416,8 +437,9 @@ def run_stage(
         return _run_stage(recipe, stage, force, restart, console, progress)
 
 
-def _run_stage(recipe: Recipe, stage: str, force: bool, restart: bool, console: Console | None,
-               progress: RunProgress | None) -> dict:
+def _run_stage(
+    recipe: Recipe, stage: str, force: bool, restart: bool, console: Console | None, progress: RunProgress | None
+) -> dict:
     """:func:`run_stage`'s work, done while holding the run directory's lock."""
     console = console or Console(stderr=True)
     device = distributed.init(resolve_device(recipe.run.device))
@@ -472,12 +494,14 @@ def _run_stage(recipe: Recipe, stage: str, force: bool, restart: bool, console: 
     supplied = stage == "teacher" and recipe.teacher.checkpoint
     console.print(
         f"[bold]{stage}[/]: supplied: {recipe.teacher.checkpoint}, not trained; evaluating it on {data.name} "
-        f"({len(data.test)} test) on {device}" if supplied else
-        f"[bold]{stage}[/]: training on {data.name} ({len(data.train)} train, {len(data.test)} test) on {device}"
+        f"({len(data.test)} test) on {device}"
+        if supplied
+        else f"[bold]{stage}[/]: training on {data.name} ({len(data.train)} train, {len(data.test)} test) on {device}"
     )
     started = time.perf_counter()
-    ctx = _StageContext(recipe, stage, data, device, console, stage_dir / RUNNING_LOG, state_path, fingerprint,
-                        progress)
+    ctx = _StageContext(
+        recipe, stage, data, device, console, stage_dir / RUNNING_LOG, state_path, fingerprint, progress
+    )
     model, spec, history, extra = _RUN[stage](ctx)
     extra = dict(extra)
     structure = extra.pop("structure", None)  # a structurally pruned model's shapes, replayed when it is loaded
@@ -500,27 +524,33 @@ def _run_stage(recipe: Recipe, stage: str, force: bool, restart: bool, console: 
         "train_device": device_words(device) + (f" x {world} processes" if world > 1 else ""),
         "params": count_params(model),
         "nonzero_params": count_nonzero(model),
-        "sparsity": weight_sparsity({k: v.detach() for k, v in prunable_weights(model, prune.include, prune.exclude).items()}),
+        "sparsity": weight_sparsity(
+            {k: v.detach() for k, v in prunable_weights(model, prune.include, prune.exclude).items()}
+        ),
         "epochs": len(history),
         "seconds": time.perf_counter() - started,
         **extra,
     }
     if main:
-        _save_stage(path, state_path, {
-            "stage": stage,
-            "arch": spec,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "fingerprint": fingerprint,
-            "fingerprint_version": FINGERPRINT_VERSION,
-            # what the fingerprint was made from, file hashes included, so a later run can say what changed
-            "inputs": _stage_inputs(recipe_to_dict(recipe), stage),
-            "recipe": recipe_to_dict(recipe),
-            "metrics": metrics,
-            "history": history,  # the epochs of metrics.jsonl, to restore it beside this checkpoint
-            "dataset": data.name,
-            "preprocess": data.preprocess,
-            **({"structure": structure} if structure is not None else {}),
-        })
+        _save_stage(
+            path,
+            state_path,
+            {
+                "stage": stage,
+                "arch": spec,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "fingerprint": fingerprint,
+                "fingerprint_version": FINGERPRINT_VERSION,
+                # what the fingerprint was made from, file hashes included, so a later run can say what changed
+                "inputs": _stage_inputs(recipe_to_dict(recipe), stage),
+                "recipe": recipe_to_dict(recipe),
+                "metrics": metrics,
+                "history": history,  # the epochs of metrics.jsonl, to restore it beside this checkpoint
+                "dataset": data.name,
+                "preprocess": data.preprocess,
+                **({"structure": structure} if structure is not None else {}),
+            },
+        )
     distributed.barrier()  # no rank looks at this stage's files before they are written
     console.print(
         f"[green]{stage}[/]: test accuracy {metrics['test_accuracy']:.4f}, {metrics['nonzero_params']:,} of "
@@ -683,8 +713,12 @@ def _logit_loss(d, warmup: int):
     def user(s, t, y):
         value = fn(s, t, y, args)
         if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
-            what = type(value).__name__ if not isinstance(value, torch.Tensor) else (
-                f"a tensor of shape {tuple(value.shape)}" if value.numel() != 1 else "a tensor without a gradient"
+            what = (
+                type(value).__name__
+                if not isinstance(value, torch.Tensor)
+                else (
+                    f"a tensor of shape {tuple(value.shape)}" if value.numel() != 1 else "a tensor without a gradient"
+                )
             )
             raise KdcError(
                 f"distill.loss: {d.loss} returned {what}; it must return a scalar tensor computed from the "
@@ -714,8 +748,11 @@ def _augment(recipe: Recipe) -> Augment | None:
 def _fit(ctx: _StageContext, model, loss, settings: TrainSettings, hooks=()):
     recipe = ctx.recipe
     # last: resume states list the hooks in order, and this one keeps no state
-    board = [_TensorBoard(recipe.run_dir / "tensorboard" / ctx.stage)] if (
-        recipe.report.tensorboard and distributed.is_main()) else []
+    board = (
+        [_TensorBoard(recipe.run_dir / "tensorboard" / ctx.stage)]
+        if (recipe.report.tensorboard and distributed.is_main())
+        else []
+    )
     try:
         return fit(
             model,
@@ -787,7 +824,9 @@ def _stage_teacher(ctx: _StageContext):
     if t.checkpoint:  # the user's own teacher: evaluated and saved as this run's, never trained
         from .supplied import supplied_teacher
 
-        model, spec, info = supplied_teacher(ctx.recipe, ctx.data.num_classes, ctx.data.input_shape, ctx.data.preprocess)
+        model, spec, info = supplied_teacher(
+            ctx.recipe, ctx.data.num_classes, ctx.data.input_shape, ctx.data.preprocess
+        )
         return model.to(ctx.device), spec, [], info  # no epochs: its metrics.jsonl is written empty
     model, spec = _new_model(ctx.recipe, "teacher", ctx.data, ctx.device)
     extra = {}
@@ -927,8 +966,9 @@ def make_pruner(model: torch.nn.Module, p, input_shape):
     if p.method == "structured":
         from .prune.structured import StructuredPruner  # torch-pruning is imported only when it is used
 
-        return StructuredPruner(model, input_shape, importance=p.importance, scope=p.scope, include=p.include,
-                                exclude=p.exclude)
+        return StructuredPruner(
+            model, input_shape, importance=p.importance, scope=p.scope, include=p.include, exclude=p.exclude
+        )
     return MagnitudePruner(model, p.rate, p.target_sparsity, p.scope, p.include, p.exclude)
 
 

@@ -87,8 +87,14 @@ class RunProgress:
     counts only itself. ``clock`` and ``min_batches`` are there for tests.
     """
 
-    def __init__(self, console: Console, plan: dict[str, tuple[int, str]] | None = None, *,
-                 clock: Callable[[], float] = time.perf_counter, min_batches: int = ETA_MIN_BATCHES):
+    def __init__(
+        self,
+        console: Console,
+        plan: dict[str, tuple[int, str]] | None = None,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        min_batches: int = ETA_MIN_BATCHES,
+    ):
         self.console = console
         self.plan = dict(plan or {})
         self.clock = clock
@@ -108,8 +114,9 @@ class RunProgress:
         names = list(self.plan)
         if name in names:  # the stages planned before this one are over, trained or skipped
             self._finished.update(names[: names.index(name)])
-        self._stage = _Stage(name, epochs, first_epoch, max(1, batches_per_epoch), group, self.clock(),
-                             epoch=first_epoch)
+        self._stage = _Stage(
+            name, epochs, first_epoch, max(1, batches_per_epoch), group, self.clock(), epoch=first_epoch
+        )
         if self.live and epochs > first_epoch:
             self._bar = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -209,8 +216,11 @@ class RunProgress:
     def _later(self) -> list[tuple[int, str]]:
         """``(epochs, model)`` of the planned stages after the current one that have epochs to train."""
         current = self._stage.name if self._stage else None
-        return [(epochs, group) for name, (epochs, group) in self.plan.items()
-                if name != current and name not in self._finished and epochs > 0]
+        return [
+            (epochs, group)
+            for name, (epochs, group) in self.plan.items()
+            if name != current and name not in self._finished and epochs > 0
+        ]
 
     def _rate_of(self, group: str, elapsed: float) -> tuple[float, float]:
         """(batches, seconds) measured for ``group``: its finished stages', plus the current one if it trains it."""

@@ -119,7 +119,8 @@ class DataSection:
     hflip: bool = field(default=False, metadata=_doc("augment: random horizontal flip"))
     # input: False -- how batches are read, not what they hold: changing it retrains no stage
     workers: int = field(
-        default=2, metadata={**_range(lo=0, doc="DataLoader workers (imagefolder and your own datasets)"), "input": False}
+        default=2,
+        metadata={**_range(lo=0, doc="DataLoader workers (imagefolder and your own datasets)"), "input": False},
     )
 
 
@@ -170,8 +171,11 @@ class TeacherSection(TrainSettings):
     seed: Optional[int] = field(
         default=None,
         metadata={
-            **_range(lo=0, doc="the teacher's own seed (default: run.seed); kdc run --seeds pins it to the first seed, "
-                     "so that every seed distils from the one teacher"),
+            **_range(
+                lo=0,
+                doc="the teacher's own seed (default: run.seed); kdc run --seeds pins it to the first seed, "
+                "so that every seed distils from the one teacher",
+            ),
             "omit_default": True,
         },
     )
@@ -196,8 +200,10 @@ class FeatureTerm:
     student: str = field(default="", metadata=_doc("the student module's dotted path (model.named_modules())"))
     loss: Literal["hint", "at"] = field(
         default="hint",
-        metadata=_doc("hint (FitNets: MSE through a trainable 1x1 conv or linear adapter) or at (attention transfer: "
-                      "feature maps of the same height and width)"),
+        metadata=_doc(
+            "hint (FitNets: MSE through a trainable 1x1 conv or linear adapter) or at (attention transfer: "
+            "feature maps of the same height and width)"
+        ),
     )
     weight: float = field(default=1.0, metadata=_range(lo=0.0, lo_open=True, doc="weight of this term in the loss"))
 
@@ -206,36 +212,53 @@ class FeatureTerm:
 class DistillSection(TrainSettings):
     temperature: float = field(default=4.0, metadata=_range(lo=0.0, lo_open=True, doc="softmax temperature T"))
     alpha: float = field(
-        default=0.5, metadata=_range(lo=0.0, hi=1.0, doc="kd: weight of the soft (teacher) term (1 - alpha: cross-entropy)")
+        default=0.5,
+        metadata=_range(lo=0.0, hi=1.0, doc="kd: weight of the soft (teacher) term (1 - alpha: cross-entropy)"),
     )
     # The keys below came after run directories existed: "omit_default" leaves a key at its default out of the
     # stage fingerprints, so adding them made no existing distilled or pruned stage out of date.
     loss: str = field(
         default="kd",
-        metadata={**_doc("kd (Hinton), dkd (decoupled KD, Zhao et al. 2022) or package.module:function for your own"),
-                  "omit_default": True},
+        metadata={
+            **_doc("kd (Hinton), dkd (decoupled KD, Zhao et al. 2022) or package.module:function for your own"),
+            "omit_default": True,
+        },
     )
     dkd_alpha: float = field(
-        default=1.0, metadata={**_range(lo=0.0, doc="dkd: weight of TCKD (target vs other classes)"), "omit_default": True}
+        default=1.0,
+        metadata={**_range(lo=0.0, doc="dkd: weight of TCKD (target vs other classes)"), "omit_default": True},
     )
     dkd_beta: float = field(
-        default=8.0, metadata={**_range(lo=0.0, doc="dkd: weight of NCKD (among the other classes)"), "omit_default": True}
+        default=8.0,
+        metadata={**_range(lo=0.0, doc="dkd: weight of NCKD (among the other classes)"), "omit_default": True},
     )
     dkd_warmup: int = field(
         default=20,
-        metadata={**_range(lo=0, doc="dkd: epochs over which the DKD term rises linearly to full weight (at most the "
-                           "distill epochs; 0: none)"), "omit_default": True},
+        metadata={
+            **_range(
+                lo=0,
+                doc="dkd: epochs over which the DKD term rises linearly to full weight (at most the "
+                "distill epochs; 0: none)",
+            ),
+            "omit_default": True,
+        },
     )
     loss_args: dict = field(
         default_factory=dict,
-        metadata={**_doc("your own loss: the args dict it is called with, fn(student_logits, teacher_logits, targets, "
-                         "args)"), "omit_default": True},
+        metadata={
+            **_doc("your own loss: the args dict it is called with, fn(student_logits, teacher_logits, targets, args)"),
+            "omit_default": True,
+        },
     )
     features: list[FeatureTerm] = field(
         default_factory=list,
-        metadata={**_doc("feature terms added to the distilled stage's loss: a list of {teacher: module path, "
-                         "student: module path, loss: hint | at, weight: w}; the teacher then runs online"),
-                  "omit_default": True},
+        metadata={
+            **_doc(
+                "feature terms added to the distilled stage's loss: a list of {teacher: module path, "
+                "student: module path, loss: hint | at, weight: w}; the teacher then runs online"
+            ),
+            "omit_default": True,
+        },
     )
 
 
@@ -255,7 +278,10 @@ class PruneSection(TrainSettings):
     target_sparsity: float = field(
         default=0.9,
         metadata=_range(
-            lo=0.0, hi=1.0, hi_open=True, doc="fraction of all prunable weights that end at zero (channels when structured)"
+            lo=0.0,
+            hi=1.0,
+            hi_open=True,
+            doc="fraction of all prunable weights that end at zero (channels when structured)",
         ),
     )
     # Not 'schedule': every training section's 'schedule' is its learning-rate schedule (prune.schedule: cosine)
@@ -320,8 +346,13 @@ class ReportSection:
     # other late keys so that a stage that ever comes to read it keeps its fingerprint while it is false.
     tensorboard: bool = field(
         default=False,
-        metadata={**_doc("also write TensorBoard scalars every epoch to <run dir>/tensorboard/<stage>/ (needs "
-                         "`pip install tensorboard`)"), "omit_default": True},
+        metadata={
+            **_doc(
+                "also write TensorBoard scalars every epoch to <run dir>/tensorboard/<stage>/ (needs "
+                "`pip install tensorboard`)"
+            ),
+            "omit_default": True,
+        },
     )
 
 
@@ -415,7 +446,11 @@ def load_recipe(
     # file paths in the recipe are looked up as import paths are: the current directory, then the recipe's folder
     folders = [Path.cwd()] + ([path.parent] if not builtin else [])
     return parse_recipe(
-        text, source=source, overrides=overrides, default_name=_run_name_from(path), search_dirs=folders,
+        text,
+        source=source,
+        overrides=overrides,
+        default_name=_run_name_from(path),
+        search_dirs=folders,
         import_code=import_code,
     )
 
@@ -538,8 +573,11 @@ def read_yaml(text: str, source: str = "<yaml>") -> tuple[Any, dict[tuple, int],
 
 def _node_children(node: yaml.Node) -> list[tuple[Any, yaml.Node]]:
     if isinstance(node, yaml.MappingNode):
-        return [(getattr(k, "value", "?") if isinstance(k, yaml.ScalarNode) else "?", child)
-                for k, v in node.value for child in (k, v)]
+        return [
+            (getattr(k, "value", "?") if isinstance(k, yaml.ScalarNode) else "?", child)
+            for k, v in node.value
+            for child in (k, v)
+        ]
     if isinstance(node, yaml.SequenceNode):
         return list(enumerate(node.value))
     return []
@@ -554,11 +592,19 @@ def _oversized_problem(path: tuple, value: Any, container: Any, cyclic: bool) ->
     mark = getattr(container, "start_mark", None)
     line = mark.line + 1 if mark is not None else None
     if cyclic:
-        return Problem(_dotted(path), "is an alias (*name) inside the very value its anchor (&name) names, so the "
-                       "value would contain itself without end; write the value out instead", line)
-    return Problem(_dotted(path), f"is too big for a recipe: written out in full (each alias *name replaced by "
-                   f"what its anchor &name holds) it holds more than {MAX_YAML_SIZE:,} values and characters; write "
-                   f"the values out, or alias fewer of them", line)
+        return Problem(
+            _dotted(path),
+            "is an alias (*name) inside the very value its anchor (&name) names, so the "
+            "value would contain itself without end; write the value out instead",
+            line,
+        )
+    return Problem(
+        _dotted(path),
+        f"is too big for a recipe: written out in full (each alias *name replaced by "
+        f"what its anchor &name holds) it holds more than {MAX_YAML_SIZE:,} values and characters; write "
+        f"the values out, or alias fewer of them",
+        line,
+    )
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> Problem:
@@ -652,9 +698,14 @@ def _dotted(path: tuple) -> str:
 def _kind(value: Any) -> str:
     if value is None:
         return "nothing (null)"
-    return {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "an integer", float: "a number"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "text",
+        bool: "true/false",
+        int: "an integer",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
 def _line(lines: dict, path: tuple) -> int | str | None:
@@ -671,30 +722,92 @@ _suggest = did_you_mean
 # Keys people bring from other tools, which difflib does not find (too short, or too different): the key as
 # written, lower case -> the recipe's keys it may mean, tried in order against the section's own keys.
 _SYNONYMS: dict[str, tuple[str, ...]] = {
-    "learning_rate": ("lr",), "learningrate": ("lr",), "base_lr": ("lr",), "lr0": ("lr",), "eta": ("lr",),
-    "lr_schedule": ("schedule",), "lr_scheduler": ("schedule",), "scheduler": ("schedule",),
-    "lr_policy": ("schedule",), "sched": ("schedule",),
-    "num_epochs": ("epochs",), "n_epochs": ("epochs",), "max_epochs": ("epochs",), "num_train_epochs": ("epochs",),
-    "train_epochs": ("epochs",), "t": ("temperature",), "temp": ("temperature",), "tau": ("temperature",),
-    "kd_temperature": ("temperature",), "soft_weight": ("alpha",), "kd_weight": ("alpha",), "kd_alpha": ("alpha",),
-    "lambda": ("alpha",), "wd": ("weight_decay",), "l2": ("weight_decay",), "weightdecay": ("weight_decay",),
-    "optim": ("optimizer",), "opt": ("optimizer",), "optimiser": ("optimizer",), "solver": ("optimizer",),
-    "lr_step": ("step_size",), "decay_epochs": ("step_size",), "lr_decay": ("gamma",), "decay_rate": ("gamma",),
-    "lr_gamma": ("gamma",), "sparsity": ("target_sparsity",), "final_sparsity": ("target_sparsity",),
-    "target": ("target_sparsity",), "amount": ("rate",), "prune_rate": ("rate",), "pruning_rate": ("rate",),
-    "ratio": ("rate",), "frequency": ("every",), "interval": ("every",), "prune_every": ("every",),
-    "arch": ("model",), "architecture": ("model",), "network": ("model",), "net": ("model",),
-    "name": ("model", "dataset"), "kwargs": ("args",), "model_args": ("args",), "model_kwargs": ("args",),
-    "params": ("args",), "bs": ("batch_size",), "batch": ("batch_size",), "train_batch_size": ("batch_size",),
-    "test_batch_size": ("eval_batch_size",), "val_batch_size": ("eval_batch_size",),
-    "num_workers": ("workers",), "n_workers": ("workers",), "data_dir": ("root",), "data_root": ("root",),
-    "data_path": ("root",), "dataset_root": ("root",), "path": ("root",), "dataset_name": ("dataset",),
-    "output_dir": ("out_dir",), "output": ("out_dir",), "save_dir": ("out_dir",), "runs_dir": ("out_dir",),
-    "random_seed": ("seed",), "manual_seed": ("seed",), "gpu": ("device",), "cuda": ("device",),
-    "amp": ("precision",), "dtype": ("precision",), "mixed_precision": ("precision",),
-    "num_threads": ("threads",), "validation_split": ("val_split",), "train_baseline": ("baseline",),
-    "pruning_schedule": ("sparsity_schedule",), "prune_schedule": ("sparsity_schedule",),
-    "num_steps": ("steps",), "n_steps": ("steps",), "start_sparsity": ("initial_sparsity",),
+    "learning_rate": ("lr",),
+    "learningrate": ("lr",),
+    "base_lr": ("lr",),
+    "lr0": ("lr",),
+    "eta": ("lr",),
+    "lr_schedule": ("schedule",),
+    "lr_scheduler": ("schedule",),
+    "scheduler": ("schedule",),
+    "lr_policy": ("schedule",),
+    "sched": ("schedule",),
+    "num_epochs": ("epochs",),
+    "n_epochs": ("epochs",),
+    "max_epochs": ("epochs",),
+    "num_train_epochs": ("epochs",),
+    "train_epochs": ("epochs",),
+    "t": ("temperature",),
+    "temp": ("temperature",),
+    "tau": ("temperature",),
+    "kd_temperature": ("temperature",),
+    "soft_weight": ("alpha",),
+    "kd_weight": ("alpha",),
+    "kd_alpha": ("alpha",),
+    "lambda": ("alpha",),
+    "wd": ("weight_decay",),
+    "l2": ("weight_decay",),
+    "weightdecay": ("weight_decay",),
+    "optim": ("optimizer",),
+    "opt": ("optimizer",),
+    "optimiser": ("optimizer",),
+    "solver": ("optimizer",),
+    "lr_step": ("step_size",),
+    "decay_epochs": ("step_size",),
+    "lr_decay": ("gamma",),
+    "decay_rate": ("gamma",),
+    "lr_gamma": ("gamma",),
+    "sparsity": ("target_sparsity",),
+    "final_sparsity": ("target_sparsity",),
+    "target": ("target_sparsity",),
+    "amount": ("rate",),
+    "prune_rate": ("rate",),
+    "pruning_rate": ("rate",),
+    "ratio": ("rate",),
+    "frequency": ("every",),
+    "interval": ("every",),
+    "prune_every": ("every",),
+    "arch": ("model",),
+    "architecture": ("model",),
+    "network": ("model",),
+    "net": ("model",),
+    "name": ("model", "dataset"),
+    "kwargs": ("args",),
+    "model_args": ("args",),
+    "model_kwargs": ("args",),
+    "params": ("args",),
+    "bs": ("batch_size",),
+    "batch": ("batch_size",),
+    "train_batch_size": ("batch_size",),
+    "test_batch_size": ("eval_batch_size",),
+    "val_batch_size": ("eval_batch_size",),
+    "num_workers": ("workers",),
+    "n_workers": ("workers",),
+    "data_dir": ("root",),
+    "data_root": ("root",),
+    "data_path": ("root",),
+    "dataset_root": ("root",),
+    "path": ("root",),
+    "dataset_name": ("dataset",),
+    "output_dir": ("out_dir",),
+    "output": ("out_dir",),
+    "save_dir": ("out_dir",),
+    "runs_dir": ("out_dir",),
+    "random_seed": ("seed",),
+    "manual_seed": ("seed",),
+    "gpu": ("device",),
+    "cuda": ("device",),
+    "amp": ("precision",),
+    "dtype": ("precision",),
+    "mixed_precision": ("precision",),
+    "num_threads": ("threads",),
+    "validation_split": ("val_split",),
+    "train_baseline": ("baseline",),
+    "pruning_schedule": ("sparsity_schedule",),
+    "prune_schedule": ("sparsity_schedule",),
+    "num_steps": ("steps",),
+    "n_steps": ("steps",),
+    "start_sparsity": ("initial_sparsity",),
 }
 
 
@@ -863,7 +976,9 @@ def _type_words(tp: Any) -> str:
     """A schema type in words, for 'expected ...' messages: ``auto``, ``a number``."""
     if typing.get_origin(tp) is Literal:
         return " or ".join(str(c) for c in typing.get_args(tp))
-    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _check_range(value: Any, f: dataclasses.Field, path: tuple, lines: dict) -> list[Problem]:
@@ -871,9 +986,8 @@ def _check_range(value: Any, f: dataclasses.Field, path: tuple, lines: dict) -> 
     if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
         return []
     lo, hi = meta.get("lo"), meta.get("hi")
-    bad = (
-        (lo is not None and (value <= lo if meta.get("lo_open") else value < lo))
-        or (hi is not None and (value >= hi if meta.get("hi_open") else value > hi))
+    bad = (lo is not None and (value <= lo if meta.get("lo_open") else value < lo)) or (
+        hi is not None and (value >= hi if meta.get("hi_open") else value > hi)
     )
     if not bad:
         return []
@@ -929,7 +1043,11 @@ def _apply_override(raw: dict, item: str, problems: list[Problem]) -> tuple | No
     if error:
         problems.append(Problem(where, error))
         return
-    inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (Union, types.UnionType) else [tp]
+    inner = (
+        [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (Union, types.UnionType)
+        else [tp]
+    )
     numeric = [a for a in inner if a in (int, float)]  # every: auto | <epochs> takes numbers too
     if tp is str or (typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)):
         value: Any = text if text.lower() not in ("null", "~") or tp is str else None
@@ -995,12 +1113,14 @@ def _run_name_checks(run: RunSection, lines: dict) -> list[Problem]:
         why = f"holds a control character ({name!r})"
     else:
         return []
-    return [Problem(
-        "run.name",
-        f"{why}: run.name is a folder name inside run.out_dir; use run.out_dir to put runs elsewhere "
-        f"(e.g. run: {{out_dir: /data/runs, name: exp1}})",
-        _line(lines, ("run", "name")),
-    )]
+    return [
+        Problem(
+            "run.name",
+            f"{why}: run.name is a folder name inside run.out_dir; use run.out_dir to put runs elsewhere "
+            f"(e.g. run: {{out_dir: /data/runs, name: exp1}})",
+            _line(lines, ("run", "name")),
+        )
+    ]
 
 
 _SCHEDULE_STEPS = {
@@ -1015,63 +1135,82 @@ def _cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
     problems.extend(_report_checks(recipe.report, lines))
     t = recipe.teacher
     if t.pretrained and t.checkpoint:
-        problems.append(Problem(
-            "teacher.pretrained",
-            "and teacher.checkpoint both give the teacher's weights; keep one (teacher.checkpoint: your trained "
-            "teacher, used as it is; teacher.pretrained: torchvision's ImageNet weights, then trained)",
-            _line(lines, ("teacher", "pretrained")),
-        ))
+        problems.append(
+            Problem(
+                "teacher.pretrained",
+                "and teacher.checkpoint both give the teacher's weights; keep one (teacher.checkpoint: your trained "
+                "teacher, used as it is; teacher.pretrained: torchvision's ImageNet weights, then trained)",
+                _line(lines, ("teacher", "pretrained")),
+            )
+        )
     elif t.pretrained and not t.model.startswith("torchvision:"):
-        problems.append(Problem(
-            "teacher.pretrained",
-            f"needs a torchvision model (teacher.model: torchvision:NAME), got {t.model!r}; for your own trained "
-            f"weights use teacher.checkpoint: PATH",
-            _line(lines, ("teacher", "pretrained")),
-        ))
+        problems.append(
+            Problem(
+                "teacher.pretrained",
+                f"needs a torchvision model (teacher.model: torchvision:NAME), got {t.model!r}; for your own trained "
+                f"weights use teacher.checkpoint: PATH",
+                _line(lines, ("teacher", "pretrained")),
+            )
+        )
     if recipe.export.formats and recipe.export.stage == "student" and not recipe.student.baseline:
-        problems.append(Problem(
-            "export.stage",
-            "is student, but student.baseline is false, so no student stage is trained; export pruned or distilled, "
-            "or set student.baseline: true",
-            _line(lines, ("export", "stage")) or _line(lines, ("export",)),
-        ))
+        problems.append(
+            Problem(
+                "export.stage",
+                "is student, but student.baseline is false, so no student stage is trained; export pruned or distilled, "
+                "or set student.baseline: true",
+                _line(lines, ("export", "stage")) or _line(lines, ("export",)),
+            )
+        )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", recipe.run.device):
         problems.append(
-            Problem("run.device", f"must be auto, cpu, cuda or cuda:N, got {recipe.run.device!r}", _line(lines, ("run", "device")))
+            Problem(
+                "run.device",
+                f"must be auto, cpu, cuda or cuda:N, got {recipe.run.device!r}",
+                _line(lines, ("run", "device")),
+            )
         )
     problems.extend(_loss_checks(recipe.distill, lines))
     seeds = recipe.run.seeds
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        problems.append(Problem(
-            "run.seeds", f"must be distinct seeds of 0 or more, e.g. [0, 1, 2], got {list(seeds)}",
-            _line(lines, ("run", "seeds")),
-        ))
+        problems.append(
+            Problem(
+                "run.seeds",
+                f"must be distinct seeds of 0 or more, e.g. [0, 1, 2], got {list(seeds)}",
+                _line(lines, ("run", "seeds")),
+            )
+        )
     # Whether the pruning steps fit in retraining depends on the batches per epoch, which needs the data:
     # kdcompress.checks.check_recipe plans the schedule (prune.schedule.plan_schedule) as the run will.
     p = recipe.prune
     where = lambda key: _line(lines, ("prune", key)) or _line(lines, ("prune",))  # noqa: E731
     if p.sparsity_schedule != "agp":  # keys that only agp reads would be silently ignored
         if p.steps != "auto":
-            problems.append(Problem(
-                "prune.steps",
-                f"sets the number of agp steps, but prune.sparsity_schedule is {p.sparsity_schedule} "
-                f"({_SCHEDULE_STEPS[p.sparsity_schedule]}); set prune.sparsity_schedule: agp, or drop prune.steps",
-                where("steps"),
-            ))
+            problems.append(
+                Problem(
+                    "prune.steps",
+                    f"sets the number of agp steps, but prune.sparsity_schedule is {p.sparsity_schedule} "
+                    f"({_SCHEDULE_STEPS[p.sparsity_schedule]}); set prune.sparsity_schedule: agp, or drop prune.steps",
+                    where("steps"),
+                )
+            )
         if p.initial_sparsity:
-            problems.append(Problem(
-                "prune.initial_sparsity",
-                f"is the starting sparsity of agp, but prune.sparsity_schedule is {p.sparsity_schedule}; set "
-                f"prune.sparsity_schedule: agp, or drop prune.initial_sparsity",
-                where("initial_sparsity"),
-            ))
+            problems.append(
+                Problem(
+                    "prune.initial_sparsity",
+                    f"is the starting sparsity of agp, but prune.sparsity_schedule is {p.sparsity_schedule}; set "
+                    f"prune.sparsity_schedule: agp, or drop prune.initial_sparsity",
+                    where("initial_sparsity"),
+                )
+            )
     elif p.target_sparsity > 0 and p.initial_sparsity >= p.target_sparsity:
-        problems.append(Problem(
-            "prune.initial_sparsity",
-            f"{p.initial_sparsity} must be below prune.target_sparsity ({p.target_sparsity}): agp rises from one to "
-            f"the other",
-            where("initial_sparsity"),
-        ))
+        problems.append(
+            Problem(
+                "prune.initial_sparsity",
+                f"{p.initial_sparsity} must be below prune.target_sparsity ({p.target_sparsity}): agp rises from one to "
+                f"the other",
+                where("initial_sparsity"),
+            )
+        )
     return problems
 
 
@@ -1093,19 +1232,29 @@ def _resolve_files(recipe: Recipe, lines: dict, problems: list[Problem], folders
     folder = next((c for c in tried if c.is_dir()), None)
     if folder is not None:
         inside = folder / "teacher" / "model.pt"
-        hint = (f"; did you mean the teacher of that run directory, {inside}?" if inside.is_file()
-                else "; give the file itself")
-        problems.append(Problem("teacher.checkpoint", f"{folder} is a folder, not a weights file{hint}",
-                                _line(lines, where)))
+        hint = (
+            f"; did you mean the teacher of that run directory, {inside}?"
+            if inside.is_file()
+            else "; give the file itself"
+        )
+        problems.append(
+            Problem("teacher.checkpoint", f"{folder} is a folder, not a weights file{hint}", _line(lines, where))
+        )
         return recipe
     looked = " and ".join(str(c) for c in dict.fromkeys(tried))
-    relative = "" if path.is_absolute() else " (a relative path is looked up in the current directory, then in the recipe's folder)"
-    problems.append(Problem(
-        "teacher.checkpoint",
-        f"file not found: looked for {looked}{relative}; give the path of a state_dict file "
-        f"(torch.save(model.state_dict(), PATH)) or of a kdc checkpoint (<run dir>/teacher/model.pt)",
-        _line(lines, where),
-    ))
+    relative = (
+        ""
+        if path.is_absolute()
+        else " (a relative path is looked up in the current directory, then in the recipe's folder)"
+    )
+    problems.append(
+        Problem(
+            "teacher.checkpoint",
+            f"file not found: looked for {looked}{relative}; give the path of a state_dict file "
+            f"(torch.save(model.state_dict(), PATH)) or of a kdc checkpoint (<run dir>/teacher/model.pt)",
+            _line(lines, where),
+        )
+    )
     return recipe
 
 
@@ -1114,8 +1263,12 @@ def _loss_checks(d: DistillSection, lines: dict) -> list[Problem]:
     default = DistillSection()
     builtin = d.loss in ("kd", "dkd")
     unused = {  # key -> why it does nothing with this loss
-        "dkd_alpha": d.loss != "dkd", "dkd_beta": d.loss != "dkd", "dkd_warmup": d.loss != "dkd",
-        "loss_args": builtin, "alpha": d.loss != "kd", "temperature": not builtin,
+        "dkd_alpha": d.loss != "dkd",
+        "dkd_beta": d.loss != "dkd",
+        "dkd_warmup": d.loss != "dkd",
+        "loss_args": builtin,
+        "alpha": d.loss != "kd",
+        "temperature": not builtin,
     }
     reads = {
         "kd": "kd reads temperature and alpha",
@@ -1123,29 +1276,36 @@ def _loss_checks(d: DistillSection, lines: dict) -> list[Problem]:
         "paper)",
     }.get(d.loss, "your own loss reads only distill.loss_args")
     fix = {  # what would read the key
-        "dkd_alpha": "set distill.loss: dkd, or drop distill.{key}", "dkd_beta": "set distill.loss: dkd, or drop distill.{key}",
+        "dkd_alpha": "set distill.loss: dkd, or drop distill.{key}",
+        "dkd_beta": "set distill.loss: dkd, or drop distill.{key}",
         "dkd_warmup": "set distill.loss: dkd, or drop distill.{key}",
         "loss_args": "set distill.loss to your package.module:function, or drop distill.{key}",
-        "alpha": "drop distill.{key}" if builtin else "pass what your loss needs in distill.loss_args, and drop distill.{key}",
+        "alpha": "drop distill.{key}"
+        if builtin
+        else "pass what your loss needs in distill.loss_args, and drop distill.{key}",
         "temperature": "pass what your loss needs in distill.loss_args, and drop distill.{key}",
     }
     problems = []
     for i, term in enumerate(d.features):  # module paths are looked up in the built models by check_recipe
         for side in ("teacher", "student"):
             if not getattr(term, side):
-                problems.append(Problem(
-                    f"distill.features.{i}.{side}",
-                    f"is missing: each feature term names a {side} module by its dotted path (model.named_modules(), "
-                    f"e.g. features.3)",
-                    _line(lines, ("distill", "features", i)) or _line(lines, ("distill", "features")),
-                ))
+                problems.append(
+                    Problem(
+                        f"distill.features.{i}.{side}",
+                        f"is missing: each feature term names a {side} module by its dotted path (model.named_modules(), "
+                        f"e.g. features.3)",
+                        _line(lines, ("distill", "features", i)) or _line(lines, ("distill", "features")),
+                    )
+                )
     for key, is_unused in unused.items():
         if is_unused and getattr(d, key) != getattr(default, key):
-            problems.append(Problem(
-                f"distill.{key}",
-                f"is not used by distill.loss {d.loss} ({reads}); {fix[key].format(key=key)}",
-                _line(lines, ("distill", key)) or _line(lines, ("distill",)),
-            ))
+            problems.append(
+                Problem(
+                    f"distill.{key}",
+                    f"is not used by distill.loss {d.loss} ({reads}); {fix[key].format(key=key)}",
+                    _line(lines, ("distill", key)) or _line(lines, ("distill",)),
+                )
+            )
     return problems
 
 

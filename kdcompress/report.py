@@ -38,7 +38,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -47,10 +46,10 @@ from .checkpoint import atomic_write_files, atomic_write_text, load_checkpoint, 
 from .errors import ArtifactError, KdcError
 from .measure import LATENCY_ROUNDS, count_macs, count_nonzero, count_params, count_sparse_macs, paired_ratio
 from .models import build_from_checkpoint, build_model, names_user_code
-from .stages import STAGES, stage_named
 from .prune import prunable_weights, weight_sparsity
 from .recipe import Recipe, ReportSection, read_yaml, recipe_from_dict, recipe_to_dict
 from .runlock import run_dir_lock
+from .stages import STAGES, stage_named
 from .timing import ModelFile, time_in_child
 from .train import has_batchnorm
 from .trust import MODEL_KEYS, outside_files, refuse_untrusted_code
@@ -200,7 +199,9 @@ def _stage_settings(stage: str, recipe: dict, metrics: dict, arch: dict | None =
             scope=prune.get("scope"),
             rate=prune.get("rate"),
             target_sparsity=prune.get("target_sparsity", metrics.get("target_sparsity")),
-            sparsity_schedule=prune.get("sparsity_schedule", "iterative"),  # run directories from before schedules: iterative
+            sparsity_schedule=prune.get(
+                "sparsity_schedule", "iterative"
+            ),  # run directories from before schedules: iterative
             every=prune.get("every"),
             include=prune.get("include"),
             exclude=prune.get("exclude"),
@@ -321,8 +322,13 @@ class _LatencyCache:
 
     def _fields(self, sha256: str, batch: int, threads: int, runtime: str) -> dict:
         return {
-            "sha256": sha256, "batch": int(batch), "threads": int(threads), "runtime": runtime,
-            "min_run_time": LATENCY_MIN_RUN_TIME, "rounds": LATENCY_ROUNDS, **self.machine,
+            "sha256": sha256,
+            "batch": int(batch),
+            "threads": int(threads),
+            "runtime": runtime,
+            "min_run_time": LATENCY_MIN_RUN_TIME,
+            "rounds": LATENCY_ROUNDS,
+            **self.machine,
         }
 
     @staticmethod
@@ -337,14 +343,20 @@ class _LatencyCache:
         """
         sets = []
         for batch in batches:
-            missing = [key for key, (file, runtime) in files.items()
-                       if self._key(self._fields(file.sha256, batch, threads, runtime)) not in self.entries]
+            missing = [
+                key
+                for key, (file, runtime) in files.items()
+                if self._key(self._fields(file.sha256, batch, threads, runtime)) not in self.entries
+            ]
             if missing:
                 sets.append((int(batch), missing))
         if sets:
             timed, policy = time_in_child(
-                {key: files[key][0] for _, keys in sets for key in keys}, sets, threads,
-                rounds=LATENCY_ROUNDS, min_run_time=LATENCY_MIN_RUN_TIME,
+                {key: files[key][0] for _, keys in sets for key in keys},
+                sets,
+                threads,
+                rounds=LATENCY_ROUNDS,
+                min_run_time=LATENCY_MIN_RUN_TIME,
             )
             measured_at = _now()
             for (batch, keys), timing in zip(sets, timed):
@@ -354,7 +366,9 @@ class _LatencyCache:
                 for key in keys:
                     fields = self._fields(files[key][0].sha256, batch, threads, files[key][1])
                     self.entries[self._key(fields)] = {
-                        **fields, "measured_at": measured_at, "omp_wait_policy": policy,
+                        **fields,
+                        "measured_at": measured_at,
+                        "omp_wait_policy": policy,
                         "timing": {**timing[key], "round_set": round_set},
                     }
             self.changed = True
@@ -398,9 +412,11 @@ def _cache_entry_ok(entry) -> bool:
     if not isinstance(timing, dict) or not isinstance(timing.get("rounds_ms"), list):
         return False
     return (
-        isinstance(entry.get("omp_wait_policy"), (str, type(None))) and isinstance(timing.get("round_set"), str)
+        isinstance(entry.get("omp_wait_policy"), (str, type(None)))
+        and isinstance(timing.get("round_set"), str)
         and all(_finite(timing.get(key)) and timing[key] >= 0 for key in ("median_ms", "iqr_ms", "p25_ms", "p75_ms"))
-        and 0 < len(timing["rounds_ms"]) <= MAX_ROUNDS and all(_finite(t) and t >= 0 for t in timing["rounds_ms"])
+        and 0 < len(timing["rounds_ms"]) <= MAX_ROUNDS
+        and all(_finite(t) and t >= 0 for t in timing["rounds_ms"])
     )
 
 
@@ -444,10 +460,21 @@ def _curve(run_dir: Path, stage: str, ckpt: dict) -> list[dict]:
     for record in records:
         if not isinstance(record, dict):
             continue
-        point = {key: _finite(record.get(key)) for key in (
-            "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "val_loss", "val_accuracy", "lr",
-            "first_batch_loss", "max_batch_loss",
-        )}
+        point = {
+            key: _finite(record.get(key))
+            for key in (
+                "epoch",
+                "train_loss",
+                "train_accuracy",
+                "test_loss",
+                "test_accuracy",
+                "val_loss",
+                "val_accuracy",
+                "lr",
+                "first_batch_loss",
+                "max_batch_loss",
+            )
+        }
         point["sparsity"] = _finite(record.get("sparsity")) if stage == "pruned" else None
         point["seconds"] = _finite(record.get("seconds"))
         curve.append(point)
@@ -478,9 +505,11 @@ def _per_class(ckpt: dict) -> dict | None:
     """Per-class test accuracy and the confusion matrix recorded at training time; None when the checkpoint did
     not record it (written before it was)."""
     confusion = ckpt["metrics"].get("confusion")
-    if not (isinstance(confusion, list) and confusion and all(
-        isinstance(row, list) and len(row) == len(confusion) for row in confusion
-    )):
+    if not (
+        isinstance(confusion, list)
+        and confusion
+        and all(isinstance(row, list) and len(row) == len(confusion) for row in confusion)
+    ):
         return None
     confusion = [[int(c) for c in row] for row in confusion]
     return {
@@ -516,8 +545,14 @@ def _layers(model, recipe: dict, structured: bool, dense_model=None) -> list[dic
                 total = None
             layers.append({"name": name, "kind": "channels", "total": total, "kept": _out_size(module)})
         else:
-            layers.append({"name": name, "kind": "weights", "total": weight.numel(),
-                           "kept": int(torch.count_nonzero(weight.detach()))})
+            layers.append(
+                {
+                    "name": name,
+                    "kind": "weights",
+                    "total": weight.numel(),
+                    "kept": int(torch.count_nonzero(weight.detach())),
+                }
+            )
     return layers
 
 
@@ -536,9 +571,17 @@ def _class_changes(by_stage: dict) -> list[dict]:
                     changes.append((order, i, j, before, after, b["classes"]))
     changes.sort(key=lambda c: (-abs(c[4] - c[3]), c[0], c[1], c[2]))
     return [
-        {"from_stage": CLASS_CHANGE_PAIRS[order][0], "to_stage": CLASS_CHANGE_PAIRS[order][1], "true": i,
-         "predicted": j, "true_name": classes[i], "predicted_name": classes[j], "before": before, "after": after,
-         "change": after - before}
+        {
+            "from_stage": CLASS_CHANGE_PAIRS[order][0],
+            "to_stage": CLASS_CHANGE_PAIRS[order][1],
+            "true": i,
+            "predicted": j,
+            "true_name": classes[i],
+            "predicted_name": classes[j],
+            "before": before,
+            "after": after,
+            "change": after - before,
+        }
         for order, i, j, before, after, classes in changes[:CLASS_CHANGES_SHOWN]
     ]
 
@@ -595,7 +638,10 @@ def _resolved_recipe(run_dir: Path, checkpoints: dict, found: list[str]) -> dict
 
 
 def build_report(
-    run_dir: str | Path, latency: bool | None = None, threads: int | None = None, batches: list[int] | None = None,
+    run_dir: str | Path,
+    latency: bool | None = None,
+    threads: int | None = None,
+    batches: list[int] | None = None,
     recipe: Recipe | None = None,
 ) -> dict:
     """Measure every stage checkpoint in ``run_dir``; return the report as a dict.
@@ -722,9 +768,13 @@ def build_report(
         else:
             row["nonzero_ratio_vs_teacher"] = row["compression_vs_teacher"] = None
             row["bytes_ratio_vs_teacher"] = row["accuracy_change_vs_teacher"] = None
-    comparisons = [compare_accuracy(by_stage[a], by_stage[b]) for a, b in COMPARISONS if a in by_stage and b in by_stage]
-    seeds = list(current.run.seeds) if current is not None else list(
-        checkpoints[found[-1]].get("recipe", {}).get("run", {}).get("seeds") or []
+    comparisons = [
+        compare_accuracy(by_stage[a], by_stage[b]) for a, b in COMPARISONS if a in by_stage and b in by_stage
+    ]
+    seeds = (
+        list(current.run.seeds)
+        if current is not None
+        else list(checkpoints[found[-1]].get("recipe", {}).get("run", {}).get("seeds") or [])
     )
     if len(seeds) > 1:
         _add_seed_statistics(run_dir, seeds, rows, comparisons)
@@ -848,7 +898,9 @@ def _set_latency(row: dict, timing: dict | None) -> None:
 
 
 def _artifact_rows(
-    run_dir: Path, by_stage: dict, models: dict[str, str] | None = None,
+    run_dir: Path,
+    by_stage: dict,
+    models: dict[str, str] | None = None,
     timed: dict[str, tuple[ModelFile, str]] | None = None,
 ) -> list[dict]:
     """One row per artifact in ``export/artifacts.json``: its recorded accuracy and its bytes; with ``timed``,
@@ -868,10 +920,22 @@ def _artifact_rows(
     teacher = by_stage.get("teacher")
     rows = []
     for found in recorded:
-        row = {key: found.get(key) for key in (
-            "stage", "format", "path", "accuracy", "test_samples", "test_loss", "stage_accuracy",
-            "accuracy_change_vs_stage", "stage_checkpoint_bytes", "options", "info",
-        )}
+        row = {
+            key: found.get(key)
+            for key in (
+                "stage",
+                "format",
+                "path",
+                "accuracy",
+                "test_samples",
+                "test_loss",
+                "stage_accuracy",
+                "accuracy_change_vs_stage",
+                "stage_checkpoint_bytes",
+                "options",
+                "info",
+            )
+        }
         row["refused"] = row["stale"] = None
         row["latency_ms"] = row["latency"] = None
         try:  # a row that points out of the run directory would show another run's file as this run's
@@ -910,7 +974,8 @@ def _artifact_rows(
                 runtime = f"onnxruntime {_version_of('onnxruntime')}"
             expected = (models or {}).get(str(row["stage"]))
             timed[f"artifact {row['path']}"] = (
-                ModelFile("artifact", str(path), manifest["sha256"], expected, f"artifact {row['path']}"), runtime
+                ModelFile("artifact", str(path), manifest["sha256"], expected, f"artifact {row['path']}"),
+                runtime,
             )
         rows.append(row)
     return rows
@@ -954,12 +1019,20 @@ def _untrained_warnings(row: dict, where: str) -> list[str]:
             f"{stage}: trained 0 epochs ({section}.epochs: 0), so it is {what}; its test accuracy{scored} measures "
             f"no training. `kdc run {where} --set {section}.epochs={getattr(Recipe(), section).epochs}` trains it."
         )
-    elif (stage == "teacher" and accuracy is not None and row.get("chance_accuracy") is not None
-          and _near_chance(row) and not _chance_after_training(row)):
-        fix = (f"check that teacher.checkpoint ({supplied}) holds a trained model for this dataset, prepared like "
-               f"this data" if supplied else
-               f"check teacher.lr ({settings.get('lr')}) and teacher.epochs ({settings.get('epochs')}), and that the "
-               f"data's labels match its images")
+    elif (
+        stage == "teacher"
+        and accuracy is not None
+        and row.get("chance_accuracy") is not None
+        and _near_chance(row)
+        and not _chance_after_training(row)
+    ):
+        fix = (
+            f"check that teacher.checkpoint ({supplied}) holds a trained model for this dataset, prepared like "
+            f"this data"
+            if supplied
+            else f"check teacher.lr ({settings.get('lr')}) and teacher.epochs ({settings.get('epochs')}), and that the "
+            f"data's labels match its images"
+        )
         warnings.append(
             f"teacher: test accuracy {accuracy:.1%} is at chance (1/{row['num_classes']} = "
             f"{row['chance_accuracy']:.1%}, within noise of guessing): it has nothing to teach, so the distilled "
@@ -1037,8 +1110,9 @@ def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str
             warnings.append(f"artifact {art['path']} was not loaded: {art['refused']}")
             continue
         if art.get("stale"):
-            warnings.append(f"artifact {art['path']} is stale: {art['stale']}; `kdc export {where} "
-                            f"--force` writes it again.")
+            warnings.append(
+                f"artifact {art['path']} is stale: {art['stale']}; `kdc export {where} --force` writes it again."
+            )
         if art.get("latency_problem"):
             warnings.append(f"artifact {art['path']}: latency not measured ({art['latency_problem']})")
         change, se = art.get("accuracy_change_vs_stage"), art.get("accuracy_se")
@@ -1096,7 +1170,8 @@ def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str
             message += f", within seed noise (at most {NOISE_Z:g} SE): no gain from distillation, and no loss either."
         else:
             message += f", beyond seed noise (more than {NOISE_Z:g} SE): " + _retry_hint(
-                (d.get("settings") or {}).get("distill_loss", "kd"), hopeless)
+                (d.get("settings") or {}).get("distill_loss", "kd"), hopeless
+            )
         warnings.append(message)
     return warnings
 
@@ -1210,7 +1285,8 @@ def _settings_text(settings: dict) -> str:
         steps = settings.get("pruning_steps")
         parts.append(
             f"{settings['method']} ({settings.get('scope')}), {_schedule_words(settings)} to target {target * 100:g}%"
-            if target is not None else f"{settings['method']} ({settings.get('scope')})"
+            if target is not None
+            else f"{settings['method']} ({settings.get('scope')})"
         )
         if steps is not None:
             parts[-1] += f" in {steps} steps"
@@ -1246,8 +1322,10 @@ def _comparison_text(comp: dict) -> str:
     if comp["se"] is None:
         return head + " (noise unknown: the checkpoints predate the recorded test-set size)" + _latency_ratio_text(comp)
     verdict = "within noise (<=" if comp["within_noise"] else "beyond noise (>"
-    return (f"{head} ± {comp['se'] * 100:.2f} (SE): {_standard_errors(comp)}, {verdict} {comp['noise_z']:g} SE)"
-            + _latency_ratio_text(comp))
+    return (
+        f"{head} ± {comp['se'] * 100:.2f} (SE): {_standard_errors(comp)}, {verdict} {comp['noise_z']:g} SE)"
+        + _latency_ratio_text(comp)
+    )
 
 
 def _latency_ratio_text(comp: dict) -> str:
@@ -1255,8 +1333,10 @@ def _latency_ratio_text(comp: dict) -> str:
     ratios = comp.get("latency_ratio") or {}
     if not ratios:
         return ""
-    parts = [f"{r:.2f}x at batch {b}" if r is not None else f"not compared at batch {b} (timed in different rounds)"
-             for b, r in ratios.items()]
+    parts = [
+        f"{r:.2f}x at batch {b}" if r is not None else f"not compared at batch {b} (timed in different rounds)"
+        for b, r in ratios.items()
+    ]
     return f"; latency {comp['against']}/{comp['stage']} {', '.join(parts)}"
 
 
@@ -1306,7 +1386,9 @@ def _latency_note(report: dict) -> str:
     mixed_note = (
         f". Some figures were timed in earlier rounds ({', '.join(mixed)}; a rerun stage is timed anew, the cached "
         f"ones are not), so a ratio across sets compares different moments: delete cache/latency.json to time all "
-        f"together" if mixed else ""
+        f"together"
+        if mixed
+        else ""
     )
     return (
         f"latency: CPU forward pass of a batch of {sizes}, {threads} thread{'' if threads == 1 else 's'}{fewer}, "
@@ -1396,8 +1478,13 @@ def report_table(report: dict) -> Group:
     if report.get("artifacts"):
         parts.append(_artifact_table(report))
     if report.get("comparisons"):
-        parts.append(Text("differences (standard error of a test accuracy: sqrt(p(1-p)/n); latency: the median of the "
-                          "per-round ratios, the two timed side by side)", style="bold"))
+        parts.append(
+            Text(
+                "differences (standard error of a test accuracy: sqrt(p(1-p)/n); latency: the median of the "
+                "per-round ratios, the two timed side by side)",
+                style="bold",
+            )
+        )
         diffs = Table.grid(padding=(0, 2))
         diffs.add_column(no_wrap=True)
         diffs.add_column(overflow="fold")
@@ -1491,9 +1578,23 @@ def _md_row(r: dict, batches) -> list[str]:
 
 
 MD_COLUMNS = [
-    "stage", "model", "epochs", "train seconds", "train acc (last epoch)", "test acc", "± SE", "vs teacher",
-    "params", "non-zero", "sparsity", "target", "non-zero ratio vs teacher", "bytes on disk",
-    "bytes ratio vs teacher", "MACs", "MACs if sparse (non-zero weights only)",
+    "stage",
+    "model",
+    "epochs",
+    "train seconds",
+    "train acc (last epoch)",
+    "test acc",
+    "± SE",
+    "vs teacher",
+    "params",
+    "non-zero",
+    "sparsity",
+    "target",
+    "non-zero ratio vs teacher",
+    "bytes on disk",
+    "bytes ratio vs teacher",
+    "MACs",
+    "MACs if sparse (non-zero weights only)",
 ]
 
 
@@ -1502,7 +1603,14 @@ def _md_columns(batches) -> list[str]:
 
 
 ARTIFACT_MD_COLUMNS = [
-    "file", "stage", "format", "bytes", "smaller vs teacher", "smaller vs stage", "test acc", "± SE",
+    "file",
+    "stage",
+    "format",
+    "bytes",
+    "smaller vs teacher",
+    "smaller vs stage",
+    "test acc",
+    "± SE",
     "vs stage checkpoint",
 ]
 ARTIFACTS_MD_NOTE = (
@@ -1514,9 +1622,9 @@ ARTIFACTS_MD_NOTE = (
 
 def _md_artifact_row(a: dict, batches) -> list[str]:
     if a.get("refused"):
-        return [str(a["path"]), str(a.get("stage") or ""), str(a.get("format") or ""), "refused: " + a["refused"]] + [""] * (
-            len(ARTIFACT_MD_COLUMNS) - 4 + len(batches)
-        )
+        return [str(a["path"]), str(a.get("stage") or ""), str(a.get("format") or ""), "refused: " + a["refused"]] + [
+            ""
+        ] * (len(ARTIFACT_MD_COLUMNS) - 4 + len(batches))
     se = a.get("accuracy_se")
     timing = a.get("latency_ms") or {}
     change = a.get("accuracy_change_vs_stage")
@@ -1550,7 +1658,7 @@ def report_markdown(report: dict) -> str:
         f"error sqrt(p(1-p)/n) over the n test images, and a difference counts as within noise when it is at most "
         f"{report.get('noise_z', NOISE_Z):g} standard errors of the difference (sqrt(se1² + se2²)). Train acc is the "
         f"last epoch's, measured in training mode. Sparsity is the share of prunable weights (Conv/Linear) that are "
-        f"exactly zero; for a structurally pruned stage (\"ch\") it is the share of prunable channels removed, "
+        f'exactly zero; for a structurally pruned stage ("ch") it is the share of prunable channels removed, '
         f"whose weights are gone from the model. Non-zero ratio vs teacher is teacher non-zero parameters / stage non-zero parameters (it was "
         f"called compression): it counts weights, not bytes. Bytes on disk are the dense checkpoint's: zeros in a "
         f"dense tensor do not shrink it, and bytes ratio vs teacher is teacher bytes / stage bytes. MACs are dense "
@@ -1568,29 +1676,44 @@ def report_markdown(report: dict) -> str:
         lines += ["", "## Seeds", "", _seeds_note(report["stages"]) + ".", ""]
         seeds = sorted({e["seed"] for r in report["stages"] for e in r.get("seeds") or []})
         columns = ["stage", *(f"seed {s}" for s in seeds), "mean", "std"]
-        lines += ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " if c == "stage" else " ---: " for c in columns) + "|"]
+        lines += [
+            "| " + " | ".join(columns) + " |",
+            "|" + "|".join(" --- " if c == "stage" else " ---: " for c in columns) + "|",
+        ]
         for r in report["stages"]:
             accs = {e["seed"]: e["accuracy"] for e in r.get("seeds") or []}
             std = r.get("accuracy_std")
-            cells = [_stage_name(r), *("" if s not in accs else f"{accs[s]:.2%}" for s in seeds),
-                     "" if r.get("accuracy_mean") is None else f"{r['accuracy_mean']:.2%}",
-                     "" if std is None else f"{std * 100:.2f} pt"]
+            cells = [
+                _stage_name(r),
+                *("" if s not in accs else f"{accs[s]:.2%}" for s in seeds),
+                "" if r.get("accuracy_mean") is None else f"{r['accuracy_mean']:.2%}",
+                "" if std is None else f"{std * 100:.2f} pt",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         comps = [c for c in report.get("comparisons") or [] if (c.get("seeds") or {}).get("n", 0) > 1]
         if comps:
             lines.append("")
-            lines += [f"- {_comparison_name(c)}, {c['seeds']['n']} seeds: {_seed_comparison_text(c['seeds'])}"
-                      for c in comps]
+            lines += [
+                f"- {_comparison_name(c)}, {c['seeds']['n']} seeds: {_seed_comparison_text(c['seeds'])}" for c in comps
+            ]
     lines += ["", "## Stages", ""]
     lines += [f"- **{r['stage']}**: {r['description']}: {_settings_text(r['settings'])}" for r in report["stages"]]
     if report.get("artifacts"):
         lines += ["", "## Artifacts", "", ARTIFACTS_MD_NOTE, ""]
         columns = ARTIFACT_MD_COLUMNS + [f"latency batch {b} median (ms)" for b in batches]
-        lines += ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " if c == "file" else " ---: " for c in columns) + "|"]
+        lines += [
+            "| " + " | ".join(columns) + " |",
+            "|" + "|".join(" --- " if c == "file" else " ---: " for c in columns) + "|",
+        ]
         lines += ["| " + " | ".join(_md_artifact_row(a, batches)) + " |" for a in report["artifacts"]]
     if report.get("comparisons"):
-        lines += ["", "## Differences", "", "Latency: the median of the per-round ratios (each round timed the two side by "
-                  "side).", ""]
+        lines += [
+            "",
+            "## Differences",
+            "",
+            "Latency: the median of the per-round ratios (each round timed the two side by side).",
+            "",
+        ]
         lines += [f"- {_comparison_name(c)}: {_comparison_text(c)}" for c in report["comparisons"]]
     if report.get("warnings"):
         lines += ["", "## Warnings", ""]
@@ -1620,9 +1743,11 @@ def write_report(
     run_dir = Path(run_dir)
     with run_dir_lock(run_dir, advice=REPORT_WAIT_ADVICE, create=False):
         report = build_report(run_dir, latency=latency, threads=threads, recipe=recipe)
-        atomic_write_files({
-            run_dir / "report.json": json.dumps(report, indent=2) + "\n",
-            run_dir / "report.md": report_markdown(report),
-            run_dir / "report.html": render_html(report),
-        })
+        atomic_write_files(
+            {
+                run_dir / "report.json": json.dumps(report, indent=2) + "\n",
+                run_dir / "report.md": report_markdown(report),
+                run_dir / "report.html": render_html(report),
+            }
+        )
     return report

@@ -96,8 +96,9 @@ def _writes_files() -> bool:
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: str | Path, command: str | None = None, advice: str = WAIT_ADVICE,
-                 create: bool = True) -> Iterator[None]:
+def run_dir_lock(
+    run_dir: str | Path, command: str | None = None, advice: str = WAIT_ADVICE, create: bool = True
+) -> Iterator[None]:
     """Hold the run directory's write lock for the ``with`` block; raise RunLockedError (exit 2) if another
     process holds it.
 
@@ -239,8 +240,10 @@ def _holder_text(fd: int) -> str:
     parts = []
     pid, host = info.get("pid"), info.get("host")
     if isinstance(pid, int) and not isinstance(pid, bool):
-        parts.append(f"pid {pid}" + (f" on {_printable(host, 60)}" if isinstance(host, str) and host
-                                     and host != socket.gethostname() else ""))
+        parts.append(
+            f"pid {pid}"
+            + (f" on {_printable(host, 60)}" if isinstance(host, str) and host and host != socket.gethostname() else "")
+        )
     if isinstance(info.get("command"), str):
         parts.append(f"`{_printable(info['command'])}`")
     started = info.get("started")

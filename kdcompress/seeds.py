@@ -35,8 +35,16 @@ def seed_run_dirs(run_dir: str | Path, seeds: list[int]) -> dict[int, Path]:
     return {s: run_dir if i == 0 else run_dir / SEEDS_DIR / f"seed-{s}" for i, s in enumerate(seeds)}
 
 
-def run_seeds(recipe_path, overrides: list[str], seeds: list[int], force: bool = False, restart: bool = False,
-              console=None, load=None, share_from: list[Path] | None = None):
+def run_seeds(
+    recipe_path,
+    overrides: list[str],
+    seeds: list[int],
+    force: bool = False,
+    restart: bool = False,
+    console=None,
+    load=None,
+    share_from: list[Path] | None = None,
+):
     """Run the recipe once per seed (see the module docstring); return the first seed's recipe.
 
     ``load(recipe_path, overrides)`` loads a recipe as the CLI does (run directories included).
@@ -60,10 +68,17 @@ def run_seeds(recipe_path, overrides: list[str], seeds: list[int], force: bool =
     dirs = seed_run_dirs(first.run_dir, seeds)
     recipes = {seeds[0]: first}
     for s in seeds[1:]:  # every seed's recipe is checked before anything trains
-        recipes[s] = load(recipe_path, overrides + [
-            f"run.seed={s}", f"teacher.seed={teacher_seed}", "run.seeds=[]",
-            f"run.out_dir={dirs[s].parent}", f"run.name={dirs[s].name}",
-        ])
+        recipes[s] = load(
+            recipe_path,
+            overrides
+            + [
+                f"run.seed={s}",
+                f"teacher.seed={teacher_seed}",
+                "run.seeds=[]",
+                f"run.out_dir={dirs[s].parent}",
+                f"run.name={dirs[s].name}",
+            ],
+        )
     with lock_run_dir(first.run_dir):
         for i, s in enumerate(seeds, 1):
             with lock_run_dir(dirs[s]):  # shared checkpoints are linked in before its stages run

@@ -88,10 +88,13 @@ def _read_fields(recipe: dict, reads: tuple[str, ...]) -> dict:
                 found[key] = recipe[section][name]
         else:
             skip = _not_inputs(section)
-            found.update({
-                f"{section}.{k}": v for k, v in recipe[section].items()
-                if k not in skip and not (k in quiet and v == quiet[k])
-            })
+            found.update(
+                {
+                    f"{section}.{k}": v
+                    for k, v in recipe[section].items()
+                    if k not in skip and not (k in quiet and v == quiet[k])
+                }
+            )
     return found
 
 
@@ -104,7 +107,8 @@ def _quiet_defaults(section: str) -> dict:
     cls = typing.get_type_hints(Recipe)[section]
     return {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        for f in dataclasses.fields(cls) if f.metadata.get("omit_default")
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("omit_default")
     }
 
 
@@ -163,6 +167,7 @@ def file_sha256(path: str) -> str | None:
     except OSError:
         return None
 
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="teacher",
@@ -208,14 +213,26 @@ STAGES: tuple[Stage, ...] = (
         description="distilled student, pruned and retrained",
         example="kdc prune --rate 0.05   (45 steps to 90 % sparsity, spread over the first two thirds of "
         "retraining);   kdc prune --schedule agp --target 0.95",
-        reads=COMMON_READS + ("prune", "distill.temperature", "distill.alpha", "distill.loss", "distill.dkd_alpha",
-                              "distill.dkd_beta", "distill.loss_args"),
+        reads=COMMON_READS
+        + (
+            "prune",
+            "distill.temperature",
+            "distill.alpha",
+            "distill.loss",
+            "distill.dkd_alpha",
+            "distill.dkd_beta",
+            "distill.loss_args",
+        ),
         run="_stage_pruned",
         upstream=lambda recipe: ("distilled", "teacher") if recipe.prune.distill else ("distilled",),
         epochs=lambda recipe: recipe.prune.epochs,
         options=(
-            ("rate", "prune.rate", "fraction of the still-non-zero prunable weights removed at each pruning step",
-             float),
+            (
+                "rate",
+                "prune.rate",
+                "fraction of the still-non-zero prunable weights removed at each pruning step",
+                float,
+            ),
             ("target", "prune.target_sparsity", "target sparsity: fraction of prunable weights at zero", float),
             ("schedule", "prune.sparsity_schedule", "how sparsity rises: iterative, agp or one-shot", str),
         ),

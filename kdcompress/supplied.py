@@ -72,7 +72,9 @@ def _first_mismatch(model: nn.Module, weights: dict) -> str | None:
             return f"'{key}' is {list(weights[key].shape)} in the file, {list(tensor.shape)} in the model"
     extra = [k for k in weights if k not in own]
     if extra:
-        return f"the file has '{extra[0]}', which the model has not" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        return f"the file has '{extra[0]}', which the model has not" + (
+            f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        )
     return None
 
 
@@ -82,13 +84,18 @@ def _same_preprocess(theirs: dict, ours: dict) -> bool:
         return True  # a user's own dataset: kdc cannot tell, and does not guess
 
     def close(a, b):
-        return a is None and b is None or (
-            a is not None and b is not None and len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b))
+        return (
+            a is None
+            and b is None
+            or (a is not None and b is not None and len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b)))
         )
 
-    return (list(theirs.get("input_shape") or []) == list(ours.get("input_shape") or [])
-            and close([theirs.get("scale")], [ours.get("scale")])
-            and close(theirs.get("mean"), ours.get("mean")) and close(theirs.get("std"), ours.get("std")))
+    return (
+        list(theirs.get("input_shape") or []) == list(ours.get("input_shape") or [])
+        and close([theirs.get("scale")], [ours.get("scale")])
+        and close(theirs.get("mean"), ours.get("mean"))
+        and close(theirs.get("std"), ours.get("std"))
+    )
 
 
 def supplied_teacher(recipe, num_classes: int, input_shape, preprocess: dict | None = None):
@@ -108,13 +115,19 @@ def supplied_teacher(recipe, num_classes: int, input_shape, preprocess: dict | N
     if data.get("format") == FORMAT:
         spec, weights = data.get("arch"), data.get("state_dict")
         if not isinstance(spec, dict) or not isinstance(spec.get("model"), str) or not isinstance(weights, dict):
-            raise ModelError(f"{where}: {path} is a kdc checkpoint without an architecture or weights; give a "
-                             f"stage checkpoint (<run dir>/<stage>/model.pt)")
+            raise ModelError(
+                f"{where}: {path} is a kdc checkpoint without an architecture or weights; give a "
+                f"stage checkpoint (<run dir>/<stage>/model.pt)"
+            )
         name = spec["model"]
         # a recipe is code its user chose to run; a file is not: build only the model the recipe names (the
         # teacher stage's checkpoint then names teacher.model, as every later stage expects)
-        check_model_name(name, t.model, f"{where}: {path}",
-                         fix=f"set teacher.model: {name} (and teacher.args) if that is your teacher and you trust it")
+        check_model_name(
+            name,
+            t.model,
+            f"{where}: {path}",
+            fix=f"set teacher.model: {name} (and teacher.args) if that is your teacher and you trust it",
+        )
         if list(spec.get("input_shape") or []) != shape or int(spec.get("num_classes", -1)) != int(num_classes):
             raise ModelError(
                 f"{where}: {path} holds a {name} for inputs {spec.get('input_shape')} and {spec.get('num_classes')} "
@@ -151,8 +164,11 @@ def supplied_teacher(recipe, num_classes: int, input_shape, preprocess: dict | N
             raise ModelError(f"{where}: {path}: its 'structure' entry cannot be rebuilt ({exc})") from None
     mismatch = _first_mismatch(model, weights)
     if mismatch:
-        fix = ("set teacher.model and teacher.args to the architecture the weights were saved from"
-               if info["supplied_format"] == "state_dict" else "the checkpoint is damaged; rerun its stage")
+        fix = (
+            "set teacher.model and teacher.args to the architecture the weights were saved from"
+            if info["supplied_format"] == "state_dict"
+            else "the checkpoint is damaged; rerun its stage"
+        )
         raise ModelError(
             f"{where}: the weights in {path} do not fit {spec['model']} {spec.get('args') or ''} "
             f"({num_classes} classes, inputs {shape}): {mismatch}; {fix}"
@@ -172,8 +188,10 @@ def pretrained_file(model_name: str) -> tuple[Path, str]:
     try:
         weights = tvm.get_model_weights(model_name).DEFAULT
     except Exception as exc:  # a model torchvision has no weights for
-        raise ModelError(f"teacher.pretrained: torchvision has no pretrained weights for {model_name} "
-                         f"({describe(exc)}); set teacher.pretrained: false") from None
+        raise ModelError(
+            f"teacher.pretrained: torchvision has no pretrained weights for {model_name} "
+            f"({describe(exc)}); set teacher.pretrained: false"
+        ) from None
     url = weights.url
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1], url
 
@@ -189,7 +207,7 @@ def load_pretrained(model: nn.Module, model_name: str) -> dict:
     if not path.is_file():
         raise ModelError(
             f"teacher.pretrained: the weights of torchvision:{model_name} are not in the torch hub cache: looked for "
-            f"{path}. kdc never downloads; fetch {url} on a machine with internet (or run python -c \"import "
+            f'{path}. kdc never downloads; fetch {url} on a machine with internet (or run python -c "import '
             f"torchvision; torchvision.models.get_model('{model_name}', weights='DEFAULT')\" there) and copy the "
             f"file to that path (TORCH_HOME moves the cache)"
         )
@@ -200,8 +218,10 @@ def load_pretrained(model: nn.Module, model_name: str) -> dict:
     for key, tensor in own.items():
         theirs = weights.get(key)
         if theirs is None:
-            raise ModelError(f"teacher.pretrained: {path} has no '{key}' for torchvision:{model_name}; is the file "
-                             f"the one torchvision gives for {model_name}?")
+            raise ModelError(
+                f"teacher.pretrained: {path} has no '{key}' for torchvision:{model_name}; is the file "
+                f"the one torchvision gives for {model_name}?"
+            )
         if theirs.shape == tensor.shape:
             loaded[key] = theirs
         elif key == f"{first_conv}.weight" and theirs.dim() == 4 and tensor.shape[1] == 1 and theirs.shape[1] == 3:
@@ -210,8 +230,10 @@ def load_pretrained(model: nn.Module, model_name: str) -> dict:
             loaded[key] = tensor  # the classifier head, for the run's classes: left as the model initialised it
             head.append(key)
         else:
-            raise ModelError(f"teacher.pretrained: '{key}' is {list(theirs.shape)} in {path}, {list(tensor.shape)} in "
-                             f"torchvision:{model_name} as built for this data; pretrained weights do not fit it")
+            raise ModelError(
+                f"teacher.pretrained: '{key}' is {list(theirs.shape)} in {path}, {list(tensor.shape)} in "
+                f"torchvision:{model_name} as built for this data; pretrained weights do not fit it"
+            )
     model.load_state_dict(loaded)
     info = {"pretrained_from": str(path)}
     if head:

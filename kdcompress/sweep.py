@@ -55,7 +55,10 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
 
 def grid_points(grid: list[tuple[str, list[str]]]) -> list[list[str]]:
     """Every combination, as lists of ``key=value`` overrides, the last key varying fastest."""
-    return [[f"{key}={value}" for (key, _), value in zip(grid, values)] for values in itertools.product(*(v for _, v in grid))]
+    return [
+        [f"{key}={value}" for (key, _), value in zip(grid, values)]
+        for values in itertools.product(*(v for _, v in grid))
+    ]
 
 
 def point_name(overrides: list[str]) -> str:
@@ -153,8 +156,11 @@ def _point_row(run_dir: Path, overrides: list[str], seeds: list[int] | None = No
     from .report import _mean_std
     from .seeds import seed_run_dirs
 
-    row: dict = {"point": point_name(overrides), "settings": dict(o.split("=", 1) for o in overrides),
-                 "run_dir": str(run_dir)}
+    row: dict = {
+        "point": point_name(overrides),
+        "settings": dict(o.split("=", 1) for o in overrides),
+        "run_dir": str(run_dir),
+    }
     dirs = seed_run_dirs(run_dir, seeds) if seeds and len(seeds) > 1 else {None: run_dir}
     per_seed: dict[str, dict] = {}
     for stage in STAGES:
@@ -193,11 +199,15 @@ def sweep_markdown(rows: list[dict], grid) -> str:
     columns = ["rank", *keys, *(f"{s} acc" for s in stages), "distilled - student", "run directory"]
     if seeded:
         n = max(r.get("seeds") or 0 for r in rows)
-        about = (f"Mean over {n} seeds per point (± sample std for a stage; ± standard error for the difference, "
-                 "which is beyond seed noise when it is more than twice that error).")
+        about = (
+            f"Mean over {n} seeds per point (± sample std for a stage; ± standard error for the difference, "
+            "which is beyond seed noise when it is more than twice that error)."
+        )
     else:
-        about = ("One seed per point: a difference of a few tenths of a point can be noise (see each point's "
-                 "report for the standard errors, or sweep again with --seeds 3).")
+        about = (
+            "One seed per point: a difference of a few tenths of a point can be noise (see each point's "
+            "report for the standard errors, or sweep again with --seeds 3)."
+        )
     lines = [
         "# kdc sweep",
         "",
@@ -221,8 +231,9 @@ def sweep_markdown(rows: list[dict], grid) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_sweep(recipe_path, grid_items: list[str], overrides: list[str] | None = None, force: bool = False,
-              console=None, load=None) -> list[dict]:
+def run_sweep(
+    recipe_path, grid_items: list[str], overrides: list[str] | None = None, force: bool = False, console=None, load=None
+) -> list[dict]:
     """Run every point of the grid (see the module docstring); return the ranked rows.
 
     ``load(recipe_path, overrides)`` loads a recipe as the CLI does (run directories included).
@@ -260,8 +271,15 @@ def run_sweep(recipe_path, grid_items: list[str], overrides: list[str] | None = 
             console.print(f"[bold]sweep[/] point {i}/{len(points)}: {' '.join(point)} -> {run_dir}")
             if seeds:  # every seed of this point, sharing what earlier points (and their seeds) already trained
                 others = [] if force else [base.run_dir, *_run_dirs(sweep_dir)]
-                run_seeds(recipe_path, overrides + point + placement, seeds, force=force, console=console, load=load,
-                          share_from=[d for d in others if d != run_dir])
+                run_seeds(
+                    recipe_path,
+                    overrides + point + placement,
+                    seeds,
+                    force=force,
+                    console=console,
+                    load=load,
+                    share_from=[d for d in others if d != run_dir],
+                )
             else:
                 with run_dir_lock(run_dir):  # shared checkpoints are linked in before its stages run
                     if not force:

@@ -74,8 +74,11 @@ def child_env() -> dict[str, str]:
 
 
 def time_in_child(
-    files: Mapping[str, ModelFile], sets: Sequence[tuple[int, Sequence[str]]], threads: int,
-    rounds: int = LATENCY_ROUNDS, min_run_time: float = 0.5,
+    files: Mapping[str, ModelFile],
+    sets: Sequence[tuple[int, Sequence[str]]],
+    threads: int,
+    rounds: int = LATENCY_ROUNDS,
+    min_run_time: float = 0.5,
 ) -> tuple[list[dict[str, dict]], str | None]:
     """Time ``files`` in a child process started with ``OMP_WAIT_POLICY=PASSIVE``.
 
@@ -95,8 +98,11 @@ def time_in_child(
     }
     env = child_env()
     done = subprocess.run(
-        [sys.executable, "-I", "-c", _CHILD, json.dumps(_import_path())], input=json.dumps(request), env=env,
-        capture_output=True, text=True,
+        [sys.executable, "-I", "-c", _CHILD, json.dumps(_import_path())],
+        input=json.dumps(request),
+        env=env,
+        capture_output=True,
+        text=True,
     )
     lines = done.stdout.strip().splitlines()
     try:
@@ -154,8 +160,11 @@ def child_main() -> int:
         models = {key: _load(ModelFile(**request["files"][key]), threads) for key in needed}
         sets = [
             interleaved_latencies(
-                {key: models[key] for key in keys}, batch=batch, threads=threads,
-                rounds=int(request["rounds"]), min_run_time=request["min_run_time"],
+                {key: models[key] for key in keys},
+                batch=batch,
+                threads=threads,
+                rounds=int(request["rounds"]),
+                min_run_time=request["min_run_time"],
             )
             for batch, keys in request["sets"]
         ]

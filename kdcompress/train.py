@@ -25,14 +25,26 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from .checkpoint import append_jsonl, atomic_write_text, refuse_oversized, save_state
 from . import distributed
+from .checkpoint import append_jsonl, atomic_write_text, refuse_oversized, save_state
 from .data import Augment, DataSplits, TensorData
 from .errors import CheckpointError, KdcError, describe
 from .progress import RunProgress
 from .recipe import TrainSettings
 
-__all__ = ["fit", "evaluate", "device_words", "recalibrate_batchnorm", "has_batchnorm", "Hook", "make_optimizer", "make_scheduler", "resolve_device", "seed_everything", "Runtime"]
+__all__ = [
+    "fit",
+    "evaluate",
+    "device_words",
+    "recalibrate_batchnorm",
+    "has_batchnorm",
+    "Hook",
+    "make_optimizer",
+    "make_scheduler",
+    "resolve_device",
+    "seed_everything",
+    "Runtime",
+]
 
 _CHECK_EVERY = 10  # batches between the loss checks (and progress updates): one device sync each
 
@@ -164,7 +176,7 @@ def evaluate(
     if confusion:
         flat = counts.tolist() if counts is not None else []
         classes = int(len(flat) ** 0.5 + 0.5)
-        result["confusion"] = [[int(c) for c in flat[i * classes:(i + 1) * classes]] for i in range(classes)]
+        result["confusion"] = [[int(c) for c in flat[i * classes : (i + 1) * classes]] for i in range(classes)]
     return result
 
 
@@ -183,9 +195,7 @@ def device_words(device: torch.device | str) -> str:
 
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` has a BatchNorm layer that keeps running statistics."""
-    return any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()
-    )
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
 
 
 def recalibrate_batchnorm(
@@ -241,8 +251,13 @@ def _rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": {"version": version, "state": list(state), "gauss": py_gauss},
     }
 
@@ -332,8 +347,15 @@ class _Tally:
         return f"loss {self.loss_sum / max(1, self.seen):.4f} acc {self.correct / max(1, self.seen):.3f}"
 
 
-def _check_losses(tally: _Tally, step: int, epoch: int, batches_per_epoch: int, stage: str,
-                  settings: TrainSettings, state_path: Path | None) -> None:
+def _check_losses(
+    tally: _Tally,
+    step: int,
+    epoch: int,
+    batches_per_epoch: int,
+    stage: str,
+    settings: TrainSettings,
+    state_path: Path | None,
+) -> None:
     """Flush ``tally``; a NaN or infinite loss stops training with the epoch and step it happened at."""
     bad = tally.flush()
     if bad is None:
@@ -417,9 +439,19 @@ def fit(
     world = distributed.world_size()
     per_rank_batch = max(1, batch_size // world)
     loop = _Loop(
-        model=model, loss_fn=loss_fn, settings=settings, hooks=list(hooks), device=device, runtime=runtime,
-        seed=seed, stage=stage, state_path=state_path, state_tag=state_tag, main=main,
-        per_rank_batch=per_rank_batch, batches_per_epoch=data.train.num_batches(per_rank_batch, world),
+        model=model,
+        loss_fn=loss_fn,
+        settings=settings,
+        hooks=list(hooks),
+        device=device,
+        runtime=runtime,
+        seed=seed,
+        stage=stage,
+        state_path=state_path,
+        state_tag=state_tag,
+        main=main,
+        per_rank_batch=per_rank_batch,
+        batches_per_epoch=data.train.num_batches(per_rank_batch, world),
     )
     model.to(device)
     first_epoch = _restore(loop, _load_state(state_path, state_tag, console, stage))
@@ -569,7 +601,9 @@ def _train_epoch(
     settings, device, runtime = loop.settings, loop.device, loop.runtime
     cuda = device.type == "cuda"
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if cuda and runtime.precision == "bf16" else contextlib.nullcontext()
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cuda and runtime.precision == "bf16"
+        else contextlib.nullcontext()
     )
     progress.begin_epoch(epoch)
     loop.net.train()
@@ -577,7 +611,10 @@ def _train_epoch(
     epoch_start_step = loop.step
     tally = _Tally(device)
     batches = train.batches(
-        loop.per_rank_batch, shuffle=True, generator=generator, shard=(distributed.rank(), distributed.world_size()),
+        loop.per_rank_batch,
+        shuffle=True,
+        generator=generator,
+        shard=(distributed.rank(), distributed.world_size()),
         augment=runtime.augment or None,
     )
     for x, y, idx in batches:

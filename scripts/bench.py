@@ -146,10 +146,22 @@ AUGMENT = {"hflip": True, "crop_padding": 2}
 TARGET_NAIVE_CLI = 15.0
 TARGET_A_B = 15.0
 TARGET_B_C = 1.25
-FULL = {"dataset": "fashion-mnist", "epochs": 5, "teacher_epochs": 2, "cli_epochs": 12, "augment_epochs": 4,
-        "cli_rounds": 3}
-QUICK = {"dataset": "fashion-mnist-mini", "epochs": 1, "teacher_epochs": 1, "cli_epochs": 3, "augment_epochs": 3,
-         "cli_rounds": 1}
+FULL = {
+    "dataset": "fashion-mnist",
+    "epochs": 5,
+    "teacher_epochs": 2,
+    "cli_epochs": 12,
+    "augment_epochs": 4,
+    "cli_rounds": 3,
+}
+QUICK = {
+    "dataset": "fashion-mnist-mini",
+    "epochs": 1,
+    "teacher_epochs": 1,
+    "cli_epochs": 3,
+    "augment_epochs": 3,
+    "cli_rounds": 1,
+}
 
 err = Console(stderr=True)
 
@@ -288,15 +300,24 @@ class Cli:
         """Wall seconds of ``kdc ARGS recipe.yaml --set ...`` in ``folder``; exit with its log if it fails."""
         self.runs += 1
         log = self.work / f"{self.runs:02d}-{args[0]}.log"
-        command = [sys.executable, "-m", "kdcompress", args[0], "recipe.yaml", *args[1:],
-                   *(item for s in self.sets for item in ("--set", s))]
+        command = [
+            sys.executable,
+            "-m",
+            "kdcompress",
+            args[0],
+            "recipe.yaml",
+            *args[1:],
+            *(item for s in self.sets for item in ("--set", s)),
+        ]
         with open(log, "wb") as out:
             started = time.perf_counter()
             code = subprocess.run(command, cwd=folder, env=self.env, stdout=out, stderr=subprocess.STDOUT).returncode
             seconds = time.perf_counter() - started
         if code != 0:
-            raise SystemExit(f"bench: `kdc {' '.join(args)}` failed (exit {code}) in {folder}:\n"
-                             + log.read_text(errors="replace")[-3000:])
+            raise SystemExit(
+                f"bench: `kdc {' '.join(args)}` failed (exit {code}) in {folder}:\n"
+                + log.read_text(errors="replace")[-3000:]
+            )
         return seconds
 
     def timed_copy(self, base: Path, epochs: int, *args: str) -> float:
@@ -333,9 +354,15 @@ def prepare_cli(cli: Cli, dataset: str, teacher_epochs: int) -> dict:
     write_recipe(augment, dataset, teacher_epochs, {"data": AUGMENT, "teacher": {"checkpoint": str(teacher)}})
     cli.run(augment, "train-teacher")  # evaluates the supplied teacher and saves it as the run's
     history = [json.loads(line) for line in (teacher.parent / "metrics.jsonl").read_text().splitlines()]
-    return {"cached": cached, "augment": augment, "teacher": teacher, "teacher_seconds": teacher_seconds,
-            "warmup_seconds": warmup_seconds, "teacher_epoch_seconds": [h["train_seconds"] for h in history],
-            "teacher_accuracy": load_checkpoint(teacher)["metrics"]["test_accuracy"]}
+    return {
+        "cached": cached,
+        "augment": augment,
+        "teacher": teacher,
+        "teacher_seconds": teacher_seconds,
+        "warmup_seconds": warmup_seconds,
+        "teacher_epoch_seconds": [h["train_seconds"] for h in history],
+        "teacher_accuracy": load_checkpoint(teacher)["metrics"]["test_accuracy"],
+    }
 
 
 def cli_round(cli: Cli, base: Path, epochs: int, reverse: bool, *args: str) -> tuple[float, float]:
@@ -355,7 +382,9 @@ def marginal(short: list[float], long: list[float], epochs: int) -> list[float]:
 
 def git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -374,10 +403,15 @@ def machine() -> dict:
     """The commit (and whether the tree differs from it, results files aside), the date and the CPU."""
     commit = git("rev-parse", "--short=10", "HEAD")
     changes = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/bench.md", ":!docs/bench")
-    return {"commit": commit, "commit_dirty": bool(changes) if changes is not None else None,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "torch_version": torch.__version__}
+    return {
+        "commit": commit,
+        "commit_dirty": bool(changes) if changes is not None else None,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch_version": torch.__version__,
+    }
 
 
 HISTORY_HEADER = """# Benchmark history
@@ -400,12 +434,23 @@ def history_row(r: dict, json_path: Path | None, history: Path) -> str:
     link = ""
     if json_path is not None:
         link = f"[{json_path.name}]({os.path.relpath(json_path.resolve(), history.resolve().parent)})"
-    cells = [r["date"][:16].replace("T", " "), f"`{commit}`", r["dataset"], f"{r['cpu_model']} ({r['cpu_count']} cores)",
-             str(r["torch_threads"]), f"{r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f}",
-             f"{r['naive_median_epoch_seconds']:.2f}",
-             f"{r['kdc_distill_median_epoch_seconds']:.3f}", f"{r['ce_median_epoch_seconds']:.3f}",
-             f"{r['cli_marginal_epoch_seconds']:.3f}", f"{r['ratio_naive_cli']:.1f}", f"{r['ratio_a_b']:.1f}",
-             f"{r['ratio_b_c']:.2f}", f"{r['augment_marginal_epoch_seconds']:.2f}", link]
+    cells = [
+        r["date"][:16].replace("T", " "),
+        f"`{commit}`",
+        r["dataset"],
+        f"{r['cpu_model']} ({r['cpu_count']} cores)",
+        str(r["torch_threads"]),
+        f"{r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f}",
+        f"{r['naive_median_epoch_seconds']:.2f}",
+        f"{r['kdc_distill_median_epoch_seconds']:.3f}",
+        f"{r['ce_median_epoch_seconds']:.3f}",
+        f"{r['cli_marginal_epoch_seconds']:.3f}",
+        f"{r['ratio_naive_cli']:.1f}",
+        f"{r['ratio_a_b']:.1f}",
+        f"{r['ratio_b_c']:.2f}",
+        f"{r['augment_marginal_epoch_seconds']:.2f}",
+        link,
+    ]
     return "| " + " | ".join(cells) + " |\n"
 
 
@@ -419,31 +464,54 @@ def add_history_row(path: Path, row: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="fashion-mnist-mini, 1 teacher epoch, 1 in-process epoch, one CLI round of 2 vs 3 epochs "
-                        "(CI and tests: seconds, not a figure to quote)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fashion-mnist-mini, 1 teacher epoch, 1 in-process epoch, one CLI round of 2 vs 3 epochs "
+        "(CI and tests: seconds, not a figure to quote)",
+    )
     p.add_argument("--dataset", choices=list(DATASETS), help="default: fashion-mnist (--quick: fashion-mnist-mini)")
-    p.add_argument("--data-root", default=None, help="data root, in process and for the CLI (data.root) (default: "
-                   "$KDC_DATA, else kdc's cache dir)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="data root, in process and for the CLI (data.root) (default: $KDC_DATA, else kdc's cache dir)",
+    )
     p.add_argument("--epochs", type=int, help="in-process epochs (rounds) of (a), (b), (c) (default 5)")
     p.add_argument("--teacher-epochs", type=int, help="teacher epochs, trained once by `kdc train-teacher` (default 2)")
     p.add_argument("--cli-epochs", type=int, help=f"N, the longer `kdc distill` run (default 12; vs {SHORT_EPOCHS})")
-    p.add_argument("--augment-epochs", type=int, help=f"N for the augmented `kdc distill` (default 4; vs {SHORT_EPOCHS})")
+    p.add_argument(
+        "--augment-epochs", type=int, help=f"N for the augmented `kdc distill` (default 4; vs {SHORT_EPOCHS})"
+    )
     p.add_argument("--cli-rounds", type=int, help="rounds of CLI runs, one pair of each kind per round (default 3)")
     p.add_argument("--batch-size", type=int, default=128, help="in-process batch size (the recipe's: 128)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads in process and run.threads for the CLI (default: torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads in process and run.threads for the CLI (default: torch's default)",
+    )
     p.add_argument("--limit", type=int, default=None, help="in-process loops on the first N training samples only")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", "--json-out", dest="json", default=None,
-                   help="write the JSON result here (a full run's default: docs/bench/<date>-<commit>.json)")
-    p.add_argument("--history", default=None,
-                   help="add a row to this Markdown table (a full run's default: docs/bench.md)")
+    p.add_argument(
+        "--json",
+        "--json-out",
+        dest="json",
+        default=None,
+        help="write the JSON result here (a full run's default: docs/bench/<date>-<commit>.json)",
+    )
+    p.add_argument(
+        "--history", default=None, help="add a row to this Markdown table (a full run's default: docs/bench.md)"
+    )
     p.add_argument("--no-record", action="store_true", help="a full run writes nothing under docs/")
-    p.add_argument("--compile", action="store_true",
-                   help="(b) and (c) with run.compile (torch.compile); the first epoch then includes compiling")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="(b) and (c) with run.compile (torch.compile); the first epoch then includes compiling",
+    )
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -472,14 +540,19 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     section = DataSection(dataset=args.dataset, root=args.data_root, batch_size=args.batch_size)
     rss: dict[str, float] = {}
-    sets = [f"run.device={device}", *([f"run.threads={args.threads}"] if args.threads else []),
-            *([f"data.root={args.data_root}"] if args.data_root else [])]
+    sets = [
+        f"run.device={device}",
+        *([f"run.threads={args.threads}"] if args.threads else []),
+        *([f"data.root={args.data_root}"] if args.data_root else []),
+    ]
     # (a)'s data is written here (the mini set) and the CLI's run directories are copied here
     work = Path(tempfile.mkdtemp(prefix="kdc-bench-"))
     try:
         cli = Cli(work, sets)
-        err.print(f"[bold]bench[/]: training the teacher ({args.teacher_epochs} epochs) with `kdc train-teacher`, "
-                  f"building its logit cache with `kdc distill` (work folder {work})")
+        err.print(
+            f"[bold]bench[/]: training the teacher ({args.teacher_epochs} epochs) with `kdc train-teacher`, "
+            f"building its logit cache with `kdc distill` (work folder {work})"
+        )
         prepared = prepare_cli(cli, args.dataset, args.teacher_epochs)
 
         # kdc's data path: the whole split in memory as uint8 tensors
@@ -492,8 +565,11 @@ def main(argv=None) -> dict:
             f"{args.batch_size}, {args.epochs} in-process epochs, {args.cli_rounds} CLI rounds, device {device}, "
             f"{torch.get_num_threads()} torch threads"
         )
-        teacher = build_from_checkpoint(load_checkpoint(prepared["teacher"]), where="the bench's teacher",
-                                        expected="mlp").to(device).eval()
+        teacher = (
+            build_from_checkpoint(load_checkpoint(prepared["teacher"]), where="the bench's teacher", expected="mlp")
+            .to(device)
+            .eval()
+        )
         rss["after_teacher"] = peak_rss_mb()
 
         settings = TrainSettings(epochs=args.epochs, optimizer="sgd", lr=LR, momentum=MOMENTUM, schedule="constant")
@@ -512,8 +588,7 @@ def main(argv=None) -> dict:
         cache_seconds = time.perf_counter() - t0
 
         def distill_loss(logits, y, idx, *_):  # as kdcompress.pipeline._distill_loss (no augmentation)
-            return kd_loss_from_log_probs(logits, cached.index_select(0, idx.to(cached.device)), y, TEMPERATURE,
-                                          ALPHA)
+            return kd_loss_from_log_probs(logits, cached.index_select(0, idx.to(cached.device)), y, TEMPERATURE, ALPHA)
 
         naive_seconds: list[float] = []
         cli_short: list[float] = []
@@ -528,8 +603,14 @@ def main(argv=None) -> dict:
         naive_data_seconds = time.perf_counter() - t0
         torch.manual_seed(args.seed)  # the DataLoader's shuffle draws from the global generator
         naive = naive_epochs(student_a, teacher, tv_train, args.epochs, args.batch_size, device)
-        common = dict(batch_size=args.batch_size, eval_batch_size=EVAL_BATCH, device=device, seed=args.seed,
-                      console=quiet, runtime=Runtime(compile=args.compile))
+        common = dict(
+            batch_size=args.batch_size,
+            eval_batch_size=EVAL_BATCH,
+            device=device,
+            seed=args.seed,
+            console=quiet,
+            runtime=Runtime(compile=args.compile),
+        )
         augment_args = [item for key, value in AUGMENT.items() for item in ("--set", f"data.{key}={value}".lower())]
         rounds = max(args.epochs, args.cli_rounds)
         for r in range(rounds):
@@ -539,12 +620,23 @@ def main(argv=None) -> dict:
                 # exactly as if it had not stopped (tests/test_resume.py); saving it is outside the timed pass
                 naive_seconds.append(next(naive))
                 upto = dataclasses.replace(settings, epochs=r + 1)
-                hist_b = fit(student_b, distill_loss, splits, upto, stage="distilled", state_path=work / "b.pt",
-                             state_tag="b", **common)
-                hist_c = fit(student_c, ce_loss, splits, upto, stage="student", state_path=work / "c.pt",
-                             state_tag="c", **common)
-                line.append(f"(a) naive {naive_seconds[-1]:.2f} s  (b) kdc {hist_b[-1]['train_seconds']:.3f} s  "
-                            f"(c) CE {hist_c[-1]['train_seconds']:.3f} s")
+                hist_b = fit(
+                    student_b,
+                    distill_loss,
+                    splits,
+                    upto,
+                    stage="distilled",
+                    state_path=work / "b.pt",
+                    state_tag="b",
+                    **common,
+                )
+                hist_c = fit(
+                    student_c, ce_loss, splits, upto, stage="student", state_path=work / "c.pt", state_tag="c", **common
+                )
+                line.append(
+                    f"(a) naive {naive_seconds[-1]:.2f} s  (b) kdc {hist_b[-1]['train_seconds']:.3f} s  "
+                    f"(c) CE {hist_c[-1]['train_seconds']:.3f} s"
+                )
             if r < args.cli_rounds:
                 short, long = cli_round(cli, prepared["cached"], args.cli_epochs, r % 2 == 1)
                 cli_short.append(short)
@@ -552,9 +644,11 @@ def main(argv=None) -> dict:
                 short, long = cli_round(cli, prepared["augment"], args.augment_epochs, r % 2 == 1, *augment_args)
                 aug_short.append(short)
                 aug_long.append(long)
-                line.append(f"kdc distill {SHORT_EPOCHS} / {args.cli_epochs} epochs {cli_short[-1]:.1f} / "
-                            f"{cli_long[-1]:.1f} s, augmented {SHORT_EPOCHS} / {args.augment_epochs} epochs "
-                            f"{aug_short[-1]:.1f} / {aug_long[-1]:.1f} s")
+                line.append(
+                    f"kdc distill {SHORT_EPOCHS} / {args.cli_epochs} epochs {cli_short[-1]:.1f} / "
+                    f"{cli_long[-1]:.1f} s, augmented {SHORT_EPOCHS} / {args.augment_epochs} epochs "
+                    f"{aug_short[-1]:.1f} / {aug_long[-1]:.1f} s"
+                )
             err.print(f"round {r + 1}/{rounds}: " + "; ".join(line))
         acc_a = evaluate_naive(student_a, tv_test, device)
         n_test_naive = len(tv_test)
@@ -597,7 +691,7 @@ def main(argv=None) -> dict:
         "teacher_epoch_seconds": prepared["teacher_epoch_seconds"],
         # --- the CLI, whole process
         "cli_command": "python -m kdcompress distill recipe.yaml --set distill.epochs=N "
-                       + " ".join(f"--set {s}" for s in sets),
+        + " ".join(f"--set {s}" for s in sets),
         "cli_recipe": str(RECIPE.relative_to(ROOT)),
         "cli_env_omp_wait_policy": None,
         "cli_run_threads": args.threads,
@@ -678,43 +772,72 @@ def print_table(r: dict) -> None:
     def mark(ok: bool) -> str:
         return "[green]meets[/]" if ok else "[red]misses[/]"
 
-    t = Table(title=f"kdc distillation benchmark: {r['dataset']} ({r['train_samples']} train, {r['test_samples']} "
-              f"test), batch {r['batch_size']}, {r['device']}, {r['torch_threads']} threads"
-              + (", (b) and (c) compiled" if r["compile"] else ""))
+    t = Table(
+        title=f"kdc distillation benchmark: {r['dataset']} ({r['train_samples']} train, {r['test_samples']} "
+        f"test), batch {r['batch_size']}, {r['device']}, {r['torch_threads']} threads"
+        + (", (b) and (c) compiled" if r["compile"] else "")
+    )
     for col, just in (("what", "left"), ("epoch s", "right"), ("each round s", "right"), ("test acc", "right")):
         t.add_column(col, justify=just)
-    t.add_row(f"CLI: `kdc distill`, whole process, marginal epoch ({r['cli_epochs']} vs {r['cli_short_epochs']} "
-              f"epochs)", f"{r['cli_marginal_epoch_seconds']:.3f}", fmt(r["cli_marginal_epoch_seconds_per_round"], 3),
-              "")
-    t.add_row(f"CLI: `kdc distill` with augmentation, teacher online ({r['augment_epochs']} vs "
-              f"{r['cli_short_epochs']})", f"{r['augment_marginal_epoch_seconds']:.3f}",
-              fmt(r["augment_marginal_epoch_seconds_per_round"], 3), "")
-    t.add_row("(a) naive: torchvision + DataLoader, teacher every batch", f"{r['naive_median_epoch_seconds']:.2f}",
-              fmt(r["naive_epoch_seconds"]), f"{r['naive_accuracy']:.4f}")
-    t.add_row("(b) kdc distill training pass: in-memory data, cached teacher logits",
-              f"{r['kdc_distill_median_epoch_seconds']:.3f}", fmt(r["kdc_distill_epoch_seconds"], 3),
-              f"{r['kdc_distill_accuracy']:.4f}")
-    t.add_row("(c) cross-entropy training pass, kdc data path", f"{r['ce_median_epoch_seconds']:.3f}",
-              fmt(r["ce_epoch_seconds"], 3), f"{r['ce_accuracy']:.4f}")
+    t.add_row(
+        f"CLI: `kdc distill`, whole process, marginal epoch ({r['cli_epochs']} vs {r['cli_short_epochs']} epochs)",
+        f"{r['cli_marginal_epoch_seconds']:.3f}",
+        fmt(r["cli_marginal_epoch_seconds_per_round"], 3),
+        "",
+    )
+    t.add_row(
+        f"CLI: `kdc distill` with augmentation, teacher online ({r['augment_epochs']} vs {r['cli_short_epochs']})",
+        f"{r['augment_marginal_epoch_seconds']:.3f}",
+        fmt(r["augment_marginal_epoch_seconds_per_round"], 3),
+        "",
+    )
+    t.add_row(
+        "(a) naive: torchvision + DataLoader, teacher every batch",
+        f"{r['naive_median_epoch_seconds']:.2f}",
+        fmt(r["naive_epoch_seconds"]),
+        f"{r['naive_accuracy']:.4f}",
+    )
+    t.add_row(
+        "(b) kdc distill training pass: in-memory data, cached teacher logits",
+        f"{r['kdc_distill_median_epoch_seconds']:.3f}",
+        fmt(r["kdc_distill_epoch_seconds"], 3),
+        f"{r['kdc_distill_accuracy']:.4f}",
+    )
+    t.add_row(
+        "(c) cross-entropy training pass, kdc data path",
+        f"{r['ce_median_epoch_seconds']:.3f}",
+        fmt(r["ce_epoch_seconds"], 3),
+        f"{r['ce_accuracy']:.4f}",
+    )
     t.add_row("cache build: the teacher's logits, once", f"{r['teacher_cache_seconds']:.2f}", "", "")
-    t.add_row(f"teacher MLP {r['teacher_params']:,} params (`kdc train-teacher`, {r['teacher_epochs']} epochs)", "",
-              fmt(r["teacher_epoch_seconds"]), f"{r['teacher_accuracy']:.4f}")
+    t.add_row(
+        f"teacher MLP {r['teacher_params']:,} params (`kdc train-teacher`, {r['teacher_epochs']} epochs)",
+        "",
+        fmt(r["teacher_epoch_seconds"]),
+        f"{r['teacher_accuracy']:.4f}",
+    )
     out.print(t)
     s = Table(show_header=False, box=None)
     s.add_column(justify="left")
     s.add_column(justify="right")
-    s.add_row("naive / CLI marginal epoch", f"{r['ratio_naive_cli']:.2f}  {mark(r['meets_naive_cli'])} target >= "
-              f"{r['target_naive_cli']:g}")
+    s.add_row(
+        "naive / CLI marginal epoch",
+        f"{r['ratio_naive_cli']:.2f}  {mark(r['meets_naive_cli'])} target >= {r['target_naive_cli']:g}",
+    )
     s.add_row("naive / CLI in each round", fmt(r["ratio_naive_cli_per_round"]))
-    s.add_row("b/c (kdc distill / cross-entropy training pass)",
-              f"{r['ratio_b_c']:.2f}  {mark(r['meets_b_c'])} target <= {r['target_b_c']:g}")
+    s.add_row(
+        "b/c (kdc distill / cross-entropy training pass)",
+        f"{r['ratio_b_c']:.2f}  {mark(r['meets_b_c'])} target <= {r['target_b_c']:g}",
+    )
     s.add_row("a/b (naive / kdc distill training pass)", f"{r['ratio_a_b']:.2f}")
     s.add_row("a/b with the cache build spread over the epochs", f"{r['ratio_a_b_amortised']:.2f}")
     s.add_row("a/b, b/c from the fastest epochs (less noise)", f"{r['ratio_a_b_min']:.2f}, {r['ratio_b_c_min']:.2f}")
     s.add_row("CLI marginal epoch / training pass (b)", f"{r['ratio_cli_b']:.2f}")
     s.add_row("augmented / cached CLI marginal epoch", f"{r['ratio_augment_cli']:.2f}")
-    s.add_row("data setup seconds: kdc load_data / torchvision datasets",
-              f"{r['kdc_data_load_seconds']:.2f} / {r['naive_data_setup_seconds']:.2f}")
+    s.add_row(
+        "data setup seconds: kdc load_data / torchvision datasets",
+        f"{r['kdc_data_load_seconds']:.2f} / {r['naive_data_setup_seconds']:.2f}",
+    )
     s.add_row("peak RSS MB (this process)", f"{r['peak_rss_mb']:.0f}")
     s.add_row("load average start / end (1 min)", f"{r['loadavg_start'][0]:.2f} / {r['loadavg_end'][0]:.2f}")
     s.add_row("commit, CPU", f"{r['commit']}{'+' if r['commit_dirty'] else ''}, {r['cpu_model']}")

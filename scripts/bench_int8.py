@@ -93,14 +93,16 @@ def _ort_candidates(model, source, calibration, variants: bool) -> dict:
     shipped = {"ops": None, "reduce_range": True, "per_channel": True, "activation": "uint8", "method": "minmax"}
     settings = {"ort int8 (shipped)": {}}  # int8.quantize's defaults: exactly what the int8 format writes
     if variants:
-        settings.update({
-            "ort: conv+linear only, 8-bit w": dict(shipped, ops=int8.WEIGHT_OPS, reduce_range=False),
-            "ort: conv+linear only": dict(shipped, ops=int8.WEIGHT_OPS),
-            "ort: 8-bit weights": dict(shipped, reduce_range=False),
-            "ort: int8 activations": dict(shipped, activation="int8"),
-            "ort: percentile calibration": dict(shipped, method="percentile"),
-            "ort: per-tensor weights": dict(shipped, per_channel=False),
-        })
+        settings.update(
+            {
+                "ort: conv+linear only, 8-bit w": dict(shipped, ops=int8.WEIGHT_OPS, reduce_range=False),
+                "ort: conv+linear only": dict(shipped, ops=int8.WEIGHT_OPS),
+                "ort: 8-bit weights": dict(shipped, reduce_range=False),
+                "ort: int8 activations": dict(shipped, activation="int8"),
+                "ort: percentile calibration": dict(shipped, method="percentile"),
+                "ort: per-tensor weights": dict(shipped, per_channel=False),
+            }
+        )
     for name, kwargs in settings.items():
         copy = proto.__class__()
         copy.CopyFrom(proto)
@@ -155,8 +157,12 @@ def _pt2e_candidate(model, example, calibration, shape) -> dict:
     import torch.export.pt2_archive._package as archive
 
     unpickles = "weights_only=False" in inspect.getsource(archive)
-    return {"blob": buffer.getvalue(), "module": _Callable(compiled), "quantise_s": seconds,
-            "loads_code": "YES: torch.export.load reads weights with torch.load(weights_only=False)" if unpickles else "no"}
+    return {
+        "blob": buffer.getvalue(),
+        "module": _Callable(compiled),
+        "quantise_s": seconds,
+        "loads_code": "YES: torch.export.load reads weights with torch.load(weights_only=False)" if unpickles else "no",
+    }
 
 
 def _quantize_candidate(model) -> dict:
@@ -169,8 +175,12 @@ def _quantize_candidate(model) -> dict:
     buffer = io.BytesIO()
     torch.save(q.state_dict(), buffer)
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    return {"blob": buffer.getvalue(), "module": q, "loads_code": "no (weights_only=True + assign)",
-            "note": f"Linear only: its {convs} conv(s) stay fp32"}
+    return {
+        "blob": buffer.getvalue(),
+        "module": q,
+        "loads_code": "no (weights_only=True + assign)",
+        "note": f"Linear only: its {convs} conv(s) stay fp32",
+    }
 
 
 def main() -> None:
@@ -204,7 +214,9 @@ def main() -> None:
     torch.save(model.state_dict(), buffer)
     fp32_bytes = len(buffer.getvalue())
 
-    rows = {"fp32 eager (state_dict)": {"blob": buffer.getvalue(), "module": model, "loads_code": "no (weights_only=True)"}}
+    rows = {
+        "fp32 eager (state_dict)": {"blob": buffer.getvalue(), "module": model, "loads_code": "no (weights_only=True)"}
+    }
     if "ort" in candidates:
         rows.update(_ort_candidates(model, ckpt, calibration, args.variants))
     if "pt2e" in candidates:
@@ -218,15 +230,21 @@ def main() -> None:
     times = {name: [] for name in rows}
     for _ in range(args.rounds):  # in turns, so that machine load falls on every candidate alike
         for name, row in rows.items():
-            times[name].append(latency(row["module"], shape, batch=args.batch, threads=args.threads,
-                                       min_run_time=args.seconds)["median_ms"])
+            times[name].append(
+                latency(row["module"], shape, batch=args.batch, threads=args.threads, min_run_time=args.seconds)[
+                    "median_ms"
+                ]
+            )
     with tempfile.TemporaryDirectory() as tmp:
         for name, row in rows.items():
             row["latency_ms"] = statistics.median(times[name])
             code = None
             if name.startswith("ort int8") or name.startswith("onnx fp32"):
-                code = ORT_LOAD.replace("int8.decode", "onnx.decode").replace("import int8", "import onnx") \
-                    if name.startswith("onnx") else ORT_LOAD
+                code = (
+                    ORT_LOAD.replace("int8.decode", "onnx.decode").replace("import int8", "import onnx")
+                    if name.startswith("onnx")
+                    else ORT_LOAD
+                )
             elif name.startswith("torchao pt2e"):
                 code = PT2E_LOAD
             if code:
@@ -235,8 +253,10 @@ def main() -> None:
                 row["load_s"] = _fresh_load_seconds(code.replace("SHAPE", repr(shape)), path)
 
     base = rows["fp32 eager (state_dict)"]
-    print(f"{args.run_dir / args.stage}: {data.name} test set ({len(data.test)}), calibration {len(calibration)} x 128 "
-          f"training samples, latency batch {args.batch}, {args.threads} thread(s), median of {args.rounds} rounds")
+    print(
+        f"{args.run_dir / args.stage}: {data.name} test set ({len(data.test)}), calibration {len(calibration)} x 128 "
+        f"training samples, latency batch {args.batch}, {args.threads} thread(s), median of {args.rounds} rounds"
+    )
     head = f"{'candidate':30} {'accuracy':>8} {'d.point':>7} {'bytes':>10} {'x smaller':>9} {'ms/b64':>8} {'vs eager':>8} {'load s':>7}  loading runs code?"
     print(head)
     print("-" * len(head))
@@ -257,9 +277,11 @@ def main() -> None:
         }
         table.append(entry)
         load = f"{entry['load_s']:.2f}" if entry["load_s"] is not None else "-"
-        print(f"{name:30} {entry['accuracy']:8.4f} {entry['delta_points']:+7.2f} {entry['bytes']:10,} "
-              f"{entry['smaller_x']:9.2f} {entry['latency_ms']:8.2f} {entry['speedup_vs_eager']:8.2f} {load:>7}  "
-              f"{entry['loads_code']}{'; ' + entry['note'] if entry['note'] else ''}")
+        print(
+            f"{name:30} {entry['accuracy']:8.4f} {entry['delta_points']:+7.2f} {entry['bytes']:10,} "
+            f"{entry['smaller_x']:9.2f} {entry['latency_ms']:8.2f} {entry['speedup_vs_eager']:8.2f} {load:>7}  "
+            f"{entry['loads_code']}{'; ' + entry['note'] if entry['note'] else ''}"
+        )
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))
 

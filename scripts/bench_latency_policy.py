@@ -57,8 +57,11 @@ def worker(threads: int, min_run_time: float) -> dict:
     rounds = {}
     for batch in sorted({b for _, _, b in MODELS.values()}):
         keys = [k for k, (_, _, b) in MODELS.items() if b == batch]
-        rounds.update(interleaved_latencies({k: (built[k], (1, 28, 28)) for k in keys}, batch=batch, threads=threads,
-                                            min_run_time=min_run_time))
+        rounds.update(
+            interleaved_latencies(
+                {k: (built[k], (1, 28, 28)) for k in keys}, batch=batch, threads=threads, min_run_time=min_run_time
+            )
+        )
     return {
         "startup_s": ready - started,
         "sequential": {k: v["median_ms"] for k, v in sequential.items()},
@@ -72,13 +75,16 @@ def run_worker(policy: str, threads: int, min_run_time: float) -> dict:
     env.pop("OMP_WAIT_POLICY", None)
     env.pop("GOMP_SPINCOUNT", None)
     if policy.startswith("spin"):  # the default policy, waiting threads spinning this many times (libgomp)
-        env["GOMP_SPINCOUNT"] = policy[len("spin"):]
+        env["GOMP_SPINCOUNT"] = policy[len("spin") :]
     elif policy != "unset":
         env["OMP_WAIT_POLICY"] = policy
     start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, __file__, "--worker", "--threads", str(threads), "--min-run-time", str(min_run_time)],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - start
@@ -113,10 +119,13 @@ def main() -> None:
                     results.append(r)
                     for method in ("sequential", "rounds"):
                         t = r[method]
-                        print(f"{condition:6} {policy:10} {method:10} mlp b1 {t['mlp_b1']:7.3f} ms  cnn b64 "
-                              f"{t['cnn_b64']:7.2f} ms  half b64 {t['cnn_half_b64']:7.2f} ms  ratio "
-                              f"{t['cnn_b64'] / t['cnn_half_b64']:5.2f}  (process {r['process_s']:.1f} s, "
-                              f"startup {r['startup_s']:.1f} s)", flush=True)
+                        print(
+                            f"{condition:6} {policy:10} {method:10} mlp b1 {t['mlp_b1']:7.3f} ms  cnn b64 "
+                            f"{t['cnn_b64']:7.2f} ms  half b64 {t['cnn_half_b64']:7.2f} ms  ratio "
+                            f"{t['cnn_b64'] / t['cnn_half_b64']:5.2f}  (process {r['process_s']:.1f} s, "
+                            f"startup {r['startup_s']:.1f} s)",
+                            flush=True,
+                        )
         finally:
             if burner is not None:
                 burner.kill()

@@ -46,17 +46,25 @@ def main() -> None:
             for name, model in ((args.base, base), (args.stage, other))
         }
         rounds.append(times)
-        print(f"round {r + 1}: {args.base} {times[args.base]:.2f} ms, {args.stage} {times[args.stage]:.2f} ms, "
-              f"ratio {times[args.base] / times[args.stage]:.2f}")
+        print(
+            f"round {r + 1}: {args.base} {times[args.base]:.2f} ms, {args.stage} {times[args.stage]:.2f} ms, "
+            f"ratio {times[args.base] / times[args.stage]:.2f}"
+        )
     ratios = [t[args.base] / t[args.stage] for t in rounds]
     summary = {
-        "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
+        "batch": args.batch,
+        "threads": args.threads,
+        "rounds": args.rounds,
         f"{args.base}_ms_median": statistics.median(t[args.base] for t in rounds),
         f"{args.stage}_ms_median": statistics.median(t[args.stage] for t in rounds),
-        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
     }
-    print(f"median ratio {summary['ratio_median']:.2f} (range {min(ratios):.2f} to {max(ratios):.2f}) over "
-          f"{args.rounds} interleaved rounds, batch {args.batch}, {args.threads} threads")
+    print(
+        f"median ratio {summary['ratio_median']:.2f} (range {min(ratios):.2f} to {max(ratios):.2f}) over "
+        f"{args.rounds} interleaved rounds, batch {args.batch}, {args.threads} threads"
+    )
     print(json.dumps(summary))
 
 

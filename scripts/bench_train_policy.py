@@ -42,15 +42,24 @@ def one_run(policy: str, work: Path) -> float:
     """Median training-pass seconds of the epochs after the first, in a fresh `kdc train-student` process."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if policy.startswith("spin"):
-        env["GOMP_SPINCOUNT"] = policy[len("spin"):]
+        env["GOMP_SPINCOUNT"] = policy[len("spin") :]
     elif policy != "unset":
         env["OMP_WAIT_POLICY"] = policy
     folder = Path(tempfile.mkdtemp(dir=work))
     (folder / "recipe.yaml").write_text(yaml.safe_dump(RECIPE), encoding="utf-8")
-    subprocess.run([sys.executable, "-m", "kdcompress", "train-student", "recipe.yaml", "--quiet"], cwd=folder,
-                   env=env, check=True, capture_output=True, timeout=1800)
-    records = [json.loads(line) for line in (folder / "runs" / "policy" / "student" / "metrics.jsonl").read_text()
-               .splitlines() if line.strip()]
+    subprocess.run(
+        [sys.executable, "-m", "kdcompress", "train-student", "recipe.yaml", "--quiet"],
+        cwd=folder,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=1800,
+    )
+    records = [
+        json.loads(line)
+        for line in (folder / "runs" / "policy" / "student" / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     return statistics.median(r["train_seconds"] for r in records[1:])
 
 

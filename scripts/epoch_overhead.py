@@ -102,40 +102,58 @@ def measure(recipe_path: str, overrides: list[str], stage: str, terminal: bool) 
     with tempfile.TemporaryDirectory(prefix="kdc-overhead-") as tmp:
         recipe = load_recipe(recipe_path, [*overrides, f"run.out_dir={tmp}"])
         run_stage(recipe, stage, console=console)
-        history = [json.loads(line) for line in (checkpoint_path(recipe.run_dir, stage).parent
-                                                 / "metrics.jsonl").read_text().splitlines()]
+        history = [
+            json.loads(line)
+            for line in (checkpoint_path(recipe.run_dir, stage).parent / "metrics.jsonl").read_text().splitlines()
+        ]
         assert not (checkpoint_path(recipe.run_dir, stage).parent / RUNNING_LOG).exists()
     rows = []
     for k, (record, pieces) in enumerate(zip(history, timers.epochs)):
         wall = timers.starts[k + 1] - timers.starts[k] if k + 1 < len(timers.starts) else None
-        row = {"epoch": record["epoch"], "wall": wall, "train_seconds": record["train_seconds"],
-               **{piece: pieces.get(piece, 0.0) for piece in PIECES}}
+        row = {
+            "epoch": record["epoch"],
+            "wall": wall,
+            "train_seconds": record["train_seconds"],
+            **{piece: pieces.get(piece, 0.0) for piece in PIECES},
+        }
         if wall is not None:
             row["other"] = wall - row["train_seconds"] - sum(row[piece] for piece in OUTSIDE)
         rows.append(row)
     timed = rows[1:-1]  # the first epoch warms up; the last has no next start
     mean = {key: statistics.fmean(r[key] for r in timed) for key in ("wall", "train_seconds", *PIECES, "other")}
     return {
-        "recipe": recipe_path, "overrides": overrides, "stage": stage, "terminal": terminal,
-        "dataset": recipe.data.dataset, "epochs": len(history), "epochs_timed": len(timed),
-        "mean_seconds": mean, "per_epoch": rows,
+        "recipe": recipe_path,
+        "overrides": overrides,
+        "stage": stage,
+        "terminal": terminal,
+        "dataset": recipe.data.dataset,
+        "epochs": len(history),
+        "epochs_timed": len(timed),
+        "mean_seconds": mean,
+        "per_epoch": rows,
     }
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("recipe", nargs="?", default=str(ROOT / "recipes" / "fashion-mnist-mlp.yaml"))
     p.add_argument("--stage", default="student", help="stage to run (default: student, the baseline)")
     p.add_argument("--epochs", type=int, default=6, help="epochs of that stage (default 6)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     p.add_argument("--terminal", action="store_true", help="the console is a terminal: live progress bar")
     args = p.parse_args(argv)
-    section = "distill" if args.stage in ("student", "distilled") else {"teacher": "teacher", "pruned": "prune"}[args.stage]
+    section = (
+        "distill" if args.stage in ("student", "distilled") else {"teacher": "teacher", "pruned": "prune"}[args.stage]
+    )
     overrides = [f"{section}.epochs={args.epochs}", "run.device=cpu", *args.set]
     result = measure(args.recipe, overrides, args.stage, args.terminal)
     mean = result["mean_seconds"]
-    print(f"{result['stage']} on {result['dataset']}, {result['epochs']} epochs ({result['epochs_timed']} timed), "
-          f"console {'terminal' if args.terminal else 'not a terminal'}; mean seconds per epoch:")
+    print(
+        f"{result['stage']} on {result['dataset']}, {result['epochs']} epochs ({result['epochs_timed']} timed), "
+        f"console {'terminal' if args.terminal else 'not a terminal'}; mean seconds per epoch:"
+    )
     for key in ("wall", "train_seconds", *PIECES, "other"):
         share = f"{100 * mean[key] / mean['wall']:5.1f} %" if mean["wall"] else ""
         print(f"  {key:14s} {mean[key] * 1000:8.1f} ms  {share}")

@@ -29,7 +29,11 @@ def _stage(report: dict, name: str) -> dict:
 
 
 def _artifact(report: dict, fmt: str, stage: str = "pruned", pick=None) -> dict | None:
-    rows = [a for a in report.get("artifacts", []) if a.get("format") == fmt and a.get("stage") == stage and not a.get("refused")]
+    rows = [
+        a
+        for a in report.get("artifacts", [])
+        if a.get("format") == fmt and a.get("stage") == stage and not a.get("refused")
+    ]
     if pick:
         rows = [a for a in rows if pick(a)]
     return min(rows, key=lambda a: a["bytes"]) if rows else None
@@ -81,20 +85,27 @@ def main() -> int:
         sparse = _artifact(rep, "sparse", args.stage, lambda a: (a.get("options") or {}).get("dtype") == "fp16")
         if sparse:
             ratio, change = dense / sparse["bytes"], sparse["accuracy"] - source["accuracy"]
-            check("mlp sparse fp16", f"{sparse['bytes']:,} B, {ratio:.1f}x smaller than the dense student "
-                  f"({dense:,} B; goal >= 8x); accuracy {sparse['accuracy']:.4f}, {change * 100:+.2f} pt vs {args.stage} "
-                  f"{source['accuracy']:.4f} (goal within 0.1)", ratio >= 8 and abs(change) <= 0.001 + 1e-12)
+            check(
+                "mlp sparse fp16",
+                f"{sparse['bytes']:,} B, {ratio:.1f}x smaller than the dense student "
+                f"({dense:,} B; goal >= 8x); accuracy {sparse['accuracy']:.4f}, {change * 100:+.2f} pt vs {args.stage} "
+                f"{source['accuracy']:.4f} (goal within 0.1)",
+                ratio >= 8 and abs(change) <= 0.001 + 1e-12,
+            )
         else:
             check("mlp sparse fp16", "no sparse fp16 artifact", False)
         shared = _artifact(rep, "shared", args.stage, lambda a: (a.get("options") or {}).get("bits", 9) <= 4)
         if shared:
             ratio, vs_teacher = dense / shared["bytes"], teacher["checkpoint_bytes"] / shared["bytes"]
             change = shared["accuracy"] - distilled["accuracy"]
-            check("mlp shared", f"{shared['options']['bits']} bits: {shared['bytes']:,} B, {ratio:.1f}x smaller than "
-                  f"the dense student (goal >= 25x), {vs_teacher:,.0f}x smaller than the teacher "
-                  f"({teacher['checkpoint_bytes']:,} B; goal >= 1000x); accuracy {shared['accuracy']:.4f}, "
-                  f"{change * 100:+.2f} pt vs distilled {distilled['accuracy']:.4f} (goal within 1)",
-                  ratio >= 25 and vs_teacher >= 1000 and abs(change) <= 0.01 + 1e-12)
+            check(
+                "mlp shared",
+                f"{shared['options']['bits']} bits: {shared['bytes']:,} B, {ratio:.1f}x smaller than "
+                f"the dense student (goal >= 25x), {vs_teacher:,.0f}x smaller than the teacher "
+                f"({teacher['checkpoint_bytes']:,} B; goal >= 1000x); accuracy {shared['accuracy']:.4f}, "
+                f"{change * 100:+.2f} pt vs distilled {distilled['accuracy']:.4f} (goal within 1)",
+                ratio >= 25 and vs_teacher >= 1000 and abs(change) <= 0.01 + 1e-12,
+            )
         else:
             check("mlp shared", "no shared artifact of 4 bits or fewer", False)
     if args.cnn:
@@ -106,9 +117,13 @@ def main() -> int:
             ratio, change = fp32 / int8["bytes"], int8["accuracy"] - source["accuracy"]
             lat = (source.get("latency_ms") or {}).get("64"), (int8.get("latency_ms") or {}).get("64")
             latency = f"; batch-64 latency fp32 eager {lat[0]:.2f} ms, int8 {lat[1]:.2f} ms" if all(lat) else ""
-            check("cnn int8", f"{int8['bytes']:,} B, {ratio:.2f}x smaller than the fp32 state_dict ({fp32:,} B; goal "
-                  f">= 3.5x); accuracy {int8['accuracy']:.4f}, {change * 100:+.2f} pt vs {args.stage} "
-                  f"(goal within 0.5){latency}", ratio >= 3.5 and abs(change) <= 0.005 + 1e-12)
+            check(
+                "cnn int8",
+                f"{int8['bytes']:,} B, {ratio:.2f}x smaller than the fp32 state_dict ({fp32:,} B; goal "
+                f">= 3.5x); accuracy {int8['accuracy']:.4f}, {change * 100:+.2f} pt vs {args.stage} "
+                f"(goal within 0.5){latency}",
+                ratio >= 3.5 and abs(change) <= 0.005 + 1e-12,
+            )
         else:
             check("cnn int8", "no int8 artifact", False)
     for run in [r for r in (args.mlp, args.cnn) if r]:
@@ -119,10 +134,16 @@ def main() -> int:
         agree = _agreement(run, onnx, args.stage)
         source = _stage(rep, args.stage)
         lat = [((source.get("latency_ms") or {}).get(b), (onnx.get("latency_ms") or {}).get(b)) for b in ("1", "64")]
-        speed = "; ".join(f"batch {b}: eager {e:.3f} ms, onnxruntime {o:.3f} ms ({e / o:.1f}x)"
-                          for b, (e, o) in zip(("1", "64"), lat) if e and o)
-        check(f"{run.name} onnx", f"same prediction as eager on {agree:.2%} of the test set (goal >= 99.9 %); {speed}",
-              agree >= 0.999)
+        speed = "; ".join(
+            f"batch {b}: eager {e:.3f} ms, onnxruntime {o:.3f} ms ({e / o:.1f}x)"
+            for b, (e, o) in zip(("1", "64"), lat)
+            if e and o
+        )
+        check(
+            f"{run.name} onnx",
+            f"same prediction as eager on {agree:.2%} of the test set (goal >= 99.9 %); {speed}",
+            agree >= 0.999,
+        )
     width = max(len(name) for name, _, _ in results) if results else 0
     for name, text, ok in results:
         print(f"{'PASS' if ok else 'FAIL'}  {name:<{width}}  {text}")

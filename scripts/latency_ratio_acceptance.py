@@ -34,8 +34,14 @@ RECIPE = {
     "teacher": {"model": "cnn", "args": {"channels": [32, 64], "hidden": 128}, "epochs": 1},
     "student": {"model": "cnn", "args": {"channels": [32, 64], "hidden": 128}, "baseline": False},
     "distill": {"epochs": 1},
-    "prune": {"method": "structured", "scope": "layer", "target_sparsity": 0.5, "sparsity_schedule": "agp",
-              "steps": 4, "epochs": 2},
+    "prune": {
+        "method": "structured",
+        "scope": "layer",
+        "target_sparsity": 0.5,
+        "sparsity_schedule": "agp",
+        "steps": 4,
+        "epochs": 2,
+    },
     "report": {"latency": True, "latency_batches": [1, 64], "threads": 2},
 }
 PAIRS = (("distilled", "pruned"), ("teacher", "distilled"))
@@ -45,8 +51,7 @@ def _kdc(args: list[str], cwd: Path, pythonpath: str | None) -> None:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    subprocess.run([sys.executable, "-m", "kdcompress", *args], cwd=cwd, env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "kdcompress", *args], cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 def main() -> None:
@@ -68,8 +73,10 @@ def main() -> None:
         print(f"trained {run_dir} in {time.perf_counter() - started:.0f} s")
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.burner else None
     ratios: dict[str, list[float]] = {}
-    print(f"load before: {os.getloadavg()}; kdcompress from {args.pythonpath or 'this environment'}; "
-          f"burner: {bool(burner)}")
+    print(
+        f"load before: {os.getloadavg()}; kdcompress from {args.pythonpath or 'this environment'}; "
+        f"burner: {bool(burner)}"
+    )
     try:
         for n in range(args.reports):
             (run_dir / "cache" / "latency.json").unlink(missing_ok=True)
@@ -98,10 +105,16 @@ def main() -> None:
     for name, values in ratios.items():
         median = statistics.median(values)
         spread = max(abs(v / median - 1) for v in values)
-        summary[name] = {"ratios": [round(v, 3) for v in values], "median": round(median, 3),
-                         "max_off_median": round(spread, 3), "max_over_min": round(max(values) / min(values), 3)}
-        print(f"{name}: {', '.join(f'{v:.2f}' for v in values)}; median {median:.2f}, at most {spread:.0%} off it, "
-              f"max/min {max(values) / min(values):.2f}")
+        summary[name] = {
+            "ratios": [round(v, 3) for v in values],
+            "median": round(median, 3),
+            "max_off_median": round(spread, 3),
+            "max_over_min": round(max(values) / min(values), 3),
+        }
+        print(
+            f"{name}: {', '.join(f'{v:.2f}' for v in values)}; median {median:.2f}, at most {spread:.0%} off it, "
+            f"max/min {max(values) / min(values):.2f}"
+        )
     print(json.dumps(summary))
 
 

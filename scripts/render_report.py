@@ -37,9 +37,19 @@ def ink(path: Path) -> float:
 
 def render(page: Path, shot: Path, browser: str, width: int, height: int) -> None:
     subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={shot}",
-         f"--window-size={width},{height}", page.resolve().as_uri()],
-        check=True, capture_output=True, timeout=180,
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={shot}",
+            f"--window-size={width},{height}",
+            page.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
     )
 
 
@@ -66,8 +76,10 @@ def main(argv=None) -> int:
         share = ink(shot)
         ok = charts > 0 and not network and share > 0.002  # a blank page has none
         failed |= not ok
-        print(f"{'PASS' if ok else 'FAIL'}  {page}: {page.stat().st_size:,} bytes, {charts} inline SVG charts, "
-              f"{len(network)} network references; screenshot {shot} {width}x{height} px, {share:.1%} ink")
+        print(
+            f"{'PASS' if ok else 'FAIL'}  {page}: {page.stat().st_size:,} bytes, {charts} inline SVG charts, "
+            f"{len(network)} network references; screenshot {shot} {width}x{height} px, {share:.1%} ink"
+        )
     return 1 if failed else 0
 
 

@@ -19,9 +19,13 @@ import sys
 def timeless(value):
     """``value`` without the keys that hold times (see the module docstring)."""
     if isinstance(value, dict):
-        return {k: timeless(v) for k, v in value.items()
-                if not (k in ("generated_at", "latency_measured_at") or "seconds" in k or "latency" in k
-                        or k.endswith("_ms"))}
+        return {
+            k: timeless(v)
+            for k, v in value.items()
+            if not (
+                k in ("generated_at", "latency_measured_at") or "seconds" in k or "latency" in k or k.endswith("_ms")
+            )
+        }
     if isinstance(value, list):
         return [timeless(v) for v in value]
     return value
@@ -50,7 +54,11 @@ def main(argv: list[str]) -> int:
     found = differences(a, b)
     for line in found:
         print(line)
-    print(f"{len(found)} difference(s) outside times and latencies" if found else "same numbers (times and latencies aside)")
+    print(
+        f"{len(found)} difference(s) outside times and latencies"
+        if found
+        else "same numbers (times and latencies aside)"
+    )
     return 1 if found else 0
 
 

@@ -50,14 +50,18 @@ print(json.dumps({"rc": done.returncode, "seconds": time.perf_counter() - start,
                   "output": (done.stdout + done.stderr)[-400:],
                   "peak": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-       "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+    "OMP_NUM_THREADS": "1",
+}
 results: list[tuple[str, bool, str]] = []
 
 
 def measured(args: list[str], cwd: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", MEASURE, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, *args], cwd=cwd, env=ENV, capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout)
 
 
@@ -72,8 +76,12 @@ def record(what: str, ok: bool, detail: str) -> None:
 
 def refused_under_1gb(what: str, result: dict, expect: str) -> None:
     ok = result["rc"] == 2 and result["peak"] < GB and expect in result["output"]
-    record(what, ok, f"exit {result['rc']}, {result['seconds']:.1f} s, peak {result['peak'] / 2**20:,.0f} MiB"
-                     + ("" if ok else f"; output: {result['output']!r}"))
+    record(
+        what,
+        ok,
+        f"exit {result['rc']}, {result['seconds']:.1f} s, peak {result['peak'] / 2**20:,.0f} MiB"
+        + ("" if ok else f"; output: {result['output']!r}"),
+    )
 
 
 def yaml_bombs(work: Path) -> None:
@@ -91,8 +99,11 @@ def yaml_bombs(work: Path) -> None:
     for name, text in bombs.items():
         path = work / f"bomb-{name}.yaml"
         path.write_text(text, encoding="utf-8")
-        refused_under_1gb(f"YAML alias bomb ({len(text.encode())} bytes), kdc validate",
-                          measured(kdc("validate", path.name), work), "too big for a recipe")
+        refused_under_1gb(
+            f"YAML alias bomb ({len(text.encode())} bytes), kdc validate",
+            measured(kdc("validate", path.name), work),
+            "too big for a recipe",
+        )
 
 
 def bitmask_bomb(run: Path, work: Path) -> None:
@@ -114,12 +125,19 @@ def bitmask_bomb(run: Path, work: Path) -> None:
     code = f"from kdcompress.export import load_artifact; load_artifact({str(path)!r})"
     result = measured([sys.executable, "-c", code], work)
     ok = result["rc"] != 0 and "layout declares" in result["output"] and result["peak"] < GB
-    record(f"bitmask bomb ({size:,} bytes, 134M weights declared), load_artifact", ok,
-           f"refused (ArtifactError), {result['seconds']:.1f} s, peak {result['peak'] / 2**20:,.0f} MiB")
+    record(
+        f"bitmask bomb ({size:,} bytes, 134M weights declared), load_artifact",
+        ok,
+        f"refused (ArtifactError), {result['seconds']:.1f} s, peak {result['peak'] / 2**20:,.0f} MiB",
+    )
     result = measured(kdc("report", str(run.relative_to(work))), work)
     ok = result["rc"] == 0 and result["peak"] < GB  # the report shows the file as refused, as any replaced file
-    record("bitmask bomb, kdc report", ok, f"exit {result['rc']} (the artifact's row is refused), "
-                                           f"{result['seconds']:.1f} s, peak {result['peak'] / 2**20:,.0f} MiB")
+    record(
+        "bitmask bomb, kdc report",
+        ok,
+        f"exit {result['rc']} (the artifact's row is refused), "
+        f"{result['seconds']:.1f} s, peak {result['peak'] / 2**20:,.0f} MiB",
+    )
 
 
 def rewrite_manifest(path: Path) -> None:
@@ -144,8 +162,11 @@ def memo_bomb(run: Path, work: Path) -> None:
     ckpt["history"] = value
     ckpt["recipe"]["report"] = value
     save_checkpoint(path, ckpt)
-    refused_under_1gb("pickle memo bomb in a checkpoint (10**10 values once written out), kdc report",
-                      measured(kdc("report", str(run.relative_to(work))), work), "values once written out")
+    refused_under_1gb(
+        "pickle memo bomb in a checkpoint (10**10 values once written out), kdc report",
+        measured(kdc("report", str(run.relative_to(work))), work),
+        "values once written out",
+    )
 
 
 def planted_module(run: Path, work: Path) -> None:
@@ -153,8 +174,10 @@ def planted_module(run: Path, work: Path) -> None:
 
     marker = work / "pwned"
     for folder in (run, work):
-        (folder / "evil_mod.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
-                                            "def build(**kw):\n    raise SystemExit\n", encoding="utf-8")
+        (folder / "evil_mod.py").write_text(
+            f"import pathlib\npathlib.Path({str(marker)!r}).touch()\ndef build(**kw):\n    raise SystemExit\n",
+            encoding="utf-8",
+        )
     for stage, command in (("pruned", ["export", "--force"]), ("distilled", ["run"])):
         path = run / stage / "model.pt"
         ckpt = load_checkpoint(path)
@@ -162,13 +185,20 @@ def planted_module(run: Path, work: Path) -> None:
         save_checkpoint(path, ckpt)  # kdc's own writer: the manifest matches
         result = measured(kdc(command[0], str(run.relative_to(work)), *command[1:]), work)
         ok = result["rc"] == 2 and not marker.exists() and "but the recipe says 'mlp'" in result["output"]
-        record(f"planted evil_mod:build in {stage}/model.pt, kdc {command[0]} RUN", ok,
-               f"exit {result['rc']}, marker file {'created' if marker.exists() else 'never created'}")
+        record(
+            f"planted evil_mod:build in {stage}/model.pt, kdc {command[0]} RUN",
+            ok,
+            f"exit {result['rc']}, marker file {'created' if marker.exists() else 'never created'}",
+        )
 
 
 def two_writers(work: Path) -> None:
-    live = {**TINY, "run": {**TINY["run"], "name": "live"}, "teacher": {**TINY["teacher"], "epochs": 8},
-            "distill": {"epochs": 4, "temperature": 3}}
+    live = {
+        **TINY,
+        "run": {**TINY["run"], "name": "live"},
+        "teacher": {**TINY["teacher"], "epochs": 8},
+        "distill": {"epochs": 4, "temperature": 3},
+    }
     (work / "live.yaml").write_text(yaml.safe_dump(live), encoding="utf-8")
     run_dir = work / "runs" / "live"
     with open(work / "first.log", "w") as log:
@@ -178,14 +208,23 @@ def two_writers(work: Path) -> None:
             assert time.monotonic() < deadline, "the first run never wrote a resume state"
             time.sleep(0.05)
         started = time.perf_counter()
-        second = subprocess.run(kdc("run", "live.yaml", "--set", "distill.temperature=2"), cwd=work, env=ENV,
-                                capture_output=True, text=True, timeout=600)
+        second = subprocess.run(
+            kdc("run", "live.yaml", "--set", "distill.temperature=2"),
+            cwd=work,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         took = time.perf_counter() - started
         first_rc = first.wait(timeout=900)
     ok = second.returncode == 2 and "is writing" in second.stderr and first_rc == 0
-    record("two kdc run on one run directory", ok,
-           f"second exit {second.returncode} after {took:.1f} s ({second.stderr.strip().splitlines()[-1][:160]}); "
-           f"first exit {first_rc}")
+    record(
+        "two kdc run on one run directory",
+        ok,
+        f"second exit {second.returncode} after {took:.1f} s ({second.stderr.strip().splitlines()[-1][:160]}); "
+        f"first exit {first_rc}",
+    )
     epochs = {"teacher": 8, "student": 4, "distilled": 4, "pruned": 2}
     counts = {s: len((run_dir / s / "metrics.jsonl").read_text().splitlines()) for s in epochs}
     record("the first run's metrics.jsonl, lines per stage", counts == epochs, f"{counts} for epochs {epochs}")

@@ -95,8 +95,9 @@ def write_recipe(tmp_path):
     (for syntax errors and exact line numbers). ``where`` defaults to tmp_path.
     """
 
-    def _write(name: str = "recipe.yaml", changes: dict | None = None, text: str | None = None,
-               where: Path | None = None) -> Path:
+    def _write(
+        name: str = "recipe.yaml", changes: dict | None = None, text: str | None = None, where: Path | None = None
+    ) -> Path:
         folder = Path(where) if where is not None else tmp_path
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / name
@@ -238,11 +239,20 @@ print(json.dumps({"rc": done.returncode, "output": done.stdout + done.stderr,
 
 def kdc_in_child(*args: str, cwd: Path) -> dict:
     """``kdc ARGS`` in a child process: its exit code, its output and its peak RSS in KiB."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(kdcompress.__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-    ))
-    done = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "kdcompress", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(kdcompress.__file__).resolve().parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        ),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, sys.executable, "-m", "kdcompress", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(done.stdout)
 
 
@@ -255,7 +265,9 @@ def exported_run(fresh_run, tiny_recipe_text, kdc):
     work, _ = fresh_run(tiny_recipe_text, "exported", "run")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        result = kdc("export", "runs/tiny", *[arg for fmt in ("sparse", "shared", "int8", "onnx") for arg in ("--format", fmt)])
+        result = kdc(
+            "export", "runs/tiny", *[arg for fmt in ("sparse", "shared", "int8", "onnx") for arg in ("--format", fmt)]
+        )
     assert result.exit_code == 0, result.output
     return work / "runs" / "tiny"
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import rewrite_manifest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import rewrite_manifest
 from kdcompress.checkpoint import load_checkpoint, save_checkpoint
 from kdcompress.errors import KdcError
 from kdcompress.export import load_artifact
@@ -43,7 +43,9 @@ ARTIFACTS = {
 KDCA = ("sparse", "shared")
 HEADER_BYTES = 14  # KDCA header: magic, version, codec, raw size, CRC
 FUZZ = settings(
-    max_examples=150, deadline=None, database=None,
+    max_examples=150,
+    deadline=None,
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -179,7 +181,10 @@ def test_mutated_safetensors_payloads_are_loaded_or_refused(sandbox, fmt, change
 # --------------------------------------------------------------------------- structures: layout, arch, graph, checkpoint
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**40), 2**40)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
@@ -187,7 +192,11 @@ json_values = st.recursive(
 dims = st.lists(st.one_of(st.integers(0, 40), st.integers(0, 2**62)), max_size=4)
 layout_entries = st.one_of(
     json_values,
-    st.tuples(st.sampled_from(["d", "s", "k", "x"]), st.sampled_from(["float32", "float16", "float64", "int64", "bool", "complex"]), dims).map(list),
+    st.tuples(
+        st.sampled_from(["d", "s", "k", "x"]),
+        st.sampled_from(["float32", "float16", "float64", "int64", "bool", "complex"]),
+        dims,
+    ).map(list),
 )
 
 
@@ -207,7 +216,9 @@ def test_mutated_kdca_layouts_and_metadata_are_loaded_or_refused(sandbox, fmt, d
         key = data.draw(st.sampled_from(["model", "args", "num_classes", "input_shape", "extra"]), label="arch key")
         meta["arch"][key] = data.draw(st.one_of(json_values, st.just({"hidden": [7]}), st.just("cnn")), label="value")
     elif target == "meta":
-        key = data.draw(st.sampled_from(["format", "options", "preprocess", "structure", "layout", "arch"]), label="key")
+        key = data.draw(
+            st.sampled_from(["format", "options", "preprocess", "structure", "layout", "arch"]), label="key"
+        )
         meta[key] = data.draw(json_values, label="value")
     else:
         name = data.draw(st.sampled_from(sorted(tensors)), label="tensor")
@@ -268,11 +279,13 @@ def load_checkpoint_or_refuse(run: Path, blob: bytes) -> str:
 
 
 @FUZZ
-@given(data=st.one_of(
-    st.binary(max_size=1024),
-    st.tuples(st.floats(0, 1, exclude_max=True), st.none()),
-    st.tuples(st.none(), edits),
-))
+@given(
+    data=st.one_of(
+        st.binary(max_size=1024),
+        st.tuples(st.floats(0, 1, exclude_max=True), st.none()),
+        st.tuples(st.none(), edits),
+    )
+)
 def test_random_truncated_and_flipped_checkpoints_are_loaded_or_refused(sandbox, data):
     run, originals = sandbox
     if isinstance(data, bytes):
@@ -299,7 +312,9 @@ def test_checkpoints_with_mutated_entries_are_loaded_or_refused(sandbox, data, t
         key = data.draw(st.sampled_from(["model", "args", "num_classes", "input_shape"]), label="arch key")
         payload["arch"] = {**payload["arch"], key: data.draw(json_values, label="value")}
     elif section == "top":
-        key = data.draw(st.sampled_from(["arch", "state_dict", "structure", "preprocess", "dataset", "metrics"]), label="key")
+        key = data.draw(
+            st.sampled_from(["arch", "state_dict", "structure", "preprocess", "dataset", "metrics"]), label="key"
+        )
         payload[key] = data.draw(json_values, label="value")
     elif section == "state_dict":
         name = data.draw(st.sampled_from(sorted(payload["state_dict"])), label="tensor")

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import rewrite_manifest
+
 from kdcompress.checkpoint import confined_path, manifest_path, save_checkpoint
 from kdcompress.errors import ArtifactError, CheckpointError
 
@@ -71,21 +71,27 @@ def malicious_onnx(placement: str, meta_from: bytes) -> bytes:
         helper.make_node("MatMul", ["flat", "W"], ["mm"]),
         helper.make_node("Add", ["mm", "B"], ["logits"]),
     ]
-    initializers = [helper.make_tensor("W", TensorProto.FLOAT, [784, 10], np.zeros(7840, np.float32).tobytes(), raw=True)]
+    initializers = [
+        helper.make_tensor("W", TensorProto.FLOAT, [784, 10], np.zeros(7840, np.float32).tobytes(), raw=True)
+    ]
     sparse_initializers, functions = [], []
     if placement == "sparse_initializer":
         sparse = _sparse_secret("B")
         sparse_initializers.append(sparse)
     elif placement == "sparse_initializer_indices":
         values = helper.make_tensor("B", TensorProto.FLOAT, [10], SECRET_VALUES.tolist())
-        sparse_initializers.append(helper.make_sparse_tensor(values, _external("B_indices", [10], TensorProto.INT64), [10]))
+        sparse_initializers.append(
+            helper.make_sparse_tensor(values, _external("B_indices", [10], TensorProto.INT64), [10])
+        )
     elif placement == "constant_sparse_value":
         nodes.insert(0, helper.make_node("Constant", [], ["B"], sparse_value=_sparse_secret()))
     elif placement == "constant_value":
         nodes.insert(0, helper.make_node("Constant", [], ["B"], value=_external("leak", [10])))
     elif placement == "if_subgraph":
         branch = lambda tag: helper.make_graph(  # noqa: E731
-            [helper.make_node("Constant", [], [f"B_{tag}"], sparse_value=_sparse_secret(f"leak_{tag}"))], tag, [],
+            [helper.make_node("Constant", [], [f"B_{tag}"], sparse_value=_sparse_secret(f"leak_{tag}"))],
+            tag,
+            [],
             [helper.make_tensor_value_info(f"B_{tag}", TensorProto.FLOAT, [10])],
         )
         initializers.append(helper.make_tensor("yes", TensorProto.BOOL, [], [True]))
@@ -97,9 +103,12 @@ def malicious_onnx(placement: str, meta_from: bytes) -> bytes:
     else:
         raise AssertionError(placement)
     graph = helper.make_graph(
-        nodes, "leak", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        nodes,
+        "leak",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        initializer=initializers, sparse_initializer=sparse_initializers,
+        initializer=initializers,
+        sparse_initializer=sparse_initializers,
     )
     opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("kdc.test", 1)] if functions else [])
     model = helper.make_model(graph, opset_imports=opsets, ir_version=8, functions=functions)
@@ -107,8 +116,14 @@ def malicious_onnx(placement: str, meta_from: bytes) -> bytes:
     return model.SerializeToString()
 
 
-PLACEMENTS = ["sparse_initializer", "constant_sparse_value", "if_subgraph", "function", "constant_value",
-              "sparse_initializer_indices"]
+PLACEMENTS = [
+    "sparse_initializer",
+    "constant_sparse_value",
+    "if_subgraph",
+    "function",
+    "constant_value",
+    "sparse_initializer_indices",
+]
 
 
 @pytest.fixture
@@ -157,7 +172,9 @@ def test_onnxruntime_sessions_cannot_resolve_external_data_against_the_working_d
 
 
 def test_external_tensors_names_each_place_it_found():
-    graph_with_leak = malicious_onnx("if_subgraph", helper.make_model(helper.make_graph([], "g", [], [])).SerializeToString())
+    graph_with_leak = malicious_onnx(
+        "if_subgraph", helper.make_model(helper.make_graph([], "g", [], [])).SerializeToString()
+    )
     found = [(where, t.name) for where, t in external_tensors(onnx.load_model_from_string(graph_with_leak))]
     assert sorted(found) == [
         ("graph.node[0].attribute[0].g.node[0].attribute[0].sparse_tensor.values", "leak_else"),
@@ -177,7 +194,7 @@ def test_every_kdc_export_holds_no_external_data(exported_run):
 
 # The child reports VmHWM, the peak resident memory of its own address space: getrusage's ru_maxrss survives
 # fork and exec, so a child of the test process (which has trained a run) would report the test process's peak.
-CHILD = textwrap.dedent('''
+CHILD = textwrap.dedent("""
     import json, sys
     from kdcompress.errors import KdcError
     kind, path = sys.argv[1], sys.argv[2]
@@ -194,7 +211,7 @@ CHILD = textwrap.dedent('''
     with open("/proc/self/status") as fh:
         peak_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
     print(json.dumps({"outcome": outcome, "peak_bytes": peak_kb * 1024}))
-''')
+""")
 
 
 def load_in_child(kind: str, path: Path) -> dict:
@@ -202,8 +219,9 @@ def load_in_child(kind: str, path: Path) -> dict:
     if not Path("/proc/self/status").is_file():
         pytest.skip("peak memory is read from /proc (Linux)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", CHILD, kind, str(path)], capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, str(path)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -242,8 +260,16 @@ def test_a_huge_architecture_named_by_a_small_checkpoint_is_refused_before_it_is
     from kdcompress.models import model_spec
 
     path = tmp_path / "teacher" / "model.pt"
-    save_checkpoint(path, {"stage": "teacher", "arch": model_spec("mlp", {"hidden": [200_000]}, 10, (1, 28, 28)),
-                           "state_dict": {}, "metrics": {"test_accuracy": 0.9}, "dataset": "fashion-mnist-mini"})
+    save_checkpoint(
+        path,
+        {
+            "stage": "teacher",
+            "arch": model_spec("mlp", {"hidden": [200_000]}, 10, (1, 28, 28)),
+            "state_dict": {},
+            "metrics": {"test_accuracy": 0.9},
+            "dataset": "fashion-mnist-mini",
+        },
+    )
     assert path.stat().st_size < 3_000
     result = load_in_child("checkpoint", path)
     assert result["outcome"].startswith("refused:") and "architecture it names" in result["outcome"], result
@@ -288,8 +314,12 @@ def constant_bomb_onnx(meta_from: bytes) -> bytes:
     """A 2 KB classifier whose graph holds a ConstantOfShape of 200M floats (800 MB), summed into the logits."""
     shape = helper.make_tensor("shape", TensorProto.INT64, [1], [200_000_000])
     nodes = [
-        helper.make_node("ConstantOfShape", ["shape"], ["big"], value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])),
-        helper.make_node("ConstantOfShape", ["w_shape"], ["W"], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])),
+        helper.make_node(
+            "ConstantOfShape", ["shape"], ["big"], value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+        ),
+        helper.make_node(
+            "ConstantOfShape", ["w_shape"], ["W"], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
+        ),
         helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
         helper.make_node("Flatten", ["input"], ["flat"]),
         helper.make_node("MatMul", ["flat", "W"], ["mm"]),
@@ -297,8 +327,11 @@ def constant_bomb_onnx(meta_from: bytes) -> bytes:
     ]
     initializers = [shape, helper.make_tensor("w_shape", TensorProto.INT64, [2], [784, 10])]
     graph = helper.make_graph(
-        nodes, "bomb", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], initializer=initializers,
+        nodes,
+        "bomb",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     model.metadata_props.extend(onnx.load_model_from_string(meta_from).metadata_props)
@@ -345,11 +378,21 @@ def test_an_artifacts_row_that_leads_out_of_the_run_is_refused_by_the_report(how
     assert refused.get("bytes") is None  # nothing of the other run's file was read into this run's report
 
 
-@pytest.mark.parametrize("rel, ok", [
-    ("export/a.kdca", True), ("a", True), ("./export/a", True),
-    ("/etc/passwd", False), ("../x", False), ("export/../../x", False), ("", False), (None, False), (["a"], False),
-    ("a\0b", False),
-])
+@pytest.mark.parametrize(
+    "rel, ok",
+    [
+        ("export/a.kdca", True),
+        ("a", True),
+        ("./export/a", True),
+        ("/etc/passwd", False),
+        ("../x", False),
+        ("export/../../x", False),
+        ("", False),
+        (None, False),
+        (["a"], False),
+        ("a\0b", False),
+    ],
+)
 def test_confined_path_keeps_paths_inside_the_run_directory(tmp_path, rel, ok):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -159,7 +159,10 @@ def test_changed_prune_value_reruns_only_pruned(copied_run, kdc):
     assert "pruned: training on" in out
     after = digests(copied_run)
     assert {s: after[s] == before[s] for s in STAGES} == {
-        "teacher": True, "student": True, "distilled": True, "pruned": False
+        "teacher": True,
+        "student": True,
+        "distilled": True,
+        "pruned": False,
     }
     report = json.loads((copied_run / RUN / "report.json").read_text())
     pruned = [r for r in report["stages"] if r["stage"] == "pruned"][0]
@@ -210,8 +213,17 @@ def test_report_on_missing_dir(kdc, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["run", "--help"], ["train-teacher", "--help"], ["train-student", "--help"],
-             ["distill", "--help"], ["prune", "--help"], ["report", "--help"], ["validate", "--help"]],
+    "args",
+    [
+        ["--help"],
+        ["run", "--help"],
+        ["train-teacher", "--help"],
+        ["train-student", "--help"],
+        ["distill", "--help"],
+        ["prune", "--help"],
+        ["report", "--help"],
+        ["validate", "--help"],
+    ],
     ids=lambda a: " ".join(a),
 )
 def test_help_has_an_example(kdc, args):

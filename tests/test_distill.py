@@ -110,7 +110,9 @@ def test_alpha_one_is_soft_term(seed):
     assert float(got) == pytest.approx(soft_target_loss(s, t, 4.0).item(), rel=1e-12)
     assert float(got) == pytest.approx(16.0 * hand_kl(s, t, 4.0).item(), rel=1e-10)
     # the labels play no part
-    assert float(kd_loss(s, t, (y + 1) % s.shape[1], temperature=4.0, alpha=1.0)) == pytest.approx(float(got), rel=1e-12)
+    assert float(kd_loss(s, t, (y + 1) % s.shape[1], temperature=4.0, alpha=1.0)) == pytest.approx(
+        float(got), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])

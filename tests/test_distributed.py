@@ -9,13 +9,26 @@ import pytest
 import torch
 
 # Shortened quickstart so the test stays in CI's budget; the recipe, data and models are the quickstart's.
-SHORTER = ["--set", "teacher.epochs=2", "--set", "distill.epochs=4", "--set", "prune.epochs=4", "--set", "report.latency=false"]
+SHORTER = [
+    "--set",
+    "teacher.epochs=2",
+    "--set",
+    "distill.epochs=4",
+    "--set",
+    "prune.epochs=4",
+    "--set",
+    "report.latency=false",
+]
 
 
 def kdc(cwd, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [sys.executable, "-m", "kdcompress", "run", *SHORTER, *args], cwd=cwd, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "kdcompress", "run", *SHORTER, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=600,
     )
 
@@ -30,11 +43,25 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # one set of outputs: one report, one checkpoint per stage, one line per epoch in the metrics
     run = tmp_path / "runs" / "double"
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        [".kdc.lock", "cache", "distilled", "kdc-run.json", "pruned", "recipe.yaml", "report.html", "report.json",
-         "report.md", "student", "teacher"]
+        [
+            ".kdc.lock",
+            "cache",
+            "distilled",
+            "kdc-run.json",
+            "pruned",
+            "recipe.yaml",
+            "report.html",
+            "report.json",
+            "report.md",
+            "student",
+            "teacher",
+        ]
     )
     assert (run / ".kdc.lock").read_text() == ""  # rank 0 held the run directory's lock, and let it go
-    assert [json.loads(l)["epoch"] for l in (run / "teacher" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["epoch"] for line in (run / "teacher" / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+    ]
     assert double.stdout.count("kdc report") == 1
     ckpt = torch.load(run / "pruned" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])  # DDP's wrapper is not saved

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from kdcompress import pipeline
 from kdcompress.distill import LOSSES, dkd_loss, dkd_warmup_factor, get_loss, kd_loss, loss_name_problem
@@ -30,6 +29,7 @@ def hand_parts(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, T: float) -> t
     """(TCKD, NCKD) from the paper's definitions, float64, batch mean, without T^2."""
     tckd = nckd = 0.0
     for si, ti, yi in zip(s.double().tolist(), t.double().tolist(), y.tolist()):
+
         def probs(z):
             m = max(z)
             e = [math.exp((v - m) / T) for v in z]
@@ -81,7 +81,11 @@ def test_dkd_matches_the_papers_reference_code_on_moderate_logits():
     ps, pt = F.softmax(s / T, 1), F.softmax(t / T, 1)
     cat = lambda p: torch.stack([(p * gt).sum(1), (p * ~gt).sum(1)], 1)  # noqa: E731
     tckd = F.kl_div(torch.log(cat(ps)), cat(pt), reduction="sum") * T**2 / len(y)
-    nckd = F.kl_div(F.log_softmax(s / T - 1000.0 * gt, 1), F.softmax(t / T - 1000.0 * gt, 1), reduction="sum") * T**2 / len(y)
+    nckd = (
+        F.kl_div(F.log_softmax(s / T - 1000.0 * gt, 1), F.softmax(t / T - 1000.0 * gt, 1), reduction="sum")
+        * T**2
+        / len(y)
+    )
     expected = alpha * tckd + beta * nckd
     assert dkd_loss(s, t, y, alpha, beta, T).item() == pytest.approx(expected.item(), rel=1e-9)
 
@@ -112,9 +116,18 @@ def test_dkd_refuses_mismatched_shapes_and_float_targets():
         dkd_loss(s, t, y.double())
 
 
-@pytest.mark.parametrize("epoch, warmup, factor", [
-    (0, 20, 1 / 20), (9, 20, 10 / 20), (19, 20, 1.0), (30, 20, 1.0), (0, 2, 0.5), (1, 2, 1.0), (0, 0, 1.0),
-])
+@pytest.mark.parametrize(
+    "epoch, warmup, factor",
+    [
+        (0, 20, 1 / 20),
+        (9, 20, 10 / 20),
+        (19, 20, 1.0),
+        (30, 20, 1.0),
+        (0, 2, 0.5),
+        (1, 2, 1.0),
+        (0, 0, 1.0),
+    ],
+)
 def test_warmup_factor_rises_linearly_then_stays_at_one(epoch, warmup, factor):
     assert dkd_warmup_factor(epoch, warmup) == pytest.approx(factor)
 
@@ -149,14 +162,20 @@ def test_the_new_keys_at_their_defaults_leave_every_fingerprint_as_it_was(tiny_r
     resolved = recipe_to_dict(parse_recipe(tiny_recipe_text))
     for stage in STAGES:
         inputs = stage.inputs(resolved)
-        assert not {"distill.loss", "distill.dkd_alpha", "distill.dkd_beta", "distill.dkd_warmup",
-                    "distill.loss_args"} & set(inputs), stage.name
+        assert not {
+            "distill.loss",
+            "distill.dkd_alpha",
+            "distill.dkd_beta",
+            "distill.dkd_warmup",
+            "distill.loss_args",
+        } & set(inputs), stage.name
 
 
 def test_dkd_keys_retrain_the_stages_that_use_them(tiny_recipe_text):
     base = recipe_to_dict(parse_recipe(tiny_recipe_text, overrides=["distill.loss=dkd"]))
     inputs = lambda overrides, stage: stage_named(stage).inputs(  # noqa: E731
-        recipe_to_dict(parse_recipe(tiny_recipe_text, overrides=["distill.loss=dkd", *overrides])))
+        recipe_to_dict(parse_recipe(tiny_recipe_text, overrides=["distill.loss=dkd", *overrides]))
+    )
     assert stage_named("distilled").inputs(base)["distill.loss"] == "dkd"
     assert stage_named("pruned").inputs(base)["distill.loss"] == "dkd"
     assert inputs(["distill.dkd_beta=2"], "distilled") != stage_named("distilled").inputs(base)
@@ -166,15 +185,18 @@ def test_dkd_keys_retrain_the_stages_that_use_them(tiny_recipe_text):
     assert inputs(["distill.dkd_warmup=3"], "pruned") == stage_named("pruned").inputs(base)
 
 
-@pytest.mark.parametrize("changes, key, words", [
-    ({"dkd_beta": 4.0}, "distill.dkd_beta", "set distill.loss: dkd"),
-    ({"dkd_warmup": 5}, "distill.dkd_warmup", "set distill.loss: dkd"),
-    ({"loss": "dkd", "alpha": 0.9}, "distill.alpha", "cross-entropy keeps weight 1"),
-    ({"loss_args": {"w": 1}}, "distill.loss_args", "package.module:function"),
-    ({"loss": "dkdd"}, "distill.loss", "did you mean 'dkd'"),
-    ({"loss": "no_such_losses_mod:fn"}, "distill.loss", "cannot import 'no_such_losses_mod'"),
-    ({"loss": "no colon"}, "distill.loss", "unknown loss"),
-])
+@pytest.mark.parametrize(
+    "changes, key, words",
+    [
+        ({"dkd_beta": 4.0}, "distill.dkd_beta", "set distill.loss: dkd"),
+        ({"dkd_warmup": 5}, "distill.dkd_warmup", "set distill.loss: dkd"),
+        ({"loss": "dkd", "alpha": 0.9}, "distill.alpha", "cross-entropy keeps weight 1"),
+        ({"loss_args": {"w": 1}}, "distill.loss_args", "package.module:function"),
+        ({"loss": "dkdd"}, "distill.loss", "did you mean 'dkd'"),
+        ({"loss": "no_such_losses_mod:fn"}, "distill.loss", "cannot import 'no_such_losses_mod'"),
+        ({"loss": "no colon"}, "distill.loss", "unknown loss"),
+    ],
+)
 def test_bad_loss_settings_are_one_clear_recipe_error(in_tmp, write_recipe, kdc, changes, key, words):
     path = write_recipe(changes={"distill": changes})
     result = kdc("run", path)
@@ -212,7 +234,7 @@ def test_kdc_run_with_dkd_trains_from_the_teacher_cache(in_tmp, write_recipe, kd
     assert "DKD T=4.0 alpha=1.0 beta=8.0, warm-up 2 epochs" in kdc.flat(result)
 
 
-USER_LOSS = '''
+USER_LOSS = """
 import json
 import torch.nn.functional as F
 
@@ -230,17 +252,20 @@ def soft_mse(student_logits, teacher_logits, targets, args):
 
 def not_scalar(student_logits, teacher_logits, targets, args):
     return (student_logits - teacher_logits) ** 2
-'''
+"""
 
 
 @pytest.mark.parametrize("crop", [0, 2], ids=["cached-teacher", "online-teacher"])
 def test_a_users_loss_beside_the_recipe_runs_end_to_end(tmp_path, monkeypatch, write_recipe, kdc, crop):
     module = f"kdc_test_losses_{crop}"  # a new module name per case: Python caches imports
     folder = tmp_path / "experiment"
-    path = write_recipe(where=folder, changes={
-        "data": {"crop_padding": crop},
-        "distill": {"loss": f"{module}:soft_mse", "loss_args": {"w": 0.5}},
-    })
+    write_recipe(
+        where=folder,
+        changes={
+            "data": {"crop_padding": crop},
+            "distill": {"loss": f"{module}:soft_mse", "loss_args": {"w": 0.5}},
+        },
+    )
     (folder / f"{module}.py").write_text(USER_LOSS)
     monkeypatch.chdir(tmp_path)  # the module is found beside the recipe, not in the working directory
     kdc.assert_clean_exit(kdc("train-teacher", "experiment/recipe.yaml"), 0)

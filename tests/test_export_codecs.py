@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import kdcompress
@@ -46,7 +47,10 @@ def _pruned(spec: dict, sparsity: float, seed: int = 0) -> tuple[nn.Module, dict
     MagnitudePruner(model, rate=0.5, target_sparsity=sparsity).prune_to(sparsity)
     model.eval()
     source = {
-        "arch": spec, "state_dict": model.state_dict(), "stage": "pruned", "metrics": {},
+        "arch": spec,
+        "state_dict": model.state_dict(),
+        "stage": "pruned",
+        "metrics": {},
         "preprocess": preprocess_info("fashion-mnist", spec["input_shape"]),
     }
     return model, source
@@ -119,7 +123,13 @@ def test_sparse_fp16_refuses_values_fp16_cannot_hold(mlp):
 
 @pytest.mark.parametrize(
     "codec, options",
-    [(sparse, {"dtype": "int8"}), (sparse, {"bits": 4}), (shared, {"bits": 9}), (shared, {"bits": 4.0}), (shared, {"codec": "gzip"})],
+    [
+        (sparse, {"dtype": "int8"}),
+        (sparse, {"bits": 4}),
+        (shared, {"bits": 9}),
+        (shared, {"bits": 4.0}),
+        (shared, {"codec": "gzip"}),
+    ],
 )
 def test_bad_options_are_refused(mlp, codec, options):
     with pytest.raises(ValueError, match="option"):
@@ -219,7 +229,9 @@ def test_structured_pruned_cnn_round_trips():
     blob, _ = shared.encode(model, source, {"bits": 6}, [])
     rebuilt, _ = shared.decode(blob)
     assert rebuilt.features[0].out_channels == 4
-    assert torch.equal(rebuilt.state_dict()["features.1.num_batches_tracked"], model.state_dict()["features.1.num_batches_tracked"])
+    assert torch.equal(
+        rebuilt.state_dict()["features.1.num_batches_tracked"], model.state_dict()["features.1.num_batches_tracked"]
+    )
     with torch.no_grad():
         assert torch.allclose(model(x), rebuilt(x), atol=0.1)
 
@@ -367,7 +379,9 @@ def test_damaged_layout_is_refused(mlp):
 # -- a fresh process
 
 
-@pytest.mark.parametrize("fmt, options", [("sparse", {"dtype": "fp32"}), ("sparse", {"dtype": "fp16"}), ("shared", {"bits": 4})])
+@pytest.mark.parametrize(
+    "fmt, options", [("sparse", {"dtype": "fp32"}), ("sparse", {"dtype": "fp16"}), ("shared", {"bits": 4})]
+)
 def test_each_format_decodes_in_a_fresh_process(tmp_path, mlp, fmt, options):
     model, source = mlp
     blob, _ = CODECS[fmt].encode(model, source, options, [])
@@ -389,7 +403,9 @@ def test_each_format_decodes_in_a_fresh_process(tmp_path, mlp, fmt, options):
     )
     root = str(Path(kdcompress.__file__).resolve().parents[1])  # this checkout's kdcompress, not an installed one
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "fashion-mnist"
     assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True), expected)

@@ -25,7 +25,8 @@ pytest.importorskip("onnxscript")
 
 from kdcompress.data import load_data  # noqa: E402
 from kdcompress.errors import ArtifactError, KdcError, ModelError  # noqa: E402
-from kdcompress.export import int8, onnx as onnx_format  # noqa: E402
+from kdcompress.export import int8  # noqa: E402
+from kdcompress.export import onnx as onnx_format
 from kdcompress.models import SmallCNN, model_spec  # noqa: E402
 from kdcompress.recipe import DataSection  # noqa: E402
 
@@ -245,7 +246,7 @@ def test_decode_in_a_fresh_process(fmt, encoded, calibration, tmp_path):
     code = textwrap.dedent(
         f"""
         import json, sys, torch
-        from kdcompress.export import {fmt if fmt == 'int8' else 'onnx'} as codec
+        from kdcompress.export import {fmt if fmt == "int8" else "onnx"} as codec
         model, preprocess = codec.decode(open(sys.argv[1], 'rb').read())
         x = torch.load(sys.argv[2], weights_only=True)
         print(json.dumps({{"logits": model(x).tolist(), "dataset": preprocess["dataset"]}}))
@@ -253,7 +254,11 @@ def test_decode_in_a_fresh_process(fmt, encoded, calibration, tmp_path):
     )
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-c", code, str(path), str(tmp_path / "x.pt")], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", code, str(path), str(tmp_path / "x.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -291,7 +296,11 @@ def test_bad_bytes_are_refused_without_running_anything(fmt, kind, encoded, tmp_
         torch.save({"format": fmt, "model": Payload(marker)}, buffer)
         blob = buffer.getvalue()
     elif kind == "random":
-        blob = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+        blob = (
+            torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+            .numpy()
+            .tobytes()
+        )
     elif kind == "empty":
         blob = b""
     elif kind == "truncated-early":

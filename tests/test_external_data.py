@@ -9,7 +9,7 @@ from kdcompress.data import Augment, LoaderData, load_data
 from kdcompress.errors import DataError
 from kdcompress.recipe import DataSection
 
-FACTORY = '''
+FACTORY = """
 import torch
 from torch.utils.data import TensorDataset
 
@@ -23,7 +23,7 @@ def build(n_train=300, n_test=90):
 
 def not_a_dataset():
     return 42
-'''
+"""
 
 
 @pytest.fixture
@@ -40,7 +40,14 @@ def test_user_dataset_batches_cover_each_sample_once(user_data):
     seen = [idx for _, _, idx in splits.train.batches(64, shuffle=True, generator=torch.Generator().manual_seed(1))]
     assert torch.equal(torch.sort(torch.cat(seen)).values, torch.arange(300))
     shards = [
-        torch.cat([i for _, _, i in splits.train.batches(32, shuffle=True, generator=torch.Generator().manual_seed(1), shard=(r, 2))])
+        torch.cat(
+            [
+                i
+                for _, _, i in splits.train.batches(
+                    32, shuffle=True, generator=torch.Generator().manual_seed(1), shard=(r, 2)
+                )
+            ]
+        )
         for r in (0, 1)
     ]
     assert len(shards[0]) == len(shards[1]) == 150
@@ -118,7 +125,7 @@ def test_run_on_user_dataset_and_imagefolder(user_data, tmp_path, kdc, monkeypat
     assert any((tmp_path / "runs" / "user" / "cache").iterdir())
 
 
-MINI_AS_USER_DATASET = '''
+MINI_AS_USER_DATASET = """
 from torch.utils.data import TensorDataset
 from kdcompress.data import load_data
 from kdcompress.recipe import DataSection
@@ -127,7 +134,7 @@ def build():
     s = load_data(DataSection(dataset="fashion-mnist-mini"), seed=0)
     return {"train": TensorDataset(s.train.normalise(s.train.images), s.train.labels),
             "test": TensorDataset(s.test.normalise(s.test.images), s.test.labels), "num_classes": 10}
-'''
+"""
 
 
 def test_in_memory_and_dataloader_paths_train_alike(tmp_path, monkeypatch):
@@ -147,8 +154,15 @@ def test_in_memory_and_dataloader_paths_train_alike(tmp_path, monkeypatch):
         splits = load_data(DataSection(dataset=name, workers=0), seed=0)
         torch.manual_seed(0)
         model = MLP(input_shape=(1, 28, 28), num_classes=10, hidden=(32,))
-        history = fit(model, lambda logits, y, idx, x: torch.nn.functional.cross_entropy(logits, y), splits, settings,
-                      batch_size=128, seed=0, console=Console(stderr=True, quiet=True))
+        history = fit(
+            model,
+            lambda logits, y, idx, x: torch.nn.functional.cross_entropy(logits, y),
+            splits,
+            settings,
+            batch_size=128,
+            seed=0,
+            console=Console(stderr=True, quiet=True),
+        )
         assert history[-1]["train_accuracy"] > 0.6  # it learnt something
         accuracy[name] = evaluate(model, splits.test, 1000, torch.device("cpu"))["accuracy"]
     assert isinstance(load_data(DataSection(dataset="mini_as_user:build", workers=0), seed=0).train, LoaderData)

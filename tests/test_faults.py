@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import working_copy
+
 from kdcompress.checkpoint import save_state
 from kdcompress.errors import CheckpointError
 
@@ -90,8 +90,7 @@ def teacher_run(teacher_done, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- the report files, as a set
 
 
-def test_a_full_disk_while_writing_the_report_keeps_all_three_previous_files_and_says_so(teacher_run, kdc,
-                                                                                         monkeypatch):
+def test_a_full_disk_while_writing_the_report_keeps_all_three_previous_files_and_says_so(teacher_run, kdc, monkeypatch):
     run = teacher_run / RUN
     previous = {name: f"the previous {name}\n" for name in REPORT_FILES}
     for name, text in previous.items():
@@ -134,8 +133,9 @@ def test_an_interrupted_rerun_of_a_stage_leaves_its_previous_metrics_jsonl(teach
     assert (stage / "metrics.jsonl").read_bytes() == before  # still the checkpoint's epochs, not the failed run's
 
 
-def test_a_rerun_whose_checkpoint_cannot_be_saved_leaves_the_previous_checkpoint_and_metrics(teacher_run, kdc,
-                                                                                             monkeypatch):
+def test_a_rerun_whose_checkpoint_cannot_be_saved_leaves_the_previous_checkpoint_and_metrics(
+    teacher_run, kdc, monkeypatch
+):
     stage = teacher_run / RUN / "teacher"
     before = {name: (stage / name).read_bytes() for name in ("model.pt", "model.pt.manifest.json", "metrics.jsonl")}
     full_disk(monkeypatch, ".model.pt.")
@@ -178,8 +178,7 @@ def _interrupt(*args, **kwargs):
 
 
 @pytest.mark.parametrize("command", ["export", "report"])
-def test_ctrl_c_in_export_or_report_gives_advice_that_fits_the_command(command, in_tmp, write_recipe, kdc,
-                                                                       monkeypatch):
+def test_ctrl_c_in_export_or_report_gives_advice_that_fits_the_command(command, in_tmp, write_recipe, kdc, monkeypatch):
     import kdcompress.export
     import kdcompress.report
 

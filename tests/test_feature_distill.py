@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 import yaml
-
 from conftest import TINY_RECIPE, _deep_merge
+
 from kdcompress.checkpoint import load_checkpoint
 
 RUN = "runs/tiny"
@@ -89,8 +89,9 @@ def test_feature_terms_change_the_distilled_student(at_run, kdc, monkeypatch):
     assert not torch.equal(plain["features.0.weight"], with_features["features.0.weight"])
 
 
-def test_interrupted_hint_distillation_resumes_to_the_same_weights(hint_run, in_tmp, kdc, fail_training,
-                                                                   checkpoints_equal):
+def test_interrupted_hint_distillation_resumes_to_the_same_weights(
+    hint_run, in_tmp, kdc, fail_training, checkpoints_equal
+):
     (in_tmp / "recipe.yaml").write_text(recipe_text(HINT), encoding="utf-8")
     fired = fail_training("distilled", epoch=2, batch=5)
     first = kdc("run", "recipe.yaml")
@@ -147,8 +148,9 @@ def test_no_feature_terms_keeps_the_distilled_fingerprint_inputs():
 
     plain = _stage_inputs(recipe_to_dict(recipe_from_dict(TINY_RECIPE)), "distilled")
     assert not any("features" in key for key in plain)
-    with_terms = _stage_inputs(recipe_to_dict(recipe_from_dict(_deep_merge(TINY_RECIPE, {"distill": {"features": HINT}}))),
-                               "distilled")
+    with_terms = _stage_inputs(
+        recipe_to_dict(recipe_from_dict(_deep_merge(TINY_RECIPE, {"distill": {"features": HINT}}))), "distilled"
+    )
     assert with_terms["distill.features"] == [dict(HINT[0])]
 
 

@@ -72,14 +72,25 @@ def test_hint_loss_matches_a_hand_computation_and_gradchecks():
     adapter = make_adapter(s, t).double()
     assert isinstance(adapter, nn.Conv2d) and adapter.weight.shape == (5, 3, 1, 1)
     w, sd = adapter.weight.detach()[:, :, 0, 0], s.detach()
-    mapped = [[[[sum(float(w[o, c]) * float(sd[n, c, y, x]) for c in range(3)) for x in range(2)] for y in range(2)]
-               for o in range(5)] for n in range(2)]
-    want = sum((mapped[n][o][y][x] - float(t[n, o, y, x])) ** 2
-               for n in range(2) for o in range(5) for y in range(2) for x in range(2)) / (2 * 5 * 2 * 2)
+    mapped = [
+        [
+            [[sum(float(w[o, c]) * float(sd[n, c, y, x]) for c in range(3)) for x in range(2)] for y in range(2)]
+            for o in range(5)
+        ]
+        for n in range(2)
+    ]
+    want = sum(
+        (mapped[n][o][y][x] - float(t[n, o, y, x])) ** 2
+        for n in range(2)
+        for o in range(5)
+        for y in range(2)
+        for x in range(2)
+    ) / (2 * 5 * 2 * 2)
     assert hint_loss(s, t, adapter).item() == pytest.approx(want, rel=1e-12)
     weight = adapter.weight
-    assert torch.autograd.gradcheck(lambda x, wt: torch.nn.functional.mse_loss(
-        torch.nn.functional.conv2d(x, wt), t), (s, weight))
+    assert torch.autograd.gradcheck(
+        lambda x, wt: torch.nn.functional.mse_loss(torch.nn.functional.conv2d(x, wt), t), (s, weight)
+    )
 
 
 def test_adapters_bridge_widths_and_refuse_what_cannot_line_up():

@@ -48,9 +48,18 @@ def tiny_report(tiny_run):
 
 def _curve(stage: str, epochs: int = 3) -> list[dict]:
     return [
-        {"epoch": e, "train_loss": 1.0 / e, "train_accuracy": 0.6 + 0.1 * e, "test_loss": 1.2 / e,
-         "test_accuracy": 0.55 + 0.1 * e, "val_loss": None, "val_accuracy": None, "lr": 0.1 / e,
-         "sparsity": (0.25 * e if stage == "pruned" else None), "seconds": 0.5}
+        {
+            "epoch": e,
+            "train_loss": 1.0 / e,
+            "train_accuracy": 0.6 + 0.1 * e,
+            "test_loss": 1.2 / e,
+            "test_accuracy": 0.55 + 0.1 * e,
+            "val_loss": None,
+            "val_accuracy": None,
+            "lr": 0.1 / e,
+            "sparsity": (0.25 * e if stage == "pruned" else None),
+            "seconds": 0.5,
+        }
         for e in range(1, epochs + 1)
     ]
 
@@ -59,32 +68,73 @@ def _per_class(shift: float) -> dict:
     confusion = [[8, 1, 1], [0, 10, 0], [2, 1, 7]]
     confusion[2][0] += int(shift * 10)
     confusion[2][2] -= int(shift * 10)
-    return {"classes": CLASSES, "accuracy": [row[i] / sum(row) for i, row in enumerate(confusion)],
-            "confusion": confusion}
+    return {
+        "classes": CLASSES,
+        "accuracy": [row[i] / sum(row) for i, row in enumerate(confusion)],
+        "confusion": confusion,
+    }
 
 
 def _stage(stage: str, accuracy: float, nbytes: int, seeds: list[float]) -> dict:
     pruned = stage == "pruned"
     return {
-        "stage": stage, "description": f"the {stage} stage", "model": "mlp", "stale": None,
-        "accuracy": accuracy, "accuracy_se": 0.01, "test_samples": 2000, "test_loss": 0.4, "train_accuracy": 0.9,
-        "num_classes": 3, "chance_accuracy": 1 / 3, "has_batchnorm": False, "epochs": 3,
-        "settings": {"model": "mlp", "args": {"hidden": [32]}, "loss": "cross-entropy", "epochs": 3,
-                     "optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "batch_size": 128},
-        "params": 25450, "nonzero_params": 6394 if pruned else 25450, "sparsity": 0.75 if pruned else 0.0,
-        "channel_sparsity": None, "target_sparsity": 0.75 if pruned else None, "checkpoint_bytes": nbytes,
-        "macs": 25408, "sparse_macs": 6352 if pruned else 25408,
+        "stage": stage,
+        "description": f"the {stage} stage",
+        "model": "mlp",
+        "stale": None,
+        "accuracy": accuracy,
+        "accuracy_se": 0.01,
+        "test_samples": 2000,
+        "test_loss": 0.4,
+        "train_accuracy": 0.9,
+        "num_classes": 3,
+        "chance_accuracy": 1 / 3,
+        "has_batchnorm": False,
+        "epochs": 3,
+        "settings": {
+            "model": "mlp",
+            "args": {"hidden": [32]},
+            "loss": "cross-entropy",
+            "epochs": 3,
+            "optimizer": "sgd",
+            "lr": 0.05,
+            "schedule": "cosine",
+            "batch_size": 128,
+        },
+        "params": 25450,
+        "nonzero_params": 6394 if pruned else 25450,
+        "sparsity": 0.75 if pruned else 0.0,
+        "channel_sparsity": None,
+        "target_sparsity": 0.75 if pruned else None,
+        "checkpoint_bytes": nbytes,
+        "macs": 25408,
+        "sparse_macs": 6352 if pruned else 25408,
         "latency_ms": {"1": 0.05, "64": 0.1 + nbytes / 1e6},
-        "latency": {b: {"median_ms": 0.1 + nbytes / 1e6, "iqr_ms": 0.01, "p25_ms": 0.095 + nbytes / 1e6,
-                        "p75_ms": 0.105 + nbytes / 1e6, "batch": int(b), "threads": 1} for b in ("1", "64")},
+        "latency": {
+            b: {
+                "median_ms": 0.1 + nbytes / 1e6,
+                "iqr_ms": 0.01,
+                "p25_ms": 0.095 + nbytes / 1e6,
+                "p75_ms": 0.105 + nbytes / 1e6,
+                "batch": int(b),
+                "threads": 1,
+            }
+            for b in ("1", "64")
+        },
         "train_seconds": 1.5,
         "curve": [] if stage == "teacher" else _curve(stage),
         "per_class": _per_class({"teacher": 0.0, "student": 0.1, "distilled": 0.2, "pruned": 0.3}[stage]),
-        "layers": [{"name": "net.1", "kind": "weights", "total": 25088, "kept": 6094 if pruned else 25088},
-                   {"name": "net.3", "kind": "weights", "total": 320, "kept": 258 if pruned else 320}],
+        "layers": [
+            {"name": "net.1", "kind": "weights", "total": 25088, "kept": 6094 if pruned else 25088},
+            {"name": "net.3", "kind": "weights", "total": 320, "kept": 258 if pruned else 320},
+        ],
         "seeds": [{"seed": s, "accuracy": a} for s, a in enumerate(seeds)],
-        "accuracy_mean": sum(seeds) / len(seeds), "accuracy_std": 0.004, "trained_once": stage == "teacher",
-        "bytes_ratio_vs_teacher": 209501 / nbytes, "nonzero_ratio_vs_teacher": 2.0, "accuracy_change_vs_teacher": 0.0,
+        "accuracy_mean": sum(seeds) / len(seeds),
+        "accuracy_std": 0.004,
+        "trained_once": stage == "teacher",
+        "bytes_ratio_vs_teacher": 209501 / nbytes,
+        "nonzero_ratio_vs_teacher": 2.0,
+        "accuracy_change_vs_teacher": 0.0,
     }
 
 
@@ -96,31 +146,96 @@ def full_report(name: str = "full") -> dict:
         _stage("distilled", 0.84, 107869, [0.84, 0.838]),
         _stage("pruned", 0.835, 108317, [0.835, 0.83]),
     ]
-    seed_comp = {"n": 2, "differences": [{"seed": 0, "difference": 0.01}, {"seed": 1, "difference": 0.013}],
-                 "mean": 0.0115, "std": 0.002, "se": 0.0015, "noise_z": 2.0, "mean_above_2se": True}
+    seed_comp = {
+        "n": 2,
+        "differences": [{"seed": 0, "difference": 0.01}, {"seed": 1, "difference": 0.013}],
+        "mean": 0.0115,
+        "std": 0.002,
+        "se": 0.0015,
+        "noise_z": 2.0,
+        "mean_above_2se": True,
+    }
     return {
-        "schema_version": 1, "generated_at": "2025-03-04T05:06:07+00:00", "run_name": name, "recipe": name,
-        "dataset": "fashion-mnist-mini", "latency_batches": [1, 64], "threads": 1, "threads_asked": 2,
-        "omp_wait_policy": "PASSIVE", "noise_z": 2.0, "stale_checked": True, "stale_check_problem": None,
+        "schema_version": 1,
+        "generated_at": "2025-03-04T05:06:07+00:00",
+        "run_name": name,
+        "recipe": name,
+        "dataset": "fashion-mnist-mini",
+        "latency_batches": [1, 64],
+        "threads": 1,
+        "threads_asked": 2,
+        "omp_wait_policy": "PASSIVE",
+        "noise_z": 2.0,
+        "stale_checked": True,
+        "stale_check_problem": None,
         "stages": stages,
-        "comparisons": [{"stage": "distilled", "against": "student", "difference": 0.01, "se": 0.0141, "z": 0.7,
-                         "within_noise": True, "noise_z": 2.0, "seeds": seed_comp}],
-        "class_changes": [{"from_stage": "student", "to_stage": "pruned", "true": 2, "predicted": 0,
-                           "true_name": CLASSES[2], "predicted_name": CLASSES[0], "before": 3, "after": 5,
-                           "change": 2}],
-        "artifacts": [
-            {"stage": "pruned", "format": "sparse", "path": "export/pruned-sparse-fp16.kdca", "accuracy": 0.835,
-             "accuracy_se": 0.01, "test_samples": 2000, "bytes": 12587, "compression_vs_teacher": 16.6,
-             "compression_vs_stage": 8.6, "accuracy_change_vs_stage": 0.0, "options": {"dtype": "fp16"},
-             "refused": None, "stale": None, "latency_ms": {"1": 0.06, "64": 0.3}, "latency": None},
-            {"stage": "pruned", "format": "shared", "path": "export/broken.kdca", "refused": "its manifest does "
-             "not match", "latency_ms": None},
+        "comparisons": [
+            {
+                "stage": "distilled",
+                "against": "student",
+                "difference": 0.01,
+                "se": 0.0141,
+                "z": 0.7,
+                "within_noise": True,
+                "noise_z": 2.0,
+                "seeds": seed_comp,
+            }
         ],
-        "recipe_resolved": {"run": {"name": name, "seed": 0, "seeds": [0, 1]}, "data": {"dataset": "fashion-mnist-mini"},
-                            "distill": {"temperature": 4.0}},
-        "environment": {"kdcompress": "0.1.0", "torch": "2.14.1", "torchvision": "0.29.1", "python": "3.11.7",
-                        "platform": "Linux-test", "cpu_count": 2, "train_device": "cpu", "latency_threads": 1,
-                        "latency_measured_at": "2025-03-04T05:00:00+00:00"},
+        "class_changes": [
+            {
+                "from_stage": "student",
+                "to_stage": "pruned",
+                "true": 2,
+                "predicted": 0,
+                "true_name": CLASSES[2],
+                "predicted_name": CLASSES[0],
+                "before": 3,
+                "after": 5,
+                "change": 2,
+            }
+        ],
+        "artifacts": [
+            {
+                "stage": "pruned",
+                "format": "sparse",
+                "path": "export/pruned-sparse-fp16.kdca",
+                "accuracy": 0.835,
+                "accuracy_se": 0.01,
+                "test_samples": 2000,
+                "bytes": 12587,
+                "compression_vs_teacher": 16.6,
+                "compression_vs_stage": 8.6,
+                "accuracy_change_vs_stage": 0.0,
+                "options": {"dtype": "fp16"},
+                "refused": None,
+                "stale": None,
+                "latency_ms": {"1": 0.06, "64": 0.3},
+                "latency": None,
+            },
+            {
+                "stage": "pruned",
+                "format": "shared",
+                "path": "export/broken.kdca",
+                "refused": "its manifest does not match",
+                "latency_ms": None,
+            },
+        ],
+        "recipe_resolved": {
+            "run": {"name": name, "seed": 0, "seeds": [0, 1]},
+            "data": {"dataset": "fashion-mnist-mini"},
+            "distill": {"temperature": 4.0},
+        },
+        "environment": {
+            "kdcompress": "0.1.0",
+            "torch": "2.14.1",
+            "torchvision": "0.29.1",
+            "python": "3.11.7",
+            "platform": "Linux-test",
+            "cpu_count": 2,
+            "train_device": "cpu",
+            "latency_threads": 1,
+            "latency_measured_at": "2025-03-04T05:00:00+00:00",
+        },
         "warnings": ["distilled <b>looks</b> fine & dandy"],
     }
 
@@ -190,9 +305,8 @@ def test_every_run_writes_report_html_with_its_charts(tiny_run, tiny_report):
     if all("curve" in row for row in tiny_report["stages"]):
         assert "training curves of the pruned stage" in titles
     else:
-        assert "Training curves</h2><p class=\"missing\">not recorded" in page
-    print(f"\nreport.html of the tiny run: {(tiny_run / 'report.html').stat().st_size:,} bytes, "
-          f"{len(titles)} charts")
+        assert 'Training curves</h2><p class="missing">not recorded' in page
+    print(f"\nreport.html of the tiny run: {(tiny_run / 'report.html').stat().st_size:,} bytes, {len(titles)} charts")
 
 
 def test_a_report_with_every_field_gets_every_chart():
@@ -299,7 +413,9 @@ def test_comparison_has_one_table_and_one_chart_with_every_run(tiny_report):
     assert len(lines) == 2 + n_rows  # one table: header, alignment, a row per stage and artifact
     assert lines[0].startswith("| run | stage / artifact |") and "latency batch 64" in lines[0]
     assert "| t2 <T=2> | pruned | mlp |" in md
-    assert re.search(r"^\| tiny \| artifact pruned-sparse-fp16.kdca \(from pruned\) \| sparse \| \d+\.\d\d% \|", md, re.M)
+    assert re.search(
+        r"^\| tiny \| artifact pruned-sparse-fp16.kdca \(from pruned\) \| sparse \| \d+\.\d\d% \|", md, re.M
+    )
     assert "| tiny (2) | teacher | mlp | 85.00% | 1.00 pt | 209,501 | 25,450 | 25,408 | 0.3095 |" in md
 
 
@@ -321,9 +437,19 @@ def test_headless_chromium_renders_every_chart(tiny_run, tmp_path):
     shot = tmp_path / "shot.png"
     started = time.monotonic()
     subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={shot}",
-         "--window-size=1200,3000", page.resolve().as_uri()],
-        check=True, capture_output=True, timeout=120,
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={shot}",
+            "--window-size=1200,3000",
+            page.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     seconds = time.monotonic() - started
     assert _png_size(shot) == (1200, 3000)
@@ -334,11 +460,13 @@ def test_headless_chromium_renders_every_chart(tiny_run, tmp_path):
     assert ink > 0.01, f"the screenshot is blank ({ink:.2%} of its pixels not white)"
     # the size chart's points and error bars in the teacher's and the pruned stage's colours
     for colour in ("#4c72b0", "#c44e52"):
-        rgb = [int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+        rgb = [int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)]
         near = (abs(pixels - rgb) < 0.06).all(axis=2).sum()
         assert near > 20, f"no pixels of {colour}: the charts were not drawn"
-    print(f"\nchromium: {seconds:.1f} s; report.html {page.stat().st_size:,} bytes; screenshot "
-          f"{'x'.join(map(str, _png_size(shot)))} px, {shot.stat().st_size:,} bytes, {ink:.1%} ink")
+    print(
+        f"\nchromium: {seconds:.1f} s; report.html {page.stat().st_size:,} bytes; screenshot "
+        f"{'x'.join(map(str, _png_size(shot)))} px, {shot.stat().st_size:,} bytes, {ink:.1%} ink"
+    )
 
 
 _MEASURE = """<script>
@@ -369,9 +497,21 @@ def test_every_chart_is_laid_out_visibly_on_a_wide_and_a_narrow_screen(tiny_run,
     page = tmp_path / "measured.html"
     page.write_text(html.replace("</body>", _MEASURE + "</body>"), encoding="utf-8")
     dom = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},2000",
-         "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()],
-        check=True, capture_output=True, timeout=120, text=True,
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--window-size={width},2000",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        text=True,
     ).stdout
     found = re.search(r'<pre id="kdc-measure">(.*?)</pre>', dom, re.S)
     assert found, "the page did not finish loading in Chromium"

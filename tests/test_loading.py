@@ -137,7 +137,9 @@ def test_preprocess_gives_the_training_batches_for_every_accepted_layout():
     assert pre(raw).dtype == torch.float32 and pre(raw).shape == (5, 1, 28, 28)
 
 
-@pytest.mark.parametrize("value", [torch.rand(2, 28, 28), np.random.rand(28, 28), torch.zeros(28, 28, dtype=torch.int64)])
+@pytest.mark.parametrize(
+    "value", [torch.rand(2, 28, 28), np.random.rand(28, 28), torch.zeros(28, 28, dtype=torch.int64)]
+)
 def test_preprocess_refuses_anything_but_uint8(value):
     pre = Preprocess(preprocess_info("fashion-mnist-mini", (1, 28, 28)))
     with pytest.raises(TypeError, match=r"uint8 values 0-255.*\* 255"):
@@ -169,7 +171,7 @@ def test_imagefolder_records_classes_and_preprocess_equals_its_transform(tmp_pat
     assert torch.allclose(Preprocess(info)(image)[0], fed_in_training, atol=1e-6)
 
 
-USER_DATA = '''
+USER_DATA = """
 import torch
 from torch.utils.data import TensorDataset
 
@@ -179,7 +181,7 @@ class Named(TensorDataset):
 def build():
     x, y = torch.randn(30, 1, 4, 4), torch.arange(30) % 3
     return {"train": Named(x, y), "test": Named(x, y), "num_classes": 3}
-'''
+"""
 
 
 def test_own_dataset_records_its_classes_and_no_known_preprocessing(tmp_path, monkeypatch):
@@ -252,7 +254,11 @@ def test_unpacked_dataset_files_follow_the_umask(tmp_path):
 def test_a_whole_run_is_readable_by_the_group_and_others_under_umask_022(run_dir):
     files = [run_dir / name for name in ("recipe.yaml", "report.md", "report.json", "kdc-run.json")]
     for stage in ("teacher", "distilled", "pruned"):
-        files += [run_dir / stage / "model.pt", run_dir / stage / "model.pt.manifest.json", run_dir / stage / "metrics.jsonl"]
+        files += [
+            run_dir / stage / "model.pt",
+            run_dir / stage / "model.pt.manifest.json",
+            run_dir / stage / "metrics.jsonl",
+        ]
     assert {str(f.relative_to(run_dir)): oct(_mode(f)) for f in files} == {
         str(f.relative_to(run_dir)): oct(0o644) for f in files
     }

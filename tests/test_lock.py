@@ -64,8 +64,12 @@ def held_by_another(run_dir: Path, pid: int = 4242, command: str = "kdc run reci
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.ftruncate(fd, 0)
-        info = {"pid": pid, "host": os.uname().nodename, "command": command,
-                "started": time.time() if started is None else started}
+        info = {
+            "pid": pid,
+            "host": os.uname().nodename,
+            "command": command,
+            "started": time.time() if started is None else started,
+        }
         os.write(fd, json.dumps(info).encode())
         yield info
     finally:
@@ -86,29 +90,42 @@ def tiny_run(tiny_done, tmp_path, monkeypatch):
 
 def _files(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` but the lock file (which the other process, played here, writes)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-            and p.name != LOCK_FILE}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK_FILE
+    }
 
 
 # --------------------------------------------------------------------------- real processes
 
 
 @pytest.mark.slow
-def test_a_second_kdc_run_on_a_live_run_directory_exits_2_at_once_and_the_first_keeps_its_own_run(tmp_path, kdc,
-                                                                                                   monkeypatch):
+def test_a_second_kdc_run_on_a_live_run_directory_exits_2_at_once_and_the_first_keeps_its_own_run(
+    tmp_path, kdc, monkeypatch
+):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(LIVE_RECIPE, sort_keys=False), encoding="utf-8")
     run_dir = tmp_path / "runs" / "live"
     log = tmp_path / "first.log"
     with open(log, "wb") as out:
-        first = subprocess.Popen(_kdc("run", "recipe.yaml", "--set", "distill.temperature=3"), cwd=tmp_path,
-                                 env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(
+            _kdc("run", "recipe.yaml", "--set", "distill.temperature=3"),
+            cwd=tmp_path,
+            env=subprocess_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         _wait_until_held_by(first, run_dir, log, training=True)
         # paused while it holds the lock: whatever the others do now, they cannot wait for it to finish
         os.kill(first.pid, signal.SIGSTOP)
         try:
-            second = subprocess.run(_kdc("run", "recipe.yaml", "--set", "distill.temperature=2"), cwd=tmp_path,
-                                    env=subprocess_env(), capture_output=True, text=True, timeout=300)
+            second = subprocess.run(
+                _kdc("run", "recipe.yaml", "--set", "distill.temperature=2"),
+                cwd=tmp_path,
+                env=subprocess_env(),
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             monkeypatch.chdir(tmp_path)
             export = kdc("export", "runs/live", "--format", "sparse")
         finally:
@@ -121,8 +138,7 @@ def test_a_second_kdc_run_on_a_live_run_directory_exits_2_at_once_and_the_first_
 
     said = " ".join((second.stdout + second.stderr).split())
     assert second.returncode == 2, said
-    assert (f"another kdc (pid {first.pid}, `kdc run recipe.yaml --set distill.temperature=3`, started "
-            in said), said
+    assert f"another kdc (pid {first.pid}, `kdc run recipe.yaml --set distill.temperature=3`, started " in said, said
     assert "is writing runs/live; wait for it or use another run.name" in said
     assert "training" not in said and "Traceback" not in said
 
@@ -136,7 +152,10 @@ def test_a_second_kdc_run_on_a_live_run_directory_exits_2_at_once_and_the_first_
         assert [json.loads(line)["epoch"] for line in lines] == list(range(1, epochs + 1)), stage
     report = json.loads((run_dir / "report.json").read_text())
     assert {s["stage"]: s["settings"].get("temperature") for s in report["stages"]} == {
-        "teacher": None, "distilled": 3.0, "pruned": 3.0}
+        "teacher": None,
+        "distilled": 3.0,
+        "pruned": 3.0,
+    }
     assert "T=3.0" in log.read_text() and "T=2.0" not in log.read_text()
 
 
@@ -146,8 +165,9 @@ def test_a_sigkilled_kdc_leaves_no_stale_lock_and_the_next_run_proceeds(tmp_path
     run_dir = tmp_path / "runs" / "live"
     log = tmp_path / "killed.log"
     with open(log, "wb") as out:
-        victim = subprocess.Popen(_kdc("run", "recipe.yaml"), cwd=tmp_path, env=subprocess_env(), stdout=out,
-                                  stderr=subprocess.STDOUT)
+        victim = subprocess.Popen(
+            _kdc("run", "recipe.yaml"), cwd=tmp_path, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         _wait_until_held_by(victim, run_dir, log)
         victim.send_signal(signal.SIGKILL)
@@ -174,9 +194,11 @@ def test_the_refusal_names_the_holder_its_command_and_when_it_started(tiny_run, 
     with held_by_another(tiny_run / RUN, pid=31337, command="kdc distill recipe.yaml", started=started):
         result = kdc("train-teacher", "recipe.yaml", "--force")
     kdc.assert_clean_exit(result, 2)
-    assert (f"another kdc (pid 31337, `kdc distill recipe.yaml`, started "
-            f"{time.strftime('%H:%M', time.localtime(started))}) is writing runs/tiny; wait for it or use another "
-            f"run.name") in kdc.flat(result)
+    assert (
+        f"another kdc (pid 31337, `kdc distill recipe.yaml`, started "
+        f"{time.strftime('%H:%M', time.localtime(started))}) is writing runs/tiny; wait for it or use another "
+        f"run.name"
+    ) in kdc.flat(result)
     assert "training" not in result.output
     assert _files(tiny_run / RUN) == before  # nothing trained, nothing written
 

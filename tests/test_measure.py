@@ -187,7 +187,7 @@ def test_interleaved_latencies_give_every_model_one_block_per_round_in_turns():
         assert models[name][0].training  # the caller's mode is kept
     assert torch.get_num_threads() == threads_before
     timed = _blocks(log)[-15:]  # after each model's warm-up: 5 rounds of one block per model
-    rounds = [[name for name, _ in timed[i:i + 3]] for i in range(0, 15, 3)]
+    rounds = [[name for name, _ in timed[i : i + 3]] for i in range(0, 15, 3)]
     assert all(sorted(r) == ["a", "b", "c"] for r in rounds), rounds  # each round runs each model once
     assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b"]  # and starts one model further on
     for name in "abc":  # a model's blocks are all the same size (two warm-up calls, then the timed ones)

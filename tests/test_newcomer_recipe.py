@@ -181,7 +181,7 @@ def test_dataset_and_import_path_problems_come_with_their_lines(tmp_path):
     text = textwrap.dedent(
         f"""\
         data:
-          dataset: imagefolder:{tmp_path / 'no-such-folder'}
+          dataset: imagefolder:{tmp_path / "no-such-folder"}
           batch_size: 0
         teacher:
           model: os.path:nosuchfactory
@@ -298,7 +298,9 @@ def test_hints_through_kdc_validate(kdc, in_tmp, write_recipe):
     kdc.assert_clean_exit(result, 2)
     out = kdc.flat(result)
     assert "teacher.learning_rate (line 2): unknown key; did you mean 'lr'?" in out
-    assert "--set teacher.learning_rate=0.1: unknown key 'teacher.learning_rate'; did you mean 'lr'? (known keys:" in out
+    assert (
+        "--set teacher.learning_rate=0.1: unknown key 'teacher.learning_rate'; did you mean 'lr'? (known keys:" in out
+    )
 
 
 # --------------------------------------------------------------------------- 10. own modules without PYTHONPATH

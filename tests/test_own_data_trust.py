@@ -55,7 +55,8 @@ TWO_SPLITS = {"train": {"ant": 4, "bee": 4, "cat": 4}, "test": {"ant": 2, "bee":
 
 @pytest.mark.parametrize("held_out", ["test", "val"])
 def test_an_evaluation_split_missing_a_class_folder_is_refused_at_validate_naming_it_and_both_splits(
-        held_out, tmp_path, write_recipe, kdc, in_tmp):
+    held_out, tmp_path, write_recipe, kdc, in_tmp
+):
     root = make_folder(tmp_path / "imgs", {"train": TWO_SPLITS["train"], held_out: {"ant": 2, "cat": 2}})
     recipe = folder_recipe(write_recipe, root)
     for command in ("validate", "run"):
@@ -93,11 +94,14 @@ def test_test_labels_are_the_training_splits_class_numbers(tmp_path):
 # --------------------------------------------------------------------------- unreadable images (row 8)
 
 
-@pytest.mark.parametrize("content, why", [
-    (b"", "empty"),
-    (b"this is no picture at all", "not an image"),
-    (png_bytes()[8:], "not an image"),  # the signature cut off
-])
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (b"", "empty"),
+        (b"this is no picture at all", "not an image"),
+        (png_bytes()[8:], "not an image"),  # the signature cut off
+    ],
+)
 def test_an_empty_or_corrupt_image_is_named_at_validate(content, why, tmp_path, write_recipe, kdc, in_tmp):
     root = make_folder(tmp_path / "imgs", TWO_SPLITS)
     bad = root / "test" / "bee" / "broken.png"
@@ -123,7 +127,8 @@ def test_every_unreadable_image_is_named_at_once(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_an_image_that_fails_to_decode_in_training_is_a_data_error_naming_it(
-        workers, tmp_path, write_recipe, kdc, in_tmp):
+    workers, tmp_path, write_recipe, kdc, in_tmp
+):
     root = make_folder(tmp_path / "imgs", TWO_SPLITS)
     bad = root / "train" / "bee" / "cut.png"
     bad.write_bytes(png_bytes()[:60])  # a sound header, the image data cut short
@@ -147,8 +152,14 @@ def test_a_difference_of_zero_with_a_standard_error_of_zero_is_within_noise():
 
 def test_a_distilled_student_at_zero_against_a_perfect_baseline_is_beyond_noise_and_warns_without_crashing():
     def row(stage, accuracy):
-        return {"stage": stage, "accuracy": accuracy, "accuracy_se": 0.0, "settings": {}, "chance_accuracy": None,
-                "train_accuracy": None}
+        return {
+            "stage": stage,
+            "accuracy": accuracy,
+            "accuracy_se": 0.0,
+            "settings": {},
+            "chance_accuracy": None,
+            "train_accuracy": None,
+        }
 
     comp = compare_accuracy(row("student", 1.0), row("distilled", 0.0))
     assert comp["difference"] == -1.0 and comp["se"] == 0.0

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import TINY_RECIPE, _deep_merge
+
 from kdcompress.checkpoint import load_checkpoint
 from kdcompress.models import build_from_checkpoint
 from kdcompress.recipe import load_recipe
@@ -72,8 +72,9 @@ def test_a_teacher_from_another_run_is_not_retrained_and_distils_the_same_studen
     assert f"supplied: {supplied}" in out  # the terminal table's settings line too
 
 
-def test_a_plain_state_dict_found_beside_the_recipe_is_the_teacher(in_run, tmp_path, monkeypatch, kdc,
-                                                                   checkpoints_equal):
+def test_a_plain_state_dict_found_beside_the_recipe_is_the_teacher(
+    in_run, tmp_path, monkeypatch, kdc, checkpoints_equal
+):
     folder = tmp_path / "experiments"
     folder.mkdir()
     _state_dict_file(in_run, folder)
@@ -158,7 +159,10 @@ def test_a_missing_file_is_a_recipe_error_naming_where_it_looked(in_tmp, kdc, fi
         result = kdc(command, "recipe.yaml")
         kdc.assert_clean_exit(result, 2)
         out = kdc.flat(result)
-        assert "teacher.checkpoint (line" in out and f"file not found: looked for {in_tmp / 'nowhere' / 'teacher.pt'}" in out, out
+        assert (
+            "teacher.checkpoint (line" in out
+            and f"file not found: looked for {in_tmp / 'nowhere' / 'teacher.pt'}" in out
+        ), out
     assert file_snapshot(in_tmp) == before
 
 
@@ -241,8 +245,9 @@ def test_pretrained_weights_come_from_the_hub_cache_with_a_new_head_and_grey_fir
             assert torch.equal(weights[key], tensor), key
 
 
-def test_pretrained_weights_absent_from_the_cache_are_an_offline_error_naming_the_file(hub_cache, in_tmp, kdc,
-                                                                                      file_snapshot):
+def test_pretrained_weights_absent_from_the_cache_are_an_offline_error_naming_the_file(
+    hub_cache, in_tmp, kdc, file_snapshot
+):
     (in_tmp / "recipe.yaml").write_text(_text(PRETRAINED), encoding="utf-8")
     before = file_snapshot(in_tmp)
     for command in ("validate", "run"):

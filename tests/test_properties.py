@@ -102,10 +102,12 @@ def test_random_recipe_documents_parse_or_raise_recipe_error(doc):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.one_of(
-    st.text(max_size=80),
-    st.text(alphabet=":-[]{}#&*!|>'\"%@`,? \n\t.0123456789abenrtu_=~", max_size=80),
-))
+@given(
+    st.one_of(
+        st.text(max_size=80),
+        st.text(alphabet=":-[]{}#&*!|>'\"%@`,? \n\t.0123456789abenrtu_=~", max_size=80),
+    )
+)
 def test_random_text_parses_or_raises_recipe_error(text):
     parses_or_recipe_error(text)
 
@@ -176,21 +178,31 @@ model_names = st.sampled_from(["mlp", "cnn", "lenet5", "nosuch", "mpl", "no.such
 junk_args = st.dictionaries(st.sampled_from(["hiden", "chanels", "widht", "x"]), cli_scalars, max_size=2)
 model_sections = st.fixed_dictionaries(
     {},
-    optional={"model": model_names, "args": junk_args | st.just({}), "epochs": cli_values, "lr": cli_values,
-              "optimizer": cli_values},
+    optional={
+        "model": model_names,
+        "args": junk_args | st.just({}),
+        "epochs": cli_values,
+        "lr": cli_values,
+        "optimizer": cli_values,
+    },
 )
 cli_documents = st.fixed_dictionaries(
     {},
     optional={
         "run": st.dictionaries(st.sampled_from(["name", "seed", "device", "out_dir", "junk"]), cli_values, max_size=3),
-        "data": st.dictionaries(st.sampled_from(["dataset", "batch_size", "val_split", "junk"]),
-                                cli_values | st.sampled_from(["mnist", "cifar"]), max_size=3),
+        "data": st.dictionaries(
+            st.sampled_from(["dataset", "batch_size", "val_split", "junk"]),
+            cli_values | st.sampled_from(["mnist", "cifar"]),
+            max_size=3,
+        ),
         "teacher": model_sections,
         "student": model_sections,
-        "distill": st.dictionaries(st.sampled_from(["temperature", "alpha", "epochs", "junk"]), cli_values,
-                                   max_size=3),
-        "prune": st.dictionaries(st.sampled_from(["rate", "target_sparsity", "every", "epochs", "include",
-                                                  "exclude", "scope", "junk"]), cli_values, max_size=4),
+        "distill": st.dictionaries(st.sampled_from(["temperature", "alpha", "epochs", "junk"]), cli_values, max_size=3),
+        "prune": st.dictionaries(
+            st.sampled_from(["rate", "target_sparsity", "every", "epochs", "include", "exclude", "scope", "junk"]),
+            cli_values,
+            max_size=4,
+        ),
         "report": st.dictionaries(st.sampled_from(["latency", "junk"]), cli_values, max_size=2),
         "junk": cli_values,
     },
@@ -293,14 +305,16 @@ def test_masks_hold_under_random_pruning_and_optimiser_steps(kind, width, seed, 
     epochs=st.integers(1, 5),
     data=st.data(),
 )
-def test_pruning_hook_state_round_trips_and_resumes_the_same_schedule(kind, width, seed, rate, target, scope, schedule,
-                                                                      every, batches_per_epoch, epochs, data):
+def test_pruning_hook_state_round_trips_and_resumes_the_same_schedule(
+    kind, width, seed, rate, target, scope, schedule, every, batches_per_epoch, epochs, data
+):
     """A hook saved at any step (through torch.save / weights_only load) and restored, with its schedule planned
     again from the recipe, goes on exactly as one that never stopped: same masks, same number of pruning steps,
     pruned weights zero."""
     torch.set_num_threads(1)
-    prune = PruneSection(rate=rate, target_sparsity=target, scope=scope, sparsity_schedule=schedule, every=every,
-                         epochs=epochs)
+    prune = PruneSection(
+        rate=rate, target_sparsity=target, scope=scope, sparsity_schedule=schedule, every=every, epochs=epochs
+    )
     try:
         plan = plan_schedule(prune, batches_per_epoch)
     except ScheduleError:
@@ -358,4 +372,3 @@ def test_pruning_hook_state_dict_holds_only_tensors_and_plain_data():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)  # safe to load
     assert {k: torch.equal(v, masks[k]) for k, v in loaded["pruner"]["masks"].items()} == {k: True for k in masks}
-

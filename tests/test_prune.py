@@ -315,9 +315,7 @@ def test_pruned_checkpoint_holds_zeros_and_loads_into_plain_architecture(tmp_pat
     measured = sum(int((w == 0).sum()) for w in linear_weights.values()) / n
     assert measured == pytest.approx(0.75, abs=0.005)
     # biases stay dense
-    assert all(
-        int((m.bias == 0).sum()) == 0 for m in model.modules() if isinstance(m, nn.Linear)
-    )
+    assert all(int((m.bias == 0).sum()) == 0 for m in model.modules() if isinstance(m, nn.Linear))
     # the saved model runs
     out = model(torch.zeros(2, *ckpt["arch"]["input_shape"]))
     assert out.shape == (2, 10) and torch.isfinite(out).all()

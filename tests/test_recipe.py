@@ -10,12 +10,15 @@ from kdcompress.recipe import Recipe, builtin_recipe_path, load_recipe, parse_re
 
 # (id, recipe text, key path, YAML line, a fragment of the message)
 BAD_RECIPES = [
-    ("unknown-key", "run:\n  name: t\ndistill:\n  epochs: 2\n  temperture: 4\n",
-     "distill.temperture", 5, "did you mean 'temperature'"),
-    ("unknown-section", "run:\n  name: t\ndistil:\n  epochs: 2\n",
-     "distil", 3, "did you mean 'distill'"),
-    ("wrong-type", "run:\n  name: t\ndistill:\n  epochs: \"ten\"\n",
-     "distill.epochs", 4, "expected an integer"),
+    (
+        "unknown-key",
+        "run:\n  name: t\ndistill:\n  epochs: 2\n  temperture: 4\n",
+        "distill.temperture",
+        5,
+        "did you mean 'temperature'",
+    ),
+    ("unknown-section", "run:\n  name: t\ndistil:\n  epochs: 2\n", "distil", 3, "did you mean 'distill'"),
+    ("wrong-type", 'run:\n  name: t\ndistill:\n  epochs: "ten"\n', "distill.epochs", 4, "expected an integer"),
     ("wrong-type-list", "prune:\n  include: fc1\n", "prune.include", 2, "expected a list"),
     ("temperature-0", "distill:\n  temperature: 0\n", "distill.temperature", 2, "must be > 0"),
     ("temperature-neg", "run:\n  name: t\ndistill:\n  temperature: -2\n", "distill.temperature", 4, "must be > 0"),
@@ -238,8 +241,12 @@ def test_cli_several_problems_at_once(kdc, write_recipe, tmp_path, monkeypatch):
     kdc.assert_clean_exit(result, 2)
     out = kdc.flat(result)
     assert "4 problems" in out
-    for where in ("distill.temperture (line 4)", "distill.alpha (line 5)", "data.batch_size (line 7)",
-                  "prune.rate (line 9)"):
+    for where in (
+        "distill.temperture (line 4)",
+        "distill.alpha (line 5)",
+        "data.batch_size (line 7)",
+        "prune.rate (line 9)",
+    ):
         assert where in out
 
 

@@ -172,9 +172,19 @@ def test_report_md_has_the_full_detail(tiny_run, quick_latency):
     rows = {r["stage"]: r for r in report["stages"]}
     assert f"{rows['teacher']['params']:,}" in text  # full numbers, not 50.9k
     assert f"{rows['pruned']['checkpoint_bytes']:,}" in text
-    for phrase in ("non-zero ratio vs teacher", "bytes ratio vs teacher", "± SE", "latency batch 1 IQR",
-                   "latency batch 64 median", "MACs if sparse", "what sparse kernels could reach", "440 ms",
-                   "unstructured magnitude (global)", "T=4.0 alpha=0.5", "distilled - student"):
+    for phrase in (
+        "non-zero ratio vs teacher",
+        "bytes ratio vs teacher",
+        "± SE",
+        "latency batch 1 IQR",
+        "latency batch 64 median",
+        "MACs if sparse",
+        "what sparse kernels could reach",
+        "440 ms",
+        "unstructured magnitude (global)",
+        "T=4.0 alpha=0.5",
+        "distilled - student",
+    ):
         assert phrase in text, phrase
 
 
@@ -210,8 +220,14 @@ def test_report_shows_dense_and_sparse_macs_and_latency_at_batch_1_and_64(tiny_r
     assert pruned["sparse_macs"] == pytest.approx(0.25 * pruned["macs"], rel=0.01)  # 75 % sparse
     text = render(report_table(report))
     assert_fits(text)
-    for phrase in ("MACs if", "batch 1", "batch 64", "what sparse kernels could reach", "440 ms instead of 4 ms",
-                   "OMP_WAIT_POLICY=PASSIVE"):
+    for phrase in (
+        "MACs if",
+        "batch 1",
+        "batch 64",
+        "what sparse kernels could reach",
+        "440 ms instead of 4 ms",
+        "OMP_WAIT_POLICY=PASSIVE",
+    ):
         assert phrase in " ".join(text.split()), phrase
     cost = next(line for line in text.splitlines() if line.startswith("│ pruned") and "k" in line and "(" in line)
     assert f"{pruned['sparse_macs']:,}" in cost  # 6,352 beside 25.4k
@@ -381,8 +397,16 @@ def test_a_teacher_at_chance_in_training_too_gets_the_untrained_teacher_warning_
 
 
 def test_chance_warning_without_batchnorm_points_elsewhere():
-    row = {"stage": "student", "accuracy": 0.1, "test_samples": 2000, "num_classes": 10, "chance_accuracy": 0.1,
-           "train_accuracy": 0.9, "has_batchnorm": False, "settings": {}}
+    row = {
+        "stage": "student",
+        "accuracy": 0.1,
+        "test_samples": 2000,
+        "num_classes": 10,
+        "chance_accuracy": 0.1,
+        "train_accuracy": 0.9,
+        "has_batchnorm": False,
+        "settings": {},
+    }
     (warning,) = report_warnings({"stages": [row], "comparisons": []})
     assert "at chance" in warning and "bn_recalibrate" not in warning
 
@@ -412,8 +436,9 @@ def test_kdc_command_bounds_the_openmp_spin_for_training_unless_the_user_chose(m
     from kdcompress import cli
 
     seen = []
-    monkeypatch.setattr(cli, "app", lambda: seen.append(
-        (os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT"))))
+    monkeypatch.setattr(
+        cli, "app", lambda: seen.append((os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")))
+    )
     for policy, spin in ((None, None), ("ACTIVE", None), (None, "500")):
         for name, value in (("OMP_WAIT_POLICY", policy), ("GOMP_SPINCOUNT", spin)):
             if value is None:

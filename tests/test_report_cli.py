@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY_RECIPE, _deep_merge
 
 
@@ -22,8 +21,9 @@ def two_runs(fresh_run):
     (work / "t2.yaml").write_text(yaml.safe_dump(t2, sort_keys=False), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        from kdcompress.cli import app
         from typer.testing import CliRunner
+
+        from kdcompress.cli import app
 
         result = CliRunner().invoke(app, ["run", "t2.yaml"])
         assert result.exit_code == 0, result.output

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_RECIPE, _deep_merge
 from torch import nn
 
-from conftest import TINY_RECIPE, _deep_merge
 from kdcompress import report as report_mod
 from kdcompress.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from kdcompress.data import CLASS_NAMES, TensorData
@@ -29,10 +29,31 @@ from kdcompress.train import evaluate
 
 RUN = Path("runs") / "tiny"
 FASHION = list(CLASS_NAMES["FashionMNIST"])
-ENVIRONMENT_KEYS = {"kdcompress", "torch", "torchvision", "python", "platform", "cpu_count", "train_device",
-                    "latency_threads", "latency_measured_at"}
-CURVE_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "val_loss", "val_accuracy", "lr",
-              "first_batch_loss", "max_batch_loss", "sparsity", "seconds"}
+ENVIRONMENT_KEYS = {
+    "kdcompress",
+    "torch",
+    "torchvision",
+    "python",
+    "platform",
+    "cpu_count",
+    "train_device",
+    "latency_threads",
+    "latency_measured_at",
+}
+CURVE_KEYS = {
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "lr",
+    "first_batch_loss",
+    "max_batch_loss",
+    "sparsity",
+    "seconds",
+}
 
 
 def _text(changes: dict) -> str:
@@ -57,7 +78,9 @@ def run_copy(tiny_run, tmp_path):
 def timed_run(fresh_run):
     """The tiny recipe with latency at batch 1 and 8 on one thread and a sparse artifact exported by `kdc run`,
     timed briefly; returns the run directory."""
-    text = _text({"report": {"latency": True, "latency_batches": [1, 8], "threads": 1}, "export": {"formats": ["sparse"]}})
+    text = _text(
+        {"report": {"latency": True, "latency_batches": [1, 8], "threads": 1}, "export": {"formats": ["sparse"]}}
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(report_mod, "LATENCY_MIN_RUN_TIME", 0.02)
         work, _ = fresh_run(text, "report-data-timed", "run")
@@ -386,7 +409,8 @@ def test_layers_count_the_weights_kept_per_prunable_layer(tiny_run):
         model = build_from_checkpoint(load_checkpoint(tiny_run / stage / "model.pt"))
         expected = [
             {"name": name, "kind": "weights", "total": m.weight.numel(), "kept": int(torch.count_nonzero(m.weight))}
-            for name, m in model.named_modules() if isinstance(m, nn.Linear)
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear)
         ]
         assert row["layers"] == expected, stage
     pruned, distilled = rows["pruned"]["layers"], rows["distilled"]["layers"]
@@ -397,8 +421,18 @@ def test_layers_count_the_weights_kept_per_prunable_layer(tiny_run):
 
 
 def test_layers_of_a_structured_pruned_stage_count_channels_against_the_distilled_student(fresh_run):
-    text = _text({"prune": {"method": "structured", "scope": "layer", "target_sparsity": 0.5,
-                            "sparsity_schedule": "agp", "steps": 2, "epochs": 2}})
+    text = _text(
+        {
+            "prune": {
+                "method": "structured",
+                "scope": "layer",
+                "target_sparsity": 0.5,
+                "sparsity_schedule": "agp",
+                "steps": 2,
+                "epochs": 2,
+            }
+        }
+    )
     work, _ = fresh_run(text, "report-data-structured", "run")
     report = json.loads((work / RUN / "report.json").read_text())
     rows = _rows(report)
@@ -406,8 +440,7 @@ def test_layers_of_a_structured_pruned_stage_count_channels_against_the_distille
         {"name": "net.1", "kind": "channels", "total": 32, "kept": 16},  # half the hidden features removed
         {"name": "net.3", "kind": "channels", "total": 10, "kept": 10},  # the classes stay
     ]
-    assert rows["distilled"]["layers"][0] == {"name": "net.1", "kind": "weights", "total": 784 * 32,
-                                              "kept": 784 * 32}
+    assert rows["distilled"]["layers"][0] == {"name": "net.1", "kind": "weights", "total": 784 * 32, "kept": 784 * 32}
     assert rows["pruned"]["curve"][-1]["sparsity"] == pytest.approx(rows["pruned"]["channel_sparsity"])
 
 
@@ -431,14 +464,19 @@ def test_class_changes_are_the_largest_off_diagonal_changes_between_the_students
             m[i][i] -= count
         return m
 
-    report = _with_confusions(run_copy, {
-        "student": matrix({(6, 0): 30, (2, 4): 5}),
-        "distilled": matrix({(6, 0): 10, (2, 4): 5, (4, 2): 3}),
-        "pruned": matrix({(6, 0): 12, (2, 4): 40}),
-    })
+    report = _with_confusions(
+        run_copy,
+        {
+            "student": matrix({(6, 0): 30, (2, 4): 5}),
+            "distilled": matrix({(6, 0): 10, (2, 4): 5, (4, 2): 3}),
+            "pruned": matrix({(6, 0): 12, (2, 4): 40}),
+        },
+    )
     changes = report["class_changes"]
-    as_tuples = [(c["from_stage"], c["to_stage"], c["true"], c["predicted"], c["before"], c["after"], c["change"])
-                 for c in changes]
+    as_tuples = [
+        (c["from_stage"], c["to_stage"], c["true"], c["predicted"], c["before"], c["after"], c["change"])
+        for c in changes
+    ]
     assert as_tuples == [
         ("distilled", "pruned", 2, 4, 5, 40, 35),
         ("student", "pruned", 2, 4, 5, 40, 35),
@@ -501,7 +539,14 @@ def test_readme_documents_every_report_json_key(timed_run):
     rows = _rows(report)
     rows["student"]["seeds"] = [{"seed": 0, "accuracy": 0.8}]  # the keys `kdc run --seeds` adds, as it adds them
     rows["student"].update(accuracy_mean=0.8, accuracy_std=0.01, trained_once=False)
-    report["comparisons"][0]["seeds"] = {"n": 2, "differences": [{"seed": 0, "difference": 0.01}], "mean": 0.01,
-                                         "std": 0.0, "se": 0.0, "noise_z": 2.0, "mean_above_2se": False}
+    report["comparisons"][0]["seeds"] = {
+        "n": 2,
+        "differences": [{"seed": 0, "difference": 0.01}],
+        "mean": 0.01,
+        "std": 0.0,
+        "se": 0.0,
+        "noise_z": 2.0,
+        "mean_above_2se": False,
+    }
     missing = sorted(_keys(report, set()) - _readme_keys())
     assert not missing, f"README's 'report.json fields' does not document: {missing}"

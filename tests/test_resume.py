@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import subprocess_env
+
 from kdcompress.checkpoint import verify_checkpoint
 
 STAGES = ["teacher", "student", "distilled", "pruned"]
@@ -81,10 +81,13 @@ def test_sigkill_mid_stage_then_rerun_resumes_to_the_identical_result(tmp_path):
 
     # The uninterrupted run goes alongside (two cores, one thread each).
     with open(ref_dir / "log.txt", "wb") as ref_log, open(killed_dir / "killed-log.txt", "wb") as log:
-        ref = subprocess.Popen(_kdc_cmd(Path("recipe.yaml")), cwd=ref_dir, env=env, stdout=ref_log, stderr=subprocess.STDOUT)
+        ref = subprocess.Popen(
+            _kdc_cmd(Path("recipe.yaml")), cwd=ref_dir, env=env, stdout=ref_log, stderr=subprocess.STDOUT
+        )
         try:
-            victim = subprocess.Popen(_kdc_cmd(Path("recipe.yaml")), cwd=killed_dir, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT)
+            victim = subprocess.Popen(
+                _kdc_cmd(Path("recipe.yaml")), cwd=killed_dir, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
             try:
                 deadline = time.monotonic() + 240
                 lines: list[str] = []
@@ -94,7 +97,9 @@ def test_sigkill_mid_stage_then_rerun_resumes_to_the_identical_result(tmp_path):
                         if len(lines) >= 2:
                             break
                     time.sleep(0.02)
-                assert len(lines) >= 2, f"the teacher never finished 2 epochs:\n{(killed_dir / 'killed-log.txt').read_text()}"
+                assert len(lines) >= 2, (
+                    f"the teacher never finished 2 epochs:\n{(killed_dir / 'killed-log.txt').read_text()}"
+                )
                 epoch_seconds = json.loads(lines[-1])["seconds"]
                 time.sleep(min(0.3 * epoch_seconds, 1.0))  # into the next epoch, well before its end
                 assert victim.poll() is None, "kdc finished before it could be killed"
@@ -114,8 +119,9 @@ def test_sigkill_mid_stage_then_rerun_resumes_to_the_identical_result(tmp_path):
     assert not (run_dir / "teacher" / "model.pt").exists()
     assert resume_state(run_dir / "teacher" / "state.pt")["epoch"] >= 2
 
-    rerun = subprocess.run(_kdc_cmd(Path("recipe.yaml")), cwd=killed_dir, env=env, capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(
+        _kdc_cmd(Path("recipe.yaml")), cwd=killed_dir, env=env, capture_output=True, text=True, timeout=300
+    )
     output = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0, output
     assert "Traceback" not in output
@@ -180,8 +186,14 @@ def killed_in_save(tmp_path_factory, kdc, tiny_recipe_text):
     """(run dir, state after the kill, temp files after the kill, in-process rerun result)."""
     work = tmp_path_factory.mktemp("killed-in-save")
     (work / "recipe.yaml").write_text(tiny_recipe_text, encoding="utf-8")
-    child = subprocess.run([sys.executable, "-c", KILL_IN_SAVE], cwd=work, env=subprocess_env(),
-                           capture_output=True, text=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", KILL_IN_SAVE],
+        cwd=work,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
     state = resume_state(work / RUN / "teacher" / "state.pt")
     leftovers = temp_files(work / "runs")
@@ -192,8 +204,7 @@ def killed_in_save(tmp_path_factory, kdc, tiny_recipe_text):
 
 
 @pytest.mark.slow
-def test_sigkill_while_saving_a_resume_state_keeps_the_previous_one(killed_in_save, reference, kdc,
-                                                                     checkpoints_equal):
+def test_sigkill_while_saving_a_resume_state_keeps_the_previous_one(killed_in_save, reference, kdc, checkpoints_equal):
     work, state, leftovers, rerun = killed_in_save
     assert state["epoch"] == 1  # the epoch-2 state never replaced the epoch-1 one
     assert [p.name.startswith(".state.pt.") for p in leftovers] == [True]  # the kill really hit mid-write
@@ -214,8 +225,9 @@ def test_sigkill_while_saving_leaves_no_temp_file_once_the_stage_finishes(killed
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_ctrl_c_in_a_stage_then_rerun_resumes_to_the_same_weights(stage, in_tmp, write_recipe, kdc, fail_training,
-                                                                     reference, checkpoints_equal):
+def test_ctrl_c_in_a_stage_then_rerun_resumes_to_the_same_weights(
+    stage, in_tmp, write_recipe, kdc, fail_training, reference, checkpoints_equal
+):
     write_recipe()
     fired = fail_training(stage, epoch=2, batch=5)
     first = kdc("run", "recipe.yaml")
@@ -254,9 +266,9 @@ def test_ctrl_c_exits_130_with_a_one_line_hint_and_no_traceback(in_tmp, write_re
     assert temp_files(in_tmp / "runs") == []
 
 
-def test_ctrl_c_in_the_first_epoch_leaves_no_state_and_rerun_starts_clean(in_tmp, write_recipe, kdc,
-                                                                            fail_training, reference,
-                                                                            checkpoints_equal):
+def test_ctrl_c_in_the_first_epoch_leaves_no_state_and_rerun_starts_clean(
+    in_tmp, write_recipe, kdc, fail_training, reference, checkpoints_equal
+):
     write_recipe()
     fail_training("teacher", epoch=1, batch=2)
     kdc.assert_clean_exit(kdc("train-teacher", "recipe.yaml"), 130)
@@ -267,8 +279,9 @@ def test_ctrl_c_in_the_first_epoch_leaves_no_state_and_rerun_starts_clean(in_tmp
     checkpoints_equal(in_tmp / RUN / "teacher" / "model.pt", reference / RUN / "teacher" / "model.pt")
 
 
-def test_ctrl_c_while_the_resume_state_is_written_keeps_the_previous_state(in_tmp, write_recipe, kdc, monkeypatch,
-                                                                             reference, checkpoints_equal):
+def test_ctrl_c_while_the_resume_state_is_written_keeps_the_previous_state(
+    in_tmp, write_recipe, kdc, monkeypatch, reference, checkpoints_equal
+):
     write_recipe()
     real_save = torch.save
     calls = {"state": 0}
@@ -350,8 +363,7 @@ def test_resume_state_from_a_different_recipe_is_not_used(interrupted_teacher, k
     assert load_checkpoint(interrupted_teacher / RUN / "teacher" / "model.pt")["recipe"]["teacher"]["lr"] == 0.02
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty",
-                                    "not-a-dict"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "not-a-dict"])
 def test_corrupt_resume_state_is_a_clear_error_naming_restart(interrupted_teacher, kdc, damage):
     state = interrupted_teacher / RUN / "teacher" / "state.pt"
     data = state.read_bytes()
@@ -400,8 +412,9 @@ def test_absurd_learning_rate_stops_with_epoch_and_step(in_tmp, write_recipe, kd
     assert temp_files(in_tmp / "runs") == []
 
 
-def test_nan_loss_in_epoch_2_keeps_the_epoch_1_state(in_tmp, write_recipe, kdc, fail_training, reference,
-                                                     checkpoints_equal):
+def test_nan_loss_in_epoch_2_keeps_the_epoch_1_state(
+    in_tmp, write_recipe, kdc, fail_training, reference, checkpoints_equal
+):
     write_recipe()
     fail_training("teacher", epoch=2, batch=7, action="nan")
     result = kdc("train-teacher", "recipe.yaml")

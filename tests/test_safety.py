@@ -125,8 +125,9 @@ def test_disk_full_while_replacing_a_checkpoint_keeps_the_old_one(teacher_run, k
     verify_checkpoint(TEACHER)
 
 
-def test_disk_full_on_the_first_save_keeps_the_resume_state(in_tmp, write_recipe, kdc, monkeypatch, teacher_done,
-                                                            checkpoints_equal):
+def test_disk_full_on_the_first_save_keeps_the_resume_state(
+    in_tmp, write_recipe, kdc, monkeypatch, teacher_done, checkpoints_equal
+):
     write_recipe()
     disk_full_torch_save(monkeypatch, when=lambda obj, n: is_checkpoint(obj))
     result = kdc("train-teacher", "recipe.yaml")
@@ -145,8 +146,9 @@ def test_disk_full_on_the_first_save_keeps_the_resume_state(in_tmp, write_recipe
     checkpoints_equal(TEACHER, teacher_done / TEACHER)
 
 
-def test_disk_full_while_writing_a_resume_state_keeps_the_previous_state(in_tmp, write_recipe, kdc, monkeypatch,
-                                                                          teacher_done, checkpoints_equal):
+def test_disk_full_while_writing_a_resume_state_keeps_the_previous_state(
+    in_tmp, write_recipe, kdc, monkeypatch, teacher_done, checkpoints_equal
+):
     write_recipe()
     states = {"n": 0}
 
@@ -177,6 +179,7 @@ def test_disk_full_while_writing_the_manifest_keeps_a_consistent_checkpoint(teac
 
     def write_tmp(path, write):  # the disk fills up while the manifest is written
         if Path(path).name.endswith(".manifest.json"):
+
             def fail(fh):
                 raise OSError(errno.ENOSPC, ENOSPC)
 
@@ -419,8 +422,9 @@ def test_load_checkpoint_refuses_a_malicious_pickle(how, verify, tmp_path):
     path = tmp_path / "model.pt"
     data = malicious_bytes(marker, how)
     path.write_bytes(data)
-    manifest_path(path).write_text(json.dumps({"file": "model.pt", "bytes": len(data),
-                                               "sha256": hashlib.sha256(data).hexdigest()}))
+    manifest_path(path).write_text(
+        json.dumps({"file": "model.pt", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    )
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path, verify=verify)
     assert str(path) in str(info.value)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -54,11 +54,13 @@ def gaps(at) -> set[int]:
 # --------------------------------------------------------------------------- agp
 
 
-@pytest.mark.parametrize("s_i, n, target, scope", [(0.0, 10, 0.9, "global"), (0.2, 7, 0.8, "layer"),
-                                                    (0.0, 45, 0.95, "global")])
+@pytest.mark.parametrize(
+    "s_i, n, target, scope", [(0.0, 10, 0.9, "global"), (0.2, 7, 0.8, "layer"), (0.0, 45, 0.95, "global")]
+)
 def test_agp_sparsity_at_every_step_is_the_formula_and_the_pruner_reaches_the_target(s_i, n, target, scope):
-    prune = PruneSection(sparsity_schedule="agp", steps=n, initial_sparsity=s_i, target_sparsity=target, epochs=8,
-                         scope=scope)
+    prune = PruneSection(
+        sparsity_schedule="agp", steps=n, initial_sparsity=s_i, target_sparsity=target, epochs=8, scope=scope
+    )
     plan = plan_schedule(prune, batches_per_epoch=79)
     dt = (math.ceil(2 / 3 * 8 * 79)) // (n + 1)
     t0 = 0
@@ -99,8 +101,10 @@ def old_hook_steps(rate: float, target: float, every: float, bpe: int, batches: 
     return steps
 
 
-@pytest.mark.parametrize("rate, target, every, bpe, epochs", [(0.3, 0.9, 0.5, 79, 8), (0.2, 0.9, 1.0, 469, 20),
-                                                               (0.5, 0.75, 0.5, 79, 2), (0.05, 0.9, 0.1, 79, 8)])
+@pytest.mark.parametrize(
+    "rate, target, every, bpe, epochs",
+    [(0.3, 0.9, 0.5, 79, 8), (0.2, 0.9, 1.0, 469, 20), (0.5, 0.75, 0.5, 79, 2), (0.05, 0.9, 0.1, 79, 8)],
+)
 def test_iterative_reproduces_the_old_step_positions_and_targets(rate, target, every, bpe, epochs):
     prune = PruneSection(rate=rate, target_sparsity=target, every=every, epochs=epochs)
     plan = plan_schedule(prune, bpe)
@@ -137,8 +141,7 @@ def test_a_target_of_zero_plans_no_steps():
 
 
 @pytest.mark.parametrize("schedule", ["iterative", "agp"])
-@pytest.mark.parametrize("rate, epochs, bpe", [(0.05, 8, 79), (0.3, 8, 79), (0.2, 20, 469), (0.5, 2, 3),
-                                               (0.3, 2, 7)])
+@pytest.mark.parametrize("rate, epochs, bpe", [(0.05, 8, 79), (0.3, 8, 79), (0.2, 20, 469), (0.5, 2, 3), (0.3, 2, 7)])
 def test_every_auto_spaces_steps_evenly_over_the_first_two_thirds(schedule, rate, epochs, bpe):
     prune = PruneSection(rate=rate, target_sparsity=0.9, epochs=epochs, sparsity_schedule=schedule)
     assert prune.every == "auto"  # the default
@@ -184,16 +187,22 @@ def test_a_planned_schedule_fits_in_retraining_and_ends_at_the_target(rate, targ
 
 
 def test_validation_counts_the_batches_the_run_trains_on():
-    for section in (DataSection(), DataSection(val_split=0.1, batch_size=100), DataSection(batch_size=3334),
-                    DataSection(val_split=0.37, batch_size=7)):
+    for section in (
+        DataSection(),
+        DataSection(val_split=0.1, batch_size=100),
+        DataSection(batch_size=3334),
+        DataSection(val_split=0.37, batch_size=7),
+    ):
         size = dataset_summary(section)[2]
         data = load_data(section)
         assert size == len(data.train)
         assert batches_per_epoch(size, section.batch_size) == data.train.num_batches(section.batch_size)
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
-                    reason="full Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
+    reason="full Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
+)
 def test_the_full_fashion_mnist_size_in_DATASETS_is_its_training_split():
     assert DATASETS["fashion-mnist"][5] == len(load_data(DataSection(dataset="fashion-mnist")).train) == 60_000
 
@@ -294,9 +303,22 @@ def test_every_auto_or_a_number_through_yaml_set_and_the_resolved_recipe(in_tmp,
 def test_kdc_prune_rate_0_05_works_on_the_shipped_quickstart(in_tmp, kdc):
     """`kdc prune --rate 0.05` on the built-in quickstart (its prune section as shipped, every: auto), with the
     epochs shortened for test time: before schedules it exited 2 ('rate 0.05 needs 45 pruning steps')."""
-    shorter = ["--set", "teacher.model=mlp", "--set", "teacher.args={hidden: [32]}", "--set", "teacher.epochs=1",
-               "--set", "distill.epochs=1", "--set", "student.baseline=false", "--set", "prune.epochs=2",
-               "--set", "report.latency=false"]
+    shorter = [
+        "--set",
+        "teacher.model=mlp",
+        "--set",
+        "teacher.args={hidden: [32]}",
+        "--set",
+        "teacher.epochs=1",
+        "--set",
+        "distill.epochs=1",
+        "--set",
+        "student.baseline=false",
+        "--set",
+        "prune.epochs=2",
+        "--set",
+        "report.latency=false",
+    ]
     for command in ("train-teacher", "distill"):
         kdc.assert_clean_exit(kdc(command, *shorter), 0)
     result = kdc("prune", "--rate", "0.05", *shorter)
@@ -310,7 +332,6 @@ def test_kdc_prune_rate_0_05_works_on_the_shipped_quickstart(in_tmp, kdc):
 
 def test_kdc_validate_accepts_rate_0_05_on_every_shipped_recipe(kdc):
     from kdcompress.cli import shipped_recipes
-
     from kdcompress.recipe import load_recipe
 
     for name, path in shipped_recipes().items():
@@ -325,8 +346,16 @@ def test_kdc_validate_accepts_rate_0_05_on_every_shipped_recipe(kdc):
 
 # --------------------------------------------------------------------------- a real agp run, and its resume
 
-AGP = {"prune": {"sparsity_schedule": "agp", "steps": 6, "every": "auto", "rate": 0.5, "target_sparsity": 0.75,
-                 "epochs": 2}}
+AGP = {
+    "prune": {
+        "sparsity_schedule": "agp",
+        "steps": 6,
+        "every": "auto",
+        "rate": 0.5,
+        "target_sparsity": 0.75,
+        "epochs": 2,
+    }
+}
 
 
 @pytest.fixture(scope="module")
@@ -347,8 +376,9 @@ def test_an_agp_run_follows_its_plan_epoch_by_epoch(agp_run):
     assert abs(metrics["sparsity"] - 0.75) <= 0.005 and metrics["pruning_steps"] == 6
 
 
-def test_an_interrupted_agp_stage_resumes_mid_schedule_to_the_same_weights(agp_run, in_tmp, write_recipe, kdc,
-                                                                          fail_training, checkpoints_equal):
+def test_an_interrupted_agp_stage_resumes_mid_schedule_to_the_same_weights(
+    agp_run, in_tmp, write_recipe, kdc, fail_training, checkpoints_equal
+):
     write_recipe(changes=AGP)
     fired = fail_training("pruned", epoch=2, batch=5)  # after 5 of the 6 steps; the 6th comes after the resume
     kdc.assert_clean_exit(kdc("run", "recipe.yaml"), 130)
@@ -360,11 +390,14 @@ def test_an_interrupted_agp_stage_resumes_mid_schedule_to_the_same_weights(agp_r
         checkpoints_equal(in_tmp / "runs/tiny" / stage / "model.pt", agp_run / "runs/tiny" / stage / "model.pt")
 
 
-@pytest.mark.parametrize("prune, words", [
-    ({}, "iterative, rate 0.3, steps spaced automatically to target 90% in 7 steps"),
-    ({"sparsity_schedule": "agp", "every": 0.5}, "agp, a step every 0.5 epochs to target 90% in 7 steps"),
-    ({"sparsity_schedule": "one-shot"}, "one-shot to target 90% in 7 steps"),
-])
+@pytest.mark.parametrize(
+    "prune, words",
+    [
+        ({}, "iterative, rate 0.3, steps spaced automatically to target 90% in 7 steps"),
+        ({"sparsity_schedule": "agp", "every": 0.5}, "agp, a step every 0.5 epochs to target 90% in 7 steps"),
+        ({"sparsity_schedule": "one-shot"}, "one-shot to target 90% in 7 steps"),
+    ],
+)
 def test_the_report_names_the_pruning_schedule_beside_the_learning_rate_schedule(prune, words):
     from kdcompress.recipe import recipe_to_dict
     from kdcompress.report import _settings_text, _stage_settings

@@ -150,15 +150,40 @@ def test_repeated_seeds_are_a_recipe_error(write_recipe, kdc, in_tmp):
 
 def test_the_worse_than_baseline_warning_follows_the_seed_mean():
     def row(stage, acc, mean):
-        return {"stage": stage, "accuracy": acc, "accuracy_mean": mean, "settings": {}, "chance_accuracy": None,
-                "train_accuracy": None, "seeds": [{"seed": 0, "accuracy": acc}, {"seed": 1, "accuracy": acc}]}
+        return {
+            "stage": stage,
+            "accuracy": acc,
+            "accuracy_mean": mean,
+            "settings": {},
+            "chance_accuracy": None,
+            "train_accuracy": None,
+            "seeds": [{"seed": 0, "accuracy": acc}, {"seed": 1, "accuracy": acc}],
+        }
 
-    seeds = {"n": 3, "differences": [], "mean": 0.004, "std": 0.001, "se": 0.0006, "noise_z": 2.0,
-             "mean_above_2se": True}
-    comp = {"stage": "distilled", "against": "student", "difference": -0.02, "se": 0.005, "z": -4.0,
-            "within_noise": False, "noise_z": 2.0, "seeds": seeds}
-    report = {"run_dir": "runs/x", "stages": [row("student", 0.85, 0.85), row("distilled", 0.83, 0.854)],
-              "comparisons": [comp]}
+    seeds = {
+        "n": 3,
+        "differences": [],
+        "mean": 0.004,
+        "std": 0.001,
+        "se": 0.0006,
+        "noise_z": 2.0,
+        "mean_above_2se": True,
+    }
+    comp = {
+        "stage": "distilled",
+        "against": "student",
+        "difference": -0.02,
+        "se": 0.005,
+        "z": -4.0,
+        "within_noise": False,
+        "noise_z": 2.0,
+        "seeds": seeds,
+    }
+    report = {
+        "run_dir": "runs/x",
+        "stages": [row("student", 0.85, 0.85), row("distilled", 0.83, 0.854)],
+        "comparisons": [comp],
+    }
     # the first seed alone came out worse, beyond noise; the mean over the seeds is better: no warning
     assert not [w for w in report_warnings(report) if "worse than the baseline" in w]
     seeds.update(mean=-0.004)

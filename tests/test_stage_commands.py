@@ -84,8 +84,7 @@ def test_the_stage_itself_says_which_keys_changed(in_tmp, write_recipe, kdc):
 # --------------------------------------------------------------------------- defect 9
 
 
-def test_interrupting_a_forced_rerun_gives_true_advice_and_the_rerun_resumes(in_tmp, write_recipe, kdc,
-                                                                           fail_training):
+def test_interrupting_a_forced_rerun_gives_true_advice_and_the_rerun_resumes(in_tmp, write_recipe, kdc, fail_training):
     write_recipe()
     kdc.assert_clean_exit(kdc("train-teacher", "recipe.yaml"), 0)
     stage_dir = in_tmp / RUN / "teacher"
@@ -119,8 +118,7 @@ def test_status_of_a_stage_with_an_interrupted_run_is_not_up_to_date(in_tmp, wri
     assert not status.done and "interrupted run stopped after epoch 1" in status.reason
 
 
-def test_a_skipped_stage_puts_back_the_metrics_that_describe_its_checkpoint(in_tmp, write_recipe, kdc,
-                                                                          fail_training):
+def test_a_skipped_stage_puts_back_the_metrics_that_describe_its_checkpoint(in_tmp, write_recipe, kdc, fail_training):
     write_recipe()
     kdc.assert_clean_exit(kdc("train-teacher", "recipe.yaml"), 0)
     stage_dir = in_tmp / RUN / "teacher"
@@ -130,7 +128,7 @@ def test_a_skipped_stage_puts_back_the_metrics_that_describe_its_checkpoint(in_t
     kdc.assert_clean_exit(kdc("train-teacher", "recipe.yaml", "--set", "teacher.lr=0.02"), 130)
     assert epochs_in(stage_dir / "metrics.partial.jsonl") == [1]
     assert (stage_dir / "metrics.jsonl").read_text() == before
-    (stage_dir / "metrics.jsonl").write_text("{\"epoch\": 9}\n")  # as a kill between checkpoint and metrics leaves it
+    (stage_dir / "metrics.jsonl").write_text('{"epoch": 9}\n')  # as a kill between checkpoint and metrics leaves it
     result = kdc("train-teacher", "recipe.yaml")  # the original settings: the checkpoint is up to date
     kdc.assert_clean_exit(result, 0)
     assert "up to date, skipped" in kdc.flat(result)
@@ -178,8 +176,16 @@ def test_a_shipped_recipe_path_that_is_not_here_points_at_recipes_copy(in_tmp, k
 
 
 def test_help_examples_name_no_file_a_user_does_not_have(kdc):
-    for command in ([], ["run"], ["train-teacher"], ["train-student"], ["distill"], ["prune"], ["validate"],
-                    ["report"]):
+    for command in (
+        [],
+        ["run"],
+        ["train-teacher"],
+        ["train-student"],
+        ["distill"],
+        ["prune"],
+        ["validate"],
+        ["report"],
+    ):
         result = kdc(*command, "--help")
         assert result.exit_code == 0, result.output
         assert "recipes/" not in result.output, (command, result.output)

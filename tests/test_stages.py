@@ -20,26 +20,58 @@ RUN = Path("runs") / "tiny"
 
 # A different valid value for every leaf key of the recipe (a change must keep the recipe valid).
 CHANGED = {
-    "run.name": "other", "run.seed": 7, "run.device": "auto", "run.out_dir": "elsewhere", "run.threads": 1,
-    "run.precision": "bf16", "run.channels_last": True, "run.compile": True, "run.bn_recalibrate": 5,
-    "data.dataset": "mnist", "data.root": "/tmp/x", "data.batch_size": 64, "data.eval_batch_size": 500,
-    "data.val_split": 0.1, "data.crop_padding": 2, "data.hflip": True, "data.workers": 0,
-    "student.baseline": False, "student.model": "lenet5", "student.args": {},
-    "teacher.checkpoint": None, "teacher.pretrained": None,  # need a file and a torchvision model: test_own_teacher
-    "distill.temperature": 2.0, "distill.alpha": 0.3, "distill.loss": "dkd",
+    "run.name": "other",
+    "run.seed": 7,
+    "run.device": "auto",
+    "run.out_dir": "elsewhere",
+    "run.threads": 1,
+    "run.precision": "bf16",
+    "run.channels_last": True,
+    "run.compile": True,
+    "run.bn_recalibrate": 5,
+    "data.dataset": "mnist",
+    "data.root": "/tmp/x",
+    "data.batch_size": 64,
+    "data.eval_batch_size": 500,
+    "data.val_split": 0.1,
+    "data.crop_padding": 2,
+    "data.hflip": True,
+    "data.workers": 0,
+    "student.baseline": False,
+    "student.model": "lenet5",
+    "student.args": {},
+    "teacher.checkpoint": None,
+    "teacher.pretrained": None,  # need a file and a torchvision model: test_own_teacher
+    "distill.temperature": 2.0,
+    "distill.alpha": 0.3,
+    "distill.loss": "dkd",
     # read by dkd or a user's loss only: setting them with kd is refused (tests/test_dkd.py changes them under dkd)
-    "distill.dkd_alpha": None, "distill.dkd_beta": None, "distill.dkd_warmup": None, "distill.loss_args": None,
+    "distill.dkd_alpha": None,
+    "distill.dkd_beta": None,
+    "distill.dkd_warmup": None,
+    "distill.loss_args": None,
     "distill.features": [{"teacher": "features.3", "student": "features.3", "loss": "at", "weight": 1.0}],
-    "prune.rate": 0.6, "prune.target_sparsity": 0.5,
-    "prune.every": "auto", "prune.method": "structured", "prune.importance": "l2", "prune.sparsity_schedule": "one-shot",
-    "prune.steps": None, "prune.initial_sparsity": None,  # read by agp only: setting them with iterative is refused
-    "report.latency": True, "report.latency_batches": [1], "report.threads": 1,
+    "prune.rate": 0.6,
+    "prune.target_sparsity": 0.5,
+    "prune.every": "auto",
+    "prune.method": "structured",
+    "prune.importance": "l2",
+    "prune.sparsity_schedule": "one-shot",
+    "prune.steps": None,
+    "prune.initial_sparsity": None,  # read by agp only: setting them with iterative is refused
+    "report.latency": True,
+    "report.latency_batches": [1],
+    "report.threads": 1,
     "report.latency_batch": None,  # a deprecated alias of latency_batches: setting both is refused
     # what kdc export writes is made after the stages: no stage reads it
-    "export.formats": ["sparse"], "export.stage": "distilled", "export.dtype": "fp32", "export.codec": "zlib",
+    "export.formats": ["sparse"],
+    "export.stage": "distilled",
+    "export.dtype": "fp32",
+    "export.codec": "zlib",
     # kdc run --seeds: which run directories to make, not what a stage is made from. teacher.seed stands in for
     # run.seed in the teacher's inputs (tests/test_seeds.py): pinned to the run's own seed, it changes nothing
-    "run.seeds": [0, 1], "teacher.seed": 0,
+    "run.seeds": [0, 1],
+    "teacher.seed": 0,
 }
 
 
@@ -75,8 +107,9 @@ def _leaves(recipe: dict):
 
 def _fingerprints(recipe) -> dict[str, str]:
     fake_upstream = {name: "u" * 16 for name in STAGE_NAMES}
-    return {s.name: pipeline._fingerprint(recipe, s.name, {d: fake_upstream[d] for d in s.upstream(recipe)})
-            for s in STAGES}
+    return {
+        s.name: pipeline._fingerprint(recipe, s.name, {d: fake_upstream[d] for d in s.upstream(recipe)}) for s in STAGES
+    }
 
 
 def test_every_recipe_value_changes_exactly_the_stages_that_declare_it(tiny_recipe_text):
@@ -88,7 +121,9 @@ def test_every_recipe_value_changes_exactly_the_stages_that_declare_it(tiny_reci
         new = _changed_value(key, value)
         if new is None:
             continue
-        changed = parse_recipe(tiny_recipe_text, overrides=[f"{key}={json.dumps(new) if not isinstance(new, str) else new}"])
+        changed = parse_recipe(
+            tiny_recipe_text, overrides=[f"{key}={json.dumps(new) if not isinstance(new, str) else new}"]
+        )
         assert getattr(getattr(changed, key.split(".")[0]), key.split(".")[1]) != value, key
         after = _fingerprints(changed)
         for stage in STAGES:

@@ -34,15 +34,15 @@ from kdcompress.data import DataSplits, load_data
 from kdcompress.errors import CheckpointError
 from kdcompress.measure import count_macs
 from kdcompress.models import SmallCNN, build_from_checkpoint, build_model, model_spec
-from kdcompress.recipe import DataSection, TrainSettings
 from kdcompress.prune.structured import StructuredPruner, apply_structure, find_classifier
+from kdcompress.recipe import DataSection, TrainSettings
 from kdcompress.train import Hook, fit
 
 SHAPE = (1, 28, 28)
 
 # A user's own network, as they would write it in their own module: conv-bn-relu blocks with an identity
 # addition, two branches joined by a concatenation, then flatten -> linear.
-USER_NET = '''
+USER_NET = """
 import torch
 from torch import nn
 
@@ -80,7 +80,7 @@ class ResCat(nn.Module):
 
 def build(input_shape=(1, 28, 28), num_classes=10, width=16):
     return ResCat(input_shape, num_classes, width)
-'''
+"""
 USER_MODULE = "kdc_test_user_rescat"  # a name no other test imports: modules are cached per process
 
 
@@ -120,14 +120,16 @@ def _fresh_process_outputs(tmp_path: Path, ckpt: dict, x: torch.Tensor, cwd: Pat
 def _widths(model: nn.Module) -> dict[str, int]:
     return {
         name: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-        for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
     }
 
 
 @pytest.mark.parametrize("arch", ["torchvision:resnet18", f"{USER_MODULE}:build"])
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_half_the_channels_go_outputs_stay_and_a_fresh_process_rebuilds_it(arch, scope, user_dir, tmp_path,
-                                                                           monkeypatch):
+def test_half_the_channels_go_outputs_stay_and_a_fresh_process_rebuilds_it(
+    arch, scope, user_dir, tmp_path, monkeypatch
+):
     monkeypatch.chdir(user_dir)  # import paths are found in the current directory, as for a user's recipe
     spec = _spec(arch)
     torch.manual_seed(0)
@@ -211,7 +213,7 @@ def test_bn_scale_keeps_the_channels_with_the_largest_batchnorm_scales():
     with torch.no_grad():
         for bn in (model.features[1], model.features[5]):
             bn.weight.copy_(torch.randperm(bn.num_features, generator=g).float() + 1)  # distinct scales
-    top = [sorted(bn.weight.tolist())[bn.num_features // 2:] for bn in (model.features[1], model.features[5])]
+    top = [sorted(bn.weight.tolist())[bn.num_features // 2 :] for bn in (model.features[1], model.features[5])]
     pruner = StructuredPruner(model, SHAPE, importance="bn_scale", scope="layer")
     # channels without a BatchNorm after them (the hidden linear) cannot be ranked by it: left alone, not counted
     assert set(pruner.initial_channels) == {"features.0", "features.4"}
@@ -236,8 +238,11 @@ def test_bad_arguments_and_a_history_of_another_model_are_refused():
         apply_structure(model, [["features.0", True, [0, 1]]], SHAPE)
     with pytest.raises(ValueError, match="damaged"):
         apply_structure(model, [["net.1", "yes", [0]]], SHAPE)
-    ckpt = {"arch": model_spec("mlp", {"hidden": [16]}, 10, SHAPE), "structure": [["net.9", True, [0]]],
-            "state_dict": model.state_dict()}
+    ckpt = {
+        "arch": model_spec("mlp", {"hidden": [16]}, 10, SHAPE),
+        "structure": [["net.9", True, [0]]],
+        "state_dict": model.state_dict(),
+    }
     with pytest.raises(CheckpointError, match="structure"):
         build_from_checkpoint(ckpt, where="pruned checkpoint")
 
@@ -257,7 +262,9 @@ def test_every_checkpoint_load_rebuilds_a_structured_stage(in_tmp, write_recipe)
     from kdcompress.recipe import load_recipe
     from kdcompress.report import build_report
 
-    recipe = load_recipe(write_recipe(changes={"student": {"model": "cnn", "args": {"channels": [8, 16], "hidden": 32}}}))
+    recipe = load_recipe(
+        write_recipe(changes={"student": {"model": "cnn", "args": {"channels": [8, 16], "hidden": 32}}})
+    )
     spec = model_spec("cnn", {"channels": [8, 16], "hidden": 32}, 10, SHAPE)
     torch.manual_seed(0)
     model = build_model(spec)
@@ -265,9 +272,18 @@ def test_every_checkpoint_load_rebuilds_a_structured_stage(in_tmp, write_recipe)
     pruner = StructuredPruner(model, SHAPE)
     pruner.prune_to(0.5)
     path = checkpoint_path(recipe.run_dir, "pruned")
-    save_checkpoint(path, {"stage": "pruned", "arch": spec, "structure": pruner.history(),
-                           "state_dict": model.state_dict(), "recipe": {}, "dataset": "fashion-mnist-mini",
-                           "metrics": {"test_accuracy": 0.5, "test_samples": 1000}})
+    save_checkpoint(
+        path,
+        {
+            "stage": "pruned",
+            "arch": spec,
+            "structure": pruner.history(),
+            "state_dict": model.state_dict(),
+            "recipe": {},
+            "dataset": "fashion-mnist-mini",
+            "metrics": {"test_accuracy": 0.5, "test_samples": 1000},
+        },
+    )
     model.eval()
     x = torch.randn(4, *SHAPE)
     with torch.no_grad():
@@ -312,8 +328,15 @@ class _PruneAt(Hook):
 @pytest.fixture(scope="module")
 def mini() -> DataSplits:
     s = load_data(DataSection(dataset="fashion-mnist-mini"), seed=0)
-    return DataSplits(s.name, s.train.subset(torch.arange(1536)), s.test.subset(torch.arange(500)), None,
-                      s.num_classes, s.input_shape, "mini-1536")
+    return DataSplits(
+        s.name,
+        s.train.subset(torch.arange(1536)),
+        s.test.subset(torch.arange(500)),
+        None,
+        s.num_classes,
+        s.input_shape,
+        "mini-1536",
+    )
 
 
 SETTINGS = TrainSettings(epochs=3, optimizer="sgd", lr=0.05, momentum=0.9, schedule="step", step_size=1, gamma=0.5)
@@ -325,9 +348,19 @@ def _train(mini, state_path: Path, stop_at: int | None = None, console: Console 
     torch.manual_seed(0)
     model = SmallCNN(SHAPE, 10, channels=(8, 16), hidden=32)
     hook = _PruneAt(StructuredPruner(model, SHAPE), AT, stop_at)
-    history = fit(model, lambda logits, y, idx, x: nn.functional.cross_entropy(logits, y), mini, SETTINGS,
-                  batch_size=BATCH, seed=0, stage="pruned", hooks=[hook], state_path=state_path, state_tag="t",
-                  console=console or Console(stderr=True, quiet=True))
+    history = fit(
+        model,
+        lambda logits, y, idx, x: nn.functional.cross_entropy(logits, y),
+        mini,
+        SETTINGS,
+        batch_size=BATCH,
+        seed=0,
+        stage="pruned",
+        hooks=[hook],
+        state_path=state_path,
+        state_tag="t",
+        console=console or Console(stderr=True, quiet=True),
+    )
     return model, hook, history
 
 

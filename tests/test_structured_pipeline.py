@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import subprocess_env
+
 from kdcompress.checkpoint import load_checkpoint
 
 CNN_RECIPE = {
@@ -32,8 +32,14 @@ CNN_RECIPE = {
     "teacher": {"model": "cnn", "args": {"channels": [16, 32], "hidden": 64}, "epochs": 1},
     "student": {"model": "cnn", "args": {"channels": [16, 32], "hidden": 64}, "baseline": False},
     "distill": {"epochs": 1},
-    "prune": {"method": "structured", "scope": "layer", "target_sparsity": 0.5, "sparsity_schedule": "agp", "steps": 4,
-              "epochs": 3},
+    "prune": {
+        "method": "structured",
+        "scope": "layer",
+        "target_sparsity": 0.5,
+        "sparsity_schedule": "agp",
+        "steps": 4,
+        "epochs": 3,
+    },
     "report": {"latency": False},
 }
 RUN = Path("runs") / "cnn"
@@ -203,7 +209,10 @@ def test_bench_pruned_script_times_the_two_stages_in_turns(cnn_run):
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_pruned.py"
     done = subprocess.run(
         [sys.executable, str(script), str(cnn_run / RUN), "--rounds", "2", "--seconds", "0.05", "--threads", "1"],
-        env=subprocess_env(), capture_output=True, text=True, timeout=120,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])

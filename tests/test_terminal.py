@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_RECIPE
 from rich.console import Console
 
 import kdcompress
-from conftest import TINY_RECIPE
 from kdcompress.progress import RunProgress, clock_text
 
 STAGES = ["teacher", "student", "distilled", "pruned"]
@@ -32,13 +32,23 @@ ANSI = re.compile(r"\x1b[\[\]()#;?]*[0-9;]*[A-Za-z]")
 def _kdc_process(cwd: Path, *args: str) -> tuple[subprocess.CompletedProcess, str]:
     """``python -m kdcompress ARGS`` in ``cwd`` with stderr written to a file, as ``2>log`` does; returns (process, log)."""
     root = str(Path(kdcompress.__file__).resolve().parents[1])  # this checkout's kdcompress
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("FORCE_COLOR", "FORCE_TERMINAL", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "CLICOLOR_FORCE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FORCE_COLOR", "FORCE_TERMINAL", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "CLICOLOR_FORCE")
+    }
     env.update(PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     log = cwd / "stderr.log"
     with open(log, "w", encoding="utf-8") as err:
-        done = subprocess.run([sys.executable, "-m", "kdcompress", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=err, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "kdcompress", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            timeout=600,
+        )
     return done, log.read_text(encoding="utf-8")
 
 
@@ -113,8 +123,11 @@ def test_quiet_stage_command_prints_one_summary_line(kdc, write_recipe, in_tmp):
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert re.fullmatch(r"teacher: test accuracy 0\.\d{4}, 50,890 of 50,890 parameters non-zero "
-                        r"\(runs/tiny/teacher/model\.pt\)", lines[0]), lines[0]
+    assert re.fullmatch(
+        r"teacher: test accuracy 0\.\d{4}, 50,890 of 50,890 parameters non-zero "
+        r"\(runs/tiny/teacher/model\.pt\)",
+        lines[0],
+    ), lines[0]
 
 
 def test_quiet_still_prints_errors(kdc, write_recipe, in_tmp):
@@ -136,8 +149,16 @@ class _Clock:
 
 
 def _record(stage_epoch: int, **extra) -> dict:
-    return {"epoch": stage_epoch, "train_loss": 0.5, "train_accuracy": 0.8, "test_loss": 0.6, "test_accuracy": 0.75,
-            "lr": 0.0125, "seconds": 10.0, **extra}
+    return {
+        "epoch": stage_epoch,
+        "train_loss": 0.5,
+        "train_accuracy": 0.8,
+        "test_loss": 0.6,
+        "test_accuracy": 0.75,
+        "lr": 0.0125,
+        "seconds": 10.0,
+        **extra,
+    }
 
 
 def test_eta_is_said_only_once_a_rate_is_measured():
@@ -180,8 +201,10 @@ def test_run_eta_covers_the_stages_to_come_at_their_models_rate():
         progress.begin_epoch(1)
         clock.now = 20.0
         progress.end_epoch(_record(2))
-    assert "teacher epoch 1/2  loss 0.5000  train acc 0.8000  test acc 0.7500  lr 0.0125  (10.0 s)  " \
-           "ETA stage 0:10, run >0:10 (3 student epochs not timed yet)" in buf.getvalue()
+    assert (
+        "teacher epoch 1/2  loss 0.5000  train acc 0.8000  test acc 0.7500  lr 0.0125  (10.0 s)  "
+        "ETA stage 0:10, run >0:10 (3 student epochs not timed yet)" in buf.getvalue()
+    )
     assert buf.getvalue().splitlines()[1].endswith("(10.0 s)  ETA run: 3 student epochs not timed yet")
     with progress.stage("distilled", epochs=2, first_epoch=0, batches_per_epoch=100):
         progress.begin_epoch(0)
@@ -300,7 +323,9 @@ def test_tensorboard_scalars_for_every_stage_and_epoch(kdc, write_recipe, in_tmp
         tags = {tag for tag, _, _ in mine}
         assert {"loss/train", "loss/test", "accuracy/train", "accuracy/test", "lr", "seconds"} <= tags, tags
         assert ("sparsity" in tags) == (stage == "pruned")
-        metrics = [json.loads(line) for line in (in_tmp / "runs" / "tiny" / stage / "metrics.jsonl").read_text().splitlines()]
+        metrics = [
+            json.loads(line) for line in (in_tmp / "runs" / "tiny" / stage / "metrics.jsonl").read_text().splitlines()
+        ]
         for record in metrics:  # the values are the epoch's metrics, at step = epoch
             assert ("accuracy/test", pytest.approx(record["test_accuracy"]), record["epoch"]) in mine
             assert ("lr", pytest.approx(record["lr"]), record["epoch"]) in mine

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import TINY_RECIPE, _deep_merge, subprocess_env
+
 from kdcompress import models
 from kdcompress.checkpoint import read_manifest, save_checkpoint
 from kdcompress.errors import KdcError
@@ -42,17 +42,26 @@ def write_checkpoint(path: Path, name: str = "mlp", hidden=(16,)) -> ModelFile:
     torch.manual_seed(0)
     net = MLP((1, 28, 28), 10, list(hidden))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, {"arch": model_spec(name, {"hidden": list(hidden)}, 10, [1, 28, 28]),
-                           "state_dict": net.state_dict(), "metrics": {"test_accuracy": 0.5}})
+    save_checkpoint(
+        path,
+        {
+            "arch": model_spec(name, {"hidden": list(hidden)}, 10, [1, 28, 28]),
+            "state_dict": net.state_dict(),
+            "metrics": {"test_accuracy": 0.5},
+        },
+    )
     return ModelFile("checkpoint", str(path), read_manifest(path)["sha256"], "mlp", f"{path.parent.name} checkpoint")
 
 
 def test_the_timing_process_waits_passively_whatever_the_calling_process_has(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice for training: not the timing's
-    files = {"small": write_checkpoint(tmp_path / "small" / "model.pt"),
-             "wide": write_checkpoint(tmp_path / "wide" / "model.pt", hidden=(64,))}
-    timed, policy = time_in_child(files, [(1, ["small", "wide"]), (4, ["wide"])], threads=1, rounds=3,
-                                  min_run_time=0.01)
+    files = {
+        "small": write_checkpoint(tmp_path / "small" / "model.pt"),
+        "wide": write_checkpoint(tmp_path / "wide" / "model.pt", hidden=(64,)),
+    }
+    timed, policy = time_in_child(
+        files, [(1, ["small", "wide"]), (4, ["wide"])], threads=1, rounds=3, min_run_time=0.01
+    )
     assert policy == "PASSIVE"
     assert [sorted(t) for t in timed] == [["small", "wide"], ["wide"]]
     assert {t["runs"] for t in timed[0].values()} == {3} and timed[1]["wide"]["batch"] == 4
@@ -122,9 +131,14 @@ def test_kdc_trains_with_the_openmp_wait_policy_it_was_started_with(tmp_path):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     env = {k: v for k, v in subprocess_env().items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(models.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-m", "kdcompress", "train-teacher", "recipe.yaml", "--quiet"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "kdcompress", "train-teacher", "recipe.yaml", "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     # no policy: OpenMP's default, spinning 10,000 turns (cli.entry) rather than its 300,000
     assert json.loads((tmp_path / "policy.json").read_text()) == [None, "10000"]
-

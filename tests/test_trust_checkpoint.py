@@ -104,8 +104,17 @@ def copy(full_run, tmp_path, monkeypatch):
     return working_copy(full_run, tmp_path, monkeypatch)
 
 
-@pytest.mark.parametrize("key, value", [("test_samples", "2000"), ("seconds", [1]), ("channel_sparsity", "c"),
-                                        ("confusion", "x"), ("confusion", [[1, 2]]), ("train_device", 5)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("test_samples", "2000"),
+        ("seconds", [1]),
+        ("channel_sparsity", "c"),
+        ("confusion", "x"),
+        ("confusion", [[1, 2]]),
+        ("train_device", 5),
+    ],
+)
 def test_a_checkpoint_metric_of_the_wrong_type_is_a_damaged_file_not_an_internal_error(copy, kdc, key, value):
     path = copy / "runs" / "tiny" / "distilled" / "model.pt"
     ckpt = load_checkpoint(path)
@@ -127,8 +136,11 @@ def test_a_checkpoint_recipe_of_the_wrong_types_leaves_its_row_without_settings(
 
 
 def test_planted_metrics_jsonl_values_of_the_wrong_type_are_left_out_of_the_curve(copy, kdc):
-    lines = ['{"epoch": 1, "train_loss": "1", "first_batch_loss": "1", "max_batch_loss": [5], "train_accuracy": {}}',
-             "[1, 2]", '{"epoch": 2, "train_loss": 0.5, "seconds": NaN}']
+    lines = [
+        '{"epoch": 1, "train_loss": "1", "first_batch_loss": "1", "max_batch_loss": [5], "train_accuracy": {}}',
+        "[1, 2]",
+        '{"epoch": 2, "train_loss": 0.5, "seconds": NaN}',
+    ]
     (copy / "runs" / "tiny" / "teacher" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     kdc.assert_clean_exit(kdc("report", "runs/tiny"), 0)
     report = json.loads((copy / "runs" / "tiny" / "report.json").read_text())
@@ -153,8 +165,14 @@ def test_kdc_report_never_reads_a_teacher_file_outside_the_run_that_its_recipe_y
     """/dev/zero would never end: the report says it cannot tell whether the stages are up to date instead."""
     recipe = copy / "runs" / "tiny" / "recipe.yaml"
     recipe.write_text(recipe.read_text().replace("checkpoint: null", "checkpoint: /dev/zero"))
-    done = subprocess.run([sys.executable, "-m", "kdcompress", "report", "runs/tiny"], cwd=copy, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "kdcompress", "report", "runs/tiny"],
+        cwd=copy,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads((copy / "runs" / "tiny" / "report.json").read_text())
     assert report["stale_checked"] is False

@@ -132,8 +132,9 @@ def test_a_checkpoint_naming_another_built_in_model_is_refused_too(work, kdc):
     assert "distilled checkpoint names the model 'cnn' but the recipe says 'mlp'" in kdc.flat(result)
 
 
-@pytest.mark.parametrize("command", [["export", str(RUN), "--format", "sparse"], ["report", str(RUN)]],
-                         ids=["export", "report"])
+@pytest.mark.parametrize(
+    "command", [["export", str(RUN), "--format", "sparse"], ["report", str(RUN)]], ids=["export", "report"]
+)
 def test_a_module_named_in_a_planted_artifact_never_runs(work, kdc, command):
     """The artifact is refused, like any replaced file: the report says why, names both, and loads nothing."""
     marker = work / "pwned"
@@ -160,7 +161,11 @@ def test_load_artifact_builds_only_the_expected_model(work):
 @pytest.mark.parametrize(
     "changes, command, shown",
     [
-        ({"teacher": {"model": "os:system", "args": {"command": "touch pwned"}}}, ["run"], "'os:system' (teacher.model)"),
+        (
+            {"teacher": {"model": "os:system", "args": {"command": "touch pwned"}}},
+            ["run"],
+            "'os:system' (teacher.model)",
+        ),
         ({"student": {"model": "EVIL:build"}}, ["prune", "--force"], "'EVIL:build' (student.model)"),
         ({"data": {"dataset": "EVIL:build"}}, ["train-teacher"], "'EVIL:build' (data.dataset)"),
         ({"distill": {"loss": "EVIL:build"}}, ["distill"], "'EVIL:build' (distill.loss)"),

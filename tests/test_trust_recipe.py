@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_RECIPE, _deep_merge, kdc_in_child
 
 from kdcompress.errors import RecipeError
 from kdcompress.recipe import parse_recipe, recipe_from_dict, recipe_to_dict
 from kdcompress.report import report_warnings
-
-from conftest import TINY_RECIPE, _deep_merge, kdc_in_child
 
 LEVELS = "abcdefghi"  # nine levels of nine aliases each: 9**9 (387 million) leaves once expanded
 
@@ -42,8 +41,11 @@ BOMB_BY_MERGES = "teacher:\n  args:\n    a: &a {x: 1, y: 2, z: 3}\n" + "".join(
 )
 
 
-@pytest.mark.parametrize("text,size", [(BOMB_IN_ARGS, 478), (BOMB_AT_TOP, 368), (BOMB_BY_MERGES, 470)],
-                         ids=["in-args", "at-top", "merge-keys"])
+@pytest.mark.parametrize(
+    "text,size",
+    [(BOMB_IN_ARGS, 478), (BOMB_AT_TOP, 368), (BOMB_BY_MERGES, 470)],
+    ids=["in-args", "at-top", "merge-keys"],
+)
 def test_a_yaml_alias_bomb_is_refused_with_exit_2_under_1_gb_peak_rss(tmp_path, text, size):
     assert len(text.encode()) == size
     (tmp_path / "bomb.yaml").write_text(text, encoding="utf-8")
@@ -163,8 +165,11 @@ def test_a_run_name_that_is_not_one_plain_folder_is_refused_from_set_and_nothing
     assert _listing(tmp_path) == before
 
 
-@pytest.mark.parametrize("name,why", [("../escape", "is a path"), ("nul\x00byte", "control character"),
-                                      ("ABSOLUTE", "is a path")], ids=["climbing", "nul", "absolute"])
+@pytest.mark.parametrize(
+    "name,why",
+    [("../escape", "is a path"), ("nul\x00byte", "control character"), ("ABSOLUTE", "is a path")],
+    ids=["climbing", "nul", "absolute"],
+)
 def test_a_run_name_that_is_not_one_plain_folder_is_refused_in_the_recipe_with_its_line(
     tmp_path, monkeypatch, kdc, name, why
 ):
@@ -193,10 +198,18 @@ def test_a_resolved_recipe_with_a_climbing_run_name_is_refused():
 @pytest.fixture(scope="module")
 def zero_epoch_run(fresh_run):
     """A tiny run in which no stage trains (pruning kept at 0 %, which needs no retraining)."""
-    text = yaml.safe_dump(_deep_merge(TINY_RECIPE, {
-        "run": {"name": "zero"}, "teacher": {"epochs": 0}, "distill": {"epochs": 0},
-        "prune": {"epochs": 0, "target_sparsity": 0.0},
-    }), sort_keys=False)
+    text = yaml.safe_dump(
+        _deep_merge(
+            TINY_RECIPE,
+            {
+                "run": {"name": "zero"},
+                "teacher": {"epochs": 0},
+                "distill": {"epochs": 0},
+                "prune": {"epochs": 0, "target_sparsity": 0.0},
+            },
+        ),
+        sort_keys=False,
+    )
     work, result = fresh_run(text, "zero", "run")
     return work, result
 
@@ -235,9 +248,16 @@ def test_a_planted_alias_bomb_recipe_yaml_in_a_run_directory_is_refused_by_kdc_r
 
 
 def test_an_exploding_loss_is_warned_about_though_each_epoch_mean_fell(fresh_run, kdc):
-    text = yaml.safe_dump(_deep_merge(TINY_RECIPE, {
-        "run": {"name": "diverged"}, "teacher": {"optimizer": "adam", "lr": 1e6},
-    }), sort_keys=False)
+    text = yaml.safe_dump(
+        _deep_merge(
+            TINY_RECIPE,
+            {
+                "run": {"name": "diverged"},
+                "teacher": {"optimizer": "adam", "lr": 1e6},
+            },
+        ),
+        sort_keys=False,
+    )
     work, result = fresh_run(text, "diverged", "train-teacher")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
@@ -260,9 +280,18 @@ def test_a_normal_tiny_run_gets_none_of_these_warnings(fresh_run):
 
 
 def _row(**extra) -> dict:
-    row = {"stage": "teacher", "accuracy": 0.1, "test_samples": 2000, "num_classes": 10, "chance_accuracy": 0.1,
-           "train_accuracy": 0.1, "has_batchnorm": False, "epochs": 8, "settings": {"lr": 0.05, "epochs": 8},
-           "curve": []}
+    row = {
+        "stage": "teacher",
+        "accuracy": 0.1,
+        "test_samples": 2000,
+        "num_classes": 10,
+        "chance_accuracy": 0.1,
+        "train_accuracy": 0.1,
+        "has_batchnorm": False,
+        "epochs": 8,
+        "settings": {"lr": 0.05, "epochs": 8},
+        "curve": [],
+    }
     return {**row, **extra}
 
 
@@ -281,8 +310,15 @@ def test_distillation_worse_than_baseline_from_a_teacher_at_chance_says_fix_the_
         _row(stage="student", accuracy=0.8, chance_accuracy=None),
         _row(stage="distilled", accuracy=0.5, chance_accuracy=None),
     ]
-    comparison = {"stage": "distilled", "against": "student", "difference": -0.3, "se": 0.01, "z": -30.0,
-                  "within_noise": False, "noise_z": 2.0}
+    comparison = {
+        "stage": "distilled",
+        "against": "student",
+        "difference": -0.3,
+        "se": 0.01,
+        "z": -30.0,
+        "within_noise": False,
+        "noise_z": 2.0,
+    }
     warning = report_warnings({"stages": stages, "comparisons": [comparison]})[-1]
     assert warning.startswith("distillation came out worse") and "fix the teacher first" in warning, warning
     assert "distill.temperature" not in warning

@@ -75,7 +75,9 @@ def check_formats(formats) -> None:
     import importlib.util
 
     needs = [fmt for fmt in formats if fmt in _NEEDS_ONNX]
-    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if needs and importlib.util.find_spec(name) is None]
+    missing = [
+        name for name in ("onnx", "onnxscript", "onnxruntime") if needs and importlib.util.find_spec(name) is None
+    ]
     if missing:
         raise KdcError(
             f"export.formats lists {' and '.join(needs)}, which need{'s' if len(needs) == 1 else ''} "
@@ -147,7 +149,9 @@ def verify_artifact(path: str | Path) -> tuple[dict, bytes]:
             f"Delete it and {again}"
         ) from None
     except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):  # inf, deep nesting
-        raise ArtifactError(f"the manifest {mpath} is damaged or not a kdc artifact's; delete both and {again}") from None
+        raise ArtifactError(
+            f"the manifest {mpath} is damaged or not a kdc artifact's; delete both and {again}"
+        ) from None
     if fmt not in FORMATS:
         raise ArtifactError(f"{mpath} names an unknown format {fmt!r}; this kdc reads {', '.join(FORMATS)}")
     blob = path.read_bytes() if path.stat().st_size == size else b""  # a file of another size is not read at all
@@ -192,9 +196,20 @@ def load_artifact(path: str | Path, allow_import: bool = False, expected: str | 
 _NUMBER = (int, float)
 # the types of the row entries kdc writes and reads back (None allowed for each but path, stage and format)
 _ROW_TYPES = {
-    "path": str, "stage": str, "format": str, "accuracy": _NUMBER, "test_loss": _NUMBER, "test_samples": int,
-    "stage_accuracy": _NUMBER, "accuracy_change_vs_stage": _NUMBER, "stage_checkpoint_bytes": int, "bytes": int,
-    "options": dict, "info": dict, "source_fingerprint": str, "sha256": str,
+    "path": str,
+    "stage": str,
+    "format": str,
+    "accuracy": _NUMBER,
+    "test_loss": _NUMBER,
+    "test_samples": int,
+    "stage_accuracy": _NUMBER,
+    "accuracy_change_vs_stage": _NUMBER,
+    "stage_checkpoint_bytes": int,
+    "bytes": int,
+    "options": dict,
+    "info": dict,
+    "source_fingerprint": str,
+    "sha256": str,
 }
 _REQUIRED = ("path", "stage", "format")
 
@@ -228,7 +243,10 @@ def read_artifacts(run_dir: str | Path) -> list[dict]:
 
 
 def _write_artifacts(run_dir: Path, rows: list[dict]) -> None:
-    rows = sorted(rows, key=lambda r: (r.get("stage", ""), FORMATS.index(r["format"]) if r.get("format") in FORMATS else 9, r["path"]))
+    rows = sorted(
+        rows,
+        key=lambda r: (r.get("stage", ""), FORMATS.index(r["format"]) if r.get("format") in FORMATS else 9, r["path"]),
+    )
     atomic_write_text(run_dir / EXPORT_DIR / ARTIFACTS_FILE, json.dumps({"artifacts": rows}, indent=2) + "\n")
 
 
@@ -335,7 +353,9 @@ def _export_stage(recipe, formats: list[str] | None, force: bool, console) -> li
         started = time.perf_counter()
         console.print(f"[bold]export[/]: writing {rel} ({fmt}{_options_text(options)})")
         if fmt == "int8" and calibration is None:
-            calibration = _calibration_batches(data, recipe.data.batch_size, options["calibration_batches"], recipe.run.seed)
+            calibration = _calibration_batches(
+                data, recipe.data.batch_size, options["calibration_batches"], recipe.run.seed
+            )
         seed_everything(recipe.run.seed)
         try:
             with torch.no_grad():

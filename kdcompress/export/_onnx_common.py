@@ -70,7 +70,9 @@ def quiet():
     The captured text is kept in the yielded StringIO, so a failure can quote it.
     """
     buffer = io.StringIO()
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "root")]
+    loggers = [
+        logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "root")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -93,7 +95,9 @@ def example_batch(source: dict, calibration: list[torch.Tensor]) -> torch.Tensor
     else:
         shape = (source.get("arch") or {}).get("input_shape")
         if not shape:
-            raise ModelError("cannot export: no calibration batch and no arch.input_shape to make an example input from")
+            raise ModelError(
+                "cannot export: no calibration batch and no arch.input_shape to make an example input from"
+            )
         x = torch.zeros(2, *(int(d) for d in shape))
     while x.shape[0] < 2:
         x = torch.cat([x, x])
@@ -218,7 +222,9 @@ def parse(blob: bytes, fmt: str):
     try:
         meta = json.loads(entries[META_KEY])
     except (ValueError, RecursionError) as exc:
-        raise ArtifactError(f"{what}: its '{META_KEY}' metadata is not JSON ({describe(exc)}); export it again") from None
+        raise ArtifactError(
+            f"{what}: its '{META_KEY}' metadata is not JSON ({describe(exc)}); export it again"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ArtifactError(f"{what} holds format {got!r}, not {fmt!r}; load it as what it is, or export it again")

@@ -37,7 +37,14 @@ import torch
 from ..errors import ArtifactError, KdcError
 
 __all__ = [
-    "MAGIC", "CODECS", "MAX_RAW_BYTES", "MAX_DECODED_BYTES", "decoded_limit", "pack", "unpack", "model_meta",
+    "MAGIC",
+    "CODECS",
+    "MAX_RAW_BYTES",
+    "MAX_DECODED_BYTES",
+    "decoded_limit",
+    "pack",
+    "unpack",
+    "model_meta",
     "rebuild_model",
 ]
 
@@ -75,17 +82,23 @@ def _dict_size(raw_size: int) -> int:
 def decoded_limit(blob_size: int) -> int:
     """The most bytes of weights an artifact of ``blob_size`` bytes may decode to (see ``DECODED_RATIO``).
 
-        >>> decoded_limit(3_000) == DECODED_FLOOR, decoded_limit(10**9) == MAX_DECODED_BYTES
-        (True, True)
+    >>> decoded_limit(3_000) == DECODED_FLOOR, decoded_limit(10**9) == MAX_DECODED_BYTES
+    (True, True)
     """
     return min(MAX_DECODED_BYTES, max(DECODED_FLOOR, DECODED_RATIO * int(blob_size)))
 
 
 def _lzma_filters(raw_size: int, lc: int = 3, lp: int = 0, pb: int = 2) -> list[dict]:
-    return [{
-        "id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": _dict_size(raw_size),
-        "lc": lc, "lp": lp, "pb": pb,
-    }]
+    return [
+        {
+            "id": lzma.FILTER_LZMA2,
+            "preset": 9 | lzma.PRESET_EXTREME,
+            "dict_size": _dict_size(raw_size),
+            "lc": lc,
+            "lp": lp,
+            "pb": pb,
+        }
+    ]
 
 
 def _lzma_compress(raw: bytes) -> bytes:
@@ -118,7 +131,9 @@ def pack(tensors: dict[str, torch.Tensor], meta: dict, codec: str = "lzma") -> b
     text = json.dumps(meta, separators=(",", ":"), allow_nan=False)
     raw = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"kdc": text})
     if len(raw) > MAX_RAW_BYTES:
-        raise ValueError(f"the artifact would hold {len(raw):,} bytes before compression; the limit is {MAX_RAW_BYTES:,}")
+        raise ValueError(
+            f"the artifact would hold {len(raw):,} bytes before compression; the limit is {MAX_RAW_BYTES:,}"
+        )
     payload = _lzma_compress(raw) if codec == "lzma" else _zlib_compress(raw)
     return _HEADER.pack(MAGIC, VERSION, CODECS[codec], len(raw), zlib.crc32(raw)) + payload
 
@@ -140,7 +155,9 @@ def _not_ours(blob: bytes, where: str) -> ArtifactError:
 def _decompress(codec: int, payload: bytes, raw_size: int, where: str) -> bytes:
     try:
         if codec == CODECS["lzma"]:
-            unpacker = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": _dict_size(raw_size)}])
+            unpacker = lzma.LZMADecompressor(
+                format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": _dict_size(raw_size)}]
+            )
         else:
             unpacker = zlib.decompressobj(-15)
         # never more than the declared size: a bomb stops here instead of filling memory
@@ -149,7 +166,9 @@ def _decompress(codec: int, payload: bytes, raw_size: int, where: str) -> bytes:
         raise ArtifactError(f"{where}: its compressed data is damaged ({exc}); export the model again") from None
     complete = unpacker.eof if codec == CODECS["lzma"] else unpacker.eof and not unpacker.unconsumed_tail
     if complete and unpacker.unused_data:
-        raise ArtifactError(f"{where}: {len(unpacker.unused_data):,} unexpected bytes after its data; the file is damaged")
+        raise ArtifactError(
+            f"{where}: {len(unpacker.unused_data):,} unexpected bytes after its data; the file is damaged"
+        )
     if len(raw) != raw_size or not complete:
         raise ArtifactError(
             f"{where}: its compressed data is truncated or damaged (expected {raw_size:,} bytes, got "
@@ -168,7 +187,9 @@ def unpack(blob: bytes, where: str = "artifact") -> tuple[dict[str, torch.Tensor
         if not blob:
             raise ArtifactError(f"{where}: the file is empty; export the model again")
         if len(blob) < _HEADER.size and MAGIC.startswith(blob[:4]):
-            raise ArtifactError(f"{where}: truncated ({len(blob)} bytes, shorter than the header); export the model again")
+            raise ArtifactError(
+                f"{where}: truncated ({len(blob)} bytes, shorter than the header); export the model again"
+            )
         raise _not_ours(blob, where)
     _, version, codec, raw_size, crc = _HEADER.unpack_from(blob)
     if version != VERSION:
@@ -177,9 +198,13 @@ def unpack(blob: bytes, where: str = "artifact") -> tuple[dict[str, torch.Tensor
             f"wrote it, or export the model again"
         )
     if codec not in _CODEC_NAMES:
-        raise ArtifactError(f"{where}: unknown codec number {codec} in the header; the file is damaged or not one kdc wrote")
+        raise ArtifactError(
+            f"{where}: unknown codec number {codec} in the header; the file is damaged or not one kdc wrote"
+        )
     if raw_size > MAX_RAW_BYTES:
-        raise ArtifactError(f"{where}: its header declares {raw_size:,} bytes of data, over the {MAX_RAW_BYTES:,} limit; refused")
+        raise ArtifactError(
+            f"{where}: its header declares {raw_size:,} bytes of data, over the {MAX_RAW_BYTES:,} limit; refused"
+        )
     raw = _decompress(codec, blob[_HEADER.size :], raw_size, where)
     if zlib.crc32(raw) != crc:
         raise ArtifactError(f"{where}: its data fails the CRC check (the file is damaged); export the model again")
@@ -237,7 +262,9 @@ def rebuild_model(
     except KdcError as exc:
         raise ArtifactError(str(exc)) from None
     except (KeyError, TypeError, ValueError) as exc:  # an arch entry of the wrong shape
-        raise ArtifactError(f"{where}: its architecture entry is damaged ({type(exc).__name__}: {exc}); export the model again") from None
+        raise ArtifactError(
+            f"{where}: its architecture entry is damaged ({type(exc).__name__}: {exc}); export the model again"
+        ) from None
     preprocess = meta.get("preprocess")
     if isinstance(preprocess, dict) and preprocess.get("input_shape") != arch["input_shape"]:
         raise ArtifactError(

@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._onnx_common import OrtModule, check_batch, compare, example_batch, export_onnx, parse, quiet, require, set_meta
 from ..errors import KdcError, ModelError, describe
+from ._onnx_common import OrtModule, check_batch, compare, example_batch, export_onnx, parse, quiet, require, set_meta
 
 SUFFIX = ".onnx"  # a plain ONNX model: any onnxruntime loads it
 
@@ -106,8 +106,15 @@ def decode(
     return OrtModule(blob, meta, threads=threads), dict(meta.get("preprocess") or {})
 
 
-def quantize(proto, calibration: list[torch.Tensor], activation: str = "uint8", method: str = "minmax",
-             per_channel: bool = True, reduce_range: bool = True, ops=None):
+def quantize(
+    proto,
+    calibration: list[torch.Tensor],
+    activation: str = "uint8",
+    method: str = "minmax",
+    per_channel: bool = True,
+    reduce_range: bool = True,
+    ops=None,
+):
     """An fp32 ``onnx.ModelProto`` quantised in QDQ form with onnxruntime, calibrated on ``calibration``.
 
     ``activation`` "uint8" or "int8", ``method`` "minmax", "entropy" or "percentile": the defaults are the
@@ -128,8 +135,11 @@ def quantize(proto, calibration: list[torch.Tensor], activation: str = "uint8", 
             batch = next(self._batches, None)
             return None if batch is None else {self._name: batch.detach().to("cpu", torch.float32).numpy()}
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     with tempfile.TemporaryDirectory(prefix="kdc-int8-") as tmp:
         fp32, pre, out = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
@@ -151,7 +161,9 @@ def quantize(proto, calibration: list[torch.Tensor], activation: str = "uint8", 
                     calibrate_method=methods[method],
                 )
         except Exception as exc:
-            raise ModelError(f"onnxruntime could not quantise the model to int8 ({type(exc).__name__}: {describe(exc, 300)})") from None
+            raise ModelError(
+                f"onnxruntime could not quantise the model to int8 ({type(exc).__name__}: {describe(exc, 300)})"
+            ) from None
         return onnx.load_model(str(out))
 
 

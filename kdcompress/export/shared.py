@@ -29,8 +29,19 @@ from ..errors import ArtifactError
 from ..prune.unstructured import prunable_weights
 from .container import decoded_limit, model_meta, pack, rebuild_model, unpack
 from .sparse import (
-    CODEC_CHOICES, check_format, check_options, dense, dtype_name, layout_entries, mask_count, pack_mask, scatter,
-    state_of, tensor, to_storage, unpack_mask,
+    CODEC_CHOICES,
+    check_format,
+    check_options,
+    dense,
+    dtype_name,
+    layout_entries,
+    mask_count,
+    pack_mask,
+    scatter,
+    state_of,
+    tensor,
+    to_storage,
+    unpack_mask,
 )
 
 SUFFIX = ".kdca"  # kdc's container: compressed safetensors behind a KDCA header
@@ -47,7 +58,9 @@ def _assign(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(values, (centroids[1:] + centroids[:-1]) / 2)
 
 
-def kmeans_codebook(values: torch.Tensor, bits: int, iterations: int = LLOYD_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_codebook(
+    values: torch.Tensor, bits: int, iterations: int = LLOYD_ITERATIONS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fp16 codebook of 2**bits sorted centroids, int64 index of each value)`` for 1-D float ``values``.
 
     Linear initialisation between min and max, then Lloyd iterations (an
@@ -78,8 +91,8 @@ def kmeans_codebook(values: torch.Tensor, bits: int, iterations: int = LLOYD_ITE
 def pack_indices(index: torch.Tensor, bits: int) -> torch.Tensor:
     """Indices below ``2**bits`` packed at ``bits`` bits each, most significant bit first (uint8, ceil(n*bits/8) long).
 
-        >>> pack_indices(torch.tensor([3, 0, 1, 2]), bits=2).tolist()
-        [198]
+    >>> pack_indices(torch.tensor([3, 0, 1, 2]), bits=2).tolist()
+    [198]
     """
     small = index.reshape(-1, 1).to(torch.uint8).numpy()
     planes = np.unpackbits(small, axis=1)[:, 8 - bits :]
@@ -118,11 +131,17 @@ def encode(model: torch.nn.Module, source: dict, options: dict, calibration: lis
             layout[name] = ["k", *entry]
             nonzeros += index.numel()
         else:
-            tensors[name] = to_storage(t, torch.float16, name, "the shared format stores it in fp16: use the sparse format with dtype fp32")
+            tensors[name] = to_storage(
+                t, torch.float16, name, "the shared format stores it in fp16: use the sparse format with dtype fp32"
+            )
             layout[name] = ["d", *entry]
     meta = {"format": FORMAT, **model_meta(source), "options": settings, "layout": layout}
     blob = pack(tensors, meta, settings["codec"])
-    return blob, {**settings, "clustered_tensors": sum(kind == "k" for kind, *_ in layout.values()), "nonzeros": nonzeros}
+    return blob, {
+        **settings,
+        "clustered_tensors": sum(kind == "k" for kind, *_ in layout.values()),
+        "nonzeros": nonzeros,
+    }
 
 
 def decode(
@@ -148,7 +167,9 @@ def decode(
             count = mask_count(packed, numel, where)
             codebook = tensor(tensors, f"{name}|c", where)
             if codebook.dtype != torch.float16 or list(codebook.shape) != [2**bits]:
-                raise ArtifactError(f"{where}: the codebook of {name!r} is not {2**bits} fp16 values; the file is damaged")
+                raise ArtifactError(
+                    f"{where}: the codebook of {name!r} is not {2**bits} fp16 values; the file is damaged"
+                )
             try:  # checks the packed length against the count before anything is unpacked
                 index = unpack_indices(tensor(tensors, f"{name}|i", where), bits, count)
             except ValueError as exc:

@@ -36,8 +36,15 @@ CODEC_CHOICES = ("lzma", "zlib")
 
 # the dtypes a state_dict may hold, by the names the layout stores
 _DTYPE_NAMES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
     "bool": torch.bool,
 }
 _BIT_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -91,7 +98,9 @@ def unpack_mask(packed: torch.Tensor, numel: int, where: str) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).view(np.bool_))
 
 
-def to_storage(t: torch.Tensor, dtype: torch.dtype | None, name: str, advice: str = "export it with dtype fp32") -> torch.Tensor:
+def to_storage(
+    t: torch.Tensor, dtype: torch.dtype | None, name: str, advice: str = "export it with dtype fp32"
+) -> torch.Tensor:
     """``t`` cast to ``dtype`` for storage if it is floating (None keeps it); ValueError for values it cannot hold."""
     t = t.detach().cpu()
     if dtype is None or not t.is_floating_point() or t.dtype == dtype:
@@ -168,8 +177,12 @@ def layout_entries(meta: dict, where: str, limit: int) -> list[tuple[str, str, t
     entries, total = [], 0
     for name, entry in layout.items():
         if not (
-            isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[2], list)
-            and len(entry[2]) <= 64 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry[2])
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and isinstance(entry[2], list)
+            and len(entry[2]) <= 64
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry[2])
         ):
             raise ArtifactError(f"{where}: its layout entry for {name[:100]!r} is damaged")
         kind, dtype, shape = entry
@@ -198,17 +211,23 @@ def dense(tensors: dict, name: str, dtype: torch.dtype, shape: list, where: str)
     """A tensor stored whole, checked against its layout shape and cast back to its own dtype."""
     t = tensor(tensors, name, where)
     if list(t.shape) != shape:
-        raise ArtifactError(f"{where}: tensor {name!r} is shaped {list(t.shape)}, its layout says {shape}; the file is damaged")
+        raise ArtifactError(
+            f"{where}: tensor {name!r} is shaped {list(t.shape)}, its layout says {shape}; the file is damaged"
+        )
     return t.to(dtype)
 
 
 def check_values(values: torch.Tensor, count: int, name: str, where: str) -> None:
     """ArtifactError unless ``values`` is a flat tensor of ``count`` elements (the non-zeros a bitmask marks)."""
     if values.dim() != 1 or values.numel() != count:
-        raise ArtifactError(f"{where}: {name!r} has {values.numel():,} values for {count:,} non-zeros; the file is damaged")
+        raise ArtifactError(
+            f"{where}: {name!r} has {values.numel():,} values for {count:,} non-zeros; the file is damaged"
+        )
 
 
-def scatter(mask: torch.Tensor, values: torch.Tensor, dtype: torch.dtype, shape: list, name: str, where: str) -> torch.Tensor:
+def scatter(
+    mask: torch.Tensor, values: torch.Tensor, dtype: torch.dtype, shape: list, name: str, where: str
+) -> torch.Tensor:
     """The dense tensor with ``values`` at the mask's positions and zeros elsewhere, in ``dtype`` and ``shape``."""
     check_values(values, int(mask.sum()), name, where)
     # made in its final dtype at once: casting each value first gives the same bits as casting the whole

@@ -46,8 +46,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import functools
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterable
@@ -138,7 +138,9 @@ def _concat_over_channels_before_flatten(graph, cat_node, original) -> None:
 def _concat_fix():
     """Map concatenations before a flatten too (:func:`_concat_over_channels_before_flatten`) while the block runs."""
     original = index_mapping.update_concat_index_mapping
-    index_mapping.update_concat_index_mapping = functools.partial(_concat_over_channels_before_flatten, original=original)
+    index_mapping.update_concat_index_mapping = functools.partial(
+        _concat_over_channels_before_flatten, original=original
+    )
     try:
         yield
     finally:
@@ -205,8 +207,11 @@ def _check_history(history) -> list[list]:
     if isinstance(history, (list, tuple)):
         for k, entry in enumerate(history):
             if not (
-                isinstance(entry, (list, tuple)) and len(entry) == 3 and isinstance(entry[0], str)
-                and isinstance(entry[1], bool) and isinstance(entry[2], (list, tuple))
+                isinstance(entry, (list, tuple))
+                and len(entry) == 3
+                and isinstance(entry[0], str)
+                and isinstance(entry[1], bool)
+                and isinstance(entry[2], (list, tuple))
                 and all(isinstance(i, int) and not isinstance(i, bool) for i in entry[2])
             ):
                 problem = f"entry {k} is not [layer name, is output pruning, [channel indices]]"
@@ -306,10 +311,13 @@ class StructuredPruner:
         self.input_shape = tuple(int(d) for d in input_shape)
         self.importance, self.scope, self.round_to = importance, scope, round_to
         self.classifier = find_classifier(model, self.input_shape)
-        selected = {key[: -len(".weight")] if key != "weight" else "" for key in prunable_weights(model, include, exclude)}
+        selected = {
+            key[: -len(".weight")] if key != "weight" else "" for key in prunable_weights(model, include, exclude)
+        }
         self._modules = dict(model.named_modules())
         self._ignored = [
-            module for name, module in self._modules.items()
+            module
+            for name, module in self._modules.items()
             if isinstance(module, _LAYER_TYPES) and (name not in selected or name == self.classifier)
         ]
         if importance == "bn_scale":
@@ -405,7 +413,8 @@ class StructuredPruner:
             if any(dep.target.type == tp.ops.OPTYPE.OUTPUT for dep, _ in group):
                 continue  # it would change the model's output
             layers = [
-                self._graph._module2name[dep.target.module] for dep, _ in group
+                self._graph._module2name[dep.target.module]
+                for dep, _ in group
                 if self._graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, _LAYER_TYPES)
             ]
             g = _Group(root=self._graph._module2name[group[0].dep.target.module], group=group, layers=layers)
