@@ -78,7 +78,9 @@ The schedules, `every`, structured pruning and what they measured:
 retraining; `prune.sparsity_schedule` is how sparsity rises. A number for
 `every` is rounded to whole batches.""",
     "report": """\
-How latency is timed: [speed.md](speed.md#how-latency-is-timed). The older
+`report.latency` gives the median and interquartile range of each model's
+CPU latency, timed with `torch.utils.benchmark`; how:
+[speed.md](speed.md#how-latency-is-timed). The older
 `report.latency_batch: N` still loads and means `latency_batches: [N]`.
 `report.tensorboard: true` writes each epoch's scalars (`loss/train`,
 `loss/test`, `accuracy/train`, `accuracy/test`, `lr`, `sparsity` when pruning,
