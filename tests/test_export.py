@@ -235,9 +235,9 @@ def test_validate_lists_the_export(write_recipe, kdc, in_tmp):
     assert "export: sparse, shared of the pruned stage" in kdc.flat(result)
 
 
-def test_readme_deploy_example_runs(exported, capsys):
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    blocks = [b.split("\n", 1)[1].split("```")[0] for b in readme.split("```python")[1:]]
+def test_the_deploy_example_in_docs_export_runs(exported, capsys):
+    page = (Path(__file__).parents[1] / "docs" / "export.md").read_text(encoding="utf-8")
+    blocks = [b.split("\n", 1)[1].split("```")[0] for b in page.split("```python")[1:]]
     (code,) = [b for b in blocks if "load_artifact(" in b]
     assert "runs/fashion-mnist-mlp/export/pruned-shared-4bit.kdca" in code
     run_dir, _ = exported
