@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from ._version import __version__
 from .bounds import first_oversized, value_children, value_size
 from .errors import CheckpointError, describe
 
@@ -327,8 +328,6 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     The manifest (``<file>.manifest.json``) records the file's size and
     SHA-256, so a truncated or altered checkpoint is found before it is used.
     """
-    from . import __version__
-
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "kdc_version": __version__, **payload}
     buffer = io.BytesIO()
     try:

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__
+from ._version import __version__
 from .errors import KdcError, UsageError
 
 app = typer.Typer(

@@ -376,7 +376,7 @@ RUN_FORMAT = 1  # bump when a run directory's layout changes incompatibly
 
 def _check_run_dir(run_dir: Path) -> None:
     """Refuse a run directory written by an incompatible kdc; mark a new one as ours."""
-    from . import __version__
+    from ._version import __version__
 
     marker = run_dir / "kdc-run.json"
     if marker.is_file():
@@ -411,7 +411,7 @@ def lock_run_dir(run_dir: Path) -> Iterator[None]:
 
 
 def _mark_run_dir(run_dir: Path) -> None:
-    from . import __version__
+    from ._version import __version__
 
     marker = run_dir / "kdc-run.json"
     if not marker.is_file():

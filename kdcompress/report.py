@@ -603,7 +603,7 @@ def _train_device(checkpoints: dict) -> str | None:
 
 def _environment(checkpoints: dict, latency_threads: int | None, measured_at: str | None) -> dict:
     """Versions and machine of this report, the training device, and the latency's threads and time."""
-    from . import __version__
+    from ._version import __version__
 
     return {
         "kdcompress": __version__,

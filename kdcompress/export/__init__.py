@@ -113,7 +113,7 @@ def _sha256(data: bytes) -> str:
 
 def write_artifact(path: Path, blob: bytes, fmt: str, extra: dict | None = None) -> dict:
     """Write an artifact and its manifest (size, SHA-256, format) atomically; return the manifest."""
-    from .. import __version__
+    from .._version import __version__
 
     manifest = {
         "file": Path(path).name,
@@ -303,7 +303,7 @@ def _export_stage(recipe, formats: list[str] | None, force: bool, console) -> li
     import torch
     from rich.console import Console
 
-    from .. import __version__
+    from .._version import __version__
     from ..data import load_data
     from ..models import build_from_checkpoint
     from ..pipeline import _write_resolved_recipe
