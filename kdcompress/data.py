@@ -31,7 +31,6 @@ import gzip
 import hashlib
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -40,8 +39,8 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from .checkpoint import _follow_umask
 from .errors import DataError, KdcError, describe, did_you_mean
+from .files import write_temp
 from .recipe import DataSection
 
 __all__ = [
@@ -853,13 +852,10 @@ def _unpack_gz(source: Path, raw: Path) -> None:
             target = raw / name
             if target.is_file():
                 continue
-            fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".tmp")
+            with gzip.open(source / f"{name}.gz", "rb") as src:
+                # write_temp gives the file a plain open()'s mode: a shared data root stays readable to the group
+                tmp = write_temp(target, lambda out: shutil.copyfileobj(src, out))
             try:
-                with os.fdopen(fd, "wb") as out, gzip.open(source / f"{name}.gz", "rb") as src:
-                    _follow_umask(out.fileno(), tmp)  # a shared data root stays readable to the group
-                    shutil.copyfileobj(src, out)
-                    out.flush()
-                    os.fsync(out.fileno())
                 os.replace(tmp, target)
             finally:
                 if os.path.exists(tmp):

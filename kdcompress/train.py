@@ -26,9 +26,10 @@ from rich.console import Console
 from torch import nn
 
 from . import distributed
-from .checkpoint import append_jsonl, atomic_write_text, refuse_oversized, save_state
+from .checkpoint import refuse_oversized, save_state
 from .data import Augment, DataSplits, TensorData
 from .errors import CheckpointError, KdcError, describe
+from .files import append_jsonl, atomic_write_text
 from .progress import RunProgress
 from .recipe import TrainSettings
 

@@ -23,9 +23,10 @@ import torch
 import yaml
 
 import kdcompress
-from kdcompress.checkpoint import atomic_write_text, load_checkpoint, manifest_path, save_checkpoint, save_state
+from kdcompress.checkpoint import load_checkpoint, save_checkpoint, save_state
 from kdcompress.data import CLASS_NAMES, IDX_FILES, _mini_dir, _unpack_gz, load_data, preprocess_info, read_idx
 from kdcompress.errors import CheckpointError
+from kdcompress.files import atomic_write_text, manifest_path
 from kdcompress.loading import Preprocess
 from kdcompress.recipe import DataSection
 

@@ -21,8 +21,9 @@ import pytest
 import torch
 
 import kdcompress.checkpoint as ck
-from kdcompress.checkpoint import load_checkpoint, manifest_path, save_checkpoint, verify_checkpoint
+from kdcompress.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from kdcompress.errors import CheckpointError
+from kdcompress.files import manifest_path
 
 RUN = Path("runs") / "tiny"
 TEACHER = RUN / "teacher" / "model.pt"

@@ -27,8 +27,8 @@ import json
 import time
 from pathlib import Path
 
-from ..checkpoint import atomic_write_files, atomic_write_text, manifest_path
 from ..errors import ArtifactError, KdcError, StageOrderError
+from ..files import atomic_write_files, atomic_write_text, manifest_path
 from ..runlock import run_dir_lock
 from ..stages import stage_named
 
@@ -228,7 +228,7 @@ def read_artifacts(run_dir: str | Path) -> list[dict]:
 
     ArtifactError when the file is damaged, a row included (an entry of the wrong type). A row's ``path`` is
     the file's path as written; confine it to the run directory before opening it
-    (:func:`kdcompress.checkpoint.confined_path`).
+    (:func:`kdcompress.files.confined_path`).
     """
     path = Path(run_dir) / EXPORT_DIR / ARTIFACTS_FILE
     if not path.is_file():
