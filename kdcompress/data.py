@@ -39,8 +39,16 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from .errors import DataError, KdcError, describe, did_you_mean
+from .errors import DataError, KdcError, describe
 from .files import write_temp
+from .names import (
+    BAD_FILES_NAMED,
+    class_folders,
+    imagefolder_dirs,
+    imagefolder_problem,
+    import_factory,
+    unknown_dataset,
+)
 from .recipe import DataSection
 
 __all__ = [
@@ -51,7 +59,6 @@ __all__ = [
     "read_idx",
     "default_data_roots",
     "dataset_info",
-    "dataset_name_problem",
     "Augment",
     "LoaderData",
     "DEBIAN_FASHION_MNIST",
@@ -61,7 +68,6 @@ __all__ = [
     "batches_per_epoch",
     "IMAGE_EXTENSIONS",
     "image_format",
-    "imagefolder_problem",
     "ImageFolderScan",
     "scan_imagefolder",
     "ImageFiles",
@@ -385,7 +391,7 @@ def dataset_summary(section: DataSection | str) -> tuple[tuple[int, ...], int, i
         train, _, num_classes = _external_datasets(section)
         return tuple(train[0][0].shape), num_classes, len(train) - _held_out(len(train), section)
     if name not in DATASETS:
-        raise DataError(f"data.dataset: {_unknown_dataset(name)}")
+        raise DataError(f"data.dataset: {unknown_dataset(name)}")
     size = DATASETS[name][5]
     return DATASETS[name][3], DATASETS[name][4], size - _held_out(size, section)
 
@@ -393,40 +399,6 @@ def dataset_summary(section: DataSection | str) -> tuple[tuple[int, ...], int, i
 def batches_per_epoch(train_size: int, batch_size: int, world: int = 1) -> int:
     """Training batches per epoch for one process, as :func:`kdcompress.train.fit` counts them."""
     return _num_batches(train_size, max(1, batch_size // world), world)
-
-
-def dataset_name_problem(name: str) -> str | None:
-    """Why ``name`` names no dataset, or None when it does; reads no data.
-
-    The message is the one loading the dataset raises, without ``data.dataset:``.
-    ``imagefolder:PATH`` needs its folders; an import path is imported::
-
-        >>> dataset_name_problem("fashion-mnst")
-        "unknown dataset 'fashion-mnst'; did you mean 'fashion-mnist'? (known: fashion-mnist-mini, fashion-mnist, mnist; also imagefolder:PATH, or package.module:factory for your own)"
-    """
-    if name.startswith("imagefolder:"):
-        return imagefolder_problem(name)
-    if _is_external(name):
-        from .models import _find_factory  # one import-path mechanism for models and datasets
-
-        return _find_factory(name, ("imagefolder",))[1]
-    return None if name in DATASETS else _unknown_dataset(name)
-
-
-def _unknown_dataset(name: str) -> str:
-    return (
-        f"unknown dataset '{name}'{did_you_mean(name, DATASETS)} (known: {', '.join(DATASETS)}; also imagefolder:PATH, or "
-        f"package.module:factory for your own)"
-    )
-
-
-def _imagefolder_dirs(name: str) -> tuple[tuple[Path, Path] | None, str | None]:
-    """((train folder, test folder), None) for ``imagefolder:PATH``, or (None, why not)."""
-    root = Path(name.split(":", 1)[1]).expanduser()
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    if not (root / "train").is_dir() or test_dir is None:
-        return None, f"{name} needs {root}/train/<class>/*.png and {root}/test/<class>/... (or val/); not found"
-    return (root / "train", test_dir), None
 
 
 # the file endings torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS)
@@ -444,7 +416,6 @@ IMAGE_SIGNATURES = (
     ("TIFF", b"MM\x00+"),
     *((f"Netpbm P{k}", f"P{k}".encode()) for k in range(1, 7)),
 )
-BAD_FILES_NAMED = 10  # a message names this many unreadable files, then counts the rest
 
 
 def image_format(head: bytes) -> str | None:
@@ -456,55 +427,6 @@ def image_format(head: bytes) -> str | None:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
     return next((fmt for fmt, magic in IMAGE_SIGNATURES if head.startswith(magic)), None)
-
-
-def _class_folders(folder: Path) -> list[str]:
-    """The class folders of one split, as torchvision's ImageFolder finds them: every sub-folder, sorted."""
-    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
-
-
-def _quoted(names, limit: int = BAD_FILES_NAMED) -> str:
-    names = sorted(names)
-    shown = ", ".join(f"'{n}'" for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def imagefolder_problem(name: str) -> str | None:
-    """Why ``imagefolder:PATH`` cannot be used as its folders stand, or None; lists folders, reads no image.
-
-    The held-out split (``test/``, else ``val/``) must hold the same class folders as
-    ``train/``: labels are numbered from train's sorted class names, and a class missing
-    from one split would shift every later label of the other (torchvision numbers each
-    split on its own).
-    """
-    dirs, error = _imagefolder_dirs(name)
-    if error:
-        return error
-    train_dir, test_dir = dirs
-    try:
-        train, held = _class_folders(train_dir), _class_folders(test_dir)
-    except OSError as exc:
-        return f"{name}: cannot list its class folders: {describe(exc)}"
-    if not train:
-        return f"{name}: {train_dir} has no class folders; put each class's images in {train_dir}/<class>/"
-    missing, extra = set(train) - set(held), set(held) - set(train)
-    if not missing and not extra:
-        return None
-    differences = []
-    if missing:
-        differences.append(f"{test_dir} lacks {_folders(missing)}, which {train_dir} has")
-    if extra:
-        differences.append(f"{test_dir} has {_folders(extra)}, which {train_dir} lacks")
-    return (
-        f"{name}: its splits hold different classes: {'; '.join(differences)}. Labels are numbered from the class "
-        f"folders of {train_dir}, so every split needs the same ones: add the missing folders with their images, or "
-        f"remove the extra ones"
-    )
-
-
-def _folders(names) -> str:
-    """ "the class folder 'bee'" or "the class folders 'ant', 'bee'", for messages."""
-    return f"the class folder{'s' if len(names) != 1 else ''} {_quoted(names)}"
 
 
 @dataclass(frozen=True)
@@ -536,9 +458,9 @@ def scan_imagefolder(name: str) -> ImageFolderScan:
     problem = imagefolder_problem(name)
     if problem:
         raise DataError(f"data.dataset: {problem}")
-    train_dir, test_dir = _imagefolder_dirs(name)[0]
+    train_dir, test_dir = imagefolder_dirs(name)[0]
     folders = {"train": train_dir, "test": test_dir}
-    classes = tuple(_class_folders(train_dir))
+    classes = tuple(class_folders(train_dir))
     samples: dict[str, list[tuple[str, int]]] = {}
     bad: list[str] = []
     empty_classes: list[Path] = []
@@ -735,10 +657,8 @@ def _external_datasets(section: DataSection):
         # both splits carry train's class numbers: a split numbered from its own folders shifts labels
         train, test = (ImageFiles(scan.samples[split], scan.classes, tf) for split in ("train", "test"))
         return train, test, len(scan.classes)
-    from .models import _import_factory  # one import-path mechanism for models and datasets
-
     try:
-        factory = _import_factory(name, "data.dataset", ("imagefolder",))
+        factory = import_factory(name, "data.dataset", ("imagefolder",))
         made = factory(root=section.root) if section.root else factory()
     except KdcError as exc:
         raise DataError(str(exc)) from None

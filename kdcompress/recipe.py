@@ -36,6 +36,7 @@ import yaml
 
 from .bounds import first_oversized, value_children, value_size
 from .errors import Problem, RecipeError, describe, did_you_mean
+from .names import add_import_dir, dataset_name_problem, loss_name_problem, model_name_problem, names_user_code
 
 __all__ = [
     "Recipe",
@@ -440,8 +441,6 @@ def load_recipe(
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(source, [Problem("", f"cannot read the recipe: {exc}")]) from None
     if not builtin and import_folder:
-        from .models import add_import_dir  # models imports torch: only once a recipe is really read
-
         add_import_dir(path.parent)
     # file paths in the recipe are looked up as import paths are: the current directory, then the recipe's folder
     folders = [Path.cwd()] + ([path.parent] if not builtin else [])
@@ -1078,10 +1077,6 @@ def _name_checks(raw: dict, lines: dict, import_code: bool = True) -> list[Probl
     its defaults. Only for recipes read from text (a recipe is code its user
     chose to run): :func:`recipe_from_dict` imports nothing.
     """
-    from .data import dataset_name_problem  # data imports this module, and both import torch
-    from .distill import loss_name_problem
-    from .models import model_name_problem, names_user_code
-
     problems = []
     for section, key, check in (
         ("teacher", "model", model_name_problem),

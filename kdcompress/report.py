@@ -46,7 +46,8 @@ from .checkpoint import load_checkpoint, read_manifest
 from .errors import ArtifactError, KdcError
 from .files import atomic_write_files, atomic_write_text
 from .measure import LATENCY_ROUNDS, count_macs, count_nonzero, count_params, count_sparse_macs, paired_ratio
-from .models import build_from_checkpoint, build_model, names_user_code
+from .models import build_from_checkpoint, build_model
+from .names import names_user_code
 from .prune import prunable_weights, weight_sparsity
 from .recipe import Recipe, ReportSection, read_yaml, recipe_from_dict, recipe_to_dict
 from .runlock import run_dir_lock
