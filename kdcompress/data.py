@@ -71,6 +71,9 @@ __all__ = [
     "ImageFolderScan",
     "scan_imagefolder",
     "ImageFiles",
+    "IDX_FILES",
+    "mini_dir",
+    "unpack_gz",
 ]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -705,12 +708,13 @@ def _class_names(dataset, num_classes: int) -> list[str] | None:
     return None
 
 
-def _mini_dir() -> Path:
+def mini_dir() -> Path:
+    """The folder of the shipped fashion-mnist-mini set (its four idx files, gzipped) inside the package."""
     return Path(str(resources.files("kdcompress") / "embedded" / "fashion-mnist-mini"))
 
 
 def _load_mini():
-    folder = _mini_dir()
+    folder = mini_dir()
     try:
         parts = [read_idx(folder / f"{name}.gz") for name in IDX_FILES]
     except DataError as exc:
@@ -729,9 +733,9 @@ def _load_torchvision(section: DataSection):
         tried.append(str(root / cls_name / "raw"))
         raw = root / cls_name / "raw"
         if not _has_raw(root, cls_name) and all((raw / f"{n}.gz").is_file() for n in IDX_FILES):
-            _unpack_gz(raw, raw)  # .gz files put there by hand
+            unpack_gz(raw, raw)  # .gz files put there by hand
         if not _has_raw(root, cls_name) and section.dataset == "fashion-mnist" and _debian_available():
-            _unpack_gz(DEBIAN_FASHION_MNIST, raw)
+            unpack_gz(DEBIAN_FASHION_MNIST, raw)
             tried.append(f"{DEBIAN_FASHION_MNIST} (unpacked into {root / cls_name / 'raw'})")
         if _has_raw(root, cls_name):
             return (*_read_tv(cls, root), str(root))
@@ -759,7 +763,7 @@ def _debian_available() -> bool:
     return all((DEBIAN_FASHION_MNIST / f"{name}.gz").is_file() for name in IDX_FILES)
 
 
-def _unpack_gz(source: Path, raw: Path) -> None:
+def unpack_gz(source: Path, raw: Path) -> None:
     """Decompress idx .gz files from ``source`` into ``raw``, where torchvision looks for them.
 
     Debian's gzip bytes differ from the ones torchvision checksums, so they

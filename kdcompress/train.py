@@ -45,9 +45,10 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "Runtime",
+    "CHECK_EVERY",
 ]
 
-_CHECK_EVERY = 10  # batches between the loss checks (and progress updates): one device sync each
+CHECK_EVERY = 10  # batches between the loss checks (and progress updates): one device sync each
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -657,7 +658,7 @@ def _train_epoch(
             hook.after_optimizer_step(loop.step)
         loop.step += 1
         tally.add(loss, logits, y)
-        if tally.pending >= _CHECK_EVERY:
+        if tally.pending >= CHECK_EVERY:
             _check_losses(tally, loop.step, epoch, loop.batches_per_epoch, loop.stage, settings, loop.state_path)
             if loop.main:
                 progress.advance(loop.step - epoch_start_step, tally.status())
