@@ -4,7 +4,7 @@
 the ``preprocess`` callable that feeds it; see :mod:`kdcompress.loading`.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["__version__", "load_model"]
 

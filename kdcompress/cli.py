@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__
+from ._version import __version__
 from .errors import KdcError, UsageError
 
 app = typer.Typer(
@@ -427,8 +427,8 @@ def _compare_reports(
     """
     import json
 
-    from .checkpoint import atomic_write_files
     from .compare import build_comparison, comparison_markdown
+    from .files import atomic_write_files
     from .html import render_comparison_html
     from .report import write_report
 
@@ -740,7 +740,7 @@ def recipes_copy(
     """
     import difflib
 
-    from .checkpoint import atomic_write_text
+    from .files import atomic_write_text
 
     found = shipped_recipes()
     if name.endswith(".yaml"):

@@ -31,7 +31,6 @@ import gzip
 import hashlib
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -40,8 +39,16 @@ from typing import Iterator
 import torch
 from PIL import Image
 
-from .checkpoint import _follow_umask
-from .errors import DataError, KdcError, describe, did_you_mean
+from .errors import DataError, KdcError, describe
+from .files import write_temp
+from .names import (
+    BAD_FILES_NAMED,
+    class_folders,
+    imagefolder_dirs,
+    imagefolder_problem,
+    import_factory,
+    unknown_dataset,
+)
 from .recipe import DataSection
 
 __all__ = [
@@ -52,7 +59,6 @@ __all__ = [
     "read_idx",
     "default_data_roots",
     "dataset_info",
-    "dataset_name_problem",
     "Augment",
     "LoaderData",
     "DEBIAN_FASHION_MNIST",
@@ -62,10 +68,12 @@ __all__ = [
     "batches_per_epoch",
     "IMAGE_EXTENSIONS",
     "image_format",
-    "imagefolder_problem",
     "ImageFolderScan",
     "scan_imagefolder",
     "ImageFiles",
+    "IDX_FILES",
+    "mini_dir",
+    "unpack_gz",
 ]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -386,7 +394,7 @@ def dataset_summary(section: DataSection | str) -> tuple[tuple[int, ...], int, i
         train, _, num_classes = _external_datasets(section)
         return tuple(train[0][0].shape), num_classes, len(train) - _held_out(len(train), section)
     if name not in DATASETS:
-        raise DataError(f"data.dataset: {_unknown_dataset(name)}")
+        raise DataError(f"data.dataset: {unknown_dataset(name)}")
     size = DATASETS[name][5]
     return DATASETS[name][3], DATASETS[name][4], size - _held_out(size, section)
 
@@ -394,40 +402,6 @@ def dataset_summary(section: DataSection | str) -> tuple[tuple[int, ...], int, i
 def batches_per_epoch(train_size: int, batch_size: int, world: int = 1) -> int:
     """Training batches per epoch for one process, as :func:`kdcompress.train.fit` counts them."""
     return _num_batches(train_size, max(1, batch_size // world), world)
-
-
-def dataset_name_problem(name: str) -> str | None:
-    """Why ``name`` names no dataset, or None when it does; reads no data.
-
-    The message is the one loading the dataset raises, without ``data.dataset:``.
-    ``imagefolder:PATH`` needs its folders; an import path is imported::
-
-        >>> dataset_name_problem("fashion-mnst")
-        "unknown dataset 'fashion-mnst'; did you mean 'fashion-mnist'? (known: fashion-mnist-mini, fashion-mnist, mnist; also imagefolder:PATH, or package.module:factory for your own)"
-    """
-    if name.startswith("imagefolder:"):
-        return imagefolder_problem(name)
-    if _is_external(name):
-        from .models import _find_factory  # one import-path mechanism for models and datasets
-
-        return _find_factory(name, ("imagefolder",))[1]
-    return None if name in DATASETS else _unknown_dataset(name)
-
-
-def _unknown_dataset(name: str) -> str:
-    return (
-        f"unknown dataset '{name}'{did_you_mean(name, DATASETS)} (known: {', '.join(DATASETS)}; also imagefolder:PATH, or "
-        f"package.module:factory for your own)"
-    )
-
-
-def _imagefolder_dirs(name: str) -> tuple[tuple[Path, Path] | None, str | None]:
-    """((train folder, test folder), None) for ``imagefolder:PATH``, or (None, why not)."""
-    root = Path(name.split(":", 1)[1]).expanduser()
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    if not (root / "train").is_dir() or test_dir is None:
-        return None, f"{name} needs {root}/train/<class>/*.png and {root}/test/<class>/... (or val/); not found"
-    return (root / "train", test_dir), None
 
 
 # the file endings torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS)
@@ -445,7 +419,6 @@ IMAGE_SIGNATURES = (
     ("TIFF", b"MM\x00+"),
     *((f"Netpbm P{k}", f"P{k}".encode()) for k in range(1, 7)),
 )
-BAD_FILES_NAMED = 10  # a message names this many unreadable files, then counts the rest
 
 
 def image_format(head: bytes) -> str | None:
@@ -457,55 +430,6 @@ def image_format(head: bytes) -> str | None:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
     return next((fmt for fmt, magic in IMAGE_SIGNATURES if head.startswith(magic)), None)
-
-
-def _class_folders(folder: Path) -> list[str]:
-    """The class folders of one split, as torchvision's ImageFolder finds them: every sub-folder, sorted."""
-    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
-
-
-def _quoted(names, limit: int = BAD_FILES_NAMED) -> str:
-    names = sorted(names)
-    shown = ", ".join(f"'{n}'" for n in names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def imagefolder_problem(name: str) -> str | None:
-    """Why ``imagefolder:PATH`` cannot be used as its folders stand, or None; lists folders, reads no image.
-
-    The held-out split (``test/``, else ``val/``) must hold the same class folders as
-    ``train/``: labels are numbered from train's sorted class names, and a class missing
-    from one split would shift every later label of the other (torchvision numbers each
-    split on its own).
-    """
-    dirs, error = _imagefolder_dirs(name)
-    if error:
-        return error
-    train_dir, test_dir = dirs
-    try:
-        train, held = _class_folders(train_dir), _class_folders(test_dir)
-    except OSError as exc:
-        return f"{name}: cannot list its class folders: {describe(exc)}"
-    if not train:
-        return f"{name}: {train_dir} has no class folders; put each class's images in {train_dir}/<class>/"
-    missing, extra = set(train) - set(held), set(held) - set(train)
-    if not missing and not extra:
-        return None
-    differences = []
-    if missing:
-        differences.append(f"{test_dir} lacks {_folders(missing)}, which {train_dir} has")
-    if extra:
-        differences.append(f"{test_dir} has {_folders(extra)}, which {train_dir} lacks")
-    return (
-        f"{name}: its splits hold different classes: {'; '.join(differences)}. Labels are numbered from the class "
-        f"folders of {train_dir}, so every split needs the same ones: add the missing folders with their images, or "
-        f"remove the extra ones"
-    )
-
-
-def _folders(names) -> str:
-    """ "the class folder 'bee'" or "the class folders 'ant', 'bee'", for messages."""
-    return f"the class folder{'s' if len(names) != 1 else ''} {_quoted(names)}"
 
 
 @dataclass(frozen=True)
@@ -537,9 +461,9 @@ def scan_imagefolder(name: str) -> ImageFolderScan:
     problem = imagefolder_problem(name)
     if problem:
         raise DataError(f"data.dataset: {problem}")
-    train_dir, test_dir = _imagefolder_dirs(name)[0]
+    train_dir, test_dir = imagefolder_dirs(name)[0]
     folders = {"train": train_dir, "test": test_dir}
-    classes = tuple(_class_folders(train_dir))
+    classes = tuple(class_folders(train_dir))
     samples: dict[str, list[tuple[str, int]]] = {}
     bad: list[str] = []
     empty_classes: list[Path] = []
@@ -736,10 +660,8 @@ def _external_datasets(section: DataSection):
         # both splits carry train's class numbers: a split numbered from its own folders shifts labels
         train, test = (ImageFiles(scan.samples[split], scan.classes, tf) for split in ("train", "test"))
         return train, test, len(scan.classes)
-    from .models import _import_factory  # one import-path mechanism for models and datasets
-
     try:
-        factory = _import_factory(name, "data.dataset", ("imagefolder",))
+        factory = import_factory(name, "data.dataset", ("imagefolder",))
         made = factory(root=section.root) if section.root else factory()
     except KdcError as exc:
         raise DataError(str(exc)) from None
@@ -786,12 +708,13 @@ def _class_names(dataset, num_classes: int) -> list[str] | None:
     return None
 
 
-def _mini_dir() -> Path:
+def mini_dir() -> Path:
+    """The folder of the shipped fashion-mnist-mini set (its four idx files, gzipped) inside the package."""
     return Path(str(resources.files("kdcompress") / "embedded" / "fashion-mnist-mini"))
 
 
 def _load_mini():
-    folder = _mini_dir()
+    folder = mini_dir()
     try:
         parts = [read_idx(folder / f"{name}.gz") for name in IDX_FILES]
     except DataError as exc:
@@ -810,9 +733,9 @@ def _load_torchvision(section: DataSection):
         tried.append(str(root / cls_name / "raw"))
         raw = root / cls_name / "raw"
         if not _has_raw(root, cls_name) and all((raw / f"{n}.gz").is_file() for n in IDX_FILES):
-            _unpack_gz(raw, raw)  # .gz files put there by hand
+            unpack_gz(raw, raw)  # .gz files put there by hand
         if not _has_raw(root, cls_name) and section.dataset == "fashion-mnist" and _debian_available():
-            _unpack_gz(DEBIAN_FASHION_MNIST, raw)
+            unpack_gz(DEBIAN_FASHION_MNIST, raw)
             tried.append(f"{DEBIAN_FASHION_MNIST} (unpacked into {root / cls_name / 'raw'})")
         if _has_raw(root, cls_name):
             return (*_read_tv(cls, root), str(root))
@@ -840,7 +763,7 @@ def _debian_available() -> bool:
     return all((DEBIAN_FASHION_MNIST / f"{name}.gz").is_file() for name in IDX_FILES)
 
 
-def _unpack_gz(source: Path, raw: Path) -> None:
+def unpack_gz(source: Path, raw: Path) -> None:
     """Decompress idx .gz files from ``source`` into ``raw``, where torchvision looks for them.
 
     Debian's gzip bytes differ from the ones torchvision checksums, so they
@@ -853,13 +776,10 @@ def _unpack_gz(source: Path, raw: Path) -> None:
             target = raw / name
             if target.is_file():
                 continue
-            fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".tmp")
+            with gzip.open(source / f"{name}.gz", "rb") as src:
+                # write_temp gives the file a plain open()'s mode: a shared data root stays readable to the group
+                tmp = write_temp(target, lambda out: shutil.copyfileobj(src, out))
             try:
-                with os.fdopen(fd, "wb") as out, gzip.open(source / f"{name}.gz", "rb") as src:
-                    _follow_umask(out.fileno(), tmp)  # a shared data root stays readable to the group
-                    shutil.copyfileobj(src, out)
-                    out.flush()
-                    os.fsync(out.fileno())
                 os.replace(tmp, target)
             finally:
                 if os.path.exists(tmp):

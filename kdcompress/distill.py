@@ -40,6 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import Problem, RecipeError
+from .names import find_factory, loss_name_problem
+
 __all__ = [
     "LOSSES",
     "dkd_loss",
@@ -47,7 +50,6 @@ __all__ = [
     "get_loss",
     "kd_loss",
     "kd_loss_from_log_probs",
-    "loss_name_problem",
     "soft_target_loss",
     "teacher_log_probs",
     "teacher_logits",
@@ -219,26 +221,6 @@ def dkd_warmup_factor(epoch: int, warmup: int) -> float:
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {"kd": kd_loss, "dkd": dkd_loss}
 
 
-def loss_name_problem(name: str) -> str | None:
-    """Why ``name`` names no distillation loss, or None when it does; an import path is imported.
-
-    >>> loss_name_problem("dkdd")
-    "unknown loss 'dkdd'; did you mean 'dkd'? (built-in: kd, dkd; or package.module:function for your own)"
-    """
-    if ":" in name:
-        from .models import _find_factory  # one import-path mechanism for models, datasets and losses
-
-        return _find_factory(name, ())[1]
-    if name in LOSSES:
-        return None
-    from .errors import did_you_mean
-
-    return (
-        f"unknown loss '{name}'{did_you_mean(name, LOSSES)} (built-in: {', '.join(LOSSES)}; or "
-        f"package.module:function for your own)"
-    )
-
-
 def get_loss(name: str) -> Callable[..., torch.Tensor]:
     """The loss function ``name`` stands for: one of :data:`LOSSES`, or ``package.module:function``.
 
@@ -250,14 +232,10 @@ def get_loss(name: str) -> Callable[..., torch.Tensor]:
         >>> get_loss("dkd") is dkd_loss
         True
     """
-    from .errors import Problem, RecipeError
-
     if name in LOSSES:
         return LOSSES[name]
     if ":" in name:
-        from .models import _find_factory
-
-        fn, problem = _find_factory(name, ())
+        fn, problem = find_factory(name, ())
     else:
         fn, problem = None, loss_name_problem(name)
     if problem:

@@ -11,7 +11,7 @@ A model entry in a recipe is a name plus keyword arguments::
     args: {width: 64}
 
 Import paths are looked up as ``python -m`` would: in the current directory
-and in the folders of the recipes loaded (see :func:`add_import_dir`), then on
+and in the folders of the recipes loaded (see :func:`kdcompress.names.add_import_dir`), then on
 ``sys.path``.
 
 Every factory receives ``num_classes`` and ``input_shape`` (C, H, W) when its
@@ -28,18 +28,14 @@ Example::
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
-import os
-import pkgutil
-import sys
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ModelError, did_you_mean
+from .errors import CheckpointError, ModelError
+from .names import import_factory, names_user_code, torchvision_name_problem, unknown_model
 
 __all__ = [
     "MLP",
@@ -50,10 +46,6 @@ __all__ = [
     "build_from_checkpoint",
     "check_architecture",
     "model_spec",
-    "model_name_problem",
-    "add_import_dir",
-    "import_dirs",
-    "names_user_code",
     "check_model_name",
 ]
 
@@ -147,20 +139,6 @@ def model_spec(name: str, args: dict, num_classes: int, input_shape) -> dict:
     }
 
 
-def names_user_code(name: str, prefixes: tuple[str, ...] = ("torchvision",)) -> bool:
-    """Whether a name is an import path (``package.module:factory``): using it imports and runs the user's code.
-
-    ``prefixes`` are the ``NAME:`` forms that are not import paths: ``torchvision:`` for models (the default),
-    ``imagefolder:`` for datasets, none for losses.
-
-        >>> names_user_code("mypkg.nets:build"), names_user_code("torchvision:resnet18"), names_user_code("mlp")
-        (True, False, False)
-        >>> names_user_code("imagefolder:data/pets", prefixes=("imagefolder",))
-        False
-    """
-    return ":" in name and name.partition(":")[0] not in prefixes
-
-
 def check_model_name(
     name: str, expected: str | None, where: str, allow_import: bool = False, fix: str | None = None
 ) -> None:
@@ -198,11 +176,11 @@ def build_model(spec: dict, where: str = "model") -> nn.Module:
     if name.startswith("torchvision:"):
         return _torchvision_model(name.split(":", 1)[1], args, num_classes, input_shape, where)
     if ":" in name:
-        factory = _import_factory(name, where)
+        factory = import_factory(name, where)
     elif name in BUILTIN_MODELS:
         factory = BUILTIN_MODELS[name]
     else:
-        raise ModelError(f"{where}: {_unknown_model(name)}")
+        raise ModelError(f"{where}: {unknown_model(name)}")
     return _call_factory(factory, name, args, num_classes, input_shape, where)
 
 
@@ -317,29 +295,6 @@ def check_architecture(ckpt: dict, where: str = "checkpoint") -> None:
         )
 
 
-def model_name_problem(name: str) -> str | None:
-    """Why ``name`` names no model, or None when it does; builds nothing.
-
-    The message is the one :func:`build_model` raises, without the section.
-    An import path is imported (torchvision only for ``torchvision:NAME``)::
-
-        >>> model_name_problem("mpl")
-        "unknown model 'mpl'; did you mean 'mlp'? (built-in: mlp, cnn, lenet5; also torchvision:NAME, or package.module:factory for your own)"
-    """
-    if name.startswith("torchvision:"):
-        return _torchvision_name_problem(name.split(":", 1)[1])
-    if ":" in name:
-        return _find_factory(name, ("torchvision",))[1]
-    return None if name in BUILTIN_MODELS else _unknown_model(name)
-
-
-def _unknown_model(name: str) -> str:
-    return (
-        f"unknown model '{name}'{did_you_mean(name, BUILTIN_MODELS)} (built-in: {', '.join(BUILTIN_MODELS)}; also torchvision:NAME, "
-        f"or package.module:factory for your own)"
-    )
-
-
 def _call_factory(factory, name, args, num_classes, input_shape, where) -> nn.Module:
     try:
         params = inspect.signature(factory).parameters
@@ -370,108 +325,10 @@ def _call_factory(factory, name, args, num_classes, input_shape, where) -> nn.Mo
     return model
 
 
-# Folders of the recipes loaded in this process, newest first: their import paths find modules beside them.
-_IMPORT_DIRS: list[str] = []
-_ADDED_TO_SYS_PATH: set[str] = set()  # the folders kdc put on sys.path (it moves only these)
-
-
-def add_import_dir(folder: str | os.PathLike) -> None:
-    """Let import paths (``mynets:build``) find modules in ``folder``; load_recipe adds the recipe's folder.
-
-    Example: ``add_import_dir("experiments")`` and then ``model: mynets:build``
-    imports ``experiments/mynets.py``.
-    """
-    path = str(Path(folder).resolve())
-    if path in _IMPORT_DIRS:
-        _IMPORT_DIRS.remove(path)
-    _IMPORT_DIRS.insert(0, path)
-
-
-def import_dirs() -> list[str]:
-    """The folders :func:`add_import_dir` gave this process, newest first (for a child process to find the same
-    modules)."""
-    return list(_IMPORT_DIRS)
-
-
-def _search_dirs() -> list[str]:
-    """The current directory, then the recipes' folders (as ``python -m`` puts the current directory first)."""
-    dirs = []
-    for folder in [os.getcwd(), *_IMPORT_DIRS]:
-        if folder not in dirs and os.path.isdir(folder):
-            dirs.append(folder)
-    return dirs
-
-
-def _import_module(module_name: str):
-    """Import ``module_name``, looking in :func:`_search_dirs` first, then on ``sys.path``."""
-    dirs = [d for d in _search_dirs() if d not in sys.path or d in _ADDED_TO_SYS_PATH]
-    for folder in dirs:
-        while folder in sys.path:
-            sys.path.remove(folder)
-    sys.path[:0] = dirs
-    _ADDED_TO_SYS_PATH.update(dirs)
-    importlib.invalidate_caches()  # a module written since the folder was last listed must be found
-    try:
-        return importlib.import_module(module_name)
-    finally:
-        # The folders move to the end of sys.path rather than leave it: a factory may import a sibling module
-        # only when called, and DataLoader workers started with spawn unpickle datasets by module name. At the
-        # end they can no longer shadow anything installed.
-        for folder in dirs:
-            if folder in sys.path:
-                sys.path.remove(folder)
-            sys.path.append(folder)
-
-
-def _find_factory(
-    path: str, prefixes: tuple[str, ...] = ("torchvision",)
-) -> tuple[Callable[..., Any] | None, str | None]:
-    """(the factory an import path names, None) or (None, why not): one mechanism for models and datasets.
-
-    ``prefixes`` are the ``NAME:`` forms that are not import paths (``torchvision:`` for models,
-    ``imagefolder:`` for datasets): a module name close to one of them is most likely that one misspelt.
-    """
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        return None, f"'{path}' is not an import path; write package.module:factory"
-    try:
-        module = _import_module(module_name)
-    except Exception as exc:
-        top = module_name.split(".")[0]
-        if isinstance(exc, ModuleNotFoundError) and exc.name == top:  # the module itself, not one it imports
-            local = [m.name for m in pkgutil.iter_modules(_search_dirs())]
-            close = difflib.get_close_matches(top, [*prefixes, *local], n=1)
-            if close:
-                return None, (
-                    f"cannot import '{module_name}' ({type(exc).__name__}: {exc}); did you mean "
-                    f"'{close[0]}{module_name[len(top) :]}:{attr}'?"
-                )
-        return None, (
-            f"cannot import '{module_name}' ({type(exc).__name__}: {exc}); check the name and that the module is "
-            f"installed, or a .py file (or package) in the current directory or the recipe's"
-        )
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            names = [n for n in dir(module) if not n.startswith("_")]
-            return None, f"module '{module_name}' has no attribute '{attr}'{did_you_mean(part, names)}"
-        obj = getattr(obj, part)
-    if not callable(obj):
-        return None, f"'{path}' is not callable; point it at a function or class that builds it"
-    return obj, None
-
-
-def _import_factory(path: str, where: str, prefixes: tuple[str, ...] = ("torchvision",)) -> Callable[..., Any]:
-    factory, error = _find_factory(path, prefixes)
-    if error:
-        raise ModelError(f"{where}: {error}")
-    return factory
-
-
 def _torchvision_model(name, args, num_classes, input_shape, where) -> nn.Module:
-    from torchvision import models as tvm
+    from torchvision import models as tvm  # only here: importing torchvision takes a second or two
 
-    error = _torchvision_name_problem(name)
+    error = torchvision_name_problem(name)
     if error:
         raise ModelError(f"{where}: {error}")
     if args.get("weights"):
@@ -486,15 +343,6 @@ def _torchvision_model(name, args, num_classes, input_shape, where) -> nn.Module
         raise ModelError(f"{where}: building torchvision:{name} with args {args} failed: {exc}") from None
     _adapt_input_channels(model, int(input_shape[0]))
     return model
-
-
-def _torchvision_name_problem(name: str) -> str | None:
-    from torchvision import models as tvm  # only here: importing torchvision takes a second or two
-
-    available = tvm.list_models(module=tvm)
-    if name in available:
-        return None
-    return f"torchvision has no classification model '{name}'{did_you_mean(name, available, 'torchvision:')}"
 
 
 def _adapt_input_channels(model: nn.Module, channels: int) -> None:

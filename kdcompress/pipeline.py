@@ -30,19 +30,12 @@ import yaml
 from rich.console import Console
 
 from . import distributed
-from .checkpoint import (
-    atomic_write_text,
-    load_checkpoint,
-    manifest_path,
-    read_manifest,
-    remove_stale_temp_files,
-    save_checkpoint,
-    save_state,
-)
+from .checkpoint import load_checkpoint, read_manifest, save_checkpoint, save_state
 from .checks import check_recipe
 from .data import Augment, DataSplits, batches_per_epoch, load_data
 from .distill import dkd_warmup_factor, get_loss, kd_loss, kd_loss_from_log_probs, teacher_log_probs, teacher_logits
 from .errors import CheckpointError, KdcError, StageOrderError
+from .files import atomic_write_text, manifest_path, remove_stale_temp_files
 from .measure import count_nonzero, count_params
 from .models import build_from_checkpoint, build_model, model_spec
 from .progress import RunProgress, tensorboard_writer_class
@@ -376,7 +369,7 @@ RUN_FORMAT = 1  # bump when a run directory's layout changes incompatibly
 
 def _check_run_dir(run_dir: Path) -> None:
     """Refuse a run directory written by an incompatible kdc; mark a new one as ours."""
-    from . import __version__
+    from ._version import __version__
 
     marker = run_dir / "kdc-run.json"
     if marker.is_file():
@@ -411,7 +404,7 @@ def lock_run_dir(run_dir: Path) -> Iterator[None]:
 
 
 def _mark_run_dir(run_dir: Path) -> None:
-    from . import __version__
+    from ._version import __version__
 
     marker = run_dir / "kdc-run.json"
     if not marker.is_file():

@@ -42,10 +42,12 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .checkpoint import atomic_write_files, atomic_write_text, load_checkpoint, read_manifest
+from .checkpoint import load_checkpoint, read_manifest
 from .errors import ArtifactError, KdcError
+from .files import atomic_write_files, atomic_write_text
 from .measure import LATENCY_ROUNDS, count_macs, count_nonzero, count_params, count_sparse_macs, paired_ratio
-from .models import build_from_checkpoint, build_model, names_user_code
+from .models import build_from_checkpoint, build_model
+from .names import names_user_code
 from .prune import prunable_weights, weight_sparsity
 from .recipe import Recipe, ReportSection, read_yaml, recipe_from_dict, recipe_to_dict
 from .runlock import run_dir_lock
@@ -603,7 +605,7 @@ def _train_device(checkpoints: dict) -> str | None:
 
 def _environment(checkpoints: dict, latency_threads: int | None, measured_at: str | None) -> dict:
     """Versions and machine of this report, the training device, and the latency's threads and time."""
-    from . import __version__
+    from ._version import __version__
 
     return {
         "kdcompress": __version__,
@@ -910,8 +912,9 @@ def _artifact_rows(
     which unpickles nothing: a damaged or replaced file is ``refused`` (with the reason) and never run, and
     so is one naming another model than ``models`` gives for its stage (the recipe's names).
     """
-    from .checkpoint import confined_path, read_manifest
+    from .checkpoint import read_manifest
     from .export import ARTIFACTS_FILE, EXPORT_DIR, load_artifact, read_artifacts, verify_artifact
+    from .files import confined_path
 
     try:
         recorded = read_artifacts(run_dir)

@@ -17,16 +17,14 @@ This module imports no torch, so ``kdc --help`` stays fast.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
-import stat
 import typing
 from dataclasses import dataclass
 from typing import Callable
 
+from .files import file_sha256
 from .recipe import Recipe, TrainSettings
 
-__all__ = ["Stage", "STAGES", "STAGE_NAMES", "COMMAND_OF", "COMMON_READS", "stage_named", "file_sha256"]
+__all__ = ["Stage", "STAGES", "STAGE_NAMES", "COMMAND_OF", "COMMON_READS", "stage_named"]
 
 
 @dataclass(frozen=True)
@@ -141,31 +139,6 @@ def _teacher_inputs(recipe: dict, found: dict) -> dict:
             found.pop(f"teacher.{f.name}", None)
         found["teacher.checkpoint_sha256"] = file_sha256(teacher["checkpoint"])
     return found
-
-
-_SHA_CACHE: dict[tuple, str] = {}
-
-
-def file_sha256(path: str) -> str | None:
-    """The SHA-256 of a file's content (hex), or None when it cannot be read.
-
-    Remembered per (path, size, inode, modification and change times): fingerprints are taken many times a
-    run, and a supplied teacher may be hundreds of megabytes.
-    """
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):  # a device (/dev/zero) or a FIFO would never end, or block
-            return None
-        key = (os.path.abspath(path), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-        if key not in _SHA_CACHE:
-            digest = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
-            _SHA_CACHE[key] = digest.hexdigest()
-        return _SHA_CACHE[key]
-    except OSError:
-        return None
 
 
 STAGES: tuple[Stage, ...] = (

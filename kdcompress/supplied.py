@@ -28,8 +28,8 @@ from torch import nn
 
 from .checkpoint import FORMAT
 from .errors import CheckpointError, ModelError, describe
+from .files import file_sha256
 from .models import build_model, check_model_name, model_spec
-from .stages import file_sha256
 
 __all__ = ["read_weights_file", "supplied_teacher", "pretrained_file", "load_pretrained"]
 
@@ -98,6 +98,49 @@ def _same_preprocess(theirs: dict, ours: dict) -> bool:
     )
 
 
+def _kdc_checkpoint_teacher(
+    recipe, data: dict, path: Path, where: str, num_classes: int, shape: list[int], preprocess: dict | None, info: dict
+) -> tuple[dict, dict]:
+    """``(spec, weights)`` of a kdc checkpoint given as teacher.checkpoint, after checking that the run can use it.
+
+    Its model must be the recipe's ``teacher.model``, made for the run's inputs and classes, and fed as the
+    run feeds it; ``info`` gets its ``structure`` (when pruned structurally) and ``supplied_format``.
+    """
+    spec, weights = data.get("arch"), data.get("state_dict")
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), str) or not isinstance(weights, dict):
+        raise ModelError(
+            f"{where}: {path} is a kdc checkpoint without an architecture or weights; give a "
+            f"stage checkpoint (<run dir>/<stage>/model.pt)"
+        )
+    name = spec["model"]
+    # a recipe is code its user chose to run; a file is not: build only the model the recipe names (the
+    # teacher stage's checkpoint then names teacher.model, as every later stage expects)
+    check_model_name(
+        name,
+        recipe.teacher.model,
+        f"{where}: {path}",
+        fix=f"set teacher.model: {name} (and teacher.args) if that is your teacher and you trust it",
+    )
+    if list(spec.get("input_shape") or []) != shape or int(spec.get("num_classes", -1)) != int(num_classes):
+        raise ModelError(
+            f"{where}: {path} holds a {name} for inputs {spec.get('input_shape')} and {spec.get('num_classes')} "
+            f"classes; {recipe.data.dataset} has inputs {shape} and {num_classes} classes. Give a teacher "
+            f"trained on this kind of data"
+        )
+    theirs = data.get("preprocess")
+    if preprocess is not None and isinstance(theirs, dict) and not _same_preprocess(theirs, preprocess):
+        raise ModelError(
+            f"{where}: {path} was trained on {theirs.get('dataset')} inputs normalised with mean "
+            f"{theirs.get('mean')}, std {theirs.get('std')}; this run feeds {recipe.data.dataset} inputs with mean "
+            f"{preprocess.get('mean')}, std {preprocess.get('std')}, which the teacher would misread. Give a "
+            f"teacher trained with this run's normalisation"
+        )
+    if data.get("structure"):
+        info["structure"] = data["structure"]
+    info["supplied_format"] = "kdc checkpoint"
+    return spec, weights
+
+
 def supplied_teacher(recipe, num_classes: int, input_shape, preprocess: dict | None = None):
     """The teacher ``teacher.checkpoint`` names, weights loaded: ``(model, spec, info)``, on the CPU.
 
@@ -113,38 +156,7 @@ def supplied_teacher(recipe, num_classes: int, input_shape, preprocess: dict | N
     info = {"supplied_from": str(path), "supplied_sha256": file_sha256(str(path))}
     shape = [int(d) for d in input_shape]
     if data.get("format") == FORMAT:
-        spec, weights = data.get("arch"), data.get("state_dict")
-        if not isinstance(spec, dict) or not isinstance(spec.get("model"), str) or not isinstance(weights, dict):
-            raise ModelError(
-                f"{where}: {path} is a kdc checkpoint without an architecture or weights; give a "
-                f"stage checkpoint (<run dir>/<stage>/model.pt)"
-            )
-        name = spec["model"]
-        # a recipe is code its user chose to run; a file is not: build only the model the recipe names (the
-        # teacher stage's checkpoint then names teacher.model, as every later stage expects)
-        check_model_name(
-            name,
-            t.model,
-            f"{where}: {path}",
-            fix=f"set teacher.model: {name} (and teacher.args) if that is your teacher and you trust it",
-        )
-        if list(spec.get("input_shape") or []) != shape or int(spec.get("num_classes", -1)) != int(num_classes):
-            raise ModelError(
-                f"{where}: {path} holds a {name} for inputs {spec.get('input_shape')} and {spec.get('num_classes')} "
-                f"classes; {recipe.data.dataset} has inputs {shape} and {num_classes} classes. Give a teacher "
-                f"trained on this kind of data"
-            )
-        theirs = data.get("preprocess")
-        if preprocess is not None and isinstance(theirs, dict) and not _same_preprocess(theirs, preprocess):
-            raise ModelError(
-                f"{where}: {path} was trained on {theirs.get('dataset')} inputs normalised with mean "
-                f"{theirs.get('mean')}, std {theirs.get('std')}; this run feeds {recipe.data.dataset} inputs with mean "
-                f"{preprocess.get('mean')}, std {preprocess.get('std')}, which the teacher would misread. Give a "
-                f"teacher trained with this run's normalisation"
-            )
-        if data.get("structure"):
-            info["structure"] = data["structure"]
-        info["supplied_format"] = "kdc checkpoint"
+        spec, weights = _kdc_checkpoint_teacher(recipe, data, path, where, num_classes, shape, preprocess, info)
     elif _is_state_dict(data):
         spec, weights = model_spec(t.model, t.args, num_classes, shape), data
         info["supplied_format"] = "state_dict"

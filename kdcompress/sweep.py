@@ -25,8 +25,9 @@ import re
 import shutil
 from pathlib import Path
 
-from .checkpoint import atomic_write_text, manifest_path, read_manifest
+from .checkpoint import read_manifest
 from .errors import CheckpointError, KdcError, Problem, RecipeError
+from .files import atomic_write_text, manifest_path
 from .runlock import run_dir_lock
 from .stages import STAGES
 

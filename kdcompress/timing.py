@@ -39,7 +39,8 @@ from .checkpoint import load_checkpoint, read_manifest
 from .errors import KdcError
 from .export import load_artifact
 from .measure import LATENCY_ROUNDS, interleaved_latencies
-from .models import add_import_dir, build_from_checkpoint, import_dirs
+from .models import build_from_checkpoint
+from .names import add_import_dir, import_dirs
 
 __all__ = ["ModelFile", "time_in_child", "child_env", "WAIT_POLICY", "KINDS"]
 
@@ -124,7 +125,7 @@ def time_in_child(
 def _import_path() -> list[str]:
     """This process's ``sys.path`` without its relative entries: "" (the current directory, as ``python -c`` and
     notebooks have it) would find modules there that this process never imported from there; the folders of
-    import paths are found through :func:`kdcompress.models.import_dirs` as here."""
+    import paths are found through :func:`kdcompress.names.import_dirs` as here."""
     return [entry for entry in sys.path if entry and os.path.isabs(entry)]
 
 

@@ -26,9 +26,10 @@ from rich.console import Console
 from torch import nn
 
 from . import distributed
-from .checkpoint import append_jsonl, atomic_write_text, refuse_oversized, save_state
+from .checkpoint import refuse_oversized, save_state
 from .data import Augment, DataSplits, TensorData
 from .errors import CheckpointError, KdcError, describe
+from .files import append_jsonl, atomic_write_text
 from .progress import RunProgress
 from .recipe import TrainSettings
 
@@ -44,9 +45,10 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "Runtime",
+    "CHECK_EVERY",
 ]
 
-_CHECK_EVERY = 10  # batches between the loss checks (and progress updates): one device sync each
+CHECK_EVERY = 10  # batches between the loss checks (and progress updates): one device sync each
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -453,37 +455,11 @@ def fit(
         per_rank_batch=per_rank_batch,
         batches_per_epoch=data.train.num_batches(per_rank_batch, world),
     )
-    model.to(device)
-    first_epoch = _restore(loop, _load_state(state_path, state_tag, console, stage))
-    if first_epoch:
-        console.print(f"[bold]{stage}[/]: resuming after epoch {first_epoch}/{settings.epochs} (from {state_path})")
-    if metrics_path is not None and main:  # the metrics file always matches the epochs the model has seen
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in loop.history))
+    first_epoch = _start(loop, console, metrics_path)
     eval_name, eval_data = data.eval_split
     with progress.stage(stage, settings.epochs, first_epoch, loop.batches_per_epoch):
         for epoch in range(first_epoch, settings.epochs):
-            started = time.perf_counter()
-            loss_sum, correct, seen, tally = _train_epoch(loop, data.train, epoch, progress)
-            train_seconds = time.perf_counter() - started
-            lr = loop.optimizer.param_groups[0]["lr"]
-            loop.scheduler.step()
-            result = evaluate(model, eval_data, eval_batch_size, device)
-            record = {
-                "stage": stage,
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / max(1, seen),
-                "train_accuracy": correct / max(1, seen),
-                # this rank's first and largest batch loss (report: a loss that grew a millionfold diverged)
-                "first_batch_loss": tally.first_loss,
-                "max_batch_loss": tally.max_loss,
-                f"{eval_name}_loss": result["loss"],
-                f"{eval_name}_accuracy": result["accuracy"],
-                "lr": lr,
-                "train_seconds": train_seconds,  # the training pass alone
-                "seconds": time.perf_counter() - started,  # with evaluation
-            }
-            for hook in loop.hooks:
-                record.update(hook.epoch_metrics())
+            record = _train_and_evaluate(loop, data.train, epoch, progress, eval_name, eval_data, eval_batch_size)
             loop.history.append(record)
             if state_path is not None and main:
                 _save_epoch_state(loop, epoch + 1)
@@ -492,11 +468,58 @@ def fit(
             for hook in loop.hooks:
                 hook.on_epoch_end(record)
             progress.end_epoch(record, eval_name)
+    _finish(model, stage, runtime, device)
+    return loop.history
+
+
+def _start(loop: _Loop, console: Console, metrics_path: Path | None) -> int:
+    """Before the first epoch of :func:`fit`: the model on its device, resumed if a state is kept; the first epoch."""
+    loop.model.to(loop.device)
+    first_epoch = _restore(loop, _load_state(loop.state_path, loop.state_tag, console, loop.stage))
+    if first_epoch:
+        console.print(
+            f"[bold]{loop.stage}[/]: resuming after epoch {first_epoch}/{loop.settings.epochs} (from {loop.state_path})"
+        )
+    if metrics_path is not None and loop.main:  # the metrics file always matches the epochs the model has seen
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in loop.history))
+    return first_epoch
+
+
+def _train_and_evaluate(
+    loop: _Loop, train: TensorData, epoch: int, progress: RunProgress, eval_name: str, eval_data, eval_batch_size: int
+) -> dict:
+    """One epoch of :func:`fit`: train, step the schedule, evaluate; the epoch's metrics record."""
+    started = time.perf_counter()
+    loss_sum, correct, seen, tally = _train_epoch(loop, train, epoch, progress)
+    train_seconds = time.perf_counter() - started
+    lr = loop.optimizer.param_groups[0]["lr"]
+    loop.scheduler.step()
+    result = evaluate(loop.model, eval_data, eval_batch_size, loop.device)
+    record = {
+        "stage": loop.stage,
+        "epoch": epoch + 1,
+        "train_loss": loss_sum / max(1, seen),
+        "train_accuracy": correct / max(1, seen),
+        # this rank's first and largest batch loss (report: a loss that grew a millionfold diverged)
+        "first_batch_loss": tally.first_loss,
+        "max_batch_loss": tally.max_loss,
+        f"{eval_name}_loss": result["loss"],
+        f"{eval_name}_accuracy": result["accuracy"],
+        "lr": lr,
+        "train_seconds": train_seconds,  # the training pass alone
+        "seconds": time.perf_counter() - started,  # with evaluation
+    }
+    for hook in loop.hooks:
+        record.update(hook.epoch_metrics())
+    return record
+
+
+def _finish(model: nn.Module, stage: str, runtime: Runtime, device: torch.device) -> None:
+    """After the last epoch: refuse NaN weights; give the model back the default memory layout."""
     if any(math.isnan(p.detach().sum().item()) for p in model.parameters()):
         raise KdcError(f"{stage}: the weights hold NaN after training; lower the learning rate")
     if runtime.channels_last and device.type == "cuda":  # checkpoints keep the default layout
         model.to(memory_format=torch.contiguous_format)
-    return loop.history
 
 
 @dataclass
@@ -635,7 +658,7 @@ def _train_epoch(
             hook.after_optimizer_step(loop.step)
         loop.step += 1
         tally.add(loss, logits, y)
-        if tally.pending >= _CHECK_EVERY:
+        if tally.pending >= CHECK_EVERY:
             _check_losses(tally, loop.step, epoch, loop.batches_per_epoch, loop.stage, settings, loop.state_path)
             if loop.main:
                 progress.advance(loop.step - epoch_start_step, tally.status())

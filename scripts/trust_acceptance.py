@@ -143,7 +143,7 @@ def bitmask_bomb(run: Path, work: Path) -> None:
 def rewrite_manifest(path: Path) -> None:
     import hashlib
 
-    from kdcompress.checkpoint import manifest_path
+    from kdcompress.files import manifest_path
 
     blob = path.read_bytes()
     manifest = json.loads(manifest_path(path).read_text())

@@ -274,7 +274,7 @@ def exported_run(fresh_run, tiny_recipe_text, kdc):
 
 def rewrite_manifest(path: Path) -> None:
     """Make the manifest beside ``path`` match its bytes again, as an attacker who edits both would."""
-    from kdcompress.checkpoint import manifest_path
+    from kdcompress.files import manifest_path
 
     blob = path.read_bytes()
     mpath = manifest_path(path)

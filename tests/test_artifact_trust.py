@@ -18,8 +18,9 @@ import pytest
 import torch
 from conftest import rewrite_manifest
 
-from kdcompress.checkpoint import confined_path, manifest_path, save_checkpoint
+from kdcompress.checkpoint import save_checkpoint
 from kdcompress.errors import ArtifactError, CheckpointError
+from kdcompress.files import confined_path, manifest_path
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -90,11 +90,11 @@ def _empty_data_root(work: Path) -> None:
 
 def _truncated_mnist(work: Path) -> None:
     """The four idx files torchvision reads, each cut in half (taken from the shipped mini set)."""
-    from kdcompress.data import IDX_FILES, _mini_dir
+    from kdcompress.data import IDX_FILES, mini_dir
 
     raw = _mnist_raw(work)
     for name in IDX_FILES:
-        with gzip.open(_mini_dir() / f"{name}.gz", "rb") as fh:
+        with gzip.open(mini_dir() / f"{name}.gz", "rb") as fh:
             data = fh.read()
         (raw / name).write_bytes(data[: len(data) // 2])
 
@@ -474,12 +474,12 @@ def test_set_with_scientific_notation_is_a_number(in_tmp, write_recipe, kdc):
 
 
 def test_gzipped_idx_files_are_accepted_as_the_message_says(tmp_path):
-    from kdcompress.data import IDX_FILES, _mini_dir, load_data
+    from kdcompress.data import IDX_FILES, load_data, mini_dir
     from kdcompress.recipe import DataSection
 
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name in IDX_FILES:
-        shutil.copy(_mini_dir() / f"{name}.gz", raw / f"{name}.gz")
+        shutil.copy(mini_dir() / f"{name}.gz", raw / f"{name}.gz")
     data = load_data(DataSection(dataset="mnist", root=str(tmp_path)))
     assert len(data.train) == 10000

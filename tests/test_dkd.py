@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from kdcompress import pipeline
-from kdcompress.distill import LOSSES, dkd_loss, dkd_warmup_factor, get_loss, kd_loss, loss_name_problem
+from kdcompress.distill import LOSSES, dkd_loss, dkd_warmup_factor, get_loss, kd_loss
 from kdcompress.errors import RecipeError
+from kdcompress.names import loss_name_problem
 from kdcompress.recipe import DistillSection, parse_recipe, recipe_to_dict
 from kdcompress.stages import STAGES, stage_named
 

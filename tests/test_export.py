@@ -17,9 +17,9 @@ import torch
 from rich.console import Console
 
 from kdcompress import report as report_mod
-from kdcompress.checkpoint import manifest_path
 from kdcompress.errors import ArtifactError
 from kdcompress.export import load_artifact, read_artifacts, verify_artifact
+from kdcompress.files import manifest_path
 from kdcompress.report import build_report, report_markdown, report_table
 
 RUN = Path("runs") / "tiny"

@@ -23,9 +23,10 @@ import torch
 import yaml
 
 import kdcompress
-from kdcompress.checkpoint import atomic_write_text, load_checkpoint, manifest_path, save_checkpoint, save_state
-from kdcompress.data import CLASS_NAMES, IDX_FILES, _mini_dir, _unpack_gz, load_data, preprocess_info, read_idx
+from kdcompress.checkpoint import load_checkpoint, save_checkpoint, save_state
+from kdcompress.data import CLASS_NAMES, IDX_FILES, load_data, mini_dir, preprocess_info, read_idx, unpack_gz
 from kdcompress.errors import CheckpointError
+from kdcompress.files import atomic_write_text, manifest_path
 from kdcompress.loading import Preprocess
 from kdcompress.recipe import DataSection
 
@@ -62,7 +63,7 @@ def run_dir(fresh_run, tiny_recipe_text):
 
 def _raw_test_split():
     """The shipped test images as stored on disk: uint8 (N, 28, 28), 0-255, and their labels."""
-    folder = _mini_dir()
+    folder = mini_dir()
     return read_idx(folder / "t10k-images-idx3-ubyte.gz"), read_idx(folder / "t10k-labels-idx1-ubyte.gz").long()
 
 
@@ -247,7 +248,7 @@ def test_unpacked_dataset_files_follow_the_umask(tmp_path):
     for name in IDX_FILES:
         (source / f"{name}.gz").write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\x01\x07"))
     with _umask(0o022):
-        _unpack_gz(source, raw)
+        unpack_gz(source, raw)
     assert [_mode(raw / name) for name in IDX_FILES] == [0o644] * 4
 
 

@@ -19,6 +19,7 @@ import torch
 from kdcompress import models
 from kdcompress.checks import check_recipe
 from kdcompress.errors import ModelError, RecipeError
+from kdcompress.names import model_name_problem, saved_import_dirs
 from kdcompress.recipe import StudentSection, builtin_recipe_path, load_recipe, parse_recipe
 
 
@@ -207,7 +208,7 @@ def test_model_name_from_set_names_the_override():
 def test_name_checks_share_the_messages_of_building():
     with pytest.raises(ModelError) as info:
         models.build_model(models.model_spec("mpl", {}, 10, (1, 28, 28)), where="student.model")
-    assert str(info.value) == f"student.model: {models.model_name_problem('mpl')}"
+    assert str(info.value) == f"student.model: {model_name_problem('mpl')}"
 
 
 def test_check_recipe_reports_teacher_and_student_failures_together():
@@ -337,9 +338,8 @@ def own_modules(monkeypatch):
     names = {"nets": f"mynets_{uuid.uuid4().hex[:8]}", "data": f"mydata_{uuid.uuid4().hex[:8]}"}
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    if hasattr(models, "_IMPORT_DIRS"):
-        monkeypatch.setattr(models, "_IMPORT_DIRS", list(models._IMPORT_DIRS))
-    yield names
+    with saved_import_dirs():
+        yield names
     for name in names.values():
         sys.modules.pop(name, None)
 

@@ -151,7 +151,7 @@ def test_boundary_values_are_accepted(tiny_recipe_text, override, attr, value):
 
 
 def test_recipe_that_sets_nothing_uses_valid_defaults():
-    # recipe.py: "Every key is optional and has a default"
+    # recipe/__init__.py: "Every key is optional and has a default"
     recipe = parse_recipe("run:\n  name: only-a-name\n")
     assert recipe.run.name == "only-a-name"
 

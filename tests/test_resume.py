@@ -306,19 +306,19 @@ def test_ctrl_c_while_the_resume_state_is_written_keeps_the_previous_state(
 
 
 def test_ctrl_c_between_checkpoint_and_manifest_then_rerun_finishes(in_tmp, write_recipe, kdc, monkeypatch):
-    import kdcompress.checkpoint as ck
+    import kdcompress.files as files_mod
 
     write_recipe()
-    real = ck.os.replace
+    real = files_mod.os.replace
 
     def replace(src, dst):  # Ctrl-C after model.pt is renamed into place, before its manifest is
         if Path(dst).name == "model.pt.manifest.json":
             raise KeyboardInterrupt
         return real(src, dst)
 
-    monkeypatch.setattr(ck.os, "replace", replace)
+    monkeypatch.setattr(files_mod.os, "replace", replace)
     kdc.assert_clean_exit(kdc("train-teacher", "recipe.yaml"), 130)
-    monkeypatch.setattr(ck.os, "replace", real)
+    monkeypatch.setattr(files_mod.os, "replace", real)
     assert (in_tmp / RUN / "teacher" / "state.pt").is_file()  # the work is still held by the resume state
     result = kdc("train-teacher", "recipe.yaml")  # what the Ctrl-C hint says to do
     kdc.assert_clean_exit(result, 0)

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kdcompress.checkpoint as ck
-from kdcompress.checkpoint import load_checkpoint, manifest_path, save_checkpoint, verify_checkpoint
+import kdcompress.files as files_mod
+from kdcompress.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from kdcompress.errors import CheckpointError
+from kdcompress.files import manifest_path
 
 RUN = Path("runs") / "tiny"
 TEACHER = RUN / "teacher" / "model.pt"
@@ -175,7 +176,7 @@ def test_disk_full_while_writing_a_resume_state_keeps_the_previous_state(
 
 def test_disk_full_while_writing_the_manifest_keeps_a_consistent_checkpoint(teacher_run, kdc, monkeypatch):
     before = TEACHER.read_bytes()
-    real = ck._write_tmp
+    real = files_mod.write_temp
 
     def write_tmp(path, write):  # the disk fills up while the manifest is written
         if Path(path).name.endswith(".manifest.json"):
@@ -186,7 +187,7 @@ def test_disk_full_while_writing_the_manifest_keeps_a_consistent_checkpoint(teac
             return real(path, fail)
         return real(path, write)
 
-    monkeypatch.setattr(ck, "_write_tmp", write_tmp)
+    monkeypatch.setattr(files_mod, "write_temp", write_tmp)
     result = kdc("train-teacher", "recipe.yaml", "--set", "teacher.lr=0.02", "--force")
     kdc.assert_clean_exit(result, 2)
     out = kdc.flat(result)
@@ -206,7 +207,7 @@ def test_disk_full_while_appending_a_metrics_line_is_a_clear_error(in_tmp, write
             raise OSError(errno.ENOSPC, ENOSPC, str(file))
         return real_open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(ck, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(files_mod, "open", full_disk_open, raising=False)
     result = kdc("train-teacher", "recipe.yaml")
     assert result.exit_code != 0
     assert "Traceback" not in result.output

@@ -173,7 +173,7 @@ def test_cli_order_and_report_come_from_the_declarations(kdc):
 
 
 def test_a_checkpoint_with_old_fingerprints_says_why_it_reruns(in_tmp, write_recipe, kdc):
-    from kdcompress.checkpoint import manifest_path
+    from kdcompress.files import manifest_path
 
     write_recipe()
     kdc.assert_clean_exit(kdc("train-teacher", "recipe.yaml"), 0)

@@ -16,7 +16,7 @@ import torch
 import yaml
 from conftest import TINY_RECIPE, _deep_merge, subprocess_env
 
-from kdcompress import models
+from kdcompress import models, names
 from kdcompress.checkpoint import read_manifest, save_checkpoint
 from kdcompress.errors import KdcError
 from kdcompress.models import MLP, model_spec
@@ -31,10 +31,10 @@ pathlib.Path({marker!r}).touch()  # importing this module is what must not happe
 
 @pytest.fixture(autouse=True)
 def fresh_import_path(monkeypatch):
-    """Each test starts with kdc's import folders and sys.path as they were, and leaves them so."""
+    """Each test starts with no import folders of kdc's and sys.path as it was, and leaves them as they were."""
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setattr(models, "_IMPORT_DIRS", [])
-    monkeypatch.setattr(models, "_ADDED_TO_SYS_PATH", set())
+    with names.saved_import_dirs(clear=True):
+        yield
 
 
 def write_checkpoint(path: Path, name: str = "mlp", hidden=(16,)) -> ModelFile:
@@ -82,7 +82,7 @@ def test_the_timing_process_builds_no_model_but_the_one_the_report_named(tmp_pat
     for folder in (tmp_path, tmp_path / "recipes"):
         folder.mkdir(exist_ok=True)
         (folder / f"{name}.py").write_text(MARKER_MODULE.format(marker=str(marker), body="def build(**kw): pass"))
-    models.add_import_dir(tmp_path / "recipes")  # as loading a recipe from there does
+    names.add_import_dir(tmp_path / "recipes")  # as loading a recipe from there does
     monkeypatch.chdir(tmp_path)
     file = write_checkpoint(tmp_path / "run" / "pruned" / "model.pt", name=f"{name}:build")
     with pytest.raises(KdcError, match=f"'{name}:build'.*'mlp'|'mlp'.*'{name}:build'"):

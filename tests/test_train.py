@@ -12,7 +12,7 @@ from rich.console import Console
 from kdcompress.data import DataSplits, TensorData
 from kdcompress.errors import KdcError
 from kdcompress.recipe import TrainSettings
-from kdcompress.train import _CHECK_EVERY, fit, make_optimizer
+from kdcompress.train import CHECK_EVERY, fit, make_optimizer
 
 
 def tiny_splits(n: int = 200) -> DataSplits:
@@ -33,7 +33,7 @@ QUIET = Console(stderr=True, quiet=True)
 BATCHES = 200 // 8  # 25 batches per epoch at batch 8: windows of 10, 10, 5
 
 
-@pytest.mark.parametrize("bad_step", [1, _CHECK_EVERY, _CHECK_EVERY + 1, 2 * _CHECK_EVERY + 3, BATCHES])
+@pytest.mark.parametrize("bad_step", [1, CHECK_EVERY, CHECK_EVERY + 1, 2 * CHECK_EVERY + 3, BATCHES])
 @pytest.mark.parametrize("bad_value", [math.nan, math.inf])
 def test_a_bad_loss_is_named_at_its_step_in_any_window(bad_step, bad_value):
     calls = {"n": 0}

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from conftest import TINY_RECIPE, _deep_merge, working_copy
 
-from kdcompress import models
+from kdcompress import names
 from kdcompress.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from kdcompress.errors import ArtifactError
 from kdcompress.export import load_artifact, verify_artifact, write_artifact
@@ -59,10 +59,10 @@ def exported(fresh_run, tiny_recipe_text, kdc):
 
 @pytest.fixture(autouse=True)
 def fresh_import_path(monkeypatch):
-    """Each test starts with kdc's import folders and sys.path as they were, and leaves them so."""
+    """Each test starts with no import folders of kdc's and sys.path as it was, and leaves them as they were."""
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setattr(models, "_IMPORT_DIRS", [])
-    monkeypatch.setattr(models, "_ADDED_TO_SYS_PATH", set())
+    with names.saved_import_dirs(clear=True):
+        yield
 
 
 @pytest.fixture

@@ -27,8 +27,8 @@ import json
 import time
 from pathlib import Path
 
-from ..checkpoint import atomic_write_files, atomic_write_text, manifest_path
 from ..errors import ArtifactError, KdcError, StageOrderError
+from ..files import atomic_write_files, atomic_write_text, manifest_path
 from ..runlock import run_dir_lock
 from ..stages import stage_named
 
@@ -113,7 +113,7 @@ def _sha256(data: bytes) -> str:
 
 def write_artifact(path: Path, blob: bytes, fmt: str, extra: dict | None = None) -> dict:
     """Write an artifact and its manifest (size, SHA-256, format) atomically; return the manifest."""
-    from .. import __version__
+    from .._version import __version__
 
     manifest = {
         "file": Path(path).name,
@@ -228,7 +228,7 @@ def read_artifacts(run_dir: str | Path) -> list[dict]:
 
     ArtifactError when the file is damaged, a row included (an entry of the wrong type). A row's ``path`` is
     the file's path as written; confine it to the run directory before opening it
-    (:func:`kdcompress.checkpoint.confined_path`).
+    (:func:`kdcompress.files.confined_path`).
     """
     path = Path(run_dir) / EXPORT_DIR / ARTIFACTS_FILE
     if not path.is_file():
@@ -303,7 +303,7 @@ def _export_stage(recipe, formats: list[str] | None, force: bool, console) -> li
     import torch
     from rich.console import Console
 
-    from .. import __version__
+    from .._version import __version__
     from ..data import load_data
     from ..models import build_from_checkpoint
     from ..pipeline import _write_resolved_recipe

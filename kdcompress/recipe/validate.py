@@ -1,0 +1,318 @@
+"""Checks a recipe's values need beyond their types and ranges: names, files and keys read together.
+
+Every check returns :class:`~kdcompress.errors.Problem` objects, each with its key path and YAML line
+(``lines`` maps key paths to lines), so that a recipe's problems are reported all at once. Names of
+models, datasets and losses are checked through :mod:`kdcompress.names`: validation builds no component.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+from ..errors import Problem
+from ..names import dataset_name_problem, loss_name_problem, model_name_problem, names_user_code
+from .schema import CODE_KEYS, DistillSection, PruneSection, Recipe, ReportSection, RunSection, TeacherSection
+
+__all__ = ["line_of", "name_checks", "run_name_checks", "cross_checks", "resolve_files"]
+
+
+def line_of(lines: dict, path: tuple) -> int | str | None:
+    """The line of ``path`` in the recipe text, else of the nearest key above it that has one (None: none has)."""
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return None
+
+
+def name_checks(raw: dict, lines: dict, import_code: bool = True) -> list[Problem]:
+    """Model, dataset and loss names that resolve to nothing, each with its line, beside every other problem.
+
+    Reads the raw document, since a section with any other problem converts to
+    its defaults. Only for recipes read from text (a recipe is code its user
+    chose to run): :func:`kdcompress.recipe.recipe_from_dict` imports nothing.
+    """
+    problems = []
+    for section, key, check in (
+        ("teacher", "model", model_name_problem),
+        ("student", "model", model_name_problem),
+        ("data", "dataset", dataset_name_problem),
+        ("distill", "loss", loss_name_problem),
+    ):
+        name = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if not import_code and isinstance(name, str) and names_user_code(name, CODE_KEYS[f"{section}.{key}"]):
+            continue  # code a file that is data names: not imported here, even to check it
+        message = check(name) if isinstance(name, str) else None  # another type is reported as such
+        if message:
+            problems.append(Problem(f"{section}.{key}", message, line_of(lines, (section, key))))
+    return problems
+
+
+def run_name_checks(run: RunSection, lines: dict) -> list[Problem]:
+    """``run.name`` is one folder inside ``run.out_dir``: a name that would climb out of it (``..``, a path,
+    an absolute path) or that names no folder (empty, control characters) is refused before anything is
+    written."""
+    name = run.name
+    if not name.strip():
+        why = "is empty"
+    elif name in (".", ".."):
+        why = f"is {name!r}, {'run.out_dir itself' if name == '.' else 'the folder above run.out_dir'}"
+    elif "/" in name or "\\" in name:
+        why = f"is a path ({name!r}), not a folder name"
+    elif any(unicodedata.category(c) == "Cc" for c in name):
+        why = f"holds a control character ({name!r})"
+    else:
+        return []
+    return [
+        Problem(
+            "run.name",
+            f"{why}: run.name is a folder name inside run.out_dir; use run.out_dir to put runs elsewhere "
+            f"(e.g. run: {{out_dir: /data/runs, name: exp1}})",
+            line_of(lines, ("run", "name")),
+        )
+    ]
+
+
+_SCHEDULE_STEPS = {
+    "iterative": "its steps follow from rate and target_sparsity",
+    "one-shot": "one step",
+}
+
+
+def cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
+    """Checks that involve more than one value."""
+    problems = []
+    problems.extend(_report_checks(recipe.report, lines))
+    problems.extend(_teacher_checks(recipe.teacher, lines))
+    problems.extend(_export_checks(recipe, lines))
+    problems.extend(_device_checks(recipe.run, lines))
+    problems.extend(_loss_checks(recipe.distill, lines))
+    problems.extend(_seeds_checks(recipe.run, lines))
+    # Whether the pruning steps fit in retraining depends on the batches per epoch, which needs the data:
+    # kdcompress.checks.check_recipe plans the schedule (prune.schedule.plan_schedule) as the run will.
+    problems.extend(_prune_checks(recipe.prune, lines))
+    return problems
+
+
+def _teacher_checks(t: TeacherSection, lines: dict) -> list[Problem]:
+    """teacher.pretrained: not with teacher.checkpoint, and only for a torchvision model."""
+    problems = []
+    if t.pretrained and t.checkpoint:
+        problems.append(
+            Problem(
+                "teacher.pretrained",
+                "and teacher.checkpoint both give the teacher's weights; keep one (teacher.checkpoint: your trained "
+                "teacher, used as it is; teacher.pretrained: torchvision's ImageNet weights, then trained)",
+                line_of(lines, ("teacher", "pretrained")),
+            )
+        )
+    elif t.pretrained and not t.model.startswith("torchvision:"):
+        problems.append(
+            Problem(
+                "teacher.pretrained",
+                f"needs a torchvision model (teacher.model: torchvision:NAME), got {t.model!r}; for your own trained "
+                f"weights use teacher.checkpoint: PATH",
+                line_of(lines, ("teacher", "pretrained")),
+            )
+        )
+    return problems
+
+
+def _export_checks(recipe: Recipe, lines: dict) -> list[Problem]:
+    """export.stage names a stage the run trains."""
+    if recipe.export.formats and recipe.export.stage == "student" and not recipe.student.baseline:
+        return [
+            Problem(
+                "export.stage",
+                "is student, but student.baseline is false, so no student stage is trained; export pruned or distilled, "
+                "or set student.baseline: true",
+                line_of(lines, ("export", "stage")) or line_of(lines, ("export",)),
+            )
+        ]
+    return []
+
+
+def _device_checks(run: RunSection, lines: dict) -> list[Problem]:
+    """run.device: auto, cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", run.device):
+        return [
+            Problem(
+                "run.device",
+                f"must be auto, cpu, cuda or cuda:N, got {run.device!r}",
+                line_of(lines, ("run", "device")),
+            )
+        ]
+    return []
+
+
+def _seeds_checks(run: RunSection, lines: dict) -> list[Problem]:
+    """run.seeds: distinct, none below 0."""
+    seeds = run.seeds
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        return [
+            Problem(
+                "run.seeds",
+                f"must be distinct seeds of 0 or more, e.g. [0, 1, 2], got {list(seeds)}",
+                line_of(lines, ("run", "seeds")),
+            )
+        ]
+    return []
+
+
+def _prune_checks(p: PruneSection, lines: dict) -> list[Problem]:
+    """Keys only agp reads are refused with another sparsity schedule; agp rises from initial to target."""
+    problems = []
+    where = lambda key: line_of(lines, ("prune", key)) or line_of(lines, ("prune",))  # noqa: E731
+    if p.sparsity_schedule != "agp":  # keys that only agp reads would be silently ignored
+        if p.steps != "auto":
+            problems.append(
+                Problem(
+                    "prune.steps",
+                    f"sets the number of agp steps, but prune.sparsity_schedule is {p.sparsity_schedule} "
+                    f"({_SCHEDULE_STEPS[p.sparsity_schedule]}); set prune.sparsity_schedule: agp, or drop prune.steps",
+                    where("steps"),
+                )
+            )
+        if p.initial_sparsity:
+            problems.append(
+                Problem(
+                    "prune.initial_sparsity",
+                    f"is the starting sparsity of agp, but prune.sparsity_schedule is {p.sparsity_schedule}; set "
+                    f"prune.sparsity_schedule: agp, or drop prune.initial_sparsity",
+                    where("initial_sparsity"),
+                )
+            )
+    elif p.target_sparsity > 0 and p.initial_sparsity >= p.target_sparsity:
+        problems.append(
+            Problem(
+                "prune.initial_sparsity",
+                f"{p.initial_sparsity} must be below prune.target_sparsity ({p.target_sparsity}): agp rises from one to "
+                f"the other",
+                where("initial_sparsity"),
+            )
+        )
+    return problems
+
+
+def resolve_files(recipe: Recipe, lines: dict, problems: list[Problem], folders: list[Path]) -> Recipe:
+    """The recipe with ``teacher.checkpoint`` made absolute: the first of ``folders`` that holds it.
+
+    Absolute, so that the resolved recipe a run directory keeps (``kdc distill runs/NAME``) still finds it.
+    A file found nowhere is a problem that names every place looked at.
+    """
+    given = recipe.teacher.checkpoint
+    if not given:
+        return recipe
+    where = ("teacher", "checkpoint")
+    path = Path(given).expanduser()
+    tried = [path] if path.is_absolute() else [Path(os.path.abspath(folder / path)) for folder in folders]
+    for candidate in tried:
+        if candidate.is_file():
+            return dataclasses.replace(recipe, teacher=dataclasses.replace(recipe.teacher, checkpoint=str(candidate)))
+    folder = next((c for c in tried if c.is_dir()), None)
+    if folder is not None:
+        inside = folder / "teacher" / "model.pt"
+        hint = (
+            f"; did you mean the teacher of that run directory, {inside}?"
+            if inside.is_file()
+            else "; give the file itself"
+        )
+        problems.append(
+            Problem("teacher.checkpoint", f"{folder} is a folder, not a weights file{hint}", line_of(lines, where))
+        )
+        return recipe
+    looked = " and ".join(str(c) for c in dict.fromkeys(tried))
+    relative = (
+        ""
+        if path.is_absolute()
+        else " (a relative path is looked up in the current directory, then in the recipe's folder)"
+    )
+    problems.append(
+        Problem(
+            "teacher.checkpoint",
+            f"file not found: looked for {looked}{relative}; give the path of a state_dict file "
+            f"(torch.save(model.state_dict(), PATH)) or of a kdc checkpoint (<run dir>/teacher/model.pt)",
+            line_of(lines, where),
+        )
+    )
+    return recipe
+
+
+def _loss_checks(d: DistillSection, lines: dict) -> list[Problem]:
+    """Distillation keys the chosen ``distill.loss`` does not read: set to anything but their defaults, refused."""
+    default = DistillSection()
+    builtin = d.loss in ("kd", "dkd")
+    unused = {  # key -> why it does nothing with this loss
+        "dkd_alpha": d.loss != "dkd",
+        "dkd_beta": d.loss != "dkd",
+        "dkd_warmup": d.loss != "dkd",
+        "loss_args": builtin,
+        "alpha": d.loss != "kd",
+        "temperature": not builtin,
+    }
+    reads = {
+        "kd": "kd reads temperature and alpha",
+        "dkd": "dkd reads temperature, dkd_alpha, dkd_beta and dkd_warmup (cross-entropy keeps weight 1, as in the "
+        "paper)",
+    }.get(d.loss, "your own loss reads only distill.loss_args")
+    fix = {  # what would read the key
+        "dkd_alpha": "set distill.loss: dkd, or drop distill.{key}",
+        "dkd_beta": "set distill.loss: dkd, or drop distill.{key}",
+        "dkd_warmup": "set distill.loss: dkd, or drop distill.{key}",
+        "loss_args": "set distill.loss to your package.module:function, or drop distill.{key}",
+        "alpha": "drop distill.{key}"
+        if builtin
+        else "pass what your loss needs in distill.loss_args, and drop distill.{key}",
+        "temperature": "pass what your loss needs in distill.loss_args, and drop distill.{key}",
+    }
+    problems = []
+    for i, term in enumerate(d.features):  # module paths are looked up in the built models by check_recipe
+        for side in ("teacher", "student"):
+            if not getattr(term, side):
+                problems.append(
+                    Problem(
+                        f"distill.features.{i}.{side}",
+                        f"is missing: each feature term names a {side} module by its dotted path (model.named_modules(), "
+                        f"e.g. features.3)",
+                        line_of(lines, ("distill", "features", i)) or line_of(lines, ("distill", "features")),
+                    )
+                )
+    for key, is_unused in unused.items():
+        if is_unused and getattr(d, key) != getattr(default, key):
+            problems.append(
+                Problem(
+                    f"distill.{key}",
+                    f"is not used by distill.loss {d.loss} ({reads}); {fix[key].format(key=key)}",
+                    line_of(lines, ("distill", key)) or line_of(lines, ("distill",)),
+                )
+            )
+    return problems
+
+
+def _report_checks(report: ReportSection, lines: dict) -> list[Problem]:
+    """Latency batch sizes: at least one, each >= 1; the deprecated single size only on its own."""
+    problems = []
+    where = ("report", "latency_batches")
+    if not report.latency_batches:
+        problems.append(
+            Problem("report.latency_batches", "needs at least one batch size, e.g. [1, 64]", line_of(lines, where))
+        )
+    for i, batch in enumerate(report.latency_batches):
+        if batch < 1:
+            message = f"must be >= 1, got {batch!r} (a batch size)"
+            problems.append(Problem(f"report.latency_batches.{i}", message, line_of(lines, where + (i,))))
+    given = where in lines or report.latency_batches != ReportSection().latency_batches  # lines: keys in the text
+    if report.latency_batch is not None and given:
+        problems.append(
+            Problem(
+                "report.latency_batch",
+                f"is the old name of report.latency_batches; keep only latency_batches (latency_batch: "
+                f"{report.latency_batch} means latency_batches: [{report.latency_batch}])",
+                line_of(lines, ("report", "latency_batch")),
+            )
+        )
+    return problems
