@@ -29,7 +29,7 @@ from torch import nn
 from .checkpoint import FORMAT
 from .errors import CheckpointError, ModelError, describe
 from .models import build_model, check_model_name, model_spec
-from .stages import file_sha256
+from .run.stages import file_sha256
 
 __all__ = ["read_weights_file", "supplied_teacher", "pretrained_file", "load_pretrained"]
 

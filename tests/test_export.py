@@ -19,8 +19,9 @@ from rich.console import Console
 from kdcompress import report as report_mod
 from kdcompress.checkpoint import manifest_path
 from kdcompress.errors import ArtifactError
-from kdcompress.export import load_artifact, read_artifacts, verify_artifact
+from kdcompress.export import load_artifact, verify_artifact
 from kdcompress.report import build_report, report_markdown, report_table
+from kdcompress.run import read_artifacts
 
 RUN = Path("runs") / "tiny"
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from kdcompress import models
-from kdcompress.checks import check_recipe
 from kdcompress.errors import ModelError, RecipeError
 from kdcompress.recipe import StudentSection, builtin_recipe_path, load_recipe, parse_recipe
+from kdcompress.run import check_recipe
 
 
 def _problems(text: str, overrides=None) -> list:
