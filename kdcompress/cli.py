@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from ._version import __version__
 from .errors import KdcError, UsageError
+from .run import layout
 
 app = typer.Typer(
     name="kdc",
@@ -154,8 +155,8 @@ def _recipe_file(recipe: Optional[Path]) -> Optional[Path]:
 
     if recipe is None:
         return None
-    if recipe.is_dir() and (recipe / "recipe.yaml").is_file() and (recipe / "kdc-run.json").is_file():
-        return recipe / "recipe.yaml"
+    if layout.is_run_dir(recipe):
+        return layout.recipe_path(recipe)
     if not recipe.exists() and recipe.stem in shipped_recipes():
         raise RecipeError(
             str(recipe),
@@ -177,14 +178,14 @@ def _load(recipe: Optional[Path], overrides: Optional[List[str]], trust_code: bo
     ``trust_code`` a recipe.yaml naming code to import is refused before anything is imported.
     """
     from .recipe import CODE_KEYS, load_recipe
-    from .trust import FILE_KEYS, refuse_untrusted_code
+    from .run import FILE_KEYS, refuse_untrusted_code
 
     path = _recipe_file(recipe)
     where: list[str] = []
     if path is not None and recipe is not None and path.parent == recipe:
         # a run directory stays where it is, even moved or copied from where its recipe.yaml says runs go
         where = [f"run.out_dir={recipe.resolve().parent}", f"run.name={recipe.resolve().name}"]
-    in_run_dir = path is not None and path.name == "recipe.yaml" and (path.parent / "kdc-run.json").is_file()
+    in_run_dir = path is not None and path.name == layout.RECIPE_FILE and layout.marker_path(path.parent).is_file()
     loaded = load_recipe(
         path, where + list(overrides or []), import_folder=not in_run_dir, import_code=trust_code or not in_run_dir
     )
@@ -193,18 +194,25 @@ def _load(recipe: Optional[Path], overrides: Optional[List[str]], trust_code: bo
         refuse_untrusted_code(
             loaded, path, [key for key in CODE_KEYS if key not in typed], [key for key in FILE_KEYS if key not in typed]
         )
-    object.__setattr__(loaded, "_source", str(recipe) if recipe else "")
-    object.__setattr__(loaded, "_overrides", tuple(overrides or ()))
     return loaded
+
+
+def _origin(recipe: Optional[Path], overrides: Optional[List[str]]):
+    """The command line a recipe was loaded from (RECIPE and every --set), for the commands messages suggest."""
+    from .run import Origin
+
+    return Origin(str(recipe) if recipe else "", tuple(overrides or ()))
 
 
 def _stage_command(
     stage: str, recipe, overrides, force, restart, quiet: bool = False, trust_code: bool = False
 ) -> None:
-    from .pipeline import checkpoint_path, run_stage
+    from .run import checkpoint_path, run_stage
 
     loaded = _load(recipe, overrides, trust_code)
-    metrics = run_stage(loaded, stage, force=force, restart=restart, console=_chatter(quiet))
+    metrics = run_stage(
+        loaded, stage, force=force, restart=restart, console=_chatter(quiet), origin=_origin(recipe, overrides)
+    )
     if quiet:  # the stage's own closing line went with the rest: the summary is this one
         err.print(
             f"{stage}: test accuracy {metrics['test_accuracy']:.4f}, {metrics['nonzero_params']:,} of "
@@ -261,7 +269,7 @@ def _add_stage_command(stage) -> None:
 
 
 def _add_stage_commands() -> None:
-    from .stages import STAGES
+    from .run.stages import STAGES
 
     for stage in STAGES:
         _add_stage_command(stage)
@@ -297,8 +305,7 @@ def run(
     fashion-mnist-mlp.yaml --nproc 2; three seeds, one teacher: kdc run fashion-mnist-mlp.yaml --seeds 3
     """
     from . import distributed
-    from .pipeline import lock_run_dir, run_pipeline
-    from .seeds import run_seeds, seed_list
+    from .run import lock_run_dir, run_pipeline, run_seeds, seed_list
 
     load = functools.partial(_load, trust_code=trust_code)
     loaded = load(recipe, set_)  # check the recipe before launching anything
@@ -327,7 +334,7 @@ def run(
         raise typer.Exit(_launch(nproc, recipe, set_, force, restart, quiet, trust_code))
     try:
         with lock_run_dir(loaded.run_dir):  # one writer from the first stage to the report
-            run_pipeline(loaded, force=force, restart=restart, console=_chatter(quiet))
+            run_pipeline(loaded, force=force, restart=restart, console=_chatter(quiet), origin=_origin(recipe, set_))
             if distributed.is_main():
                 _report(loaded.run_dir, recipe=loaded)
     finally:
@@ -374,7 +381,7 @@ def _report(run_dir: Path, fmt: str = "table", open_: bool = False, recipe=None)
     from .report import report_markdown, report_warnings, write_report
 
     report = write_report(run_dir, recipe=recipe)
-    files = {name: Path(run_dir) / f"report.{name}" for name in ("md", "json", "html")}
+    files = {kind: layout.report_path(run_dir, kind) for kind in layout.REPORT_KINDS}
     if fmt in ("table", "all"):
         _print_report_table(report, report_warnings(report, run_dir))  # warnings naming this run's real path
     elif fmt == "md":
@@ -443,17 +450,17 @@ def _compare_reports(
         "html": render_comparison_html(comparison),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_files({out_dir / f"report.{name}": text for name, text in texts.items()})  # all three, or none
+    atomic_write_files({layout.report_path(out_dir, kind): text for kind, text in texts.items()})  # all three, or none
     if fmt in ("table", "all"):
         _stdout().print(_comparison_table(comparison))
     else:
         _stdout_text(texts[fmt])
     err.print(
-        f"compared {len(run_dirs)} runs: wrote {out_dir / 'report.md'}, {out_dir / 'report.json'} and "
-        f"{out_dir / 'report.html'}"
+        f"compared {len(run_dirs)} runs: wrote {layout.report_path(out_dir, 'md')}, "
+        f"{layout.report_path(out_dir, 'json')} and {layout.report_path(out_dir, 'html')}"
     )
     if open_:
-        _open_in_browser(out_dir / "report.html")
+        _open_in_browser(layout.report_path(out_dir, "html"))
 
 
 def _comparison_table(comparison: dict):
@@ -507,8 +514,7 @@ def export(
     Formats: sparse (non-zeros only), shared (k-means weight sharing, --bits), int8 and onnx (need
     `pip install 'kdcompress\\[onnx]'`). Example: kdc export runs/quickstart --format sparse --format shared --bits 4
     """
-    from .export import EXPORT_WAIT_ADVICE, export_stage
-    from .runlock import run_dir_lock
+    from .run import EXPORT_WAIT_ADVICE, export_stage, run_dir_lock
 
     overrides = list(set_ or [])
     if format_:
@@ -518,7 +524,7 @@ def export(
             overrides.append(f"export.{key}={value}")
     loaded = _load(recipe, overrides, trust_code)
     with run_dir_lock(loaded.run_dir, advice=EXPORT_WAIT_ADVICE, create=False):  # through the report it writes
-        export_stage(loaded, force=force, console=_chatter(quiet))
+        export_stage(loaded, force=force, console=_chatter(quiet), origin=_origin(recipe, overrides))
         _report(loaded.run_dir, recipe=loaded)
 
 
@@ -554,8 +560,7 @@ def sweep(
     """
     from rich.table import Table
 
-    from .seeds import seed_list
-    from .sweep import run_sweep
+    from .run import run_sweep, seed_list
 
     load = functools.partial(_load, trust_code=trust_code)
     set_ = list(set_ or [])
@@ -583,8 +588,8 @@ def sweep(
     _stdout().print(table)
     if rows:
         err.print(
-            f"wrote {Path(rows[0]['run_dir']).parent / 'sweep.md'} and sweep.json (one run directory per point "
-            f"in {Path(rows[0]['run_dir']).parent}; `kdc report` works on each)"
+            f"wrote {Path(rows[0]['run_dir']).parent / layout.SWEEP_TABLE} and {layout.SWEEP_DATA} (one run directory "
+            f"per point in {Path(rows[0]['run_dir']).parent}; `kdc report` works on each)"
         )
 
 
@@ -661,8 +666,8 @@ def validate(
 
     Example: kdc validate my-recipe.yaml
     """
-    from .checks import check_recipe
     from .errors import KdcError
+    from .run import check_recipe
     from .train import resolve_device
 
     loaded = _load(recipe, set_, trust_code)

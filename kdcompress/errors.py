@@ -130,6 +130,6 @@ class UsageError(KdcError):
 
 
 class RunLockedError(KdcError):
-    """Another kdc process is writing the run directory (see :mod:`kdcompress.runlock`)."""
+    """Another kdc process is writing the run directory (see :mod:`kdcompress.run.lock`)."""
 
     exit_code = 2

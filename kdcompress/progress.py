@@ -9,7 +9,7 @@ epoch. A quiet console (``kdc ... --quiet``) shows neither.
 The time left is said only once it has been measured: after a whole epoch of the stage, or
 :data:`ETA_MIN_BATCHES` batches, whichever comes first. The stage's is its batches still to train at its
 own rate so far (evaluation and saving included). The run's adds the epochs of the stages still to come
-(the plan :func:`kdcompress.pipeline.run_pipeline` makes), each at the rate measured for stages that
+(the plan :func:`kdcompress.run.pipeline.run_pipeline` makes), each at the rate measured for stages that
 train the same model; it is refined as batches and epochs finish. While a model still to be trained has
 no measured rate (the student, during the teacher stage), the run's time is a lower bound that says so,
 ``run >2:43 (38 student epochs not timed yet)``, rather than a guess from another model's speed: the

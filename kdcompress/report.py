@@ -50,11 +50,11 @@ from .models import build_from_checkpoint, build_model
 from .names import names_user_code
 from .prune import prunable_weights, weight_sparsity
 from .recipe import Recipe, ReportSection, read_yaml, recipe_from_dict, recipe_to_dict
-from .runlock import run_dir_lock
-from .stages import STAGES, stage_named
+from .run.lock import run_dir_lock
+from .run.stages import STAGES, stage_named
+from .run.trust import MODEL_KEYS, outside_files, refuse_untrusted_code
 from .timing import ModelFile, time_in_child
 from .train import has_batchnorm
-from .trust import MODEL_KEYS, outside_files, refuse_untrusted_code
 
 __all__ = [
     "build_report",
@@ -69,7 +69,7 @@ __all__ = [
     "LATENCY_CACHE",
 ]
 
-STAGE_ORDER = tuple(stage.name for stage in STAGES)  # declared once, in stages.STAGES
+STAGE_ORDER = tuple(stage.name for stage in STAGES)  # declared once, in run.stages.STAGES
 DESCRIPTIONS = {stage.name: stage.description for stage in STAGES}
 # A difference within NOISE_Z standard errors (about 95 % for a normal estimate) is called within noise.
 NOISE_Z = 2.0
@@ -179,7 +179,7 @@ def _stage_settings(stage: str, recipe: dict, metrics: dict, arch: dict | None =
         loss = distill.get("loss", "kd")  # run directories from before distill.loss: kd
         settings.update(distill_loss=loss, temperature=distill.get("temperature"), alpha=distill.get("alpha"))
         if loss == "dkd":
-            # the pruned stage retrains an already distilled student: no warm-up there (pipeline._distill_loss)
+            # the pruned stage retrains an already distilled student: no warm-up there (kdcompress.run.losses.distill_loss)
             warmup = min(distill.get("dkd_warmup", 0), distill.get("epochs", 0)) if stage == "distilled" else 0
             settings.update(dkd_alpha=distill.get("dkd_alpha"), dkd_beta=distill.get("dkd_beta"), dkd_warmup=warmup)
         elif loss != "kd":
@@ -261,8 +261,8 @@ def _read_run_recipe(run_dir: Path) -> tuple[Recipe | None, str | None]:
 
 
 def _stale_stages(recipe: Recipe, stages: list[str]) -> dict[str, str | None]:
-    """Per stage: why its checkpoint is not what ``recipe`` describes (``pipeline.stage_status``), or None."""
-    from .pipeline import stage_status  # the rule the stage commands skip or rerun by
+    """Per stage: why its checkpoint is not what ``recipe`` describes (``kdcompress.run.state.stage_status``), or None."""
+    from .run.state import stage_status  # the rule the stage commands skip or rerun by
 
     stale = {}
     for stage in stages:
@@ -831,13 +831,13 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
 def _add_seed_statistics(run_dir: Path, seeds: list[int], rows: list[dict], comparisons: list[dict]) -> None:
     """Each stage's accuracy over the seeds of ``kdc run --seeds`` and each comparison's difference per seed.
 
-    The first seed's run is ``run_dir``, seed s's ``run_dir/seeds/seed-<s>`` (:func:`kdcompress.seeds.seed_run_dirs`);
+    The first seed's run is ``run_dir``, seed s's ``run_dir/seeds/seed-<s>`` (:func:`kdcompress.run.seeds.seed_run_dirs`);
     a seed whose checkpoint is missing (an interrupted run) is left out. A row's ``trained_once`` says that every
     seed holds the same checkpoint (the teacher, pinned to the first seed): its spread is not seed noise.
     A comparison's ``seeds`` holds the per-seed differences, their mean, sample std and standard error
     std / sqrt(n), and whether the mean is above ``NOISE_Z`` times that error.
     """
-    from .seeds import seed_run_dirs
+    from .run.seeds import seed_run_dirs
 
     dirs = seed_run_dirs(run_dir, seeds)
     per_seed: dict[str, dict[int, float]] = {}
@@ -913,8 +913,10 @@ def _artifact_rows(
     so is one naming another model than ``models`` gives for its stage (the recipe's names).
     """
     from .checkpoint import read_manifest
-    from .export import ARTIFACTS_FILE, EXPORT_DIR, load_artifact, read_artifacts, verify_artifact
+    from .export import load_artifact, verify_artifact
     from .files import confined_path
+    from .run.export import read_artifacts
+    from .run.layout import ARTIFACTS_FILE, EXPORT_DIR
 
     try:
         recorded = read_artifacts(run_dir)
@@ -1738,7 +1740,7 @@ def write_report(
 
     ``recipe``: the recipe you gave for the run, whose models are built (see :func:`build_report`).
     The three files are replaced as a set: all of them, or none (a full disk keeps the previous three).
-    The run directory's lock (:func:`kdcompress.runlock.run_dir_lock`) is held throughout, so the
+    The run directory's lock (:func:`kdcompress.run.lock.run_dir_lock`) is held throughout, so the
     report reads no file another kdc is writing; while one writes there it is refused at once.
     """
     from .html import render_html  # matplotlib is imported only when a report is written

@@ -23,9 +23,9 @@ N-epoch runs of a round run back to back (their order alternating by round);
 the figure is the median over rounds of each round's marginal epoch.
 
 CLI with augmentation -- the same with ``data.hflip=true`` and
-``data.crop_padding=2``: with augmentation ``kdcompress.pipeline`` runs the
+``data.crop_padding=2``: with augmentation ``kdcompress.run.losses`` runs the
 teacher online on every (augmented) batch instead of reading the logit cache
-(``_distill_loss`` checks ``data.hflip``/``data.crop_padding``). Its run
+(``distill_loss`` checks ``data.hflip``/``data.crop_padding``). Its run
 directory takes the trained teacher as ``teacher.checkpoint`` (the data
 section is a teacher input, so the teacher stage only evaluates the supplied
 one); the 2- and ``--augment-epochs``-epoch runs give its marginal epoch. This
@@ -587,7 +587,7 @@ def main(argv=None) -> dict:
         sync(device)
         cache_seconds = time.perf_counter() - t0
 
-        def distill_loss(logits, y, idx, *_):  # as kdcompress.pipeline._distill_loss (no augmentation)
+        def distill_loss(logits, y, idx, *_):  # as kdcompress.run.losses.distill_loss (no augmentation)
             return kd_loss_from_log_probs(logits, cached.index_select(0, idx.to(cached.device)), y, TEMPERATURE, ALPHA)
 
         naive_seconds: list[float] = []

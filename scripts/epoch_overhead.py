@@ -1,7 +1,7 @@
 """What a training epoch costs besides its training steps, piece by piece, on a real kdc stage.
 
 Runs one stage of a recipe in-process, exactly as ``kdc train-student`` would
-(:func:`kdcompress.pipeline.run_stage`; the student baseline by default: the
+(:func:`kdcompress.run.pipeline.run_stage`; the student baseline by default: the
 same loop, model, data and per-epoch work as ``kdc distill`` without needing a
 teacher), with timers around what :func:`kdcompress.train.fit` does once per
 epoch besides the training pass:
@@ -52,9 +52,9 @@ from pathlib import Path
 from rich.console import Console
 
 import kdcompress.train as train
-from kdcompress.pipeline import RUNNING_LOG, checkpoint_path, run_stage
 from kdcompress.progress import RunProgress
 from kdcompress.recipe import load_recipe
+from kdcompress.run import RUNNING_LOG, checkpoint_path, run_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTSIDE = ("evaluate", "save_state", "append_jsonl", "epoch_line")  # after the training pass

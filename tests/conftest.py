@@ -161,14 +161,14 @@ def fail_training(monkeypatch):
     ``fail_training("teacher", epoch=2, batch=5)`` raises KeyboardInterrupt
     (a Ctrl-C) in the 5th batch of the teacher's 2nd epoch;
     ``action="nan"`` makes that batch's loss NaN instead. It wraps the loss
-    handed to ``kdcompress.pipeline._fit``, so it works for every stage and
+    handed to ``kdcompress.run.bodies.fit_stage``, so it works for every stage and
     whatever arguments the loss takes. The count starts with each stage run,
     so it is meant for a run that starts the stage from epoch 1. Returns a
     dict whose ``"fired"`` entry says whether it went off.
     """
-    import kdcompress.pipeline as pipeline
+    import kdcompress.run.bodies as bodies
 
-    real_fit = pipeline._fit
+    real_fit = bodies.fit_stage
     fired = {"fired": False}
 
     def arm(stage: str, epoch: int, batch: int = 5, action: str = "interrupt"):
@@ -191,7 +191,7 @@ def fail_training(monkeypatch):
 
             return real_fit(ctx, model, wrapped, settings, hooks)
 
-        monkeypatch.setattr(pipeline, "_fit", _fit)
+        monkeypatch.setattr(bodies, "fit_stage", _fit)
         return fired
 
     return arm

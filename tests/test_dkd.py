@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcompress import pipeline
 from kdcompress.distill import LOSSES, dkd_loss, dkd_warmup_factor, get_loss, kd_loss
 from kdcompress.errors import RecipeError
 from kdcompress.names import loss_name_problem
 from kdcompress.recipe import DistillSection, parse_recipe, recipe_to_dict
-from kdcompress.stages import STAGES, stage_named
+from kdcompress.run import STAGES, stage_named
+from kdcompress.run.losses import make_logit_loss
 
 RUN = Path("runs") / "tiny"
 
@@ -137,7 +137,7 @@ def test_the_pipelines_dkd_loss_is_ce_plus_the_warmed_up_term_at_each_epoch():
     """The epoch comes from the hook fit calls before every batch: first, middle and after the warm-up."""
     s, t, y = batch(5)
     d = DistillSection(loss="dkd", dkd_alpha=1.0, dkd_beta=8.0, temperature=4.0)
-    loss, hooks = pipeline._logit_loss(d, warmup=4)
+    loss, hooks = make_logit_loss(d, warmup=4)
     (clock,) = hooks
     term = dkd_loss(s, t, y, 1.0, 8.0, 4.0)
     ce = F.cross_entropy(s, y)

@@ -18,9 +18,10 @@ from rich.console import Console
 
 from kdcompress import report as report_mod
 from kdcompress.errors import ArtifactError
-from kdcompress.export import load_artifact, read_artifacts, verify_artifact
+from kdcompress.export import load_artifact, verify_artifact
 from kdcompress.files import manifest_path
 from kdcompress.report import build_report, report_markdown, report_table
+from kdcompress.run import read_artifacts
 
 RUN = Path("runs") / "tiny"
 

@@ -179,13 +179,13 @@ def _interrupt(*args, **kwargs):
 
 @pytest.mark.parametrize("command", ["export", "report"])
 def test_ctrl_c_in_export_or_report_gives_advice_that_fits_the_command(command, in_tmp, write_recipe, kdc, monkeypatch):
-    import kdcompress.export
     import kdcompress.report
+    import kdcompress.run.export
 
     write_recipe()
     (in_tmp / RUN).mkdir(parents=True)
     if command == "export":
-        monkeypatch.setattr(kdcompress.export, "export_stage", _interrupt)
+        monkeypatch.setattr(kdcompress.run.export, "export_stage", _interrupt)
         result = kdc("export", "recipe.yaml", "--format", "sparse")
     else:
         monkeypatch.setattr(kdcompress.report, "write_report", _interrupt)

@@ -143,12 +143,12 @@ def test_a_term_without_a_module_path_is_a_recipe_error(in_tmp, kdc):
 
 def test_no_feature_terms_keeps_the_distilled_fingerprint_inputs():
     """Recipes written before distill.features existed keep their fingerprints (the key is left out at [])."""
-    from kdcompress.pipeline import _stage_inputs
     from kdcompress.recipe import recipe_from_dict, recipe_to_dict
+    from kdcompress.run import stage_inputs
 
-    plain = _stage_inputs(recipe_to_dict(recipe_from_dict(TINY_RECIPE)), "distilled")
+    plain = stage_inputs(recipe_to_dict(recipe_from_dict(TINY_RECIPE)), "distilled")
     assert not any("features" in key for key in plain)
-    with_terms = _stage_inputs(
+    with_terms = stage_inputs(
         recipe_to_dict(recipe_from_dict(_deep_merge(TINY_RECIPE, {"distill": {"features": HINT}}))), "distilled"
     )
     assert with_terms["distill.features"] == [dict(HINT[0])]

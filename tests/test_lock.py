@@ -24,7 +24,7 @@ import yaml
 from conftest import subprocess_env, working_copy
 
 RUN = Path("runs") / "tiny"
-LOCK_FILE = ".kdc.lock"  # kdcompress.runlock.LOCK_FILE, spelt out: the CLI tests hold on code without it too
+LOCK_FILE = ".kdc.lock"  # kdcompress.run.layout.LOCK_FILE, spelt out: the CLI tests hold on code without it too
 LIVE_RECIPE = {
     "run": {"name": "live", "seed": 0, "device": "cpu"},
     "data": {"dataset": "fashion-mnist-mini", "batch_size": 128},
@@ -277,7 +277,7 @@ def _free(run_dir: Path) -> bool:
 
 def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
     from kdcompress.errors import RunLockedError
-    from kdcompress.runlock import run_dir_lock
+    from kdcompress.run import run_dir_lock
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -294,7 +294,7 @@ def test_the_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
 
 def test_ranks_other_than_0_of_a_distributed_run_take_no_lock(tmp_path, monkeypatch):
     from kdcompress.errors import RunLockedError
-    from kdcompress.runlock import run_dir_lock
+    from kdcompress.run import run_dir_lock
 
     run_dir = tmp_path / "run"
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -309,7 +309,7 @@ def test_ranks_other_than_0_of_a_distributed_run_take_no_lock(tmp_path, monkeypa
 
 
 def test_a_command_that_made_the_run_directory_and_wrote_nothing_leaves_nothing_behind(tmp_path):
-    from kdcompress.runlock import run_dir_lock
+    from kdcompress.run import run_dir_lock
 
     with run_dir_lock(tmp_path / "runs" / "new", "kdc run r.yaml"):  # bad input found after the lock was taken
         assert (tmp_path / "runs" / "new" / LOCK_FILE).is_file()

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from kdcompress import models
-from kdcompress.checks import check_recipe
 from kdcompress.errors import ModelError, RecipeError
 from kdcompress.names import model_name_problem, saved_import_dirs
 from kdcompress.recipe import StudentSection, builtin_recipe_path, load_recipe, parse_recipe
+from kdcompress.run import check_recipe
 
 
 def _problems(text: str, overrides=None) -> list:

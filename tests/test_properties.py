@@ -29,9 +29,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from kdcompress.errors import RecipeError, ScheduleError
-from kdcompress.pipeline import _Pruning
 from kdcompress.prune import MagnitudePruner, plan_schedule
 from kdcompress.recipe import PruneSection, Recipe, parse_recipe
+from kdcompress.run.hooks import Pruning
 
 # --------------------------------------------------------------------------- helpers
 
@@ -329,11 +329,11 @@ def test_pruning_hook_state_round_trips_and_resumes_the_same_schedule(
             hook.after_optimizer_step(step)
 
     straight_net = copy.deepcopy(original)
-    straight = _Pruning(MagnitudePruner(straight_net, rate, target, scope), plan)
+    straight = Pruning(MagnitudePruner(straight_net, rate, target, scope), plan)
     run(straight, 0, steps)
 
     first_net = copy.deepcopy(original)
-    first = _Pruning(MagnitudePruner(first_net, rate, target, scope), plan)
+    first = Pruning(MagnitudePruner(first_net, rate, target, scope), plan)
     run(first, 0, cut)
     buffer = io.BytesIO()
     torch.save({"hooks": [first.state_dict()], "model": first_net.state_dict()}, buffer)
@@ -342,7 +342,7 @@ def test_pruning_hook_state_round_trips_and_resumes_the_same_schedule(
 
     resumed_net = copy.deepcopy(original)
     resumed_net.load_state_dict(saved["model"])
-    resumed = _Pruning(MagnitudePruner(resumed_net, rate, target, scope), plan_schedule(prune, batches_per_epoch))
+    resumed = Pruning(MagnitudePruner(resumed_net, rate, target, scope), plan_schedule(prune, batches_per_epoch))
     resumed.load_state_dict(saved["hooks"][0])
     assert resumed.steps_taken == first.steps_taken
     for name in first.pruner.masks:
@@ -360,7 +360,7 @@ def test_pruning_hook_state_round_trips_and_resumes_the_same_schedule(
 
 def test_pruning_hook_state_dict_holds_only_tensors_and_plain_data():
     net = small_net("mlp", 4, 0)
-    hook = _Pruning(MagnitudePruner(net, 0.5, 0.75), plan_schedule(PruneSection(rate=0.5, target_sparsity=0.75), 4))
+    hook = Pruning(MagnitudePruner(net, 0.5, 0.75), plan_schedule(PruneSection(rate=0.5, target_sparsity=0.75), 4))
     hook.on_batch_start(0, 4)
     state = hook.state_dict()
     assert set(state) == {"pruner", "steps_taken"}

@@ -13,9 +13,9 @@ from rich.console import Console
 from torch import nn
 
 from kdcompress.models import build_model
-from kdcompress.pipeline import checkpoint_path, run_pipeline
 from kdcompress.prune import MagnitudePruner, prunable_weights
 from kdcompress.recipe import recipe_from_dict
+from kdcompress.run import checkpoint_path, run_pipeline
 
 
 def mlp(seed: int = 0, sizes=(20, 30, 10)) -> nn.Sequential:

@@ -506,14 +506,14 @@ def test_recalibrate_batchnorm_leaves_a_model_without_batchnorm_alone():
 
 
 def test_bn_recalibrate_key_is_off_by_default_and_is_an_input_of_every_stage(tiny_recipe_text):
-    from kdcompress import pipeline
     from kdcompress.recipe import parse_recipe
+    from kdcompress.run import stage_fingerprint
 
     recipe = parse_recipe(tiny_recipe_text)
     assert recipe.run.bn_recalibrate == 0
     on = parse_recipe(tiny_recipe_text, overrides=["run.bn_recalibrate=50"])
     for stage in ("teacher", "student"):  # it changes the saved model, so turning it on remakes the stage
-        assert pipeline._fingerprint(on, stage, {}) != pipeline._fingerprint(recipe, stage, {})
+        assert stage_fingerprint(on, stage, {}) != stage_fingerprint(recipe, stage, {})
     with pytest.raises(Exception, match="bn_recalibrate"):
         parse_recipe(tiny_recipe_text, overrides=["run.bn_recalibrate=-1"])
 

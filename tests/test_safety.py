@@ -373,8 +373,8 @@ def test_the_payload_really_runs_code_when_loaded_unsafely(how, tmp_path):
 def plant_teacher(work: Path, data: bytes, with_manifest: bool) -> None:
     """Put ``data`` where the teacher checkpoint belongs, as if kdc had written it (run marker, manifest)."""
     from kdcompress import __version__
-    from kdcompress.pipeline import _fingerprint
     from kdcompress.recipe import load_recipe
+    from kdcompress.run import stage_fingerprint
 
     run_dir = work / RUN
     (run_dir / "teacher").mkdir(parents=True)
@@ -387,7 +387,7 @@ def plant_teacher(work: Path, data: bytes, with_manifest: bool) -> None:
             "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(),
             "stage": "teacher",
-            "fingerprint": _fingerprint(recipe, "teacher", {}),
+            "fingerprint": stage_fingerprint(recipe, "teacher", {}),
         }
         (run_dir / "teacher" / "model.pt.manifest.json").write_text(json.dumps(manifest) + "\n")
 

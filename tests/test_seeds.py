@@ -16,7 +16,7 @@ import pytest
 from kdcompress.checkpoint import load_checkpoint
 from kdcompress.recipe import load_recipe, recipe_to_dict
 from kdcompress.report import report_warnings
-from kdcompress.stages import stage_named
+from kdcompress.run import stage_named
 
 RUN = Path("runs") / "tiny"
 SEEDS = (0, 1, 2)

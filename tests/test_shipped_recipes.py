@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import kdcompress
-from kdcompress.checks import check_recipe
 from kdcompress.recipe import builtin_recipe_path, load_recipe
+from kdcompress.run import check_recipe
 
 RECIPE_DIR = Path(kdcompress.__file__).parent / "recipes"
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))

@@ -66,8 +66,8 @@ def test_prune_names_the_stage_to_rerun_and_the_key_two_stages_up(in_tmp, write_
 
 
 def test_the_stage_itself_says_which_keys_changed(in_tmp, write_recipe, kdc):
-    from kdcompress.pipeline import stage_status
     from kdcompress.recipe import load_recipe
+    from kdcompress.run import stage_status
 
     path = write_recipe()
     kdc.assert_clean_exit(kdc("run", "recipe.yaml"), 0)
@@ -107,8 +107,8 @@ def test_interrupting_a_forced_rerun_gives_true_advice_and_the_rerun_resumes(in_
 
 
 def test_status_of_a_stage_with_an_interrupted_run_is_not_up_to_date(in_tmp, write_recipe, kdc, fail_training):
-    from kdcompress.pipeline import stage_status
     from kdcompress.recipe import load_recipe
+    from kdcompress.run import stage_status
 
     path = write_recipe()
     kdc.assert_clean_exit(kdc("train-teacher", "recipe.yaml"), 0)

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from kdcompress import pipeline
 from kdcompress.recipe import parse_recipe, recipe_to_dict
-from kdcompress.stages import COMMAND_OF, STAGE_NAMES, STAGES, stage_named
+from kdcompress.run import COMMAND_OF, STAGE_NAMES, STAGES, stage_fingerprint, stage_named
 
 RUN = Path("runs") / "tiny"
 
@@ -108,7 +107,7 @@ def _leaves(recipe: dict):
 def _fingerprints(recipe) -> dict[str, str]:
     fake_upstream = {name: "u" * 16 for name in STAGE_NAMES}
     return {
-        s.name: pipeline._fingerprint(recipe, s.name, {d: fake_upstream[d] for d in s.upstream(recipe)}) for s in STAGES
+        s.name: stage_fingerprint(recipe, s.name, {d: fake_upstream[d] for d in s.upstream(recipe)}) for s in STAGES
     }
 
 

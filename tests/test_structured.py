@@ -258,9 +258,9 @@ def test_every_checkpoint_load_rebuilds_a_structured_stage(in_tmp, write_recipe)
     """load_model, the pipeline's load_stage_model and the report all take a checkpoint with a structure."""
     from kdcompress.checkpoint import save_checkpoint
     from kdcompress.loading import load_model
-    from kdcompress.pipeline import checkpoint_path, load_stage_model
     from kdcompress.recipe import load_recipe
     from kdcompress.report import build_report
+    from kdcompress.run import checkpoint_path, load_stage_model
 
     recipe = load_recipe(
         write_recipe(changes={"student": {"model": "cnn", "args": {"channels": [8, 16], "hidden": 32}}})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcompress.sweep import grid_points, parse_grid, point_name
+from kdcompress.run import grid_points, parse_grid, point_name
 
 SWEEP = Path("runs") / "tiny" / "sweep"
 

@@ -338,11 +338,11 @@ def test_tensorboard_scalars_for_every_stage_and_epoch(kdc, write_recipe, in_tmp
 
 
 def test_tensorboard_switch_changes_no_fingerprint(write_recipe):
-    from kdcompress.pipeline import _fingerprint
     from kdcompress.recipe import load_recipe
+    from kdcompress.run import stage_fingerprint
 
     off = load_recipe(write_recipe())
     on = load_recipe(write_recipe(), ["report.tensorboard=true"])
     assert on.report.tensorboard and not off.report.tensorboard
     for stage in STAGES:
-        assert _fingerprint(on, stage, {}) == _fingerprint(off, stage, {})
+        assert stage_fingerprint(on, stage, {}) == stage_fingerprint(off, stage, {})

@@ -4,7 +4,7 @@
 training batches per epoch and returns a :class:`Schedule`: the global batch
 indices (0-based, over all epochs of retraining) at which to prune, and the
 sparsity to reach at each. Both ``kdc validate`` (through
-:func:`kdcompress.checks.check_recipe`) and the pruning stage call it, so a
+:func:`kdcompress.run.checks.check_recipe`) and the pruning stage call it, so a
 recipe that validates also runs, and one that cannot reach its target fails
 before any training with the reason.
 

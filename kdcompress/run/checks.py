@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from .data import batches_per_epoch, dataset_summary
-from .errors import ModelError, ScheduleError, describe
-from .models import build_model, model_spec
-from .prune import plan_schedule, prunable_weights
-from .recipe import Recipe
+from ..data import batches_per_epoch, dataset_summary, preprocess_info
+from ..errors import ModelError, ScheduleError, describe
+from ..export import check_formats
+from ..features import FeatureTaps, at_loss, make_adapter, module_named
+from ..models import build_model, model_spec
+from ..progress import tensorboard_writer_class
+from ..prune import plan_schedule, prunable_weights
+from ..recipe import Recipe
+from ..supplied import load_pretrained, supplied_teacher
+from .layout import export_dir, tensorboard_dir
 
 __all__ = ["check_recipe", "check_feature_terms"]
 
@@ -30,6 +35,27 @@ def check_recipe(recipe: Recipe) -> list[str]:
     ``report.tensorboard`` is on and tensorboard is not installed.
     """
     input_shape, num_classes, train_size = dataset_summary(recipe.data)
+    counts, built = _check_models(recipe, input_shape, num_classes)
+    if recipe.distill.features:
+        check_feature_terms(recipe.distill.features, built["teacher"], built["student"], input_shape)
+    if recipe.export.formats:  # an export that cannot run should stop the run now, not after training
+        check_formats(recipe.export.formats)
+    if recipe.report.tensorboard:  # likewise: stop before training, not at the end of the first epoch
+        tensorboard_writer_class()
+    p = recipe.prune
+    bpe = batches_per_epoch(train_size, recipe.data.batch_size)
+    try:
+        schedule = plan_schedule(p, bpe)
+    except ScheduleError as exc:
+        raise ScheduleError(
+            f"{exc} (batches per epoch: {train_size:,} training samples of {recipe.data.dataset} in batches of "
+            f"{recipe.data.batch_size})"
+        ) from None
+    return _plan_lines(recipe, counts, bpe, schedule)
+
+
+def _check_models(recipe: Recipe, input_shape, num_classes: int) -> tuple[dict, dict]:
+    """``({teacher/student: parameter count}, {teacher/student: model})``; one ModelError naming every problem."""
     counts = {}
     built: dict = {}
     failures: list[str] = []
@@ -42,25 +68,12 @@ def check_recipe(recipe: Recipe) -> list[str]:
         if len(failures) == 1:
             raise ModelError(failures[0])
         raise ModelError(f"{len(failures)} problems with the models:\n" + "\n".join(f"  {f}" for f in failures))
-    if recipe.distill.features:
-        check_feature_terms(recipe.distill.features, built["teacher"], built["student"], input_shape)
-    if recipe.export.formats:  # an export that cannot run should stop the run now, not after training
-        from .export import check_formats
+    return counts, built
 
-        check_formats(recipe.export.formats)
-    if recipe.report.tensorboard:  # likewise: stop before training, not at the end of the first epoch
-        from .progress import tensorboard_writer_class
 
-        tensorboard_writer_class()
+def _plan_lines(recipe: Recipe, counts: dict, bpe: int, schedule) -> list[str]:
+    """The short plan of the run ``kdc validate`` prints, one line per part."""
     p = recipe.prune
-    bpe = batches_per_epoch(train_size, recipe.data.batch_size)
-    try:
-        schedule = plan_schedule(p, bpe)
-    except ScheduleError as exc:
-        raise ScheduleError(
-            f"{exc} (batches per epoch: {train_size:,} training samples of {recipe.data.dataset} in batches of "
-            f"{recipe.data.batch_size})"
-        ) from None
     return (
         [
             f"run directory: {recipe.run_dir}",
@@ -84,13 +97,13 @@ def check_recipe(recipe: Recipe) -> list[str]:
         + (
             [
                 f"export: {', '.join(recipe.export.formats)} of the {recipe.export.stage} stage, to "
-                f"{recipe.run_dir / 'export'}"
+                f"{export_dir(recipe.run_dir)}"
             ]
             if recipe.export.formats
             else []
         )
         + (
-            [f"tensorboard: scalars every epoch in {recipe.run_dir / 'tensorboard'}/<stage>"]
+            [f"tensorboard: scalars every epoch in {tensorboard_dir(recipe.run_dir)}/<stage>"]
             if recipe.report.tensorboard
             else []
         )
@@ -121,8 +134,6 @@ def check_feature_terms(terms, teacher: torch.nn.Module, student: torch.nn.Modul
     (``at``: feature maps of the same height and width; ``hint``: an adapter can map the student's to the
     teacher's shape). All problems are reported at once, in one :class:`ModelError`.
     """
-    from .features import FeatureTaps, at_loss, make_adapter, module_named
-
     problems = []
     for i, term in enumerate(terms):
         for side, model in (("teacher", teacher), ("student", student)):
@@ -170,15 +181,10 @@ def _check_model(recipe: Recipe, which: str, input_shape, num_classes: int, buil
     """Build one model of the recipe and run a dry forward pass; return its parameter count (``built[which]``: the model)."""
     section = getattr(recipe, which)
     if which == "teacher" and section.checkpoint:  # the weights must load and fit, as the teacher stage will use them
-        from .data import preprocess_info
-        from .supplied import supplied_teacher
-
         model = supplied_teacher(recipe, num_classes, input_shape, preprocess_info(recipe.data.dataset, input_shape))[0]
     else:
         model = build_model(model_spec(section.model, section.args, num_classes, input_shape), where=f"{which}.model")
         if which == "teacher" and section.pretrained:  # in the local cache, and fitting: found now, not after hours
-            from .supplied import load_pretrained
-
             load_pretrained(model, section.model.split(":", 1)[1])
     model.eval()
     try:

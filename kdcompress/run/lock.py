@@ -31,7 +31,7 @@ Limits:
 
 Example::
 
-    >>> from kdcompress.runlock import run_dir_lock
+    >>> from kdcompress.run.lock import run_dir_lock
     >>> with run_dir_lock("runs/quickstart", "kdc report runs/quickstart"):  # doctest: +SKIP
     ...     pass  # write into runs/quickstart
 """
@@ -51,17 +51,17 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from . import distributed
-from .errors import RunLockedError
+from .. import distributed
+from ..errors import RunLockedError
+from .layout import LOCK_FILE, lock_path
 
 try:
     import fcntl
 except ImportError:  # Windows: see the module docstring's limits
     fcntl = None
 
-__all__ = ["LOCK_FILE", "run_dir_lock", "current_command", "WAIT_ADVICE"]
+__all__ = ["run_dir_lock", "current_command", "WAIT_ADVICE"]
 
-LOCK_FILE = ".kdc.lock"
 WAIT_ADVICE = "wait for it or use another run.name"
 _INFO_BYTES = 4096  # what is read of a lock file another process wrote: a small JSON, bounded on a crafted one
 _ATTEMPTS = 20  # a lock file removed under us (by a holder tidying up) is opened again, this many times at most
@@ -130,7 +130,7 @@ def run_dir_lock(
 
 def _acquire(run_dir: Path, command: str, advice: str) -> _Held:
     """Open and lock ``run_dir/.kdc.lock`` and write who holds it."""
-    path = run_dir / LOCK_FILE
+    path = lock_path(run_dir)
     created: list[Path] = []
     for _ in range(_ATTEMPTS):
         created += _make_dirs(run_dir)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UsageError
-from .names import names_user_code
-from .recipe import CODE_KEYS, Recipe
+from ..errors import UsageError
+from ..names import names_user_code
+from ..recipe import CODE_KEYS, Recipe
 
 __all__ = ["MODEL_KEYS", "FILE_KEYS", "code_names", "outside_files", "refuse_untrusted_code"]
 

@@ -11,7 +11,7 @@ command is run again, and ``kdc report <point>`` works on any of them.
 The ranked table (``sweep.md`` and ``sweep.json`` in ``<run dir>/sweep/``) lists each point's test
 accuracy per stage and distilled minus student, best distilled first. Example::
 
-    >>> from kdcompress.sweep import parse_grid
+    >>> from kdcompress.run.sweep import parse_grid
     >>> parse_grid(["distill.temperature=1,2", "distill.alpha=0.5"])
     [('distill.temperature', ['1', '2']), ('distill.alpha', ['0.5'])]
 """
@@ -20,20 +20,27 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
+import math
 import re
-import shutil
 from pathlib import Path
 
-from .checkpoint import read_manifest
-from .errors import CheckpointError, KdcError, Problem, RecipeError
-from .files import atomic_write_text, manifest_path
-from .runlock import run_dir_lock
+from rich.console import Console
+
+from ..checkpoint import load_checkpoint
+from ..errors import KdcError, Problem, RecipeError
+from ..files import atomic_write_text
+from ..recipe import load_recipe
+from . import layout
+from .layout import SEED_GLOB, SEEDS_DIR, SWEEP_DATA, SWEEP_TABLE, checkpoint_path
+from .lock import run_dir_lock
+from .marker import mark_run_dir
+from .pipeline import run_pipeline
+from .seeds import run_seeds, seed_run_dirs
+from .share import expected_fingerprints, known_checkpoints, share_stages
 from .stages import STAGES
+from .state import Origin
 
-__all__ = ["parse_grid", "grid_points", "point_name", "run_sweep", "SWEEP_DIR"]
-
-SWEEP_DIR = "sweep"
+__all__ = ["parse_grid", "grid_points", "point_name", "sweep_markdown", "run_sweep"]
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -71,91 +78,17 @@ def point_name(overrides: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", "_".join(parts)).strip(".-") or "point"
 
 
-def _expected_fingerprints(recipe) -> dict[str, str]:
-    """The fingerprint each enabled stage of ``recipe`` would have, computed from the recipe alone."""
-    from .pipeline import _fingerprint
-
-    found: dict[str, str] = {}
-    for stage in STAGES:
-        if not stage.enabled(recipe) and stage.name != "teacher":
-            continue
-        deps = stage.upstream(recipe)
-        if any(d not in found for d in deps):
-            continue
-        found[stage.name] = _fingerprint(recipe, stage.name, {d: found[d] for d in deps})
-    return found
-
-
-def _known_checkpoints(folders) -> dict[str, Path]:
-    """``{fingerprint: stage folder}`` of the finished stage checkpoints in ``folders`` (run directories)."""
-    pool: dict[str, Path] = {}
-    for folder in folders:
-        for stage in STAGES:
-            path = Path(folder) / stage.name / "model.pt"
-            try:
-                fingerprint = read_manifest(path).get("fingerprint")
-            except CheckpointError:
-                continue
-            if fingerprint:
-                pool.setdefault(fingerprint, path.parent)
-    return pool
-
-
 def _run_dirs(sweep_dir: Path) -> list[Path]:
     """Every point's run directory under ``sweep_dir`` and its seeds' (``<point>/seeds/seed-<s>``)."""
-    from .seeds import SEEDS_DIR
-
     points = sorted(p for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else []
-    return [d for p in points for d in [p, *sorted(q for q in (p / SEEDS_DIR).glob("seed-*") if q.is_dir())]]
-
-
-def _link_or_copy(source: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.link.tmp")
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        os.link(source, tmp)
-    except OSError:  # another file system, or links not allowed: a copy does as well
-        shutil.copy2(source, tmp)
-    os.replace(tmp, dest)
-
-
-def _share(pool: dict[str, Path], expected: dict[str, str], run_dir: Path) -> list[str]:
-    """Link into ``run_dir`` every stage checkpoint that another point (or the base run) already made."""
-    shared = []
-    for stage, fingerprint in expected.items():
-        source = pool.get(fingerprint)
-        target = run_dir / stage
-        if source is None or source.resolve() == target.resolve():
-            continue
-        try:
-            if read_manifest(target / "model.pt").get("fingerprint") == fingerprint:
-                continue  # already there
-        except CheckpointError:
-            pass
-        for name in ("model.pt", "metrics.jsonl"):
-            if (source / name).is_file():
-                _link_or_copy(source / name, target / name)
-        _link_or_copy(manifest_path(source / "model.pt"), manifest_path(target / "model.pt"))
-        shared.append(stage)
-    cache = [folder / "cache" for folder in {p.parent for p in pool.values()} if (folder / "cache").is_dir()]
-    for folder in cache:  # the teacher's cached logits are keyed by its checkpoint: any point may reuse them
-        for item in folder.glob("teacher-logits-*.pt"):
-            if not (run_dir / "cache" / item.name).exists():
-                _link_or_copy(item, run_dir / "cache" / item.name)
-    return shared
+    return [d for p in points for d in [p, *sorted(q for q in (p / SEEDS_DIR).glob(SEED_GLOB) if q.is_dir())]]
 
 
 def _point_row(run_dir: Path, overrides: list[str], seeds: list[int] | None = None) -> dict:
     """One point's accuracies. With several seeds, each stage's is the mean over the seeds whose checkpoint
     exists (``<stage>_std``: sample std) and ``distilled_minus_student`` is the mean of the per-seed
     differences, with its standard error ``distilled_minus_student_se`` (std / sqrt(n))."""
-    import math
-
-    from .checkpoint import load_checkpoint
-    from .report import _mean_std
-    from .seeds import seed_run_dirs
+    from ..report import _mean_std
 
     row: dict = {
         "point": point_name(overrides),
@@ -167,7 +100,7 @@ def _point_row(run_dir: Path, overrides: list[str], seeds: list[int] | None = No
     for stage in STAGES:
         found = {}
         for seed, folder in dirs.items():
-            path = folder / stage.name / "model.pt"
+            path = checkpoint_path(folder, stage.name)
             if path.is_file():
                 metrics = load_checkpoint(path)["metrics"]
                 found[seed] = metrics["test_accuracy"]
@@ -239,14 +172,8 @@ def run_sweep(
 
     ``load(recipe_path, overrides)`` loads a recipe as the CLI does (run directories included).
     The base run directory (which holds ``sweep/``) is locked throughout
-    (:func:`kdcompress.runlock.run_dir_lock`), each point's while it runs.
+    (:func:`kdcompress.run.lock.run_dir_lock`), each point's while it runs.
     """
-    from rich.console import Console
-
-    from .pipeline import _mark_run_dir, run_pipeline
-    from .recipe import load_recipe
-    from .seeds import run_seeds
-
     console = console or Console(stderr=True)
     load = load or (lambda path, items: load_recipe(path, items))
     grid = parse_grid(grid_items)
@@ -257,7 +184,7 @@ def run_sweep(
     points = grid_points(grid)
     for point in points:  # every point's recipe is checked before anything trains
         load(recipe_path, overrides + point)
-    sweep_dir = base.run_dir / SWEEP_DIR
+    sweep_dir = layout.sweep_dir(base.run_dir)
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
         raise KdcError("two grid points give the same folder name; use values that differ in letters or digits")
@@ -269,6 +196,7 @@ def run_sweep(
             run_dir = sweep_dir / name
             placement = [f"run.out_dir={sweep_dir}", f"run.name={name}"]
             placed = load(recipe_path, overrides + point + placement)
+            origin = Origin(str(recipe_path) if recipe_path else "", tuple(overrides + point + placement))
             console.print(f"[bold]sweep[/] point {i}/{len(points)}: {' '.join(point)} -> {run_dir}")
             if seeds:  # every seed of this point, sharing what earlier points (and their seeds) already trained
                 others = [] if force else [base.run_dir, *_run_dirs(sweep_dir)]
@@ -284,26 +212,26 @@ def run_sweep(
             else:
                 with run_dir_lock(run_dir):  # shared checkpoints are linked in before its stages run
                     if not force:
-                        _mark_run_dir(run_dir)
-                        pool = _known_checkpoints([base.run_dir, *_run_dirs(sweep_dir)])
-                        shared = _share(pool, _expected_fingerprints(placed), run_dir)
+                        mark_run_dir(run_dir)
+                        pool = known_checkpoints([base.run_dir, *_run_dirs(sweep_dir)])
+                        shared = share_stages(pool, expected_fingerprints(placed), run_dir)
                         if shared:
                             console.print(f"sweep: {', '.join(shared)} shared with an earlier point (same fingerprint)")
-                    run_pipeline(placed, force=force, console=console)
+                    run_pipeline(placed, force=force, console=console, origin=origin)
             rows.append(_point_row(run_dir, point, seeds))
             # written after every point: an interrupted sweep keeps its table; points of earlier sweeps with
             # another grid in this folder stay listed
             ranked = _ranked(rows + [r for r in earlier if r["point"] not in names])
             keys = _merged_grid(grid, earlier_grid)
-            atomic_write_text(sweep_dir / "sweep.json", json.dumps({"grid": keys, "points": ranked}, indent=2) + "\n")
-            atomic_write_text(sweep_dir / "sweep.md", sweep_markdown(ranked, list(keys.items())))
+            atomic_write_text(sweep_dir / SWEEP_DATA, json.dumps({"grid": keys, "points": ranked}, indent=2) + "\n")
+            atomic_write_text(sweep_dir / SWEEP_TABLE, sweep_markdown(ranked, list(keys.items())))
     return _ranked(rows)
 
 
 def _earlier_points(sweep_dir: Path) -> tuple[list[dict], dict]:
     """The rows and grid of the last ``sweep.json`` in ``sweep_dir`` whose point folders still exist."""
     try:
-        data = json.loads((sweep_dir / "sweep.json").read_text(encoding="utf-8"))
+        data = json.loads((sweep_dir / SWEEP_DATA).read_text(encoding="utf-8"))
         rows = [r for r in data.get("points", []) if Path(r["run_dir"]).is_dir()]
         return rows, dict(data.get("grid") or {})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

@@ -5,13 +5,14 @@ recipe values it reads, the stages it reads checkpoints from and the function th
 fingerprint (what makes a stage out of date), the CLI's stage commands, the order of ``kdc run`` and
 the report's rows all come from here, so a new stage is one new entry::
 
-    >>> from kdcompress.stages import STAGES, stage_named
+    >>> from kdcompress.run.stages import STAGES, stage_named
     >>> [stage.command for stage in STAGES]
     ['train-teacher', 'train-student', 'distill', 'prune']
     >>> stage_named("distilled").upstream(None)
     ('teacher',)
 
-This module imports no torch, so ``kdc --help`` stays fast.
+This module imports no torch, so ``kdc --help`` stays fast: the function that runs each stage is in
+:data:`kdcompress.run.bodies.RUNNERS`, keyed by the stage's name.
 """
 
 from __future__ import annotations
@@ -21,10 +22,18 @@ import typing
 from dataclasses import dataclass
 from typing import Callable
 
-from .files import file_sha256
-from .recipe import Recipe, TrainSettings
+from ..files import file_sha256
+from ..recipe import Recipe, TrainSettings
 
-__all__ = ["Stage", "STAGES", "STAGE_NAMES", "COMMAND_OF", "COMMON_READS", "stage_named"]
+__all__ = [
+    "Stage",
+    "STAGES",
+    "STAGE_NAMES",
+    "COMMAND_OF",
+    "COMMON_READS",
+    "stage_named",
+    "teacher_inputs",
+]
 
 
 @dataclass(frozen=True)
@@ -38,8 +47,8 @@ class Stage:
     ``teacher.checkpoint`` file and drops the training schedule it does not use.
     A key marked ``omit_default`` (``distill.loss``) counts only once it differs from its default.
     ``upstream(recipe)`` names the stages whose checkpoints it reads; ``enabled(recipe)`` whether
-    ``kdc run`` runs it. ``run`` names the function in :mod:`kdcompress.pipeline` that trains it and
-    returns ``(model, spec, history, extra metrics)``.
+    ``kdc run`` runs it. The function that trains it and returns ``(model, spec, history, extra metrics)``
+    is ``kdcompress.run.bodies.RUNNERS[name]`` (kept apart, so that declaring stages imports no torch).
     ``options`` are CLI shortcuts for recipe keys: ``(option name, dotted key, help, float or str)``.
     ``epochs(recipe)`` is how many epochs it trains (0: not trained) and ``trains`` which model, ``teacher`` or
     ``student``: the run's progress display estimates the time left from them.
@@ -51,7 +60,6 @@ class Stage:
     description: str
     example: str
     reads: tuple[str, ...]
-    run: str  # the name of its run function in kdcompress.pipeline (so declaring stages imports no torch)
     upstream: Callable[[Recipe], tuple[str, ...]] = lambda recipe: ()
     enabled: Callable[[Recipe], bool] = lambda recipe: True
     options: tuple[tuple[str, str, str, type], ...] = ()
@@ -119,7 +127,7 @@ def _not_inputs(section: str) -> set[str]:
 _TRAIN = tuple(f"distill.{f.name}" for f in dataclasses.fields(TrainSettings))  # the baseline's schedule
 
 
-def _teacher_inputs(recipe: dict, found: dict) -> dict:
+def teacher_inputs(recipe: dict, found: dict) -> dict:
     """The teacher's inputs: a supplied one (``teacher.checkpoint``) is made from the file's content, not trained.
 
     So its SHA-256 is an input (a changed file reruns the teacher, and through it every later stage) and the
@@ -150,8 +158,7 @@ STAGES: tuple[Stage, ...] = (
         example="kdc train-teacher my-recipe.yaml --set teacher.epochs=5   (`kdc recipes copy quickstart "
         "my-recipe.yaml` makes one)",
         reads=COMMON_READS + ("teacher",),
-        run="_stage_teacher",
-        refine_inputs=_teacher_inputs,
+        refine_inputs=teacher_inputs,
         epochs=lambda recipe: 0 if recipe.teacher.checkpoint else recipe.teacher.epochs,
         trains="teacher",
     ),
@@ -162,7 +169,6 @@ STAGES: tuple[Stage, ...] = (
         description="student alone, cross-entropy (baseline)",
         example="kdc train-student   (the built-in quickstart recipe)",
         reads=COMMON_READS + ("student.model", "student.args") + _TRAIN,
-        run="_stage_student",
         enabled=lambda recipe: recipe.student.baseline,
         epochs=lambda recipe: recipe.distill.epochs,
     ),
@@ -174,7 +180,6 @@ STAGES: tuple[Stage, ...] = (
         example="kdc distill --set distill.temperature=4 --set distill.alpha=0.5   or, going on from a run "
         "directory with the settings it was made with: kdc distill runs/quickstart --set distill.epochs=2",
         reads=COMMON_READS + ("student.model", "student.args", "distill"),
-        run="_stage_distilled",
         upstream=lambda recipe: ("teacher",),
         epochs=lambda recipe: recipe.distill.epochs,
     ),
@@ -196,7 +201,6 @@ STAGES: tuple[Stage, ...] = (
             "distill.dkd_beta",
             "distill.loss_args",
         ),
-        run="_stage_pruned",
         upstream=lambda recipe: ("distilled", "teacher") if recipe.prune.distill else ("distilled",),
         epochs=lambda recipe: recipe.prune.epochs,
         options=(

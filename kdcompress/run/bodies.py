@@ -1,0 +1,165 @@
+"""The stage bodies: what each stage trains (or, for a supplied teacher, loads), with which loss and hooks,
+through :func:`fit_stage`; :data:`RUNNERS` gives each declared stage its body."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import distributed
+from ..data import DataSplits, batches_per_epoch
+from ..errors import KdcError
+from ..models import build_model, model_spec
+from ..prune import MagnitudePruner, plan_schedule
+from ..recipe import Recipe, TrainSettings
+from ..supplied import load_pretrained, supplied_teacher
+from ..train import Runtime, fit
+from .context import StageContext, load_stage_model
+from .hooks import Pruning, TensorBoard
+from .layout import tensorboard_dir
+from .losses import augment_of, distill_loss, feature_distill
+from .stages import STAGE_NAMES
+from .state import stage_seed
+
+__all__ = [
+    "RUNNERS",
+    "fit_stage",
+    "make_pruner",
+    "stage_teacher",
+    "stage_student",
+    "stage_distilled",
+    "stage_pruned",
+]
+
+
+def _new_model(recipe: Recipe, which: str, data: DataSplits, device: torch.device):
+    section = getattr(recipe, which)
+    spec = model_spec(section.model, section.args, data.num_classes, data.input_shape)
+    return build_model(spec, where=f"{which}.model").to(device), spec
+
+
+def _ce(logits, y, idx, x):
+    return F.cross_entropy(logits, y)
+
+
+def fit_stage(ctx: StageContext, model, loss, settings: TrainSettings, hooks=()):
+    """Train ``model`` for the stage of ``ctx`` with :func:`kdcompress.train.fit`; return its epochs' history.
+
+    Every stage body trains through here (the tests wrap it to inject faults), with the stage's seed, resume
+    state and running log, and TensorBoard scalars when ``report.tensorboard`` is on.
+    """
+    recipe = ctx.recipe
+    # last: resume states list the hooks in order, and this one keeps no state
+    board = (
+        [TensorBoard(tensorboard_dir(recipe.run_dir, ctx.stage))]
+        if (recipe.report.tensorboard and distributed.is_main())
+        else []
+    )
+    try:
+        return fit(
+            model,
+            loss,
+            ctx.data,
+            settings,
+            batch_size=recipe.data.batch_size,
+            eval_batch_size=recipe.data.eval_batch_size,
+            device=ctx.device,
+            seed=stage_seed(recipe, ctx.stage),
+            stage=ctx.stage,
+            metrics_path=ctx.log_path,
+            hooks=[*hooks, *board],
+            console=ctx.console,
+            state_path=ctx.state_path,
+            state_tag=ctx.tag,
+            runtime=Runtime(
+                precision=recipe.run.precision,
+                channels_last=recipe.run.channels_last,
+                compile=recipe.run.compile,
+                augment=augment_of(recipe),
+            ),
+            progress=ctx.progress,
+        )
+    finally:
+        for writer in board:
+            writer.close()
+
+
+def stage_teacher(ctx: StageContext):
+    t = ctx.recipe.teacher
+    if t.checkpoint:  # the user's own teacher: evaluated and saved as this run's, never trained
+        model, spec, info = supplied_teacher(
+            ctx.recipe, ctx.data.num_classes, ctx.data.input_shape, ctx.data.preprocess
+        )
+        return model.to(ctx.device), spec, [], info  # no epochs: its metrics.jsonl is written empty
+    model, spec = _new_model(ctx.recipe, "teacher", ctx.data, ctx.device)
+    extra = {}
+    if t.pretrained:
+        extra = load_pretrained(model, t.model.split(":", 1)[1])
+        ctx.console.print(f"teacher: starting from the pretrained weights in {extra['pretrained_from']}")
+    return model, spec, fit_stage(ctx, model, _ce, t), extra
+
+
+def stage_student(ctx: StageContext):
+    model, spec = _new_model(ctx.recipe, "student", ctx.data, ctx.device)
+    return model, spec, fit_stage(ctx, model, _ce, ctx.recipe.distill), {}
+
+
+def stage_distilled(ctx: StageContext):
+    model, spec = _new_model(ctx.recipe, "student", ctx.data, ctx.device)  # same seed and init as the baseline
+    if ctx.recipe.distill.features:
+        # the student and its hint adapters train as one module, so fit's optimiser and resume state hold both;
+        # the stage returns the bare student, whose checkpoint has no adapter weights
+        trained, loss, hooks = feature_distill(ctx, model, warm_up=True)
+        return model, spec, fit_stage(ctx, trained, loss, ctx.recipe.distill, hooks=hooks), {}
+    loss, hooks = distill_loss(ctx, warm_up=True)
+    return model, spec, fit_stage(ctx, model, loss, ctx.recipe.distill, hooks=hooks), {}
+
+
+def stage_pruned(ctx: StageContext):
+    model, spec = load_stage_model(ctx.recipe, "distilled", ctx.device)
+    p = ctx.recipe.prune
+    # check_recipe, run at the start of every stage, has made sure include/exclude leave weights to prune and
+    # planned this schedule on one process; this is the plan for the batches each process really trains on
+    bpe = batches_per_epoch(len(ctx.data.train), ctx.recipe.data.batch_size, distributed.world_size())
+    schedule = plan_schedule(p, bpe)
+    pruner = make_pruner(model, p, spec["input_shape"])
+    # no DKD warm-up here: the distilled student it starts from has learnt from the full term already
+    loss, loss_hooks = distill_loss(ctx) if p.distill else (_ce, [])
+    hook = Pruning(pruner, schedule)
+    # the pruning hook first: resume states list it so
+    history = fit_stage(ctx, model, loss, p, hooks=[hook, *loss_hooks])
+    if hook.steps_taken < len(schedule.at):  # the plan fits in retraining, so only a kdc bug gets here
+        raise KdcError(
+            f"prune: retraining ended after {hook.steps_taken} of {len(schedule.at)} pruning steps, at sparsity "
+            f"{pruner.sparsity():.3f}, short of the target {p.target_sparsity}"
+        )
+    extra = {"target_sparsity": p.target_sparsity, "pruning_steps": hook.steps_taken, "method": p.method}
+    if p.method == "structured":
+        # the share of prunable channels removed (the weights left hold no zeros: the channels are gone)
+        extra.update(channel_sparsity=pruner.sparsity(), structure=pruner.history())
+    return model, spec, history, extra
+
+
+def make_pruner(model: torch.nn.Module, p, input_shape):
+    """The pruner a recipe's ``prune`` section asks for, on ``model`` (structured: channels; else weights)."""
+    if p.method == "structured":
+        from ..prune.structured import StructuredPruner  # torch-pruning is imported only when it is used
+
+        return StructuredPruner(
+            model, input_shape, importance=p.importance, scope=p.scope, include=p.include, exclude=p.exclude
+        )
+    return MagnitudePruner(model, p.rate, p.target_sparsity, p.scope, p.include, p.exclude)
+
+
+# each declared stage's body, by name (kdcompress.run.stages declares them without it, so declaring stages
+# imports no torch)
+RUNNERS: dict[str, Callable[[StageContext], tuple]] = {
+    "teacher": stage_teacher,
+    "student": stage_student,
+    "distilled": stage_distilled,
+    "pruned": stage_pruned,
+}
+if tuple(RUNNERS) != STAGE_NAMES:  # a stage declared without a body (or the reverse): a kdc bug
+    raise RuntimeError(f"stage bodies {tuple(RUNNERS)} do not match the declared stages {STAGE_NAMES}")
