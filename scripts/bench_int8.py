@@ -81,7 +81,7 @@ print(time.perf_counter() - t)
 
 def _ort_candidates(model, source, calibration, variants: bool) -> dict:
     from kdcompress.export import int8
-    from kdcompress.export._onnx_common import OrtModule, example_batch, export_onnx, set_meta
+    from kdcompress.export.onnx_common import OrtModule, example_batch, export_onnx, set_meta
 
     proto = export_onnx(model, example_batch(source, calibration))
     out = {}

@@ -8,7 +8,7 @@ in every .py file under the given folders (default: kdcompress/, tests/, scripts
   ``from kdcompress import x``, ``from . import x``), and ``setattr(module, "_name", ...)`` /
   ``monkeypatch.setattr(module, "_name", ...)``, and string targets such as ``"kdcompress.x._name"``.
 
-A private MODULE (``_onnx_common``) may be imported by modules of the package that holds it (its
+A private MODULE (``_helpers``) may be imported by modules of the package that holds it (its
 subpackages included), not from outside it. Reads the source with :mod:`ast`; imports nothing.
 Example::
 

@@ -28,7 +28,7 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
 from kdcompress.export import load_artifact  # noqa: E402
-from kdcompress.export._onnx_common import OrtModule, external_tensors  # noqa: E402
+from kdcompress.export.onnx_common import OrtModule, external_tensors  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # what a secret file beside the artifact holds: ten float32 values no trained model produces

@@ -336,7 +336,7 @@ def test_a_decompression_bomb_stops_at_the_declared_size(monkeypatch):
     # 64 MB of zeros in ~64 KB, declared as 1,000 bytes: the reader must stop at 1,001
     packer = zlib.compressobj(9, zlib.DEFLATED, -15)
     bomb = packer.compress(bytes(64 << 20)) + packer.flush()
-    blob = container._HEADER.pack(container.MAGIC, container.VERSION, container.CODECS["zlib"], 1000, 0) + bomb
+    blob = container.HEADER.pack(container.MAGIC, container.VERSION, container.CODECS["zlib"], 1000, 0) + bomb
     seen = []
     real = zlib.decompressobj
 
@@ -356,7 +356,7 @@ def test_a_decompression_bomb_stops_at_the_declared_size(monkeypatch):
     with pytest.raises(ArtifactError, match="truncated or damaged"):
         container.unpack(blob)
     assert seen == [1001]
-    huge = container._HEADER.pack(container.MAGIC, container.VERSION, 1, container.MAX_RAW_BYTES + 1, 0) + b"\0" * 10
+    huge = container.HEADER.pack(container.MAGIC, container.VERSION, 1, container.MAX_RAW_BYTES + 1, 0) + b"\0" * 10
     with pytest.raises(ArtifactError, match="limit"):
         container.unpack(huge)
 

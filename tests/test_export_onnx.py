@@ -173,9 +173,9 @@ def test_unstructured_zeros_leave_the_onnx_file_dense_sized(trained, encoded, ca
 
 def test_encode_refuses_an_export_that_does_not_match_eager(trained, calibration, monkeypatch):
     """If onnxruntime computed something else than the model, encode raises instead of writing a wrong file."""
-    from kdcompress.export import _onnx_common
+    from kdcompress.export import onnx_common
 
-    class Drifting(_onnx_common.OrtModule):
+    class Drifting(onnx_common.OrtModule):
         def forward(self, x):
             out = super().forward(x)
             out[:, 0] += 100.0

@@ -52,7 +52,7 @@ MAGIC = b"KDCA"
 VERSION = 1
 CODECS = {"lzma": 1, "zlib": 2}
 _CODEC_NAMES = {v: k for k, v in CODECS.items()}
-_HEADER = struct.Struct("<4sBBII")  # magic, version, codec, raw size, crc32
+HEADER = struct.Struct("<4sBBII")  # magic, version, codec, raw size, crc32
 MAX_RAW_BYTES = 2**31  # a model of ~1e9 fp16 parameters; far beyond any kdc artifact, well within memory limits
 # The weights an artifact may decode to (the sum over its layout of elements x bytes per element), checked before
 # anything is allocated: at most MAX_DECODED_BYTES (~1e9 fp32 parameters), and at most DECODED_RATIO times the
@@ -135,7 +135,7 @@ def pack(tensors: dict[str, torch.Tensor], meta: dict, codec: str = "lzma") -> b
             f"the artifact would hold {len(raw):,} bytes before compression; the limit is {MAX_RAW_BYTES:,}"
         )
     payload = _lzma_compress(raw) if codec == "lzma" else _zlib_compress(raw)
-    return _HEADER.pack(MAGIC, VERSION, CODECS[codec], len(raw), zlib.crc32(raw)) + payload
+    return HEADER.pack(MAGIC, VERSION, CODECS[codec], len(raw), zlib.crc32(raw)) + payload
 
 
 def _not_ours(blob: bytes, where: str) -> ArtifactError:
@@ -183,15 +183,15 @@ def unpack(blob: bytes, where: str = "artifact") -> tuple[dict[str, torch.Tensor
     ``where`` names the artifact in error messages (its path, usually).
     """
     blob = bytes(blob)
-    if len(blob) < _HEADER.size or blob[:4] != MAGIC:
+    if len(blob) < HEADER.size or blob[:4] != MAGIC:
         if not blob:
             raise ArtifactError(f"{where}: the file is empty; export the model again")
-        if len(blob) < _HEADER.size and MAGIC.startswith(blob[:4]):
+        if len(blob) < HEADER.size and MAGIC.startswith(blob[:4]):
             raise ArtifactError(
                 f"{where}: truncated ({len(blob)} bytes, shorter than the header); export the model again"
             )
         raise _not_ours(blob, where)
-    _, version, codec, raw_size, crc = _HEADER.unpack_from(blob)
+    _, version, codec, raw_size, crc = HEADER.unpack_from(blob)
     if version != VERSION:
         raise ArtifactError(
             f"{where}: artifact format version {version}, but this kdc reads version {VERSION}; use the kdc that "
@@ -205,7 +205,7 @@ def unpack(blob: bytes, where: str = "artifact") -> tuple[dict[str, torch.Tensor
         raise ArtifactError(
             f"{where}: its header declares {raw_size:,} bytes of data, over the {MAX_RAW_BYTES:,} limit; refused"
         )
-    raw = _decompress(codec, blob[_HEADER.size :], raw_size, where)
+    raw = _decompress(codec, blob[HEADER.size :], raw_size, where)
     if zlib.crc32(raw) != crc:
         raise ArtifactError(f"{where}: its data fails the CRC check (the file is damaged); export the model again")
     return _parse(raw, where)

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import KdcError, ModelError, describe
-from ._onnx_common import OrtModule, check_batch, compare, example_batch, export_onnx, parse, quiet, require, set_meta
+from .onnx_common import OrtModule, check_batch, compare, example_batch, export_onnx, parse, quiet, require, set_meta
 
 SUFFIX = ".onnx"  # a plain ONNX model: any onnxruntime loads it
 
