@@ -16,11 +16,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from kdcompress import report as report_mod
 from kdcompress.checkpoint import manifest_path
 from kdcompress.errors import ArtifactError
 from kdcompress.export import load_artifact, read_artifacts, verify_artifact
 from kdcompress.report import build_report, report_markdown, report_table
+from kdcompress.report import collect as report_mod
 
 RUN = Path("runs") / "tiny"
 

@@ -19,13 +19,13 @@ import yaml
 from rich.console import Console
 from torch import nn
 
-from kdcompress import report as report_mod
 from kdcompress.checkpoint import load_checkpoint, save_checkpoint
 from kdcompress.cli import app
 from kdcompress.data import TensorData
 from kdcompress.measure import latency, latency_ms
 from kdcompress.models import build_model, model_spec
 from kdcompress.report import build_report, report_markdown, report_table, report_warnings
+from kdcompress.report import collect as report_mod
 from kdcompress.train import evaluate, recalibrate_batchnorm
 
 RUN = Path("runs") / "tiny"

@@ -19,12 +19,12 @@ import yaml
 from conftest import TINY_RECIPE, _deep_merge
 from torch import nn
 
-from kdcompress import report as report_mod
 from kdcompress.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from kdcompress.data import CLASS_NAMES, TensorData
 from kdcompress.measure import LATENCY_ROUNDS
 from kdcompress.models import build_from_checkpoint
 from kdcompress.report import build_report, report_markdown, report_table, write_report
+from kdcompress.report import collect as report_mod
 from kdcompress.train import evaluate
 
 RUN = Path("runs") / "tiny"

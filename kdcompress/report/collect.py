@@ -42,17 +42,17 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .checkpoint import atomic_write_files, atomic_write_text, load_checkpoint, read_manifest
-from .errors import ArtifactError, KdcError
-from .measure import LATENCY_ROUNDS, count_macs, count_nonzero, count_params, count_sparse_macs, paired_ratio
-from .models import build_from_checkpoint, build_model, names_user_code
-from .prune import prunable_weights, weight_sparsity
-from .recipe import Recipe, ReportSection, read_yaml, recipe_from_dict, recipe_to_dict
-from .runlock import run_dir_lock
-from .stages import STAGES, stage_named
-from .timing import ModelFile, time_in_child
-from .train import has_batchnorm
-from .trust import MODEL_KEYS, outside_files, refuse_untrusted_code
+from ..checkpoint import atomic_write_files, atomic_write_text, load_checkpoint, read_manifest
+from ..errors import ArtifactError, KdcError
+from ..measure import LATENCY_ROUNDS, count_macs, count_nonzero, count_params, count_sparse_macs, paired_ratio
+from ..models import build_from_checkpoint, build_model, names_user_code
+from ..prune import prunable_weights, weight_sparsity
+from ..recipe import Recipe, ReportSection, read_yaml, recipe_from_dict, recipe_to_dict
+from ..runlock import run_dir_lock
+from ..stages import STAGES, stage_named
+from ..timing import ModelFile, time_in_child
+from ..train import has_batchnorm
+from ..trust import MODEL_KEYS, outside_files, refuse_untrusted_code
 
 __all__ = [
     "build_report",
@@ -260,7 +260,7 @@ def _read_run_recipe(run_dir: Path) -> tuple[Recipe | None, str | None]:
 
 def _stale_stages(recipe: Recipe, stages: list[str]) -> dict[str, str | None]:
     """Per stage: why its checkpoint is not what ``recipe`` describes (``pipeline.stage_status``), or None."""
-    from .pipeline import stage_status  # the rule the stage commands skip or rerun by
+    from ..pipeline import stage_status  # the rule the stage commands skip or rerun by
 
     stale = {}
     for stage in stages:
@@ -491,7 +491,7 @@ def _finite(value) -> int | float | None:
 def _class_names(ckpt: dict, count: int) -> list[str]:
     """The names of a checkpoint's classes in label order: its preprocess entry's, the built-in dataset's, else
     "0", "1", ..."""
-    from .data import preprocess_info
+    from ..data import preprocess_info
 
     classes = (ckpt.get("preprocess") or {}).get("classes")
     if not classes and ckpt.get("dataset"):  # a checkpoint from before preprocess was recorded
@@ -603,7 +603,7 @@ def _train_device(checkpoints: dict) -> str | None:
 
 def _environment(checkpoints: dict, latency_threads: int | None, measured_at: str | None) -> dict:
     """Versions and machine of this report, the training device, and the latency's threads and time."""
-    from . import __version__
+    from .. import __version__
 
     return {
         "kdcompress": __version__,
@@ -835,7 +835,7 @@ def _add_seed_statistics(run_dir: Path, seeds: list[int], rows: list[dict], comp
     A comparison's ``seeds`` holds the per-seed differences, their mean, sample std and standard error
     std / sqrt(n), and whether the mean is above ``NOISE_Z`` times that error.
     """
-    from .seeds import seed_run_dirs
+    from ..seeds import seed_run_dirs
 
     dirs = seed_run_dirs(run_dir, seeds)
     per_seed: dict[str, dict[int, float]] = {}
@@ -910,8 +910,8 @@ def _artifact_rows(
     which unpickles nothing: a damaged or replaced file is ``refused`` (with the reason) and never run, and
     so is one naming another model than ``models`` gives for its stage (the recipe's names).
     """
-    from .checkpoint import confined_path, read_manifest
-    from .export import ARTIFACTS_FILE, EXPORT_DIR, load_artifact, read_artifacts, verify_artifact
+    from ..checkpoint import confined_path, read_manifest
+    from ..export import ARTIFACTS_FILE, EXPORT_DIR, load_artifact, read_artifacts, verify_artifact
 
     try:
         recorded = read_artifacts(run_dir)

@@ -28,8 +28,7 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from .compare import LATENCY_BATCH, comparison_rows, latency_at
-from .report import (
+from .collect import (
     NOISE_Z,
     SPARSE_MACS_NOTE,
     _bytes,
@@ -43,6 +42,7 @@ from .report import (
     _settings_text,
     _sparsity_cell,
 )
+from .compare import LATENCY_BATCH, comparison_rows, latency_at
 
 __all__ = ["render_html", "render_comparison_html"]
 
