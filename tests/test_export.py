@@ -20,7 +20,7 @@ from kdcompress.checkpoint import manifest_path
 from kdcompress.errors import ArtifactError
 from kdcompress.export import load_artifact, read_artifacts, verify_artifact
 from kdcompress.report import build_report, report_markdown, report_table
-from kdcompress.report import collect as report_mod
+from kdcompress.report import latency as latency_mod
 
 RUN = Path("runs") / "tiny"
 
@@ -81,7 +81,7 @@ def test_export_writes_each_artifact_with_its_manifest_and_a_measured_row(export
 
 def test_report_json_lists_artifacts_with_bytes_ratios_and_latency(exported, monkeypatch):
     run_dir, _ = exported
-    monkeypatch.setattr(report_mod, "LATENCY_MIN_RUN_TIME", 0.02)
+    monkeypatch.setattr(latency_mod, "LATENCY_MIN_RUN_TIME", 0.02)
     report = build_report(run_dir, latency=True)
     arts = {a["format"]: a for a in report["artifacts"]}
     teacher_bytes = next(r for r in report["stages"] if r["stage"] == "teacher")["checkpoint_bytes"]

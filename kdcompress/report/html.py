@@ -1,7 +1,7 @@
 """The report as one self-contained HTML page (report.html), with its charts as inline SVG.
 
 :func:`render_html` turns a report dict (report.json, :func:`kdcompress.report.build_report`) into a page;
-:func:`render_comparison_html` does the same for a comparison of several runs (:mod:`kdcompress.compare`).
+:func:`render_comparison_html` does the same for a comparison of several runs (:mod:`kdcompress.report.compare`).
 The page references nothing outside itself: no scripts, no style sheets, no fonts, no images to fetch. The
 charts are drawn with matplotlib (one ``matplotlib.figure.Figure`` per chart, saved by its SVG backend: no
 pyplot state, no GUI backend), written as SVG with text kept as text, every id in them prefixed so that
@@ -10,7 +10,7 @@ report schema 1 (curves, per-class accuracy, layers, environment...) may be miss
 its section then says "not recorded". Example::
 
     >>> import json
-    >>> from kdcompress.html import render_html
+    >>> from kdcompress.report.html import render_html
     >>> page = render_html(json.load(open("runs/quickstart/report.json")))  # doctest: +SKIP
 """
 
@@ -28,21 +28,24 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from .collect import (
-    NOISE_Z,
-    SPARSE_MACS_NOTE,
-    _bytes,
-    _compact,
-    _comparison_name,
-    _comparison_text,
-    _latency_note,
-    _ms,
-    _ratio,
-    _seed_comparison_text,
-    _settings_text,
-    _sparsity_cell,
-)
+from ..stats import NOISE_Z
 from .compare import LATENCY_BATCH, comparison_rows, latency_at
+from .text import (
+    SPARSE_MACS_NOTE,
+    bytes_text,
+    compact,
+    comparison_name,
+    comparison_text,
+    is_seeded,
+    latency_note,
+    ms_text,
+    number_text,
+    points_text,
+    ratio_text,
+    seed_comparison_text,
+    settings_text,
+    sparsity_text,
+)
 
 __all__ = ["render_html", "render_comparison_html"]
 
@@ -202,7 +205,7 @@ def _log_x(ax, xs: list[float], text) -> None:
 
 
 def _bytes_text(value: float) -> str:
-    return _bytes(int(round(value)))
+    return bytes_text(int(round(value)))
 
 
 def _ms_text(value: float) -> str:
@@ -490,7 +493,9 @@ def _layers_chart(row: dict, charts: _Charts) -> tuple[str | None, str]:
         kept, total = layer.get("kept"), layer.get("total")
         share = kept / total * 100 if kept is not None and total else float("nan")
         shares.append(share)
-        texts.append(f"{_number(kept)} / {_number(total)}" if total else f"{_number(kept)} (dense size unknown)")
+        texts.append(
+            f"{number_text(kept)} / {number_text(total)}" if total else f"{number_text(kept)} (dense size unknown)"
+        )
     with _style():
         fig = Figure(figsize=(6.4, 0.8 + 0.22 * len(layers)))
         ax = fig.add_subplot()
@@ -616,10 +621,6 @@ def _comparison_chart(comparison: dict, charts: _Charts) -> str | None:
 # --------------------------------------------------------------------------- page pieces
 
 
-def _number(value) -> str:
-    return "" if value is None else f"{value:,}"
-
-
 def _e(value) -> str:
     return escape("" if value is None else str(value))
 
@@ -664,22 +665,14 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
-def _seeded(row: dict) -> bool:
-    return len(row.get("seeds") or []) > 1
-
-
 def _accuracy_cell(row: dict) -> str:
-    if _seeded(row) and row.get("accuracy_mean") is not None:
+    if is_seeded(row) and row.get("accuracy_mean") is not None:
         std = row.get("accuracy_std")
         return f"{row['accuracy_mean'] * 100:.2f} ± {(std or 0.0) * 100:.2f} (std)"
     if row.get("accuracy") is None:
         return ""
     se = row.get("accuracy_se")
     return f"{row['accuracy'] * 100:.2f} ± " + ("?" if se is None else f"{se * 100:.2f}")
-
-
-def _points_cell(value) -> str:
-    return "" if value is None else f"{value * 100:+.2f}"
 
 
 def _stage_table(report: dict) -> str:
@@ -707,16 +700,16 @@ def _stage_table(report: dict) -> str:
             _e(r.get("model")),
             _e(r.get("epochs")),
             _accuracy_cell(r),
-            _points_cell(r.get("accuracy_change_vs_teacher")),
-            _compact(r.get("params")),
-            _compact(r.get("nonzero_params")),
-            _e(_sparsity_cell(r)) if r.get("sparsity") is not None or r.get("channel_sparsity") is not None else "",
-            "" if r.get("checkpoint_bytes") is None else _e(_bytes(r["checkpoint_bytes"])),
-            _ratio(r.get("bytes_ratio_vs_teacher")),
-            _compact(r.get("macs")),
-            _compact(r.get("sparse_macs")),
+            points_text(r.get("accuracy_change_vs_teacher")),
+            compact(r.get("params")),
+            compact(r.get("nonzero_params")),
+            _e(sparsity_text(r)) if r.get("sparsity") is not None or r.get("channel_sparsity") is not None else "",
+            "" if r.get("checkpoint_bytes") is None else _e(bytes_text(r["checkpoint_bytes"])),
+            ratio_text(r.get("bytes_ratio_vs_teacher")),
+            compact(r.get("macs")),
+            compact(r.get("sparse_macs")),
         ]
-        cells += ["" if latency_at(r, b) is None else _ms(latency_at(r, b)) for b in batches]
+        cells += ["" if latency_at(r, b) is None else ms_text(latency_at(r, b)) for b in batches]
         body.append(cells)
     return _table(header, body, left=2)
 
@@ -755,13 +748,13 @@ def _artifact_table(report: dict) -> str:
                 name,
                 _e(a.get("stage")),
                 fmt,
-                "" if a.get("bytes") is None else _e(_bytes(a["bytes"])),
-                _ratio(a.get("compression_vs_teacher")),
-                _ratio(a.get("compression_vs_stage")),
+                "" if a.get("bytes") is None else _e(bytes_text(a["bytes"])),
+                ratio_text(a.get("compression_vs_teacher")),
+                ratio_text(a.get("compression_vs_stage")),
                 "" if a.get("accuracy") is None else _accuracy_cell(a),
-                _points_cell(a.get("accuracy_change_vs_stage")),
+                points_text(a.get("accuracy_change_vs_stage")),
             ]
-            + ["" if latency_at(a, b) is None else _ms(latency_at(a, b)) for b in batches]
+            + ["" if latency_at(a, b) is None else ms_text(latency_at(a, b)) for b in batches]
         )
     return _table(header, body, left=3)
 
@@ -775,11 +768,11 @@ def _stages_section(report: dict) -> str:
         'Sparsity: the share of prunable weights that are exactly zero ("ch": the share of channels removed).',
         "Bytes on disk are the checkpoint file's; zeros in a dense tensor do not shrink it.",
         _sentence(SPARSE_MACS_NOTE),
-        _sentence(_latency_note(report)),
+        _sentence(latency_note(report)),
     ]
     if any(r.get("stale") for r in rows):
         notes.insert(0, "*: stale, the checkpoint is not what the run's recipe.yaml now describes (see the warnings).")
-    if any(_seeded(r) for r in rows):
+    if any(is_seeded(r) for r in rows):
         notes.insert(0, "Test accuracy: mean ± sample std over the seeds; the other columns are the first seed's.")
     parts.append("".join(f'<p class="note">{escape(n)}</p>' for n in notes))
     settings = [(r.get("stage"), r.get("description"), r.get("settings")) for r in rows if r.get("settings")]
@@ -787,7 +780,7 @@ def _stages_section(report: dict) -> str:
         parts.append(
             "<h3>Settings</h3><ul>"
             + "".join(
-                f"<li><b>{_e(stage)}</b>{': ' + _e(desc) if desc else ''}: {_e(_settings_text(s))}</li>"
+                f"<li><b>{_e(stage)}</b>{': ' + _e(desc) if desc else ''}: {_e(settings_text(s))}</li>"
                 for stage, desc, s in settings
             )
             + "</ul>"
@@ -795,7 +788,7 @@ def _stages_section(report: dict) -> str:
     if report.get("comparisons"):
         parts.append(
             "<h3>Differences</h3><ul>"
-            + "".join(f"<li>{_e(_comparison_name(c))}: {_e(_comparison_text(c))}</li>" for c in report["comparisons"])
+            + "".join(f"<li>{_e(comparison_name(c))}: {_e(comparison_text(c))}</li>" for c in report["comparisons"])
             + "</ul>"
         )
     parts.append("<h3>Exported artifacts</h3>")
@@ -831,7 +824,7 @@ def _latency_section(report: dict, charts: _Charts) -> str:
         body = _figure(
             _latency_chart(report, batch, charts),
             f"Test accuracy against the median latency of a CPU forward pass at batch {batch}; "
-            + _latency_note(report)
+            + latency_note(report)
             + ".",
         )
     return f'<section id="latency"><h2>Accuracy against latency</h2>{body}</section>'
@@ -974,7 +967,7 @@ def _per_class_section(report: dict, charts: _Charts) -> str:
 
 
 def _seeds_section(report: dict, charts: _Charts) -> str | None:
-    rows = [r for r in report.get("stages") or [] if _seeded(r)]
+    rows = [r for r in report.get("stages") or [] if is_seeded(r)]
     if not rows:
         return None
     seeds = sorted({e.get("seed") for r in rows for e in r.get("seeds") or []}, key=str)
@@ -1004,7 +997,7 @@ def _seeds_section(report: dict, charts: _Charts) -> str | None:
         parts.append(
             "<h3>Differences per seed</h3><ul>"
             + "".join(
-                f"<li>{_e(_comparison_name(c))}, {c['seeds']['n']} seeds: {_e(_seed_comparison_text(c['seeds']))}</li>"
+                f"<li>{_e(comparison_name(c))}, {c['seeds']['n']} seeds: {_e(seed_comparison_text(c['seeds']))}</li>"
                 for c in comps
             )
             + "</ul>"
@@ -1127,7 +1120,7 @@ def render_html(report: dict) -> str:
 
 
 def render_comparison_html(comparison: dict) -> str:
-    """A comparison of runs (:func:`kdcompress.compare.build_comparison`) as one self-contained HTML page: one
+    """A comparison of runs (:func:`kdcompress.report.compare.build_comparison`) as one self-contained HTML page: one
     table with every run's stages and artifacts, one accuracy-against-size chart with every run in its own colour,
     and each run's warnings."""
     charts = _Charts()
@@ -1150,10 +1143,10 @@ def render_comparison_html(comparison: dict) -> str:
                 _e(r["detail"]),
                 "" if r["accuracy"] is None else f"{r['accuracy'] * 100:.2f}",
                 "" if r["accuracy_se"] is None else f"{r['accuracy_se'] * 100:.2f}",
-                "" if r["bytes"] is None else _e(_bytes(r["bytes"])),
-                _compact(r["nonzero_params"]),
-                _compact(r["macs"]),
-                "" if r["latency_ms"] is None else _ms(r["latency_ms"]),
+                "" if r["bytes"] is None else _e(bytes_text(r["bytes"])),
+                compact(r["nonzero_params"]),
+                compact(r["macs"]),
+                "" if r["latency_ms"] is None else ms_text(r["latency_ms"]),
             ]
         )
     table = _table(
