@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_checkpoint, read_manifest
+from ..checkpoint import confined_path, load_checkpoint, read_manifest
 from ..errors import ArtifactError, KdcError
+from ..export import ARTIFACTS_FILE, EXPORT_DIR, load_artifact, read_artifacts, verify_artifact
 from ..measure import LATENCY_ROUNDS, count_macs, count_nonzero, count_params, count_sparse_macs
 from ..models import build_from_checkpoint, build_model, names_user_code
 from ..prune import prunable_weights, weight_sparsity
@@ -386,134 +387,20 @@ def build_report(
     """
     generated_at = now()
     run_dir = Path(run_dir)
-    found = [s for s in STAGE_ORDER if (run_dir / s / "model.pt").is_file()]
-    if not found:
-        raise KdcError(
-            f"no stage checkpoints in {run_dir} (looked for {', '.join(f'{s}/model.pt' for s in STAGE_ORDER)}); "
-            f"run `kdc run RECIPE` first, or pass the run directory (runs/<recipe name>)"
-        )
-    checkpoints = {stage: _with_checked_recipe(load_checkpoint(run_dir / stage / "model.pt")) for stage in found}
-    current, recipe_problem = _run_recipe(run_dir)
-    check_stale = current is not None
-    if recipe is None and current is not None:
-        refuse_untrusted_code(current, run_dir / "recipe.yaml", MODEL_KEYS, file_keys=(), instead="")
-        outside = outside_files(current, run_dir)
-        if outside:  # telling whether the teacher is up to date would read that file: only with --trust-code
-            key, path = outside[0]
-            recipe_problem = recipe_problem or (
-                f"its recipe.yaml names {key} {path}, outside the run, which kdc reads only when you trust the run "
-                f"(`kdc report RUN --trust-code`)"
-            )
-            check_stale = False
-    trusted = recipe if recipe is not None else current
-    stale = _stale_stages(current, found) if check_stale else dict.fromkeys(found)
-    # one setting for every stage, so that their latencies compare: the run's, else the last stage's
-    if current is not None:
-        section = recipe_to_dict(current.report)
-    else:
-        section = checkpoints[found[-1]].get("recipe", {}).get("report", {})
-    do_latency, asked_batches, asked_threads = latency_settings(section)
-    do_latency = do_latency if latency is None else latency
-    batches = [int(b) for b in (batches or asked_batches)]
-    asked_threads = asked_threads if threads is None else int(threads)
-    threads = max(1, min(asked_threads, available_cores()))
+    found, checkpoints = _stage_checkpoints(run_dir)
+    current, trusted, stale, check_stale, recipe_problem = _recipe_and_staleness(run_dir, found, recipe)
+    do_latency, batches, threads, asked_threads = _latency_plan(current, checkpoints, found, latency, threads, batches)
     cache = LatencyCache(run_dir) if do_latency else None
-    rows = []
-    timed: dict[str, tuple[ModelFile, str]] = {}  # what to time: key -> (file, runtime), timed together below
-    recipe_name = dataset = None
-    dense_student = None  # the distilled model: what structured pruning removed channels from
-    for stage in found:
-        ckpt = checkpoints[stage]
-        written = ckpt.get("recipe", {})
-        metrics = ckpt["metrics"]
-        recipe_name = recipe_name or written.get("run", {}).get("name")
-        dataset = dataset or ckpt.get("dataset")
-        prune = written.get("prune", {})
-        expected = stage_named(stage).model(trusted) if trusted is not None else None
-        name = ckpt["arch"].get("model")  # not yet checked: build_from_checkpoint refuses a damaged spec
-        if stale[stage] and isinstance(name, str) and not names_user_code(name):
-            expected = None  # an out-of-date stage may be of a built-in model the recipe no longer names: no code
-        model = build_from_checkpoint(ckpt, where=f"{stage} checkpoint", expected=expected)
-        model.eval()
-        shape = tuple(ckpt["arch"]["input_shape"])
-        weights = prunable_weights(model, prune.get("include", ["*"]), prune.get("exclude", []))
-        accuracy = float(metrics["test_accuracy"])
-        test_samples = metrics.get("test_samples")  # checkpoints from before it was recorded lack it
-        num_classes = ckpt["arch"].get("num_classes")
-        curve = _curve(run_dir, stage, ckpt)
-        if cache is not None:
-            sha = read_manifest(run_dir / stage / "model.pt")["sha256"]  # checked against the file on loading
-            source = ModelFile("checkpoint", str(run_dir / stage / "model.pt"), sha, expected, f"{stage} checkpoint")
-            timed[f"stage {stage}"] = (source, f"torch {torch.__version__}")
-        structured = stage == "pruned" and metrics.get("channel_sparsity") is not None
-        if structured and dense_student is None:  # no distilled checkpoint: the plain architecture is its shape
-            dense_student = build_model(ckpt["arch"], where=f"{stage} checkpoint")
-        row = {
-            "stage": stage,
-            "description": DESCRIPTIONS[stage],
-            "model": ckpt["arch"]["model"],
-            "stale": _relative(stale[stage], run_dir),
-            "accuracy": accuracy,
-            "accuracy_se": accuracy_se(accuracy, test_samples),
-            "test_samples": test_samples,
-            "test_loss": metrics.get("test_loss"),
-            "train_accuracy": curve[-1]["train_accuracy"] if curve else None,
-            "num_classes": num_classes,
-            "chance_accuracy": 1.0 / num_classes if num_classes else None,
-            "has_batchnorm": has_batchnorm(model),
-            "epochs": metrics.get("epochs"),
-            "settings": stage_settings(stage, written, metrics, ckpt.get("arch")),
-            "params": count_params(model),
-            "nonzero_params": count_nonzero(model),
-            "sparsity": weight_sparsity({k: v.detach() for k, v in weights.items()}),
-            # structured pruning: the share of prunable channels removed (their weights are gone, not zero)
-            "channel_sparsity": metrics.get("channel_sparsity"),
-            "target_sparsity": metrics.get("target_sparsity"),
-            "checkpoint_bytes": (run_dir / stage / "model.pt").stat().st_size,
-            "macs": count_macs(model, shape),
-            "sparse_macs": count_sparse_macs(model, shape),
-            # {"1": median ms, "64": median ms}; the spread of each in "latency" (filled in below)
-            "latency_ms": None,
-            "latency": None,
-            "train_seconds": metrics.get("seconds"),
-            "curve": curve,
-            "per_class": _per_class(ckpt),
-            "layers": _layers(model, written, structured, dense_student),
-        }
-        rows.append(row)
-        if stage == "distilled":
-            dense_student = model
+    # what to time: key -> (file, runtime), timed together below
+    timed: dict[str, tuple[ModelFile, str]] | None = {} if cache is not None else None
+    rows, recipe_name, dataset = _stage_rows(run_dir, checkpoints, found, stale, trusted, timed)
     by_stage = {r["stage"]: r for r in rows}
-    teacher = by_stage.get("teacher")
-    for row in rows:
-        if teacher is not None:
-            row["nonzero_ratio_vs_teacher"] = teacher["nonzero_params"] / max(1, row["nonzero_params"])
-            row["compression_vs_teacher"] = row["nonzero_ratio_vs_teacher"]  # the old name of the same ratio
-            row["bytes_ratio_vs_teacher"] = teacher["checkpoint_bytes"] / max(1, row["checkpoint_bytes"])
-            row["accuracy_change_vs_teacher"] = row["accuracy"] - teacher["accuracy"]
-        else:
-            row["nonzero_ratio_vs_teacher"] = row["compression_vs_teacher"] = None
-            row["bytes_ratio_vs_teacher"] = row["accuracy_change_vs_teacher"] = None
-    comparisons = [
-        compare_accuracy(by_stage[a], by_stage[b]) for a, b in COMPARISONS if a in by_stage and b in by_stage
-    ]
-    seeds = (
-        list(current.run.seeds)
-        if current is not None
-        else list(checkpoints[found[-1]].get("recipe", {}).get("run", {}).get("seeds") or [])
-    )
-    if len(seeds) > 1:
-        _add_seed_statistics(run_dir, seeds, rows, comparisons)
+    _add_teacher_ratios(rows, by_stage.get("teacher"))
+    comparisons = _comparisons(run_dir, current, checkpoints, found, rows, by_stage)
     models = {stage.name: stage.model(trusted) for stage in STAGES} if trusted is not None else {}
-    artifacts = _artifact_rows(run_dir, by_stage, models, timed if cache is not None else None)
+    artifacts = _artifact_rows(run_dir, by_stage, models, timed)
     if cache is not None:
-        # every stage and artifact at once: those timed now share their rounds, so their ratios hold
-        timings = cache.time(timed, batches, threads)
-        for row in rows:
-            set_latency(row, timings.get(f"stage {row['stage']}"))
-        for row in artifacts:
-            set_latency(row, timings.get(f"artifact {row['path']}"))
-        cache.save()
+        _time_latency(cache, timed, batches, threads, rows, artifacts)
     for comp in comparisons:
         comp["latency_ratio"] = latency_ratios(by_stage[comp["against"]], by_stage[comp["stage"]])
     report = {
@@ -542,6 +429,200 @@ def build_report(
     }
     report["warnings"] = report_warnings(report)
     return report
+
+
+def _stage_checkpoints(run_dir: Path) -> tuple[list[str], dict[str, dict]]:
+    """The stages whose checkpoint ``run_dir`` holds, in stage order, and each checkpoint loaded (its recipe
+    checked); KdcError when there is none."""
+    found = [s for s in STAGE_ORDER if (run_dir / s / "model.pt").is_file()]
+    if not found:
+        raise KdcError(
+            f"no stage checkpoints in {run_dir} (looked for {', '.join(f'{s}/model.pt' for s in STAGE_ORDER)}); "
+            f"run `kdc run RECIPE` first, or pass the run directory (runs/<recipe name>)"
+        )
+    checkpoints = {stage: _with_checked_recipe(load_checkpoint(run_dir / stage / "model.pt")) for stage in found}
+    return found, checkpoints
+
+
+def _recipe_and_staleness(
+    run_dir: Path, found: list[str], recipe: Recipe | None
+) -> tuple[Recipe | None, Recipe | None, dict[str, str | None], bool, str | None]:
+    """(the run's recipe.yaml or None, the recipe whose models are built, per stage why it is stale or None,
+    whether staleness was checked, why it could not be).
+
+    ``recipe``: the one the user gave (trusted); else recipe.yaml, which is data: a model of the user's own code
+    it names is refused before anything is imported, and a file it names outside the run is not read.
+    """
+    current, recipe_problem = _run_recipe(run_dir)
+    check_stale = current is not None
+    if recipe is None and current is not None:
+        refuse_untrusted_code(current, run_dir / "recipe.yaml", MODEL_KEYS, file_keys=(), instead="")
+        outside = outside_files(current, run_dir)
+        if outside:  # telling whether the teacher is up to date would read that file: only with --trust-code
+            key, path = outside[0]
+            recipe_problem = recipe_problem or (
+                f"its recipe.yaml names {key} {path}, outside the run, which kdc reads only when you trust the run "
+                f"(`kdc report RUN --trust-code`)"
+            )
+            check_stale = False
+    trusted = recipe if recipe is not None else current
+    stale = _stale_stages(current, found) if check_stale else dict.fromkeys(found)
+    return current, trusted, stale, check_stale, recipe_problem
+
+
+def _latency_plan(
+    current: Recipe | None,
+    checkpoints: dict,
+    found: list[str],
+    latency: bool | None,
+    threads: int | None,
+    batches: list[int] | None,
+) -> tuple[bool, list[int], int, int]:
+    """(measure latency?, batch sizes, threads used, threads asked): the arguments given, else the run's
+    recipe.yaml (``report`` section), else the last stage's checkpoint's."""
+    # one setting for every stage, so that their latencies compare: the run's, else the last stage's
+    if current is not None:
+        section = recipe_to_dict(current.report)
+    else:
+        section = checkpoints[found[-1]].get("recipe", {}).get("report", {})
+    do_latency, asked_batches, asked_threads = latency_settings(section)
+    do_latency = do_latency if latency is None else latency
+    batches = [int(b) for b in (batches or asked_batches)]
+    asked_threads = asked_threads if threads is None else int(threads)
+    threads = max(1, min(asked_threads, available_cores()))
+    return do_latency, batches, threads, asked_threads
+
+
+def _stage_rows(
+    run_dir: Path,
+    checkpoints: dict,
+    found: list[str],
+    stale: dict[str, str | None],
+    trusted: Recipe | None,
+    timed: dict[str, tuple[ModelFile, str]] | None,
+) -> tuple[list[dict], str | None, str | None]:
+    """(one row per stage, the run's name, its dataset). Each stage's model is built from its checkpoint (the
+    model ``trusted`` names for it, if any) and, with ``timed``, its checkpoint added to what is timed."""
+    rows = []
+    recipe_name = dataset = None
+    dense_student = None  # the distilled model: what structured pruning removed channels from
+    for stage in found:
+        ckpt = checkpoints[stage]
+        written = ckpt.get("recipe", {})
+        recipe_name = recipe_name or written.get("run", {}).get("name")
+        dataset = dataset or ckpt.get("dataset")
+        expected = stage_named(stage).model(trusted) if trusted is not None else None
+        name = ckpt["arch"].get("model")  # not yet checked: build_from_checkpoint refuses a damaged spec
+        if stale[stage] and isinstance(name, str) and not names_user_code(name):
+            expected = None  # an out-of-date stage may be of a built-in model the recipe no longer names: no code
+        model = build_from_checkpoint(ckpt, where=f"{stage} checkpoint", expected=expected)
+        model.eval()
+        if timed is not None:
+            sha = read_manifest(run_dir / stage / "model.pt")["sha256"]  # checked against the file on loading
+            source = ModelFile("checkpoint", str(run_dir / stage / "model.pt"), sha, expected, f"{stage} checkpoint")
+            timed[f"stage {stage}"] = (source, f"torch {torch.__version__}")
+        structured = stage == "pruned" and ckpt["metrics"].get("channel_sparsity") is not None
+        if structured and dense_student is None:  # no distilled checkpoint: the plain architecture is its shape
+            dense_student = build_model(ckpt["arch"], where=f"{stage} checkpoint")
+        rows.append(_stage_row(run_dir, stage, ckpt, model, stale[stage], structured, dense_student))
+        if stage == "distilled":
+            dense_student = model
+    return rows, recipe_name, dataset
+
+
+def _stage_row(
+    run_dir: Path, stage: str, ckpt: dict, model, stale: str | None, structured: bool, dense_student
+) -> dict:
+    """A stage's row: what its checkpoint recorded and what its ``model`` measures (latency filled in later)."""
+    written = ckpt.get("recipe", {})
+    metrics = ckpt["metrics"]
+    prune = written.get("prune", {})
+    shape = tuple(ckpt["arch"]["input_shape"])
+    weights = prunable_weights(model, prune.get("include", ["*"]), prune.get("exclude", []))
+    accuracy = float(metrics["test_accuracy"])
+    test_samples = metrics.get("test_samples")  # checkpoints from before it was recorded lack it
+    num_classes = ckpt["arch"].get("num_classes")
+    curve = _curve(run_dir, stage, ckpt)
+    return {
+        "stage": stage,
+        "description": DESCRIPTIONS[stage],
+        "model": ckpt["arch"]["model"],
+        "stale": _relative(stale, run_dir),
+        "accuracy": accuracy,
+        "accuracy_se": accuracy_se(accuracy, test_samples),
+        "test_samples": test_samples,
+        "test_loss": metrics.get("test_loss"),
+        "train_accuracy": curve[-1]["train_accuracy"] if curve else None,
+        "num_classes": num_classes,
+        "chance_accuracy": 1.0 / num_classes if num_classes else None,
+        "has_batchnorm": has_batchnorm(model),
+        "epochs": metrics.get("epochs"),
+        "settings": stage_settings(stage, written, metrics, ckpt.get("arch")),
+        "params": count_params(model),
+        "nonzero_params": count_nonzero(model),
+        "sparsity": weight_sparsity({k: v.detach() for k, v in weights.items()}),
+        # structured pruning: the share of prunable channels removed (their weights are gone, not zero)
+        "channel_sparsity": metrics.get("channel_sparsity"),
+        "target_sparsity": metrics.get("target_sparsity"),
+        "checkpoint_bytes": (run_dir / stage / "model.pt").stat().st_size,
+        "macs": count_macs(model, shape),
+        "sparse_macs": count_sparse_macs(model, shape),
+        # {"1": median ms, "64": median ms}; the spread of each in "latency" (filled in below)
+        "latency_ms": None,
+        "latency": None,
+        "train_seconds": metrics.get("seconds"),
+        "curve": curve,
+        "per_class": _per_class(ckpt),
+        "layers": _layers(model, written, structured, dense_student),
+    }
+
+
+def _add_teacher_ratios(rows: list[dict], teacher: dict | None) -> None:
+    """Each row's non-zero and bytes ratios and accuracy change against the teacher's row (None without one)."""
+    for row in rows:
+        if teacher is not None:
+            row["nonzero_ratio_vs_teacher"] = teacher["nonzero_params"] / max(1, row["nonzero_params"])
+            row["compression_vs_teacher"] = row["nonzero_ratio_vs_teacher"]  # the old name of the same ratio
+            row["bytes_ratio_vs_teacher"] = teacher["checkpoint_bytes"] / max(1, row["checkpoint_bytes"])
+            row["accuracy_change_vs_teacher"] = row["accuracy"] - teacher["accuracy"]
+        else:
+            row["nonzero_ratio_vs_teacher"] = row["compression_vs_teacher"] = None
+            row["bytes_ratio_vs_teacher"] = row["accuracy_change_vs_teacher"] = None
+
+
+def _comparisons(
+    run_dir: Path, current: Recipe | None, checkpoints: dict, found: list[str], rows: list[dict], by_stage: dict
+) -> list[dict]:
+    """The COMPARISONS of the stages found, with their statistics over the seeds when the run has several."""
+    comparisons = [
+        compare_accuracy(by_stage[a], by_stage[b]) for a, b in COMPARISONS if a in by_stage and b in by_stage
+    ]
+    seeds = (
+        list(current.run.seeds)
+        if current is not None
+        else list(checkpoints[found[-1]].get("recipe", {}).get("run", {}).get("seeds") or [])
+    )
+    if len(seeds) > 1:
+        _add_seed_statistics(run_dir, seeds, rows, comparisons)
+    return comparisons
+
+
+def _time_latency(
+    cache: LatencyCache,
+    timed: dict[str, tuple[ModelFile, str]],
+    batches: list[int],
+    threads: int,
+    rows: list[dict],
+    artifacts: list[dict],
+) -> None:
+    """Each stage's and artifact's latency, from ``cache`` or timed now, into its row; the cache saved."""
+    # every stage and artifact at once: those timed now share their rounds, so their ratios hold
+    timings = cache.time(timed, batches, threads)
+    for row in rows:
+        set_latency(row, timings.get(f"stage {row['stage']}"))
+    for row in artifacts:
+        set_latency(row, timings.get(f"artifact {row['path']}"))
+    cache.save()
 
 
 def _add_seed_statistics(run_dir: Path, seeds: list[int], rows: list[dict], comparisons: list[dict]) -> None:
@@ -604,75 +685,78 @@ def _artifact_rows(
     which unpickles nothing: a damaged or replaced file is ``refused`` (with the reason) and never run, and
     so is one naming another model than ``models`` gives for its stage (the recipe's names).
     """
-    from ..checkpoint import confined_path, read_manifest
-    from ..export import ARTIFACTS_FILE, EXPORT_DIR, load_artifact, read_artifacts, verify_artifact
-
     try:
         recorded = read_artifacts(run_dir)
     except KdcError as exc:
         return [{"path": "export/artifacts.json", "refused": _relative(str(exc), run_dir)}]
+    return [_artifact_row(run_dir, found, by_stage, models, timed) for found in recorded]
+
+
+def _artifact_row(
+    run_dir: Path,
+    found: dict,
+    by_stage: dict,
+    models: dict[str, str] | None,
+    timed: dict[str, tuple[ModelFile, str]] | None,
+) -> dict:
+    """The row of one file ``found`` in ``export/artifacts.json`` (see :func:`_artifact_rows`)."""
     teacher = by_stage.get("teacher")
-    rows = []
-    for found in recorded:
-        row = {
-            key: found.get(key)
-            for key in (
-                "stage",
-                "format",
-                "path",
-                "accuracy",
-                "test_samples",
-                "test_loss",
-                "stage_accuracy",
-                "accuracy_change_vs_stage",
-                "stage_checkpoint_bytes",
-                "options",
-                "info",
-            )
-        }
-        row["refused"] = row["stale"] = None
-        row["latency_ms"] = row["latency"] = None
-        try:  # a row that points out of the run directory would show another run's file as this run's
-            path = confined_path(run_dir, found["path"], f"{EXPORT_DIR}/{ARTIFACTS_FILE}")
-            manifest, _ = verify_artifact(path)
-        except KdcError as exc:
-            row["refused"] = _relative(str(exc), run_dir)
-            rows.append(row)
-            continue
-        row["bytes"] = manifest["bytes"]
-        row["accuracy_se"] = accuracy_se(row["accuracy"], row["test_samples"]) if row["accuracy"] is not None else None
-        source = by_stage.get(row["stage"])
-        if source is not None:
-            row["compression_vs_stage"] = source["checkpoint_bytes"] / max(1, row["bytes"])
-            try:
-                current = read_manifest(run_dir / row["stage"] / "model.pt").get("fingerprint")
-            except KdcError:
-                current = None
-            if current != found.get("source_fingerprint"):
-                row["stale"] = f"the {row['stage']} checkpoint changed after this file was exported"
-        else:
-            row["compression_vs_stage"] = None
-        row["compression_vs_teacher"] = teacher["checkpoint_bytes"] / max(1, row["bytes"]) if teacher else None
-        try:  # decoded even without latency: a file that is no artifact of kdc's is refused here, not shipped
-            model = load_artifact(path, expected=(models or {}).get(str(row["stage"])))
-        except ArtifactError as exc:
-            row["refused"] = _relative(str(exc), run_dir)
-            rows.append(row)
-            continue
-        except KdcError as exc:  # its runtime (onnxruntime) is not installed
-            row["latency_problem"] = _relative(str(exc), run_dir)
-            model = None
-        if timed is not None and model is not None:
-            runtime = f"torch {torch.__version__}"
-            if hasattr(model, "set_threads"):  # an onnxruntime session: its version goes into the cache key
-                runtime = f"onnxruntime {_version_of('onnxruntime')}"
-            expected = (models or {}).get(str(row["stage"]))
-            timed[f"artifact {row['path']}"] = (
-                ModelFile("artifact", str(path), manifest["sha256"], expected, f"artifact {row['path']}"),
-                runtime,
-            )
-        rows.append(row)
-    return rows
+    row = {
+        key: found.get(key)
+        for key in (
+            "stage",
+            "format",
+            "path",
+            "accuracy",
+            "test_samples",
+            "test_loss",
+            "stage_accuracy",
+            "accuracy_change_vs_stage",
+            "stage_checkpoint_bytes",
+            "options",
+            "info",
+        )
+    }
+    row["refused"] = row["stale"] = None
+    row["latency_ms"] = row["latency"] = None
+    try:  # a row that points out of the run directory would show another run's file as this run's
+        path = confined_path(run_dir, found["path"], f"{EXPORT_DIR}/{ARTIFACTS_FILE}")
+        manifest, _ = verify_artifact(path)
+    except KdcError as exc:
+        row["refused"] = _relative(str(exc), run_dir)
+        return row
+    row["bytes"] = manifest["bytes"]
+    row["accuracy_se"] = accuracy_se(row["accuracy"], row["test_samples"]) if row["accuracy"] is not None else None
+    source = by_stage.get(row["stage"])
+    if source is not None:
+        row["compression_vs_stage"] = source["checkpoint_bytes"] / max(1, row["bytes"])
+        try:
+            current = read_manifest(run_dir / row["stage"] / "model.pt").get("fingerprint")
+        except KdcError:
+            current = None
+        if current != found.get("source_fingerprint"):
+            row["stale"] = f"the {row['stage']} checkpoint changed after this file was exported"
+    else:
+        row["compression_vs_stage"] = None
+    row["compression_vs_teacher"] = teacher["checkpoint_bytes"] / max(1, row["bytes"]) if teacher else None
+    try:  # decoded even without latency: a file that is no artifact of kdc's is refused here, not shipped
+        model = load_artifact(path, expected=(models or {}).get(str(row["stage"])))
+    except ArtifactError as exc:
+        row["refused"] = _relative(str(exc), run_dir)
+        return row
+    except KdcError as exc:  # its runtime (onnxruntime) is not installed
+        row["latency_problem"] = _relative(str(exc), run_dir)
+        model = None
+    if timed is not None and model is not None:
+        runtime = f"torch {torch.__version__}"
+        if hasattr(model, "set_threads"):  # an onnxruntime session: its version goes into the cache key
+            runtime = f"onnxruntime {_version_of('onnxruntime')}"
+        expected = (models or {}).get(str(row["stage"]))
+        timed[f"artifact {row['path']}"] = (
+            ModelFile("artifact", str(path), manifest["sha256"], expected, f"artifact {row['path']}"),
+            runtime,
+        )
+    return row
 
 
 def _version_of(package: str) -> str | None:
