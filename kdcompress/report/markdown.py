@@ -122,6 +122,38 @@ def _options_md(options: dict) -> str:
 
 def report_markdown(report: dict) -> str:
     """The report as Markdown, every number in full."""
+    batches = report.get("latency_batches") or []
+    lines = _stage_lines(report)
+    if any(is_seeded(r) for r in report["stages"]):
+        lines += _seed_lines(report)
+    lines += ["", "## Stages", ""]
+    lines += [f"- **{r['stage']}**: {r['description']}: {settings_text(r['settings'])}" for r in report["stages"]]
+    if report.get("artifacts"):
+        lines += ["", "## Artifacts", "", ARTIFACTS_MD_NOTE, ""]
+        columns = ARTIFACT_MD_COLUMNS + [f"latency batch {b} median (ms)" for b in batches]
+        lines += [
+            "| " + " | ".join(columns) + " |",
+            "|" + "|".join(" --- " if c == "file" else " ---: " for c in columns) + "|",
+        ]
+        lines += ["| " + " | ".join(_md_artifact_row(a, batches)) + " |" for a in report["artifacts"]]
+    if report.get("comparisons"):
+        lines += [
+            "",
+            "## Differences",
+            "",
+            "Latency: the median of the per-round ratios (each round timed the two side by side).",
+            "",
+        ]
+        lines += [f"- {comparison_name(c)}: {comparison_text(c)}" for c in report["comparisons"]]
+    if report.get("warnings"):
+        lines += ["", "## Warnings", ""]
+        lines += [f"- {w}" for w in report["warnings"]]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _stage_lines(report: dict) -> list[str]:
+    """The title, what every column means, and the table of the stages (with the stale note when one is)."""
     left = ("stage", "model")
     batches = report.get("latency_batches") or []
     columns = _md_columns(batches)
@@ -147,51 +179,30 @@ def report_markdown(report: dict) -> str:
     lines += ["| " + " | ".join(_md_row(r, batches)) + " |" for r in report["stages"]]
     if any(r.get("stale") for r in report["stages"]):
         lines += ["", STALE_NOTE + "."]
-    if any(is_seeded(r) for r in report["stages"]):
-        lines += ["", "## Seeds", "", seeds_note(report["stages"]) + ".", ""]
-        seeds = sorted({e["seed"] for r in report["stages"] for e in r.get("seeds") or []})
-        columns = ["stage", *(f"seed {s}" for s in seeds), "mean", "std"]
-        lines += [
-            "| " + " | ".join(columns) + " |",
-            "|" + "|".join(" --- " if c == "stage" else " ---: " for c in columns) + "|",
+    return lines
+
+
+def _seed_lines(report: dict) -> list[str]:
+    """The "Seeds" section: each stage's accuracy per seed, mean and std, and the differences over the seeds."""
+    lines = ["", "## Seeds", "", seeds_note(report["stages"]) + ".", ""]
+    seeds = sorted({e["seed"] for r in report["stages"] for e in r.get("seeds") or []})
+    columns = ["stage", *(f"seed {s}" for s in seeds), "mean", "std"]
+    lines += [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join(" --- " if c == "stage" else " ---: " for c in columns) + "|",
+    ]
+    for r in report["stages"]:
+        accs = {e["seed"]: e["accuracy"] for e in r.get("seeds") or []}
+        std = r.get("accuracy_std")
+        cells = [
+            stage_name(r),
+            *("" if s not in accs else f"{accs[s]:.2%}" for s in seeds),
+            "" if r.get("accuracy_mean") is None else f"{r['accuracy_mean']:.2%}",
+            "" if std is None else f"{std * 100:.2f} pt",
         ]
-        for r in report["stages"]:
-            accs = {e["seed"]: e["accuracy"] for e in r.get("seeds") or []}
-            std = r.get("accuracy_std")
-            cells = [
-                stage_name(r),
-                *("" if s not in accs else f"{accs[s]:.2%}" for s in seeds),
-                "" if r.get("accuracy_mean") is None else f"{r['accuracy_mean']:.2%}",
-                "" if std is None else f"{std * 100:.2f} pt",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-        comps = [c for c in report.get("comparisons") or [] if (c.get("seeds") or {}).get("n", 0) > 1]
-        if comps:
-            lines.append("")
-            lines += [
-                f"- {comparison_name(c)}, {c['seeds']['n']} seeds: {seed_comparison_text(c['seeds'])}" for c in comps
-            ]
-    lines += ["", "## Stages", ""]
-    lines += [f"- **{r['stage']}**: {r['description']}: {settings_text(r['settings'])}" for r in report["stages"]]
-    if report.get("artifacts"):
-        lines += ["", "## Artifacts", "", ARTIFACTS_MD_NOTE, ""]
-        columns = ARTIFACT_MD_COLUMNS + [f"latency batch {b} median (ms)" for b in batches]
-        lines += [
-            "| " + " | ".join(columns) + " |",
-            "|" + "|".join(" --- " if c == "file" else " ---: " for c in columns) + "|",
-        ]
-        lines += ["| " + " | ".join(_md_artifact_row(a, batches)) + " |" for a in report["artifacts"]]
-    if report.get("comparisons"):
-        lines += [
-            "",
-            "## Differences",
-            "",
-            "Latency: the median of the per-round ratios (each round timed the two side by side).",
-            "",
-        ]
-        lines += [f"- {comparison_name(c)}: {comparison_text(c)}" for c in report["comparisons"]]
-    if report.get("warnings"):
-        lines += ["", "## Warnings", ""]
-        lines += [f"- {w}" for w in report["warnings"]]
-    lines.append("")
-    return "\n".join(lines)
+        lines.append("| " + " | ".join(cells) + " |")
+    comps = [c for c in report.get("comparisons") or [] if (c.get("seeds") or {}).get("n", 0) > 1]
+    if comps:
+        lines.append("")
+        lines += [f"- {comparison_name(c)}, {c['seeds']['n']} seeds: {seed_comparison_text(c['seeds'])}" for c in comps]
+    return lines

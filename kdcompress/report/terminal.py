@@ -38,10 +38,37 @@ def report_table(report: dict) -> Group:
     column per batch size), their notes, the stage settings and the distilled-against-baseline comparison. A
     stale stage is named ``stage*`` (warnings are in ``report["warnings"]``; the CLI prints them)."""
     rows = report["stages"]
+    seeded = any(is_seeded(r) for r in rows)
+    first = _accuracy_table(report, seeded)
+    second = _size_table(rows)
+    third = _cost_table(report)
+    settings = _settings_grid(rows)
+    # notes as text, not captions: a caption wraps at its table's width
+    notes = ([STALE_NOTE] if any(r.get("stale") for r in rows) else []) + [SPARSE_MACS_NOTE, latency_note(report)]
+    if seeded:
+        notes.insert(0, seeds_note(rows))
+    parts = [first, second, third, Text("\n".join(notes)), Text("settings", style="bold"), settings]
+    if report.get("artifacts"):
+        parts.append(_artifact_table(report))
+    if report.get("comparisons"):
+        parts.append(
+            Text(
+                "differences (standard error of a test accuracy: sqrt(p(1-p)/n); latency: the median of the "
+                "per-round ratios, the two timed side by side)",
+                style="bold",
+            )
+        )
+        parts.append(_differences_grid(report, seeded))
+    return Group(*parts)
+
+
+def _accuracy_table(report: dict, seeded: bool) -> Table:
+    """Per stage: model, epochs, training time and accuracy, test accuracy (± SE, or mean ± std over the seeds)
+    and its change against the teacher's."""
+    rows = report["stages"]
     first = Table(title=f"kdc report: {report['recipe']} on {report['dataset']}", title_justify="left")
     first.add_column("stage", no_wrap=True)
     first.add_column("model", overflow="fold")  # the one column that may wrap: names can be long
-    seeded = any(is_seeded(r) for r in rows)
     accuracy_header = "test acc %\nmean ± std" if seeded else "test acc %\n± SE"
     for header in ("epochs", "train\ntime", "train\nacc %", accuracy_header, "vs teacher\npoints"):
         first.add_column(header, justify="right", no_wrap=True)
@@ -59,6 +86,11 @@ def report_table(report: dict) -> Group:
             accuracy_text(r),
             points_text(change),
         )
+    return first
+
+
+def _size_table(rows: list[dict]) -> Table:
+    """Per stage: parameters, non-zeros, sparsity, bytes, and the teacher's over the stage's."""
     second = Table(caption="ratio: teacher's / stage's (non-zero parameters; checkpoint bytes)", caption_justify="left")
     second.add_column("stage", no_wrap=True)
     for header in ("params", "non-zero", "sparsity", "non-zero\nratio", "bytes", "bytes\nratio"):
@@ -73,13 +105,18 @@ def report_table(report: dict) -> Group:
             bytes_text(r["checkpoint_bytes"]),
             ratio_text(r.get("bytes_ratio_vs_teacher")),
         )
-    # what a forward pass costs: a table of its own, so that a latency column per batch size fits
+    return second
+
+
+def _cost_table(report: dict) -> Table:
+    """What a forward pass costs: MACs and latency, a table of its own so that a latency column per batch size
+    fits."""
     batches = report.get("latency_batches") or []
     third = Table()
     third.add_column("stage", no_wrap=True)
     for header in ["MACs", "MACs if\nsparse"] + [f"latency ms, batch {b}\nmedian (IQR)" for b in batches]:
         third.add_column(header, justify="right", no_wrap=True)
-    for r in rows:
+    for r in report["stages"]:
         timing = r.get("latency") or {}
         third.add_row(
             stage_name(r),
@@ -87,37 +124,32 @@ def report_table(report: dict) -> Group:
             compact(r.get("sparse_macs")),
             *[latency_text(timing.get(str(b))) for b in batches],
         )
+    return third
+
+
+def _settings_grid(rows: list[dict]) -> Table:
+    """Each stage's settings on one line beside its name."""
     # grids, not lines of text: a long setting wraps under its own column, not under the stage names
     settings = Table.grid(padding=(0, 2))
     settings.add_column(no_wrap=True)
     settings.add_column(overflow="fold")
     for r in rows:
         settings.add_row(f" {stage_name(r)}", Text(settings_text(r["settings"])))
-    # notes as text, not captions: a caption wraps at its table's width
-    notes = ([STALE_NOTE] if any(r.get("stale") for r in rows) else []) + [SPARSE_MACS_NOTE, latency_note(report)]
-    if seeded:
-        notes.insert(0, seeds_note(rows))
-    parts = [first, second, third, Text("\n".join(notes)), Text("settings", style="bold"), settings]
-    if report.get("artifacts"):
-        parts.append(_artifact_table(report))
-    if report.get("comparisons"):
-        parts.append(
-            Text(
-                "differences (standard error of a test accuracy: sqrt(p(1-p)/n); latency: the median of the "
-                "per-round ratios, the two timed side by side)",
-                style="bold",
-            )
-        )
-        diffs = Table.grid(padding=(0, 2))
-        diffs.add_column(no_wrap=True)
-        diffs.add_column(overflow="fold")
-        for c in report["comparisons"]:
-            first_seed = f", seed {rows[0]['seeds'][0]['seed']}" if seeded and rows[0].get("seeds") else ""
-            diffs.add_row(f" {comparison_name(c)}{first_seed}", comparison_text(c))
-            if (c.get("seeds") or {}).get("n", 0) > 1:
-                diffs.add_row(f" {comparison_name(c)}, {c['seeds']['n']} seeds", seed_comparison_text(c["seeds"]))
-        parts.append(diffs)
-    return Group(*parts)
+    return settings
+
+
+def _differences_grid(report: dict, seeded: bool) -> Table:
+    """Each comparison's difference with its noise (the first seed's, then over the seeds when several)."""
+    rows = report["stages"]
+    diffs = Table.grid(padding=(0, 2))
+    diffs.add_column(no_wrap=True)
+    diffs.add_column(overflow="fold")
+    for c in report["comparisons"]:
+        first_seed = f", seed {rows[0]['seeds'][0]['seed']}" if seeded and rows[0].get("seeds") else ""
+        diffs.add_row(f" {comparison_name(c)}{first_seed}", comparison_text(c))
+        if (c.get("seeds") or {}).get("n", 0) > 1:
+            diffs.add_row(f" {comparison_name(c)}, {c['seeds']['n']} seeds", seed_comparison_text(c["seeds"]))
+    return diffs
 
 
 def _artifact_name(a: dict) -> str:

@@ -88,8 +88,27 @@ def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str
     Commands in them name the run directory ``run_dir``; without it, ``RUN_DIR`` (report.json does not
     depend on where the run directory is, so the warnings it holds say RUN_DIR).
     """
-    warnings = []
     where = str(run_dir if run_dir is not None else report.get("run_dir") or "RUN_DIR")  # run_dir: reports before v1
+    warnings = _stale_warnings(report, where)
+    for row in report["stages"]:
+        warnings.extend(_untrained_warnings(row, where))
+        warnings.extend(_chance_warnings(row))
+    for art in report.get("artifacts", []):
+        warnings.extend(_artifact_warnings(art, where))
+    by_stage = {r["stage"]: r for r in report["stages"]}
+    # a teacher with nothing to teach (its own warning above says why): tuning distillation would not help
+    teacher = by_stage.get("teacher")
+    hopeless = teacher is not None and bool(_untrained_warnings(teacher, where))
+    for comp in report.get("comparisons", []):
+        warnings.extend(_distillation_warnings(comp, by_stage, hopeless))
+    for comp in report.get("comparisons", []):
+        warnings.extend(_seed_distillation_warnings(comp, by_stage, hopeless))
+    return warnings
+
+
+def _stale_warnings(report: dict, where: str) -> list[str]:
+    """A stage whose checkpoint is not what the run's recipe.yaml now describes, or why that is not known."""
+    warnings = []
     recipe_file = Path(where) / "recipe.yaml"
     for row in report["stages"]:
         if row.get("stale"):
@@ -102,99 +121,108 @@ def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str
             f"cannot tell whether the stages are up to date: {report['stale_check_problem']}; the rows show the "
             f"checkpoints as they are."
         )
-    for row in report["stages"]:
-        warnings.extend(_untrained_warnings(row, where))
-        chance, train = row.get("chance_accuracy"), row.get("train_accuracy")
-        if _chance_after_training(row):
-            message = (
-                f"{row['stage']}: test accuracy {row['accuracy']:.1%} is at chance (1/{row['num_classes']} = "
-                f"{chance:.1%}) while its last training epoch reached {train:.1%}. "
-            )
-            used = row["settings"].get("bn_recalibrate_batches")
-            if row.get("has_batchnorm") and not used:
-                message += (
-                    "Its BatchNorm running statistics have probably not settled (a slow momentum such as "
-                    "torchvision:mobilenet_v3_small's 0.01, few epochs); recompute them after training with "
-                    "`--set run.bn_recalibrate=100` (or `run: {bn_recalibrate: 100}` in the recipe) and rerun, "
-                    "or train longer."
-                )
-            elif row.get("has_batchnorm"):
-                message += (
-                    f"Its BatchNorm statistics were already recomputed from {used} training batches; check that "
-                    f"the test data is prepared like the training data."
-                )
-            else:
-                message += "Check that the test data is prepared like the training data, and the learning rate."
-            warnings.append(message)
-    for art in report.get("artifacts", []):
-        if art.get("refused"):
-            warnings.append(f"artifact {art['path']} was not loaded: {art['refused']}")
-            continue
-        if art.get("stale"):
-            warnings.append(
-                f"artifact {art['path']} is stale: {art['stale']}; `kdc export {where} --force` writes it again."
-            )
-        if art.get("latency_problem"):
-            warnings.append(f"artifact {art['path']}: latency not measured ({art['latency_problem']})")
-        change, se = art.get("accuracy_change_vs_stage"), art.get("accuracy_se")
-        if change is not None and se is not None and change < -max(0.005, NOISE_Z * math.sqrt(2) * se):
-            warnings.append(
-                f"artifact {art['path']} scores {-change * 100:.2f} points below the {art['stage']} checkpoint it was "
-                f"made from ({art['accuracy']:.2%} against {art['stage_accuracy']:.2%}); ship it only if that loss "
-                f"is acceptable" + (", or export with more --bits" if art.get("format") == "shared" else "") + "."
-            )
-    by_stage = {r["stage"]: r for r in report["stages"]}
-    # a teacher with nothing to teach (its own warning above says why): tuning distillation would not help
-    teacher = by_stage.get("teacher")
-    hopeless = teacher is not None and bool(_untrained_warnings(teacher, where))
-    for comp in report.get("comparisons", []):
-        if (comp["stage"], comp["against"]) != ("distilled", "student") or comp["difference"] >= 0:
-            continue
-        d, s = by_stage["distilled"], by_stage["student"]
-        seeded = comp.get("seeds") or {}
-        if seeded.get("n", 0) > 1:  # several seeds: their mean decides, not the first seed's run alone
-            continue
-        message = (
-            f"distillation came out worse than the baseline: distilled {d['accuracy']:.2%} against the student "
-            f"trained alone {s['accuracy']:.2%}, {-comp['difference'] * 100:.2f} points lower"
-        )
-        if comp["se"] is None:
-            message += (
-                "; its noise is unknown (the checkpoints predate the recorded test-set size: rerun the stages with "
-                "--force to record it)."
-            )
-        elif comp["within_noise"]:
-            message += (
-                f", within noise (standard error of the difference {comp['se'] * 100:.2f} points, "
-                f"{standard_errors(comp)}): this run shows no gain from distillation, and no loss either."
-            )
-        else:
-            message += (
-                f", beyond noise ({standard_errors(comp, 'standard errors')} of {comp['se'] * 100:.2f} points): "
-                + _retry_hint((d.get("settings") or {}).get("distill_loss", "kd"), hopeless)
-            )
-        warnings.append(message)
-    for comp in report.get("comparisons", []):
-        seeded = comp.get("seeds") or {}
-        if (comp["stage"], comp["against"]) != ("distilled", "student") or seeded.get("n", 0) < 2:
-            continue
-        if seeded["mean"] >= 0:
-            continue
-        d, s = by_stage["distilled"], by_stage["student"]
-        message = (
-            f"distillation came out worse than the baseline over {seeded['n']} seeds: distilled "
-            f"{d['accuracy_mean']:.2%} against the student trained alone {s['accuracy_mean']:.2%} on average, "
-            f"{-seeded['mean'] * 100:.2f} points lower (std {seeded['std'] * 100:.2f}, standard error of the mean "
-            f"{seeded['se'] * 100:.2f} points)"
-        )
-        if -seeded["mean"] <= NOISE_Z * seeded["se"]:
-            message += f", within seed noise (at most {NOISE_Z:g} SE): no gain from distillation, and no loss either."
-        else:
-            message += f", beyond seed noise (more than {NOISE_Z:g} SE): " + _retry_hint(
-                (d.get("settings") or {}).get("distill_loss", "kd"), hopeless
-            )
-        warnings.append(message)
     return warnings
+
+
+def _chance_warnings(row: dict) -> list[str]:
+    """A stage at chance on the test set after a good last training epoch: why that may be, and what to do."""
+    chance, train = row.get("chance_accuracy"), row.get("train_accuracy")
+    if not _chance_after_training(row):
+        return []
+    message = (
+        f"{row['stage']}: test accuracy {row['accuracy']:.1%} is at chance (1/{row['num_classes']} = "
+        f"{chance:.1%}) while its last training epoch reached {train:.1%}. "
+    )
+    used = row["settings"].get("bn_recalibrate_batches")
+    if row.get("has_batchnorm") and not used:
+        message += (
+            "Its BatchNorm running statistics have probably not settled (a slow momentum such as "
+            "torchvision:mobilenet_v3_small's 0.01, few epochs); recompute them after training with "
+            "`--set run.bn_recalibrate=100` (or `run: {bn_recalibrate: 100}` in the recipe) and rerun, "
+            "or train longer."
+        )
+    elif row.get("has_batchnorm"):
+        message += (
+            f"Its BatchNorm statistics were already recomputed from {used} training batches; check that "
+            f"the test data is prepared like the training data."
+        )
+    else:
+        message += "Check that the test data is prepared like the training data, and the learning rate."
+    return [message]
+
+
+def _artifact_warnings(art: dict, where: str) -> list[str]:
+    """An exported file refused, stale, not timed, or scoring below the checkpoint it was made from."""
+    if art.get("refused"):
+        return [f"artifact {art['path']} was not loaded: {art['refused']}"]
+    warnings = []
+    if art.get("stale"):
+        warnings.append(
+            f"artifact {art['path']} is stale: {art['stale']}; `kdc export {where} --force` writes it again."
+        )
+    if art.get("latency_problem"):
+        warnings.append(f"artifact {art['path']}: latency not measured ({art['latency_problem']})")
+    change, se = art.get("accuracy_change_vs_stage"), art.get("accuracy_se")
+    if change is not None and se is not None and change < -max(0.005, NOISE_Z * math.sqrt(2) * se):
+        warnings.append(
+            f"artifact {art['path']} scores {-change * 100:.2f} points below the {art['stage']} checkpoint it was "
+            f"made from ({art['accuracy']:.2%} against {art['stage_accuracy']:.2%}); ship it only if that loss "
+            f"is acceptable" + (", or export with more --bits" if art.get("format") == "shared" else "") + "."
+        )
+    return warnings
+
+
+def _distillation_warnings(comp: dict, by_stage: dict, hopeless: bool) -> list[str]:
+    """Distilled below the student trained alone in a run of one seed: within noise or beyond it."""
+    if (comp["stage"], comp["against"]) != ("distilled", "student") or comp["difference"] >= 0:
+        return []
+    d, s = by_stage["distilled"], by_stage["student"]
+    seeded = comp.get("seeds") or {}
+    if seeded.get("n", 0) > 1:  # several seeds: their mean decides, not the first seed's run alone
+        return []
+    message = (
+        f"distillation came out worse than the baseline: distilled {d['accuracy']:.2%} against the student "
+        f"trained alone {s['accuracy']:.2%}, {-comp['difference'] * 100:.2f} points lower"
+    )
+    if comp["se"] is None:
+        message += (
+            "; its noise is unknown (the checkpoints predate the recorded test-set size: rerun the stages with "
+            "--force to record it)."
+        )
+    elif comp["within_noise"]:
+        message += (
+            f", within noise (standard error of the difference {comp['se'] * 100:.2f} points, "
+            f"{standard_errors(comp)}): this run shows no gain from distillation, and no loss either."
+        )
+    else:
+        message += (
+            f", beyond noise ({standard_errors(comp, 'standard errors')} of {comp['se'] * 100:.2f} points): "
+            + _retry_hint((d.get("settings") or {}).get("distill_loss", "kd"), hopeless)
+        )
+    return [message]
+
+
+def _seed_distillation_warnings(comp: dict, by_stage: dict, hopeless: bool) -> list[str]:
+    """Distilled below the student trained alone on average over several seeds: within seed noise or beyond."""
+    seeded = comp.get("seeds") or {}
+    if (comp["stage"], comp["against"]) != ("distilled", "student") or seeded.get("n", 0) < 2:
+        return []
+    if seeded["mean"] >= 0:
+        return []
+    d, s = by_stage["distilled"], by_stage["student"]
+    message = (
+        f"distillation came out worse than the baseline over {seeded['n']} seeds: distilled "
+        f"{d['accuracy_mean']:.2%} against the student trained alone {s['accuracy_mean']:.2%} on average, "
+        f"{-seeded['mean'] * 100:.2f} points lower (std {seeded['std'] * 100:.2f}, standard error of the mean "
+        f"{seeded['se'] * 100:.2f} points)"
+    )
+    if -seeded["mean"] <= NOISE_Z * seeded["se"]:
+        message += f", within seed noise (at most {NOISE_Z:g} SE): no gain from distillation, and no loss either."
+    else:
+        message += f", beyond seed noise (more than {NOISE_Z:g} SE): " + _retry_hint(
+            (d.get("settings") or {}).get("distill_loss", "kd"), hopeless
+        )
+    return [message]
 
 
 def _retry_hint(loss: str, hopeless_teacher: bool = False) -> str:
