@@ -748,15 +748,22 @@ def _artifact_row(
         row["latency_problem"] = _relative(str(exc), run_dir)
         model = None
     if timed is not None and model is not None:
-        runtime = f"torch {torch.__version__}"
-        if hasattr(model, "set_threads"):  # an onnxruntime session: its version goes into the cache key
-            runtime = f"onnxruntime {_version_of('onnxruntime')}"
-        expected = (models or {}).get(str(row["stage"]))
-        timed[f"artifact {row['path']}"] = (
-            ModelFile("artifact", str(path), manifest["sha256"], expected, f"artifact {row['path']}"),
-            runtime,
-        )
+        timed[f"artifact {row['path']}"] = _artifact_file(row, path, manifest, model, models)
     return row
+
+
+def _artifact_file(
+    row: dict, path: Path, manifest: dict, model, models: dict[str, str] | None
+) -> tuple[ModelFile, str]:
+    """A loaded artifact as a file to time, with its runtime's version (torch, or onnxruntime for a session)."""
+    runtime = f"torch {torch.__version__}"
+    if hasattr(model, "set_threads"):  # an onnxruntime session: its version goes into the cache key
+        runtime = f"onnxruntime {_version_of('onnxruntime')}"
+    expected = (models or {}).get(str(row["stage"]))
+    return (
+        ModelFile("artifact", str(path), manifest["sha256"], expected, f"artifact {row['path']}"),
+        runtime,
+    )
 
 
 def _version_of(package: str) -> str | None:

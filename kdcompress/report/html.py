@@ -364,6 +364,16 @@ def _layers_section(report: dict, charts: Charts) -> str:
 def _per_class_section(report: dict, charts: Charts) -> str:
     parts = ['<section id="classes"><h2>Per-class accuracy</h2>']
     stages = report.get("stages") or []
+    parts += _per_class_accuracy(stages, charts)
+    parts.append("<h3>Confusions that changed most</h3>")
+    parts += _confusion_changes(report.get("class_changes"), stages)
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _per_class_accuracy(stages: list[dict], charts: Charts) -> list[str]:
+    """The per-class accuracy of each stage: a chart and a table (the classes that differ most, when many)."""
+    parts = []
     rows = [r for r in stages if r.get("stage") in PER_CLASS_STAGES and isinstance(r.get("per_class"), dict)]
     if not rows:
         parts.append(
@@ -401,8 +411,12 @@ def _per_class_section(report: dict, charts: Charts) -> str:
             for i in shown
         ]
         parts.append(_table(["class"] + [f"{_e(r['stage'])} %" for r in rows], table))
-    parts.append("<h3>Confusions that changed most</h3>")
-    changes = report.get("class_changes")
+    return parts
+
+
+def _confusion_changes(changes: list[dict] | None, stages: list[dict]) -> list[str]:
+    """The table of the confusions that changed most between the stages (report["class_changes"])."""
+    parts = []
     if changes is None:
         parts.append(_missing())
     elif not changes:
@@ -436,8 +450,7 @@ def _per_class_section(report: dict, charts: Charts) -> str:
             '<p class="note">Test images of the true class predicted as the other class, before and after; '
             "the largest changes between the student, the distilled and the pruned models.</p>"
         )
-    parts.append("</section>")
-    return "".join(parts)
+    return parts
 
 
 def _seeds_section(report: dict, charts: Charts) -> str | None:
@@ -600,44 +613,7 @@ def render_comparison_html(comparison: dict) -> str:
     charts = Charts()
     runs = comparison.get("runs") or []
     names = [str(run.get("name")) for run in runs]
-    rows = comparison_rows(comparison)
-    body = []
-    for r in rows:
-        label = _e(r["label"]) if r["kind"] == "stage" else f"{_e(r['label'])} <small>(from {_e(r['stage'])})</small>"
-        label += "*" if r["stale"] else ""
-        if r["refused"]:
-            body.append(
-                [_e(r["run"]), label, _e(r["detail"]), (f'<span class="missing">refused: {_e(r["refused"])}</span>', 6)]
-            )
-            continue
-        body.append(
-            [
-                _e(r["run"]),
-                label,
-                _e(r["detail"]),
-                "" if r["accuracy"] is None else f"{r['accuracy'] * 100:.2f}",
-                "" if r["accuracy_se"] is None else f"{r['accuracy_se'] * 100:.2f}",
-                "" if r["bytes"] is None else _e(bytes_text(r["bytes"])),
-                compact(r["nonzero_params"]),
-                compact(r["macs"]),
-                "" if r["latency_ms"] is None else ms_text(r["latency_ms"]),
-            ]
-        )
-    table = _table(
-        [
-            "run",
-            "stage / artifact",
-            "model / format",
-            "test acc %",
-            "± SE",
-            "bytes on disk",
-            "non-zero",
-            "MACs",
-            f"latency ms<br>batch {LATENCY_BATCH}",
-        ],
-        body,
-        left=3,
-    )
+    table = _comparison_table(comparison)
     intro = (
         f'<p class="note">{len(runs)} run{"" if len(runs) == 1 else "s"}: {_e(", ".join(names))}. Made '
         f"{_e(comparison.get('generated_at') or 'at a time not recorded')}. Each run's own report.html has the "
@@ -665,3 +641,44 @@ def render_comparison_html(comparison: dict) -> str:
         + "</section>"
     )
     return _page(f"kdc comparison: {', '.join(names)}", intro, sections)
+
+
+def _comparison_table(comparison: dict) -> str:
+    """One table of every run's stages and artifacts (:func:`kdcompress.report.compare.comparison_rows`)."""
+    body = []
+    for r in comparison_rows(comparison):
+        label = _e(r["label"]) if r["kind"] == "stage" else f"{_e(r['label'])} <small>(from {_e(r['stage'])})</small>"
+        label += "*" if r["stale"] else ""
+        if r["refused"]:
+            body.append(
+                [_e(r["run"]), label, _e(r["detail"]), (f'<span class="missing">refused: {_e(r["refused"])}</span>', 6)]
+            )
+            continue
+        body.append(
+            [
+                _e(r["run"]),
+                label,
+                _e(r["detail"]),
+                "" if r["accuracy"] is None else f"{r['accuracy'] * 100:.2f}",
+                "" if r["accuracy_se"] is None else f"{r['accuracy_se'] * 100:.2f}",
+                "" if r["bytes"] is None else _e(bytes_text(r["bytes"])),
+                compact(r["nonzero_params"]),
+                compact(r["macs"]),
+                "" if r["latency_ms"] is None else ms_text(r["latency_ms"]),
+            ]
+        )
+    return _table(
+        [
+            "run",
+            "stage / artifact",
+            "model / format",
+            "test acc %",
+            "± SE",
+            "bytes on disk",
+            "non-zero",
+            "MACs",
+            f"latency ms<br>batch {LATENCY_BATCH}",
+        ],
+        body,
+        left=3,
+    )
