@@ -21,7 +21,14 @@ from pathlib import Path
 
 from .text import number_text
 
-__all__ = ["build_comparison", "comparison_markdown", "comparison_rows", "latency_at", "COMPARISON_SCHEMA_VERSION"]
+__all__ = [
+    "build_comparison",
+    "comparison_markdown",
+    "comparison_rows",
+    "latency_at",
+    "COMPARISON_SCHEMA_VERSION",
+    "LATENCY_BATCH",
+]
 
 # the comparison file's own layout (the runs' reports carry theirs in report["schema_version"])
 COMPARISON_SCHEMA_VERSION = 1
