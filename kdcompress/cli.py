@@ -434,10 +434,10 @@ def _compare_reports(
     """
     import json
 
-    from .compare import build_comparison, comparison_markdown
     from .files import atomic_write_files
-    from .html import render_comparison_html
     from .report import write_report
+    from .report.compare import build_comparison, comparison_markdown
+    from .report.html import render_comparison_html
 
     reports = []
     for run_dir, recipe in zip(run_dirs, recipes or [None] * len(run_dirs)):
@@ -467,7 +467,7 @@ def _comparison_table(comparison: dict):
     """The comparison as a terminal table: one row per stage and per artifact of every run."""
     from rich.table import Table
 
-    from .compare import LATENCY_BATCH, comparison_rows
+    from .report.compare import LATENCY_BATCH, comparison_rows
 
     names = ", ".join(run["name"] for run in comparison["runs"])
     table = Table(title=f"kdc report: {names}", title_justify="left")

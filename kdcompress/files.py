@@ -201,7 +201,7 @@ def atomic_write_files(files: dict[Path, str | bytes]) -> None:
 def remove_stale_temp_files(folder: Path, within: Path) -> None:
     """Delete ``.*.tmp`` files a killed process left behind in ``folder`` (not recursive).
 
-    Call it only while holding the run directory's lock (:func:`kdcompress.runlock.run_dir_lock`): a
+    Call it only while holding the run directory's lock (:func:`kdcompress.run.lock.run_dir_lock`): a
     live writer's temporary files look the same. ``folder`` must lie inside ``within`` (the run
     directory) once links are resolved: a planted link to a folder outside is left alone. A ``.tmp``
     entry that is a link is removed itself, never what it points to.

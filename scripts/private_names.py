@@ -53,7 +53,8 @@ def may_use_private_module(importer: str, target: str) -> bool:
     parts = target.split(".")
     for i, part in enumerate(parts):
         if private(part):
-            return importer.startswith(".".join(parts[:i]) + ".")
+            package = ".".join(parts[:i])
+            return importer == package or importer.startswith(package + ".")
     return True
 
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from kdcompress import report as report_mod
 from kdcompress.errors import ArtifactError
 from kdcompress.export import load_artifact, verify_artifact
 from kdcompress.files import manifest_path
 from kdcompress.report import build_report, report_markdown, report_table
+from kdcompress.report import latency as latency_mod
 from kdcompress.run import read_artifacts
 
 RUN = Path("runs") / "tiny"
@@ -82,7 +82,7 @@ def test_export_writes_each_artifact_with_its_manifest_and_a_measured_row(export
 
 def test_report_json_lists_artifacts_with_bytes_ratios_and_latency(exported, monkeypatch):
     run_dir, _ = exported
-    monkeypatch.setattr(report_mod, "LATENCY_MIN_RUN_TIME", 0.02)
+    monkeypatch.setattr(latency_mod, "LATENCY_MIN_RUN_TIME", 0.02)
     report = build_report(run_dir, latency=True)
     arts = {a["format"]: a for a in report["artifacts"]}
     teacher_bytes = next(r for r in report["stages"] if r["stage"] == "teacher")["checkpoint_bytes"]

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from conftest import TINY_RECIPE, _deep_merge
 
-from kdcompress.compare import build_comparison, comparison_markdown
-from kdcompress.html import render_comparison_html, render_html
+from kdcompress.report.compare import build_comparison, comparison_markdown
+from kdcompress.report.html import render_comparison_html, render_html
 
 RUN = Path("runs") / "tiny"
 STAGES = ["teacher", "student", "distilled", "pruned"]

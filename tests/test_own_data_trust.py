@@ -179,7 +179,7 @@ def strict_json(text):
 def test_a_run_whose_students_score_100_percent_writes_all_three_report_files(tmp_path, write_recipe, kdc, in_tmp):
     from rich.console import Console
 
-    from kdcompress.html import render_html
+    from kdcompress.report.html import render_html
 
     root = make_folder(tmp_path / "imgs", {"train": {"ant": 24, "bee": 24}, "test": {"ant": 12, "bee": 12}})
     result = kdc("run", folder_recipe(write_recipe, root))

@@ -19,13 +19,13 @@ import yaml
 from rich.console import Console
 from torch import nn
 
-from kdcompress import report as report_mod
 from kdcompress.checkpoint import load_checkpoint, save_checkpoint
 from kdcompress.cli import app
 from kdcompress.data import TensorData
 from kdcompress.measure import latency, latency_ms
 from kdcompress.models import build_model, model_spec
 from kdcompress.report import build_report, report_markdown, report_table, report_warnings
+from kdcompress.report import latency as latency_mod
 from kdcompress.train import evaluate, recalibrate_batchnorm
 
 RUN = Path("runs") / "tiny"
@@ -49,7 +49,7 @@ def run_copy(tiny_run, tmp_path):
 
 @pytest.fixture
 def quick_latency(monkeypatch):
-    monkeypatch.setattr(report_mod, "LATENCY_MIN_RUN_TIME", 0.02, raising=False)
+    monkeypatch.setattr(latency_mod, "LATENCY_MIN_RUN_TIME", 0.02, raising=False)
 
 
 def edit_metrics(run_dir: Path, stage: str, drop=(), **changes) -> None:

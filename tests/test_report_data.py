@@ -19,12 +19,12 @@ import yaml
 from conftest import TINY_RECIPE, _deep_merge
 from torch import nn
 
-from kdcompress import report as report_mod
 from kdcompress.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from kdcompress.data import CLASS_NAMES, TensorData
 from kdcompress.measure import LATENCY_ROUNDS
 from kdcompress.models import build_from_checkpoint
 from kdcompress.report import build_report, report_markdown, report_table, write_report
+from kdcompress.report import latency as latency_mod
 from kdcompress.train import evaluate
 
 RUN = Path("runs") / "tiny"
@@ -82,7 +82,7 @@ def timed_run(fresh_run):
         {"report": {"latency": True, "latency_batches": [1, 8], "threads": 1}, "export": {"formats": ["sparse"]}}
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(report_mod, "LATENCY_MIN_RUN_TIME", 0.02)
+        mp.setattr(latency_mod, "LATENCY_MIN_RUN_TIME", 0.02)
         work, _ = fresh_run(text, "report-data-timed", "run")
     return work / RUN
 
@@ -94,14 +94,14 @@ def _rows(report: dict) -> dict:
 def _count_latency_calls(monkeypatch) -> list:
     """Record (model, (batch,)) for every model and batch size the report times (it still times them)."""
     calls = []
-    real = report_mod.time_in_child
+    real = latency_mod.time_in_child
 
     def counting(files, sets, threads, **kwargs):
         calls.extend((key, (batch,)) for batch, keys in sets for key in keys)
         return real(files, sets, threads, **kwargs)
 
-    monkeypatch.setattr(report_mod, "time_in_child", counting)
-    monkeypatch.setattr(report_mod, "LATENCY_MIN_RUN_TIME", 0.02)
+    monkeypatch.setattr(latency_mod, "time_in_child", counting)
+    monkeypatch.setattr(latency_mod, "LATENCY_MIN_RUN_TIME", 0.02)
     return calls
 
 
@@ -223,7 +223,7 @@ def test_report_of_a_copied_run_directory_is_the_same_but_for_its_time(timed_run
 def test_stale_and_refused_rows_do_not_depend_on_where_the_run_directory_is(timed_run, tmp_path, monkeypatch):
     """Messages that name files in the run directory name them relative to it, given as a relative or an
     absolute path."""
-    monkeypatch.setattr(report_mod, "LATENCY_MIN_RUN_TIME", 0.02)  # the cached latencies' budget: taken from the cache
+    monkeypatch.setattr(latency_mod, "LATENCY_MIN_RUN_TIME", 0.02)  # the cached latencies' budget: taken from the cache
     reports = []
     for where in ("firstdir/place", "second/elsewhere"):  # "firstdir": report.json holds first_batch_loss
         copy = tmp_path / where

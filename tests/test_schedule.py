@@ -400,9 +400,10 @@ def test_an_interrupted_agp_stage_resumes_mid_schedule_to_the_same_weights(
 )
 def test_the_report_names_the_pruning_schedule_beside_the_learning_rate_schedule(prune, words):
     from kdcompress.recipe import recipe_to_dict
-    from kdcompress.report import _settings_text, _stage_settings
+    from kdcompress.report.collect import stage_settings
+    from kdcompress.report.text import settings_text
 
     recipe = recipe_to_dict(parse_recipe(yaml.safe_dump({"prune": prune})))
-    text = _settings_text(_stage_settings("pruned", recipe, {"target_sparsity": 0.9, "pruning_steps": 7}))
+    text = settings_text(stage_settings("pruned", recipe, {"target_sparsity": 0.9, "pruning_steps": 7}))
     assert words in text
     assert "lr 0.01 cosine" in text  # prune.schedule: the learning-rate schedule, as before

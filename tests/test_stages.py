@@ -155,10 +155,10 @@ def test_switching_the_baseline_off_reruns_neither_distilled_nor_pruned(in_tmp, 
 
 
 def test_cli_order_and_report_come_from_the_declarations(kdc):
-    from kdcompress import report
+    from kdcompress.report import collect
 
-    assert report.STAGE_ORDER == STAGE_NAMES == ("teacher", "student", "distilled", "pruned")
-    assert report.DESCRIPTIONS == {s.name: s.description for s in STAGES}
+    assert collect.STAGE_ORDER == STAGE_NAMES == ("teacher", "student", "distilled", "pruned")
+    assert collect.DESCRIPTIONS == {s.name: s.description for s in STAGES}
     for stage in STAGES:
         result = kdc(stage.command, "--help")
         assert result.exit_code == 0, result.output

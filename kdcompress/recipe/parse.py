@@ -62,7 +62,7 @@ def load_recipe(
     A run directory's ``recipe.yaml`` is data: ``import_folder=False`` leaves
     its folder off the import path, and ``import_code=False`` imports none of
     the code it names (values listed in :data:`CODE_KEYS` are then left
-    unchecked, for the caller to refuse or trust: see :mod:`kdcompress.trust`).
+    unchecked, for the caller to refuse or trust: see :mod:`kdcompress.run.trust`).
     """
     builtin = path is None
     path = builtin_recipe_path() if builtin else Path(path)

@@ -93,7 +93,7 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
     problems.extend(_loss_checks(recipe.distill, lines))
     problems.extend(_seeds_checks(recipe.run, lines))
     # Whether the pruning steps fit in retraining depends on the batches per epoch, which needs the data:
-    # kdcompress.checks.check_recipe plans the schedule (prune.schedule.plan_schedule) as the run will.
+    # kdcompress.run.checks.check_recipe plans the schedule (prune.schedule.plan_schedule) as the run will.
     problems.extend(_prune_checks(recipe.prune, lines))
     return problems
 

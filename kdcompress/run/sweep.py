@@ -88,7 +88,7 @@ def _point_row(run_dir: Path, overrides: list[str], seeds: list[int] | None = No
     """One point's accuracies. With several seeds, each stage's is the mean over the seeds whose checkpoint
     exists (``<stage>_std``: sample std) and ``distilled_minus_student`` is the mean of the per-seed
     differences, with its standard error ``distilled_minus_student_se`` (std / sqrt(n))."""
-    from ..report import _mean_std
+    from ..stats import mean_std
 
     row: dict = {
         "point": point_name(overrides),
@@ -107,14 +107,14 @@ def _point_row(run_dir: Path, overrides: list[str], seeds: list[int] | None = No
                 row[f"{stage.name}_test_samples"] = metrics.get("test_samples")
         if found:
             per_seed[stage.name] = found
-            row[stage.name], std = _mean_std(list(found.values()))
+            row[stage.name], std = mean_std(list(found.values()))
             if len(dirs) > 1:
                 row[f"{stage.name}_std"] = std
                 row[f"{stage.name}_seeds"] = sorted(found)
     common = [s for s in per_seed.get("distilled", {}) if s in per_seed.get("student", {})]
     if common:
         diffs = [per_seed["distilled"][s] - per_seed["student"][s] for s in common]
-        row["distilled_minus_student"], std = _mean_std(diffs)
+        row["distilled_minus_student"], std = mean_std(diffs)
         if len(dirs) > 1:
             row["seeds"] = len(common)
             row["distilled_minus_student_se"] = std / math.sqrt(len(diffs)) if std is not None else None

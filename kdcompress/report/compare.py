@@ -8,7 +8,7 @@ A comparison is plain data, written as DIR/report.json::
 Each ``report`` is that run's report dict as :func:`kdcompress.report.build_report` makes it; ``name`` is its
 run name, made unique. Example::
 
-    >>> from kdcompress.compare import build_comparison, comparison_markdown
+    >>> from kdcompress.report.compare import build_comparison, comparison_markdown
     >>> comparison = build_comparison([("a", {"stages": []}), ("a", {"stages": []})])
     >>> [run["name"] for run in comparison["runs"]]
     ['a', 'a (2)']
@@ -19,7 +19,16 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["build_comparison", "comparison_markdown", "comparison_rows", "latency_at", "COMPARISON_SCHEMA_VERSION"]
+from .text import number_text
+
+__all__ = [
+    "build_comparison",
+    "comparison_markdown",
+    "comparison_rows",
+    "latency_at",
+    "COMPARISON_SCHEMA_VERSION",
+    "LATENCY_BATCH",
+]
 
 # the comparison file's own layout (the runs' reports carry theirs in report["schema_version"])
 COMPARISON_SCHEMA_VERSION = 1
@@ -109,10 +118,6 @@ def _md(text) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def _number(value) -> str:
-    return "" if value is None else f"{value:,}"
-
-
 def comparison_markdown(comparison: dict) -> str:
     """The comparison as Markdown: one table with every run's stages and artifacts, every number in full."""
     names = [run["name"] for run in comparison.get("runs") or []]
@@ -150,9 +155,9 @@ def comparison_markdown(comparison: dict) -> str:
                 r["detail"] or "",
                 "" if r["accuracy"] is None else f"{r['accuracy']:.2%}",
                 "" if r["accuracy_se"] is None else f"{r['accuracy_se'] * 100:.2f} pt",
-                _number(r["bytes"]),
-                _number(r["nonzero_params"]),
-                _number(r["macs"]),
+                number_text(r["bytes"]),
+                number_text(r["nonzero_params"]),
+                number_text(r["macs"]),
                 "" if r["latency_ms"] is None else f"{r['latency_ms']:.4f}",
             ]
         lines.append("| " + " | ".join(_md(c) for c in cells) + " |")
