@@ -617,7 +617,7 @@ def main(argv=None) -> dict:
             line = []
             if r < args.epochs:
                 # (a), (b), (c) take turns; (b) and (c) go on from fit's resume state, which continues a run
-                # exactly as if it had not stopped (tests/test_resume.py); saving it is outside the timed pass
+                # exactly as if it had not stopped (tests/run/test_resume.py); saving it is outside the timed pass
                 naive_seconds.append(next(naive))
                 upto = dataclasses.replace(settings, epochs=r + 1)
                 hist_b = fit(

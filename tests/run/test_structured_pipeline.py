@@ -206,7 +206,7 @@ def test_sigkill_mid_structured_pruning_then_rerun_ends_with_the_same_weights(fr
 
 
 def test_bench_pruned_script_times_the_two_stages_in_turns(cnn_run):
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_pruned.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_pruned.py"
     done = subprocess.run(
         [sys.executable, str(script), str(cnn_run / RUN), "--rounds", "2", "--seconds", "0.05", "--threads", "1"],
         env=subprocess_env(),

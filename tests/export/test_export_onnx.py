@@ -30,7 +30,7 @@ from kdcompress.export import onnx as onnx_format
 from kdcompress.models import SmallCNN, model_spec  # noqa: E402
 from kdcompress.recipe import DataSection  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 CODECS = {"onnx": onnx_format, "int8": int8}
 
 

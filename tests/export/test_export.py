@@ -237,7 +237,7 @@ def test_validate_lists_the_export(write_recipe, kdc, in_tmp):
 
 
 def test_the_deploy_example_in_docs_export_runs(exported, capsys):
-    page = (Path(__file__).parents[1] / "docs" / "export.md").read_text(encoding="utf-8")
+    page = (Path(__file__).parents[2] / "docs" / "export.md").read_text(encoding="utf-8")
     blocks = [b.split("\n", 1)[1].split("```")[0] for b in page.split("```python")[1:]]
     (code,) = [b for b in blocks if "load_artifact(" in b]
     assert "runs/fashion-mnist-mlp/export/pruned-shared-4bit.kdca" in code

@@ -512,7 +512,7 @@ def test_class_changes_keep_the_ten_largest(tiny_run):
 
 
 def _documented_keys() -> set[str]:
-    page = (Path(__file__).resolve().parents[1] / "docs" / "report-json.md").read_text(encoding="utf-8")
+    page = (Path(__file__).resolve().parents[2] / "docs" / "report-json.md").read_text(encoding="utf-8")
     return set(re.findall(r"`([A-Za-z_0-9]+)`", page))
 
 

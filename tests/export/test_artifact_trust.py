@@ -30,7 +30,7 @@ from onnx import TensorProto, helper  # noqa: E402
 from kdcompress.export import load_artifact  # noqa: E402
 from kdcompress.export.onnx_common import OrtModule, external_tensors  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # what a secret file beside the artifact holds: ten float32 values no trained model produces
 SECRET_VALUES = np.array([31337.25 + i for i in range(10)], dtype=np.float32)
 PEAK_LIMIT_BYTES = 10**9  # "under 1 GB" peak resident memory
