@@ -34,7 +34,7 @@ from ..names import names_user_code
 from ..prune import prunable_weights, weight_sparsity
 from ..recipe import Recipe, read_yaml, recipe_from_dict, recipe_to_dict
 from ..run.export import read_artifacts
-from ..run.layout import ARTIFACTS_FILE, EXPORT_DIR
+from ..run.layout import ARTIFACTS_FILE, EXPORT_DIR, checkpoint_path, metrics_path, recipe_path
 from ..run.seeds import seed_run_dirs
 from ..run.stages import STAGES, stage_named
 from ..run.state import stage_status
@@ -142,7 +142,7 @@ def _run_recipe(run_dir: str | Path) -> tuple[Recipe | None, str | None]:
 
 def _read_run_recipe(run_dir: Path) -> tuple[Recipe | None, str | None]:
     """``run_dir/recipe.yaml`` as written (run.out_dir and run.name untouched), validated; or (None, why not)."""
-    path = Path(run_dir) / "recipe.yaml"
+    path = recipe_path(run_dir)
     if not path.is_file():
         return None, f"{path} is missing"
     try:
@@ -188,7 +188,7 @@ def _curve(run_dir: Path, stage: str, ckpt: dict) -> list[dict]:
     after the epoch (for structured pruning, the share of channels removed); None outside the pruned stage.
     """
     records = None
-    path = run_dir / stage / "metrics.jsonl"
+    path = metrics_path(run_dir, stage)
     try:  # data anyone could write (it has no manifest): read within a bound, each value checked below
         if path.stat().st_size <= MAX_METRICS_BYTES:
             records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -438,13 +438,13 @@ def build_report(
 def _stage_checkpoints(run_dir: Path) -> tuple[list[str], dict[str, dict]]:
     """The stages whose checkpoint ``run_dir`` holds, in stage order, and each checkpoint loaded (its recipe
     checked); KdcError when there is none."""
-    found = [s for s in STAGE_ORDER if (run_dir / s / "model.pt").is_file()]
+    found = [s for s in STAGE_ORDER if checkpoint_path(run_dir, s).is_file()]
     if not found:
         raise KdcError(
             f"no stage checkpoints in {run_dir} (looked for {', '.join(f'{s}/model.pt' for s in STAGE_ORDER)}); "
             f"run `kdc run RECIPE` first, or pass the run directory (runs/<recipe name>)"
         )
-    checkpoints = {stage: _with_checked_recipe(load_checkpoint(run_dir / stage / "model.pt")) for stage in found}
+    checkpoints = {stage: _with_checked_recipe(load_checkpoint(checkpoint_path(run_dir, stage))) for stage in found}
     return found, checkpoints
 
 
@@ -460,7 +460,7 @@ def _recipe_and_staleness(
     current, recipe_problem = _run_recipe(run_dir)
     check_stale = current is not None
     if recipe is None and current is not None:
-        refuse_untrusted_code(current, run_dir / "recipe.yaml", MODEL_KEYS, file_keys=(), instead="")
+        refuse_untrusted_code(current, recipe_path(run_dir), MODEL_KEYS, file_keys=(), instead="")
         outside = outside_files(current, run_dir)
         if outside:  # telling whether the teacher is up to date would read that file: only with --trust-code
             key, path = outside[0]
@@ -522,8 +522,8 @@ def _stage_rows(
         model = build_from_checkpoint(ckpt, where=f"{stage} checkpoint", expected=expected)
         model.eval()
         if timed is not None:
-            sha = read_manifest(run_dir / stage / "model.pt")["sha256"]  # checked against the file on loading
-            source = ModelFile("checkpoint", str(run_dir / stage / "model.pt"), sha, expected, f"{stage} checkpoint")
+            sha = read_manifest(checkpoint_path(run_dir, stage))["sha256"]  # checked against the file on loading
+            source = ModelFile("checkpoint", str(checkpoint_path(run_dir, stage)), sha, expected, f"{stage} checkpoint")
             timed[f"stage {stage}"] = (source, f"torch {torch.__version__}")
         structured = stage == "pruned" and ckpt["metrics"].get("channel_sparsity") is not None
         if structured and dense_student is None:  # no distilled checkpoint: the plain architecture is its shape
@@ -568,7 +568,7 @@ def _stage_row(
         # structured pruning: the share of prunable channels removed (their weights are gone, not zero)
         "channel_sparsity": metrics.get("channel_sparsity"),
         "target_sparsity": metrics.get("target_sparsity"),
-        "checkpoint_bytes": (run_dir / stage / "model.pt").stat().st_size,
+        "checkpoint_bytes": (checkpoint_path(run_dir, stage)).stat().st_size,
         "macs": count_macs(model, shape),
         "sparse_macs": count_sparse_macs(model, shape),
         # {"1": median ms, "64": median ms}; the spread of each in "latency" (filled in below)
@@ -644,7 +644,7 @@ def _add_seed_statistics(run_dir: Path, seeds: list[int], rows: list[dict], comp
         stage = row["stage"]
         found, fingerprints = {}, set()
         for seed, folder in dirs.items():
-            path = folder / stage / "model.pt"
+            path = checkpoint_path(folder, stage)
             if not path.is_file():
                 continue
             ckpt = load_checkpoint(path)
@@ -690,7 +690,7 @@ def _artifact_rows(
     try:
         recorded = read_artifacts(run_dir)
     except KdcError as exc:
-        return [{"path": "export/artifacts.json", "refused": _relative(str(exc), run_dir)}]
+        return [{"path": f"{EXPORT_DIR}/{ARTIFACTS_FILE}", "refused": _relative(str(exc), run_dir)}]
     return [_artifact_row(run_dir, found, by_stage, models, timed) for found in recorded]
 
 
@@ -733,7 +733,7 @@ def _artifact_row(
     if source is not None:
         row["compression_vs_stage"] = source["checkpoint_bytes"] / max(1, row["bytes"])
         try:
-            current = read_manifest(run_dir / row["stage"] / "model.pt").get("fingerprint")
+            current = read_manifest(checkpoint_path(run_dir, row["stage"])).get("fingerprint")
         except KdcError:
             current = None
         if current != found.get("source_fingerprint"):

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from ..recipe import Recipe
+from ..run.layout import recipe_path
 from ..stats import NOISE_Z, accuracy_se
 from .text import standard_errors
 
@@ -109,7 +110,7 @@ def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str
 def _stale_warnings(report: dict, where: str) -> list[str]:
     """A stage whose checkpoint is not what the run's recipe.yaml now describes, or why that is not known."""
     warnings = []
-    recipe_file = Path(where) / "recipe.yaml"
+    recipe_file = recipe_path(where)
     for row in report["stages"]:
         if row.get("stale"):
             warnings.append(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..files import atomic_write_files
 from ..recipe import Recipe
+from ..run.layout import report_path
 from ..run.lock import run_dir_lock
 from .collect import build_report
 from .markdown import report_markdown
@@ -37,9 +38,9 @@ def write_report(
         report = build_report(run_dir, latency=latency, threads=threads, recipe=recipe)
         atomic_write_files(
             {
-                run_dir / "report.json": json.dumps(report, indent=2) + "\n",
-                run_dir / "report.md": report_markdown(report),
-                run_dir / "report.html": render_html(report),
+                report_path(run_dir, "json"): json.dumps(report, indent=2) + "\n",
+                report_path(run_dir, "md"): report_markdown(report),
+                report_path(run_dir, "html"): render_html(report),
             }
         )
     return report

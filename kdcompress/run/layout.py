@@ -17,6 +17,7 @@ __all__ = [
     "RUNNING_LOG",
     "CACHE_DIR",
     "TEACHER_LOGITS_GLOB",
+    "LATENCY_FILE",
     "LOCK_FILE",
     "TENSORBOARD_DIR",
     "EXPORT_DIR",
@@ -38,6 +39,7 @@ __all__ = [
     "is_run_dir",
     "cache_dir",
     "teacher_logits_path",
+    "latency_cache_path",
     "tensorboard_dir",
     "export_dir",
     "artifacts_path",
@@ -56,6 +58,7 @@ METRICS_FILE = "metrics.jsonl"  # a finished stage's epochs, written with its ch
 RUNNING_LOG = "metrics.partial.jsonl"
 CACHE_DIR = "cache"  # the teacher's logits on the training split, reused across stages and runs
 TEACHER_LOGITS_GLOB = "teacher-logits-*.pt"
+LATENCY_FILE = "latency.json"  # inside CACHE_DIR: the report's timed latencies, reused by later reports
 LOCK_FILE = ".kdc.lock"  # one writer per run directory (kdcompress.run.lock)
 TENSORBOARD_DIR = "tensorboard"
 EXPORT_DIR = "export"
@@ -111,6 +114,10 @@ def cache_dir(run_dir: str | Path) -> Path:
 
 def teacher_logits_path(run_dir: str | Path, key: str) -> Path:
     return cache_dir(run_dir) / f"teacher-logits-{key}.pt"
+
+
+def latency_cache_path(run_dir: str | Path) -> Path:
+    return cache_dir(run_dir) / LATENCY_FILE
 
 
 def tensorboard_dir(run_dir: str | Path, stage: str | None = None) -> Path:
