@@ -42,7 +42,7 @@ from .measure import LATENCY_ROUNDS, interleaved_latencies
 from .models import build_from_checkpoint
 from .names import add_import_dir, import_dirs
 
-__all__ = ["ModelFile", "time_in_child", "child_env", "WAIT_POLICY", "KINDS"]
+__all__ = ["MALLOC_SETTINGS", "ModelFile", "time_in_child", "child_env", "WAIT_POLICY", "KINDS"]
 
 WAIT_POLICY = "PASSIVE"  # the OpenMP wait policy the timing process starts with
 KINDS = ("checkpoint", "artifact")
@@ -68,10 +68,21 @@ class ModelFile:
     where: str
 
 
+# glibc's allocator hands a large block (an activation of a CNN at batch 64: megabytes) out of a fresh mmap, whose
+# pages fault in on first touch, unless an earlier free of a larger block raised its threshold; and it gives memory
+# back when the top of the heap grows past a trim threshold. So one model's time depended on which models the same
+# process had run before: a CNN at batch 64 took 15.5 ms timed beside its pruned copy, 10.5 ms beside a larger
+# teacher (2 threads, quiet machine). Fixed thresholds keep every block on the heap once touched: 10.4-10.8 ms in
+# both, the steady state a serving process reaches. Set by the user, they are left alone.
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str((1 << 31) - 1)}
+
+
 def child_env() -> dict[str, str]:
-    """The timing process's environment: this one's with ``OMP_WAIT_POLICY=PASSIVE``, and without the
-    ``GOMP_SPINCOUNT`` that training may run with (:func:`kdcompress.cli.entry`), which would override PASSIVE's 0."""
-    return {**{k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}, "OMP_WAIT_POLICY": WAIT_POLICY}
+    """The timing process's environment: this one's with ``OMP_WAIT_POLICY=PASSIVE``, fixed glibc allocator
+    thresholds (:data:`MALLOC_SETTINGS`, unless set), and without the ``GOMP_SPINCOUNT`` that training may run with
+    (:func:`kdcompress.cli.entry`), which would override PASSIVE's 0."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    return {**MALLOC_SETTINGS, **env, "OMP_WAIT_POLICY": WAIT_POLICY}
 
 
 def time_in_child(

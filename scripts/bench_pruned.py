@@ -2,16 +2,20 @@
 
 The report times each stage once, one after the other; on a shared machine the load changes between
 them. This script alternates the two models for several rounds at a fixed thread count and prints the
-ratio of each round and the median ratio. Example (after `kdc run fashion-mnist-cnn.yaml`)::
+ratio of each round and the median ratio. It runs under the report's timing environment
+(:func:`kdcompress.timing.child_env`: OMP_WAIT_POLICY=PASSIVE, fixed allocator thresholds), re-starting itself
+with it when started without. Example (after `kdc run fashion-mnist-cnn.yaml`)::
 
-    OMP_WAIT_POLICY=PASSIVE python scripts/bench_pruned.py runs/fashion-mnist-cnn --batch 64 --threads 2
+    python scripts/bench_pruned.py runs/fashion-mnist-cnn --batch 64 --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +23,7 @@ import torch
 from kdcompress.checkpoint import load_checkpoint
 from kdcompress.measure import latency
 from kdcompress.models import build_from_checkpoint
+from kdcompress.timing import MALLOC_SETTINGS, child_env
 
 
 def _model(run_dir: Path, stage: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -27,6 +32,9 @@ def _model(run_dir: Path, stage: str) -> tuple[torch.nn.Module, tuple[int, ...]]
 
 
 def main() -> None:
+    env = child_env()
+    if any(os.environ.get(key) != env[key] for key in ("OMP_WAIT_POLICY", *MALLOC_SETTINGS)):
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # OpenMP and glibc read these at start
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--base", default="distilled", help="the stage to compare against (default: distilled)")

@@ -20,7 +20,7 @@ from kdcompress import models, names
 from kdcompress.checkpoint import read_manifest, save_checkpoint
 from kdcompress.errors import KdcError
 from kdcompress.models import MLP, model_spec
-from kdcompress.timing import ModelFile, child_env, time_in_child
+from kdcompress.timing import MALLOC_SETTINGS, ModelFile, child_env, time_in_child
 
 MARKER_MODULE = """\
 import pathlib
@@ -72,6 +72,15 @@ def test_the_timing_process_does_not_inherit_the_training_spin_count(monkeypatch
     monkeypatch.setenv("GOMP_SPINCOUNT", "10000")  # what cli.entry gives training: it would override PASSIVE's 0
     env = child_env()
     assert env["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in env
+
+
+def test_the_timing_process_fixes_the_allocator_thresholds_unless_the_user_set_them(monkeypatch):
+    """glibc's dynamic mmap threshold made one model's time depend on the models timed before it."""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    env = child_env()
+    assert env["MALLOC_MMAP_THRESHOLD_"] == MALLOC_SETTINGS["MALLOC_MMAP_THRESHOLD_"]
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "12345"
 
 
 def test_the_timing_process_builds_no_model_but_the_one_the_report_named(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from ..errors import KdcError
 from ..files import atomic_write_text
 from ..measure import LATENCY_ROUNDS, paired_ratio
 from ..recipe import ReportSection
+from ..run.layout import CACHE_DIR, LATENCY_FILE
 from ..stats import finite
 from ..timing import ModelFile, time_in_child
 
@@ -43,10 +44,11 @@ LATENCY_MIN_RUN_TIME = 0.5  # seconds of timed runs per model and batch size, sp
 
 
 # latency measured once per checkpoint (or artifact) file, relative to the run directory: reused by later reports
-LATENCY_CACHE = Path("cache") / "latency.json"
+LATENCY_CACHE = Path(CACHE_DIR) / LATENCY_FILE
 # 2: timed in interleaved rounds in a child process (kdcompress.timing); version 1's figures were timed one model
-# after the other in the report's own process, so they are timed again
-LATENCY_CACHE_VERSION = 2
+# after the other in the report's own process, so they are timed again; 3: the child's allocator thresholds are
+# fixed (kdcompress.timing.MALLOC_SETTINGS), so a figure no longer depends on the models timed beside it
+LATENCY_CACHE_VERSION = 3
 MAX_ROUNDS = 10_000  # a cached figure with more rounds than this is not one kdc wrote: timed afresh
 
 
