@@ -58,8 +58,9 @@ def may_use_private_module(importer: str, target: str) -> bool:
     return True
 
 
-def scan(path: Path) -> list[str]:
-    module, is_init = module_of(path)
+def scan(path: Path, module: str | None = None) -> list[str]:
+    """Each private name ``path`` uses across modules; ``module``: its dotted name (default: from its place)."""
+    module, is_init = (module, path.name == "__init__.py") if module else module_of(path)
     tree = ast.parse(path.read_text())
     found: list[str] = []
     modules: set[str] = set()  # local names bound to kdcompress modules
