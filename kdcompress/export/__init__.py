@@ -26,7 +26,8 @@ import importlib
 import json
 from pathlib import Path
 
-from ..errors import ArtifactError, KdcError
+from .._version import __version__
+from ..errors import ArtifactError, KdcError, did_you_mean
 from ..files import atomic_write_files, manifest_path
 
 __all__ = [
@@ -49,8 +50,6 @@ _NEEDS_ONNX = ("int8", "onnx")
 def codec(fmt: str):
     """The codec module of format ``fmt`` (imported on first use: onnx pulls in onnxruntime)."""
     if fmt not in FORMATS:
-        from ..errors import did_you_mean
-
         raise KdcError(f"unknown export format {fmt!r}{did_you_mean(fmt, FORMATS)} (known: {', '.join(FORMATS)})")
     try:
         return importlib.import_module(f"{__name__}.{fmt}")
@@ -106,8 +105,6 @@ def _sha256(data: bytes) -> str:
 
 def write_artifact(path: Path, blob: bytes, fmt: str, extra: dict | None = None) -> dict:
     """Write an artifact and its manifest (size, SHA-256, format) atomically; return the manifest."""
-    from .._version import __version__
-
     manifest = {
         "file": Path(path).name,
         "kind": ARTIFACT_FORMAT,

@@ -25,6 +25,7 @@ import torch
 
 from .._version import __version__
 from ..checkpoint import load_checkpoint, read_manifest
+from ..data import preprocess_info
 from ..errors import ArtifactError, KdcError
 from ..export import load_artifact, verify_artifact
 from ..files import confined_path
@@ -224,8 +225,6 @@ def _curve(run_dir: Path, stage: str, ckpt: dict) -> list[dict]:
 def _class_names(ckpt: dict, count: int) -> list[str]:
     """The names of a checkpoint's classes in label order: its preprocess entry's, the built-in dataset's, else
     "0", "1", ..."""
-    from ..data import preprocess_info
-
     classes = (ckpt.get("preprocess") or {}).get("classes")
     if not classes and ckpt.get("dataset"):  # a checkpoint from before preprocess was recorded
         classes = preprocess_info(str(ckpt["dataset"]), ckpt["arch"].get("input_shape") or [])["classes"]

@@ -11,6 +11,7 @@ from typing import Iterator
 
 import yaml
 
+from .._version import __version__
 from ..errors import KdcError
 from ..files import atomic_write_text
 from ..recipe import Recipe, recipe_to_dict
@@ -26,8 +27,6 @@ RUN_FORMAT = 1  # bump when a run directory's layout changes incompatibly
 
 def check_run_dir(run_dir: Path) -> None:
     """Refuse a run directory written by an incompatible kdc; mark a new one as ours."""
-    from .. import __version__
-
     marker = layout.marker_path(run_dir)
     if marker.is_file():
         try:
@@ -62,8 +61,6 @@ def lock_run_dir(run_dir: Path) -> Iterator[None]:
 
 def mark_run_dir(run_dir: Path) -> None:
     """Write the run marker into ``run_dir`` unless it is there: the folder is kdc's, in this run format."""
-    from .. import __version__
-
     marker = layout.marker_path(run_dir)
     if not marker.is_file():
         atomic_write_text(marker, json.dumps({"format": RUN_FORMAT, "kdc_version": __version__}) + "\n")

@@ -30,6 +30,7 @@ from ..checkpoint import load_checkpoint
 from ..errors import KdcError, Problem, RecipeError
 from ..files import atomic_write_text
 from ..recipe import load_recipe
+from ..stats import mean_std
 from . import layout
 from .layout import SEED_GLOB, SEEDS_DIR, SWEEP_DATA, SWEEP_TABLE, checkpoint_path
 from .lock import run_dir_lock
@@ -88,8 +89,6 @@ def _point_row(run_dir: Path, overrides: list[str], seeds: list[int] | None = No
     """One point's accuracies. With several seeds, each stage's is the mean over the seeds whose checkpoint
     exists (``<stage>_std``: sample std) and ``distilled_minus_student`` is the mean of the per-seed
     differences, with its standard error ``distilled_minus_student_se`` (std / sqrt(n))."""
-    from ..stats import mean_std
-
     row: dict = {
         "point": point_name(overrides),
         "settings": dict(o.split("=", 1) for o in overrides),
