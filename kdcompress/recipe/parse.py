@@ -623,7 +623,7 @@ def _type_words(tp: Any) -> str:
     """A schema type in words, for 'expected ...' messages: ``auto``, ``a number``."""
     if typing.get_origin(tp) is Literal:
         return " or ".join(str(c) for c in typing.get_args(tp))
-    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(
+    return {int: "an integer", float: "a number", str: "text", bool: "true or false", dict: "a mapping"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
 
