@@ -588,7 +588,7 @@ def decode_image(path: str, spec: ImageSpec) -> np.ndarray:
             image = Image.open(fh)
             image = image.convert("L" if spec.channels == 1 else "RGB")
             image = _fit(image, spec)
-            array = np.asarray(image, dtype=np.uint8)
+            array = np.array(image, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) for damaged data
         raise DataError(
             f"cannot decode image {path}: {type(exc).__name__}: {describe(exc)}; it starts like an image but its "

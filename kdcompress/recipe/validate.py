@@ -35,7 +35,15 @@ from .schema import (
     TeacherSection,
 )
 
-__all__ = ["line_of", "name_checks", "run_name_checks", "cross_checks", "resolve_files", "resolve_imagefolder"]
+__all__ = [
+    "line_of",
+    "name_checks",
+    "run_name_checks",
+    "cross_checks",
+    "resolve_files",
+    "resolve_imagefolder",
+    "find_imagefolder",
+]
 
 
 def line_of(lines: dict, path: tuple) -> int | str | None:
@@ -47,8 +55,11 @@ def line_of(lines: dict, path: tuple) -> int | str | None:
     return None
 
 
-def name_checks(raw: dict, lines: dict, import_code: bool = True) -> list[Problem]:
+def name_checks(raw: dict, lines: dict, import_code: bool = True, folders: list[Path] | None = None) -> list[Problem]:
     """Model, dataset and loss names that resolve to nothing, each with its line, beside every other problem.
+
+    An ``imagefolder:PATH`` is looked up in ``folders`` (default: the current directory), see
+    :func:`find_imagefolder`.
 
     Reads the raw document, since a section with any other problem converts to
     its defaults. Only for recipes read from text (a recipe is code its user
@@ -63,7 +74,7 @@ def name_checks(raw: dict, lines: dict, import_code: bool = True) -> list[Proble
     ):
         name = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
         if key == "dataset" and isinstance(name, str) and name.startswith("imagefolder:"):
-            continue  # its folder is looked up beside the recipe too: resolve_files checks it
+            check = lambda name: find_imagefolder(name, folders or [Path.cwd()])[1]  # noqa: E731
         if not import_code and isinstance(name, str) and names_user_code(name, CODE_KEYS[f"{section}.{key}"]):
             continue  # code a file that is data names: not imported here, even to check it
         message = check(name) if isinstance(name, str) else None  # another type is reported as such
@@ -227,7 +238,7 @@ def resolve_files(recipe: Recipe, lines: dict, problems: list[Problem], folders:
     (``kdc distill runs/NAME``) still finds it. A file found nowhere is a problem that names every place
     looked at.
     """
-    recipe = resolve_imagefolder(recipe, lines, problems, folders)
+    recipe = resolve_imagefolder(recipe, folders)
     given = recipe.teacher.checkpoint
     if not given:
         return recipe
@@ -342,19 +353,15 @@ def _report_checks(report: ReportSection, lines: dict) -> list[Problem]:
     return problems
 
 
-def resolve_imagefolder(recipe: Recipe, lines: dict, problems: list[Problem], folders: list[Path]) -> Recipe:
-    """An ``imagefolder:PATH`` dataset looked up in ``folders`` in order (the current directory, then the
-    recipe's folder), as import paths and ``teacher.checkpoint`` are.
+def find_imagefolder(name: str, folders: list[Path]) -> tuple[str, str | None]:
+    """``(name to use, None)`` for ``imagefolder:PATH`` looked up in ``folders`` in order (the current
+    directory, then the recipe's folder), as import paths and ``teacher.checkpoint`` are; else ``(name, why)``.
 
-    Found in the first folder (the current directory), the name stays as written, so runs made before this
-    lookup keep their fingerprints; found only in a later one, it is made absolute, so that the recipe a run
-    directory keeps still finds it. The folder's problems (splits, class folders) are reported for the
-    folder found; a folder found nowhere is a problem naming every place looked at.
+    Found in the first folder, the name stays as written, so runs made before this lookup keep their
+    fingerprints; found only in a later one, it is made absolute, so that the recipe a run directory keeps
+    still finds it. The folder's own problems (splits, class folders) are given for the folder found; a
+    folder found nowhere names every place looked at.
     """
-    name = recipe.data.dataset
-    if not name.startswith("imagefolder:"):
-        return recipe
-    where = line_of(lines, ("data", "dataset"))
     given = Path(name.split(":", 1)[1]).expanduser()
     tried = [given] if given.is_absolute() else [Path(os.path.abspath(folder / given)) for folder in folders]
     tried = list(dict.fromkeys(tried))
@@ -366,20 +373,23 @@ def resolve_imagefolder(recipe: Recipe, lines: dict, problems: list[Problem], fo
             if given.is_absolute()
             else " (a relative path is looked up in the current directory, then in the recipe's folder)"
         )
-        problems.append(
-            Problem(
-                "data.dataset",
-                f"{name}: folder not found: looked for {' and '.join(str(c) for c in tried)}{relative}; it needs "
-                f"PATH/train/<class>/*.png and PATH/test/<class>/... (or val/)",
-                where,
-            )
+        return name, (
+            f"{name}: folder not found: looked for {' and '.join(str(c) for c in tried)}{relative}; it needs "
+            f"PATH/train/<class>/*.png and PATH/test/<class>/... (or val/)"
         )
-        return recipe
     found = (usable or existing)[0]
     resolved = name if found == tried[0] else f"imagefolder:{found}"
-    message = imagefolder_problem(resolved)
-    if message:
-        problems.append(Problem("data.dataset", message, where))
+    return resolved, imagefolder_problem(resolved)
+
+
+def resolve_imagefolder(recipe: Recipe, folders: list[Path]) -> Recipe:
+    """The recipe with its ``imagefolder:PATH`` dataset as :func:`find_imagefolder` finds it (unchanged when it
+    is found nowhere: :func:`name_checks` reports that)."""
+    name = recipe.data.dataset
+    if not name.startswith("imagefolder:"):
+        return recipe
+    resolved, problem = find_imagefolder(name, folders)
+    if problem or resolved == name:
         return recipe
     return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, dataset=resolved))
 
