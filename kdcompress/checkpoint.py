@@ -26,6 +26,10 @@ turns it into a callable). Its keys:
 ``scale``        1/255, applied first (0-255 -> 0-1)
 ``mean``, ``std`` per-channel lists: the model's input is (x * scale - mean) / std
 ``classes``      class names in label order, or None when the dataset has none
+``normalize``    an image folder only: how mean and std were chosen (measured,
+                 imagenet, none, given)
+``resize``       an image folder only: {"size": [H, W], "method": ...} or None
+``channels_why`` an image folder only: why it has the channels it has
 
 Checkpoints written before ``preprocess`` existed lack the key;
 ``load_model`` rebuilds it from ``dataset`` for the built-in sets and imagefolder.

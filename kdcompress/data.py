@@ -27,17 +27,20 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import DataError, KdcError, describe
 from .files import write_temp
@@ -71,6 +74,15 @@ __all__ = [
     "ImageFolderScan",
     "scan_imagefolder",
     "ImageFiles",
+    "ImageSpec",
+    "decode_image",
+    "FolderPlan",
+    "plan_imagefolder",
+    "measure_stats",
+    "GREY_MODES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "STATS_IMAGES",
     "IDX_FILES",
     "mini_dir",
     "unpack_gz",
@@ -125,7 +137,7 @@ CLASS_NAMES = {
 PREPROCESS_VERSION = 1
 
 
-def preprocess_info(dataset: str, input_shape, classes=None) -> dict:
+def preprocess_info(dataset: str, input_shape, classes=None, folder: "FolderPlan | None" = None) -> dict:
     """How raw images become a model's input for ``dataset``, as plain data for checkpoints.
 
     Built-in sets and ``imagefolder:PATH`` have a known transform: uint8
@@ -134,7 +146,9 @@ def preprocess_info(dataset: str, input_shape, classes=None) -> dict:
     yields whatever its own transform makes, which kdc cannot know:
     ``known`` is False and scale, mean and std are None. ``classes`` (names in
     label order) defaults to the built-in set's names. The keys are listed in
-    :mod:`kdcompress.checkpoint`.
+    :mod:`kdcompress.checkpoint`. ``folder`` (an image folder's :class:`FolderPlan`, its statistics
+    known) gives its mean and std, and adds ``normalize``, ``resize`` and ``channels_why``; without it an
+    image folder gets the mean and std 0.5 that kdc used before it had those (older checkpoints).
 
     Example::
 
@@ -148,11 +162,19 @@ def preprocess_info(dataset: str, input_shape, classes=None) -> dict:
         if classes is None:
             classes = CLASS_NAMES.get(tv_name)
         mean, std = list(mean), list(std)
+    elif folder is not None:
+        mean, std = list(folder.mean), list(folder.std)
     elif dataset.startswith("imagefolder:"):
-        mean, std = [0.5] * channels, [0.5] * channels  # ToTensor + Normalize((0.5,), (0.5,)) in _external_datasets
+        mean, std = (
+            [0.5] * channels,
+            [0.5] * channels,
+        )  # checkpoints from before the folder plan: ToTensor + Normalize(0.5, 0.5)
     else:
         mean = std = None
     known = mean is not None
+    extra = {}
+    if folder is not None:
+        extra = {"normalize": folder.normalize, "resize": folder.resize_record(), "channels_why": folder.channels_why}
     return {
         "version": PREPROCESS_VERSION,
         "dataset": dataset,
@@ -165,6 +187,7 @@ def preprocess_info(dataset: str, input_shape, classes=None) -> dict:
         "mean": [float(m) for m in mean] if known else None,
         "std": [float(v) for v in std] if known else None,
         "classes": [str(c) for c in classes] if classes is not None else None,
+        **extra,
     }
 
 
@@ -374,11 +397,12 @@ def dataset_info(section: DataSection | str) -> tuple[tuple[int, ...], int]:
     return dataset_summary(section)[:2]
 
 
-def dataset_summary(section: DataSection | str) -> tuple[tuple[int, ...], int, int]:
+def dataset_summary(section: DataSection | str, plan: "FolderPlan | None" = None) -> tuple[tuple[int, ...], int, int]:
     """(input shape, number of classes, training samples after ``val_split``) of a dataset, without loading it.
 
     Built-in sets answer from :data:`DATASETS`; ``imagefolder:PATH`` and your own
-    datasets are built (not read through) to ask. The training size is what one
+    datasets are built (not read through) to ask; an image folder's ``plan``
+    (:func:`plan_imagefolder`) is made here when not given. The training size is what one
     process trains on per epoch, so ``ceil(size / batch_size)`` is the batches per
     epoch that :func:`kdcompress.prune.plan_schedule` plans with.
 
@@ -390,6 +414,10 @@ def dataset_summary(section: DataSection | str) -> tuple[tuple[int, ...], int, i
     if isinstance(section, str):
         section = DataSection(dataset=section)
     name = section.dataset
+    if name.startswith("imagefolder:"):
+        plan = plan or plan_imagefolder(section)
+        size = len(plan.scan.samples["train"])
+        return plan.spec.shape, len(plan.scan.classes), size - _held_out(size, section)
     if _is_external(name):
         train, _, num_classes = _external_datasets(section)
         return tuple(train[0][0].shape), num_classes, len(train) - _held_out(len(train), section)
@@ -515,15 +543,344 @@ def _image_problem(path: str) -> str | None:
     return None if image_format(head) else f"not an image (it starts with {head[:8]!r})"
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """One split of an image folder: (transformed image, label) per file of ``samples`` (from :func:`scan_imagefolder`).
+# PIL modes whose pixels are one grey value (with alpha, for LA): a folder of only these gets 1 channel
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STATS_IMAGES = 10_000  # data.normalize: measured reads at most this many training images (a seeded sample)
+RESIZE_WORDS = {
+    "resize": "stretched to it (bilinear)",
+    "center-crop": "scaled to cover it, then the middle cut out",
+    "pad": "scaled to fit inside it, then padded with black",
+}
 
-    Images are read as torchvision's ImageFolder reads them (PIL, converted to RGB). A file
-    that cannot be decoded is a :class:`DataError` naming it.
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How one image file becomes one model input: ``channels`` (1: grey, PIL's L; 3: RGB), ``size``
+    (height, width) and ``resize``, how an image of another size is brought to it (``resize``,
+    ``center-crop`` or ``pad``; an image already that size is left as it is).
+
+    >>> ImageSpec(1, (28, 28)).shape
+    (1, 28, 28)
     """
 
-    def __init__(self, samples: list[tuple[str, int]], classes: tuple[str, ...], transform=None):
-        self.samples, self.classes, self.transform = samples, list(classes), transform
+    channels: int
+    size: tuple[int, int]
+    resize: str = "resize"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, *self.size)
+
+
+def decode_image(path: str, spec: ImageSpec) -> np.ndarray:
+    """The image file at ``path`` as ``spec`` makes it: a uint8 array (C, H, W), values 0-255.
+
+    Colour becomes grey with PIL's L conversion (0.299 R + 0.587 G + 0.114 B) and grey becomes RGB by
+    repeating it; alpha is dropped. A file that cannot be decoded is a :class:`DataError` naming it.
+
+    >>> decode_image("cat.png", ImageSpec(3, (64, 64), "center-crop")).shape  # doctest: +SKIP
+    (3, 64, 64)
+    """
+    try:
+        with open(path, "rb") as fh:
+            image = Image.open(fh)
+            image = image.convert("L" if spec.channels == 1 else "RGB")
+            image = _fit(image, spec)
+            array = np.array(image, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) for damaged data
+        raise DataError(
+            f"cannot decode image {path}: {type(exc).__name__}: {describe(exc)}; it starts like an image but its "
+            f"data is damaged: delete or replace it"
+        ) from None
+    return np.ascontiguousarray(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+
+
+def _fit(image: Image.Image, spec: ImageSpec) -> Image.Image:
+    """``image`` brought to ``spec.size`` by ``spec.resize`` (PIL's own resize, ImageOps.fit and ImageOps.pad)."""
+    h, w = spec.size
+    if image.size == (w, h):
+        return image
+    if spec.resize == "center-crop":
+        return ImageOps.fit(image, (w, h), Image.BILINEAR)
+    if spec.resize == "pad":
+        return ImageOps.pad(image, (w, h), Image.BILINEAR, color=0)
+    return image.resize((w, h), Image.BILINEAR)
+
+
+@dataclass(frozen=True)
+class FolderPlan:
+    """What kdc will do with the images of ``imagefolder:PATH``: the decisions :func:`plan_imagefolder`
+    made from the recipe and the files' headers, and why.
+
+    ``spec`` decodes every image; ``sizes`` maps each (height, width) found to its first file and count;
+    ``modes`` counts the files' PIL modes; ``normalize`` is ``measured``, ``imagenet``, ``none`` or
+    ``given``; ``mean``/``std`` are None until measured (:meth:`with_stats`).
+    """
+
+    scan: ImageFolderScan
+    spec: ImageSpec
+    channels_why: str
+    sizes: dict
+    modes: dict
+    image_size_set: bool
+    normalize: str
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    stats_images: int = 0
+
+    def with_stats(self, mean, std, images: int) -> "FolderPlan":
+        return dataclasses.replace(self, mean=tuple(mean), std=tuple(std), stats_images=images)
+
+    def resize_record(self) -> dict | None:
+        """The resize as a checkpoint records it: ``{"size": [H, W], "method": ...}``, None when not set."""
+        return {"size": list(self.spec.size), "method": self.spec.resize} if self.image_size_set else None
+
+    def resize_words(self) -> str:
+        h, w = self.spec.size
+        if not self.image_size_set:
+            return f"none: every image is {h}x{w} (height x width)"
+        other = sum(n for size, (_, n) in self.sizes.items() if size != (h, w))
+        total = sum(n for _, n in self.sizes.values())
+        return (
+            f"to {h}x{w} (data.image_size), data.resize {self.spec.resize}: an image of another size is "
+            f"{RESIZE_WORDS[self.spec.resize]}; {other:,} of {total:,} images are another size"
+        )
+
+    def normalize_words(self) -> str:
+        if self.mean is None:
+            return (
+                f"measured from the training split when the data is loaded (per-channel mean and std of at most "
+                f"{STATS_IMAGES:,} images, a seeded sample), recorded in every checkpoint"
+            )
+        source = {
+            "measured": f"measured from {self.stats_images:,} training images",
+            "imagenet": "imagenet",
+            "none": "none (x / 255 only)",
+            "given": "data.normalize",
+        }[self.normalize]
+        return f"{source}: mean {_rounded(self.mean)}, std {_rounded(self.std)}"
+
+    def lines(self, val_split: float = 0.0) -> list[str]:
+        """What ``kdc validate`` prints about the folder: classes, images per class per split, input shape,
+        channels and why, resize and normalisation, and a warning on heavy class imbalance."""
+        c, h, w = self.spec.shape
+        out = [f"classes ({len(self.scan.classes)}): {_names_list(self.scan.classes)}"]
+        out += _count_lines(self.scan, val_split)
+        out += [
+            f"input: {c}x{h}x{w} (channels x height x width), what the models are built for",
+            f"channels: {c} ({self.channels_why})",
+            f"resize: {self.resize_words()}",
+            f"normalisation: {self.normalize_words()}",
+        ]
+        return out + _imbalance_warnings(self.scan)
+
+
+def _rounded(values) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
+
+
+def _names_list(names, limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+CLASS_LINES = 20  # kdc validate lists the images of this many classes, then counts the rest
+
+
+def _class_counts(scan: ImageFolderScan, split: str) -> list[int]:
+    counts = [0] * len(scan.classes)
+    for _, label in scan.samples[split]:
+        counts[label] += 1
+    return counts
+
+
+def _count_lines(scan: ImageFolderScan, val_split: float) -> list[str]:
+    """Images per class per split, one line per class (``CLASS_LINES`` at most)."""
+    train, test = _class_counts(scan, "train"), _class_counts(scan, "test")
+    width = max(len(c) for c in scan.classes[:CLASS_LINES])
+    held = f", {val_split:.0%} of it held out at random for validation (data.val_split)" if val_split > 0 else ""
+    out = [
+        f"images: {sum(train):,} in {scan.folders['train']}{held}; {sum(test):,} in {scan.folders['test']}",
+        f"  {'class'.ljust(width)}  {'train':>7}  {scan.folders['test'].name:>7}",
+    ]
+    for name, a, b in list(zip(scan.classes, train, test))[:CLASS_LINES]:
+        out.append(f"  {name.ljust(width)}  {a:>7,}  {b:>7,}")
+    if len(scan.classes) > CLASS_LINES:
+        out.append(f"  ... and {len(scan.classes) - CLASS_LINES} more classes")
+    return out
+
+
+IMBALANCE = 10  # a split whose largest class has over this many times the smallest one's images is warned about
+
+
+def _imbalance_warnings(scan: ImageFolderScan) -> list[str]:
+    out = []
+    for split in ("train", "test"):
+        counts = _class_counts(scan, split)
+        big, small = max(range(len(counts)), key=counts.__getitem__), min(range(len(counts)), key=counts.__getitem__)
+        if counts[big] > IMBALANCE * counts[small]:
+            out.append(
+                f"warning: {scan.folders[split]} is heavily imbalanced: its largest class, {scan.classes[big]!r}, "
+                f"has {counts[big]:,} images, {counts[big] / counts[small]:.0f}x its smallest, "
+                f"{scan.classes[small]!r} ({counts[small]:,}); accuracy then mostly measures the large classes: "
+                f"read the per-class accuracy in the report, or even the classes out"
+            )
+    return out
+
+
+def _image_headers(samples: list[tuple[str, int]]) -> tuple[Counter, dict]:
+    """(count of each PIL mode, {(height, width): (first file, count)}) of ``samples``, from each file's header."""
+    modes: Counter = Counter()
+    sizes: dict = {}
+    first_mode: dict = {}
+    bad = []
+    for path, _ in samples:
+        try:
+            with Image.open(path) as image:
+                mode, (w, h) = image.mode, image.size
+        except Exception as exc:  # PIL raises many types for a header it cannot read
+            bad.append(f"{path}: {type(exc).__name__}: {describe(exc)}")
+            continue
+        modes[mode] += 1
+        first_mode.setdefault(mode, path)
+        file, count = sizes.get((h, w), (path, 0))
+        sizes[(h, w)] = (file, count + 1)
+    if bad:
+        more = f"; and {len(bad) - BAD_FILES_NAMED} more" if len(bad) > BAD_FILES_NAMED else ""
+        raise DataError(
+            f"{len(bad)} image file{'s' if len(bad) != 1 else ''} cannot be read as images: "
+            f"{'; '.join(bad[:BAD_FILES_NAMED])}{more}. Delete or replace {'them' if len(bad) != 1 else 'it'}"
+        )
+    return modes, {"sizes": sizes, "first_mode": first_mode}
+
+
+def plan_imagefolder(section: DataSection) -> FolderPlan:
+    """Decide channels, size and normalisation for ``section.dataset`` (``imagefolder:PATH``) from the
+    recipe's ``data`` keys and every file's header (mode and size; no pixel is decoded).
+
+    Raises a :class:`DataError` for images of mixed sizes without ``data.image_size`` (naming two sizes
+    and a file of each), for ``imagenet`` or a ``{mean, std}`` that does not fit the channels, and for
+    anything :func:`scan_imagefolder` refuses. ``mean``/``std`` stay None for ``measured``
+    (:func:`measure_stats` fills them in).
+    """
+    name = section.dataset
+    scan = scan_imagefolder(name)
+    try:
+        modes, found = _image_headers(scan.samples["train"] + scan.samples["test"])
+    except DataError as exc:
+        raise DataError(f"data.dataset: {name}: {exc}") from None
+    channels, why = _channels(section.channels, modes, found["first_mode"])
+    sizes = found["sizes"]
+    if section.image_size:
+        size = (int(section.image_size[0]), int(section.image_size[1]))
+    elif len(sizes) > 1:
+        (a, (file_a, n_a)), (b, (file_b, n_b)) = list(sizes.items())[:2]
+        others = f" (and {len(sizes) - 2} more sizes)" if len(sizes) > 2 else ""
+        raise DataError(
+            f"data.dataset: {name}: its images have different sizes (height x width): {a[0]}x{a[1]} ({n_a:,} "
+            f"images, e.g. {file_a}) and {b[0]}x{b[1]} ({n_b:,}, e.g. {file_b}){others}. Set data.image_size: "
+            f"[height, width] to bring every image to one size (data.resize: resize, center-crop or pad says how)"
+        )
+    else:
+        size = next(iter(sizes))
+    spec = ImageSpec(channels, size, section.resize)
+    plan = FolderPlan(scan, spec, why, sizes, dict(modes), bool(section.image_size), "measured")
+    return _with_normalize(plan, section.normalize, name)
+
+
+def _channels(asked, modes: Counter, first_mode: dict) -> tuple[int, str]:
+    """(channels, why) for ``data.channels`` ``asked`` and the files' PIL ``modes``."""
+    colour = {m: n for m, n in modes.items() if m not in GREY_MODES}
+    total = sum(modes.values())
+    listed = ", ".join(sorted(modes))
+    if asked == "auto":
+        if not colour:
+            return 1, f"auto: every image is grey, PIL mode {listed}"
+        mode, n = max(colour.items(), key=lambda item: item[1])
+        return 3, (
+            f"auto: {sum(colour.values()):,} of {total:,} images are not grey (e.g. {n:,} of PIL mode {mode}, such "
+            f"as {first_mode[mode]}); kdc goes by each file's mode, not its pixels, so a grey picture saved as RGB "
+            f"counts as colour: set data.channels: 1 to read them all as grey"
+        )
+    if asked == 1:
+        return 1, "data.channels: 1" + (
+            "; colour images become grey (PIL's L: 0.299 R + 0.587 G + 0.114 B)" if colour else ""
+        )
+    return 3, "data.channels: 3" + ("; grey images are repeated over R, G and B" if len(colour) < len(modes) else "")
+
+
+def _with_normalize(plan: FolderPlan, normalize, name: str) -> FolderPlan:
+    """``plan`` with the mean and std ``data.normalize`` gives, when known without reading pixels."""
+    c = plan.spec.channels
+    if normalize == "measured":
+        return plan
+    if normalize == "none":
+        return dataclasses.replace(plan, normalize="none", mean=(0.0,) * c, std=(1.0,) * c)
+    if normalize == "imagenet":
+        if c != 3:
+            raise DataError(
+                f"data.normalize: imagenet holds statistics of 3 channels (RGB), but the models of {name} get "
+                f"{c} ({plan.channels_why}); set data.channels: 3, or data.normalize: measured"
+            )
+        return dataclasses.replace(plan, normalize="imagenet", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    mean, std = tuple(float(v) for v in normalize["mean"]), tuple(float(v) for v in normalize["std"])
+    if len(mean) != c:
+        raise DataError(
+            f"data.normalize: gives {len(mean)} mean and std value(s), but the models of {name} get {c} "
+            f"channel(s) ({plan.channels_why}); give one value per channel"
+        )
+    return dataclasses.replace(plan, normalize="given", mean=mean, std=std)
+
+
+_STATS_CACHE: dict = {}  # (spec, the files read with their sizes and times) -> (mean, std): for this process only
+
+
+def measure_stats(samples: list[tuple[str, int]], spec: ImageSpec, limit: int = STATS_IMAGES, seed: int = 0):
+    """Per-channel ``(mean, std, images read)`` of the images of ``samples`` decoded by ``spec``, in 0-1 units.
+
+    Reads all of them, or a seeded sample of ``limit`` when there are more; memory stays one image plus
+    two sums per channel. std is the population std (numpy's default); a channel with none (one flat
+    value) gets std 1. Remembered for the rest of the process, keyed by the files read (with their sizes
+    and modification times) and ``spec``.
+
+    >>> mean, std, n = measure_stats(scan.samples["train"], ImageSpec(1, (28, 28)))  # doctest: +SKIP
+    """
+    chosen = range(len(samples))
+    if len(samples) > limit:
+        chosen = sorted(torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+    paths = [samples[i][0] for i in chosen]
+    key = hashlib.sha256(repr(spec).encode())
+    for path in paths:
+        st = os.stat(path)
+        key.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    if key.digest() in _STATS_CACHE:
+        return _STATS_CACHE[key.digest()]
+    total = np.zeros(spec.channels, dtype=np.float64)
+    squares = np.zeros(spec.channels, dtype=np.float64)
+    for path in paths:
+        pixels = decode_image(path, spec).reshape(spec.channels, -1).astype(np.float64)
+        total += pixels.sum(axis=1)
+        squares += np.square(pixels).sum(axis=1)
+    count = max(1, len(paths)) * spec.size[0] * spec.size[1]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
+    std = np.where(std > 1e-6, std, 255.0)
+    result = (tuple(float(v) for v in mean / 255.0), tuple(float(v) for v in std / 255.0), len(paths))
+    _STATS_CACHE[key.digest()] = result
+    return result
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """One split of an image folder: (uint8 image (C, H, W), label) per file of ``samples`` (from
+    :func:`scan_imagefolder`), each decoded by :func:`decode_image` with ``spec``.
+
+    A file that cannot be decoded is a :class:`DataError` naming it.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], classes: tuple[str, ...], spec: ImageSpec):
+        self.samples, self.classes, self.spec = samples, list(classes), spec
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.targets = [label for _, label in samples]
 
@@ -532,15 +889,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        try:
-            with open(path, "rb") as fh:
-                image = Image.open(fh).convert("RGB")
-        except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) for damaged data
-            raise DataError(
-                f"cannot decode image {path}: {type(exc).__name__}: {describe(exc)}; it starts like an image but its "
-                f"data is damaged: delete or replace it"
-            ) from None
-        return (self.transform(image) if self.transform is not None else image), label
+        return torch.from_numpy(decode_image(path, self.spec)), label
 
 
 def load_data(section: DataSection, seed: int = 0) -> DataSplits:
@@ -609,18 +958,22 @@ def _collate(items: list):
 class LoaderData:
     """A split read through a DataLoader (workers, pinned memory): for datasets that don't fit in RAM.
 
-    Same interface as :class:`TensorData`: ``batches`` yields ``(inputs, labels, indices)``.
+    Same interface as :class:`TensorData`: ``batches`` yields ``(inputs, labels, indices)``. With
+    ``stats=(mean, std)`` the dataset yields uint8 images, augmented as uint8 batches and then normalised
+    as :meth:`TensorData.normalise` does (an image folder); without, its items are used as they are.
     """
 
-    def __init__(self, dataset, workers: int = 2, indices: torch.Tensor | None = None):
-        self.dataset, self.workers = dataset, workers
+    def __init__(self, dataset, workers: int = 2, indices: torch.Tensor | None = None, stats=None):
+        self.dataset, self.workers, self.stats = dataset, workers, stats
+        empty = torch.empty(0, dtype=torch.uint8)
+        self.normaliser = TensorData(empty, empty, *stats) if stats is not None else None  # its normalise() only
         self.indices = torch.arange(len(dataset)) if indices is None else indices
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def subset(self, index: torch.Tensor) -> "LoaderData":
-        return LoaderData(self.dataset, self.workers, self.indices[index])
+        return LoaderData(self.dataset, self.workers, self.indices[index], self.stats)
 
     def num_batches(self, batch_size: int, world: int = 1) -> int:
         return _num_batches(len(self), batch_size, world)
@@ -642,6 +995,8 @@ class LoaderData:
                 x, y, idx = batch
                 if augment is not None:
                     x = augment(x, generator)
+                if self.normaliser is not None:
+                    x = self.normaliser.normalise(x)
                 yield x, y.long(), idx
         except RuntimeError as exc:
             raise DataError(
@@ -650,16 +1005,8 @@ class LoaderData:
 
 
 def _external_datasets(section: DataSection):
-    """(train dataset, test dataset, number of classes) for imagefolder:PATH or package.module:factory."""
+    """(train dataset, test dataset, number of classes) for a package.module:factory dataset."""
     name = section.dataset
-    if name.startswith("imagefolder:"):
-        from torchvision import transforms as T
-
-        scan = scan_imagefolder(name)
-        tf = T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.5,))])
-        # both splits carry train's class numbers: a split numbered from its own folders shifts labels
-        train, test = (ImageFiles(scan.samples[split], scan.classes, tf) for split in ("train", "test"))
-        return train, test, len(scan.classes)
     try:
         factory = import_factory(name, "data.dataset", ("imagefolder",))
         made = factory(root=section.root) if section.root else factory()
@@ -683,7 +1030,33 @@ def _external_datasets(section: DataSection):
     return train, test, int(num_classes)
 
 
+def _load_imagefolder(section: DataSection, seed: int) -> DataSplits:
+    """``imagefolder:PATH`` as its :class:`FolderPlan` says: uint8 images read through a DataLoader, normalised
+    per batch with the plan's statistics (measured from the training split once per process by default)."""
+    plan = plan_imagefolder(section)
+    if plan.mean is None:
+        plan = plan.with_stats(*measure_stats(plan.scan.samples["train"], plan.spec))
+    # both splits carry train's class numbers: a split numbered from its own folders shifts labels
+    train_ds, test_ds = (ImageFiles(plan.scan.samples[s], plan.scan.classes, plan.spec) for s in ("train", "test"))
+    stats = (plan.mean, plan.std)
+    train, test = LoaderData(train_ds, section.workers, stats=stats), LoaderData(test_ds, section.workers, stats=stats)
+    train, val = _hold_out(train, section, seed)
+    made = hashlib.sha256(repr((plan.spec, plan.mean, plan.std)).encode()).hexdigest()[:16]
+    return DataSplits(
+        name=section.dataset,
+        train=train,
+        test=test,
+        val=val,
+        num_classes=len(plan.scan.classes),
+        input_shape=plan.spec.shape,
+        identity=f"{section.dataset}:{len(train)}:{len(test)}:{section.val_split}:{seed}:{made}",
+        preprocess=preprocess_info(section.dataset, plan.spec.shape, plan.scan.classes, folder=plan),
+    )
+
+
 def _load_external(section: DataSection, seed: int) -> DataSplits:
+    if section.dataset.startswith("imagefolder:"):
+        return _load_imagefolder(section, seed)
     train_ds, test_ds, num_classes = _external_datasets(section)
     train, test = LoaderData(train_ds, section.workers), LoaderData(test_ds, section.workers)
     train, val = _hold_out(train, section, seed)

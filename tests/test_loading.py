@@ -165,11 +165,12 @@ def test_imagefolder_records_classes_and_preprocess_equals_its_transform(tmp_pat
                 Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
     splits = load_data(DataSection(dataset=f"imagefolder:{tmp_path / 'imgs'}", workers=0), seed=0)
     info = splits.preprocess
-    assert info["classes"] == ["dark", "light"] and info["channels"] == "RGB"
-    assert info["input_shape"] == [3, 10, 10] and info["mean"] == [0.5] * 3 and info["std"] == [0.5] * 3
+    assert info["classes"] == ["dark", "light"] and info["channels"] == "L"  # grey PNGs: one channel
+    assert info["input_shape"] == [1, 10, 10] and info["normalize"] == "measured"
     image = Image.open(tmp_path / "imgs" / "test" / "light" / "1.png")
-    fed_in_training = splits.test.dataset[3][0]  # ImageFolder's own transform
+    fed_in_training = next(splits.test.batches(4))[0][3]  # the test split in file order
     assert torch.allclose(Preprocess(info)(image)[0], fed_in_training, atol=1e-6)
+    assert torch.allclose(Preprocess(info)(np.array(image))[0], fed_in_training, atol=1e-6)
 
 
 USER_DATA = """

@@ -131,7 +131,7 @@ def test_an_image_that_fails_to_decode_in_training_is_a_data_error_naming_it(
 ):
     root = make_folder(tmp_path / "imgs", TWO_SPLITS)
     bad = root / "train" / "bee" / "cut.png"
-    bad.write_bytes(png_bytes()[:60])  # a sound header, the image data cut short
+    bad.write_bytes(png_bytes(8)[:60])  # a sound header (the folder's size), the image data cut short
     scan_imagefolder(f"imagefolder:{root}")  # the header check passes it
     result = kdc("run", folder_recipe(write_recipe, root, workers=workers))
     kdc.assert_clean_exit(result, 2)

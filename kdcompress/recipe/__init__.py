@@ -27,6 +27,7 @@ from .parse import (
 )
 from .schema import (
     CODE_KEYS,
+    IMAGEFOLDER_KEYS,
     DataSection,
     DistillSection,
     ExportSection,
@@ -55,6 +56,7 @@ __all__ = [
     "ExportSection",
     "load_recipe",
     "CODE_KEYS",
+    "IMAGEFOLDER_KEYS",
     "parse_recipe",
     "read_yaml",
     "MAX_YAML_SIZE",

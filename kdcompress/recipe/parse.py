@@ -108,8 +108,9 @@ def parse_recipe(
 
     ``default_name`` is the ``run.name`` when the text and the overrides set none
     (else the schema's default, ``quickstart``). ``search_dirs`` are the folders a
-    relative ``teacher.checkpoint`` is looked up in, in order (default: the current
-    directory); the recipe returned holds the absolute path of the file found.
+    relative ``teacher.checkpoint`` or ``imagefolder:PATH`` is looked up in, in order
+    (default: the current directory); the recipe returned holds the absolute path of
+    the checkpoint found, and of a folder found beyond the first of them.
     """
     raw, lines, problems = read_yaml(text, source)
     if raw is None:
@@ -129,7 +130,7 @@ def parse_recipe(
             raw["run"].setdefault("name", default_name)
     recipe = _convert(raw, Recipe, (), lines, problems)
     problems.extend(run_name_checks(recipe.run, lines))
-    problems.extend(name_checks(raw, lines, import_code))
+    problems.extend(name_checks(raw, lines, import_code, search_dirs))
     recipe = resolve_files(recipe, lines, problems, search_dirs or [Path.cwd()])
     if not problems:
         problems.extend(cross_checks(recipe, lines))
@@ -623,7 +624,7 @@ def _type_words(tp: Any) -> str:
     """A schema type in words, for 'expected ...' messages: ``auto``, ``a number``."""
     if typing.get_origin(tp) is Literal:
         return " or ".join(str(c) for c in typing.get_args(tp))
-    return {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(
+    return {int: "an integer", float: "a number", str: "text", bool: "true or false", dict: "a mapping"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
 

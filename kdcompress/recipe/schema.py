@@ -27,6 +27,7 @@ __all__ = [
     "ReportSection",
     "ExportSection",
     "CODE_KEYS",
+    "IMAGEFOLDER_KEYS",
     "pruning_steps_needed",
 ]
 
@@ -86,6 +87,51 @@ class DataSection:
     )
     crop_padding: int = field(default=0, metadata=_range(lo=0, doc="augment: random crop after zero padding (pixels)"))
     hflip: bool = field(default=False, metadata=_doc("augment: random horizontal flip"))
+    # The keys below came after run directories existed: "omit_default" keeps the built-in sets' fingerprints;
+    # an imagefolder run counts them always (kdcompress.run.stages), as they changed what its models are fed.
+    channels: Union[Literal["auto"], Literal[1, 3]] = field(
+        default="auto",
+        metadata={
+            **_doc(
+                "imagefolder: channels the models get; auto: 1 when every image's PIL mode is grey (1, L, LA, I, "
+                "I;16, F), else 3 (decided from the files' modes, not their pixels: an RGB file of grey pixels "
+                "counts as colour)"
+            ),
+            "omit_default": True,
+        },
+    )
+    image_size: Optional[list[int]] = field(
+        default=None,
+        metadata={
+            **_doc(
+                "imagefolder: [height, width] every image is brought to (see data.resize); null: the images' own "
+                "size, and a folder of mixed sizes is refused"
+            ),
+            "omit_default": True,
+        },
+    )
+    resize: Literal["resize", "center-crop", "pad"] = field(
+        default="resize",
+        metadata={
+            **_doc(
+                "imagefolder, with data.image_size: how an image of another size is brought to it: resize "
+                "(stretched, bilinear), center-crop (scaled to cover, then the middle cut out) or pad (scaled to "
+                "fit, then black borders)"
+            ),
+            "omit_default": True,
+        },
+    )
+    normalize: Union[Literal["measured", "imagenet", "none"], dict] = field(
+        default="measured",
+        metadata={
+            **_doc(
+                "imagefolder: per-channel mean and std the models' input is (x / 255 - mean) / std with: measured "
+                "(from the training split's images, once per run), imagenet, none (mean 0, std 1) or "
+                "{mean: [...], std: [...]} (one value per channel, in 0-1 units); every checkpoint records them"
+            ),
+            "omit_default": True,
+        },
+    )
     # input: False -- how batches are read, not what they hold: changing it retrains no stage
     workers: int = field(
         default=2,
@@ -368,6 +414,10 @@ CODE_KEYS: dict[str, tuple[str, ...]] = {
     "data.dataset": ("imagefolder",),
     "distill.loss": (),
 }
+
+
+# The data keys that say how an image folder's files become inputs: only imagefolder:PATH reads them.
+IMAGEFOLDER_KEYS = ("channels", "image_size", "resize", "normalize")
 
 
 def pruning_steps_needed(rate: float, target: float) -> int:

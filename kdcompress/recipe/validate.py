@@ -8,16 +8,42 @@ models, datasets and losses are checked through :mod:`kdcompress.names`: validat
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import unicodedata
 from pathlib import Path
 
 from ..errors import Problem
-from ..names import dataset_name_problem, loss_name_problem, model_name_problem, names_user_code
-from .schema import CODE_KEYS, DistillSection, PruneSection, Recipe, ReportSection, RunSection, TeacherSection
+from ..names import (
+    dataset_name_problem,
+    imagefolder_dirs,
+    imagefolder_problem,
+    loss_name_problem,
+    model_name_problem,
+    names_user_code,
+)
+from .schema import (
+    CODE_KEYS,
+    IMAGEFOLDER_KEYS,
+    DataSection,
+    DistillSection,
+    PruneSection,
+    Recipe,
+    ReportSection,
+    RunSection,
+    TeacherSection,
+)
 
-__all__ = ["line_of", "name_checks", "run_name_checks", "cross_checks", "resolve_files"]
+__all__ = [
+    "line_of",
+    "name_checks",
+    "run_name_checks",
+    "cross_checks",
+    "resolve_files",
+    "resolve_imagefolder",
+    "find_imagefolder",
+]
 
 
 def line_of(lines: dict, path: tuple) -> int | str | None:
@@ -29,8 +55,11 @@ def line_of(lines: dict, path: tuple) -> int | str | None:
     return None
 
 
-def name_checks(raw: dict, lines: dict, import_code: bool = True) -> list[Problem]:
+def name_checks(raw: dict, lines: dict, import_code: bool = True, folders: list[Path] | None = None) -> list[Problem]:
     """Model, dataset and loss names that resolve to nothing, each with its line, beside every other problem.
+
+    An ``imagefolder:PATH`` is looked up in ``folders`` (default: the current directory), see
+    :func:`find_imagefolder`.
 
     Reads the raw document, since a section with any other problem converts to
     its defaults. Only for recipes read from text (a recipe is code its user
@@ -44,6 +73,8 @@ def name_checks(raw: dict, lines: dict, import_code: bool = True) -> list[Proble
         ("distill", "loss", loss_name_problem),
     ):
         name = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if key == "dataset" and isinstance(name, str) and name.startswith("imagefolder:"):
+            check = lambda name: find_imagefolder(name, folders or [Path.cwd()])[1]  # noqa: E731
         if not import_code and isinstance(name, str) and names_user_code(name, CODE_KEYS[f"{section}.{key}"]):
             continue  # code a file that is data names: not imported here, even to check it
         message = check(name) if isinstance(name, str) else None  # another type is reported as such
@@ -87,6 +118,7 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
     """Checks that involve more than one value."""
     problems = []
     problems.extend(_report_checks(recipe.report, lines))
+    problems.extend(_data_checks(recipe.data, lines))
     problems.extend(_teacher_checks(recipe.teacher, lines))
     problems.extend(_export_checks(recipe, lines))
     problems.extend(_device_checks(recipe.run, lines))
@@ -199,11 +231,14 @@ def _prune_checks(p: PruneSection, lines: dict) -> list[Problem]:
 
 
 def resolve_files(recipe: Recipe, lines: dict, problems: list[Problem], folders: list[Path]) -> Recipe:
-    """The recipe with ``teacher.checkpoint`` made absolute: the first of ``folders`` that holds it.
+    """The recipe with its files found in ``folders``, in order: ``teacher.checkpoint`` and an
+    ``imagefolder:PATH`` dataset (see :func:`resolve_imagefolder`).
 
-    Absolute, so that the resolved recipe a run directory keeps (``kdc distill runs/NAME``) still finds it.
-    A file found nowhere is a problem that names every place looked at.
+    ``teacher.checkpoint`` is made absolute, so that the resolved recipe a run directory keeps
+    (``kdc distill runs/NAME``) still finds it. A file found nowhere is a problem that names every place
+    looked at.
     """
+    recipe = resolve_imagefolder(recipe, folders)
     given = recipe.teacher.checkpoint
     if not given:
         return recipe
@@ -316,3 +351,112 @@ def _report_checks(report: ReportSection, lines: dict) -> list[Problem]:
             )
         )
     return problems
+
+
+def find_imagefolder(name: str, folders: list[Path]) -> tuple[str, str | None]:
+    """``(name to use, None)`` for ``imagefolder:PATH`` looked up in ``folders`` in order (the current
+    directory, then the recipe's folder), as import paths and ``teacher.checkpoint`` are; else ``(name, why)``.
+
+    Found in the first folder, the name stays as written, so runs made before this lookup keep their
+    fingerprints; found only in a later one, it is made absolute, so that the recipe a run directory keeps
+    still finds it. The folder's own problems (splits, class folders) are given for the folder found; a
+    folder found nowhere names every place looked at.
+    """
+    given = Path(name.split(":", 1)[1]).expanduser()
+    tried = [given] if given.is_absolute() else [Path(os.path.abspath(folder / given)) for folder in folders]
+    tried = list(dict.fromkeys(tried))
+    usable = [c for c in tried if imagefolder_dirs(f"imagefolder:{c}")[1] is None]
+    existing = [c for c in tried if c.is_dir()]
+    if not usable and not existing:
+        relative = (
+            ""
+            if given.is_absolute()
+            else " (a relative path is looked up in the current directory, then in the recipe's folder)"
+        )
+        return name, (
+            f"{name}: folder not found: looked for {' and '.join(str(c) for c in tried)}{relative}; it needs "
+            f"PATH/train/<class>/*.png and PATH/test/<class>/... (or val/)"
+        )
+    found = (usable or existing)[0]
+    resolved = name if found == tried[0] else f"imagefolder:{found}"
+    return resolved, imagefolder_problem(resolved)
+
+
+def resolve_imagefolder(recipe: Recipe, folders: list[Path]) -> Recipe:
+    """The recipe with its ``imagefolder:PATH`` dataset as :func:`find_imagefolder` finds it (unchanged when it
+    is found nowhere: :func:`name_checks` reports that)."""
+    name = recipe.data.dataset
+    if not name.startswith("imagefolder:"):
+        return recipe
+    resolved, problem = find_imagefolder(name, folders)
+    if problem or resolved == name:
+        return recipe
+    return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, dataset=resolved))
+
+
+def _data_checks(d: DataSection, lines: dict) -> list[Problem]:
+    """The image-folder keys: only for ``imagefolder:PATH``, each well formed, ``resize`` only with a size."""
+    where = lambda key: line_of(lines, ("data", key)) or line_of(lines, ("data",))  # noqa: E731
+    default = DataSection()
+    given = {k for k in IMAGEFOLDER_KEYS if ("data", k) in lines or getattr(d, k) != getattr(default, k)}
+    if not d.dataset.startswith("imagefolder:"):
+        return [
+            Problem(
+                f"data.{key}",
+                f"applies to imagefolder:PATH datasets only; {d.dataset} has its own channels, size and "
+                f"normalisation, which stay as they are: drop data.{key}",
+                where(key),
+            )
+            for key in IMAGEFOLDER_KEYS
+            if key in given
+        ]
+    problems = []
+    if isinstance(d.channels, bool):
+        problems.append(Problem("data.channels", f"must be auto, 1 or 3, got {d.channels!r}", where("channels")))
+    if d.image_size is not None and (len(d.image_size) != 2 or any(v < 1 for v in d.image_size)):
+        problems.append(
+            Problem(
+                "data.image_size",
+                f"must be [height, width], two whole numbers of 1 or more (e.g. [64, 64]), got {d.image_size}",
+                where("image_size"),
+            )
+        )
+    if d.image_size is None and "resize" in given:
+        problems.append(
+            Problem(
+                "data.resize",
+                "says how images are brought to data.image_size, which is not set; set data.image_size: [height, "
+                "width], or drop data.resize",
+                where("resize"),
+            )
+        )
+    if isinstance(d.normalize, dict):
+        problem = _normalize_problem(d.normalize)
+        if problem:
+            problems.append(Problem("data.normalize", problem, where("normalize")))
+    return problems
+
+
+def _normalize_problem(given: dict) -> str | None:
+    """What is wrong with a ``data.normalize`` mapping ``{mean: [...], std: [...]}``, or None."""
+    shape = "must be {mean: [...], std: [...]}, one value per channel in 0-1 units (e.g. {mean: [0.5], std: [0.25]})"
+    if set(given) != {"mean", "std"}:
+        extra = sorted(map(str, set(given) - {"mean", "std"}))
+        missing = sorted({"mean", "std"} - set(given))
+        what = "; ".join(
+            ([f"unknown key {', '.join(extra)}"] if extra else []) + ([f"no {', '.join(missing)}"] if missing else [])
+        )
+        return f"{shape}; {what}"
+    values = {}
+    for key in ("mean", "std"):
+        value = given[key]
+        ok = isinstance(value, list) and len(value) in (1, 3)
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        if not ok:
+            return f"{shape}; {key} is {value!r}"
+        values[key] = value
+    if len(values["mean"]) != len(values["std"]):
+        return f"{shape}; mean has {len(values['mean'])} values and std {len(values['std'])}"
+    if any(v <= 0 for v in values["std"]):
+        return f"{shape}; every std must be above 0, got {values['std']}"
+    return None

@@ -412,6 +412,7 @@ def build_report(
         "run_name": recipe_name,
         "recipe": recipe_name,
         "dataset": dataset,
+        "input": _input_record(checkpoints, found),
         "latency_batches": batches if do_latency else None,
         "latency_rounds": LATENCY_ROUNDS if do_latency else None,
         "threads": threads,
@@ -432,6 +433,46 @@ def build_report(
     }
     report["warnings"] = report_warnings(report)
     return report
+
+
+TEXT_LIMIT = 500  # characters of a text a checkpoint gives the report (data: a file cannot fill the report)
+
+
+def _input_record(checkpoints: dict, found: list[str]) -> dict | None:
+    """How the run's images became the models' input, from the first stage checkpoint's ``preprocess`` entry:
+    channels (PIL mode) and why, input shape, normalisation (how chosen, mean, std) and resize; None when no
+    checkpoint records a known transform. The entry is data: each value is checked, a wrong one left out."""
+
+    def text(value):
+        return value[:TEXT_LIMIT] if isinstance(value, str) else None
+
+    def numbers(value, kind=(int, float)):
+        ok = isinstance(value, list) and 0 < len(value) <= 4
+        return (
+            [v for v in value] if ok and all(isinstance(v, kind) and not isinstance(v, bool) for v in value) else None
+        )
+
+    for stage in found:
+        info = checkpoints[stage].get("preprocess")
+        if not isinstance(info, dict) or info.get("known") is not True:
+            continue
+        resize = info.get("resize")
+        resize = (
+            {"size": numbers(resize.get("size"), int), "method": text(resize.get("method"))}
+            if isinstance(resize, dict)
+            else None
+        )
+        return {
+            "channels": text(info.get("channels")),
+            "channels_why": text(info.get("channels_why")),
+            "input_shape": numbers(info.get("input_shape"), int),
+            # built-in sets record no 'normalize': theirs are the fixed statistics of their training split
+            "normalize": text(info.get("normalize")) or "dataset",
+            "mean": numbers(info.get("mean")),
+            "std": numbers(info.get("std")),
+            "resize": resize,
+        }
+    return None
 
 
 def _stage_checkpoints(run_dir: Path) -> tuple[list[str], dict[str, dict]]:

@@ -39,6 +39,7 @@ from .text import (
     compact,
     comparison_name,
     comparison_text,
+    input_text,
     is_seeded,
     latency_note,
     ms_text,
@@ -528,6 +529,8 @@ ENVIRONMENT_ROWS = (
 def _environment_section(report: dict) -> str:
     env = report.get("environment")
     rows = [("date (report made)", report.get("generated_at") or "not recorded"), ("dataset", report.get("dataset"))]
+    if input_text(report):
+        rows.append(("input", input_text(report)))
     if isinstance(env, dict):
         rows += [(label, env.get(key, "not recorded")) for key, label in ENVIRONMENT_ROWS]
         rows += [(key, value) for key, value in env.items() if key not in dict(ENVIRONMENT_ROWS)]
@@ -586,6 +589,9 @@ def render_html(report: dict) -> str:
         f"{_e(', '.join(str(r.get('stage')) for r in stages) or 'none')}. Made "
         f"{_e(report.get('generated_at') or 'at a time not recorded')}{_e(made_by)}.</p>"
     )
+    if input_text(report):
+        intro += f'<p class="note">{_e(input_text(report))}</p>'
+
     if report.get("warnings"):
         intro += (
             f'<p class="note"><a href="#warnings">{len(report["warnings"])} warning'

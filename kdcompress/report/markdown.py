@@ -8,6 +8,7 @@ from .text import (
     STALE_NOTE,
     comparison_name,
     comparison_text,
+    input_text,
     is_seeded,
     latency_note,
     ratio_text,
@@ -173,6 +174,7 @@ def _stage_lines(report: dict) -> list[str]:
         f"2). {SPARSE_MACS_NOTE[0].upper() + SPARSE_MACS_NOTE[1:]}. {note[0].upper() + note[1:]}; timed with "
         f"torch.utils.benchmark (blocked_autorange), it varies between machines and with their load.",
         "",
+        *([input_text(report), ""] if input_text(report) else []),
         "| " + " | ".join(columns) + " |",
         "|" + "|".join(" --- " if c in left else " ---: " for c in columns) + "|",
     ]

@@ -15,6 +15,7 @@ __all__ = [
     "comparison_name",
     "comparison_text",
     "duration_text",
+    "input_text",
     "is_seeded",
     "latency_note",
     "latency_text",
@@ -272,3 +273,38 @@ def sparsity_text(r: dict) -> str:
 def number_text(value) -> str:
     """Every digit, with thousands separators; "" for None (a cell with nothing recorded)."""
     return "" if value is None else f"{value:,}"
+
+
+NORMALIZE_WORDS = {
+    "measured": "mean and std measured from the training split",
+    "imagenet": "ImageNet's mean and std",
+    "none": "no mean or std (x / 255 only)",
+    "given": "the mean and std data.normalize gives",
+    "dataset": "the dataset's fixed mean and std",
+}
+
+
+def input_text(report: dict) -> str | None:
+    """How the images became the models' input, one sentence: 'Input: 1x28x28 (grey, L: why), normalised ...;
+    resize: ...'; None when the report has no ``input`` (an older report, or a dataset of your own)."""
+    info = report.get("input")
+    if not isinstance(info, dict):
+        return None
+    shape = info.get("input_shape")
+    shape_words = "x".join(str(d) for d in shape) if shape else "shape not recorded"
+    channels = {"L": "grey (L)", "RGB": "colour (RGB)"}.get(info.get("channels"), str(info.get("channels")))
+    why = f": {info['channels_why']}" if info.get("channels_why") else ""
+
+    def values(key):
+        return "[" + ", ".join(f"{v:.4f}" for v in info[key]) + "]" if info.get(key) else "not recorded"
+
+    normalize = NORMALIZE_WORDS.get(info.get("normalize"), str(info.get("normalize")))
+    resize = info.get("resize")
+    if isinstance(resize, dict) and resize.get("size"):
+        resize_words = f"to {'x'.join(str(d) for d in resize['size'])} by {resize.get('method')}"
+    else:
+        resize_words = "none (every image had the input's size)"
+    return (
+        f"Input: {shape_words} (channels x height x width), {channels}{why}; normalised as (x / 255 - mean) / std "
+        f"with {normalize}: mean {values('mean')}, std {values('std')}; resize: {resize_words}."
+    )

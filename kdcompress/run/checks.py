@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data import batches_per_epoch, dataset_summary, preprocess_info
+from ..data import batches_per_epoch, dataset_summary, plan_imagefolder, preprocess_info
 from ..errors import ModelError, ScheduleError, describe
 from ..export import check_formats
 from ..features import FeatureTaps, at_loss, make_adapter, module_named
@@ -34,8 +34,15 @@ def check_recipe(recipe: Recipe) -> list[str]:
     process); a :class:`~kdcompress.errors.MissingPackageError` when
     ``report.tensorboard`` is on and tensorboard is not installed.
     """
-    input_shape, num_classes, train_size = dataset_summary(recipe.data)
-    counts, built = _check_models(recipe, input_shape, num_classes)
+    folder = plan_imagefolder(recipe.data) if recipe.data.dataset.startswith("imagefolder:") else None
+    input_shape, num_classes, train_size = dataset_summary(recipe.data, folder)
+    # a supplied teacher is checked against the inputs the run feeds: measured statistics are known only once
+    # the data is loaded, so the teacher stage checks those
+    feeds = preprocess_info(recipe.data.dataset, input_shape)
+    if folder is not None:
+        known = folder.mean is not None
+        feeds = preprocess_info(recipe.data.dataset, input_shape, folder.scan.classes, folder=folder) if known else None
+    counts, built = _check_models(recipe, input_shape, num_classes, feeds)
     if recipe.distill.features:
         check_feature_terms(recipe.distill.features, built["teacher"], built["student"], input_shape)
     if recipe.export.formats:  # an export that cannot run should stop the run now, not after training
@@ -51,17 +58,20 @@ def check_recipe(recipe: Recipe) -> list[str]:
             f"{exc} (batches per epoch: {train_size:,} training samples of {recipe.data.dataset} in batches of "
             f"{recipe.data.batch_size})"
         ) from None
-    return _plan_lines(recipe, counts, bpe, schedule)
+    lines = _plan_lines(recipe, counts, bpe, schedule)
+    if folder is not None:  # what kdc makes of the images, under the data line
+        lines[2:2] = [f"  {line}" for line in folder.lines(recipe.data.val_split)]
+    return lines
 
 
-def _check_models(recipe: Recipe, input_shape, num_classes: int) -> tuple[dict, dict]:
+def _check_models(recipe: Recipe, input_shape, num_classes: int, feeds: dict | None) -> tuple[dict, dict]:
     """``({teacher/student: parameter count}, {teacher/student: model})``; one ModelError naming every problem."""
     counts = {}
     built: dict = {}
     failures: list[str] = []
     for which in ("teacher", "student"):
         try:
-            counts[which] = _check_model(recipe, which, input_shape, num_classes, built)
+            counts[which] = _check_model(recipe, which, input_shape, num_classes, built, feeds)
         except ModelError as exc:
             failures.append(str(exc))
     if failures:
@@ -177,11 +187,14 @@ def check_feature_terms(terms, teacher: torch.nn.Module, student: torch.nn.Modul
     return pairs
 
 
-def _check_model(recipe: Recipe, which: str, input_shape, num_classes: int, built: dict | None = None) -> int:
-    """Build one model of the recipe and run a dry forward pass; return its parameter count (``built[which]``: the model)."""
+def _check_model(
+    recipe: Recipe, which: str, input_shape, num_classes: int, built: dict | None = None, feeds: dict | None = None
+) -> int:
+    """Build one model of the recipe and run a dry forward pass; return its parameter count (``built[which]``: the
+    model). A supplied teacher must have been fed as ``feeds`` says the run feeds it (None: not checked here)."""
     section = getattr(recipe, which)
     if which == "teacher" and section.checkpoint:  # the weights must load and fit, as the teacher stage will use them
-        model = supplied_teacher(recipe, num_classes, input_shape, preprocess_info(recipe.data.dataset, input_shape))[0]
+        model = supplied_teacher(recipe, num_classes, input_shape, feeds)[0]
     else:
         model = build_model(model_spec(section.model, section.args, num_classes, input_shape), where=f"{which}.model")
         if which == "teacher" and section.pretrained:  # in the local cache, and fitting: found now, not after hours

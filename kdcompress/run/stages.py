@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..files import file_sha256
-from ..recipe import Recipe, TrainSettings
+from ..recipe import IMAGEFOLDER_KEYS, Recipe, TrainSettings
 
 __all__ = [
     "Stage",
@@ -89,6 +89,10 @@ def _read_fields(recipe: dict, reads: tuple[str, ...]) -> dict:
     for key in reads:
         section, _, name = key.partition(".")
         quiet = _quiet_defaults(section)
+        if section == "data" and str(recipe["data"].get("dataset", "")).startswith("imagefolder:"):
+            # these keys changed what an image folder's models are fed (channels, normalisation): counted even
+            # at their defaults, so that a folder's run made before them is out of date
+            quiet = {k: v for k, v in quiet.items() if k not in IMAGEFOLDER_KEYS}
         if name:
             if not (name in quiet and recipe[section][name] == quiet[name]):
                 found[key] = recipe[section][name]
