@@ -36,11 +36,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from PIL import Image
+from rich.console import Console
 
 from .errors import DataError, KdcError, describe
 from .files import write_temp
+from .imagecache import CachedImages, open_cache
 from .names import (
     BAD_FILES_NAMED,
     class_folders,
@@ -61,6 +64,9 @@ __all__ = [
     "dataset_info",
     "Augment",
     "LoaderData",
+    "MappedData",
+    "image_cache_dir",
+    "decode_rgb",
     "DEBIAN_FASHION_MNIST",
     "CLASS_NAMES",
     "preprocess_info",
@@ -364,6 +370,17 @@ def _cache_dir() -> Path:
         return Path.home() / ".cache" / "kdcompress" / "data"
 
 
+def image_cache_dir() -> Path:
+    """Where image folders are decoded to (:mod:`kdcompress.imagecache`): ``$KDC_CACHE``, else the user cache dir.
+
+    Beside the built-in datasets' default root, never inside a run directory: one folder's cache
+    serves every run that reads it. Deleting it is safe; the next run decodes the folder again.
+    """
+    if os.environ.get("KDC_CACHE"):
+        return Path(os.environ["KDC_CACHE"]).expanduser()
+    return _cache_dir().parent / "images"
+
+
 def _is_external(name: str) -> bool:
     """``imagefolder:PATH`` or ``package.module:factory``: read through a DataLoader."""
     return ":" in name
@@ -532,19 +549,34 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        try:
-            with open(path, "rb") as fh:
-                image = Image.open(fh).convert("RGB")
-        except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) for damaged data
-            raise DataError(
-                f"cannot decode image {path}: {type(exc).__name__}: {describe(exc)}; it starts like an image but its "
-                f"data is damaged: delete or replace it"
-            ) from None
+        image = _open_rgb(path)
         return (self.transform(image) if self.transform is not None else image), label
 
 
-def load_data(section: DataSection, seed: int = 0) -> DataSplits:
-    """Load the dataset a recipe names, with a validation split if it asks for one."""
+def _open_rgb(path: str) -> Image.Image:
+    """The image at ``path`` as PIL reads it, converted to RGB; a file that fails to decode is a DataError naming it."""
+    try:
+        with open(path, "rb") as fh:
+            return Image.open(fh).convert("RGB")
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) for damaged data
+        raise DataError(
+            f"cannot decode image {path}: {type(exc).__name__}: {describe(exc)}; it starts like an image but its "
+            f"data is damaged: delete or replace it"
+        ) from None
+
+
+def decode_rgb(path: str) -> np.ndarray:
+    """The image at ``path`` as :class:`ImageFiles` reads it (RGB), as a uint8 array (3, H, W): what the cache holds."""
+    return np.ascontiguousarray(np.asarray(_open_rgb(path)).transpose(2, 0, 1))
+
+
+def load_data(section: DataSection, seed: int = 0, console: Console | None = None) -> DataSplits:
+    """Load the dataset a recipe names, with a validation split if it asks for one.
+
+    ``console`` shows the decoding of an image folder the first time it is used (see :class:`MappedData`).
+    """
+    if section.dataset.startswith("imagefolder:"):
+        return _load_imagefolder(section, seed, console)
     if _is_external(section.dataset):
         return _load_external(section, seed)
     dataset_info(section)
@@ -647,6 +679,91 @@ class LoaderData:
             raise DataError(
                 f"reading a batch failed: {describe(exc)}; check that every sample has the same shape"
             ) from None
+
+
+class MappedData:
+    """A split read from an image folder's cache (:mod:`kdcompress.imagecache`): the fast path of :class:`TensorData`
+    on an array mapped from disk, so memory holds a batch, not the split.
+
+    Same interface as :class:`TensorData`: ``batches`` yields ``(inputs, labels, indices)``, slicing
+    uint8 rows, augmenting and normalising a whole batch at a time. A shuffled epoch reads the array
+    in large contiguous blocks (:meth:`CachedImages.epoch_order`), each rank of a torchrun job its own
+    stretch of it; an unshuffled one goes in position order, as :class:`TensorData` does.
+    """
+
+    PREFETCH_BATCHES = 4  # how far ahead the kernel is asked to read
+
+    def __init__(self, cache: CachedImages, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.cache, self.labels, self.mean, self.std = cache, cache.labels, tuple(mean), tuple(std)
+
+    normalise = TensorData.normalise
+    _affine = TensorData._affine
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def subset(self, index: torch.Tensor) -> "MappedData":
+        return MappedData(self.cache.subset(index), self.mean, self.std)
+
+    def num_batches(self, batch_size: int, world: int = 1) -> int:
+        return _num_batches(len(self), batch_size, world)
+
+    def batches(self, batch_size, shuffle=False, generator=None, shard=(0, 1), augment=None):
+        if shuffle:
+            order = self.cache.epoch_order(generator, shard)
+        else:
+            order = _epoch_order(len(self), False, generator, shard)
+        ahead = batch_size * self.PREFETCH_BATCHES
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            self.cache.prefetch(order[start + ahead : start + ahead + batch_size])
+            images = self.cache.gather(idx)
+            if augment is not None:
+                images = augment(images, generator)
+            yield self.normalise(images), self.labels.index_select(0, idx), idx
+
+
+IMAGEFOLDER_DECODE = {"decode": "rgb"}  # the settings of decode_rgb that change the bytes it gives
+
+
+def _load_imagefolder(section: DataSection, seed: int, console: Console | None) -> DataSplits:
+    """``imagefolder:PATH`` through its cache: decoded once, then mapped (:func:`kdcompress.imagecache.open_cache`)."""
+    scan = scan_imagefolder(section.dataset)
+    parts = {}
+    for split in ("train", "test"):
+        files = [path for path, _ in scan.samples[split]]
+        labels = [label for _, label in scan.samples[split]]
+        cache = open_cache(
+            files,
+            labels,
+            decode_rgb,
+            IMAGEFOLDER_DECODE,
+            image_cache_dir(),
+            section.workers,
+            console,
+            root=scan.folders[split],
+            name=f"{section.dataset} ({split})",
+        )
+        channels = cache.shape[0]
+        parts[split] = MappedData(cache, (0.5,) * channels, (0.5,) * channels)  # as ToTensor + Normalize(0.5, 0.5)
+    input_shape = parts["train"].cache.shape
+    if parts["test"].cache.shape != input_shape:
+        raise DataError(
+            f"data.dataset: {section.dataset}: the training images decode to {list(input_shape)} (C, H, W) and the "
+            f"{scan.folders['test'].name} images to {list(parts['test'].cache.shape)}; give both splits images of "
+            f"the same size and colour, or set data.image_size"
+        )
+    train, val = _hold_out(parts["train"], section, seed)
+    return DataSplits(
+        name=section.dataset,
+        train=train,
+        test=parts["test"],
+        val=val,
+        num_classes=len(scan.classes),
+        input_shape=input_shape,
+        identity=f"{section.dataset}:{len(train)}:{len(parts['test'])}:{section.val_split}:{seed}",
+        preprocess=preprocess_info(section.dataset, input_shape, scan.classes),
+    )
 
 
 def _external_datasets(section: DataSection):

@@ -155,6 +155,7 @@ def test_preprocess_refuses_a_wrong_size_and_says_which():
 
 def test_imagefolder_records_classes_and_preprocess_equals_its_transform(tmp_path):
     from PIL import Image
+    from torchvision import transforms as T
 
     for split in ("train", "test"):
         for c, scale in (("dark", 60), ("light", 255)):
@@ -168,8 +169,10 @@ def test_imagefolder_records_classes_and_preprocess_equals_its_transform(tmp_pat
     assert info["classes"] == ["dark", "light"] and info["channels"] == "RGB"
     assert info["input_shape"] == [3, 10, 10] and info["mean"] == [0.5] * 3 and info["std"] == [0.5] * 3
     image = Image.open(tmp_path / "imgs" / "test" / "light" / "1.png")
-    fed_in_training = splits.test.dataset[3][0]  # ImageFolder's own transform
+    fed_in_training = next(splits.test.batches(4))[0][3]  # light/1.png, as training reads it (from the cache)
     assert torch.allclose(Preprocess(info)(image)[0], fed_in_training, atol=1e-6)
+    imagefolder = T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.5,))])  # what torchvision's ImageFolder would feed
+    assert torch.allclose(imagefolder(image.convert("RGB")), fed_in_training, atol=1e-6)
 
 
 USER_DATA = """
