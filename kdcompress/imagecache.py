@@ -360,7 +360,9 @@ def _build(
 
         def write(fh) -> None:
             fh.write(MAGIC + header + b"\0" * (HEADER_BYTES - len(MAGIC) - len(header)))
-            for chunk in _chunks(decode, paths, tuple(first.shape), workers):
+            fh.write(first.tobytes())
+            progress.advance(1)
+            for chunk in _chunks(decode, paths[1:], tuple(first.shape), workers):
                 fh.write(chunk.tobytes())
                 progress.advance(len(chunk))
             fh.write(np.ascontiguousarray(stored, dtype=np.uint64).tobytes())
