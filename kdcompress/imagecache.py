@@ -144,12 +144,15 @@ def fingerprints(files: list[str], labels: list[int], root: Path) -> np.ndarray:
     A file that cannot be examined is a :class:`DataError` naming it.
     """
     out = np.empty((len(files), 2), dtype=np.uint64)
+    prefix = os.path.join(os.path.abspath(root), "")
     for i, (path, label) in enumerate(zip(files, labels)):
         try:
             st = os.stat(path)
         except OSError as exc:
             raise DataError(f"cannot read {path}: {describe(exc)}; check the folder and rerun") from None
-        rel = os.path.relpath(path, root).encode("utf-8", "surrogateescape")
+        rel = (path[len(prefix) :] if path.startswith(prefix) else os.path.relpath(path, root)).encode(
+            "utf-8", "surrogateescape"
+        )
         out[i, 0] = int.from_bytes(hashlib.blake2b(rel, digest_size=8).digest(), "little")
         stamp = f"{st.st_size}:{st.st_mtime_ns}:{int(label)}".encode()
         out[i, 1] = int.from_bytes(hashlib.blake2b(stamp, digest_size=8).digest(), "little")
