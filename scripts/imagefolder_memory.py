@@ -185,7 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def report(args, splits, sampler, made_s, decode_s, train_s, seen, accuracy) -> dict:
     decoded = args.images * 3 * args.size * args.size
-    mb = {phase: {k: round(v / 1024, 1) for k, v in peak.items()} for phase, peak in sampler.peaks.items()}
+    mb = {
+        phase: {k.replace("_kb", "_mb"): round(v / 1024, 1) for k, v in peak.items()}
+        for phase, peak in sampler.peaks.items()
+    }
     result = {
         "bench": "imagefolder_memory",
         "images": args.images,
@@ -198,14 +201,15 @@ def report(args, splits, sampler, made_s, decode_s, train_s, seen, accuracy) -> 
         "trained_samples": seen,
         "train_accuracy": round(accuracy, 4),
         "peak_mb": mb,
-        "peak_rss_anon_mb": max(p["rss_anon_kb"] for p in sampler.peaks.values()) / 1024,
-        "vm_hwm_mb": status_kb().get("VmHWM", 0) / 1024,
+        "peak_rss_anon_mb": round(max(p["rss_anon_kb"] for p in sampler.peaks.values()) / 1024, 1),
+        "vm_hwm_mb": round(status_kb().get("VmHWM", 0) / 1024, 1),
         "memory_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
     }
     for phase, peak in mb.items():
         print(
-            f"{phase}: peak RssAnon {peak['rss_anon_kb']:,.0f} MB, RssFile {peak['rss_file_kb']:,.0f} MB"
-            f" (decoding processes' RssAnon {peak['children_rss_anon_kb']:,.0f} MB)"
+            f"{phase}: peak RssAnon {peak['rss_anon_mb']:,.0f} MB, RssFile {peak['rss_file_mb']:,.0f} MB"
+            f" (decoding processes' RssAnon, summed, pages shared with this one by fork included: "
+            f"{peak['children_rss_anon_mb']:,.0f} MB)"
         )
     print(
         f"decoded {decoded / 1e9:.2f} GB in {decode_s:.1f} s; one epoch of a small CNN on {seen:,} images in "
