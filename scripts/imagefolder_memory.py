@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="kdc-memory-", dir=args.dir))
+    before = os.environ.get("KDC_CACHE")
     os.environ["KDC_CACHE"] = str(work / "cache")
     from kdcompress.data import load_data
     from kdcompress.recipe import DataSection
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
             sampler.sample()
         result = report(args, splits, sampler, made_s, decode_s, train_s, seen, accuracy)
     finally:
+        if before is None:
+            os.environ.pop("KDC_CACHE")
+        else:
+            os.environ["KDC_CACHE"] = before
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return result
