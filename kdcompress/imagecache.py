@@ -17,8 +17,8 @@ Rows are stored in the order of a hash of each file's relative path, a fixed pse
 that a contiguous stretch of the file holds every class (an image folder lists its files class by
 class). Shuffling (:meth:`CachedImages.epoch_order`) then reads large contiguous blocks: the blocks
 come in a random order and the rows within a block in a random order, so a disk slower than memory
-still streams. Under torchrun each rank reads one contiguous stretch of the array, its shard, and no
-other rank's. Example::
+still streams. Under torchrun the first process of each machine decodes while the others wait; each
+rank reads one contiguous stretch of the array, its shard, and no other rank's. Example::
 
     >>> cache = open_cache(files, labels, decode, {"channels": 3}, Path("~/.cache/kdc/images"), 2, console)  # doctest: +SKIP
     >>> cache.images.shape, cache.gather(torch.tensor([0, 5])).shape  # doctest: +SKIP
@@ -237,7 +237,8 @@ def open_cache(
 
     ``decode(path)`` returns one image as uint8 (C, H, W); ``settings`` (JSON-able) are whatever changes
     what it returns. ``root`` (default: the files' common folder) names the cache file; ``name`` the
-    folder in messages. Under torchrun rank 0 builds the cache while the others wait, then all map it.
+    folder in messages. Under torchrun the first process of each machine (local rank 0) makes the cache
+    while the others wait for the file, without a collective; then all map it.
     """
     if not files:
         raise DataError(f"{name or 'the image folder'} has no image files")
@@ -251,19 +252,32 @@ def open_cache(
     key = _cache_key(fps[order], settings)
     path = _cache_path(cache_dir, root, settings)
     decoded = changed = 0
-    if distributed.is_main():
+    if distributed.local_rank() == 0:
         header, why = _read_header(path)
         if header is None or header["key"] != key:
             changed = _say_why(console, path, header, why, fps, name)
             _build(path, [files[i] for i in order], fps[order], decode, settings, key, workers, console, name)
             decoded = len(files)
-    distributed.barrier()
+    else:  # no collective: a stage that only rank 0 runs (export) loads data too
+        _wait_for(path, key)
     header, why = _read_header(path)
     if header is None or header["key"] != key:
         raise DataError(f"the image cache {path} for {name} cannot be used after it was made ({why or 'key'}); rerun")
     mapping, images, _ = _map(path, header)
     labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     return CachedImages(path, images, labels_t, rows, decoded, changed, mapping)
+
+
+def _wait_for(path: Path, key: str, every: float = 0.2) -> None:
+    """Wait until the cache file at ``path`` has ``key``: local rank 0 of this machine is making it.
+
+    If that rank fails, torchrun ends this process too.
+    """
+    while True:
+        header, _ = _read_header(path)
+        if header is not None and header["key"] == key:
+            return
+        time.sleep(every)
 
 
 def _say_why(console: Console, path: Path, header: dict | None, why: str, fps: np.ndarray, name: str) -> int:

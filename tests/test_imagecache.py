@@ -254,7 +254,7 @@ distributed.shutdown()
 
 
 @pytest.mark.slow
-def test_two_torchrun_processes_read_disjoint_stretches_and_only_rank_0_decodes(tmp_path):
+def test_two_torchrun_processes_read_disjoint_stretches_and_only_local_rank_0_decodes(tmp_path):
     root = tmp_path / "imgs"
     for split in ("train", "test"):
         make_folder(root / split, per_class=8)
