@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import os
@@ -41,9 +42,11 @@ from typing import Iterator
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from rich.console import Console
 
 from .errors import DataError, KdcError, describe
 from .files import write_temp
+from .imagecache import CachedImages, open_cache
 from .names import (
     BAD_FILES_NAMED,
     class_folders,
@@ -64,6 +67,8 @@ __all__ = [
     "dataset_info",
     "Augment",
     "LoaderData",
+    "MappedData",
+    "image_cache_dir",
     "DEBIAN_FASHION_MNIST",
     "CLASS_NAMES",
     "preprocess_info",
@@ -73,7 +78,6 @@ __all__ = [
     "image_format",
     "ImageFolderScan",
     "scan_imagefolder",
-    "ImageFiles",
     "ImageSpec",
     "decode_image",
     "FolderPlan",
@@ -387,6 +391,17 @@ def _cache_dir() -> Path:
         return Path.home() / ".cache" / "kdcompress" / "data"
 
 
+def image_cache_dir() -> Path:
+    """Where image folders are decoded to (:mod:`kdcompress.imagecache`): ``$KDC_CACHE``, else the user cache dir.
+
+    Beside the built-in datasets' default root, never inside a run directory: one folder's cache
+    serves every run that reads it. Deleting it is safe; the next run decodes the folder again.
+    """
+    if os.environ.get("KDC_CACHE"):
+        return Path(os.environ["KDC_CACHE"]).expanduser()
+    return _cache_dir().parent / "images"
+
+
 def _is_external(name: str) -> bool:
     """``imagefolder:PATH`` or ``package.module:factory``: read through a DataLoader."""
     return ":" in name
@@ -484,7 +499,7 @@ def scan_imagefolder(name: str) -> ImageFolderScan:
     are empty or do not start like an image, naming every such file. Reads the first
     16 bytes of each file, not the image: a 60,000-file folder takes well under a
     second with a warm cache. A file with a sound header whose data is damaged is
-    found when it is decoded (:class:`ImageFiles`).
+    found when it is decoded (:func:`decode_image`).
     """
     problem = imagefolder_problem(name)
     if problem:
@@ -872,28 +887,13 @@ def measure_stats(samples: list[tuple[str, int]], spec: ImageSpec, limit: int = 
     return result
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """One split of an image folder: (uint8 image (C, H, W), label) per file of ``samples`` (from
-    :func:`scan_imagefolder`), each decoded by :func:`decode_image` with ``spec``.
+def load_data(section: DataSection, seed: int = 0, console: Console | None = None) -> DataSplits:
+    """Load the dataset a recipe names, with a validation split if it asks for one.
 
-    A file that cannot be decoded is a :class:`DataError` naming it.
+    ``console`` shows the decoding of an image folder the first time it is used (see :class:`MappedData`).
     """
-
-    def __init__(self, samples: list[tuple[str, int]], classes: tuple[str, ...], spec: ImageSpec):
-        self.samples, self.classes, self.spec = samples, list(classes), spec
-        self.class_to_idx = {c: i for i, c in enumerate(classes)}
-        self.targets = [label for _, label in samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        return torch.from_numpy(decode_image(path, self.spec)), label
-
-
-def load_data(section: DataSection, seed: int = 0) -> DataSplits:
-    """Load the dataset a recipe names, with a validation split if it asks for one."""
+    if section.dataset.startswith("imagefolder:"):
+        return _load_imagefolder(section, seed, console)
     if _is_external(section.dataset):
         return _load_external(section, seed)
     dataset_info(section)
@@ -1004,6 +1004,48 @@ class LoaderData:
             ) from None
 
 
+class MappedData:
+    """A split read from an image folder's cache (:mod:`kdcompress.imagecache`): the fast path of :class:`TensorData`
+    on an array mapped from disk, so memory holds a batch, not the split.
+
+    Same interface as :class:`TensorData`: ``batches`` yields ``(inputs, labels, indices)``, slicing
+    uint8 rows, augmenting and normalising a whole batch at a time. A shuffled epoch reads the array
+    in large contiguous blocks (:meth:`CachedImages.epoch_order`), each rank of a torchrun job its own
+    stretch of it; an unshuffled one goes in position order, as :class:`TensorData` does.
+    """
+
+    PREFETCH_BATCHES = 4  # how far ahead the kernel is asked to read
+
+    def __init__(self, cache: CachedImages, mean: tuple[float, ...], std: tuple[float, ...]):
+        self.cache, self.labels, self.mean, self.std = cache, cache.labels, tuple(mean), tuple(std)
+
+    normalise = TensorData.normalise
+    _affine = TensorData._affine
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def subset(self, index: torch.Tensor) -> "MappedData":
+        return MappedData(self.cache.subset(index), self.mean, self.std)
+
+    def num_batches(self, batch_size: int, world: int = 1) -> int:
+        return _num_batches(len(self), batch_size, world)
+
+    def batches(self, batch_size, shuffle=False, generator=None, shard=(0, 1), augment=None):
+        if shuffle:
+            order = self.cache.epoch_order(generator, shard)
+        else:
+            order = _epoch_order(len(self), False, generator, shard)
+        ahead = batch_size * self.PREFETCH_BATCHES
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            self.cache.prefetch(order[start + ahead : start + ahead + batch_size])
+            images = self.cache.gather(idx)
+            if augment is not None:
+                images = augment(images, generator)
+            yield self.normalise(images), self.labels.index_select(0, idx), idx
+
+
 def _external_datasets(section: DataSection):
     """(train dataset, test dataset, number of classes) for a package.module:factory dataset."""
     name = section.dataset
@@ -1030,33 +1072,47 @@ def _external_datasets(section: DataSection):
     return train, test, int(num_classes)
 
 
-def _load_imagefolder(section: DataSection, seed: int) -> DataSplits:
-    """``imagefolder:PATH`` as its :class:`FolderPlan` says: uint8 images read through a DataLoader, normalised
-    per batch with the plan's statistics (measured from the training split once per process by default)."""
+def _load_imagefolder(section: DataSection, seed: int, console: Console | None) -> DataSplits:
+    """``imagefolder:PATH`` as its :class:`FolderPlan` says, through its cache: each split decoded once by
+    :func:`decode_image` into a memory-mapped uint8 array (:func:`kdcompress.imagecache.open_cache`), then sliced
+    like the built-in sets and normalised per batch with the plan's statistics (measured from the training split
+    once per process by default)."""
     plan = plan_imagefolder(section)
     if plan.mean is None:
         plan = plan.with_stats(*measure_stats(plan.scan.samples["train"], plan.spec))
-    # both splits carry train's class numbers: a split numbered from its own folders shifts labels
-    train_ds, test_ds = (ImageFiles(plan.scan.samples[s], plan.scan.classes, plan.spec) for s in ("train", "test"))
-    stats = (plan.mean, plan.std)
-    train, test = LoaderData(train_ds, section.workers, stats=stats), LoaderData(test_ds, section.workers, stats=stats)
-    train, val = _hold_out(train, section, seed)
+    settings = {"decoder": "decode_image", "spec": dataclasses.asdict(plan.spec)}  # what changes the decoded bytes
+    decode = functools.partial(decode_image, spec=plan.spec)
+    parts = {}
+    for split in ("train", "test"):
+        # both splits carry train's class numbers: a split numbered from its own folders shifts labels
+        samples = plan.scan.samples[split]
+        cache = open_cache(
+            [path for path, _ in samples],
+            [label for _, label in samples],
+            decode,
+            settings,
+            image_cache_dir(),
+            section.workers,
+            console,
+            root=plan.scan.folders[split],
+            name=f"{section.dataset} ({split})",
+        )
+        parts[split] = MappedData(cache, plan.mean, plan.std)
+    train, val = _hold_out(parts["train"], section, seed)
     made = hashlib.sha256(repr((plan.spec, plan.mean, plan.std)).encode()).hexdigest()[:16]
     return DataSplits(
         name=section.dataset,
         train=train,
-        test=test,
+        test=parts["test"],
         val=val,
         num_classes=len(plan.scan.classes),
         input_shape=plan.spec.shape,
-        identity=f"{section.dataset}:{len(train)}:{len(test)}:{section.val_split}:{seed}:{made}",
+        identity=f"{section.dataset}:{len(train)}:{len(parts['test'])}:{section.val_split}:{seed}:{made}",
         preprocess=preprocess_info(section.dataset, plan.spec.shape, plan.scan.classes, folder=plan),
     )
 
 
 def _load_external(section: DataSection, seed: int) -> DataSplits:
-    if section.dataset.startswith("imagefolder:"):
-        return _load_imagefolder(section, seed)
     train_ds, test_ds, num_classes = _external_datasets(section)
     train, test = LoaderData(train_ds, section.workers), LoaderData(test_ds, section.workers)
     train, val = _hold_out(train, section, seed)

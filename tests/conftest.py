@@ -51,6 +51,15 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def image_cache(tmp_path_factory):
+    """Image folders decode into a folder of this session ($KDC_CACHE), not the user's cache."""
+    folder = tmp_path_factory.mktemp("image-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDC_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def tiny_recipe_dict():
     """A fresh copy of the tiny recipe as a plain dict."""

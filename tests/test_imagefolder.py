@@ -204,7 +204,9 @@ def test_a_given_normalisation_is_printed_and_recorded_as_given(mini, tmp_path, 
     splits = load_data(DataSection(dataset=f"imagefolder:{root}", workers=0, normalize="none"), seed=0)
     assert splits.preprocess["mean"] == [0.0] and splits.preprocess["std"] == [1.0]
     x, _, idx = next(splits.test.batches(4))  # in file order: not shuffled
-    assert idx[0] == 0 and torch.allclose(x[0], splits.test.dataset[0][0].float() / 255, atol=1e-7)
+    first = scan_imagefolder(f"imagefolder:{root}").samples["test"][0][0]
+    expected = torch.from_numpy(decode_image(first, ImageSpec(1, (28, 28)))).float() / 255
+    assert idx[0] == 0 and torch.allclose(x[0], expected, atol=1e-7)
 
 
 def test_imagenet_statistics_on_a_grey_folder_are_refused_with_the_fix(mini, tmp_path, write_recipe, kdc, in_tmp):

@@ -168,7 +168,7 @@ def test_imagefolder_records_classes_and_preprocess_equals_its_transform(tmp_pat
     assert info["classes"] == ["dark", "light"] and info["channels"] == "L"  # grey PNGs: one channel
     assert info["input_shape"] == [1, 10, 10] and info["normalize"] == "measured"
     image = Image.open(tmp_path / "imgs" / "test" / "light" / "1.png")
-    fed_in_training = next(splits.test.batches(4))[0][3]  # the test split in file order
+    fed_in_training = next(splits.test.batches(4))[0][3]  # light/1.png, as training reads it (from the cache)
     assert torch.allclose(Preprocess(info)(image)[0], fed_in_training, atol=1e-6)
     assert torch.allclose(Preprocess(info)(np.array(image))[0], fed_in_training, atol=1e-6)
 

@@ -135,7 +135,10 @@ class DataSection:
     # input: False -- how batches are read, not what they hold: changing it retrains no stage
     workers: int = field(
         default=2,
-        metadata={**_range(lo=0, doc="DataLoader workers (imagefolder and your own datasets)"), "input": False},
+        metadata={
+            **_range(lo=0, doc="imagefolder: decoding processes; your own datasets: DataLoader workers"),
+            "input": False,
+        },
     )
 
 

@@ -218,7 +218,7 @@ def _prepare(
     if recipe.run.threads and not distributed.is_distributed():
         torch.set_num_threads(recipe.run.threads)
     seed = stage_seed(recipe, stage)
-    data = load_data(recipe.data, seed=seed)
+    data = load_data(recipe.data, seed=seed, console=console)
     fingerprint = stage_fingerprint(recipe, stage, upstream)
     stage_dir = layout.stage_dir(run_dir, stage)
     state_path = layout.state_path(run_dir, stage)
