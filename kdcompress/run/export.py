@@ -14,7 +14,7 @@ from rich.console import Console
 from .. import __version__
 from ..checkpoint import load_checkpoint, read_manifest
 from ..data import load_data
-from ..errors import ArtifactError, KdcError, StageOrderError
+from ..errors import ArtifactError, KdcError, StageOrderError, UsageError
 from ..export import FORMATS, artifact_name, codec, format_options, load_artifact, verify_artifact, write_artifact
 from ..files import atomic_write_text
 from ..models import build_from_checkpoint
@@ -141,7 +141,7 @@ def _export_stage(recipe, formats: list[str] | None, force: bool, console, origi
     section = recipe.export
     formats = list(dict.fromkeys(formats if formats is not None else section.formats))
     if not formats:
-        raise KdcError(
+        raise UsageError(
             "nothing to export: name a format (kdc export RUN_DIR --format sparse, with shared, int8 or onnx), "
             "or list them in the recipe's export.formats"
         )

@@ -27,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..checkpoint import load_checkpoint
-from ..errors import KdcError, Problem, RecipeError
+from ..errors import Problem, RecipeError, UsageError
 from ..files import atomic_write_text
 from ..recipe import load_recipe
 from ..stats import mean_std
@@ -177,7 +177,7 @@ def run_sweep(
     load = load or (lambda path, items: load_recipe(path, items))
     grid = parse_grid(grid_items)
     if not grid:
-        raise KdcError("kdc sweep needs at least one --grid KEY=V1,V2 (e.g. --grid distill.temperature=1,2,4,8)")
+        raise UsageError("kdc sweep needs at least one --grid KEY=V1,V2 (e.g. --grid distill.temperature=1,2,4,8)")
     overrides = list(overrides or [])
     base = load(recipe_path, overrides)
     points = grid_points(grid)
@@ -186,7 +186,7 @@ def run_sweep(
     sweep_dir = layout.sweep_dir(base.run_dir)
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
-        raise KdcError("two grid points give the same folder name; use values that differ in letters or digits")
+        raise UsageError("two grid points give the same folder name; use values that differ in letters or digits")
     seeds = list(base.run.seeds) if len(base.run.seeds) > 1 else None
     with run_dir_lock(base.run_dir):
         earlier, earlier_grid = _earlier_points(sweep_dir)

@@ -153,7 +153,7 @@ def test_kdc_recipes_copy_writes_a_recipe_that_runs_as_the_builtin(in_tmp, kdc):
     assert (in_tmp / "mine.yaml").read_text() == builtin_recipe_path("quickstart").read_text()
     assert load_recipe(in_tmp / "mine.yaml").teacher == load_recipe().teacher
     again = kdc("recipes", "copy", "quickstart", "mine.yaml")  # never overwrites without --force
-    kdc.assert_clean_exit(again, 1)
+    kdc.assert_clean_exit(again, 2)
     assert "exists" in kdc.flat(again) and "--force" in kdc.flat(again)
     kdc.assert_clean_exit(kdc("recipes", "copy", "fashion-mnist-mlp"), 0)  # default DEST: ./NAME.yaml
     assert (in_tmp / "fashion-mnist-mlp.yaml").is_file()
@@ -164,7 +164,7 @@ def test_kdc_recipes_copy_writes_a_recipe_that_runs_as_the_builtin(in_tmp, kdc):
 
 def test_kdc_recipes_copy_suggests_a_close_name(in_tmp, kdc):
     result = kdc("recipes", "copy", "quikstart")
-    kdc.assert_clean_exit(result, 1)
+    kdc.assert_clean_exit(result, 2)
     assert "did you mean 'quickstart'" in kdc.flat(result)
     assert not list(in_tmp.iterdir())
 
