@@ -318,8 +318,11 @@ def _load(recipe: Optional[Path], overrides: Optional[List[str]], trust_code: bo
     path = _recipe_file(recipe)
     where: list[str] = []
     if path is not None and recipe is not None and path.parent == recipe:
-        # a run directory stays where it is, even moved or copied from where its recipe.yaml says runs go
-        where = [f"run.out_dir={recipe.resolve().parent}", f"run.name={recipe.resolve().name}"]
+        # a run directory stays where it is, even moved or copied from where its recipe.yaml says runs go; named
+        # as the user did (runs/NAME stays relative, in recipe.yaml, report.json and messages alike)
+        resolved = recipe.resolve()
+        parent = resolved.parent if recipe.is_absolute() else Path(os.path.relpath(resolved.parent))
+        where = [f"run.out_dir={parent}", f"run.name={resolved.name}"]
     in_run_dir = path is not None and path.name == layout.RECIPE_FILE and layout.marker_path(path.parent).is_file()
     loaded = load_recipe(
         path, where + list(overrides or []), import_folder=not in_run_dir, import_code=trust_code or not in_run_dir
