@@ -154,22 +154,47 @@ app = KdcTyper(
     pretty_exceptions_enable=False,
 )
 
+
+class _NoTrailingSpaces:
+    """stdout for a pipe or a file: each line as rich renders it, less the spaces it pads a line with."""
+
+    def __init__(self):
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        if lines:
+            sys.stdout.write("".join(line.rstrip(" ") + "\n" for line in lines))
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            sys.stdout.write(self.pending.rstrip(" "))
+            self.pending = ""
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+PIPE_WIDTH = 100  # stdout that is not a terminal: no line longer (the report's tables are made to fit it)
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False)
-if not out.is_terminal:  # piped or captured: don't squeeze the report into 80 columns
-    out = Console(highlight=False, width=200)
+if not out.is_terminal:  # piped or captured: 100 columns, no trailing spaces
+    out = Console(highlight=False, width=PIPE_WIDTH, file=_NoTrailingSpaces())
 
 
 def _stdout() -> Console:
     """``out``, unless stdout is not a terminal and COLUMNS is set now: then a console that wide.
 
-    COLUMNS is read at call time (``out`` reads it at import), so ``COLUMNS=100 kdc report`` is honoured
+    COLUMNS is read at call time (``out`` reads it at import), so ``COLUMNS=120 kdc report`` is honoured
     when piped and under a test runner alike.
     """
     columns = os.environ.get("COLUMNS", "")
     if out.is_terminal or not columns.isdigit() or int(columns) <= 0:
         return out
-    return Console(highlight=False, width=int(columns))
+    return Console(highlight=False, width=int(columns), file=_NoTrailingSpaces())
 
 
 _state = {"debug": False}

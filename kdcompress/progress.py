@@ -34,7 +34,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from .errors import MissingPackageError
 
-__all__ = ["RunProgress", "ETA_MIN_BATCHES", "EPOCH_LINE_WIDTH", "clock_text", "tensorboard_writer_class", "TENSORBOARD_MISSING"]
+__all__ = [
+    "RunProgress",
+    "ETA_MIN_BATCHES",
+    "EPOCH_LINE_WIDTH",
+    "clock_text",
+    "tensorboard_writer_class",
+    "TENSORBOARD_MISSING",
+]
 
 EPOCH_LINE_WIDTH = 100  # an epoch's line, and its ETA's when they do not fit on one, fit a 100-column terminal
 ETA_MIN_BATCHES = 50  # batches of a stage that give a rate worth quoting, when an epoch is longer than that

@@ -79,6 +79,7 @@ def test_stderr_to_a_file_gets_one_plain_line_per_epoch(tiny_dir):
     # the learning rate is the one the epoch trained with: cosine over 2 epochs from 0.05 (0.01 when pruning)
     assert "lr 0.05 " in epoch_lines[0] and "lr 0.025 " in epoch_lines[1]
     assert "lr 0.01 " in epoch_lines[-2] and "lr 0.005 " in epoch_lines[-1]
+
     # the first epoch of a stage has measured a rate: it says what is left of the stage and of the run; the
     # teacher's rate is not taken for the student's
     def eta(epoch_line: str) -> str:  # on the epoch's line, or on the next one when both do not fit 100 columns
