@@ -79,7 +79,7 @@ def _accuracy_table(report: dict, seeded: bool) -> Table:
         if seeded and is_seeded(r) and teacher_mean is not None:  # beside a mean, the change of the means
             change = r["accuracy_mean"] - teacher_mean
         first.add_row(
-            stage_name(r),
+            stage_name(r) + (" (trained once)" if seeded and r.get("trained_once") else ""),  # as report.html
             Text(r["model"]),  # Text: a name is never read as rich markup
             "" if r.get("epochs") is None else str(r["epochs"]),
             duration_text(r.get("train_seconds")),

@@ -370,3 +370,17 @@ def test_tensorboard_switch_changes_no_fingerprint(write_recipe):
     assert on.report.tensorboard and not off.report.tensorboard
     for stage in STAGES:
         assert stage_fingerprint(on, stage, {}) == stage_fingerprint(off, stage, {})
+
+
+def test_the_terminal_marks_a_stage_trained_once_for_every_seed_as_the_html_does():
+    from test_html import full_report
+
+    from kdcompress.report import report_table
+
+    buf = io.StringIO()
+    Console(file=buf, width=100, color_system=None).print(report_table(full_report()))
+    lines = buf.getvalue().splitlines()
+    teacher = next(line for line in lines if "teacher" in line and "±" in line)
+    assert "teacher (trained once)" in teacher, teacher
+    assert not any("student (trained once)" in line for line in lines)
+    assert max(len(line) for line in lines) <= 100
