@@ -630,20 +630,22 @@ def _compare_reports(
 def _comparison_table(comparison: dict):
     """The comparison as a terminal table: one row per stage and per artifact of every run."""
     from rich.table import Table
+    from rich.text import Text
 
     from .report.compare import LATENCY_BATCH, comparison_rows
 
     names = ", ".join(run["name"] for run in comparison["runs"])
     table = Table(title=f"kdc report: {names}", title_justify="left")
-    for header in ("run", "stage / file", "acc %", "bytes", "non-zero", f"ms @{LATENCY_BATCH}"):
-        table.add_column(header, justify="left" if header in ("run", "stage / file") else "right")
+    for header in ("run", "stage / file", "model / format", "acc %", "bytes", "non-zero", f"ms @{LATENCY_BATCH}"):
+        table.add_column(header, justify="left" if header in ("run", "stage / file", "model / format") else "right")
     for r in comparison_rows(comparison):
         if r["refused"]:
-            table.add_row(r["run"], r["label"], "refused", "", "", "")
+            table.add_row(r["run"], r["label"], r["detail"] or "", "refused", "", "", "")
             continue
         table.add_row(
             r["run"],
             r["label"] + (" (stale)" if r["stale"] else ""),
+            Text(r["detail"] or ""),
             "" if r["accuracy"] is None else f"{r['accuracy'] * 100:.2f}",
             "" if r["bytes"] is None else f"{r['bytes']:,}",
             "" if r["nonzero_params"] is None else f"{r['nonzero_params']:,}",
