@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -11,12 +12,135 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from ._version import __version__
 from .errors import KdcError, UsageError
 from .run import layout
 
-app = typer.Typer(
+
+def _reflowed(text: Optional[str]) -> Optional[str]:
+    """Help text with each paragraph on one line: the terminal wraps it, never mid-sentence at a docstring's break."""
+    if not text:
+        return text
+    import inspect
+
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines() if line.strip()) for p in paragraphs)
+
+
+def _plain_metavars(params) -> None:
+    """One metavar style in help: none for a flag (not ``<bool>``), an upper-case word for a value (not ``<int>``)."""
+    for param in params:
+        if param.param_type_name == "argument":  # its name says it: RECIPE, not RECIPE <path>
+            param.display_type_rich = _no_type
+        if param.metavar is not None:
+            continue
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+        else:
+            param.metavar = (param.name or "value").strip("_").upper().replace("_", "-")
+
+
+def _no_type(ctx=None) -> None:
+    return None
+
+
+def _usage_hint(ctx, exc) -> str:
+    """What to type instead of an option kdc does not have: ``--epochs`` is ``--set teacher.epochs=N``."""
+    from .recipe import key_sections
+
+    name = getattr(exc, "option_name", None) or ""
+    key = name.lstrip("-").replace("-", "_")
+    sections = key_sections(key) if name.startswith("--") and key else []
+    if not sections:
+        return ""
+    command = ctx.command_path.split()[-1] if ctx is not None else ""
+    sections.sort(key=lambda section: section not in command)  # kdc distill --epochs: distill.epochs first
+    others = f" (or {', '.join(f'{s}.{key}' for s in sections[1:])})" if len(sections) > 1 else ""
+    return f"; recipe values are set with --set: --set {sections[0]}.{key}=N{others}".replace(
+        "=N", "=VALUE", key != "epochs"
+    )
+
+
+class _KdcCommandMixin:
+    """Every kdc command and group: help without hard line breaks or ``<bool>``; usage errors as kdc errors."""
+
+    def __init__(self, *args, **kwargs):
+        for name in ("help", "short_help", "epilog"):
+            if kwargs.get(name):
+                kwargs[name] = _reflowed(kwargs[name])
+        super().__init__(*args, **kwargs)
+        _plain_metavars(self.params)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _plain_metavars([option])
+            option.help = "show this help and exit"  # lower case, as every other option's
+        return option
+
+    def collect_usage_pieces(self, ctx):
+        import re
+
+        # NAME for a required argument, [NAME] for an optional one, as the examples write them (typer: {NAME})
+        return [re.sub(r"\{([^{}]+)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+
+    def parse_args(self, ctx, args):
+        with _usage_errors(ctx):
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        with _usage_errors(ctx):
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _usage_errors(ctx):
+    """A command line that names no option or value kdc has: one ``error:`` line, the usage, exit 2.
+
+    Every usage error of the parser (an unknown option, a missing argument, a bad value) comes through here,
+    printed like kdc's own errors instead of typer's boxed panel.
+    """
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except typer.TyperException as exc:
+        if not hasattr(exc, "format_message") or type(exc).__name__ == "NoArgsIsHelpError":
+            raise
+        where = getattr(exc, "ctx", None) or ctx
+        hint = _usage_hint(where, exc)
+        message = f"No such option: {exc.option_name}" if hint else exc.format_message()  # not "possible: --nproc"
+        message = message[:1].lower() + message[1:]
+        err.print(f"[bold red]error:[/] {escape(message + hint)}", soft_wrap=True)
+        err.print(
+            f"usage: {escape(where.get_usage().removeprefix('Usage: '))}; `{where.command_path} --help` says more"
+        )
+        raise typer.Exit(getattr(exc, "exit_code", 2)) from None
+
+
+class KdcCommand(_KdcCommandMixin, TyperCommand):
+    """A kdc subcommand (see :class:`_KdcCommandMixin`)."""
+
+
+class KdcGroup(_KdcCommandMixin, TyperGroup):
+    """The kdc command group (see :class:`_KdcCommandMixin`)."""
+
+
+class KdcTyper(typer.Typer):
+    """typer.Typer whose commands and groups are :class:`KdcCommand` and :class:`KdcGroup`."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("cls", KdcGroup)
+        super().__init__(**kwargs)
+
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("cls", KdcCommand)
+        return super().command(*args, **kwargs)
+
+
+app = KdcTyper(
     name="kdc",
     help=(
         "Turn a big model into a small one from one YAML recipe: train a teacher, distil it into a student, "
@@ -30,22 +154,47 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+class _NoTrailingSpaces:
+    """stdout for a pipe or a file: each line as rich renders it, less the spaces it pads a line with."""
+
+    def __init__(self):
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        if lines:
+            sys.stdout.write("".join(line.rstrip(" ") + "\n" for line in lines))
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            sys.stdout.write(self.pending.rstrip(" "))
+            self.pending = ""
+        sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+PIPE_WIDTH = 100  # stdout that is not a terminal: no line longer (the report's tables are made to fit it)
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False)
-if not out.is_terminal:  # piped or captured: don't squeeze the report into 80 columns
-    out = Console(highlight=False, width=200)
+if not out.is_terminal:  # piped or captured: 100 columns, no trailing spaces
+    out = Console(highlight=False, width=PIPE_WIDTH, file=_NoTrailingSpaces())
 
 
 def _stdout() -> Console:
     """``out``, unless stdout is not a terminal and COLUMNS is set now: then a console that wide.
 
-    COLUMNS is read at call time (``out`` reads it at import), so ``COLUMNS=100 kdc report`` is honoured
+    COLUMNS is read at call time (``out`` reads it at import), so ``COLUMNS=120 kdc report`` is honoured
     when piped and under a test runner alike.
     """
     columns = os.environ.get("COLUMNS", "")
     if out.is_terminal or not columns.isdigit() or int(columns) <= 0:
         return out
-    return Console(highlight=False, width=int(columns))
+    return Console(highlight=False, width=int(columns), file=_NoTrailingSpaces())
 
 
 _state = {"debug": False}
@@ -145,6 +294,17 @@ def _friendly(func):
     return wrapper
 
 
+def _check_choices(option: str, values, choices) -> None:
+    """UsageError ``--format: must be one of a, b, got 'x'`` for a value of ``option`` that is not a choice."""
+    from .errors import did_you_mean
+
+    for value in values or ():
+        if value not in choices:
+            raise UsageError(
+                f"{option}: must be one of {', '.join(choices)}, got {value!r}{did_you_mean(value, choices)}"
+            )
+
+
 def _recipe_file(recipe: Optional[Path]) -> Optional[Path]:
     """The recipe file a command argument names: a YAML file, or a run directory's resolved recipe.
 
@@ -183,8 +343,11 @@ def _load(recipe: Optional[Path], overrides: Optional[List[str]], trust_code: bo
     path = _recipe_file(recipe)
     where: list[str] = []
     if path is not None and recipe is not None and path.parent == recipe:
-        # a run directory stays where it is, even moved or copied from where its recipe.yaml says runs go
-        where = [f"run.out_dir={recipe.resolve().parent}", f"run.name={recipe.resolve().name}"]
+        # a run directory stays where it is, even moved or copied from where its recipe.yaml says runs go; named
+        # as the user did (runs/NAME stays relative, in recipe.yaml, report.json and messages alike)
+        resolved = recipe.resolve()
+        parent = resolved.parent if recipe.is_absolute() else Path(os.path.relpath(resolved.parent))
+        where = [f"run.out_dir={parent}", f"run.name={resolved.name}"]
     in_run_dir = path is not None and path.name == layout.RECIPE_FILE and layout.marker_path(path.parent).is_file()
     loaded = load_recipe(
         path, where + list(overrides or []), import_folder=not in_run_dir, import_code=trust_code or not in_run_dir
@@ -286,12 +449,13 @@ def run(
     force: bool = ForceOpt,
     restart: bool = RestartOpt,
     nproc: int = typer.Option(
-        1, "--nproc", min=1, help="train with N processes (torch.distributed: gloo on CPU, nccl on CUDA)"
+        1, "--nproc", min=1, metavar="N", help="train with N processes (torch.distributed: gloo on CPU, nccl on CUDA)"
     ),
     seeds: Optional[int] = typer.Option(
         None,
         "--seeds",
         min=1,
+        metavar="N",
         show_default=False,
         help="run N seeds, run.seed to run.seed+N-1 (sets run.seeds): the teacher is trained once, every other "
         "stage per seed, in <run dir>/seeds/seed-S; the report gives mean ± std",
@@ -314,7 +478,7 @@ def run(
         loaded = load(recipe, set_)
     if len(loaded.run.seeds) > 1:
         if nproc > 1 or distributed.launched_by_torchrun():
-            raise KdcError(
+            raise UsageError(
                 "--seeds (run.seeds) runs one process per seed for now; drop --nproc, or run each seed "
                 "with --set run.seed=S --set teacher.seed=FIRST"
             )
@@ -466,20 +630,22 @@ def _compare_reports(
 def _comparison_table(comparison: dict):
     """The comparison as a terminal table: one row per stage and per artifact of every run."""
     from rich.table import Table
+    from rich.text import Text
 
     from .report.compare import LATENCY_BATCH, comparison_rows
 
     names = ", ".join(run["name"] for run in comparison["runs"])
     table = Table(title=f"kdc report: {names}", title_justify="left")
-    for header in ("run", "stage / file", "acc %", "bytes", "non-zero", f"ms @{LATENCY_BATCH}"):
-        table.add_column(header, justify="left" if header in ("run", "stage / file") else "right")
+    for header in ("run", "stage / file", "model / format", "acc %", "bytes", "non-zero", f"ms @{LATENCY_BATCH}"):
+        table.add_column(header, justify="left" if header in ("run", "stage / file", "model / format") else "right")
     for r in comparison_rows(comparison):
         if r["refused"]:
-            table.add_row(r["run"], r["label"], "refused", "", "", "")
+            table.add_row(r["run"], r["label"], r["detail"] or "", "refused", "", "", "")
             continue
         table.add_row(
             r["run"],
             r["label"] + (" (stale)" if r["stale"] else ""),
+            Text(r["detail"] or ""),
             "" if r["accuracy"] is None else f"{r['accuracy'] * 100:.2f}",
             "" if r["bytes"] is None else f"{r['bytes']:,}",
             "" if r["nonzero_params"] is None else f"{r['nonzero_params']:,}",
@@ -514,8 +680,10 @@ def export(
     Formats: sparse (non-zeros only), shared (k-means weight sharing, --bits), int8 and onnx (need
     `pip install 'kdcompress\\[onnx]'`). Example: kdc export runs/quickstart --format sparse --format shared --bits 4
     """
+    from .export import FORMATS
     from .run import EXPORT_WAIT_ADVICE, export_stage, run_dir_lock
 
+    _check_choices("--format", format_, FORMATS)
     overrides = list(set_ or [])
     if format_:
         overrides.append(f"export.formats=[{','.join(format_)}]")
@@ -545,6 +713,7 @@ def sweep(
         None,
         "--seeds",
         min=1,
+        metavar="N",
         show_default=False,
         help="run every point with N seeds, run.seed to run.seed+N-1 (as kdc run --seeds): the table gives means, "
         "and the distilled - student difference with its standard error",
@@ -598,6 +767,7 @@ def sweep(
 def report(
     run_dirs: Optional[List[Path]] = typer.Argument(
         None,
+        metavar="RUN_DIR",
         help="run directory (runs/<run.name>; run.name defaults to the recipe file's name without .yaml); omit it "
         "for the quickstart's; several, with --out, to compare them",
         show_default=False,
@@ -605,6 +775,7 @@ def report(
     out_dir: Optional[Path] = typer.Option(
         None,
         "--out",
+        metavar="DIR",
         help="compare the runs into this folder: report.html, report.md and report.json",
         show_default=False,
     ),
@@ -628,8 +799,7 @@ def report(
     Examples: kdc report runs/quickstart;  kdc report runs/quickstart --format md > report.md;  two runs side by
     side: kdc report runs/quickstart runs/t2 --out cmp
     """
-    if format_ not in REPORT_FORMATS:
-        raise UsageError(f"--format {format_!r} is not one of {', '.join(REPORT_FORMATS)}; e.g. --format html")
+    _check_choices("--format", [format_], REPORT_FORMATS)
     run_dirs = list(run_dirs or []) or [_load(None, None).run_dir]
     for run_dir in run_dirs:  # every one checked before any report is written
         if not Path(run_dir).is_dir():
@@ -681,7 +851,7 @@ def validate(
         out.print(f"[yellow]warning[/]: on this machine, {exc}")
 
 
-recipes_app = typer.Typer(
+recipes_app = KdcTyper(
     help="The recipes shipped with kdc: list them, or copy one to edit.\n\nExample: kdc recipes copy quickstart my-recipe.yaml",
     invoke_without_command=True,
     no_args_is_help=False,
@@ -753,12 +923,12 @@ def recipes_copy(
     if name not in found:
         close = difflib.get_close_matches(name, list(found), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise KdcError(f"no shipped recipe named '{name}'; {hint}the shipped recipes are: {', '.join(found)}")
+        raise UsageError(f"no shipped recipe named '{name}'; {hint}the shipped recipes are: {', '.join(found)}")
     target = Path(f"{name}.yaml") if dest is None else dest
     if target.is_dir():
         target = target / f"{name}.yaml"
     if target.exists() and not force:
-        raise KdcError(f"{target} exists; choose another DEST, or add --force to overwrite it")
+        raise UsageError(f"{target} exists; choose another DEST, or add --force to overwrite it")
     atomic_write_text(target, found[name].read_text(encoding="utf-8"))
     err.print(f"copied the '{name}' recipe to {target}; run it with `kdc run {target}`")
 
@@ -776,7 +946,7 @@ def entry() -> None:
     # sleeping threads on a busy machine, is timed in its own process (kdcompress.timing).
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", TRAIN_SPINCOUNT)
-    app()
+    app(prog_name="kdc")
 
 
 if __name__ == "__main__":  # pragma: no cover

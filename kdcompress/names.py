@@ -207,9 +207,13 @@ def model_name_problem(name: str) -> str | None:
 
 
 def unknown_model(name: str) -> str:
-    """The message for a model name that is neither built in nor ``NAME:``-shaped."""
+    """The message for a model name that is neither built in nor ``NAME:``-shaped; a torchvision model's name
+    (``resnet50``) is pointed to ``torchvision:resnet50``."""
+    hint = did_you_mean(name, MODEL_NAMES)
+    if name.isidentifier() and torchvision_name_problem(name) is None:
+        hint = f"; did you mean 'torchvision:{name}'?"
     return (
-        f"unknown model '{name}'{did_you_mean(name, MODEL_NAMES)} (built-in: {', '.join(MODEL_NAMES)}; also torchvision:NAME, "
+        f"unknown model '{name}'{hint} (built-in: {', '.join(MODEL_NAMES)}; also torchvision:NAME, "
         f"or package.module:factory for your own)"
     )
 

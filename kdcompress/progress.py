@@ -34,8 +34,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from .errors import MissingPackageError
 
-__all__ = ["RunProgress", "ETA_MIN_BATCHES", "clock_text", "tensorboard_writer_class", "TENSORBOARD_MISSING"]
+__all__ = [
+    "RunProgress",
+    "ETA_MIN_BATCHES",
+    "EPOCH_LINE_WIDTH",
+    "clock_text",
+    "tensorboard_writer_class",
+    "TENSORBOARD_MISSING",
+]
 
+EPOCH_LINE_WIDTH = 100  # an epoch's line, and its ETA's when they do not fit on one, fit a 100-column terminal
 ETA_MIN_BATCHES = 50  # batches of a stage that give a rate worth quoting, when an epoch is longer than that
 
 TENSORBOARD_MISSING = (
@@ -172,15 +180,27 @@ class RunProgress:
         s = self._stage
         s.batches = s.epoch_base + s.batches_per_epoch
         s.epoch = record["epoch"]
-        sparsity = f"  sparsity {record['sparsity']:.3f}" if "sparsity" in record else ""
-        line = (
-            f"{s.name} epoch {record['epoch']}/{s.epochs}  loss {record['train_loss']:.4f}  "
-            f"train acc {record['train_accuracy']:.4f}  {eval_name} acc {record[f'{eval_name}_accuracy']:.4f}  "
-            f"lr {record['lr']:.4g}{sparsity}  ({record['seconds']:.1f} s)"
-        )
+        fields = [
+            f"{s.name} epoch {record['epoch']}/{s.epochs}",
+            f"loss {record['train_loss']:.4f}",
+            f"train acc {record['train_accuracy']:.4f}",
+            f"{eval_name} acc {record[f'{eval_name}_accuracy']:.4f}",
+            f"lr {record['lr']:.3g}",
+            *([f"sparsity {record['sparsity']:.3f}"] if "sparsity" in record else []),
+            f"{record['seconds']:.1f} s",
+        ]
+        line = "  ".join(fields)
+        if len(line) > EPOCH_LINE_WIDTH:  # many epochs, a large loss, a long time: single spaces, then no "epoch"
+            line = " ".join(fields)
+            if len(line) > EPOCH_LINE_WIDTH:
+                line = " ".join([f"{s.name} {record['epoch']}/{s.epochs}", *fields[1:]])
         eta = self._eta_text(*self.eta())
-        # soft_wrap: one epoch, one line, whatever the console's width
-        self.console.print(line + (f"  {eta}" if eta else ""), soft_wrap=True, markup=False, highlight=False)
+        if eta and len(line) + 2 + len(eta) <= EPOCH_LINE_WIDTH:
+            line, eta = f"{line}  {eta}", ""
+        # soft_wrap: one epoch, one line (and its ETA on the next when both do not fit), whatever the console's width
+        for text in (line, f"  {eta}" if eta else None):
+            if text:
+                self.console.print(text, soft_wrap=True, markup=False, highlight=False)
         self._refresh()
 
     def eta(self) -> tuple[float | None, float | None]:

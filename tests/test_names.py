@@ -34,3 +34,8 @@ def test_saved_import_dirs_puts_the_folders_back(tmp_path):
         names.add_import_dir(tmp_path)
         assert names.import_dirs() == [str(tmp_path.resolve())]
     assert names.import_dirs() == before
+
+
+def test_a_torchvision_model_name_without_its_prefix_points_to_torchvision():
+    assert "did you mean 'torchvision:resnet50'?" in names.model_name_problem("resnet50")
+    assert "did you mean 'mlp'?" in names.model_name_problem("mpl")  # a built-in's misspelling stays as it was

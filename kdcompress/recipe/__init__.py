@@ -18,6 +18,7 @@ else (not from checkpoints, not from the network).
 from .parse import (
     MAX_YAML_SIZE,
     builtin_recipe_path,
+    key_sections,
     load_recipe,
     parse_recipe,
     read_yaml,
@@ -55,6 +56,7 @@ __all__ = [
     "ReportSection",
     "ExportSection",
     "load_recipe",
+    "key_sections",
     "CODE_KEYS",
     "IMAGEFOLDER_KEYS",
     "parse_recipe",

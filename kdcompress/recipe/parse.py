@@ -28,6 +28,7 @@ from .schema import PruneSection, Recipe
 from .validate import cross_checks, line_of, name_checks, resolve_files, run_name_checks
 
 __all__ = [
+    "key_sections",
     "load_recipe",
     "parse_recipe",
     "read_yaml",
@@ -433,26 +434,26 @@ def _key_hint(key: Any, tp: Any) -> str:
     for candidate in meant:  # first, so that teacher.name means teacher.model, not run.name
         if candidate in names:
             return f"; did you mean '{candidate}'?"
-    if _owners(word):  # a real key, in the wrong section (or at the top level)
+    if key_sections(word):  # a real key, in the wrong section (or at the top level)
         return f"; {_belongs(word)}"
     close = _suggest(word, names)
     if close:
         return close
     for candidate in meant:
-        if _owners(candidate):
+        if key_sections(candidate):
             return f"; did you mean '{candidate}'? {_belongs(candidate)}"
     return ""
 
 
-def _owners(key: str) -> list[str]:
-    """The sections that have ``key`` (none: an empty list)."""
+def key_sections(key: str) -> list[str]:
+    """The recipe sections that have a key named ``key`` (none: an empty list), e.g. ``["teacher", "distill", "prune"]``."""
     hints = _type_hints(Recipe)
     return [s.name for s in dataclasses.fields(Recipe) if key in {f.name for f in dataclasses.fields(hints[s.name])}]
 
 
 def _belongs(key: str) -> str:
     """Where ``key`` is set, in words."""
-    sections = _owners(key)
+    sections = key_sections(key)
     if set(sections) == {"teacher", "distill", "prune"}:
         return (
             f"'{key}' is a training setting of each stage: teacher.{key}, distill.{key} (which also trains the "

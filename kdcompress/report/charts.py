@@ -220,7 +220,8 @@ def _place_labels(fig: Figure, ax, items: list[tuple[float, float, str, str]]) -
     and overlaps no other label.
 
     A label whose text is already written next to a point close by (two runs' points of the same stage) is left
-    out: the points' colours tell the runs apart. The margins and axis limits must be set before.
+    out: the points' colours tell the runs apart; so is one with no free side, rather than drawn over another.
+    The margins and axis limits must be set before.
     """
     ax.get_xlim(), ax.get_ylim()  # brings autoscaled limits up to date: transData reads them as they stand
     scale = 72 / fig.dpi
@@ -248,8 +249,12 @@ def _place_labels(fig: Figure, ax, items: list[tuple[float, float, str, str]]) -
             box = (left, py + dy, left + w, py + dy + height)
             inside = box[0] >= frame[0] and box[2] <= frame[2] and box[1] >= frame[1] and box[3] <= frame[3]
             free = not any(_boxes_overlap(box, other[:4]) for other in placed)
-            choices.append((not (inside and free), not inside, (dx, dy, ha, box)))
-        dx, dy, ha, box = min(choices, key=lambda c: c[:2])[2]  # the first free side inside; else inside; else right
+            choices.append((not (inside and free), not free, not inside, (dx, dy, ha, box)))
+        # the first free side inside; else a free side; else none: a label over another helps no one (the colour
+        # and the table say which point it is)
+        _, taken, _, (dx, dy, ha, box) = min(choices, key=lambda c: c[:3])
+        if taken:
+            continue
         ax.annotate(
             _label(text),
             (x, y),

@@ -26,7 +26,7 @@ import torch
 from .._version import __version__
 from ..checkpoint import load_checkpoint, read_manifest
 from ..data import preprocess_info
-from ..errors import ArtifactError, KdcError
+from ..errors import ArtifactError, KdcError, UsageError
 from ..export import load_artifact, verify_artifact
 from ..files import confined_path
 from ..measure import LATENCY_ROUNDS, count_macs, count_nonzero, count_params, count_sparse_macs
@@ -480,7 +480,7 @@ def _stage_checkpoints(run_dir: Path) -> tuple[list[str], dict[str, dict]]:
     checked); KdcError when there is none."""
     found = [s for s in STAGE_ORDER if checkpoint_path(run_dir, s).is_file()]
     if not found:
-        raise KdcError(
+        raise UsageError(
             f"no stage checkpoints in {run_dir} (looked for {', '.join(f'{s}/model.pt' for s in STAGE_ORDER)}); "
             f"run `kdc run RECIPE` first, or pass the run directory (runs/<recipe name>)"
         )

@@ -63,11 +63,18 @@ def latency_at(row: dict, batch: int) -> float | None:
     return None if value is None else float(value)
 
 
+def _stage_detail(row: dict) -> str | None:
+    """A stage's model, and for a pruned stage how it was pruned (runs compared may prune differently)."""
+    method = (row.get("settings") or {}).get("method")
+    model = row.get("model")
+    return f"{model}; {method}" if method and model else model or method
+
+
 def comparison_rows(comparison: dict) -> list[dict]:
     """One flat row per stage and per loaded artifact of every run, in run order.
 
     Keys: ``run``, ``kind`` ("stage" or "artifact"), ``label`` (the stage, or the artifact's file name), ``stage``
-    (the stage it is, or was exported from), ``detail`` (model, or format), ``stale``, ``accuracy``, ``accuracy_se``,
+    (the stage it is, or was exported from), ``detail`` (model, with how a pruned stage was pruned; or format), ``stale``, ``accuracy``, ``accuracy_se``,
     ``bytes``, ``nonzero_params``, ``macs``, ``latency_ms`` (at batch 64). A refused artifact has no numbers.
     """
     rows = []
@@ -80,7 +87,7 @@ def comparison_rows(comparison: dict) -> list[dict]:
                     "kind": "stage",
                     "label": r.get("stage"),
                     "stage": r.get("stage"),
-                    "detail": r.get("model"),
+                    "detail": _stage_detail(r),
                     "stale": bool(r.get("stale")),
                     "accuracy": r.get("accuracy"),
                     "accuracy_se": r.get("accuracy_se"),

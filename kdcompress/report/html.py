@@ -151,31 +151,24 @@ def _accuracy_cell(row: dict) -> str:
 
 
 def _stage_table(report: dict) -> str:
+    """The stages in two tables, so that each fits a 1280-pixel window whole: what each scores (accuracy), then
+    what it costs (size, MACs, latency)."""
     rows = report.get("stages") or []
     batches = report.get("latency_batches") or []
-    header = [
-        "stage",
-        "model",
-        "epochs",
-        "test acc %<br>± SE",
-        "vs teacher<br>points",
-        "params",
-        "non-zero",
-        "sparsity",
-        "bytes on disk",
-        "bytes ratio<br>vs teacher",
-        "MACs",
-        "MACs if<br>sparse",
-    ]
-    header += [f"latency ms<br>batch {b}" for b in batches]
-    body = []
-    for r in rows:
-        cells = [
-            _e(r.get("stage")) + ("*" if r.get("stale") else ""),
+    scores = [
+        [
+            _stage_cell(r),
             _e(r.get("model")),
             _e(r.get("epochs")),
             _accuracy_cell(r),
             points_text(r.get("accuracy_change_vs_teacher")),
+        ]
+        for r in rows
+    ]
+    costs = []
+    for r in rows:
+        cells = [
+            _stage_cell(r),
             compact(r.get("params")),
             compact(r.get("nonzero_params")),
             _e(sparsity_text(r)) if r.get("sparsity") is not None or r.get("channel_sparsity") is not None else "",
@@ -184,9 +177,16 @@ def _stage_table(report: dict) -> str:
             compact(r.get("macs")),
             compact(r.get("sparse_macs")),
         ]
-        cells += ["" if latency_at(r, b) is None else ms_text(latency_at(r, b)) for b in batches]
-        body.append(cells)
-    return _table(header, body, left=2)
+        costs.append(cells + ["" if latency_at(r, b) is None else ms_text(latency_at(r, b)) for b in batches])
+    cost_header = ["stage", "params", "non-zero", "sparsity", "bytes on disk", "bytes ratio<br>vs teacher", "MACs"]
+    cost_header += ["MACs if<br>sparse", *(f"latency ms<br>batch {b}" for b in batches)]
+    return _table(["stage", "model", "epochs", "test acc %<br>± SE", "vs teacher<br>points"], scores, left=2) + _table(
+        cost_header, costs, left=1
+    )
+
+
+def _stage_cell(row: dict) -> str:
+    return _e(row.get("stage")) + ("*" if row.get("stale") else "")
 
 
 def _artifact_table(report: dict) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Group
+from rich.console import Console, ConsoleOptions, Group
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -30,7 +31,7 @@ from .text import (
     stage_name,
 )
 
-__all__ = ["report_table"]
+__all__ = ["report_table", "FittedTable"]
 
 
 def report_table(report: dict) -> Group:
@@ -78,7 +79,7 @@ def _accuracy_table(report: dict, seeded: bool) -> Table:
         if seeded and is_seeded(r) and teacher_mean is not None:  # beside a mean, the change of the means
             change = r["accuracy_mean"] - teacher_mean
         first.add_row(
-            stage_name(r),
+            stage_name(r) + (" (trained once)" if seeded and r.get("trained_once") else ""),  # as report.html
             Text(r["model"]),  # Text: a name is never read as rich markup
             "" if r.get("epochs") is None else str(r["epochs"]),
             duration_text(r.get("train_seconds")),
@@ -156,34 +157,71 @@ def _artifact_name(a: dict) -> str:
     return Path(str(a["path"])).name + ("*" if a.get("stale") else "")
 
 
-def _artifact_table(report: dict) -> Table:
+class FittedTable:
+    """A table that leaves out its optional columns, least needed first, until it fits the width it is given.
+
+    ``make(dropped)`` builds the table without the columns named in ``dropped``; ``optional`` lists the columns
+    that may go, in the order they go. The columns that stay never wrap (a file name stays whole).
+    """
+
+    def __init__(self, make, optional: list[str]):
+        self.make, self.optional = make, list(optional)
+
+    def fitted(self, console: Console, width: int) -> Table:
+        options = console.options.update(max_width=10_000)  # measured unconstrained: its natural width
+        for count in range(len(self.optional) + 1):
+            table = self.make(frozenset(self.optional[:count]))
+            if Measurement.get(console, options, table).maximum <= width:
+                break
+        return table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions):
+        yield self.fitted(console, options.max_width)
+
+
+# the artifact table's columns: (header, what it holds); those after the file and bytes may be left out, the
+# teacher ratio first and the first latency last, when the terminal is narrow
+_ARTIFACT_COLUMNS = ("teacher\n/ file", "stage\n/ file", "test acc %\n± SE", "vs\nstage")
+_ARTIFACT_DROP_ORDER = ("teacher\n/ file", "vs\nstage", "stage\n/ file")
+
+
+def _artifact_table(report: dict) -> FittedTable:
     """Exported files: bytes, how many times smaller than the teacher's and the stage's checkpoints,
-    accuracy measured from the loaded file (against its stage's), latency medians."""
+    accuracy measured from the loaded file (against its stage's), latency medians; file names whole at any
+    width (the ratios, then all but the first latency, go first)."""
+    batches = [f"ms\nbatch {b}" for b in report.get("latency_batches") or []]
+    optional = [_ARTIFACT_DROP_ORDER[0], *batches[1:][::-1], *_ARTIFACT_DROP_ORDER[1:]]
+    return FittedTable(lambda dropped: _artifact_columns(report, dropped), optional)
+
+
+def _artifact_columns(report: dict, dropped: frozenset) -> Table:
     batches = report.get("latency_batches") or []
+    headers = [h for h in (*_ARTIFACT_COLUMNS, *(f"ms\nbatch {b}" for b in batches)) if h not in dropped]
+    ratios = [h.replace("\n", " ") for h in headers if h.endswith("/ file")]
+    notes = [f"{', '.join(ratios)}: checkpoint bytes over file bytes"] if ratios else []
+    notes += ["vs stage: accuracy points against the stage checkpoint"] if "vs\nstage" in headers else []
+    notes += ["ms: median latency"] if batches else []
     table = Table(
         title="artifacts (export/): accuracy measured from each file loaded back",
         title_justify="left",
-        caption="teacher / file, stage / file: checkpoint bytes over file bytes; vs stage: accuracy points against the "
-        "stage checkpoint; ms: median latency",
+        caption="; ".join(notes) or None,
         caption_justify="left",
     )
-    table.add_column("file", overflow="fold")
-    for header in ["bytes", "teacher\n/ file", "stage\n/ file", "test acc %\n± SE", "vs\nstage"]:
+    names = [_artifact_name(a) for a in report["artifacts"]]
+    table.add_column("file", no_wrap=True, min_width=max(map(len, names), default=4))  # a name is never cut
+    for header in ["bytes", *headers]:
         table.add_column(header, justify="right", no_wrap=True)
-    for b in batches:
-        table.add_column(f"ms\nbatch {b}", justify="right", no_wrap=True)
     for a in report["artifacts"]:
         if a.get("refused"):
-            table.add_row(Text(_artifact_name(a)), "refused", *[""] * (4 + len(batches)))
+            table.add_row(Text(_artifact_name(a)), "refused", *[""] * len(headers))
             continue
         timing = a.get("latency_ms") or {}
-        table.add_row(
-            Text(_artifact_name(a)),
-            bytes_text(a["bytes"]),
-            ratio_text(a.get("compression_vs_teacher")),
-            ratio_text(a.get("compression_vs_stage")),
-            "" if a.get("accuracy") is None else accuracy_text(a),
-            points_text(a.get("accuracy_change_vs_stage")),
-            *["-" if timing.get(str(b)) is None else ms_text(timing[str(b)]) for b in batches],
-        )
+        cells = {
+            "teacher\n/ file": ratio_text(a.get("compression_vs_teacher")),
+            "stage\n/ file": ratio_text(a.get("compression_vs_stage")),
+            "test acc %\n± SE": "" if a.get("accuracy") is None else accuracy_text(a),
+            "vs\nstage": points_text(a.get("accuracy_change_vs_stage")),
+            **{f"ms\nbatch {b}": "-" if timing.get(str(b)) is None else ms_text(timing[str(b)]) for b in batches},
+        }
+        table.add_row(Text(_artifact_name(a)), bytes_text(a["bytes"]), *[cells[h] for h in headers])
     return table

@@ -14,10 +14,11 @@ from rich.console import Console
 from .. import __version__
 from ..checkpoint import load_checkpoint, read_manifest
 from ..data import load_data
-from ..errors import ArtifactError, KdcError, StageOrderError
+from ..errors import ArtifactError, KdcError, RecipeError, StageOrderError, UsageError
 from ..export import FORMATS, artifact_name, codec, format_options, load_artifact, verify_artifact, write_artifact
 from ..files import atomic_write_text
 from ..models import build_from_checkpoint
+from ..recipe import recipe_from_dict, recipe_to_dict
 from ..train import evaluate, seed_everything
 from .layout import EXPORT_DIR, MODEL_FILE, artifacts_path, checkpoint_path, export_dir
 from .lock import run_dir_lock
@@ -25,7 +26,7 @@ from .marker import write_resolved_recipe
 from .stages import COMMAND_OF, stage_named
 from .state import Origin, stage_status
 
-__all__ = ["EXPORT_WAIT_ADVICE", "export_stage", "read_artifacts"]
+__all__ = ["EXPORT_WAIT_ADVICE", "export_stage", "read_artifacts", "size_change"]
 
 
 _NUMBER = (int, float)
@@ -140,29 +141,59 @@ def _export_stage(recipe, formats: list[str] | None, force: bool, console, origi
     console = console or Console(stderr=True)
     section = recipe.export
     formats = list(dict.fromkeys(formats if formats is not None else section.formats))
-    if not formats:
-        raise KdcError(
+    rows = {r["path"]: r for r in read_artifacts(recipe.run_dir)}
+    stage = section.stage
+    if not formats and not any(r["stage"] == stage for r in rows.values()):
+        raise UsageError(
             "nothing to export: name a format (kdc export RUN_DIR --format sparse, with shared, int8 or onnx), "
             "or list them in the recipe's export.formats"
         )
-    codecs = {fmt: codec(fmt) for fmt in formats}  # a missing extra is reported before any work
-    stage = section.stage
-    source = _source(recipe, stage, origin)
-    rows = {r["path"]: r for r in read_artifacts(recipe.run_dir)}
-    todo = _pending(recipe, formats, rows, source[2], force, console)
-    if todo:
-        _write_pending(recipe, todo, codecs, source, rows, console)
-    return [rows[rel] for rel in rows if rows[rel]["stage"] == stage and rows[rel]["format"] in formats]
-
-
-def _pending(recipe, formats: list[str], rows: dict, fingerprint: str, force: bool, console) -> list[tuple]:
-    """``(format, options, path in the run directory)`` of each artifact to write: every one with ``force``, else
-    those not made from the current checkpoint with the same settings, or no longer matching their manifest."""
-    section, run_dir = recipe.export, recipe.run_dir
-    todo = []
     for fmt in formats:
+        codec(fmt)  # a missing extra is reported before any work
+    source = _source(recipe, stage, origin)
+    # every artifact of the stage made from an older checkpoint is written again, whatever formats were asked for
+    wanted = [(fmt, section) for fmt in formats] + _stale_settings(section, rows, source[2])
+    todo = _pending(recipe.run_dir, wanted, rows, source[2], force, console)
+    if todo:
+        _write_pending(recipe, todo, {fmt: codec(fmt) for fmt, _, _ in todo}, source, rows, console)
+    paths = {f"{EXPORT_DIR}/{artifact_name(stage, fmt, format_options(fmt, settings))}" for fmt, settings in wanted}
+    return [rows[rel] for rel in rows if rel in paths]
+
+
+def _stale_settings(section, rows: dict, fingerprint: str) -> list[tuple]:
+    """``(format, export settings)`` of each artifact of ``section.stage`` made from another checkpoint than the
+    current one: its recorded options, checked as a recipe's ``export`` section (the row is data), over
+    ``section``. A row whose options or path kdc would not write is left alone (the report flags it)."""
+    stale = []
+    for rel, row in rows.items():
+        if (
+            row["stage"] != section.stage
+            or row.get("source_fingerprint") == fingerprint
+            or row["format"] not in FORMATS
+        ):
+            continue
+        try:
+            settings = recipe_from_dict({"export": {**recipe_to_dict(section), **(row.get("options") or {})}}).export
+        except RecipeError:
+            continue
+        if (
+            rel
+            == f"{EXPORT_DIR}/{artifact_name(section.stage, row['format'], format_options(row['format'], settings))}"
+        ):
+            stale.append((row["format"], settings))
+    return stale
+
+
+def _pending(run_dir: Path, wanted: list[tuple], rows: dict, fingerprint: str, force: bool, console) -> list[tuple]:
+    """``(format, options, path in the run directory)`` of each artifact to write, from ``wanted`` ``(format, export
+    settings)`` pairs: every one with ``force``, else those not made from the current checkpoint with the same
+    settings, or no longer matching their manifest."""
+    todo = []
+    for fmt, section in wanted:
         options = format_options(fmt, section)
         rel = f"{EXPORT_DIR}/{artifact_name(section.stage, fmt, options)}"
+        if any(rel == item[2] for item in todo):
+            continue
         old = rows.get(rel)
         if not force and old and old.get("source_fingerprint") == fingerprint and old.get("options") == options:
             try:
@@ -213,10 +244,19 @@ def _write_pending(recipe, todo: list[tuple], codecs: dict, source: tuple, rows:
         rows[rel] = row
         _write_artifacts(run_dir, list(rows.values()))  # after each one: an interrupted export keeps its work
         console.print(
-            f"[green]export[/]: {rel}: {row['bytes']:,} bytes ({row['stage_checkpoint_bytes'] / row['bytes']:.1f}x "
-            f"smaller than {stage}/{MODEL_FILE}), test accuracy {row['accuracy']:.4f} "
+            f"[green]export[/]: {rel}: {row['bytes']:,} bytes "
+            f"({size_change(row['stage_checkpoint_bytes'], row['bytes'], f'{stage}/{MODEL_FILE}')}), "
+            f"test accuracy {row['accuracy']:.4f} "
             f"({row['accuracy_change_vs_stage'] * 100:+.2f} points vs the checkpoint)"
         )
+
+
+def size_change(before: int, after: int, than: str) -> str:
+    """``"4.2x smaller than X"``, ``"1.3x larger than X"``, or ``"the same size as X"`` when within 5 %."""
+    ratio = before / max(1, after)
+    if 1 / 1.05 < ratio < 1.05:
+        return f"the same size as {than}"
+    return f"{ratio:.1f}x smaller than {than}" if ratio > 1 else f"{1 / ratio:.1f}x larger than {than}"
 
 
 def _artifact_row(

@@ -126,11 +126,24 @@ class Origin:
     source: str = ""  # the RECIPE argument as given (a file or a run directory); "" for the built-in recipe
     overrides: tuple[str, ...] = ()  # every --set KEY=VALUE, in order
 
-    def hint(self) -> str:
-        """The recipe argument and --set overrides this recipe was loaded with, for commands in messages."""
+    def hint(self, stage: str | None = None) -> str:
+        """The recipe argument and --set overrides this recipe was loaded with, for commands in messages.
+
+        With ``stage``, only the overrides that stage reads, or that say where and how it runs (``run.*``,
+        ``data.*``): the teacher's command gets no ``prune.rate``.
+        """
         source = self.source or ""
-        overrides = " ".join(f"--set {shlex.quote(item)}" for item in self.overrides or ())
+        items = [item for item in self.overrides or () if stage is None or _stage_reads(stage, item)]
+        overrides = " ".join(f"--set {shlex.quote(item)}" for item in items)
         return " ".join(part for part in (source, overrides) if part) or "RECIPE"
+
+
+def _stage_reads(stage: str, override: str) -> bool:
+    """Whether ``KEY=VALUE`` sets a value ``stage`` is made from, or where and how it runs."""
+    key = override.partition("=")[0].strip()
+    if key.partition(".")[0] in ("run", "data"):
+        return True
+    return any(key == r or key.startswith(f"{r}.") or r.startswith(f"{key}.") for r in stage_named(stage).reads)
 
 
 def require_upstream(recipe: Recipe, stage: str, origin: Origin = Origin()) -> dict[str, str]:
@@ -151,10 +164,10 @@ def require_upstream(recipe: Recipe, stage: str, origin: Origin = Origin()) -> d
                 f". To go on with the settings {recipe.run_dir} was made with (earlier --set values included), "
                 f"give the run directory instead of the recipe: `{COMMAND_OF[stage]} {recipe.run_dir} --set KEY=VALUE`"
             )
+        first = " && ".join(f"{COMMAND_OF[s.stage]} {origin.hint(s.stage)}" for s in reversed(chain))
         raise StageOrderError(
-            f"the '{stage}' stage needs the '{stale.stage}' stage first ({stale.reason}); run "
-            + " then ".join(f"`{COMMAND_OF[s.stage]} {hint}`" for s in reversed(chain))
-            + f", or `kdc run {hint}` for every stage{again}"
+            f"the '{stage}' stage needs the '{stale.stage}' stage first ({stale.reason}); run `{first}`, then "
+            f"this command again, or `kdc run {hint}` for every stage{again}"
         )
     return upstream_fingerprints(recipe, stage)
 

@@ -27,10 +27,10 @@ from pathlib import Path
 from rich.console import Console
 
 from ..checkpoint import load_checkpoint
-from ..errors import KdcError, Problem, RecipeError
+from ..errors import Problem, RecipeError, UsageError
 from ..files import atomic_write_text
 from ..recipe import load_recipe
-from ..stats import mean_std
+from ..stats import NOISE_Z, accuracy_se, mean_std
 from . import layout
 from .layout import SEED_GLOB, SEEDS_DIR, SWEEP_DATA, SWEEP_TABLE, checkpoint_path
 from .lock import run_dir_lock
@@ -41,7 +41,7 @@ from .share import expected_fingerprints, known_checkpoints, share_stages
 from .stages import STAGES
 from .state import Origin
 
-__all__ = ["parse_grid", "grid_points", "point_name", "sweep_markdown", "run_sweep"]
+__all__ = ["parse_grid", "grid_points", "point_name", "sweep_markdown", "run_sweep", "difference_se"]
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -124,6 +124,31 @@ def _ranked(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: -(r.get("distilled") if r.get("distilled") is not None else -1.0))
 
 
+def difference_se(row: dict) -> float | None:
+    """The standard error of one point's distilled - student difference, from both test accuracies (one seed)."""
+    errors = [accuracy_se(row[s], row.get(f"{s}_test_samples")) if row.get(s) is not None else None for s in _PAIR]
+    return math.sqrt(sum(e * e for e in errors)) if None not in errors else None
+
+
+_PAIR = ("distilled", "student")
+
+
+def _one_seed_note(rows: list[dict]) -> str:
+    """What noise is with one seed per point: the largest standard error of a difference in the table."""
+    errors = [se for se in map(difference_se, rows) if se is not None]
+    if not errors:
+        return (
+            "One seed per point: a difference can be noise (see each point's report for the standard errors, "
+            "or sweep again with --seeds 3)."
+        )
+    se = max(errors)
+    return (
+        f"One seed per point: the distilled - student difference has a standard error of up to {se * 100:.2f} "
+        f"points here (binomial, from the test set), so one within {NOISE_Z * se * 100:.2f} points can be noise "
+        f"(sweep again with --seeds 3 for the seeds' own spread)."
+    )
+
+
 def sweep_markdown(rows: list[dict], grid) -> str:
     """The ranked table: best distilled accuracy first."""
     keys = [key for key, _ in grid]
@@ -137,10 +162,7 @@ def sweep_markdown(rows: list[dict], grid) -> str:
             "which is beyond seed noise when it is more than twice that error)."
         )
     else:
-        about = (
-            "One seed per point: a difference of a few tenths of a point can be noise (see each point's "
-            "report for the standard errors, or sweep again with --seeds 3)."
-        )
+        about = _one_seed_note(rows)
     lines = [
         "# kdc sweep",
         "",
@@ -177,7 +199,7 @@ def run_sweep(
     load = load or (lambda path, items: load_recipe(path, items))
     grid = parse_grid(grid_items)
     if not grid:
-        raise KdcError("kdc sweep needs at least one --grid KEY=V1,V2 (e.g. --grid distill.temperature=1,2,4,8)")
+        raise UsageError("kdc sweep needs at least one --grid KEY=V1,V2 (e.g. --grid distill.temperature=1,2,4,8)")
     overrides = list(overrides or [])
     base = load(recipe_path, overrides)
     points = grid_points(grid)
@@ -186,7 +208,7 @@ def run_sweep(
     sweep_dir = layout.sweep_dir(base.run_dir)
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
-        raise KdcError("two grid points give the same folder name; use values that differ in letters or digits")
+        raise UsageError("two grid points give the same folder name; use values that differ in letters or digits")
     seeds = list(base.run.seeds) if len(base.run.seeds) > 1 else None
     with run_dir_lock(base.run_dir):
         earlier, earlier_grid = _earlier_points(sweep_dir)

@@ -365,10 +365,34 @@ BAD_INPUT_CASES: list[Case] = [
         edits={"run.device": "banana"},
     ),
     # --- command-line usage
-    Case("usage-missing-argument", ["validate"], 2, ["Missing argument"], usage=True),
-    Case("usage-bad-option-value", ["prune", "recipe.yaml", "--rate", "lots"], 2, ["Invalid value"], usage=True),
-    Case("usage-nproc-zero", ["run", "recipe.yaml", "--nproc", "0"], 2, ["Invalid value"], usage=True),
-    Case("usage-unknown-option", ["run", "recipe.yaml", "--frobnicate"], 2, ["No such option"], usage=True),
+    Case(
+        "usage-missing-argument",
+        ["validate"],
+        2,
+        ["error: missing argument 'RECIPE'", "usage: kdc validate"],
+        usage=True,
+    ),
+    Case(
+        "usage-bad-option-value",
+        ["prune", "recipe.yaml", "--rate", "lots"],
+        2,
+        ["error: invalid value for '--rate'"],
+        usage=True,
+    ),
+    Case(
+        "usage-nproc-zero",
+        ["run", "recipe.yaml", "--nproc", "0"],
+        2,
+        ["error: invalid value for '--nproc'"],
+        usage=True,
+    ),
+    Case(
+        "usage-unknown-option",
+        ["run", "recipe.yaml", "--frobnicate"],
+        2,
+        ["error: no such option: --frobnicate"],
+        usage=True,
+    ),
 ]
 
 NO_RECIPE = {"missing-file-validate", "missing-file-run", "recipe-is-a-folder"}

@@ -412,7 +412,7 @@ def test_comparison_has_one_table_and_one_chart_with_every_run(tiny_report):
     lines = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(lines) == 2 + n_rows  # one table: header, alignment, a row per stage and artifact
     assert lines[0].startswith("| run | stage / artifact |") and "latency batch 64" in lines[0]
-    assert "| t2 <T=2> | pruned | mlp |" in md
+    assert "| t2 <T=2> | pruned | mlp; unstructured magnitude |" in md
     assert re.search(
         r"^\| tiny \| artifact pruned-sparse-fp16.kdca \(from pruned\) \| sparse \| \d+\.\d\d% \|", md, re.M
     )
@@ -523,3 +523,76 @@ def test_every_chart_is_laid_out_visibly_on_a_wide_and_a_narrow_screen(tiny_run,
         assert w > 50 and h > 50, measured
         assert left >= 0 and right <= measured["innerWidth"] + 1, measured
     assert measured["scrollWidth"] <= measured["innerWidth"] + 1, measured
+
+
+def _label_boxes(svg: str) -> list[tuple[str, float, float, float, float]]:
+    """(text, left, bottom, right, top) of each point label (6.5 px text) of a chart, as the page draws it."""
+    boxes = []
+    for style, x, y, text in re.findall(
+        r'<text style="([^"]*font-size: 6\.5px[^"]*)" x="([\d.]+)" y="([\d.]+)"[^>]*>([^<]*)</text>', svg
+    ):
+        width = 0.55 * 6.5 * len(text)  # DejaVu Sans at 6.5 px: a little narrower than the placing estimate
+        left = float(x) - (width if "text-anchor: end" in style else 0)
+        boxes.append((text, left, float(y) - 6.5, left + width, float(y)))
+    return boxes
+
+
+def test_comparison_chart_labels_do_not_overlap_and_the_table_says_how_each_run_pruned():
+    from kdcompress.report.charts import Charts, comparison_chart
+
+    first = full_report("a")
+    next(r for r in first["stages"] if r["stage"] == "pruned")["settings"]["method"] = "unstructured magnitude"
+    second, third = copy.deepcopy(first), copy.deepcopy(first)
+    for row in second["stages"]:
+        row["accuracy"] -= 0.004
+    for row in third["stages"]:
+        row["accuracy"] += 0.003
+        row["checkpoint_bytes"] = int(row["checkpoint_bytes"] * 1.1)
+        if row["stage"] == "pruned":
+            row["settings"] = {**row.get("settings", {}), "method": "structured, whole channels by l1"}
+    comparison = build_comparison([("a", first), ("b", second), ("c", third)])
+    boxes = _label_boxes(comparison_chart(comparison, Charts()))
+    assert len(boxes) >= 4
+    for i, (text, *one) in enumerate(boxes):
+        for other_text, *other in boxes[i + 1 :]:
+            overlap = one[0] < other[2] and other[0] < one[2] and one[1] < other[3] and other[1] < one[3]
+            assert not overlap, f"{text!r} overlaps {other_text!r}"
+    md = comparison_markdown(comparison)
+    assert "| c | pruned | mlp; structured, whole channels by l1 |" in md
+    assert "| a | pruned | mlp; unstructured magnitude |" in md
+    assert "mlp; structured, whole channels by l1" in render_comparison_html(comparison)
+
+
+_MEASURE_TABLES = """<script>
+window.addEventListener('load', () => {
+  const out = document.createElement('pre');
+  out.id = 'kdc-measure';
+  out.textContent = JSON.stringify([...document.querySelectorAll('#stages table')].map(
+    t => [Math.round(t.getBoundingClientRect().width), t.parentElement.clientWidth]));
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def test_the_single_run_stage_tables_fit_a_1280_pixel_window(tmp_path):
+    """Chromium lays out a report with latency at two batch sizes (the widest stage rows): every table of the
+    stages section is whole in its column, none scrolls sideways."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on PATH: install Debian's chromium (.ci/run does) to render report.html")
+    page = tmp_path / "measured.html"
+    page.write_text(render_html(full_report()).replace("</body>", _MEASURE_TABLES + "</body>"), encoding="utf-8")
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2000"]
+        + ["--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        text=True,
+    ).stdout
+    found = re.search(r'<pre id="kdc-measure">(.*?)</pre>', dom, re.S)
+    assert found, "the page did not finish loading in Chromium"
+    tables = json.loads(found.group(1))
+    assert len(tables) >= 2
+    for width, room in tables:
+        assert width <= room, tables

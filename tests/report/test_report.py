@@ -437,7 +437,7 @@ def test_kdc_command_bounds_the_openmp_spin_for_training_unless_the_user_chose(m
 
     seen = []
     monkeypatch.setattr(
-        cli, "app", lambda: seen.append((os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")))
+        cli, "app", lambda **_: seen.append((os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")))
     )
     for policy, spin in ((None, None), ("ACTIVE", None), (None, "500")):
         for name, value in (("OMP_WAIT_POLICY", policy), ("GOMP_SPINCOUNT", spin)):

@@ -95,7 +95,7 @@ def test_bad_input_is_one_clear_error_and_nothing_written(in_runs, kdc):
     for args, message in (
         (["runs/tiny", "runs/t2"], "add --out DIR"),
         (["runs/tiny", "runs/nope", "--out", "cmp"], "run directory not found: runs/nope"),
-        (["runs/tiny", "--format", "pdf"], "--format 'pdf' is not one of"),
+        (["runs/tiny", "--format", "pdf"], "--format: must be one of table, md, json, html, all, got 'pdf'"),
         (["runs/tiny", "runs/t2", "--out", "runs/t2"], "is one of the run directories"),
     ):
         result = kdc("report", *args)

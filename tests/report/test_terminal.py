@@ -74,19 +74,25 @@ def test_stderr_to_a_file_gets_one_plain_line_per_epoch(tiny_dir):
             assert sum(line.startswith(f"{stage} epoch {epoch}/{EPOCHS} ") for line in epoch_lines) == 1, (stage, epoch)
     for line in epoch_lines:  # everything the issue asks of an epoch line
         assert re.search(r"loss \d\.\d{4}  train acc \d\.\d{4}  test acc \d\.\d{4}  lr \S+", line), line
-        assert re.search(r"\(\d+\.\d s\)", line), line
+        assert re.search(r"  \d+\.\d s($|  ETA)", line), line
         assert ("sparsity 0." in line) == line.startswith("pruned"), line
     # the learning rate is the one the epoch trained with: cosine over 2 epochs from 0.05 (0.01 when pruning)
     assert "lr 0.05 " in epoch_lines[0] and "lr 0.025 " in epoch_lines[1]
     assert "lr 0.01 " in epoch_lines[-2] and "lr 0.005 " in epoch_lines[-1]
+
     # the first epoch of a stage has measured a rate: it says what is left of the stage and of the run; the
     # teacher's rate is not taken for the student's
-    assert epoch_lines[0].endswith(" 6 student epochs not timed yet"), epoch_lines[0]
-    assert re.search(r"ETA stage \d+:\d\d, run \d+:\d\d$", epoch_lines[2]), epoch_lines[2]  # student, 1/2
-    assert "ETA" not in epoch_lines[-1]  # nothing left
+    def eta(epoch_line: str) -> str:  # on the epoch's line, or on the next one when both do not fit 100 columns
+        after = lines[lines.index(epoch_line) + 1]
+        return epoch_line if "ETA" in epoch_line else after if after.startswith("  ETA ") else ""
+
+    assert eta(epoch_lines[0]).endswith(" 6 student epochs not timed yet"), eta(epoch_lines[0])
+    assert re.search(r"ETA stage \d+:\d\d, run \d+:\d\d$", eta(epoch_lines[2])), eta(epoch_lines[2])  # student 1/2
+    assert eta(epoch_lines[-1]) == ""  # nothing left
+    assert max(len(line) for line in epoch_lines + [eta(line) for line in epoch_lines]) <= 100, log
     assert not [line for line in lines if not line.strip()], "blank lines in the log"
-    # per stage: a start line, its epochs, an end line; plus the cache line and the report line
-    assert len(lines) <= len(STAGES) * EPOCHS + 2 * len(STAGES) + 4, log
+    # per stage: a start line, its epochs (each perhaps with its ETA's line), an end line; the cache and report lines
+    assert len(lines) <= 2 * len(STAGES) * EPOCHS + 2 * len(STAGES) + 4, log
     assert "kdc report: tiny" in done.stdout
 
 
@@ -201,11 +207,12 @@ def test_run_eta_covers_the_stages_to_come_at_their_models_rate():
         progress.begin_epoch(1)
         clock.now = 20.0
         progress.end_epoch(_record(2))
-    assert (
-        "teacher epoch 1/2  loss 0.5000  train acc 0.8000  test acc 0.7500  lr 0.0125  (10.0 s)  "
-        "ETA stage 0:10, run >0:10 (3 student epochs not timed yet)" in buf.getvalue()
-    )
-    assert buf.getvalue().splitlines()[1].endswith("(10.0 s)  ETA run: 3 student epochs not timed yet")
+    assert buf.getvalue().splitlines() == [  # the ETA on a line of its own when both do not fit 100 columns
+        "teacher epoch 1/2  loss 0.5000  train acc 0.8000  test acc 0.7500  lr 0.0125  10.0 s",
+        "  ETA stage 0:10, run >0:10 (3 student epochs not timed yet)",
+        "teacher epoch 2/2  loss 0.5000  train acc 0.8000  test acc 0.7500  lr 0.0125  10.0 s",
+        "  ETA run: 3 student epochs not timed yet",
+    ]
     with progress.stage("distilled", epochs=2, first_epoch=0, batches_per_epoch=100):
         progress.begin_epoch(0)
         clock.now = 22.0  # the student: 50 batches a second
@@ -245,13 +252,30 @@ def test_live_bar_on_a_terminal_and_plain_lines_elsewhere():
                     progress.advance(done, "loss 0.5000 acc 0.800")
                 progress.end_epoch(_record(epoch + 1, sparsity=0.5))
     assert plain.getvalue().splitlines() == [
-        "pruned epoch 1/2  loss 0.5000  train acc 0.8000  test acc 0.7500  lr 0.0125  sparsity 0.500  (10.0 s)  "
-        "ETA stage 0:01",
-        "pruned epoch 2/2  loss 0.5000  train acc 0.8000  test acc 0.7500  lr 0.0125  sparsity 0.500  (10.0 s)",
+        "pruned epoch 1/2  loss 0.5000  train acc 0.8000  test acc 0.7500  lr 0.0125  sparsity 0.500  10.0 s",
+        "  ETA stage 0:01",
+        "pruned epoch 2/2  loss 0.5000  train acc 0.8000  test acc 0.7500  lr 0.0125  sparsity 0.500  10.0 s",
     ]
     shown = live.getvalue()
     assert "\x1b[" in shown and "━" in shown and "/200" in shown  # a bar over the stage's 200 batches
     assert re.search(r"ETA \d:\d\d", shown)  # the bar's last frame (it is redrawn at 10 Hz, so mid-run frames vary)
+
+
+def test_epoch_lines_fit_100_columns_at_their_longest():
+    buf = io.StringIO()
+    clock = _Clock()
+    plan = {"teacher": (0, "teacher"), "distilled": (100, "student"), "pruned": (100, "student")}
+    progress = RunProgress(Console(file=buf, width=300), plan, clock=clock)
+    for stage, sparsity in (("distilled", {}), ("pruned", {"sparsity": 0.75})):
+        with progress.stage(stage, epochs=100, first_epoch=0, batches_per_epoch=100):
+            for epoch in (0, 99):
+                progress.begin_epoch(epoch)
+                clock.now += 1234.5
+                progress.end_epoch(_record(epoch + 1, train_loss=12.3456, lr=0.000123456, seconds=1234.5, **sparsity))
+    lines = buf.getvalue().splitlines()
+    assert any("distilled epoch 100/100" in line for line in lines) and any("ETA" in line for line in lines)
+    assert any(line.startswith("pruned ") and "100/100" in line for line in lines)
+    assert max(len(line) for line in lines) <= 100, "\n".join(lines)
 
 
 def test_quiet_console_shows_nothing():
@@ -346,3 +370,17 @@ def test_tensorboard_switch_changes_no_fingerprint(write_recipe):
     assert on.report.tensorboard and not off.report.tensorboard
     for stage in STAGES:
         assert stage_fingerprint(on, stage, {}) == stage_fingerprint(off, stage, {})
+
+
+def test_the_terminal_marks_a_stage_trained_once_for_every_seed_as_the_html_does():
+    from test_html import full_report
+
+    from kdcompress.report import report_table
+
+    buf = io.StringIO()
+    Console(file=buf, width=100, color_system=None).print(report_table(full_report()))
+    lines = buf.getvalue().splitlines()
+    teacher = next(line for line in lines if "teacher" in line and "±" in line)
+    assert "teacher (trained once)" in teacher, teacher
+    assert not any("student (trained once)" in line for line in lines)
+    assert max(len(line) for line in lines) <= 100

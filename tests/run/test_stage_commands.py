@@ -62,7 +62,18 @@ def test_prune_names_the_stage_to_rerun_and_the_key_two_stages_up(in_tmp, write_
     out = kdc.flat(result)
     assert "teacher.epochs: 1 -> 2" in out
     assert "a stage it depends on is missing or out of date" not in out
-    assert "run `kdc train-teacher recipe.yaml` then `kdc distill recipe.yaml`" in out  # from the changed stage on
+    assert "run `kdc train-teacher recipe.yaml && kdc distill recipe.yaml`" in out  # from the changed stage on
+
+
+def test_prune_before_distill_passes_each_command_only_the_keys_its_stage_reads(in_tmp, write_recipe, kdc):
+    write_recipe()
+    result = kdc("prune", "recipe.yaml", "--set", "prune.rate=0.3", "--set", "distill.temperature=2")
+    kdc.assert_clean_exit(result, 2)
+    out = kdc.flat(result)
+    first = "kdc train-teacher recipe.yaml && kdc distill recipe.yaml --set distill.temperature=2"
+    assert f"run `{first}`, then this command again" in out, out
+    assert "kdc train-teacher recipe.yaml --set" not in out  # no prune or distill key passed to the teacher
+    assert "`kdc run recipe.yaml --set prune.rate=0.3 --set distill.temperature=2` for every stage" in out
 
 
 def test_the_stage_itself_says_which_keys_changed(in_tmp, write_recipe, kdc):
@@ -153,7 +164,7 @@ def test_kdc_recipes_copy_writes_a_recipe_that_runs_as_the_builtin(in_tmp, kdc):
     assert (in_tmp / "mine.yaml").read_text() == builtin_recipe_path("quickstart").read_text()
     assert load_recipe(in_tmp / "mine.yaml").teacher == load_recipe().teacher
     again = kdc("recipes", "copy", "quickstart", "mine.yaml")  # never overwrites without --force
-    kdc.assert_clean_exit(again, 1)
+    kdc.assert_clean_exit(again, 2)
     assert "exists" in kdc.flat(again) and "--force" in kdc.flat(again)
     kdc.assert_clean_exit(kdc("recipes", "copy", "fashion-mnist-mlp"), 0)  # default DEST: ./NAME.yaml
     assert (in_tmp / "fashion-mnist-mlp.yaml").is_file()
@@ -164,7 +175,7 @@ def test_kdc_recipes_copy_writes_a_recipe_that_runs_as_the_builtin(in_tmp, kdc):
 
 def test_kdc_recipes_copy_suggests_a_close_name(in_tmp, kdc):
     result = kdc("recipes", "copy", "quikstart")
-    kdc.assert_clean_exit(result, 1)
+    kdc.assert_clean_exit(result, 2)
     assert "did you mean 'quickstart'" in kdc.flat(result)
     assert not list(in_tmp.iterdir())
 

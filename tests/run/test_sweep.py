@@ -157,3 +157,25 @@ def test_a_sweep_over_another_grid_keeps_the_earlier_points_in_the_table(swept, 
     kdc.assert_clean_exit(kdc("sweep", "recipe.yaml", "--grid", "distill.alpha=0.9"), 0)
     points = json.loads((SWEEP / "sweep.json").read_text())["points"]
     assert sorted(p["point"] for p in points) == ["alpha-0.9", "temperature-2"]
+
+
+def test_the_one_seed_noise_note_quotes_the_real_standard_error():
+    import math
+
+    from kdcompress.run.sweep import sweep_markdown
+
+    row = {
+        "point": "temperature-2",
+        "settings": {"distill.temperature": "2"},
+        "run_dir": "runs/tiny/sweep/temperature-2",
+        "student": 0.84,
+        "distilled": 0.85,
+        "student_test_samples": 2000,
+        "distilled_test_samples": 2000,
+        "distilled_minus_student": 0.01,
+    }
+    md = sweep_markdown([row], [("distill.temperature", ["2"])])
+    se = math.sqrt(0.85 * 0.15 / 2000 + 0.84 * 0.16 / 2000) * 100
+    assert f"standard error of up to {se:.2f} points" in md, md
+    assert f"within {2 * se:.2f} points can be noise" in md
+    assert "a few tenths of a point" not in md  # the old guess: 1.6 points here
