@@ -398,7 +398,8 @@ def _data_checks(d: DataSection, lines: dict) -> list[Problem]:
     """The image-folder keys: only for ``imagefolder:PATH``, each well formed, ``resize`` only with a size."""
     where = lambda key: line_of(lines, ("data", key)) or line_of(lines, ("data",))  # noqa: E731
     default = DataSection()
-    given = {k for k in IMAGEFOLDER_KEYS if ("data", k) in lines or getattr(d, k) != getattr(default, k)}
+    # a key at its default changes nothing, and a resolved recipe (recipe.yaml of a run) spells every key out
+    given = {k for k in IMAGEFOLDER_KEYS if getattr(d, k) != getattr(default, k)}
     if not d.dataset.startswith("imagefolder:"):
         return [
             Problem(
