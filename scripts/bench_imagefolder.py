@@ -2,10 +2,11 @@
 
 Each round, in this order: the first decode pass (the folder's training split decoded into a fresh
 cache directory by ``--workers`` processes, as the first run of a recipe does it); one training epoch
-of a small model (the fashion-mnist-mlp student, 784x3-100-10, on RGB input) reading batches from the
-cache (:class:`kdcompress.data.MappedData`, shuffled, as ``kdc`` reads ``imagefolder:``); the same
-epoch through ``torchvision.datasets.ImageFolder`` + a ``DataLoader`` with ``--workers`` workers
-(ToTensor, Normalize(0.5, 0.5): what kdc did before the cache); and one DataLoader epoch without the
+of a small model (the fashion-mnist-mlp student, 784 x C - 100 - 10) reading batches from the cache
+(:class:`kdcompress.data.MappedData`, shuffled, as ``kdc`` reads ``imagefolder:``); the same epoch through
+``torchvision.datasets.ImageFolder`` + a ``DataLoader`` with ``--workers`` workers (ToTensor,
+Normalize(0.5, 0.5), plus Grayscale with ``--channels 1``: what kdc did before the cache); and one
+DataLoader epoch without the
 model (data alone), and the cache's epoch without the model. Rounds alternate so that a busy machine slows every path alike; the figures are
 medians over rounds. The model, loop, batch size and optimiser are the same for both epochs; only
 the data source differs.
@@ -104,11 +105,12 @@ def scan_split(folder: Path) -> tuple[list[str], list[int]]:
     return [p for p, _ in found.samples], [label for _, label in found.samples]
 
 
-def loader(folder: Path, batch_size: int, workers: int, seed: int):
+def loader(folder: Path, batch_size: int, workers: int, seed: int, channels: int):
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    dataset = ImageFolder(str(folder), transform=T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.5,))]))
+    grey = [T.Grayscale(1)] if channels == 1 else []
+    dataset = ImageFolder(str(folder), transform=T.Compose([*grey, T.ToTensor(), T.Normalize((0.5,), (0.5,))]))
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -122,11 +124,11 @@ def loader(folder: Path, batch_size: int, workers: int, seed: int):
 def one_round(folder: Path, files, labels, args, seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="kdc-imgcache-") as cache_dir:
         started = time.perf_counter()
-        # RGB on both paths, as torchvision's ImageFolder reads the PNGs: the same epoch, the same model
-        decode = functools.partial(decode_image, spec=ImageSpec(3, (28, 28)))
-        cache = open_cache(files, labels, decode, {"decode": "rgb"}, Path(cache_dir), args.workers, None)
+        # the same channels on both paths: the same epoch, the same model
+        decode = functools.partial(decode_image, spec=ImageSpec(args.channels, (28, 28)))
+        cache = open_cache(files, labels, decode, {"channels": args.channels}, Path(cache_dir), args.workers, None)
         decode_s = time.perf_counter() - started
-        data = MappedData(cache, (0.5,) * 3, (0.5,) * 3)
+        data = MappedData(cache, (0.5,) * args.channels, (0.5,) * args.channels)
         batches = data.batches(args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
         cache_s, cache_n = train_epoch(small_model(cache.shape), batches)
         started = time.perf_counter()
@@ -134,9 +136,10 @@ def one_round(folder: Path, files, labels, args, seed: int) -> dict:
         assert sum(len(y) for _, y, _ in shuffled) == cache_n
         cache_data_s = time.perf_counter() - started
         del cache, data, batches, shuffled
-    loader_s, loader_n = train_epoch(small_model((3, 28, 28)), loader(folder, args.batch_size, args.workers, seed))
+    batches = loader(folder, args.batch_size, args.workers, seed, args.channels)
+    loader_s, loader_n = train_epoch(small_model((args.channels, 28, 28)), batches)
     started = time.perf_counter()
-    data_n = sum(len(y) for _, y in loader(folder, args.batch_size, args.workers, seed))
+    data_n = sum(len(y) for _, y in loader(folder, args.batch_size, args.workers, seed, args.channels))
     data_s = time.perf_counter() - started
     assert cache_n == loader_n == data_n == len(files), (cache_n, loader_n, data_n)
     return {
@@ -157,6 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2, help="decoding processes and DataLoader workers")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the model (default 1)")
+    parser.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=1,
+        help="1 (default): grey, what kdc gives Fashion-MNIST's grey PNGs (data.channels: auto); "
+        "3: RGB on both paths, torchvision ImageFolder's default",
+    )
     args = parser.parse_args(argv)
     if args.make_fashion_pngs:
         made = make_fashion_pngs(args.make_fashion_pngs, args.limit)
@@ -181,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         "workers": args.workers,
         "batch_size": args.batch_size,
         "threads": args.threads,
+        "channels": args.channels,
         "cpus": os.cpu_count(),
         **{k: round(v, 3) for k, v in med.items()},
         "epoch_speedup": round(med["loader_epoch_s"] / med["cache_epoch_s"], 2),
