@@ -214,9 +214,12 @@ def _cache_entry_ok(entry) -> bool:
     return (
         isinstance(entry.get("omp_wait_policy"), (str, type(None)))
         and isinstance(timing.get("round_set"), str)
-        and all(finite(timing.get(key)) and timing[key] >= 0 for key in ("median_ms", "iqr_ms", "p25_ms", "p75_ms"))
+        and all(
+            finite(timing.get(key)) is not None and timing[key] >= 0
+            for key in ("median_ms", "iqr_ms", "p25_ms", "p75_ms")
+        )
         and 0 < len(timing["rounds_ms"]) <= MAX_ROUNDS
-        and all(finite(t) and t >= 0 for t in timing["rounds_ms"])
+        and all(finite(t) is not None and t >= 0 for t in timing["rounds_ms"])
     )
 
 

@@ -334,6 +334,20 @@ def test_a_planted_latency_cache_entry_of_the_wrong_shape_is_timed_afresh(timed_
     assert json.loads(path.read_text())["entries"][key]["timing"]["median_ms"] != "0.001"
 
 
+def test_a_cached_latency_with_an_interquartile_range_of_zero_is_reused(timed_run, tmp_path, monkeypatch):
+    """0 is a number: identical rounds (a coarse timer) give an IQR of 0, which is no reason to time again."""
+    copy = tmp_path / "run"
+    shutil.copytree(timed_run, copy)
+    path = copy / "cache" / "latency.json"
+    cache = json.loads(path.read_text())
+    for entry in cache["entries"].values():
+        entry["timing"]["iqr_ms"] = 0.0
+    path.write_text(json.dumps(cache))
+    calls = _count_latency_calls(monkeypatch)
+    build_report(copy)
+    assert calls == []
+
+
 def test_a_damaged_latency_cache_is_measured_afresh(timed_run, tmp_path, monkeypatch):
     copy = tmp_path / "run"
     shutil.copytree(timed_run, copy)
