@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -852,13 +852,20 @@ def _with_normalize(plan: FolderPlan, normalize, name: str) -> FolderPlan:
 _STATS_CACHE: dict = {}  # (spec, the files read with their sizes and times) -> (mean, std): for this process only
 
 
-def measure_stats(samples: list[tuple[str, int]], spec: ImageSpec, limit: int = STATS_IMAGES, seed: int = 0):
+def measure_stats(
+    samples: list[tuple[str, int]],
+    spec: ImageSpec,
+    limit: int = STATS_IMAGES,
+    seed: int = 0,
+    read: Callable[[int], np.ndarray] | None = None,
+):
     """Per-channel ``(mean, std, images read)`` of the images of ``samples`` decoded by ``spec``, in 0-1 units.
 
     Reads all of them, or a seeded sample of ``limit`` when there are more; memory stays one image plus
     two sums per channel. std is the population std (numpy's default); a channel with none (one flat
     value) gets std 1. Remembered for the rest of the process, keyed by the files read (with their sizes
-    and modification times) and ``spec``.
+    and modification times) and ``spec``. ``read(i)``: the i-th sample as :func:`decode_image` gives it,
+    from where it is already decoded (the image cache); by default each file is decoded.
 
     >>> mean, std, n = measure_stats(scan.samples["train"], ImageSpec(1, (28, 28)))  # doctest: +SKIP
     """
@@ -874,8 +881,9 @@ def measure_stats(samples: list[tuple[str, int]], spec: ImageSpec, limit: int = 
         return _STATS_CACHE[key.digest()]
     total = np.zeros(spec.channels, dtype=np.float64)
     squares = np.zeros(spec.channels, dtype=np.float64)
-    for path in paths:
-        pixels = decode_image(path, spec).reshape(spec.channels, -1).astype(np.float64)
+    read = read or (lambda i: decode_image(samples[i][0], spec))
+    for i in chosen:
+        pixels = read(i).reshape(spec.channels, -1).astype(np.float64)
         total += pixels.sum(axis=1)
         squares += np.square(pixels).sum(axis=1)
     count = max(1, len(paths)) * spec.size[0] * spec.size[1]
@@ -1078,15 +1086,13 @@ def _load_imagefolder(section: DataSection, seed: int, console: Console | None) 
     like the built-in sets and normalised per batch with the plan's statistics (measured from the training split
     once per process by default)."""
     plan = plan_imagefolder(section)
-    if plan.mean is None:
-        plan = plan.with_stats(*measure_stats(plan.scan.samples["train"], plan.spec))
     settings = {"decoder": "decode_image", "spec": dataclasses.asdict(plan.spec)}  # what changes the decoded bytes
     decode = functools.partial(decode_image, spec=plan.spec)
-    parts = {}
+    caches = {}
     for split in ("train", "test"):
         # both splits carry train's class numbers: a split numbered from its own folders shifts labels
         samples = plan.scan.samples[split]
-        cache = open_cache(
+        caches[split] = open_cache(
             [path for path, _ in samples],
             [label for _, label in samples],
             decode,
@@ -1097,7 +1103,12 @@ def _load_imagefolder(section: DataSection, seed: int, console: Console | None) 
             root=plan.scan.folders[split],
             name=f"{section.dataset} ({split})",
         )
-        parts[split] = MappedData(cache, plan.mean, plan.std)
+    if plan.mean is None:  # from the cache's rows: the images are not decoded a second time
+        train = caches["train"]
+        plan = plan.with_stats(
+            *measure_stats(plan.scan.samples["train"], plan.spec, read=lambda i: train.images[train.rows[i]])
+        )
+    parts = {split: MappedData(cache, plan.mean, plan.std) for split, cache in caches.items()}
     train, val = _hold_out(parts["train"], section, seed)
     made = hashlib.sha256(repr((plan.spec, plan.mean, plan.std)).encode()).hexdigest()[:16]
     return DataSplits(

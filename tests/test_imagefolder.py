@@ -294,3 +294,15 @@ def test_loading_an_unusable_header_is_a_data_error_naming_the_file(mini, tmp_pa
     bad.write_bytes(bad.read_bytes()[:20])  # the signature, then nothing PIL can read
     with pytest.raises(DataError, match=str(bad)):
         plan_imagefolder(DataSection(dataset=f"imagefolder:{root}"))
+
+
+def test_loading_a_folder_decodes_each_image_once_the_measured_statistics_included(mini, tmp_path, monkeypatch):
+    """The statistics are measured from the cache's rows, not by decoding the training images a second time."""
+    import kdcompress.data as data
+
+    root = make_folder(tmp_path / "imgs", mini, train=8, test=4)
+    calls = []
+    real = data.decode_image
+    monkeypatch.setattr(data, "decode_image", lambda path, spec: calls.append(path) or real(path, spec))
+    data.load_data(DataSection(dataset=f"imagefolder:{root}", workers=0), seed=0)
+    assert len(calls) == len(set(calls)) == 3 * (8 + 4)
