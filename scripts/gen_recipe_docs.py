@@ -176,11 +176,17 @@ def cell(text: str) -> str:
 
 
 def nested(tp: Any) -> type | None:
-    """The dataclass a list of dataclasses holds (``distill.features``), else None."""
+    """The dataclass a list of dataclasses holds (``distill.features``), or a nested section is
+    (``prune.budget``), else None."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
         return args[0]
-    return None
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def item_prefix(key: str, tp: Any) -> str:
+    """How the keys under ``key`` are written: ``distill.features[*].`` (a list), ``prune.budget.`` (a section)."""
+    return f"{key}[*]." if typing.get_origin(tp) is list else f"{key}."
 
 
 def table(cls: type, prefix: str) -> tuple[list[str], list[tuple[str, type]]]:
@@ -195,10 +201,11 @@ def table(cls: type, prefix: str) -> tuple[list[str], list[tuple[str, type]]]:
         key = f"{prefix}{f.name}"
         item = nested(tp)
         if item is not None:
-            below.append((key, item))
-        kind = "list of mappings (below)" if item is not None else type_words(tp)
+            below.append((key, item, item_prefix(key, tp)))
+        kind = type_words(tp) if item is None else "mapping (below)" if item is tp else "list of mappings (below)"
+        shown = "(below)" if item is tp else f"`{yamlish(default(f))}`"
         rows.append(
-            f"| `{key}` | {cell(kind)} | {DEFAULT_WORDS.get(key, f'`{yamlish(default(f))}`')} | {cell(allowed(f, tp))} "
+            f"| `{key}` | {cell(kind)} | {DEFAULT_WORDS.get(key, shown)} | {cell(allowed(f, tp))} "
             f"| {cell(f.metadata.get('doc', ''))} |"
         )
     return rows, below
@@ -214,7 +221,7 @@ def recipe_keys() -> list[str]:
             keys.append(f"{prefix}{f.name}")
             item = nested(hints[f.name])
             if item is not None:
-                walk(item, f"{prefix}{f.name}[*].")
+                walk(item, item_prefix(f"{prefix}{f.name}", hints[f.name]))
 
     hints = typing.get_type_hints(Recipe)
     for section in dataclasses.fields(Recipe):
@@ -234,10 +241,10 @@ def render() -> str:
             out.append(NOTES[name] + "\n")
         rows, below = table(hints[name], f"{name}.")
         out.append("\n".join(rows) + "\n")
-        for key, item in below:
+        for key, item, prefix in below:
             out.append(f"### {key}\n")
-            out.append(f"Each item of `{key}` takes:\n")
-            out.append("\n".join(table(item, f"{key}[*].")[0]) + "\n")
+            out.append(f"Each item of `{key}` takes:\n" if prefix.endswith("[*].") else f"`{key}` takes:\n")
+            out.append("\n".join(table(item, prefix)[0]) + "\n")
     return "\n".join(out)
 
 

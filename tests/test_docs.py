@@ -38,8 +38,9 @@ def schema_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):  # a section
-            keys += schema_keys(tp, f"{f.name}.")
+        if dataclasses.is_dataclass(tp):  # a section, or a section inside one (prune.budget)
+            keys += [f"{prefix}{f.name}"] if prefix else []
+            keys += schema_keys(tp, f"{prefix}{f.name}.")
             continue
         keys.append(f"{prefix}{f.name}")
         args = typing.get_args(tp)
@@ -64,6 +65,7 @@ def test_every_recipe_key_is_documented_in_docs_recipe_md():
     page = (DOCS / "recipe.md").read_text(encoding="utf-8")
     keys = schema_keys()
     assert "run.seed" in keys and "distill.features[*].weight" in keys and "export.bits" in keys
+    assert "prune.budget.macs" in keys
     missing = [key for key in keys if f"`{key}`" not in page]
     assert not missing, f"docs/recipe.md does not document {missing}: run python scripts/gen_recipe_docs.py"
 

@@ -27,8 +27,10 @@ from .parse import (
     section_fingerprint,
 )
 from .schema import (
+    BUDGET_KINDS,
     CODE_KEYS,
     IMAGEFOLDER_KEYS,
+    BudgetSection,
     DataSection,
     DistillSection,
     ExportSection,
@@ -53,6 +55,8 @@ __all__ = [
     "DistillSection",
     "FeatureTerm",
     "PruneSection",
+    "BudgetSection",
+    "BUDGET_KINDS",
     "ReportSection",
     "ExportSection",
     "load_recipe",

@@ -24,6 +24,8 @@ __all__ = [
     "DistillSection",
     "FeatureTerm",
     "PruneSection",
+    "BudgetSection",
+    "BUDGET_KINDS",
     "ReportSection",
     "ExportSection",
     "CODE_KEYS",
@@ -281,6 +283,64 @@ class DistillSection(TrainSettings):
 
 
 @dataclass(frozen=True)
+class BudgetSection:
+    """``prune.budget``: what the pruned model may cost; set exactly one of macs, params, bytes, latency_ms, latency."""
+
+    macs: Optional[float] = field(
+        default=None,
+        metadata=_range(
+            lo=0.0,
+            lo_open=True,
+            doc="multiply-accumulates per image: at most 1 is a fraction of the distilled student's, more is a count",
+        ),
+    )
+    params: Optional[float] = field(
+        default=None,
+        metadata=_range(
+            lo=0.0, lo_open=True, doc="parameters: at most 1 is a fraction of the distilled student's, more is a count"
+        ),
+    )
+    bytes: Optional[float] = field(
+        default=None,
+        metadata=_range(
+            lo=0.0,
+            lo_open=True,
+            doc="size of the exported file (budget.format): at most 1 is a fraction of the distilled student's "
+            "file, more is a count of bytes",
+        ),
+    )
+    latency_ms: Optional[float] = field(
+        default=None,
+        metadata=_range(lo=0.0, lo_open=True, doc="milliseconds per batch of budget.batch on budget.runtime"),
+    )
+    latency: Optional[float] = field(
+        default=None,
+        metadata=_range(
+            lo=0.0, lo_open=True, hi=1.0, doc="latency as a fraction of the distilled student's, on budget.runtime"
+        ),
+    )
+    batch: int = field(default=64, metadata=_range(lo=1, doc="latency budgets: the batch size timed"))
+    runtime: Literal["onnxruntime", "torch"] = field(
+        default="onnxruntime",
+        metadata=_doc("latency budgets: where the model is timed, onnxruntime (the exported ONNX) or torch"),
+    )
+    format: Literal["onnx", "int8"] = field(
+        default="onnx", metadata=_doc("bytes budgets: the export format whose file is measured")
+    )
+
+    def kind(self) -> Optional[str]:
+        """The one budget set (macs, params, bytes, latency_ms or latency), or None."""
+        kinds = [k for k in BUDGET_KINDS if getattr(self, k) is not None]
+        return kinds[0] if len(kinds) == 1 else None
+
+    def is_set(self) -> bool:
+        return any(getattr(self, k) is not None for k in BUDGET_KINDS)
+
+
+BUDGET_KINDS = ("macs", "params", "bytes", "latency_ms", "latency")
+
+
+@dataclass(frozen=True)
 class PruneSection(TrainSettings):
     rate: float = field(
         default=0.3,
@@ -343,6 +403,52 @@ class PruneSection(TrainSettings):
     distill: bool = field(default=True, metadata=_doc("retrain with the distillation loss (else cross-entropy)"))
     epochs: int = field(default=8, metadata=_range(lo=0, doc="epochs of retraining"))
     lr: float = field(default=0.01, metadata=_range(lo=0.0, lo_open=True, doc="learning rate"))
+    # The keys below came after run directories existed: "omit_default" keeps the pruned stage's fingerprint
+    budget: BudgetSection = field(
+        default_factory=BudgetSection,
+        metadata={
+            **_doc(
+                "structured: a target instead of target_sparsity, e.g. {macs: 0.25} or {latency_ms: 2, batch: 64}; "
+                "the per-layer ratios that meet it are chosen before retraining"
+            ),
+            "omit_default": True,
+        },
+    )
+    allocation: Literal["uniform", "sensitivity"] = field(
+        default="uniform",
+        metadata={
+            **_doc(
+                "with a budget: uniform (one share of every layer) or sensitivity (per-layer shares chosen from "
+                "each layer's measured accuracy drop, the least damaging first)"
+            ),
+            "omit_default": True,
+        },
+    )
+    round_to: Optional[int] = field(
+        default=None,
+        metadata={
+            **_range(lo=1, doc="structured: every pruned layer keeps a multiple of this many channels (e.g. 8)"),
+            "omit_default": True,
+        },
+    )
+    sensitivity_ratios: list[float] = field(
+        default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+        metadata={
+            **_doc(
+                "kdc sensitivity and allocation: sensitivity: the shares of each layer pruned alone, each in (0, 1)"
+            ),
+            "omit_default": True,
+        },
+    )
+    sensitivity_samples: int = field(
+        default=2000,
+        metadata={
+            **_range(
+                lo=1, doc="kdc sensitivity and allocation: sensitivity: validation images each ratio is scored on"
+            ),
+            "omit_default": True,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -390,6 +496,14 @@ class ExportSection:
     bits: int = field(default=4, metadata=_range(lo=2, hi=8, doc="shared: bits per weight index (2**bits centroids)"))
     calibration_batches: int = field(
         default=8, metadata=_range(lo=1, doc="int8: training batches that calibrate the activation ranges")
+    )
+    int8_tolerance: Optional[float] = field(
+        default=None,
+        metadata=_range(
+            lo=0.0,
+            doc="int8: accuracy points the int8 file may lose against its fp32 ONNX on the validation split; beyond "
+            "it the most damaging nodes stay in fp32 (null: no check)",
+        ),
     )
 
 

@@ -24,6 +24,7 @@ from ..names import (
     names_user_code,
 )
 from .schema import (
+    BUDGET_KINDS,
     CODE_KEYS,
     IMAGEFOLDER_KEYS,
     DataSection,
@@ -127,6 +128,7 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
     # Whether the pruning steps fit in retraining depends on the batches per epoch, which needs the data:
     # kdcompress.run.checks.check_recipe plans the schedule (prune.schedule.plan_schedule) as the run will.
     problems.extend(_prune_checks(recipe.prune, lines))
+    problems.extend(_budget_checks(recipe.prune, lines))
     return problems
 
 
@@ -193,6 +195,60 @@ def _seeds_checks(run: RunSection, lines: dict) -> list[Problem]:
             )
         ]
     return []
+
+
+def _budget_checks(p: PruneSection, lines: dict) -> list[Problem]:
+    """prune.budget: one kind, structured pruning, fractions below 1; allocation and ratios that make sense."""
+    problems = []
+    where = lambda *key: line_of(lines, ("prune", *key)) or line_of(lines, ("prune",))  # noqa: E731
+    b = p.budget
+    given = [k for k in BUDGET_KINDS if getattr(b, k) is not None]
+    if len(given) > 1:
+        problems.append(
+            Problem(
+                "prune.budget",
+                f"sets {', '.join(given)}; a budget is one target: keep one of them",
+                where("budget", given[1]),
+            )
+        )
+    if given and p.method != "structured":
+        problems.append(
+            Problem(
+                "prune.budget",
+                f"needs prune.method: structured (a budget is met by removing channels; {p.method} pruning leaves "
+                f"the model's MACs and latency as they were); set prune.method: structured, or drop prune.budget",
+                where("budget"),
+            )
+        )
+    for kind in ("macs", "params", "bytes"):
+        value = getattr(b, kind)
+        if value is not None and value == 1.0:
+            problems.append(
+                Problem(
+                    f"prune.budget.{kind}",
+                    "is 1, the distilled student's own size: nothing to prune; give a fraction below 1 or a count",
+                    where("budget", kind),
+                )
+            )
+    if p.allocation != "uniform" and not given:
+        problems.append(
+            Problem(
+                "prune.allocation",
+                f"is {p.allocation}, but there is no prune.budget to allocate; set prune.budget (e.g. macs: 0.25) or "
+                f"drop prune.allocation",
+                where("allocation"),
+            )
+        )
+    bad = [r for r in p.sensitivity_ratios if not 0.0 < r < 1.0]
+    if bad or not p.sensitivity_ratios:
+        problems.append(
+            Problem(
+                "prune.sensitivity_ratios",
+                f"each ratio must be in (0, 1), got {bad or 'an empty list'}",
+                where("sensitivity_ratios"),
+            )
+        )
+    return problems
 
 
 def _prune_checks(p: PruneSection, lines: dict) -> list[Problem]:

@@ -115,11 +115,13 @@ def _quiet_defaults(section: str) -> dict:
     stages reading it keep the fingerprints they had (and stay up to date) until it is changed.
     """
     cls = typing.get_type_hints(Recipe)[section]
-    return {
+    quiet = {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
         for f in dataclasses.fields(cls)
         if f.metadata.get("omit_default")
     }
+    # a nested section (prune.budget) is compared as the plain mapping the recipe holds
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in quiet.items()}
 
 
 def _not_inputs(section: str) -> set[str]:

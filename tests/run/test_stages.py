@@ -58,6 +58,8 @@ CHANGED = {
     "prune.sparsity_schedule": "one-shot",
     "prune.steps": None,
     "prune.initial_sparsity": None,  # read by agp only: setting them with iterative is refused
+    "prune.sensitivity_ratios": [0.5],
+    "prune.allocation": None,  # sensitivity without a prune.budget is refused
     "report.latency": True,
     "report.latency_batches": [1],
     "report.threads": 1,
