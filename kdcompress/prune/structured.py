@@ -373,6 +373,42 @@ class StructuredPruner:
             _replay(self._graph, history)
         self.steps_taken = int(state["steps_taken"])
 
+    def groups_info(self) -> list[dict]:
+        """The groups of coupled channels that can be pruned: ``[{"root", "layers", "initial", "channels"}]``.
+
+        ``root`` names the group (the layer whose output channels it removes; the key of :meth:`prune_ratios`),
+        ``layers`` the prunable layers that lose channels with it, ``initial`` its channels before any pruning
+        and ``channels`` what it has now.
+        """
+        return [
+            {
+                "root": g.root,
+                "layers": list(g.layers),
+                "initial": self.initial_channels[g.root],
+                "channels": _out_channels(self._modules[g.root]),
+            }
+            for g in self._groups()
+        ]
+
+    def prune_ratios(self, ratios: dict[str, float]) -> None:
+        """Prune each named group (a root of :meth:`groups_info`) until ``ratio`` of its initial channels are gone.
+
+        The least important channels go first, as in :meth:`prune_to`; ``round_to`` and the one channel every
+        group keeps apply. Groups not named are left as they are; channels are never put back. An unknown
+        root is a ValueError that lists the known ones.
+        """
+        groups = {g.root: g for g in self._groups()}
+        unknown = sorted(set(ratios) - set(groups))
+        if unknown:
+            raise ValueError(f"no prunable group named {unknown}; the groups are {sorted(groups)}")
+        plan = {}
+        for root, ratio in ratios.items():
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"the ratio of group {root!r} must be in [0, 1), got {ratio}")
+            initial, current = self.initial_channels[root], _out_channels(self._modules[root])
+            plan[root] = self._rounded_removal(current, int(round(ratio * initial)) - (initial - current))
+        self._remove(groups.values(), plan)
+
     # -- actions
     def prune_to(self, sparsity: float) -> None:
         """Remove the least important channels until ``sparsity`` of the prunable channels are gone.
@@ -385,6 +421,10 @@ class StructuredPruner:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
         groups = self._groups()
         plan = self._plan_global(groups, sparsity) if self.scope == "global" else self._plan_layer(groups, sparsity)
+        self._remove(groups, plan)
+
+    def _remove(self, groups: Iterable[_Group], plan: dict[str, int]) -> None:
+        """Remove ``plan[root]`` channels (the lowest scores) from each group; a step is counted if any went."""
         pruned = False
         for g in groups:
             n = plan.get(g.root, 0)

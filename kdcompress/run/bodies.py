@@ -148,7 +148,13 @@ def make_pruner(model: torch.nn.Module, p, input_shape):
         from ..prune.structured import StructuredPruner  # torch-pruning is imported only when it is used
 
         return StructuredPruner(
-            model, input_shape, importance=p.importance, scope=p.scope, include=p.include, exclude=p.exclude
+            model,
+            input_shape,
+            importance=p.importance,
+            scope=p.scope,
+            include=p.include,
+            exclude=p.exclude,
+            round_to=p.round_to,
         )
     return MagnitudePruner(model, p.rate, p.target_sparsity, p.scope, p.include, p.exclude)
 
