@@ -766,7 +766,7 @@ def sensitivity(
     _stdout().print(_sensitivity_table(result))
     if result.note and not quiet:
         err.print(f"note: {result.note}")
-    done = f"reused {path} (measured earlier in" if reused else f"wrote {path} ("
+    done = f"reused {path} (measured earlier in" if reused else f"wrote {path} (measured in"
     err.print(f"{done} {result.seconds:.1f} s); `kdc report {loaded.run_dir}` charts it")
 
 

@@ -107,7 +107,7 @@ class GroupCurve:
         if not isinstance(data, dict):
             raise ValueError(f"{where} is not an object")
         name = _text(data.get("name"), f"{where}.name")
-        where = f"group {name!r}"
+        where = f"{where} ({name})"
         layers = data.get("layers")
         if not isinstance(layers, list) or len(layers) > MAX_LAYERS:
             raise ValueError(f"{where}: layers is not a list of at most {MAX_LAYERS} names")

@@ -161,7 +161,7 @@ def test_the_record_round_trips_through_json():
         (lambda d: d.update(method="rm -rf"), "method"),
         (lambda d: d["baseline"].update(accuracy=float("nan")), "baseline.accuracy is not a finite number"),
         (lambda d: d["baseline"].update(accuracy=3.0), "outside"),
-        (lambda d: d["groups"][0].update(drop=[1.0]), "drop has 1 entries, not 2"),
+        (lambda d: d["groups"][0].update(drop=[1.0]), r"groups\[0\] \(fc\).drop has 1 entries, not 2"),
         (lambda d: d["groups"][0].update(macs=[1, "x"]), "macs is not a whole number"),
         (lambda d: d["groups"][0].update(ratios=[0.5, 0.8]), "other ratios"),
         (lambda d: d.update(groups=[{}] * 20_000), "at most"),
