@@ -136,8 +136,8 @@ class _Display:
     def __enter__(self) -> "_Display":
         if self.console.is_terminal and not self.console.quiet:
             columns = (TextColumn("sensitivity"), BarColumn(bar_width=20), MofNCompleteColumn())
-            self.bar = Progress(*columns, TimeRemainingColumn(), TextColumn("{task.fields[label]}"), transient=True)
-            self.bar.console = self.console
+            label = TextColumn("{task.fields[label]}")
+            self.bar = Progress(*columns, TimeRemainingColumn(), label, console=self.console, transient=True)
             self.bar.start()
         return self
 
