@@ -696,6 +696,80 @@ def export(
         _report(loaded.run_dir, recipe=loaded)
 
 
+def _ratio_list(text: str) -> str:
+    """``--ratios 0.1,0.3`` as the recipe value ``[0.1, 0.3]``; UsageError when it is not a list of numbers."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise UsageError(f"--ratios: give numbers in (0, 1) separated by commas, e.g. 0.1,0.3,0.5; got {text!r}")
+    return f"prune.sensitivity_ratios=[{', '.join(repr(v) for v in values)}]"
+
+
+def _sensitivity_table(result):
+    """The measured drops as a terminal table: one row per group, one column per ratio."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"kdc sensitivity: accuracy drop in points, each group pruned alone ({result.method}); baseline "
+        f"{result.baseline_accuracy * 100:.2f}% ± {result.baseline_se * 100:.2f} on {result.samples:,} {result.split} "
+        f"images",
+        title_justify="left",
+    )
+    table.add_column("group", no_wrap=True)
+    table.add_column(result.unit, justify="right")
+    for ratio in result.ratios:
+        table.add_column(f"{ratio:g}", justify="right")
+    for group in result.groups:
+        table.add_row(escape(group.name), f"{group.size:,}", *(f"{d:+.1f}" for d in group.drop))
+    return table
+
+
+@app.command()
+@_friendly
+def sensitivity(
+    recipe: Optional[Path] = RecipeArg,
+    ratios: Optional[str] = typer.Option(
+        None,
+        "--ratios",
+        metavar="R1,R2,...",
+        help="shares of each group pruned alone, e.g. 0.1,0.3,0.5 (sets prune.sensitivity_ratios)",
+        show_default=False,
+    ),
+    samples: Optional[int] = typer.Option(
+        None, "--samples", metavar="N", help="images each ratio is scored on (sets prune.sensitivity_samples)"
+    ),
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = typer.Option(False, "--force", help="measure again even when sensitivity.json is up to date"),
+    quiet: bool = QuietOpt,
+    trust_code: bool = TrustOpt,
+):
+    """Prune each prunable group of the distilled student alone at a grid of ratios and measure the accuracy
+    drop on the validation split (never the test split; without data.val_split, a fixed subset of the training
+    images); writes <run dir>/sensitivity.json, which `kdc report` charts.
+
+    Needs a finished distilled stage (kdc distill). Example: kdc sensitivity runs/fashion-mnist-cnn --ratios
+    0.25,0.5,0.75 --samples 1000
+    """
+    from .run import run_sensitivity
+
+    overrides = list(set_ or [])
+    if ratios is not None:
+        overrides.append(_ratio_list(ratios))
+    if samples is not None:
+        overrides.append(f"prune.sensitivity_samples={samples}")
+    loaded = _load(recipe, overrides, trust_code)
+    result, path, reused = run_sensitivity(
+        loaded, force=force, console=_chatter(quiet), origin=_origin(recipe, overrides)
+    )
+    _stdout().print(_sensitivity_table(result))
+    if result.note and not quiet:
+        err.print(f"note: {result.note}")
+    done = f"reused {path} (measured earlier in" if reused else f"wrote {path} (measured in"
+    err.print(f"{done} {result.seconds:.1f} s); `kdc report {loaded.run_dir}` charts it")
+
+
 @app.command()
 @_friendly
 def sweep(

@@ -34,6 +34,7 @@ __all__ = [
     "layers_chart",
     "per_class_chart",
     "seeds_chart",
+    "sensitivity_chart",
     "size_chart",
 ]
 
@@ -567,3 +568,44 @@ def comparison_chart(comparison: dict, charts: Charts) -> str | None:
         _legend_below(fig, columns=min(len(runs), 4))
         _place_labels(fig, ax, labels)
         return charts.svg(fig, "accuracy against bytes on disk, every run")
+
+
+def sensitivity_chart(group: dict, baseline_macs: int | None, unit: str, charts: Charts) -> str | None:
+    """One group of ``kdc sensitivity``: the accuracy drop (points, with SE bars) against the share of its
+    ``unit`` pruned, and the share of the model's MACs that saves (dashed, right axis) when ``baseline_macs``
+    is known. None when the group has no measured point."""
+    ratios = [float(r) for r in group.get("ratios") or []]
+    drops, ses = group.get("drop") or [], group.get("se") or []
+    if not ratios or len(drops) != len(ratios):
+        return None
+    name = _label(_short(group.get("name") or "?", 40))
+    with _style():
+        fig = Figure(figsize=(3.9, 2.5))  # three side by side on a wide screen
+        ax = fig.add_subplot()
+        ax.errorbar(
+            [0.0, *(r * 100 for r in ratios)],
+            [0.0, *drops],
+            yerr=[0.0, *(s * 100 for s in ses)] if len(ses) == len(ratios) else None,
+            fmt="o-",
+            color="#c44e52",
+            capsize=2.5,
+            elinewidth=1,
+            label="accuracy drop",
+        )
+        ax.axhline(0.0, color="#999999", linewidth=0.6)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel(f"{unit} pruned (%)")
+        ax.set_ylabel("accuracy drop (points)")
+        ax.set_title(f"{name} ({number_text(group.get('size'))} {unit})")
+        macs = group.get("macs") or []
+        if baseline_macs and len(macs) == len(ratios):
+            ax.spines["right"].set_visible(True)
+            twin = ax.twinx()
+            twin.grid(False)
+            twin.spines["top"].set_visible(False)
+            saved = [0.0, *((1 - m / baseline_macs) * 100 for m in macs)]
+            twin.plot([0.0, *(r * 100 for r in ratios)], saved, linestyle="--", color="#4c72b0", marker=".")
+            twin.set_ylabel("MACs saved (%)", color="#4c72b0")
+            twin.set_ylim(0, max(5.0, max(saved) * 1.1))
+        _frame(fig, left=0.55, right=0.55, bottom=0.45, top=0.28)
+        return charts.svg(fig, f"accuracy drop against the share of {group.get('name')} pruned")

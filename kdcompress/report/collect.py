@@ -37,6 +37,7 @@ from ..recipe import Recipe, read_yaml, recipe_from_dict, recipe_to_dict
 from ..run.export import read_artifacts
 from ..run.layout import ARTIFACTS_FILE, EXPORT_DIR, checkpoint_path, metrics_path, recipe_path
 from ..run.seeds import seed_run_dirs
+from ..run.sensitivity import SOURCE_STAGE, load_sensitivity
 from ..run.stages import STAGES, stage_named
 from ..run.state import stage_status
 from ..run.trust import MODEL_KEYS, outside_files, refuse_untrusted_code
@@ -426,6 +427,7 @@ def build_report(
         "comparisons": comparisons,
         "class_changes": _class_changes(by_stage),
         "artifacts": artifacts,
+        "sensitivity": _sensitivity_block(run_dir),
         "recipe_resolved": _resolved_recipe(run_dir, checkpoints, found),
         "environment": _environment(
             checkpoints, threads if do_latency else None, cache.measured_at() if cache is not None else None
@@ -433,6 +435,30 @@ def build_report(
     }
     report["warnings"] = report_warnings(report)
     return report
+
+
+def _sensitivity_block(run_dir: Path) -> dict | None:
+    """``kdc sensitivity``'s record of the run (sensitivity.json) for the report, or None when there is none.
+
+    Its data as written, plus ``unit`` (channels or weights) and ``stale``: whether the distilled checkpoint
+    changed since it was measured (None when there is no distilled checkpoint to compare with). A damaged file
+    gives ``{"problem": why}`` instead: the report still gets written.
+    """
+    try:
+        found = load_sensitivity(run_dir, None)
+    except KdcError as exc:
+        return {"problem": _relative(str(exc), run_dir)}
+    if found is None:
+        return None
+    try:
+        current = read_manifest(checkpoint_path(run_dir, SOURCE_STAGE)).get("fingerprint")
+    except KdcError:
+        current = None
+    return {
+        **found.to_dict(),
+        "unit": found.unit,
+        "stale": None if current is None else current != found.source_fingerprint,
+    }
 
 
 TEXT_LIMIT = 500  # characters of a text a checkpoint gives the report (data: a file cannot fill the report)

@@ -30,6 +30,7 @@ from .charts import (
     layers_chart,
     per_class_chart,
     seeds_chart,
+    sensitivity_chart,
     size_chart,
 )
 from .compare import LATENCY_BATCH, comparison_rows, latency_at
@@ -494,6 +495,50 @@ def _seeds_section(report: dict, charts: Charts) -> str | None:
     return "".join(parts)
 
 
+def _sensitivity_section(block, charts: Charts) -> str | None:
+    """``kdc sensitivity``'s curves: one chart per group (drop against ratio, MACs saved beside) and a table."""
+    if not isinstance(block, dict):
+        return None
+    head = '<section id="sensitivity"><h2>Sensitivity: each group pruned alone</h2>'
+    if block.get("problem"):
+        return head + _missing(str(block["problem"])) + "</section>"
+    base, unit = block.get("baseline") or {}, block.get("unit") or "channels"
+    groups = [g for g in block.get("groups") or [] if isinstance(g, dict)]
+    ratios = [float(r) for r in block.get("ratios") or []]
+    note = (
+        f"{_e(str(block.get('method')).capitalize())} pruning of the distilled student, one group at a time; in red, "
+        f"the accuracy drop in points (bars: ± 1 SE of the pruned model's accuracy), dashed blue, the share of the "
+        f"model's MACs saved (right axis); accuracy on "
+        f"{_e(block.get('samples'))} {_e(block.get('split'))} images, never the test split "
+        f"(unpruned: {(base.get('accuracy') or 0) * 100:.2f}% ± {(base.get('se') or 0) * 100:.2f}). "
+        f"{_e(_sentence(block['note']) if block.get('note') else '')}"
+    )
+    if block.get("stale"):
+        note += " The distilled checkpoint changed since: run `kdc sensitivity RUN_DIR` again."
+    figures = [
+        _figure(
+            sensitivity_chart(g, base.get("macs"), unit, charts),
+            f"{g.get('name')}"
+            + (f", pruned with {', '.join(map(str, g['layers']))}" if len(g.get("layers") or []) > 1 else ""),
+        )
+        for g in groups
+    ]
+    rows = []
+    for g in groups:
+        saved = [(1 - m / base["macs"]) * 100 if base.get("macs") else None for m in g.get("macs") or []]
+        cells = [
+            f"{d:+.1f}" + ("" if i >= len(saved) or saved[i] is None else f" ({saved[i]:.0f}%)")
+            for i, d in enumerate(g.get("drop") or [])
+        ]
+        rows.append([_e(g.get("name")), _e(g.get("size")), *(_e(c) for c in cells)])
+    table = _table(["group", unit, *(f"{r:g}" for r in ratios)], rows)
+    return (
+        f'{head}<p class="note">{note}</p><div class="charts">{"".join(figures)}</div>'
+        f'<p class="note">Accuracy drop in points at each share pruned (the share of the model\'s MACs saved).</p>'
+        f"{table}</section>"
+    )
+
+
 def _warnings_section(report: dict) -> str:
     warnings = report.get("warnings") or []
     body = (
@@ -556,6 +601,7 @@ SECTIONS = (
     ("layers", "Layers"),
     ("classes", "Classes"),
     ("seeds", "Seeds"),
+    ("sensitivity", "Sensitivity"),
     ("warnings", "Warnings"),
     ("recipe", "Recipe"),
     ("environment", "Environment"),
@@ -605,6 +651,7 @@ def render_html(report: dict) -> str:
         _layers_section(report, charts),
         _per_class_section(report, charts),
         _seeds_section(report, charts),
+        _sensitivity_section(report.get("sensitivity"), charts),
         _warnings_section(report),
         _recipe_section(report),
         _environment_section(report),

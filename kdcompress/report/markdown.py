@@ -146,6 +146,7 @@ def report_markdown(report: dict) -> str:
             "",
         ]
         lines += [f"- {comparison_name(c)}: {comparison_text(c)}" for c in report["comparisons"]]
+    lines += _sensitivity_lines(report.get("sensitivity"))
     if report.get("warnings"):
         lines += ["", "## Warnings", ""]
         lines += [f"- {w}" for w in report["warnings"]]
@@ -208,3 +209,30 @@ def _seed_lines(report: dict) -> list[str]:
         lines.append("")
         lines += [f"- {comparison_name(c)}, {c['seeds']['n']} seeds: {seed_comparison_text(c['seeds'])}" for c in comps]
     return lines
+
+
+def _sensitivity_lines(block) -> list[str]:
+    """``kdc sensitivity``'s drops as a table: one row per group, one column per ratio (points)."""
+    if not isinstance(block, dict):
+        return []
+    lines = ["", "## Sensitivity", ""]
+    if block.get("problem"):
+        return lines + [str(block["problem"])]
+    base = block.get("baseline") or {}
+    ratios = [f"{float(r):g}" for r in block.get("ratios") or []]
+    lines += [
+        f"Accuracy drop in points with each group pruned alone ({block.get('method')}), on {block.get('samples')} "
+        f"{block.get('split')} images (unpruned: {(base.get('accuracy') or 0) * 100:.2f}%). {_capital(block.get('note') or '')}"
+        + (" Stale: the distilled checkpoint changed since." if block.get("stale") else ""),
+        "",
+        "| group | " + (block.get("unit") or "channels") + " | " + " | ".join(ratios) + " |",
+        "| --- |" + " ---: |" * (len(ratios) + 1),
+    ]
+    for g in block.get("groups") or []:
+        drops = " | ".join(f"{float(d):+.1f}" for d in g.get("drop") or [])
+        lines.append(f"| {g.get('name')} | {g.get('size')} | {drops} |")
+    return lines
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:] + ("." if text and not text.endswith(".") else "")

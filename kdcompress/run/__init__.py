@@ -6,7 +6,8 @@ whether a stage is up to date (fingerprints, status, resume); :mod:`.pipeline` r
 bodies (:mod:`.bodies`) train through the losses (:mod:`.losses`) and hooks (:mod:`.hooks`) they need;
 :mod:`.export` writes the artifacts; :mod:`.checks` checks a recipe before anything trains; :mod:`.seeds`,
 :mod:`.sweep` and :mod:`.share` run a recipe several times, training the stages the runs share once;
-:mod:`.trust` says what a run directory may make kdc import or read. The names below are imported from
+:mod:`.trust` says what a run directory may make kdc import or read; :mod:`.sensitivity` measures each prunable
+group of the distilled student alone (``kdc sensitivity``). The names below are imported from
 their modules on first use, so that the CLI, which reads the stage table as it starts, does not pay for torch.
 """
 
@@ -42,6 +43,7 @@ _HOMES: dict[str, tuple[str, ...]] = {
     "export": ("EXPORT_WAIT_ADVICE", "export_stage", "read_artifacts"),
     "seeds": ("seed_list", "seed_run_dirs", "run_seeds"),
     "sweep": ("parse_grid", "grid_points", "point_name", "run_sweep"),
+    "sensitivity": ("run_sensitivity", "load_sensitivity", "search_split", "sensitivity_key"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 

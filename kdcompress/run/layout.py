@@ -2,7 +2,7 @@
 built from them, spelt once (the run marker ``kdc-run.json``, the lock ``.kdc.lock``, the resolved
 ``recipe.yaml``, each stage's ``<stage>/model.pt`` with its ``metrics.jsonl``, ``state.pt`` and
 ``metrics.partial.jsonl``, the teacher-logit ``cache/``, ``tensorboard/``, ``export/``, ``seeds/``,
-``sweep/`` and the ``report.*`` files)."""
+``sweep/``, ``sensitivity.json`` and the ``report.*`` files)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ __all__ = [
     "SWEEP_TABLE",
     "SWEEP_DATA",
     "REPORT_KINDS",
+    "SENSITIVITY_FILE",
     "stage_dir",
     "checkpoint_path",
     "state_path",
@@ -46,6 +47,7 @@ __all__ = [
     "seed_dir",
     "sweep_dir",
     "report_path",
+    "sensitivity_path",
 ]
 
 MODEL_FILE = "model.pt"  # a finished stage's checkpoint (its manifest beside it: checkpoint.manifest_path)
@@ -69,6 +71,7 @@ SWEEP_DIR = "sweep"  # a sweep's points, each a run directory, and its ranked ta
 SWEEP_TABLE = "sweep.md"
 SWEEP_DATA = "sweep.json"
 REPORT_KINDS = ("md", "json", "html")  # report.md, report.json and report.html
+SENSITIVITY_FILE = "sensitivity.json"  # kdc sensitivity: each prunable group's accuracy drop at a grid of ratios
 
 
 def stage_dir(run_dir: str | Path, stage: str) -> Path:
@@ -144,3 +147,8 @@ def sweep_dir(run_dir: str | Path) -> Path:
 def report_path(folder: str | Path, kind: str) -> Path:
     """``<folder>/report.<kind>``, kind one of :data:`REPORT_KINDS`."""
     return Path(folder) / f"report.{kind}"
+
+
+def sensitivity_path(run_dir: str | Path) -> Path:
+    """``<run dir>/sensitivity.json``, written by ``kdc sensitivity`` (:mod:`kdcompress.run.sensitivity`)."""
+    return Path(run_dir) / SENSITIVITY_FILE
