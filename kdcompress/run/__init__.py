@@ -5,7 +5,8 @@ directory, :mod:`.lock` keeps one writer there and :mod:`.marker` marks it as kd
 whether a stage is up to date (fingerprints, status, resume); :mod:`.pipeline` runs the stages, whose
 bodies (:mod:`.bodies`) train through the losses (:mod:`.losses`) and hooks (:mod:`.hooks`) they need;
 :mod:`.export` writes the artifacts; :mod:`.checks` checks a recipe before anything trains; :mod:`.seeds`,
-:mod:`.sweep` and :mod:`.share` run a recipe several times, training the stages the runs share once;
+:mod:`.sweep` and :mod:`.share` run a recipe several times, training the stages the runs share once
+(:mod:`.frontier`: a sweep with every point exported);
 :mod:`.trust` says what a run directory may make kdc import or read. The names below are imported from
 their modules on first use, so that the CLI, which reads the stage table as it starts, does not pay for torch.
 """
@@ -26,6 +27,8 @@ _HOMES: dict[str, tuple[str, ...]] = {
         "REPORT_KINDS",
         "SWEEP_TABLE",
         "SWEEP_DATA",
+        "FRONTIER_DATA",
+        "FRONTIER_PAGE",
         "checkpoint_path",
         "recipe_path",
         "marker_path",
@@ -42,6 +45,7 @@ _HOMES: dict[str, tuple[str, ...]] = {
     "export": ("EXPORT_WAIT_ADVICE", "export_stage", "read_artifacts"),
     "seeds": ("seed_list", "seed_run_dirs", "run_seeds"),
     "sweep": ("parse_grid", "grid_points", "point_name", "run_sweep"),
+    "frontier": ("FrontierPoint", "budget_grid", "frontier_formats", "point_label", "run_frontier"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
