@@ -22,7 +22,7 @@ from rich.console import Console
 
 from ..checkpoint import read_manifest
 from ..errors import KdcError, UsageError, did_you_mean
-from ..export import FORMATS
+from ..export import FORMATS, check_formats
 from ..recipe import BUDGET_KINDS, Recipe, load_recipe
 from . import layout
 from .export import export_stage
@@ -108,6 +108,7 @@ def run_frontier(
     overrides = list(overrides or [])
     base = load(recipe_path, overrides)
     measured, formats = frontier_formats(base, fmt)
+    check_formats(formats)  # onnx not installed: said before anything trains
     if list(base.export.formats) != formats:
         overrides.append(f"export.formats=[{','.join(formats)}]")
     if base.export.stage != POINT_STAGE:  # the points are the pruned models; the reference is exported below
