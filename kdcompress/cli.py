@@ -838,6 +838,89 @@ def sweep(
 
 @app.command()
 @_friendly
+def frontier(
+    recipe: Optional[Path] = RecipeArg,
+    budget: Optional[str] = typer.Option(
+        None,
+        "--budget",
+        "-b",
+        metavar="KIND=V1,V2,...",
+        help="prune to each budget: prune.budget.KIND at each value, KIND one of macs, params, bytes, latency_ms "
+        "or latency (at most 1: a fraction of the distilled student's), e.g. macs=0.5,0.25,0.15",
+        show_default=False,
+    ),
+    grid: Optional[List[str]] = typer.Option(
+        None,
+        "--grid",
+        "-g",
+        help="KEY.PATH=V1,V2,...: another key to sweep, as kdc sweep (e.g. prune.target_sparsity=0.3,0.5,0.7)",
+        show_default=False,
+    ),
+    format_: Optional[str] = typer.Option(
+        None,
+        "--format",
+        "-f",
+        help="the exported format whose file is measured (default onnx, or the first of export.formats without it)",
+        show_default=False,
+    ),
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = typer.Option(False, "--force", help="retrain and export every point again, shared stages included"),
+    quiet: bool = QuietOpt,
+    trust_code: bool = TrustOpt,
+):
+    """Sweep pruning budgets, export every point and chart the frontier: accuracy against latency and bytes.
+
+    Runs the sweep (points in <run dir>/sweep/<point>/, stages they share trained once), exports each point's
+    pruned model and the distilled student (export.formats, or onnx), reports on each, and writes
+    <run dir>/sweep/frontier.html and frontier.json with the non-dominated points marked. Run it again to go on
+    after an interruption. Example: kdc frontier my-recipe.yaml --budget macs=0.5,0.25,0.15
+    """
+    from .report.frontier import write_frontier
+    from .run import budget_grid, run_frontier
+
+    items = ([budget_grid(budget)] if budget else []) + list(grid or [])
+    if not items:
+        raise UsageError(
+            "kdc frontier needs the budgets to sweep: --budget macs=0.5,0.25,0.15 (or --grid KEY=V1,V2,... for "
+            "another key)"
+        )
+    load = functools.partial(_load, trust_code=trust_code)
+    points, fmt = run_frontier(
+        recipe, items, list(set_ or []), fmt=format_, force=force, console=_chatter(quiet), load=load
+    )
+    sweep_dir = layout.sweep_dir(load(recipe, list(set_ or [])).run_dir)
+    result = write_frontier(sweep_dir, points, fmt)
+    _stdout().print(_frontier_table(result))
+    err.print(
+        f"wrote {sweep_dir / layout.FRONTIER_PAGE} and {layout.FRONTIER_DATA} (each point's run directory can be "
+        "exported in another format: kdc export RUN_DIR --format int8)"
+    )
+
+
+def _frontier_table(result: dict):
+    """The frontier as a terminal table: one row per model, the non-dominated ones marked."""
+    from rich.table import Table
+
+    table = Table(title=f"kdc frontier: {result['format']} files", title_justify="left")
+    batch = result.get("latency_batch")
+    for header in ("budget", "frontier", "acc %", f"ms @{batch}" if batch else "ms", "bytes", "run directory"):
+        left = header in ("budget", "frontier", "run directory")
+        table.add_column(header, justify="left" if left else "right", overflow="fold" if left else "ellipsis")
+    for p in result["points"]:
+        marks = ", ".join(axis for axis, on in (p.get("on_frontier") or {}).items() if on)
+        table.add_row(
+            p["label"],
+            marks or "-",
+            "" if p.get("accuracy") is None else f"{p['accuracy'] * 100:.2f}",
+            "" if p.get("latency_ms") is None else f"{p['latency_ms']:.3f}",
+            "" if p.get("bytes") is None else f"{p['bytes']:,}",
+            p["run_dir"],
+        )
+    return table
+
+
+@app.command()
+@_friendly
 def report(
     run_dirs: Optional[List[Path]] = typer.Argument(
         None,

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -305,3 +306,26 @@ def working_copy(source: Path, tmp_path: Path, monkeypatch) -> Path:
     shutil.copytree(source, work)
     monkeypatch.chdir(work)
     return work
+
+
+def measured_in_chromium(html: str, script: str, width: int, tmp_path: Path):
+    """What ``script`` (a measuring script added to a copy of ``html``; the report itself has none) wrote into
+    ``<pre id="kdc-measure">`` once headless Chromium laid the page out in a window ``width`` pixels wide, as JSON."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on PATH: install Debian's chromium (.ci/run does) to render report.html")
+    page = tmp_path / "measured.html"
+    page.write_text(html.replace("</body>", script + "</body>"), encoding="utf-8")
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},2000"]
+        + ["--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        text=True,
+    ).stdout
+    found = re.search(r'<pre id="kdc-measure">(.*?)</pre>', dom, re.S)
+    assert found, "the page did not finish loading in Chromium"
+    import html as html_module
+
+    return json.loads(html_module.unescape(found.group(1)))

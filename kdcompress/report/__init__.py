@@ -3,7 +3,7 @@
 :mod:`.collect` builds the report dict from the run directory (timing its models in :mod:`.latency`, saying
 what should not be trusted in :mod:`.warnings`); :mod:`.text` formats its numbers; :mod:`.terminal`,
 :mod:`.markdown` and :mod:`.html` (with :mod:`.charts`) render it; :mod:`.write` writes its three files;
-:mod:`.compare` puts several runs side by side. The HTML modules, which import matplotlib, are not imported here.
+:mod:`.compare` puts several runs side by side; :mod:`.frontier` marks a sweep's non-dominated models. The HTML modules, which import matplotlib, are not imported here.
 """
 
 from ..stats import NOISE_Z, accuracy_se, compare_accuracy

@@ -29,6 +29,7 @@ __all__ = [
     "comparison_chart",
     "curve_chart",
     "eval_split",
+    "frontier_chart",
     "latency_batch",
     "latency_chart",
     "layers_chart",
@@ -96,7 +97,8 @@ class Charts:
 def _inline_svg(text: str, prefix: str, title: str) -> str:
     """Matplotlib's SVG file made fit to sit in a page: no XML prolog, doctype or metadata, no namespace
     declarations (an HTML parser puts <svg> in its namespace itself), ids that are referenced prefixed (the
-    others dropped: they are matplotlib's group names), one short local font list."""
+    others dropped: they are matplotlib's group names, but for kdc's own, ``gid="kdc-..."``, which name what a
+    group draws), one short local font list."""
     text = text[text.index("<svg") :]
     text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)
     tags = re.compile(r"<[^>]*>")  # the edits touch tags only: a label's text is written as it is
@@ -104,7 +106,11 @@ def _inline_svg(text: str, prefix: str, title: str) -> str:
 
     def edit(match: re.Match) -> str:
         tag = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", match.group(0))
-        tag = re.sub(r'\sid="([^"]+)"', lambda m: f' id="{prefix}{m.group(1)}"' if m.group(1) in used else "", tag)
+        tag = re.sub(
+            r'\sid="([^"]+)"',
+            lambda m: f' id="{prefix}{m.group(1)}"' if m.group(1) in used or m.group(1).startswith("kdc-") else "",
+            tag,
+        )
         tag = re.sub(r'(url\(#|href="#)([^")]+)', lambda m: f"{m.group(1)}{prefix}{m.group(2)}", tag)
         return re.sub(r'font-family: [^;"]*', f"font-family: {CHART_FONTS}", tag)
 
@@ -609,3 +615,96 @@ def sensitivity_chart(group: dict, baseline_macs: int | None, unit: str, charts:
             twin.set_ylim(0, max(5.0, max(saved) * 1.1))
         _frame(fig, left=0.55, right=0.55, bottom=0.45, top=0.28)
         return charts.svg(fig, f"accuracy drop against the share of {group.get('name')} pruned")
+
+
+FRONTIER_AXES = {  # axis -> (the cost key of a frontier point, its x label, its ticks)
+    "latency": ("latency_ms", "latency at batch {batch}, median ms (log scale)", _ms_tick),
+    "bytes": ("bytes", "bytes of the exported file (log scale)", _bytes_tick),
+}
+
+
+def _frontier_marks(ax, points: list[dict], on: list[dict], cost: str) -> None:
+    """The frontier chart's points: error bars, the non-dominated joined, the dominated hollow, the reference."""
+    for p in points:
+        if p.get("accuracy_se") is not None:
+            ax.errorbar(
+                [p[cost]],
+                [_percent(p["accuracy"])],
+                yerr=[p["accuracy_se"] * 100],
+                fmt="none",
+                ecolor="#b0b0b0",
+                elinewidth=1,
+                capsize=2.5,
+            )
+    on_ids = {id(p) for p in on}
+    reference = {"markersize": 6, "markerfacecolor": "none", "markeredgewidth": 1.4}
+    layers = [
+        (on, "-o", STAGE_COLOURS["pruned"], "kdc-frontier", "non-dominated (joined)", {}),
+        (
+            [p for p in points if id(p) not in on_ids],
+            "o",
+            "#8c8c8c",
+            "kdc-dominated",
+            "dominated",
+            {"markerfacecolor": "white"},
+        ),
+        (
+            [p for p in points if p.get("role") == "reference"],
+            "D",
+            STAGE_COLOURS["distilled"],
+            "kdc-reference",
+            "reference: distilled student",
+            reference,
+        ),
+    ]
+    for group, style, colour, gid, label, extra in layers:
+        if group:  # gid: the group's id in the SVG (kept by Charts.svg), for the reader and the tests
+            ax.plot(
+                [p[cost] for p in group],
+                [_percent(p["accuracy"]) for p in group],
+                style,
+                color=colour,
+                gid=gid,
+                label=label,
+                zorder=3,
+                **extra,
+            )
+
+
+def frontier_chart(frontier: dict, axis: str, charts: Charts) -> str | None:
+    """Accuracy against one cost (``axis``: latency or bytes) of every point of a frontier
+    (:func:`kdcompress.report.frontier.build_frontier`): the non-dominated points filled and joined
+    (``gid`` kdc-frontier), the dominated ones hollow (kdc-dominated), the reference drawn as a diamond
+    (kdc-reference); each labelled with its budget; bars are ± one standard error."""
+    cost, xlabel, tick = FRONTIER_AXES[axis]
+    points = [
+        p
+        for p in frontier.get("points") or []
+        if isinstance(p.get(cost), (int, float)) and p[cost] > 0 and isinstance(p.get("accuracy"), (int, float))
+    ]
+    if not points:
+        return None
+    on = sorted((p for p in points if (p.get("on_frontier") or {}).get(axis)), key=lambda p: p[cost])
+    on_ids = {id(p) for p in on}
+    noun = "latency" if axis == "latency" else "size"
+    with _style():
+        fig = Figure(figsize=(6.4, 3.4 + LEGEND_ROW))
+        ax = fig.add_subplot()
+        _frame(fig, bottom=0.5 + LEGEND_ROW)
+        _frontier_marks(ax, points, on, cost)
+        _log_x(ax, [p[cost] for p in points], tick)
+        ax.set_xlabel(xlabel.format(batch=frontier.get("latency_batch")))
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"accuracy against {noun}: the frontier")
+        _legend_below(fig, columns=3)
+        labels = [
+            (
+                p[cost],
+                _percent(p["accuracy"]),
+                p.get("label") or "?",
+                STAGE_COLOURS["pruned"] if id(p) in on_ids else "#555555",
+            )
+            for p in on + [p for p in points if id(p) not in on_ids]
+        ]
+        _place_labels(fig, ax, labels)
+        return charts.svg(fig, f"test accuracy against {noun}: the frontier")

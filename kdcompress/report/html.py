@@ -25,6 +25,7 @@ from .charts import (
     comparison_chart,
     curve_chart,
     eval_split,
+    frontier_chart,
     latency_batch,
     latency_chart,
     layers_chart,
@@ -51,7 +52,7 @@ from .text import (
     sparsity_text,
 )
 
-__all__ = ["render_html", "render_comparison_html"]
+__all__ = ["render_html", "render_comparison_html", "render_frontier_html"]
 
 PER_CLASS_STAGES = ("teacher", "student", "distilled", "pruned")
 MAX_CLASSES_SHOWN = 30  # more classes than this: the chart shows those whose accuracy differs most between stages
@@ -605,6 +606,7 @@ SECTIONS = (
     ("warnings", "Warnings"),
     ("recipe", "Recipe"),
     ("environment", "Environment"),
+    ("points", "Points"),
 )
 
 
@@ -735,3 +737,77 @@ def _comparison_table(comparison: dict) -> str:
         body,
         left=3,
     )
+
+
+def _frontier_marks(point: dict) -> str:
+    """Which frontiers a point is on: "latency, bytes", "-" for none, "?" where a value is missing."""
+    marks = point.get("on_frontier") or {}
+    if not any(v is not None for v in marks.values()):
+        return "?"
+    return ", ".join(axis for axis, on in marks.items() if on) or "-"
+
+
+def _frontier_table(frontier: dict) -> str:
+    """Every point of a frontier with its numbers, the file they were read from and its run directory."""
+    batch = frontier.get("latency_batch")
+    body = []
+    for p in frontier.get("points") or []:
+        label = _e(p.get("label")) + (" <small>(reference)</small>" if p.get("role") == "reference" else "")
+        if p.get("missing"):
+            body.append([label, (f'<span class="missing">{_e(p["missing"])}</span>', 7)])
+            continue
+        marks = _frontier_marks(p)
+        source = str(p.get("bytes_source") or "")
+        body.append(
+            [
+                label,
+                f"<b>{_e(marks)}</b>" if marks not in ("-", "?") else _e(marks),
+                "" if p.get("accuracy") is None else _e(_accuracy_cell(p)),
+                "" if p.get("latency_ms") is None else ms_text(p["latency_ms"]),
+                "" if p.get("bytes") is None else _e(bytes_text(p["bytes"])),
+                compact(p.get("macs")),
+                _e(source.rsplit("/", 1)[-1]),
+                f"<code>{_e(p.get('run_dir'))}</code>",
+            ]
+        )
+    header = ["budget", "on the frontier", "test acc % ± SE", f"latency ms<br>batch {_e(batch)}", "bytes", "MACs"]
+    return _table(header + ["file", "run directory"], body, left=2)
+
+
+def render_frontier_html(frontier: dict) -> str:
+    """A frontier (:func:`kdcompress.report.frontier.build_frontier`) as one self-contained HTML page: accuracy
+    against latency and against bytes, the non-dominated points marked and joined, and a table of every point
+    with its run directory (to export it in another format, or to report on it)."""
+    charts = Charts()
+    points = frontier.get("points") or []
+    fmt, batch = frontier.get("format") or "?", frontier.get("latency_batch")
+    intro = (
+        f'<p class="note">{sum(p.get("role") == "point" for p in points)} pruned models of one sweep and the distilled '
+        f"student they were pruned from, each measured from its exported {_e(fmt)} file. A model is on the frontier "
+        "when no other is at least as accurate and at most as costly (and better on one of the two). Made "
+        f"{_e(frontier.get('generated_at') or 'at a time not recorded')}.</p>"
+    )
+    latency_caption = (
+        f"Test accuracy against the median latency at batch {batch}, as each run directory's report timed it "
+        "(in its own rounds: differences of a few percent can be noise); ± one standard error."
+    )
+    sections = [
+        '<section id="size"><h2>Accuracy against size</h2>'
+        + _figure(
+            frontier_chart(frontier, "bytes", charts),
+            f"Test accuracy against the bytes of each exported {fmt} file (log scale); ± one standard error.",
+        )
+        + "</section>",
+        '<section id="latency"><h2>Accuracy against latency</h2>'
+        + _figure(
+            frontier_chart(frontier, "latency", charts),
+            latency_caption,
+            "latency not measured (report.latency: false in the recipe); the table has the rest",
+        )
+        + "</section>",
+        '<section id="points"><h2>Points</h2>'
+        + _frontier_table(frontier)
+        + '<p class="note">Each run directory is an ordinary kdc run: <code>kdc export RUN_DIR --format int8</code> '
+        "exports it in another format, <code>kdc report RUN_DIR</code> reports on it.</p></section>",
+    ]
+    return _page("kdc frontier", intro, sections)

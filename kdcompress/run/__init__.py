@@ -5,9 +5,10 @@ directory, :mod:`.lock` keeps one writer there and :mod:`.marker` marks it as kd
 whether a stage is up to date (fingerprints, status, resume); :mod:`.pipeline` runs the stages, whose
 bodies (:mod:`.bodies`) train through the losses (:mod:`.losses`) and hooks (:mod:`.hooks`) they need;
 :mod:`.export` writes the artifacts; :mod:`.checks` checks a recipe before anything trains; :mod:`.seeds`,
-:mod:`.sweep` and :mod:`.share` run a recipe several times, training the stages the runs share once;
-:mod:`.trust` says what a run directory may make kdc import or read; :mod:`.sensitivity` measures each prunable
-group of the distilled student alone (``kdc sensitivity``). The names below are imported from
+:mod:`.sweep` and :mod:`.share` run a recipe several times, training the stages the runs share once
+(:mod:`.frontier`: a sweep with every point exported); :mod:`.trust` says what a run directory may make kdc
+import or read; :mod:`.sensitivity` measures each prunable group of the distilled student alone
+(``kdc sensitivity``). The names below are imported from
 their modules on first use, so that the CLI, which reads the stage table as it starts, does not pay for torch.
 """
 
@@ -27,6 +28,8 @@ _HOMES: dict[str, tuple[str, ...]] = {
         "REPORT_KINDS",
         "SWEEP_TABLE",
         "SWEEP_DATA",
+        "FRONTIER_DATA",
+        "FRONTIER_PAGE",
         "checkpoint_path",
         "recipe_path",
         "marker_path",
@@ -44,6 +47,7 @@ _HOMES: dict[str, tuple[str, ...]] = {
     "seeds": ("seed_list", "seed_run_dirs", "run_seeds"),
     "sweep": ("parse_grid", "grid_points", "point_name", "run_sweep"),
     "sensitivity": ("run_sensitivity", "load_sensitivity", "search_split", "sensitivity_key"),
+    "frontier": ("FrontierPoint", "budget_grid", "frontier_formats", "point_label", "run_frontier"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 

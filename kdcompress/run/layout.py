@@ -2,7 +2,7 @@
 built from them, spelt once (the run marker ``kdc-run.json``, the lock ``.kdc.lock``, the resolved
 ``recipe.yaml``, each stage's ``<stage>/model.pt`` with its ``metrics.jsonl``, ``state.pt`` and
 ``metrics.partial.jsonl``, the teacher-logit ``cache/``, ``tensorboard/``, ``export/``, ``seeds/``,
-``sweep/``, ``sensitivity.json`` and the ``report.*`` files)."""
+``sweep/`` with its ``frontier.*`` files, ``sensitivity.json`` and the ``report.*`` files)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ __all__ = [
     "SWEEP_DIR",
     "SWEEP_TABLE",
     "SWEEP_DATA",
+    "FRONTIER_DATA",
+    "FRONTIER_PAGE",
     "REPORT_KINDS",
     "SENSITIVITY_FILE",
     "stage_dir",
@@ -70,6 +72,8 @@ SEED_GLOB = "seed-*"
 SWEEP_DIR = "sweep"  # a sweep's points, each a run directory, and its ranked table
 SWEEP_TABLE = "sweep.md"
 SWEEP_DATA = "sweep.json"
+FRONTIER_DATA = "frontier.json"  # inside SWEEP_DIR: kdc frontier's points, each marked on the frontier or not
+FRONTIER_PAGE = "frontier.html"  # inside SWEEP_DIR: its charts (accuracy against latency and bytes) and table
 REPORT_KINDS = ("md", "json", "html")  # report.md, report.json and report.html
 SENSITIVITY_FILE = "sensitivity.json"  # kdc sensitivity: each prunable group's accuracy drop at a grid of ratios
 

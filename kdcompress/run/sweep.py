@@ -41,7 +41,15 @@ from .share import expected_fingerprints, known_checkpoints, share_stages
 from .stages import STAGES
 from .state import Origin
 
-__all__ = ["parse_grid", "grid_points", "point_name", "sweep_markdown", "run_sweep", "difference_se"]
+__all__ = [
+    "parse_grid",
+    "grid_points",
+    "point_name",
+    "point_placement",
+    "sweep_markdown",
+    "run_sweep",
+    "difference_se",
+]
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -77,6 +85,11 @@ def point_name(overrides: list[str]) -> str:
         key, _, value = item.partition("=")
         parts.append(f"{key.rsplit('.', 1)[-1]}-{value}")
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", "_".join(parts)).strip(".-") or "point"
+
+
+def point_placement(sweep_dir: Path, name: str) -> list[str]:
+    """The overrides that put a point's run directory at ``<sweep dir>/<name>``."""
+    return [f"run.out_dir={sweep_dir}", f"run.name={name}"]
 
 
 def _run_dirs(sweep_dir: Path) -> list[Path]:
@@ -215,7 +228,7 @@ def run_sweep(
         rows = []
         for i, (point, name) in enumerate(zip(points, names), 1):
             run_dir = sweep_dir / name
-            placement = [f"run.out_dir={sweep_dir}", f"run.name={name}"]
+            placement = point_placement(sweep_dir, name)
             placed = load(recipe_path, overrides + point + placement)
             origin = Origin(str(recipe_path) if recipe_path else "", tuple(overrides + point + placement))
             console.print(f"[bold]sweep[/] point {i}/{len(points)}: {' '.join(point)} -> {run_dir}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_RECIPE, _deep_merge
+from conftest import TINY_RECIPE, _deep_merge, measured_in_chromium
 
 from kdcompress.report.compare import build_comparison, comparison_markdown
 from kdcompress.report.html import render_comparison_html, render_html
@@ -484,29 +484,6 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-def _measured_in_chromium(html: str, script: str, width: int, tmp_path: Path):
-    """What ``script`` (a measuring script added to a copy of ``html``; the report itself has none) wrote into
-    ``<pre id="kdc-measure">`` once Chromium laid the page out in a window ``width`` pixels wide, as JSON."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("no chromium on PATH: install Debian's chromium (.ci/run does) to render report.html")
-    page = tmp_path / "measured.html"
-    page.write_text(html.replace("</body>", script + "</body>"), encoding="utf-8")
-    dom = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},2000"]
-        + ["--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()],
-        check=True,
-        capture_output=True,
-        timeout=120,
-        text=True,
-    ).stdout
-    found = re.search(r'<pre id="kdc-measure">(.*?)</pre>', dom, re.S)
-    assert found, "the page did not finish loading in Chromium"
-    import html as html_module
-
-    return json.loads(html_module.unescape(found.group(1)))
-
-
 @pytest.mark.parametrize("width", [1200, 380])
 def test_every_chart_is_laid_out_visibly_on_a_wide_and_a_narrow_screen(tiny_run, tmp_path, width):
     """Chromium lays the page out; a measuring script added to a copy (the report itself has none) reports
@@ -514,7 +491,7 @@ def test_every_chart_is_laid_out_visibly_on_a_wide_and_a_narrow_screen(tiny_run,
     on a phone-sized screen."""
     html = (tiny_run / "report.html").read_text(encoding="utf-8")
     assert "<script" not in html.lower()
-    measured = _measured_in_chromium(html, _MEASURE, width, tmp_path)
+    measured = measured_in_chromium(html, _MEASURE, width, tmp_path)
     assert len(measured["svgs"]) == html.count("<svg") >= 4
     for w, h, left, right in measured["svgs"]:
         assert w > 50 and h > 50, measured
@@ -574,7 +551,7 @@ window.addEventListener('load', () => {
 def test_the_single_run_stage_tables_fit_a_1280_pixel_window(tmp_path):
     """Chromium lays out a report with latency at two batch sizes (the widest stage rows): every table of the
     stages section is whole in its column, none scrolls sideways."""
-    tables = _measured_in_chromium(render_html(full_report()), _MEASURE_TABLES, 1280, tmp_path)
+    tables = measured_in_chromium(render_html(full_report()), _MEASURE_TABLES, 1280, tmp_path)
     assert len(tables) >= 2
     for width, room in tables:
         assert width <= room, tables
