@@ -27,7 +27,7 @@ SEARCH_SAMPLES = 3000  # images the search scores each candidate on: about 0.05 
 
 def search_data(data, seed: int, limit: int = SEARCH_SAMPLES):
     """``(split name, data, what it is)``: up to ``limit`` validation images, or training images when the recipe
-    holds out none; a seeded choice, never the test split."""
+    holds out none; a seeded choice (the same images for the same seed), never the test split."""
     if data.val is not None:
         split, pool, what = "val", data.val, "the validation split (data.val_split)"
     else:
@@ -36,7 +36,6 @@ def search_data(data, seed: int, limit: int = SEARCH_SAMPLES):
     if len(pool) > limit:
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed + 21))
         pool = pool.subset(order[:limit].sort().values)
-        what += f", {limit:,} of its images"
     return split, pool, what
 
 
