@@ -84,8 +84,10 @@ def format_options(fmt: str, section) -> dict:
         return {"dtype": section.dtype, "codec": section.codec}
     if fmt == "shared":
         return {"bits": int(section.bits), "codec": section.codec}
-    if fmt == "int8":
-        return {"calibration_batches": int(section.calibration_batches)}
+    if fmt == "int8":  # the tolerance only when set: files exported before it existed keep their options
+        options = {"calibration_batches": int(section.calibration_batches)}
+        tolerance = getattr(section, "int8_tolerance", None)
+        return options if tolerance is None else {**options, "int8_tolerance": float(tolerance)}
     return {}
 
 

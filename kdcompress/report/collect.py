@@ -783,6 +783,7 @@ def _artifact_row(
             "stage_checkpoint_bytes",
             "options",
             "info",
+            "int8_search",
         )
     }
     row["refused"] = row["stale"] = None

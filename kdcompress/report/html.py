@@ -35,6 +35,7 @@ from .charts import (
     size_chart,
 )
 from .compare import LATENCY_BATCH, comparison_rows, latency_at
+from .int8_notes import int8_notes
 from .text import (
     SPARSE_MACS_NOTE,
     bytes_text,
@@ -275,6 +276,7 @@ def _stages_section(report: dict) -> str:
             '<p class="note">Files written by <code>kdc export</code> to export/; accuracy measured from each '
             "file loaded back; teacher / file and stage / file: checkpoint bytes over file bytes.</p>"
         )
+        parts.extend(f'<p class="note">{escape(note)}</p>' for note in int8_notes(report))
     else:
         parts.append(_missing("none: `kdc export RUN_DIR` writes the files to ship and adds them here"))
     parts.append("</section>")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..stats import NOISE_Z
+from .int8_notes import int8_notes
 from .text import (
     SPARSE_MACS_NOTE,
     STALE_NOTE,
@@ -137,6 +138,7 @@ def report_markdown(report: dict) -> str:
             "|" + "|".join(" --- " if c == "file" else " ---: " for c in columns) + "|",
         ]
         lines += ["| " + " | ".join(_md_artifact_row(a, batches)) + " |" for a in report["artifacts"]]
+        lines += [f"\n{note}" for note in int8_notes(report)]
     if report.get("comparisons"):
         lines += [
             "",

@@ -9,6 +9,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from .int8_notes import int8_notes
 from .text import (
     SPARSE_MACS_NOTE,
     STALE_NOTE,
@@ -51,6 +52,7 @@ def report_table(report: dict) -> Group:
     parts = [first, second, third, Text("\n".join(notes)), Text("settings", style="bold"), settings]
     if report.get("artifacts"):
         parts.append(_artifact_table(report))
+        parts.extend(Text(note) for note in int8_notes(report))
     if report.get("comparisons"):
         parts.append(
             Text(

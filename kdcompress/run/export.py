@@ -20,6 +20,7 @@ from ..files import atomic_write_text
 from ..models import build_from_checkpoint
 from ..recipe import recipe_from_dict, recipe_to_dict
 from ..train import evaluate, seed_everything
+from .export_int8 import encode_within_tolerance
 from .layout import EXPORT_DIR, MODEL_FILE, artifacts_path, checkpoint_path, export_dir
 from .lock import run_dir_lock
 from .marker import write_resolved_recipe
@@ -48,6 +49,7 @@ _ROW_TYPES = {
     "info": dict,
     "source_fingerprint": str,
     "sha256": str,
+    "int8_search": dict,
 }
 
 
@@ -227,11 +229,7 @@ def _write_pending(recipe, todo: list[tuple], codecs: dict, source: tuple, rows:
                 data, recipe.data.batch_size, options["calibration_batches"], recipe.run.seed
             )
         seed_everything(recipe.run.seed)
-        try:
-            with torch.no_grad():
-                blob, info = codecs[fmt].encode(model, ckpt, options, calibration or [])
-        except ValueError as exc:  # a setting the model cannot be written with (an fp16 overflow, ...)
-            raise KdcError(f"cannot export {stage} as {fmt}{_options_text(options)}: {exc}") from None
+        blob, info, search = _encode(codecs[fmt], fmt, options, (model, ckpt, calibration), data, recipe, console)
         manifest = write_artifact(run_dir / rel, blob, fmt, {"stage": stage, "source_fingerprint": fingerprint})
         # measured from the file, loaded the way a user deploys it: never copied from the checkpoint
         loaded = load_artifact(run_dir / rel, expected=model_name)
@@ -241,6 +239,8 @@ def _write_pending(recipe, todo: list[tuple], codecs: dict, source: tuple, rows:
             stage, fmt, rel, manifest, test, len(data.test), stage_accuracy, ckpt_path, options, info, fingerprint
         )
         row.update(seconds=time.perf_counter() - started, kdc_version=__version__)
+        if search is not None:
+            row["int8_search"] = search
         rows[rel] = row
         _write_artifacts(run_dir, list(rows.values()))  # after each one: an interrupted export keeps its work
         console.print(
@@ -249,6 +249,21 @@ def _write_pending(recipe, todo: list[tuple], codecs: dict, source: tuple, rows:
             f"test accuracy {row['accuracy']:.4f} "
             f"({row['accuracy_change_vs_stage'] * 100:+.2f} points vs the checkpoint)"
         )
+
+
+def _encode(fmt_codec, fmt: str, options: dict, source: tuple, data, recipe, console) -> tuple:
+    """``(bytes, info, int8 search record or None)`` of one artifact; ``source`` is (model, checkpoint, calibration).
+
+    int8 with ``int8_tolerance`` searches the nodes to keep in fp32 on the validation (or training) data, never
+    on the test split (:func:`kdcompress.run.export_int8.encode_within_tolerance`)."""
+    model, ckpt, calibration = source
+    try:
+        with torch.no_grad():
+            if fmt == "int8" and options.get("int8_tolerance") is not None:
+                return encode_within_tolerance(model, ckpt, options, calibration, data, recipe, console)
+            return (*fmt_codec.encode(model, ckpt, options, calibration or []), None)
+    except ValueError as exc:  # a setting the model cannot be written with (an fp16 overflow, ...)
+        raise KdcError(f"cannot export {recipe.export.stage} as {fmt}{_options_text(options)}: {exc}") from None
 
 
 def size_change(before: int, after: int, than: str) -> str:
