@@ -113,7 +113,10 @@ def stage_settings(stage: str, recipe: dict, metrics: dict, arch: dict | None = 
             + (f" by {prune.get('importance', 'l1')}" if prune.get("method") == "structured" else ""),
             scope=prune.get("scope"),
             rate=prune.get("rate"),
-            target_sparsity=prune.get("target_sparsity", metrics.get("target_sparsity")),
+            # with a budget, the share of channels its allocation removes (recorded by the stage)
+            target_sparsity=metrics.get("target_sparsity")
+            if prune.get("budget")
+            else prune.get("target_sparsity", metrics.get("target_sparsity")),
             sparsity_schedule=prune.get(
                 "sparsity_schedule", "iterative"
             ),  # run directories from before schedules: iterative
