@@ -330,49 +330,109 @@ def allocate_sensitivity(
     group whose raise has the smallest ``drop increase / cost saved``, read off ``curves`` (``{root:
     [(share, drop in points), ...]}``, linear in between) until ``cost <= target``. The last raise is then
     refined channel by channel to the smallest that meets the target, and channels are given back to the
-    most sensitive groups while the target still holds, so the cost lands just under it (within
-    :data:`NEAR` where channel granularity allows, as near as it allows in any case). No share reaches a group's whole width: each keeps at
-    least one channel (``round_to`` channels). Groups without a curve are not pruned. A KdcError when even
-    the largest shares cannot meet the budget.
+    most sensitive groups while the target still holds. When the cost still sits more than :data:`NEAR`
+    under the target (one channel of a group can be worth more than that), a group gives back a level and
+    the others make up for it, where that lands within :data:`NEAR` at the least predicted drop. No share
+    reaches a group's whole width: each keeps at least one channel (``round_to`` channels). Groups without a
+    curve are not pruned. A KdcError when even the largest shares cannot meet the budget.
     """
-    initial = {g["root"]: g["initial"] for g in groups}
-    levels = {r: _levels(n, round_to) for r, n in initial.items()}
-    pruned = [r for r in initial if r in curves and len(levels[r]) > 1]
-    kept = {r: initial[r] for r in initial}
-
-    def shares_of(k: dict[str, int]) -> dict[str, float]:
-        return {r: _share(initial[r], v) for r, v in k.items() if v < initial[r]}
-
-    def drop(r: str, k: int) -> float:
-        return interpolate_drop(curves[r], _share(initial[r], k))
-
-    reference = cost({})
-    fewest = {**kept, **{r: levels[r][-1] for r in pruned}}
-    if cost(shares_of(fewest)) > target:
-        raise _impossible(cost(shares_of(fewest)), target, round_to, sorted(set(initial) - set(curves)))
-    last = None
-    while cost(shares_of(kept)) > target:
-        now = cost(shares_of(kept))
-        best = None
-        for r in pruned:
-            nxt = _next_level(levels[r], kept[r], initial[r], step, round_to)
-            if nxt is None:
-                continue
-            saved = now - cost(shares_of({**kept, r: nxt}))
-            rise = max(0.0, drop(r, nxt) - drop(r, kept[r]))
-            score = rise / saved if saved > 0 else math.inf
-            key = (score, -saved, r)
-            if best is None or key < best[0]:
-                best = (key, r, nxt)
-        _, r, nxt = best  # the check above guarantees a group that can still give up channels
-        last = (r, kept[r])
-        kept[r] = nxt
+    search = _Search(groups, cost, target, curves, step, round_to)
+    fewest = {**search.start, **{r: search.levels[r][-1] for r in search.pruned}}
+    if search.cost_of(fewest) > target:
+        raise _impossible(search.cost_of(fewest), target, round_to, sorted(set(search.initial) - set(curves)))
+    kept, last = search.greedy(search.start, search.pruned)
     if last is not None:
-        kept = _refine(kept, last, levels, shares_of, cost, target)
-        kept = _give_back(kept, pruned, levels, shares_of, cost, target, drop)
-    allocation = _finish(groups, kept, cost, target, reference, kind, "sensitivity")
-    allocation.predicted_drop = sum(drop(r, kept[r]) for r in pruned)
+        kept = search.give_back(search.refine(kept, last))
+        kept = search.swap(kept)
+    allocation = _finish(groups, kept, cost, target, cost({}), kind, "sensitivity")
+    allocation.predicted_drop = search.total_drop(kept)
     return allocation
+
+
+class _Search:
+    """The state :func:`allocate_sensitivity` searches in: kept channels per group, their levels and drops."""
+
+    def __init__(self, groups, cost: Cost, target: float, curves, step: float, round_to: int | None):
+        self.initial = {g["root"]: g["initial"] for g in groups}
+        self.levels = {r: _levels(n, round_to) for r, n in self.initial.items()}
+        self.pruned = [r for r in self.initial if r in curves and len(self.levels[r]) > 1]
+        self.start = dict(self.initial)
+        self.cost, self.target, self.curves, self.step, self.round_to = cost, target, curves, step, round_to
+
+    def cost_of(self, kept: dict[str, int]) -> float:
+        return self.cost({r: _share(self.initial[r], v) for r, v in kept.items() if v < self.initial[r]})
+
+    def drop(self, r: str, k: int) -> float:
+        return interpolate_drop(self.curves[r], _share(self.initial[r], k))
+
+    def total_drop(self, kept: dict[str, int]) -> float:
+        return sum(self.drop(r, kept[r]) for r in self.pruned)
+
+    def greedy(self, kept: dict[str, int], movable: list[str]):
+        """Raise the cheapest group (predicted drop per cost saved) until the target holds: ``(kept, last raise)``;
+        ``(None, None)`` when the ``movable`` groups run out of channels first."""
+        kept, last = dict(kept), None
+        while (now := self.cost_of(kept)) > self.target:
+            best = None
+            for r in movable:
+                nxt = _next_level(self.levels[r], kept[r], self.initial[r], self.step, self.round_to)
+                if nxt is None:
+                    continue
+                saved = now - self.cost_of({**kept, r: nxt})
+                rise = max(0.0, self.drop(r, nxt) - self.drop(r, kept[r]))
+                key = (rise / saved if saved > 0 else math.inf, -saved, r)
+                if best is None or key < best[0]:
+                    best = (key, r, nxt)
+            if best is None:
+                return None, None
+            _, r, nxt = best
+            last = (r, kept[r])
+            kept[r] = nxt
+        return kept, last
+
+    def refine(self, kept: dict[str, int], last) -> dict[str, int]:
+        """Undo as much of the last raise as the target allows: the most channels of that group that still fit."""
+        r, before = last
+        for v in [v for v in self.levels[r] if kept[r] <= v < before]:  # descending: most channels first
+            if self.cost_of({**kept, r: v}) <= self.target:
+                return {**kept, r: v}
+        return kept
+
+    def give_back(self, kept: dict[str, int], frozen: str | None = None) -> dict[str, int]:
+        """Give a level of channels back to the group whose predicted drop falls most, again and again, while
+        the target holds: the slack under the target buys back accuracy."""
+        while True:
+            options = []
+            for r in self.pruned:
+                up = [v for v in self.levels[r] if v > kept[r]]
+                if r != frozen and up and self.cost_of({**kept, r: up[-1]}) <= self.target:
+                    options.append((self.drop(r, up[-1]) - self.drop(r, kept[r]), r, up[-1]))
+            if not options:
+                return kept
+            _, r, v = min(options)
+            kept = {**kept, r: v}
+
+    def swap(self, kept: dict[str, int]) -> dict[str, int]:
+        """When the cost sits more than NEAR under the target: for each pruned group, a level back to it and the
+        others raised to make up for it; the result within NEAR with the least predicted drop, else ``kept``."""
+        if self.cost_of(kept) >= (1.0 - NEAR) * self.target:
+            return kept
+        best = None
+        for r in self.pruned:
+            up = [v for v in self.levels[r] if v > kept[r]]
+            if not up:
+                continue
+            others = [q for q in self.pruned if q != r]
+            trial, last = self.greedy({**kept, r: up[-1]}, others)
+            if trial is None:
+                continue
+            if last is not None:
+                trial = self.give_back(self.refine(trial, last), frozen=r)
+            if self.cost_of(trial) >= (1.0 - NEAR) * self.target:
+                key = (self.total_drop(trial), r)
+                if best is None or key < best[0]:
+                    best = (key, trial)
+        return best[1] if best else kept
 
 
 def _next_level(levels: list[int], kept: int, initial: int, step: float, round_to: int | None) -> int | None:
@@ -382,29 +442,3 @@ def _next_level(levels: list[int], kept: int, initial: int, step: float, round_t
         return None
     nxt = kept_channels(initial, _share(initial, kept) + step, round_to)
     return nxt if nxt < kept else lower[0]
-
-
-def _refine(kept, last, levels, shares_of, cost: Cost, target: float) -> dict[str, int]:
-    """Undo as much of the last raise as the target allows: the most channels of that group that still fit."""
-    r, before = last
-    between = [v for v in levels[r] if kept[r] <= v < before]  # descending: most channels first
-    for v in between:
-        if cost(shares_of({**kept, r: v})) <= target:
-            return {**kept, r: v}
-    return kept
-
-
-def _give_back(kept, pruned, levels, shares_of, cost: Cost, target: float, drop) -> dict[str, int]:
-    """Give a level of channels back to the group whose predicted drop falls most, again and again, as long as
-    the target still holds: the slack under the target buys back accuracy."""
-    while True:
-        options = []
-        for r in pruned:
-            up = [v for v in levels[r] if v > kept[r]]
-            if up and cost(shares_of({**kept, r: up[-1]})) <= target:
-                options.append((drop(r, up[-1]) - drop(r, kept[r]), r, up[-1]))
-        if not options:
-            break
-        _, r, v = min(options)
-        kept = {**kept, r: v}
-    return kept
