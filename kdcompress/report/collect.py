@@ -43,6 +43,7 @@ from ..run.trust import MODEL_KEYS, outside_files, refuse_untrusted_code
 from ..stats import NOISE_Z, accuracy_se, compare_accuracy, finite, mean_std
 from ..timing import ModelFile
 from ..train import has_batchnorm
+from .budget import budget_block
 from .latency import LatencyCache, available_cores, latency_ratios, latency_settings, now, set_latency
 from .warnings import report_warnings
 
@@ -428,6 +429,7 @@ def build_report(
         "stages": rows,
         "comparisons": comparisons,
         "class_changes": _class_changes(by_stage),
+        "budget": budget_block(checkpoints.get("pruned")),  # prune.budget: its target and what was reached
         "artifacts": artifacts,
         "recipe_resolved": _resolved_recipe(run_dir, checkpoints, found),
         "environment": _environment(

@@ -9,6 +9,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from .budget import budget_lines
 from .text import (
     SPARSE_MACS_NOTE,
     STALE_NOTE,
@@ -49,6 +50,7 @@ def report_table(report: dict) -> Group:
     if seeded:
         notes.insert(0, seeds_note(rows))
     parts = [first, second, third, Text("\n".join(notes)), Text("settings", style="bold"), settings]
+    parts += [Text("\n".join(budget_lines(report)))] if report.get("budget") else []
     if report.get("artifacts"):
         parts.append(_artifact_table(report))
     if report.get("comparisons"):

@@ -165,7 +165,7 @@ def allocate_budget(
         return allocate_uniform(groups, cost, target, prune.round_to, kind=kind)
 
     allocation = allocate(quadratic_cost(exact, groups, prune.round_to))
-    allocation.predicted = exact(allocation.shares)
+    allocation.predicted, allocation.reference = exact(allocation.shares), reference
     if allocation.predicted > target:
         allocation = allocate(exact)
     if console is not None:
