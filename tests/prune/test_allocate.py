@@ -191,3 +191,18 @@ def test_the_pruner_ramps_each_group_to_its_own_share_and_lands_on_it(net):
     other = StructuredPruner(copy.deepcopy(net), SHAPE, scope="layer", allocation={**shares, "features.0": 0.1})
     with pytest.raises(ValueError, match="another allocation|towards the allocation"):
         other.load_state_dict(state)
+
+
+@pytest.mark.slow
+def test_a_bytes_budget_is_met_on_the_exported_onnx_file(net):
+    """A bytes budget (the fp32 ONNX file): each measurement is an export, so this takes a minute or two here."""
+    pytest.importorskip("onnxruntime")
+    from kdcompress.recipe import BudgetSection, PruneSection
+    from kdcompress.run.budget import allocate_budget, measure_model
+
+    prune = PruneSection(method="structured", budget=BudgetSection(bytes=0.3))
+    a = allocate_budget(net, SHAPE, prune)
+    assert a.kind == "bytes" and a.reference == measure_model("bytes", net, SHAPE, prune)
+    reached = measure_model("bytes", _pruned(net, a.shares), SHAPE, prune)
+    assert reached == a.predicted
+    assert (1 - NEAR) * a.target <= reached <= a.target
