@@ -59,7 +59,7 @@ from torch_pruning.dependency import index_mapping, shape_infer
 
 from .unstructured import prunable_weights
 
-__all__ = ["StructuredPruner", "apply_structure", "find_classifier", "IMPORTANCES", "SCOPES"]
+__all__ = ["StructuredPruner", "apply_structure", "find_classifier", "kept_channels", "IMPORTANCES", "SCOPES"]
 
 IMPORTANCES = ("l1", "l2", "bn_scale")
 SCOPES = ("global", "layer")
@@ -201,6 +201,19 @@ def find_classifier(model: nn.Module, input_shape) -> str | None:
     return None
 
 
+def kept_channels(initial: int, share: float, round_to: int | None = None) -> int:
+    """Channels a group of ``initial`` channels keeps when ``share`` of them is removed from the unpruned model.
+
+    The rounding :meth:`StructuredPruner.prune_ratios` applies: ``round(share * initial)`` channels go, at least
+    one channel stays (``round_to`` channels with ``round_to``) and the kept count is rounded up to a multiple
+    of ``round_to`` (never above ``initial``). Cost models use it to know what a share really removes.
+    """
+    keep = max(initial - int(round(share * initial)), round_to or 1)
+    if round_to:
+        keep = min(initial, math.ceil(keep / round_to) * round_to)
+    return min(initial, keep)
+
+
 def _check_history(history) -> list[list]:
     """A deep copy of ``history`` as plain lists, or ValueError when it is not a pruning history."""
     problem = "it is not a list"
@@ -279,6 +292,8 @@ class StructuredPruner:
     ``round_to``: keep a multiple of this many channels in each group (for
     hardware that prefers multiples of 8); the share then lands at or below
     the target. Every group keeps at least one channel.
+    ``allocation``: per-group shares (``{root: share}``) that :meth:`prune_to`
+    ramps towards instead of one sparsity for all (see :meth:`set_allocation`).
 
     The model must be unpruned when the pruner is built (a fresh build, or
     a model loaded from a checkpoint without structure); :meth:`load_state_dict`
@@ -300,6 +315,7 @@ class StructuredPruner:
         include: Iterable[str] = ("*",),
         exclude: Iterable[str] = (),
         round_to: int | None = None,
+        allocation: dict[str, float] | None = None,
     ):
         if importance not in IMPORTANCES:
             raise ValueError(f"importance must be one of {', '.join(IMPORTANCES)}, got {importance!r}")
@@ -336,6 +352,39 @@ class StructuredPruner:
         # Counted once, on the unpruned model: the denominator of sparsity()
         self.initial_channels = {name: _out_channels(self._modules[name]) for g in groups for name in g.layers}
         self.steps_taken = 0
+        self.allocation: dict[str, float] | None = None
+        self.allocation_sparsity = 0.0
+        if allocation is not None:
+            self.set_allocation(allocation)
+
+    def set_allocation(self, allocation: dict[str, float]) -> None:
+        """Prune towards per-group shares (``{root: share}``, from :mod:`kdcompress.prune.allocate`) from now on.
+
+        :meth:`prune_to` then reads its sparsity as progress along the allocation: at
+        ``allocation_sparsity`` (what :meth:`sparsity` measures once every group holds its share) each group
+        has lost exactly its share; below it, each group is the same fraction of the way to its own share.
+        A schedule planned to ``allocation_sparsity`` therefore ramps every group towards its own share and
+        its last step lands on the allocation. Groups not named keep all their channels.
+        """
+        known = {g["root"]: g for g in self.groups_info()}
+        unknown = sorted(set(allocation) - set(known))
+        if unknown:
+            raise ValueError(f"the allocation names no prunable group {unknown}; the groups are {sorted(known)}")
+        for root, share in allocation.items():
+            if not 0.0 <= float(share) < 1.0:
+                raise ValueError(f"the share of group {root!r} must be in [0, 1), got {share}")
+        self.allocation = {root: float(share) for root, share in allocation.items()}
+        self.allocation_sparsity = self.planned_sparsity(self.allocation)
+
+    def planned_sparsity(self, shares: dict[str, float]) -> float:
+        """The :meth:`sparsity` that :meth:`prune_ratios` with ``shares`` reaches from the unpruned model."""
+        total = sum(self.initial_channels.values())
+        removed = 0
+        for g in self.groups_info():
+            initial = g["initial"]
+            kept = kept_channels(initial, shares.get(g["root"], 0.0), self.round_to)
+            removed += (initial - kept) * len(g["layers"])
+        return removed / total
 
     # -- state
     def sparsity(self) -> float:
@@ -354,7 +403,10 @@ class StructuredPruner:
 
     def state_dict(self) -> dict:
         """Plain data for resuming: the history and the number of :meth:`prune_to` calls that pruned."""
-        return {"history": self.history(), "steps_taken": self.steps_taken}
+        state = {"history": self.history(), "steps_taken": self.steps_taken}
+        if self.allocation is not None:  # the shares the steps so far ramped towards: a resume must follow the same
+            state["allocation"] = dict(self.allocation)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`: the history is replayed, so the model takes the saved shapes.
@@ -363,6 +415,12 @@ class StructuredPruner:
         loading the pruned weights into that model.
         """
         history = _check_history(state["history"])
+        saved = state.get("allocation")
+        if saved is not None and saved != self.allocation:
+            raise ValueError(
+                f"the saved steps pruned towards the allocation {saved}, this pruner towards {self.allocation}; "
+                f"the budget or the model it is measured on changed"
+            )
         current = self.history()
         if current != history:
             if current:
@@ -416,9 +474,14 @@ class StructuredPruner:
         Importance is measured on the current weights, so calls with rising
         targets (a schedule) retrain in between. A target at or below the
         share already removed does nothing; channels are never put back.
+        With an allocation (:meth:`set_allocation`) each group moves towards its own share instead.
         """
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        if self.allocation is not None:
+            progress = min(1.0, sparsity / self.allocation_sparsity) if self.allocation_sparsity > 0 else 0.0
+            self.prune_ratios({root: share * progress for root, share in self.allocation.items()})
+            return
         groups = self._groups()
         plan = self._plan_global(groups, sparsity) if self.scope == "global" else self._plan_layer(groups, sparsity)
         self._remove(groups, plan)

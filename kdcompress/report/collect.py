@@ -44,6 +44,7 @@ from ..run.trust import MODEL_KEYS, outside_files, refuse_untrusted_code
 from ..stats import NOISE_Z, accuracy_se, compare_accuracy, finite, mean_std
 from ..timing import ModelFile
 from ..train import has_batchnorm
+from .budget import budget_block
 from .latency import LatencyCache, available_cores, latency_ratios, latency_settings, now, set_latency
 from .warnings import report_warnings
 
@@ -114,7 +115,10 @@ def stage_settings(stage: str, recipe: dict, metrics: dict, arch: dict | None = 
             + (f" by {prune.get('importance', 'l1')}" if prune.get("method") == "structured" else ""),
             scope=prune.get("scope"),
             rate=prune.get("rate"),
-            target_sparsity=prune.get("target_sparsity", metrics.get("target_sparsity")),
+            # with a budget, the share of channels its allocation removes (recorded by the stage)
+            target_sparsity=metrics.get("target_sparsity")
+            if prune.get("budget")
+            else prune.get("target_sparsity", metrics.get("target_sparsity")),
             sparsity_schedule=prune.get(
                 "sparsity_schedule", "iterative"
             ),  # run directories from before schedules: iterative
@@ -426,6 +430,7 @@ def build_report(
         "stages": rows,
         "comparisons": comparisons,
         "class_changes": _class_changes(by_stage),
+        "budget": budget_block(checkpoints.get("pruned")),  # prune.budget: its target and what was reached
         "artifacts": artifacts,
         "sensitivity": _sensitivity_block(run_dir),
         "recipe_resolved": _resolved_recipe(run_dir, checkpoints, found),

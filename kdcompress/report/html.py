@@ -19,6 +19,7 @@ from html import escape
 import yaml
 
 from ..stats import NOISE_Z
+from .budget import budget_html
 from .charts import (
     DODGE,
     Charts,
@@ -598,6 +599,7 @@ def _environment_section(report: dict) -> str:
 
 SECTIONS = (
     ("stages", "Stages"),
+    ("budget", "Budget"),
     ("size", "Size"),
     ("latency", "Latency"),
     ("curves", "Curves"),
@@ -649,6 +651,7 @@ def render_html(report: dict) -> str:
         )
     sections = [
         _stages_section(report),
+        budget_html(report),
         _size_section(report, charts),
         _latency_section(report, charts),
         _curves_section(report, charts),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..stats import NOISE_Z
+from .budget import budget_lines
 from .int8_notes import int8_notes
 from .text import (
     SPARSE_MACS_NOTE,
@@ -130,6 +131,7 @@ def report_markdown(report: dict) -> str:
         lines += _seed_lines(report)
     lines += ["", "## Stages", ""]
     lines += [f"- **{r['stage']}**: {r['description']}: {settings_text(r['settings'])}" for r in report["stages"]]
+    lines += ["", "## Budget", "", *[f"- {line}" for line in budget_lines(report)]] if report.get("budget") else []
     if report.get("artifacts"):
         lines += ["", "## Artifacts", "", ARTIFACTS_MD_NOTE, ""]
         columns = ARTIFACT_MD_COLUMNS + [f"latency batch {b} median (ms)" for b in batches]

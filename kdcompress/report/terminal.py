@@ -9,6 +9,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from .budget import budget_lines
 from .int8_notes import int8_notes
 from .text import (
     SPARSE_MACS_NOTE,
@@ -50,6 +51,7 @@ def report_table(report: dict) -> Group:
     if seeded:
         notes.insert(0, seeds_note(rows))
     parts = [first, second, third, Text("\n".join(notes)), Text("settings", style="bold"), settings]
+    parts += [Text("\n".join(budget_lines(report)))] if report.get("budget") else []
     if report.get("artifacts"):
         parts.append(_artifact_table(report))
         parts.extend(Text(note) for note in int8_notes(report))

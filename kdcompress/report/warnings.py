@@ -8,6 +8,7 @@ from pathlib import Path
 from ..recipe import Recipe
 from ..run.layout import recipe_path
 from ..stats import NOISE_Z, accuracy_se
+from .budget import budget_warnings
 from .text import standard_errors
 
 __all__ = ["report_warnings"]
@@ -104,6 +105,7 @@ def report_warnings(report: dict, run_dir: str | Path | None = None) -> list[str
         warnings.extend(_distillation_warnings(comp, by_stage, hopeless))
     for comp in report.get("comparisons", []):
         warnings.extend(_seed_distillation_warnings(comp, by_stage, hopeless))
+    warnings.extend(budget_warnings(report))
     return warnings
 
 

@@ -3,7 +3,8 @@ through :func:`fit_stage`; :data:`RUNNERS` gives each declared stage its body.""
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +17,16 @@ from ..prune import MagnitudePruner, plan_schedule
 from ..recipe import Recipe, TrainSettings
 from ..supplied import load_pretrained, supplied_teacher
 from ..train import Runtime, fit
+from .budget import allocate_budget, budget_record, measure_model, sensitivity_curves
 from .context import StageContext, load_stage_model
 from .hooks import Pruning, TensorBoard
 from .layout import tensorboard_dir
 from .losses import augment_of, distill_loss, feature_distill
 from .stages import STAGE_NAMES
 from .state import stage_seed
+
+if TYPE_CHECKING:
+    from ..prune.allocate import Allocation
 
 __all__ = [
     "RUNNERS",
@@ -120,11 +125,15 @@ def stage_distilled(ctx: StageContext):
 def stage_pruned(ctx: StageContext):
     model, spec = load_stage_model(ctx.recipe, "distilled", ctx.device)
     p = ctx.recipe.prune
+    allocation = None
+    if p.budget.is_set():  # the shares per group that meet the budget; the schedule ramps towards them
+        allocation = allocate_for_stage(ctx, model, spec["input_shape"])
+        p = dataclasses.replace(p, target_sparsity=allocation.sparsity)
     # check_recipe, run at the start of every stage, has made sure include/exclude leave weights to prune and
     # planned this schedule on one process; this is the plan for the batches each process really trains on
     bpe = batches_per_epoch(len(ctx.data.train), ctx.recipe.data.batch_size, distributed.world_size())
     schedule = plan_schedule(p, bpe)
-    pruner = make_pruner(model, p, spec["input_shape"])
+    pruner = make_pruner(model, p, spec["input_shape"], allocation=allocation.shares if allocation else None)
     # no DKD warm-up here: the distilled student it starts from has learnt from the full term already
     loss, loss_hooks = distill_loss(ctx) if p.distill else (_ce, [])
     hook = Pruning(pruner, schedule)
@@ -139,11 +148,38 @@ def stage_pruned(ctx: StageContext):
     if p.method == "structured":
         # the share of prunable channels removed (the weights left hold no zeros: the channels are gone)
         extra.update(channel_sparsity=pruner.sparsity(), structure=pruner.history())
+    if allocation is not None:
+        extra["budget"] = budget_reached(ctx, model, spec["input_shape"], allocation)
     return model, spec, history, extra
 
 
-def make_pruner(model: torch.nn.Module, p, input_shape):
-    """The pruner a recipe's ``prune`` section asks for, on ``model`` (structured: channels; else weights)."""
+def allocate_for_stage(ctx: StageContext, model, input_shape) -> "Allocation":
+    """The allocation of ``prune.budget`` over the distilled ``model``'s groups (sensitivity curves if asked)."""
+    p = ctx.recipe.prune
+    curves = sensitivity_curves(ctx) if p.allocation == "sensitivity" else None
+    return allocate_budget(model, input_shape, p, curves=curves, console=ctx.console)
+
+
+def budget_reached(ctx: StageContext, model, input_shape, allocation: "Allocation") -> dict:
+    """Measure the pruned ``model`` in the budget's unit; the stage's ``budget`` record, said aloud if over."""
+    p = ctx.recipe.prune
+    record = budget_record(allocation, measure_model(allocation.kind, model, input_shape, p), p)
+    words = (
+        f"pruned: {allocation.kind} reached {record['reached']:,.0f} against the target {allocation.target:,.0f} "
+        f"({record['ratio_to_target']:.1%} of it, {record['ratio_to_reference']:.1%} of the distilled student)"
+    )
+    if record["over"]:
+        ctx.console.print(f"[bold red]warning[/]: {words}: more than {record['tolerance']:.0%} over the budget")
+    else:
+        ctx.console.print(words)
+    return record
+
+
+def make_pruner(model: torch.nn.Module, p, input_shape, allocation: dict[str, float] | None = None):
+    """The pruner a recipe's ``prune`` section asks for, on ``model`` (structured: channels; else weights).
+
+    ``allocation`` (structured only): per-group shares the pruner ramps towards (a budget's allocation).
+    """
     if p.method == "structured":
         from ..prune.structured import StructuredPruner  # torch-pruning is imported only when it is used
 
@@ -155,6 +191,7 @@ def make_pruner(model: torch.nn.Module, p, input_shape):
             include=p.include,
             exclude=p.exclude,
             round_to=p.round_to,
+            allocation=allocation,
         )
     return MagnitudePruner(model, p.rate, p.target_sparsity, p.scope, p.include, p.exclude)
 

@@ -7,6 +7,8 @@ hour into training.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..data import batches_per_epoch, dataset_summary, plan_imagefolder, preprocess_info
@@ -18,6 +20,7 @@ from ..progress import tensorboard_writer_class
 from ..prune import plan_schedule, prunable_weights
 from ..recipe import Recipe
 from ..supplied import load_pretrained, supplied_teacher
+from .budget import budget_words, planned_sparsity
 from .layout import export_dir, tensorboard_dir
 
 __all__ = ["check_recipe", "check_feature_terms"]
@@ -49,7 +52,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
         check_formats(recipe.export.formats)
     if recipe.report.tensorboard:  # likewise: stop before training, not at the end of the first epoch
         tensorboard_writer_class()
-    p = recipe.prune
+    p = _schedule_section(recipe, built["student"], input_shape, num_classes)
     bpe = batches_per_epoch(train_size, recipe.data.batch_size)
     try:
         schedule = plan_schedule(p, bpe)
@@ -62,6 +65,16 @@ def check_recipe(recipe: Recipe) -> list[str]:
     if folder is not None:  # what kdc makes of the images, under the data line
         lines[2:2] = [f"  {line}" for line in folder.lines(recipe.data.val_split)]
     return lines
+
+
+def _schedule_section(recipe: Recipe, student: torch.nn.Module, input_shape, num_classes: int):
+    """The prune section the schedule is planned from: with a budget, its target_sparsity is the share of
+    channels a uniform allocation on the fresh student removes (:func:`kdcompress.run.budget.planned_sparsity`)."""
+    p = recipe.prune
+    if not p.budget.is_set():
+        return p
+    spec = model_spec(recipe.student.model, recipe.student.args, num_classes, input_shape)
+    return dataclasses.replace(p, target_sparsity=planned_sparsity(p, student, input_shape, spec))
 
 
 def _check_models(recipe: Recipe, input_shape, num_classes: int, feeds: dict | None) -> tuple[dict, dict]:
@@ -97,12 +110,21 @@ def _plan_lines(recipe: Recipe, counts: dict, bpe: int, schedule) -> list[str]:
             f"student: {recipe.student.model} ({counts['student']:,} parameters), {recipe.distill.epochs} epochs "
             f"({_loss_words(recipe.distill)})" + (", plus a cross-entropy baseline" if recipe.student.baseline else ""),
             (
-                f"prune: structured ({p.scope}, by {p.importance}), removing {p.target_sparsity:.0%} of the prunable "
-                f"channels, {p.epochs} epochs of retraining"
+                f"prune: structured to a budget of {budget_words(p)} (allocation: {p.allocation}), "
+                f"{p.epochs} epochs of retraining"
+                if p.budget.is_set()
+                else f"prune: structured ({p.scope}, by {p.importance}), removing {p.target_sparsity:.0%} of the "
+                f"prunable channels, {p.epochs} epochs of retraining"
                 if p.method == "structured"
                 else f"prune: {p.scope} magnitude to sparsity {p.target_sparsity}, {p.epochs} epochs of retraining"
             ),
-            f"prune schedule: {schedule.describe()}",
+            f"prune schedule: {schedule.describe()}"
+            + (
+                " (channel shares estimated from a uniform allocation on the untrained student; the pruned stage "
+                "plans again on its allocation)"
+                if p.budget.is_set()
+                else ""
+            ),
         ]
         + (
             [
