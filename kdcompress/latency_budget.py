@@ -1,0 +1,599 @@
+"""Latency measured where it ships: a per-layer latency table (NetAdapt) and the cost function a budget search uses.
+
+NetAdapt (Yang et al. 2018) constrains the latency measured on the target platform, not MACs: two layers of the
+same MACs can run at very different speeds (a conv with 17 output channels can cost as much as one with 24), and
+a runtime adds work that MACs do not count (layout changes, pooling, per-call overhead). Timing every candidate
+network during a search is too slow, so NetAdapt times each layer once per width and sums the table.
+
+:class:`LatencyTable` holds the time of one layer "unit" (a Conv/Linear with the BatchNorm, activation and
+pooling that follow it in the network) per layer signature (op, channels in and out, kernel, stride, padding,
+dilation, groups, bias, the input's shape, the batch size), on one runtime (``onnxruntime``: the unit exported to
+ONNX as kdc exports models and run by onnxruntime; ``torch``: the module in eval mode under ``inference_mode``),
+at one thread count, on this machine. It is filled lazily: a prediction that needs a width not timed yet builds
+that unit alone with random weights, times it (``torch.utils.benchmark`` blocked autorange for about
+:data:`ENTRY_SECONDS`, in :data:`REPEATS` short timings whose median is kept) and stores it. The table is a JSON file in the user cache
+(:func:`kdcompress.files.user_cache_dir`: ``$KDC_CACHE``, else the platform's), one per machine, runtime, thread
+count and batch size (``latency-table-<key>.json``), written atomically and read as data: a file too large, not
+JSON, of another version or machine, or with a malformed entry is refused with a warning and rebuilt.
+
+:func:`latency_cost` turns a table into ``cost(shares) -> ms``: the sum of the pruned network's layer entries
+plus the rest of the network (what the table does not hold: flatten, additions, the session's per-call cost),
+measured once on the unpruned model as its whole time less its layers' entries and held constant.
+:func:`verify_latency` times the real models at the end, interleaved, in kdc's timing process
+(:func:`kdcompress.timing.time_in_child`) for onnxruntime.
+
+Example::
+
+    >>> from kdcompress.models import SmallCNN
+    >>> cost = latency_cost(SmallCNN(), (1, 28, 28), batch=64, runtime="onnxruntime", threads=2)  # doctest: +SKIP
+    >>> cost({}), cost({"features.0": 0.5, "features.4": 0.5})  # doctest: +SKIP
+    (11.2, 4.9)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import KdcError, describe
+from .files import atomic_write_text, user_cache_dir
+from .measure import interleaved_latencies, latency
+from .timing import ModelFile, time_in_child
+
+__all__ = [
+    "RUNTIMES",
+    "TABLE_VERSION",
+    "ENTRY_SECONDS",
+    "WHOLE_SECONDS",
+    "ROUND_SECONDS",
+    "REPEATS",
+    "MAX_TABLE_BYTES",
+    "MAX_ENTRIES",
+    "LayerSpec",
+    "layer_specs",
+    "layer_module",
+    "time_module",
+    "machine_fields",
+    "cpu_name",
+    "LatencyTable",
+    "LatencyCost",
+    "latency_cost",
+    "measure_latency",
+    "verify_latency",
+]
+
+RUNTIMES = ("onnxruntime", "torch")
+TABLE_VERSION = 1
+ENTRY_SECONDS = 0.15  # blocked autorange per table entry: short, so a table of a hundred widths takes minutes
+WHOLE_SECONDS = 0.5  # the unpruned model, timed once per cost function for the rest of the network
+REPEATS = 3  # time_module: the median of this many short timings
+ROUND_SECONDS = 0.1  # verify_latency: about this long per model and round
+MAX_TABLE_BYTES = 8 << 20  # a table file larger than this is not one kdc wrote (an entry is ~300 bytes)
+MAX_ENTRIES = 20_000
+MAX_KEY_CHARS = 2_000
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # what structured pruning resizes
+# modules that keep a layer's channels and may follow it in a unit (Dropout: nothing in eval mode or in ONNX)
+_FOLLOWERS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.dropout._DropoutNd,
+)
+
+Timer = Callable[..., float]  # timer(module, input_shape, *, batch, runtime, threads, seconds) -> ms
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One layer unit of a network: a Conv/Linear call and the channel-keeping modules run on its output.
+
+    ``input_shape`` is one sample's input to the layer; ``after`` the followers' signatures (a BatchNorm by its
+    type, since it is rebuilt at the layer's width; others by ``repr``, which holds their settings). ``followers``
+    are the network's own follower modules (not part of the signature), copied into the unit that is timed.
+    """
+
+    name: str
+    op: str
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: str | tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    bias: bool
+    input_shape: tuple[int, ...]
+    after: tuple[str, ...]
+    followers: tuple[nn.Module, ...] = dataclasses.field(default=(), compare=False, repr=False)
+
+    def signature(self, batch: int) -> str:
+        """The table key of this unit at ``batch``: everything that changes its time, and nothing else."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.compare and f.name != "name"}
+        return json.dumps({**fields, "batch": int(batch)}, sort_keys=True, separators=(",", ":"))
+
+
+def _follower_signature(module: nn.Module) -> str | None:
+    """How a follower enters a signature: None for one that does nothing at inference (dropout)."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return type(module).__name__
+    return repr(module)
+
+
+def _spec(name: str, layer: nn.Module, x: torch.Tensor, followers: list[nn.Module]) -> LayerSpec:
+    kept = tuple(m for m in followers if _follower_signature(m) is not None)
+    common = {"name": name, "op": type(layer).__name__, "input_shape": tuple(int(d) for d in x.shape[1:])}
+    common |= {"after": tuple(_follower_signature(m) for m in kept), "followers": kept}
+    if isinstance(layer, nn.Linear):
+        return LayerSpec(
+            in_channels=layer.in_features,
+            out_channels=layer.out_features,
+            kernel=(),
+            stride=(),
+            padding=(),
+            dilation=(),
+            groups=1,
+            bias=layer.bias is not None,
+            **common,
+        )
+    padding = layer.padding if isinstance(layer.padding, str) else tuple(int(p) for p in layer.padding)
+    return LayerSpec(
+        in_channels=layer.in_channels,
+        out_channels=layer.out_channels,
+        kernel=tuple(int(k) for k in layer.kernel_size),
+        stride=tuple(int(s) for s in layer.stride),
+        padding=padding,
+        dilation=tuple(int(d) for d in layer.dilation),
+        groups=int(layer.groups),
+        bias=layer.bias is not None,
+        **common,
+    )
+
+
+def _trace(model: nn.Module, input_shape) -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
+    """Every call of a layer or follower module in one forward pass on zeros: (name, module, input, output)."""
+    calls: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
+
+    def hook(module, inputs, output, name):
+        if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            calls.append((name, module, inputs[0], output))
+
+    handles = [
+        module.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name))
+        for name, module in model.named_modules()
+        if isinstance(module, _LAYERS + _FOLLOWERS)
+    ]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(torch.zeros(1, *(int(d) for d in input_shape)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+    return calls
+
+
+def layer_specs(model: nn.Module, input_shape) -> list[LayerSpec]:
+    """The layer units of ``model``, one per Conv/Linear call, in the order they run (one forward pass on zeros).
+
+    A unit takes the modules that run next on the layer's output, one after the other, as long as each is a
+    BatchNorm, an activation, a pooling or a dropout module: ``Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d`` in a
+    ``Sequential`` or a ResNet block's ``bn1(conv1(x))``. What runs otherwise (functional calls, additions,
+    flatten) is the rest of the network, which :func:`latency_cost` measures as a whole.
+    """
+    calls = _trace(model, input_shape)
+    specs = []
+    for i, (name, module, x, out) in enumerate(calls):
+        if not isinstance(module, _LAYERS):
+            continue
+        followers, current = [], out
+        for _, other, other_in, other_out in calls[i + 1 :]:
+            if other_in is not current:
+                continue
+            if not isinstance(other, _FOLLOWERS):
+                break
+            followers.append(other)
+            current = other_out
+        specs.append(_spec(name, module, x, followers))
+    return specs
+
+
+def layer_module(spec: LayerSpec) -> nn.Module:
+    """The unit of ``spec`` alone, in eval mode, with fresh random weights (its time does not depend on them)."""
+    if spec.op == "Linear":
+        layer: nn.Module = nn.Linear(spec.in_channels, spec.out_channels, bias=spec.bias)
+    else:
+        layer = getattr(nn, spec.op)(
+            spec.in_channels,
+            spec.out_channels,
+            spec.kernel,
+            stride=spec.stride,
+            padding=spec.padding,
+            dilation=spec.dilation,
+            groups=spec.groups,
+            bias=spec.bias,
+        )
+    parts = [layer]
+    for follower in spec.followers:
+        if isinstance(follower, nn.modules.batchnorm._BatchNorm):
+            parts.append(type(follower)(spec.out_channels, eps=follower.eps, affine=follower.affine))
+        else:
+            parts.append(copy.deepcopy(follower))
+    return nn.Sequential(*parts).eval()
+
+
+def time_module(module: nn.Module, input_shape, *, batch: int, runtime: str, threads: int, seconds: float) -> float:
+    """Median milliseconds of one call of ``module`` on a random batch, on ``runtime`` with ``threads`` threads.
+
+    ``onnxruntime``: exported as kdc exports models (:func:`kdcompress.export.onnx_common.export_onnx`, BatchNorm
+    folded) and run in an onnxruntime session with ``threads`` intra-op threads; ``torch``: eval mode,
+    ``inference_mode``. Timed in this process by :func:`kdcompress.measure.latency`, :data:`REPEATS` times for
+    ``seconds`` in all: the median of the repeats' medians, so that one burst of load on a shared machine does
+    not become the figure (single 0.15 s timings of one conv ranged over 2x to 5x on this 2-core machine).
+    """
+    module = module.eval()
+    if runtime == "onnxruntime":
+        from .export.onnx_common import OrtModule, export_onnx
+
+        proto = export_onnx(module, torch.zeros(2, *input_shape))
+        module = OrtModule(proto.SerializeToString(), {"format": "onnx"}, threads=threads)
+    elif runtime != "torch":
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    with torch.inference_mode():
+        times = sorted(
+            latency(module, tuple(input_shape), batch=batch, threads=threads, min_run_time=seconds / REPEATS)[
+                "median_ms"
+            ]
+            for _ in range(REPEATS)
+        )
+    return float(times[len(times) // 2])
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _runtime_version(runtime: str) -> str | None:
+    if runtime != "onnxruntime":
+        return None
+    try:
+        import onnxruntime
+
+        return str(onnxruntime.__version__)
+    except ImportError:
+        return None
+
+
+def machine_fields(runtime: str, threads: int, batch: int) -> dict:
+    """What a table's figures hold for: this machine (processor, cores), the runtime and its version, the
+    thread count and the batch size. A table file belongs to exactly one such set (its name is their hash)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        usable = os.cpu_count() or 1
+    return {
+        "table_version": TABLE_VERSION,
+        "machine": platform.machine(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": usable,
+        "runtime": runtime,
+        "torch": str(torch.__version__),
+        "onnxruntime": _runtime_version(runtime),
+        "threads": int(threads),
+        "batch": int(batch),
+    }
+
+
+def _entry_ok(key, entry) -> bool:
+    """A table entry of the shape kdc writes (the file is data)."""
+    if not isinstance(key, str) or len(key) > MAX_KEY_CHARS or not isinstance(entry, dict):
+        return False
+    numbers_ok = all(
+        isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool) and math.isfinite(entry[k])
+        for k in ("median_ms", "seconds")
+    )
+    return numbers_ok and entry["median_ms"] >= 0 and isinstance(entry.get("measured_at"), str)
+
+
+class LatencyTable:
+    """Per-layer latencies on one runtime, thread count and batch size, on this machine; see the module docstring.
+
+    ``cache_dir``: where the table file lives (default :func:`kdcompress.files.user_cache_dir`); ``timer``: how a
+    unit is timed (default :func:`time_module`; tests pass a fake); ``warn``: where a refused file is reported
+    (default ``warnings.warn``); ``on_timed(spec, ms)``: called after each new entry (progress).
+    ``timed`` counts the entries this object timed.
+    """
+
+    def __init__(
+        self,
+        runtime: str,
+        *,
+        batch: int,
+        threads: int,
+        cache_dir: str | Path | None = None,
+        timer: Timer | None = None,
+        warn: Callable[[str], None] | None = None,
+        on_timed: Callable[[LayerSpec, float], None] | None = None,
+    ):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        if int(batch) < 1 or int(threads) < 1:
+            raise ValueError(f"batch and threads must be at least 1, got {batch} and {threads}")
+        self.runtime, self.batch, self.threads = runtime, int(batch), int(threads)
+        self.fields = machine_fields(runtime, self.threads, self.batch)
+        self.key = hashlib.sha256(json.dumps(self.fields, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = Path(cache_dir if cache_dir is not None else user_cache_dir()) / f"latency-table-{self.key}.json"
+        self.timer = timer or time_module
+        self.warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
+        self.on_timed = on_timed
+        self.timed = 0
+        self.entries: dict[str, dict] = self._read(report=True)
+        self.changed = False
+
+    def _read(self, report: bool) -> dict[str, dict]:
+        """The file's entries, or {} when it is absent; a damaged or foreign file is reported and refused."""
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return {}
+        data = None
+        try:
+            if size > MAX_TABLE_BYTES:
+                raise ValueError(f"it is {size} bytes, more than kdc writes ({MAX_TABLE_BYTES})")
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            problem = _table_problem(data, self.fields)
+        except (OSError, ValueError, RecursionError, UnicodeDecodeError) as exc:
+            problem = describe(exc)
+        if problem is None:
+            return dict(data["entries"])
+        if report:
+            self.warn(f"the latency table {self.path} was refused ({problem}); it is timed again and rewritten")
+        return {}
+
+    def latency(self, spec: LayerSpec) -> float:
+        """Milliseconds of ``spec``'s unit at this table's batch size: from the table, or timed now and stored."""
+        key = spec.signature(self.batch)
+        if key not in self.entries:
+            ms = float(
+                self.timer(
+                    layer_module(spec),
+                    spec.input_shape,
+                    batch=self.batch,
+                    runtime=self.runtime,
+                    threads=self.threads,
+                    seconds=ENTRY_SECONDS,
+                )
+            )
+            if not math.isfinite(ms) or ms < 0:
+                raise KdcError(f"timing layer {spec.name} gave {ms} ms; the timer is broken")
+            self.entries[key] = {"median_ms": ms, "seconds": ENTRY_SECONDS, "measured_at": _now(), "layer": spec.name}
+            self.timed += 1
+            self.changed = True
+            if self.on_timed is not None:
+                self.on_timed(spec, ms)
+        return float(self.entries[key]["median_ms"])
+
+    def total(self, specs: Iterable[LayerSpec]) -> float:
+        """The sum of ``specs``' entries (timing the missing ones)."""
+        return sum(self.latency(spec) for spec in specs)
+
+    def save(self) -> None:
+        """Write the table atomically when it gained entries, keeping those another process added meanwhile.
+
+        A cache folder that cannot be written is skipped with a warning: the figures were used all the same.
+        """
+        if not self.changed:
+            return
+        merged = {**self._read(report=False), **self.entries}
+        if len(merged) > MAX_ENTRIES:  # keep the newest: the file stays within what _read accepts
+            merged = dict(sorted(merged.items(), key=lambda item: item[1]["measured_at"])[-MAX_ENTRIES:])
+        text = json.dumps({"version": TABLE_VERSION, "fields": self.fields, "entries": merged}, sort_keys=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, text + "\n")
+        except (KdcError, OSError) as exc:
+            self.warn(f"the latency table could not be saved to {self.path} ({describe(exc)}); set $KDC_CACHE")
+            return
+        self.entries, self.changed = merged, False
+
+
+def _table_problem(data, fields: dict) -> str | None:
+    """What is wrong with a table file's content, None when it is a table kdc wrote for ``fields``."""
+    if not isinstance(data, dict) or data.get("version") != TABLE_VERSION:
+        return f"not a version-{TABLE_VERSION} latency table"
+    if data.get("fields") != fields:
+        return "it was made for another machine, runtime or setting"
+    entries = data.get("entries")
+    if not isinstance(entries, dict) or len(entries) > MAX_ENTRIES:
+        return f"its entries are not a mapping of at most {MAX_ENTRIES} layers"
+    bad = next((key for key, entry in entries.items() if not _entry_ok(key, entry)), None)
+    return None if bad is None else f"a malformed entry {str(bad)[:80]!r}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class LatencyCost:
+    """``cost(shares) -> ms``: the predicted latency of ``model`` pruned by ``shares``; see :func:`latency_cost`.
+
+    Attributes: ``whole_ms`` (the unpruned model, timed whole), ``layers_ms`` (its layers' entries),
+    ``rest_ms`` (the difference, held constant: may be negative when the units' per-call cost exceeds what the
+    network spends outside its layers) and ``table``.
+    """
+
+    def __init__(self, model: nn.Module, input_shape, table: LatencyTable, pruner_args: dict):
+        self.model, self.input_shape = model, tuple(int(d) for d in input_shape)
+        self.table, self.pruner_args = table, pruner_args
+        self.layers_ms = table.total(layer_specs(model, self.input_shape))
+        self.whole_ms = float(
+            table.timer(
+                copy.deepcopy(model).eval(),
+                self.input_shape,
+                batch=table.batch,
+                runtime=table.runtime,
+                threads=table.threads,
+                seconds=WHOLE_SECONDS,
+            )
+        )
+        self.rest_ms = self.whole_ms - self.layers_ms
+        self.predictions: dict[tuple, float] = {}
+        table.save()
+
+    def specs(self, shares: Mapping[str, float]) -> list[LayerSpec]:
+        """The layer units of a copy of the model pruned by ``shares`` (group root -> share of its channels)."""
+        from .prune.structured import StructuredPruner
+
+        pruned = copy.deepcopy(self.model)
+        if shares:
+            pruner = StructuredPruner(pruned, self.input_shape, scope="layer", **self.pruner_args)
+            pruner.prune_ratios(dict(shares))
+        return layer_specs(pruned, self.input_shape)
+
+    def __call__(self, shares: Mapping[str, float]) -> float:
+        key = tuple(sorted((root, round(float(share), 4)) for root, share in shares.items() if share))
+        if key not in self.predictions:
+            self.predictions[key] = self.table.total(self.specs(dict(key)))
+            self.table.save()
+        return max(0.0, self.predictions[key] + self.rest_ms)
+
+
+def latency_cost(
+    model: nn.Module,
+    input_shape,
+    *,
+    batch: int,
+    runtime: str,
+    threads: int,
+    importance: str = "l1",
+    include: Iterable[str] = ("*",),
+    exclude: Iterable[str] = (),
+    round_to: int | None = None,
+    table: LatencyTable | None = None,
+) -> LatencyCost:
+    """A cost function for a budget search: shares (``{group root: share}``, the roots of
+    :meth:`kdcompress.prune.structured.StructuredPruner.groups_info` with ``scope="layer"``) -> predicted
+    milliseconds per batch of ``batch`` of ``model`` pruned that way, on ``runtime`` with ``threads`` threads.
+
+    The prediction is the sum of the pruned network's layer units in ``table`` (timed on first need, see
+    :class:`LatencyTable`) plus the rest of the network, measured once here: the unpruned model timed whole less
+    its units' sum. The pruned shapes come from a deep copy pruned by
+    :meth:`~kdcompress.prune.structured.StructuredPruner.prune_ratios` (with ``importance``, ``include``,
+    ``exclude`` and ``round_to`` as the pruning will use them); predictions are cached by the shares rounded to
+    four places. ``model`` is not changed.
+    """
+    if table is None:
+        table = LatencyTable(runtime, batch=batch, threads=threads)
+    elif (table.runtime, table.batch, table.threads) != (runtime, int(batch), int(threads)):
+        raise ValueError(
+            f"the table is for {table.runtime} at batch {table.batch} with {table.threads} threads, not "
+            f"{runtime} at batch {batch} with {threads}"
+        )
+    args = {"importance": importance, "include": tuple(include), "exclude": tuple(exclude), "round_to": round_to}
+    return LatencyCost(model, input_shape, table, args)
+
+
+def measure_latency(model: nn.Module, input_shape, *, batch: int, runtime: str, threads: int, rounds: int = 7) -> dict:
+    """The latency of one model as :func:`verify_latency` measures it: ``{median_ms, iqr_ms, rounds_ms, ...}``."""
+    return verify_latency({"model": model}, input_shape, batch=batch, runtime=runtime, threads=threads, rounds=rounds)[
+        "model"
+    ]
+
+
+def verify_latency(
+    models: Mapping[str, nn.Module | ModelFile],
+    input_shape,
+    *,
+    batch: int,
+    runtime: str,
+    threads: int,
+    rounds: int = 7,
+) -> dict[str, dict]:
+    """The real models timed in turns (the same rounds for all, warm-up first): name -> ``{median_ms, iqr_ms,
+    rounds_ms, p25_ms, p75_ms, batch, threads, runs, method}``.
+
+    ``onnxruntime``: each module is exported as ``kdc export --format onnx`` does (checked against the module),
+    written as an artifact to a private temporary folder, and timed with the artifacts given as
+    :class:`~kdcompress.timing.ModelFile` in kdc's timing process (:func:`kdcompress.timing.time_in_child`:
+    ``OMP_WAIT_POLICY=PASSIVE``, fixed allocator settings, ``threads`` intra-op threads). ``torch``: checkpoint
+    files go to the timing process the same way; modules are timed in this process (eval mode,
+    ``inference_mode``), since a module cannot cross to another process without pickling it.
+    ``rounds`` rounds of about :data:`ROUND_SECONDS` per model: the median and quartiles are over rounds.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if not models:
+        return {}
+    seconds = ROUND_SECONDS * int(rounds)
+    modules = {name: m for name, m in models.items() if isinstance(m, nn.Module)}
+    if runtime == "torch" and modules:
+        if len(modules) != len(models):
+            raise ValueError("verify_latency(runtime='torch') times modules or checkpoint files, not both together")
+        with torch.inference_mode():
+            timed = interleaved_latencies(
+                {name: (m, tuple(input_shape)) for name, m in modules.items()},
+                batch=batch,
+                threads=threads,
+                rounds=rounds,
+                min_run_time=seconds,
+            )
+        return {name: {**t, "method": f"torch {torch.__version__}, in this process"} for name, t in timed.items()}
+    with tempfile.TemporaryDirectory(prefix="kdc-latency-") as folder:
+        files = {
+            name: m if isinstance(m, ModelFile) else _onnx_artifact(m, input_shape, Path(folder), name)
+            for name, m in models.items()
+        }
+        timed, policy = time_in_child(files, [(int(batch), list(files))], threads, rounds=rounds, min_run_time=seconds)
+    method = f"{runtime} {_runtime_version(runtime) or torch.__version__}, timing process (OMP_WAIT_POLICY={policy})"
+    return {name: {**t, "method": method} for name, t in timed[0].items()}
+
+
+def _onnx_artifact(model: nn.Module, input_shape, folder: Path, name: str) -> ModelFile:
+    """``model`` exported as ``kdc export --format onnx`` does and written as an artifact in ``folder``."""
+    from .export import codec, write_artifact
+
+    shape = [int(d) for d in input_shape]
+    source = {"arch": {"input_shape": shape}, "preprocess": {"input_shape": shape, "known": False}, "stage": name}
+    blob, _ = codec("onnx").encode(copy.deepcopy(model).eval(), source, {}, [])
+    path = folder / f"model-{len(list(folder.iterdir()))}.onnx"
+    manifest = write_artifact(path, blob, "onnx")
+    return ModelFile("artifact", str(path), manifest["sha256"], None, f"the model {name!r}")
