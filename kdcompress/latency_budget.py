@@ -17,8 +17,9 @@ count and batch size (``latency-table-<key>.json``), written atomically and read
 JSON, of another version or machine, or with a malformed entry is refused with a warning and rebuilt.
 
 :func:`latency_cost` turns a table into ``cost(shares) -> ms``: the sum of the pruned network's layer entries
-plus the rest of the network (what the table does not hold: flatten, additions, the session's per-call cost),
-measured once on the unpruned model as its whole time less its layers' entries and held constant.
+and the rest of the network (what the table does not hold: flatten, additions, the session's per-call cost),
+measured once on the unpruned model as its whole time less its layers' entries: scaled with the layers by
+default, or held constant.
 :func:`verify_latency` times the real models at the end, interleaved, in kdc's timing process
 (:func:`kdcompress.timing.time_in_child`) for onnxruntime.
 
@@ -65,11 +66,13 @@ __all__ = [
     "LayerSpec",
     "layer_specs",
     "layer_module",
+    "unit_onnx",
     "time_module",
     "machine_fields",
     "cpu_name",
     "LatencyTable",
     "LatencyCost",
+    "REST_MODES",
     "latency_cost",
     "measure_latency",
     "verify_latency",
@@ -247,27 +250,109 @@ def layer_module(spec: LayerSpec) -> nn.Module:
     parts = [layer]
     for follower in spec.followers:
         if isinstance(follower, nn.modules.batchnorm._BatchNorm):
-            parts.append(type(follower)(spec.out_channels, eps=follower.eps, affine=follower.affine))
+            norm = type(follower)(spec.out_channels, eps=follower.eps, affine=follower.affine)
+            with torch.no_grad():  # statistics like a trained network's: folded into the layer, they give it a bias
+                norm.running_mean.uniform_(-0.5, 0.5)
+                norm.running_var.uniform_(0.5, 1.5)
+                if norm.affine:
+                    norm.bias.uniform_(-0.5, 0.5)
+            parts.append(norm)
         else:
             parts.append(copy.deepcopy(follower))
-    return nn.Sequential(*parts).eval()
+    unit = nn.Sequential(*parts).eval()
+    unit.unit_spec = spec  # time_module makes its ONNX from a template of its family
+    return unit
+
+
+# family signature -> the unit's ONNX bytes at marker widths, exported once per process (torch.onnx.export takes
+# 1 to 4 s a unit on a busy 2-core machine; resizing a template's tensors takes milliseconds)
+_TEMPLATES: dict[str, bytes] = {}
+_PRIMES = [p for p in range(11, 10_000) if all(p % d for d in range(2, int(p**0.5) + 1))]
+
+
+def _channel_axis(spec: LayerSpec) -> int:
+    return -1 if spec.op == "Linear" else 0
+
+
+def _marked(spec: LayerSpec) -> LayerSpec:
+    """``spec`` at two marker widths that no other dimension of its graph has (primes above its input's size,
+    kernel and padding), so that each marker in the exported graph stands for one of the two widths."""
+    axis = _channel_axis(spec)
+    others = [d for i, d in enumerate(spec.input_shape) if i != axis % len(spec.input_shape)]
+    padding = spec.padding if isinstance(spec.padding, tuple) else spec.kernel
+    ceiling = max([*others, *spec.kernel, 1]) + 2 * max([*padding, 0]) + 1
+    m_in, m_out = [p for p in _PRIMES if p > ceiling][:2]
+    shape = list(spec.input_shape)
+    shape[axis] = m_in
+    return dataclasses.replace(spec, in_channels=m_in, out_channels=m_out, input_shape=tuple(shape))
+
+
+def _resized(blob: bytes, widths: dict[int, int]) -> bytes:
+    """An ONNX graph with every tensor dimension in ``widths`` changed to its value (new random weights)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load_model_from_string(blob)
+    rng = np.random.default_rng(0)
+    for tensor in proto.graph.initializer:
+        dims = [widths.get(int(d), int(d)) for d in tensor.dims]
+        if dims != list(tensor.dims):
+            values = (rng.standard_normal(dims) * 0.1).astype(numpy_helper.to_array(tensor).dtype)
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    for value in (*proto.graph.value_info, *proto.graph.input, *proto.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value in widths:
+                dim.dim_value = widths[dim.dim_value]
+    return proto.SerializeToString()
+
+
+def unit_onnx(spec: LayerSpec) -> bytes:
+    """The ONNX bytes of ``spec``'s unit as :func:`kdcompress.export.onnx_common.export_onnx` writes it.
+
+    Exported once per family (everything but the widths) at marker widths, then resized: the same operators,
+    attributes and folding as an export of the unit itself, in milliseconds. Grouped convolutions (their
+    ``group`` attribute follows the widths) are exported directly.
+    """
+    from .export.onnx_common import export_onnx
+
+    if spec.groups != 1:
+        return export_onnx(layer_module(spec), torch.zeros(2, *spec.input_shape)).SerializeToString()
+    marked = _marked(spec)
+    family = marked.signature(0)
+    if family not in _TEMPLATES:
+        proto = export_onnx(layer_module(marked), torch.zeros(2, *marked.input_shape))
+        _TEMPLATES[family] = proto.SerializeToString()
+    return _resized(_TEMPLATES[family], {marked.in_channels: spec.in_channels, marked.out_channels: spec.out_channels})
+
+
+def _onnx_module(module: nn.Module, input_shape, threads: int) -> nn.Module:
+    """``module`` in an onnxruntime session; a unit from its family's template when the result has its shape."""
+    from .export.onnx_common import OrtModule, export_onnx
+
+    spec = getattr(module, "unit_spec", None)
+    if spec is not None:
+        ort = OrtModule(unit_onnx(spec), {"format": "onnx"}, threads=threads)
+        x = torch.zeros(2, *input_shape)
+        with torch.inference_mode():
+            if ort(x).shape == module(x).shape:
+                return ort
+    proto = export_onnx(module, torch.zeros(2, *input_shape))
+    return OrtModule(proto.SerializeToString(), {"format": "onnx"}, threads=threads)
 
 
 def time_module(module: nn.Module, input_shape, *, batch: int, runtime: str, threads: int, seconds: float) -> float:
     """Median milliseconds of one call of ``module`` on a random batch, on ``runtime`` with ``threads`` threads.
 
     ``onnxruntime``: exported as kdc exports models (:func:`kdcompress.export.onnx_common.export_onnx`, BatchNorm
-    folded) and run in an onnxruntime session with ``threads`` intra-op threads; ``torch``: eval mode,
+    folded; a unit of :func:`layer_module` through :func:`unit_onnx`) and run in an onnxruntime session with ``threads`` intra-op threads; ``torch``: eval mode,
     ``inference_mode``. Timed in this process by :func:`kdcompress.measure.latency`, :data:`REPEATS` times for
     ``seconds`` in all: the median of the repeats' medians, so that one burst of load on a shared machine does
     not become the figure (single 0.15 s timings of one conv ranged over 2x to 5x on this 2-core machine).
     """
     module = module.eval()
     if runtime == "onnxruntime":
-        from .export.onnx_common import OrtModule, export_onnx
-
-        proto = export_onnx(module, torch.zeros(2, *input_shape))
-        module = OrtModule(proto.SerializeToString(), {"format": "onnx"}, threads=threads)
+        module = _onnx_module(module, input_shape, threads)
     elif runtime != "torch":
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     with torch.inference_mode():
@@ -453,17 +538,23 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+REST_MODES = ("scaled", "constant")
+
+
 class LatencyCost:
     """``cost(shares) -> ms``: the predicted latency of ``model`` pruned by ``shares``; see :func:`latency_cost`.
 
-    Attributes: ``whole_ms`` (the unpruned model, timed whole), ``layers_ms`` (its layers' entries),
-    ``rest_ms`` (the difference, held constant: may be negative when the units' per-call cost exceeds what the
-    network spends outside its layers) and ``table``.
+    Attributes: ``whole_ms`` (the unpruned model, timed whole), ``layers_ms`` (the sum of its units' entries),
+    ``rest_ms`` (the difference: the rest of the network; negative when the units timed alone cost more in sum
+    than the network, from each call's own overhead or a busier machine while the table was filled), ``rest``
+    (the mode) and ``table``. :meth:`layers` is the units' sum of a pruned copy.
     """
 
-    def __init__(self, model: nn.Module, input_shape, table: LatencyTable, pruner_args: dict):
+    def __init__(self, model: nn.Module, input_shape, table: LatencyTable, pruner_args: dict, rest: str = "scaled"):
+        if rest not in REST_MODES:
+            raise ValueError(f"rest must be one of {', '.join(REST_MODES)}, got {rest!r}")
         self.model, self.input_shape = model, tuple(int(d) for d in input_shape)
-        self.table, self.pruner_args = table, pruner_args
+        self.table, self.pruner_args, self.rest = table, pruner_args, rest
         self.layers_ms = table.total(layer_specs(model, self.input_shape))
         self.whole_ms = float(
             table.timer(
@@ -489,12 +580,19 @@ class LatencyCost:
             pruner.prune_ratios(dict(shares))
         return layer_specs(pruned, self.input_shape)
 
-    def __call__(self, shares: Mapping[str, float]) -> float:
+    def layers(self, shares: Mapping[str, float]) -> float:
+        """The sum of the table entries of the copy pruned by ``shares`` (timing units not in the table yet)."""
         key = tuple(sorted((root, round(float(share), 4)) for root, share in shares.items() if share))
         if key not in self.predictions:
             self.predictions[key] = self.table.total(self.specs(dict(key)))
             self.table.save()
-        return max(0.0, self.predictions[key] + self.rest_ms)
+        return self.predictions[key]
+
+    def __call__(self, shares: Mapping[str, float]) -> float:
+        layers = self.layers(shares)
+        if self.rest == "constant":
+            return max(0.0, layers + self.rest_ms)
+        return self.whole_ms * layers / self.layers_ms if self.layers_ms > 0 else self.whole_ms
 
 
 def latency_cost(
@@ -509,14 +607,20 @@ def latency_cost(
     exclude: Iterable[str] = (),
     round_to: int | None = None,
     table: LatencyTable | None = None,
+    rest: str = "scaled",
 ) -> LatencyCost:
     """A cost function for a budget search: shares (``{group root: share}``, the roots of
     :meth:`kdcompress.prune.structured.StructuredPruner.groups_info` with ``scope="layer"``) -> predicted
     milliseconds per batch of ``batch`` of ``model`` pruned that way, on ``runtime`` with ``threads`` threads.
 
-    The prediction is the sum of the pruned network's layer units in ``table`` (timed on first need, see
-    :class:`LatencyTable`) plus the rest of the network, measured once here: the unpruned model timed whole less
-    its units' sum. The pruned shapes come from a deep copy pruned by
+    The prediction comes from the sum of the pruned network's layer units in ``table`` (timed on first need, see
+    :class:`LatencyTable`) and the unpruned model timed whole, once, here. ``rest="scaled"`` (the default): the
+    whole model's time times the ratio of the pruned and unpruned units' sums, so the table's figures are
+    calibrated to the whole model as timed now and the rest of the network (flatten, additions, per-call cost)
+    shrinks with the layers. ``rest="constant"``: the pruned units' sum plus the rest (whole less the units' sum)
+    held constant, as NetAdapt adds it. On this 2-core shared machine the rest came out negative (units timed alone
+    cost 1.1 to 1.5x the whole model in sum), and held constant it drove the predictions of deeply pruned
+    models to half their measured time or to zero; scaled, they were within 10 % (docs/pruning.md). The pruned shapes come from a deep copy pruned by
     :meth:`~kdcompress.prune.structured.StructuredPruner.prune_ratios` (with ``importance``, ``include``,
     ``exclude`` and ``round_to`` as the pruning will use them); predictions are cached by the shares rounded to
     four places. ``model`` is not changed.
@@ -529,7 +633,7 @@ def latency_cost(
             f"{runtime} at batch {batch} with {threads}"
         )
     args = {"importance": importance, "include": tuple(include), "exclude": tuple(exclude), "round_to": round_to}
-    return LatencyCost(model, input_shape, table, args)
+    return LatencyCost(model, input_shape, table, args, rest=rest)
 
 
 def measure_latency(model: nn.Module, input_shape, *, batch: int, runtime: str, threads: int, rounds: int = 7) -> dict:

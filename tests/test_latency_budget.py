@@ -200,3 +200,49 @@ def test_verify_latency_returns_the_median_of_each_models_rounds(runtime):
         assert t["median_ms"] == pytest.approx(sorted(t["rounds_ms"])[1])
         assert t["iqr_ms"] >= 0 and runtime in t["method"]
     assert all(m.training for m in models.values())  # the caller's modes are left alone
+
+
+def test_a_units_onnx_from_its_familys_template_is_what_exporting_it_gives():
+    import onnx
+
+    from kdcompress.export.onnx_common import export_onnx
+
+    class Net(nn.Module):  # a conv unit (BatchNorm, ReLU, pooling) and a Linear on (tokens, features)
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Sequential(nn.Conv1d(3, 6, 3, padding=1, bias=False), nn.BatchNorm1d(6), nn.ReLU())
+            self.pool, self.linear = nn.MaxPool1d(2), nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.linear(self.pool(self.conv(x)).transpose(1, 2)).mean(1)
+
+    def described(blob):
+        graph = onnx.load_model_from_string(blob).graph
+        return [(n.op_type, list(n.attribute)) for n in graph.node], sorted(list(i.dims) for i in graph.initializer)
+
+    specs = lb.layer_specs(Net(), (3, 8))
+    assert specs[0].after[-1].startswith("MaxPool1d") and (specs[1].op, specs[1].input_shape) == ("Linear", (4, 6))
+    for spec in specs:
+        template = lb.unit_onnx(spec)
+        direct = export_onnx(lb.layer_module(spec), torch.zeros(2, *spec.input_shape)).SerializeToString()
+        assert described(template) == described(direct)
+        assert any(spec.out_channels in dims for dims in described(template)[1])
+
+
+def test_the_rest_of_the_network_is_scaled_with_the_layers_or_held_constant(tmp_path):
+    class SlowWhole(CountingTimer):  # the whole model costs 2 ms more than its units: the rest of the network
+        def __call__(self, module, input_shape, **kw):
+            return super().__call__(module, input_shape, **kw) + (2.0 if isinstance(module, SmallCNN) else 0.0)
+
+    model, tab = cnn(), table(tmp_path, SlowWhole())
+    scaled = cost_of(model, tab)
+    constant = lb.latency_cost(model, SHAPE, batch=64, runtime="onnxruntime", threads=2, table=tab, rest="constant")
+    half = {root: 0.5 for root in roots(model)}
+    layers = scaled.layers(half)
+    assert scaled.rest_ms == pytest.approx(2.0) and constant.rest_ms == pytest.approx(2.0)
+    assert scaled({}) == pytest.approx(constant({})) == pytest.approx(scaled.whole_ms)
+    assert constant(half) == pytest.approx(layers + 2.0)
+    assert scaled(half) == pytest.approx(scaled.whole_ms * layers / scaled.layers_ms)
+    assert scaled(half) < constant(half)
+    with pytest.raises(ValueError, match="rest"):
+        lb.latency_cost(model, SHAPE, batch=64, runtime="onnxruntime", threads=2, table=tab, rest="other")
