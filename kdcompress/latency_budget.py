@@ -619,8 +619,9 @@ def latency_cost(
     calibrated to the whole model as timed now and the rest of the network (flatten, additions, per-call cost)
     shrinks with the layers. ``rest="constant"``: the pruned units' sum plus the rest (whole less the units' sum)
     held constant, as NetAdapt adds it. On this 2-core shared machine the rest came out negative (units timed alone
-    cost 1.1 to 1.5x the whole model in sum), and held constant it drove the predictions of deeply pruned
-    models to half their measured time or to zero; scaled, they were within 10 % (docs/pruning.md). The pruned shapes come from a deep copy pruned by
+    cost 1.1 to 2.7x the whole model in sum: each unit pays onnxruntime's layout changes at its borders), and held
+    constant it drove the predictions of models pruned by half or more to zero; scaled, they were nearer
+    (docs/pruning.md gives the figures and the errors that remain). The pruned shapes come from a deep copy pruned by
     :meth:`~kdcompress.prune.structured.StructuredPruner.prune_ratios` (with ``importance``, ``include``,
     ``exclude`` and ``round_to`` as the pruning will use them); predictions are cached by the shares rounded to
     four places. ``model`` is not changed.
