@@ -274,14 +274,17 @@ def _channel_axis(spec: LayerSpec) -> int:
     return -1 if spec.op == "Linear" else 0
 
 
-def _marked(spec: LayerSpec) -> LayerSpec:
+def _marked(spec: LayerSpec) -> LayerSpec | None:
     """``spec`` at two marker widths that no other dimension of its graph has (primes above its input's size,
     kernel and padding), so that each marker in the exported graph stands for one of the two widths."""
     axis = _channel_axis(spec)
     others = [d for i, d in enumerate(spec.input_shape) if i != axis % len(spec.input_shape)]
     padding = spec.padding if isinstance(spec.padding, tuple) else spec.kernel
     ceiling = max([*others, *spec.kernel, 1]) + 2 * max([*padding, 0]) + 1
-    m_in, m_out = [p for p in _PRIMES if p > ceiling][:2]
+    markers = [p for p in _PRIMES if p > ceiling][:2]
+    if len(markers) < 2:  # an input of 10,000 and more along one side: exported directly
+        return None
+    m_in, m_out = markers
     shape = list(spec.input_shape)
     shape[axis] = m_in
     return dataclasses.replace(spec, in_channels=m_in, out_channels=m_out, input_shape=tuple(shape))
@@ -316,9 +319,9 @@ def unit_onnx(spec: LayerSpec) -> bytes:
     """
     from .export.onnx_common import export_onnx
 
-    if spec.groups != 1:
+    marked = _marked(spec) if spec.groups == 1 else None
+    if marked is None:
         return export_onnx(layer_module(spec), torch.zeros(2, *spec.input_shape)).SerializeToString()
-    marked = _marked(spec)
     family = marked.signature(0)
     if family not in _TEMPLATES:
         proto = export_onnx(layer_module(marked), torch.zeros(2, *marked.input_shape))
