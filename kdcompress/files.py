@@ -36,6 +36,7 @@ __all__ = [
     "confined_path",
     "sha256_file",
     "file_sha256",
+    "user_cache_dir",
 ]
 
 
@@ -309,3 +310,20 @@ def append_jsonl(path: Path, record: dict) -> None:
             os.fsync(fh.fileno())
     except OSError as exc:
         raise write_error(path, exc) from None
+
+
+def user_cache_dir() -> Path:
+    """kdc's per-user cache folder, shared by every run: ``$KDC_CACHE`` if set, else the platform's user cache dir.
+
+    Holds what is worth keeping between runs but never belongs to one run directory (the per-layer latency
+    tables of :mod:`kdcompress.latency_budget`; image folders are decoded beside the datasets' root unless
+    ``$KDC_CACHE`` is set). Deleting it is safe: what it held is measured or decoded again.
+    """
+    if os.environ.get("KDC_CACHE"):
+        return Path(os.environ["KDC_CACHE"]).expanduser()
+    try:
+        from platformdirs import user_cache_dir as platform_cache_dir
+
+        return Path(platform_cache_dir("kdcompress"))
+    except ImportError:  # platformdirs is a dependency; this is a fallback only
+        return Path.home() / ".cache" / "kdcompress"
