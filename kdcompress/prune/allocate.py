@@ -105,9 +105,11 @@ class Allocation:
         """What to print: predicted cost against the target, then each group's share."""
         ratio = self.predicted / self.target if self.target else float("nan")
         drop = f", predicted accuracy drop {self.predicted_drop:.2f} points" if self.predicted_drop is not None else ""
+        fmt = ",.2f" if self.kind.startswith("latency") else ",.0f"  # milliseconds, or counts
+        what = "timed" if self.kind.startswith("latency") else "predicted"
         head = (
-            f"allocation ({self.method}): {self.kind} predicted {self.predicted:,.0f} against the target "
-            f"{self.target:,.0f} ({ratio:.1%} of it; the distilled student: {self.reference:,.0f}){drop}"
+            f"allocation ({self.method}): {self.kind} {what} {self.predicted:{fmt}} against the target "
+            f"{self.target:{fmt}} ({ratio:.1%} of it; the distilled student: {self.reference:{fmt}}){drop}"
         )
         return [head] + [
             f"  {root}: remove {share:.1%}" + (f", keep {self.kept[root]} channels" if root in self.kept else "")

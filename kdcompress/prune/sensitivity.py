@@ -15,7 +15,7 @@ gives (the run layer decides on which images: never the test split). The origina
 
 The result (:class:`Sensitivity`, one :class:`GroupCurve` per group) is plain data: :meth:`Sensitivity.to_dict`
 gives JSON, and :meth:`Sensitivity.from_dict` reads it back from a file it does not trust.
-:func:`interpolate_drop` reads a curve between its measured ratios, as an allocation needs.
+:func:`kdcompress.prune.allocate.interpolate_drop` reads a curve between its measured ratios for an allocation.
 
 Example::
 
@@ -48,7 +48,6 @@ __all__ = [
     "GroupCurve",
     "Sensitivity",
     "measure_sensitivity",
-    "interpolate_drop",
     "check_ratios",
     "METHODS",
     "MAX_GROUPS",
@@ -283,26 +282,6 @@ def check_ratios(ratios: Iterable[float]) -> list[float]:
     if len(set(values)) != len(values) or values != sorted(values):
         raise ValueError(f"the sensitivity ratios must rise, each once: got {values}")
     return values
-
-
-def interpolate_drop(curve: GroupCurve, ratio: float) -> float:
-    """The accuracy drop (points) ``curve`` predicts at ``ratio``: linear between its measured ratios, 0 at 0.
-
-    Between 0 and the first measured ratio the line runs from (0, 0). A ratio beyond the last measured one is
-    not known: ValueError, so an allocation stays within what was measured.
-
-    >>> c = GroupCurve("fc", ["fc"], 8, [0.5, 0.75], [0.8, 0.6], [0.01, 0.01], [2.0, 22.0], [0, 0], [0, 0])
-    >>> interpolate_drop(c, 0.25), interpolate_drop(c, 0.625)
-    (1.0, 12.0)
-    """
-    ratio = float(ratio)
-    xs, ys = [0.0, *curve.ratios], [0.0, *curve.drop]
-    if ratio < 0.0 or ratio > xs[-1] + 1e-9:
-        raise ValueError(f"ratio {ratio} is outside the measured range [0, {xs[-1]}] of group {curve.name!r}")
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if ratio <= x1:
-            return y0 + (y1 - y0) * (ratio - x0) / (x1 - x0)
-    return ys[-1]
 
 
 # -- measurement

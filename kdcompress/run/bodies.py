@@ -4,6 +4,7 @@ through :func:`fit_stage`; :data:`RUNNERS` gives each declared stage its body.""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -17,7 +18,15 @@ from ..prune import MagnitudePruner, plan_schedule
 from ..recipe import Recipe, TrainSettings
 from ..supplied import load_pretrained, supplied_teacher
 from ..train import Runtime, fit
-from .budget import allocate_budget, budget_record, measure_model, sensitivity_curves
+from .budget import (
+    LATENCY_KINDS,
+    allocate_budget,
+    budget_record,
+    latency_target,
+    measure_model,
+    sensitivity_curves,
+    timed_pair,
+)
 from .context import StageContext, load_stage_model
 from .hooks import Pruning, TensorBoard
 from .layout import tensorboard_dir
@@ -157,22 +166,46 @@ def allocate_for_stage(ctx: StageContext, model, input_shape) -> "Allocation":
     """The allocation of ``prune.budget`` over the distilled ``model``'s groups (sensitivity curves if asked)."""
     p = ctx.recipe.prune
     curves = sensitivity_curves(ctx) if p.allocation == "sensitivity" else None
-    return allocate_budget(model, input_shape, p, curves=curves, console=ctx.console)
+    return allocate_budget(
+        model, input_shape, p, curves=curves, console=ctx.console, threads=timing_threads(ctx.recipe)
+    )
 
 
 def budget_reached(ctx: StageContext, model, input_shape, allocation: "Allocation") -> dict:
-    """Measure the pruned ``model`` in the budget's unit; the stage's ``budget`` record, said aloud if over."""
+    """Measure the pruned ``model`` in the budget's unit; the stage's ``budget`` record, said aloud if over.
+
+    A latency budget is checked on the real models: the pruned one timed in turns with the distilled one
+    (:func:`kdcompress.run.budget.timed_pair`), the target taken from the same rounds.
+    """
     p = ctx.recipe.prune
-    record = budget_record(allocation, measure_model(allocation.kind, model, input_shape, p), p)
+    if allocation.kind in LATENCY_KINDS:
+        distilled, _ = load_stage_model(ctx.recipe, "distilled", torch.device("cpu"))
+        timing = timed_pair(distilled, model, input_shape, p, timing_threads(ctx.recipe))
+        reference, reached = timing["distilled"]["median_ms"], timing["pruned"]["median_ms"]
+        allocation = dataclasses.replace(allocation, target=latency_target(p, reference), reference=reference)
+        record = budget_record(allocation, reached, p)
+        record["timing"] = {
+            name: {k: t.get(k) for k in ("median_ms", "iqr_ms", "method")} for name, t in timing.items()
+        }
+        unit = " ms"
+    else:
+        record, unit = budget_record(allocation, measure_model(allocation.kind, model, input_shape, p), p), ""
     words = (
-        f"pruned: {allocation.kind} reached {record['reached']:,.0f} against the target {allocation.target:,.0f} "
-        f"({record['ratio_to_target']:.1%} of it, {record['ratio_to_reference']:.1%} of the distilled student)"
+        f"pruned: {allocation.kind} reached {record['reached']:,.2f}{unit} against the target "
+        f"{allocation.target:,.2f}{unit} ({record['ratio_to_target']:.1%} of it, {record['ratio_to_reference']:.1%} "
+        f"of the distilled student)"
     )
     if record["over"]:
         ctx.console.print(f"[bold red]warning[/]: {words}: more than {record['tolerance']:.0%} over the budget")
     else:
         ctx.console.print(words)
     return record
+
+
+def timing_threads(recipe: Recipe) -> int:
+    """Threads a latency budget is timed with: ``report.threads``, at most the cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(recipe.report.threads), cores))
 
 
 def make_pruner(model: torch.nn.Module, p, input_shape, allocation: dict[str, float] | None = None):

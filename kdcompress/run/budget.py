@@ -6,12 +6,8 @@ reference (the distilled student's MACs, parameters or file bytes), turns the bu
 uniform or from sensitivity curves. The schedule then ramps towards that allocation, and at the end
 :func:`budget_record` measures what the real pruned model costs, for the stage's metrics and the report.
 
-Two seams are left for parts of issue 21 built elsewhere, each one function whose body is replaced:
-
-* :func:`budget_cost`, the dispatch from a budget kind to its cost function: ``latency_ms`` and
-  ``latency`` are to come from ``kdcompress.latency_budget``;
-* :func:`sensitivity_curves`, the per-group accuracy-drop curves ``allocation: sensitivity`` reads, to
-  come from ``kdc sensitivity`` (``kdcompress.run.sensitivity``).
+:func:`budget_cost` dispatches from a budget kind to its cost function; :func:`sensitivity_curves` gives
+``allocation: sensitivity`` the per-group accuracy-drop curves of ``kdc sensitivity``.
 
 ``kdc validate`` plans the schedule before any distilled model exists: :func:`planned_sparsity` estimates
 the share of channels from a uniform allocation on the freshly built student (same architecture, so the
@@ -28,7 +24,6 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from ..errors import KdcError
 from ..measure import count_macs, count_params
 from ..recipe import PruneSection
 from .context import StageContext
@@ -51,12 +46,17 @@ __all__ = [
     "how_measured",
     "measure_model",
     "planned_sparsity",
+    "pruned_copy",
     "sensitivity_curves",
     "LATENCY_KINDS",
+    "latency_target",
+    "timed_pair",
     "TOLERANCE",
 ]
 
 LATENCY_KINDS = ("latency_ms", "latency")
+VERIFY_ROUNDS = 7  # rounds of the interleaved timing that checks a latency budget (median over rounds)
+LATENCY_TRIES = 4  # allocations tried for a latency budget, each aimed lower by what the last one missed
 
 
 def file_bytes(model: nn.Module, input_shape, fmt: str = "onnx") -> int:
@@ -77,10 +77,19 @@ def file_bytes(model: nn.Module, input_shape, fmt: str = "onnx") -> int:
 
 def how_measured(kind: str, prune: PruneSection) -> str:
     """How a budget of ``kind`` is measured, in words for the report."""
+    b = prune.budget
+    latency_words = (
+        f"median ms per batch of {b.batch} on {b.runtime}"
+        + (" (the model exported to ONNX)" if b.runtime == "onnxruntime" else "")
+        + f", timed in turns with the distilled student over {VERIFY_ROUNDS} rounds; the search predicts it from a "
+        "per-layer latency table of this machine"
+    )
     return {
         "macs": "multiply-accumulates of one image, counted by torch's operator counter (kdc's macs column)",
         "params": "parameters of the model (every element)",
         "bytes": f"size of the model exported to {prune.budget.format} (kdc's metadata left out), in bytes",
+        "latency_ms": latency_words,
+        "latency": latency_words,
     }.get(kind, kind)
 
 
@@ -92,20 +101,48 @@ def measure_model(kind: str, model: nn.Module, input_shape, prune: PruneSection)
         return float(count_params(model))
     if kind == "bytes":
         return float(file_bytes(model, input_shape, prune.budget.format))
-    return budget_cost(kind, model, input_shape, prune)({})  # the latency kinds: whatever is wired in
+    return budget_cost(kind, model, input_shape, prune)({})  # the latency kinds: predicted from the table
 
 
-def budget_cost(kind: str, model: nn.Module, input_shape, prune: PruneSection) -> Cost:
+def timed_pair(reference: nn.Module, pruned: nn.Module, input_shape, prune: PruneSection, threads: int) -> dict:
+    """The distilled (``reference``) and ``pruned`` models timed in turns, in the same rounds, as a latency
+    budget is checked: ``{"distilled": {median_ms, ...}, "pruned": {...}}`` (:func:`kdcompress.latency_budget.
+    verify_latency`: exported to ONNX for onnxruntime, :data:`VERIFY_ROUNDS` rounds, median over rounds)."""
+    from ..latency_budget import verify_latency
+
+    models = {"distilled": copy.deepcopy(reference).cpu().eval(), "pruned": copy.deepcopy(pruned).cpu().eval()}
+    b = prune.budget
+    return verify_latency(models, input_shape, batch=b.batch, runtime=b.runtime, threads=threads, rounds=VERIFY_ROUNDS)
+
+
+def latency_target(prune: PruneSection, reference_ms: float) -> float:
+    """The milliseconds a latency budget allows: ``latency_ms`` as given, ``latency`` as a share of the reference."""
+    b = prune.budget
+    return float(b.latency_ms) if b.latency_ms is not None else float(b.latency) * reference_ms
+
+
+def budget_cost(kind: str, model: nn.Module, input_shape, prune: PruneSection, threads: int = 1) -> Cost:
     """THE DISPATCH POINT from a budget kind to the cost of ``model`` pruned by given shares.
 
     ``macs``, ``params`` and ``bytes`` are measured on pruned copies
-    (:func:`kdcompress.prune.allocate.structure_cost`). The latency kinds are to be plugged in here from
-    ``kdcompress.latency_budget`` (a cost of the same shape: shares in, milliseconds out, at
-    ``prune.budget.batch`` on ``prune.budget.runtime``); until then they are refused.
+    (:func:`kdcompress.prune.allocate.structure_cost`). The latency kinds are predicted from the per-layer
+    latency table of this machine (:func:`kdcompress.latency_budget.latency_cost`: milliseconds per batch of
+    ``prune.budget.batch`` on ``prune.budget.runtime`` with ``threads`` threads); :func:`allocate_budget` then
+    times the real pruned model against the distilled one and tightens the search where the prediction missed.
     """
     if kind in LATENCY_KINDS:
-        raise KdcError(
-            f"prune.budget.{kind}: latency budgets are not wired yet; use a macs, params or bytes budget for now"
+        from ..latency_budget import latency_cost  # onnxruntime and the table are needed only here
+
+        return latency_cost(
+            model,
+            input_shape,
+            batch=prune.budget.batch,
+            runtime=prune.budget.runtime,
+            threads=threads,
+            importance=prune.importance,
+            include=prune.include,
+            exclude=prune.exclude,
+            round_to=prune.round_to,
         )
     from ..prune.allocate import structure_cost
 
@@ -123,55 +160,103 @@ def budget_cost(kind: str, model: nn.Module, input_shape, prune: PruneSection) -
 
 
 def sensitivity_curves(ctx: StageContext) -> dict[str, list[tuple[float, float]]]:
-    """SEAM: ``{group root: [(share removed, accuracy drop in points), ...]}`` for ``allocation: sensitivity``.
+    """``{group root: [(share removed, accuracy drop in points), ...]}`` for ``allocation: sensitivity``.
 
-    To be wired to ``kdc sensitivity`` (``kdcompress.run.sensitivity.run_sensitivity``): each prunable group
-    of the distilled student (``ctx.recipe``'s run directory) pruned alone at ``prune.sensitivity_ratios``,
-    evaluated on the validation split only (``search_split``), never the test split. Only this body changes;
-    the tests stand in for it with synthetic curves.
+    What ``kdc sensitivity`` measures (:func:`kdcompress.run.sensitivity.sensitivity_for`): each prunable
+    group of the distilled student pruned alone at ``prune.sensitivity_ratios``, scored on the validation split
+    (else a fixed subset of the training split; never the test split). ``sensitivity.json`` is reused when it
+    was measured from this distilled checkpoint with these settings, else measured and written.
     """
-    raise KdcError(
-        "prune.allocation: sensitivity needs the per-layer sensitivity curves of kdc sensitivity, which are not "
-        "wired into the pruned stage yet; use prune.allocation: uniform for now"
-    )
+    from .sensitivity import sensitivity_for  # torch-pruning and the data are needed only here
+
+    result, _, _ = sensitivity_for(ctx.recipe, ctx.console, data=ctx.data)
+    return {g.name: list(zip(g.ratios, g.drop)) for g in result.groups}
 
 
 def allocate_budget(
-    model: nn.Module, input_shape, prune: PruneSection, curves: dict | None = None, console=None
+    model: nn.Module, input_shape, prune: PruneSection, curves: dict | None = None, console=None, threads: int = 1
 ) -> "Allocation":
     """The shares per group that bring ``model`` (the distilled student) within ``prune.budget``.
 
-    The search runs on a quadratic fitted to the exact cost (:func:`kdcompress.prune.allocate.quadratic_cost`);
-    the allocation's ``predicted`` cost is then measured exactly on a pruned copy, and should the fit have
-    misled the search above the target, it is searched again on the exact cost.
+    MACs, parameters, bytes: the search runs on a quadratic fitted to the exact cost
+    (:func:`kdcompress.prune.allocate.quadratic_cost`); the allocation's ``predicted`` cost is then measured
+    exactly on a pruned copy, and should the fit have misled the search above the target, it is searched again
+    on the exact cost. Latency: see :func:`_latency_allocation`.
     """
-    from ..prune.allocate import allocate_sensitivity, allocate_uniform, budget_target, groups_of, quadratic_cost
+    from ..prune.allocate import budget_target, groups_of, quadratic_cost
 
     kind = prune.budget.kind()
     started = time.perf_counter()
-    exact = budget_cost(kind, model, input_shape, prune)
+    exact = budget_cost(kind, model, input_shape, prune, threads)
     groups = groups_of(model, input_shape, prune.importance, prune.include, prune.exclude, prune.round_to)
-    reference = exact({})
-    target = budget_target(kind, getattr(prune.budget, kind), reference)
-    if console is not None:
-        console.print(
+    say = console.print if console is not None else (lambda *a, **k: None)
+    if kind in LATENCY_KINDS:
+        allocation = _latency_allocation(model, input_shape, prune, groups, exact, curves, threads, say)
+    else:
+        reference = exact({})
+        target = budget_target(kind, getattr(prune.budget, kind), reference)
+        say(
             f"pruned: allocating {prune.allocation} shares over {len(groups)} groups of channels for a {kind} "
             f"budget of {target:,.0f} (the distilled student: {reference:,.0f})"
         )
+        allocation = _search(prune, groups, quadratic_cost(exact, groups, prune.round_to), target, curves)
+        allocation.predicted, allocation.reference = exact(allocation.shares), reference
+        if allocation.predicted > target:
+            allocation = _search(prune, groups, exact, target, curves)
+    for line in allocation.lines():
+        say(line)
+    say(f"pruned: allocation found in {time.perf_counter() - started:.1f} s")
+    return allocation
 
-    def allocate(cost: Cost) -> Allocation:
-        if prune.allocation == "sensitivity":
-            return allocate_sensitivity(groups, cost, target, curves or {}, round_to=prune.round_to, kind=kind)
-        return allocate_uniform(groups, cost, target, prune.round_to, kind=kind)
 
-    allocation = allocate(quadratic_cost(exact, groups, prune.round_to))
-    allocation.predicted, allocation.reference = exact(allocation.shares), reference
-    if allocation.predicted > target:
-        allocation = allocate(exact)
-    if console is not None:
-        for line in allocation.lines():
-            console.print(line)
-        console.print(f"pruned: allocation found in {time.perf_counter() - started:.1f} s")
+def _search(prune: PruneSection, groups: list[dict], cost: Cost, target: float, curves: dict | None) -> "Allocation":
+    """One allocation search, as ``prune.allocation`` says."""
+    from ..prune.allocate import allocate_sensitivity, allocate_uniform
+
+    kind = prune.budget.kind()
+    if prune.allocation == "sensitivity":
+        return allocate_sensitivity(groups, cost, target, curves or {}, round_to=prune.round_to, kind=kind)
+    return allocate_uniform(groups, cost, target, prune.round_to, kind=kind)
+
+
+def pruned_copy(model: nn.Module, input_shape, prune: PruneSection, shares: dict[str, float]) -> nn.Module:
+    """A copy of ``model`` with each group pruned by its share (the channels the pruning would pick first)."""
+    from ..prune.structured import StructuredPruner
+
+    twin = copy.deepcopy(model).cpu().eval()
+    pruner = StructuredPruner(
+        twin, input_shape, prune.importance, "layer", prune.include, prune.exclude, round_to=prune.round_to
+    )
+    pruner.prune_ratios({root: share for root, share in shares.items() if share > 0})
+    return twin
+
+
+def _latency_allocation(model, input_shape, prune, groups, predicted: Cost, curves, threads: int, say) -> "Allocation":
+    """A latency budget: search on the per-layer table's prediction, then time the real pruned model in turns
+    with the distilled one (NetAdapt's check on the target runtime). Where the timed model misses the budget,
+    the search aims lower by the share it missed by and tries again, at most :data:`LATENCY_TRIES` times; the
+    allocation records the timed figures (``predicted``: the pruned model's median ms, ``reference``: the
+    distilled student's, ``target``: the budget in ms from the same rounds)."""
+    aim = latency_target(prune, predicted({}))  # in the table's milliseconds
+    say(
+        f"pruned: allocating {prune.allocation} shares over {len(groups)} groups of channels for a latency budget "
+        f"of {budget_words(prune)}"
+    )
+    for attempt in range(1, LATENCY_TRIES + 1):
+        allocation = _search(prune, groups, predicted, aim, curves)
+        timing = timed_pair(
+            model, pruned_copy(model, input_shape, prune, allocation.shares), input_shape, prune, threads
+        )
+        reference, reached = timing["distilled"]["median_ms"], timing["pruned"]["median_ms"]
+        target = latency_target(prune, reference)
+        say(
+            f"pruned: try {attempt}: predicted {allocation.predicted:.2f} ms, timed {reached:.2f} ms against the "
+            f"budget's {target:.2f} ms (the distilled student: {reference:.2f} ms, same rounds)"
+        )
+        if reached <= target:
+            break
+        aim *= target / reached * 0.97  # aim below by what the timed model missed, and a little more
+    allocation.target, allocation.reference, allocation.predicted = target, reference, reached
     return allocation
 
 

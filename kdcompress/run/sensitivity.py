@@ -38,6 +38,7 @@ from .stages import COMMAND_OF
 from .state import Origin, stage_status
 
 __all__ = [
+    "sensitivity_for",
     "SOURCE_STAGE",
     "MAX_SENSITIVITY_BYTES",
     "search_split",
@@ -194,33 +195,46 @@ def run_sensitivity(
     """
     console = console or Console(stderr=True)
     with run_dir_lock(recipe.run_dir, advice=SENSITIVITY_WAIT_ADVICE, create=False):
-        manifest = _source(recipe, origin)
-        key = sensitivity_key(recipe, manifest)
-        path = sensitivity_path(recipe.run_dir)
-        if not force:
-            try:
-                found = load_sensitivity(recipe.run_dir, key)
-            except CheckpointError as exc:
-                console.print(f"[yellow]sensitivity[/]: measuring again ({exc})")
-                found = None
-            if found is not None:
-                console.print(f"[green]sensitivity[/]: up to date, reused {path} (--force measures again)")
-                return found, path, True
-            if path.is_file():
-                console.print(f"[yellow]sensitivity[/]: {path} was made from another checkpoint or settings")
-        result = _measure(recipe, console)
-        result.key, result.source_fingerprint = key, str(manifest.get("fingerprint") or "")
-        atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
-        return result, path, False
+        return sensitivity_for(recipe, console, force=force, origin=origin)
 
 
-def _measure(recipe: Recipe, console: Console) -> Sensitivity:
+def sensitivity_for(
+    recipe: Recipe,
+    console: Console,
+    force: bool = False,
+    origin: Origin = Origin(),
+    data: DataSplits | None = None,
+) -> tuple[Sensitivity, Path, bool]:
+    """:func:`run_sensitivity`'s work, for a caller that already holds the run directory's lock (the pruned
+    stage, for ``allocation: sensitivity``); ``data``, when given, is used instead of loading it again."""
+    manifest = _source(recipe, origin)
+    key = sensitivity_key(recipe, manifest)
+    path = sensitivity_path(recipe.run_dir)
+    if not force:
+        try:
+            found = load_sensitivity(recipe.run_dir, key)
+        except CheckpointError as exc:
+            console.print(f"[yellow]sensitivity[/]: measuring again ({exc})")
+            found = None
+        if found is not None:
+            console.print(f"[green]sensitivity[/]: up to date, reused {path} (--force measures again)")
+            return found, path, True
+        if path.is_file():
+            console.print(f"[yellow]sensitivity[/]: {path} was made from another checkpoint or settings")
+    result = _measure(recipe, console, data)
+    result.key, result.source_fingerprint = key, str(manifest.get("fingerprint") or "")
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=1) + "\n")
+    return result, path, False
+
+
+def _measure(recipe: Recipe, console: Console, data: DataSplits | None = None) -> Sensitivity:
     """Load the distilled model and the search split, and measure every group at every ratio."""
     started = time.perf_counter()
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     device = resolve_device(recipe.run.device)
-    data = load_data(recipe.data, seed=recipe.run.seed, console=console)
+    if data is None:
+        data = load_data(recipe.data, seed=recipe.run.seed, console=console)
     name, split, note = search_split(data, recipe)
     model, arch = load_stage_model(recipe, SOURCE_STAGE, device)
     model.eval()

@@ -6,7 +6,6 @@ alone at a grid of ratios.
   copy ratio after ratio gives the same model as pruning a fresh copy to the last ratio.
 * Unstructured: one curve per weight tensor, non-zeros falling, the model untouched.
 * The record round-trips through JSON and refuses damaged data with a message naming the entry.
-* interpolate_drop is linear between the measured points, 0 at 0, and refuses a ratio beyond them.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from kdcompress.data import load_data
 from kdcompress.measure import count_macs
 from kdcompress.models import SmallCNN
-from kdcompress.prune.sensitivity import GroupCurve, Sensitivity, interpolate_drop, measure_sensitivity
+from kdcompress.prune.sensitivity import GroupCurve, Sensitivity, measure_sensitivity
 from kdcompress.prune.structured import StructuredPruner
 from kdcompress.recipe import DataSection
 from kdcompress.stats import accuracy_se
@@ -174,15 +173,3 @@ def test_damaged_data_is_refused_with_a_message_naming_the_entry(change, message
     change(data)
     with pytest.raises(ValueError, match=message):
         Sensitivity.from_dict(data)
-
-
-def test_interpolate_drop_is_linear_between_points_and_zero_at_zero():
-    curve = small_record().groups[0]
-    assert interpolate_drop(curve, 0.0) == 0.0
-    assert interpolate_drop(curve, 0.25) == pytest.approx(1.0)
-    assert interpolate_drop(curve, 0.5) == pytest.approx(2.0)
-    assert interpolate_drop(curve, 0.625) == pytest.approx(12.0)
-    assert interpolate_drop(curve, 0.75) == pytest.approx(22.0)
-    for outside in (-0.1, 0.8):
-        with pytest.raises(ValueError, match="outside the measured range"):
-            interpolate_drop(curve, outside)

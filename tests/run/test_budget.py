@@ -8,8 +8,12 @@
   weights as the uninterrupted run.
 * allocation: sensitivity, with the sensitivity curves stood in for (the seam the lead wires to
   `kdc sensitivity`): the insensitive conv loses more channels; round_to 4 keeps multiples of 4.
-* A budget that cannot be met stops the stage with one clear message; latency budgets say they are not
-  wired yet.
+* allocation: sensitivity for real: the pruned stage measures (or reuses) `kdc sensitivity`'s curves, and a
+  poisoned test split (labels shuffled, images flipped) changes neither the curves nor the allocation.
+* A latency budget on onnxruntime: the search is checked by timing the real pruned model in turns with the
+  distilled one, and the record holds both timings (whether it meets the budget is timing, checked by the
+  acceptance run, not here).
+* A budget that cannot be met stops the stage with one clear message.
 """
 
 from __future__ import annotations
@@ -166,7 +170,7 @@ def test_sensitivity_allocation_through_the_seam_and_round_to_4(budget_run, tmp_
     "budget, words",
     [
         ({"macs": 500}, "prune.budget cannot be met"),
-        ({"latency_ms": 1.0}, "latency budgets are not wired yet"),
+        ({"latency_ms": 1e-6}, "prune.budget cannot be met"),
     ],
 )
 def test_a_budget_that_cannot_be_met_is_one_clear_message(budget_run, tmp_path, monkeypatch, kdc, budget, words):
@@ -174,3 +178,59 @@ def test_a_budget_that_cannot_be_met_is_one_clear_message(budget_run, tmp_path, 
     kdc.assert_clean_exit(result, 1)
     assert words in kdc.flat(result)
     assert not path.exists()
+
+
+def _poisoned_test_split(monkeypatch):
+    """Make the run's data loader shuffle the test labels and flip the test images."""
+    import torch
+
+    import kdcompress.run.pipeline as pipeline
+    from kdcompress.data import TensorData
+
+    real_load = pipeline.load_data
+
+    def poisoned(section, seed=0, console=None):
+        data = real_load(section, seed=seed, console=console)
+        shuffled = data.test.labels[torch.randperm(len(data.test), generator=torch.Generator().manual_seed(1))]
+        data.test = TensorData(data.test.images.flip(-1), shuffled, data.test.mean, data.test.std)
+        return data
+
+    monkeypatch.setattr(pipeline, "load_data", poisoned)
+
+
+def test_sensitivity_allocation_measures_the_curves_and_never_reads_the_test_split(
+    budget_run, tmp_path, monkeypatch, kdc
+):
+    result, path = _prune_again(budget_run, tmp_path, monkeypatch, kdc, allocation="sensitivity")
+    kdc.assert_clean_exit(result, 0)
+    work = path.parent.parent.parent.parent
+    curves = json.loads((work / RUN / "sensitivity.json").read_text())
+    clean = load_checkpoint(path)["metrics"]["budget"]
+    assert clean["method"] == "sensitivity" and clean["reached"] <= clean["target"]
+    assert {g["name"] for g in curves["groups"]} == set(clean["allocation"])
+
+    shutil.rmtree(work / RUN / "pruned")
+    (work / RUN / "sensitivity.json").unlink()
+    _poisoned_test_split(monkeypatch)
+    again = kdc("prune", "recipe.yaml")
+    kdc.assert_clean_exit(again, 0)
+    poisoned = load_checkpoint(path)["metrics"]["budget"]
+    assert json.loads((work / RUN / "sensitivity.json").read_text())["groups"] == curves["groups"]
+    assert poisoned["allocation"] == clean["allocation"] and poisoned["reached"] == clean["reached"]
+
+
+@pytest.mark.slow
+def test_a_latency_budget_is_searched_on_the_table_and_checked_on_the_real_models(
+    budget_run, tmp_path, monkeypatch, kdc
+):
+    monkeypatch.setenv("KDC_CACHE", str(tmp_path / "cache"))
+    budget = {"latency": 0.6, "batch": 16, "runtime": "onnxruntime"}
+    result, path = _prune_again(budget_run, tmp_path, monkeypatch, kdc, budget=budget)
+    kdc.assert_clean_exit(result, 0)
+    record = load_checkpoint(path)["metrics"]["budget"]
+    assert record["kind"] == "latency" and record["reached"] > 0 and record["reference"] > 0
+    assert record["target"] == pytest.approx(0.6 * record["reference"])
+    assert set(record["timing"]) == {"distilled", "pruned"}
+    assert "onnxruntime" in record["timing"]["pruned"]["method"] and "onnxruntime" in record["how_measured"]
+    assert "try 1: predicted" in kdc.flat(result)
+    assert list((tmp_path / "cache").glob("latency-table-*.json"))  # the per-layer table, cached per machine
