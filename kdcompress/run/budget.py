@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from ..errors import KdcError
 from ..measure import count_macs, count_params
 from ..recipe import PruneSection
 from .context import StageContext
@@ -243,7 +244,13 @@ def _latency_allocation(model, input_shape, prune, groups, predicted: Cost, curv
         f"of {budget_words(prune)}"
     )
     for attempt in range(1, LATENCY_TRIES + 1):
-        allocation = _search(prune, groups, predicted, aim, curves)
+        try:
+            allocation = _search(prune, groups, predicted, aim, curves)
+        except KdcError:
+            if attempt == 1:
+                raise
+            say(f"pruned: no allocation is predicted below {aim:.2f} ms; keeping try {attempt - 1}'s")
+            break
         timing = timed_pair(
             model, pruned_copy(model, input_shape, prune, allocation.shares), input_shape, prune, threads
         )
@@ -253,9 +260,11 @@ def _latency_allocation(model, input_shape, prune, groups, predicted: Cost, curv
             f"pruned: try {attempt}: predicted {allocation.predicted:.2f} ms, timed {reached:.2f} ms against the "
             f"budget's {target:.2f} ms (the distilled student: {reference:.2f} ms, same rounds)"
         )
+        best = (allocation, target, reference, reached)
         if reached <= target:
             break
         aim *= target / reached * 0.97  # aim below by what the timed model missed, and a little more
+    allocation, target, reference, reached = best
     allocation.target, allocation.reference, allocation.predicted = target, reference, reached
     return allocation
 
