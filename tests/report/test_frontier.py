@@ -26,7 +26,7 @@ from kdcompress.run import budget_grid, frontier_formats, grid_points, parse_gri
 from kdcompress.run.share import expected_fingerprints
 
 SWEEP = Path("runs") / "front" / "sweep"
-SPARSITIES = ("0.3", "0.5", "0.7")
+BUDGETS = ("0.7", "0.5", "0.3")  # prune.budget.macs: a share of the distilled student's MACs
 CNN = {"model": "cnn", "args": {"channels": [4, 8], "hidden": 16}}
 FRONT_RECIPE = {
     "run": {"name": "front", "seed": 0, "device": "cpu"},
@@ -37,7 +37,7 @@ FRONT_RECIPE = {
     "prune": {
         "method": "structured",
         "scope": "layer",
-        "target_sparsity": 0.5,
+        "budget": {"macs": 0.5},
         "sparsity_schedule": "one-shot",
         "epochs": 1,
     },
@@ -159,14 +159,14 @@ def test_frontier_without_budgets_or_with_a_bad_one_is_refused_before_anything_t
 
 @pytest.fixture(scope="module")
 def frontier_run(fresh_run, kdc):
-    """`kdc frontier` over three target sparsities of the tiny CNN, latency timed briefly, once for this module."""
+    """`kdc frontier` over three MACs budgets of the tiny CNN, latency timed briefly, once for this module."""
     work, _ = fresh_run(yaml.safe_dump(FRONT_RECIPE, sort_keys=False), "frontier")
     cwd = os.getcwd()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(latency_mod, "LATENCY_MIN_RUN_TIME", 0.02)
         os.chdir(work)
         try:
-            result = kdc("frontier", "recipe.yaml", "--grid", f"prune.target_sparsity={','.join(SPARSITIES)}")
+            result = kdc("frontier", "recipe.yaml", "--budget", f"macs={','.join(BUDGETS)}")
         finally:
             os.chdir(cwd)
     kdc.assert_clean_exit(result, 0)
@@ -186,7 +186,7 @@ def test_frontier_json_holds_every_exported_point_and_marks_the_undominated(fron
     assert out.count("pruned: training on") == 3
     frontier = json.loads((work / SWEEP / "frontier.json").read_text(encoding="utf-8"))
     points = frontier["points"]
-    assert [p["label"] for p in points] == ["distilled"] + [f"target_sparsity {s}" for s in SPARSITIES]
+    assert [p["label"] for p in points] == ["distilled"] + [f"macs {b}" for b in BUDGETS]
     assert frontier["format"] == "onnx" and frontier["latency_batch"] == 8
     for p in points:
         run_dir = work / p["run_dir"]
@@ -206,7 +206,7 @@ def test_frontier_json_holds_every_exported_point_and_marks_the_undominated(fron
         assert frontier["frontier"][axis] == [
             p["label"] for p in sorted(points, key=lambda p: p[cost]) if p["on_frontier"][axis]
         ]
-    assert "frontier.html" in " ".join(result.output.split()) and "target_sparsity 0.7" in result.output
+    assert "frontier.html" in " ".join(result.output.split()) and "macs 0.3" in result.output
 
 
 @pytest.mark.slow
@@ -270,7 +270,7 @@ def test_a_second_frontier_trains_and_exports_nothing_and_writes_the_same_points
     before = json.loads((work / SWEEP / "frontier.json").read_text(encoding="utf-8"))
     monkeypatch.chdir(work)
     monkeypatch.setattr(latency_mod, "LATENCY_MIN_RUN_TIME", 0.02)  # as timed: the reports reuse their timings
-    result = kdc("frontier", "recipe.yaml", "--grid", f"prune.target_sparsity={','.join(SPARSITIES)}")
+    result = kdc("frontier", "recipe.yaml", "--budget", f"macs={','.join(BUDGETS)}")
     kdc.assert_clean_exit(result, 0)
     assert "training on" not in result.output and "export: writing" not in result.output
     assert result.output.count("is up to date, kept") == 4  # three pruned files and the distilled one
