@@ -51,7 +51,7 @@ from torch import nn
 
 from .errors import KdcError, describe
 from .files import atomic_write_text, user_cache_dir
-from .measure import interleaved_latencies, latency
+from .measure import cpu_name, interleaved_latencies, latency
 from .timing import ModelFile, time_in_child
 
 __all__ = [
@@ -69,7 +69,6 @@ __all__ = [
     "unit_onnx",
     "time_module",
     "machine_fields",
-    "cpu_name",
     "LatencyTable",
     "LatencyCost",
     "REST_MODES",
@@ -366,17 +365,6 @@ def time_module(module: nn.Module, input_shape, *, batch: int, runtime: str, thr
             for _ in range(REPEATS)
         )
     return float(times[len(times) // 2])
-
-
-def cpu_name() -> str:
-    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _runtime_version(runtime: str) -> str | None:

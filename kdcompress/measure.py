@@ -14,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import platform
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
 __all__ = [
+    "cpu_name",
     "count_params",
     "count_nonzero",
     "count_macs",
@@ -38,6 +41,17 @@ LATENCY_BATCHES = (1, 64)
 # rounds of interleaved_latencies: enough for quartiles that mean something, few enough that a model whose
 # one call is slow (a block of one call) still fits a report's time
 LATENCY_ROUNDS = 15
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def count_params(model: nn.Module) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import KdcError
 from ..files import atomic_write_text
-from ..measure import LATENCY_ROUNDS, paired_ratio
+from ..measure import LATENCY_ROUNDS, cpu_name, paired_ratio
 from ..recipe import ReportSection
 from ..run.layout import CACHE_DIR, LATENCY_FILE
 from ..stats import finite
@@ -77,17 +77,6 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _cpu_name() -> str:
-    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 class LatencyCache:
     """Latency per model file, kept in ``<run dir>/cache/latency.json`` so a later report reuses it.
 
@@ -118,7 +107,7 @@ class LatencyCache:
         self.used_shas: set[str] = set()
         self.used_times: list[str] = []
         self.used_policies: set[str | None] = set()
-        self.machine = {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count()}
+        self.machine = {"platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count()}
 
     def _fields(self, sha256: str, batch: int, threads: int, runtime: str) -> dict:
         return {
