@@ -440,6 +440,17 @@ class PruneSection(TrainSettings):
             "omit_default": True,
         },
     )
+    sensitivity_bn_batches: int = field(
+        default=20,
+        metadata={
+            **_range(
+                lo=0,
+                doc="kdc sensitivity: training batches that recompute BatchNorm's statistics of each pruned copy "
+                "before it is scored (adaptive BN, as EagleEye; 0: scored as pruned)",
+            ),
+            "omit_default": True,
+        },
+    )
     sensitivity_samples: int = field(
         default=2000,
         metadata={

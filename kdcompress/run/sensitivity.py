@@ -30,7 +30,7 @@ from ..files import atomic_write_text
 from ..prune.sensitivity import Sensitivity, measure_sensitivity
 from ..recipe import Recipe, recipe_to_dict
 from ..stats import accuracy_se
-from ..train import evaluate, resolve_device, seed_everything
+from ..train import evaluate, recalibrate_batchnorm, resolve_device, seed_everything
 from .context import load_stage_model
 from .layout import checkpoint_path, sensitivity_path
 from .lock import run_dir_lock
@@ -97,6 +97,7 @@ def sensitivity_key(recipe: Recipe, manifest: dict) -> str:
         "round_to": section.round_to,
         "ratios": [float(r) for r in section.sensitivity_ratios],
         "samples": section.sensitivity_samples,
+        "bn_batches": section.sensitivity_bn_batches,
         "data": data,
         "seed": recipe.run.seed,
     }
@@ -173,15 +174,32 @@ def _source(recipe: Recipe, origin: Origin) -> dict:
     return read_manifest(checkpoint_path(recipe.run_dir, SOURCE_STAGE))
 
 
-def _scorer(split: TensorData, batch_size: int, device: torch.device):
-    """``evaluate(model) -> (accuracy, se)`` on ``split``: batched, eval mode, no gradients."""
+def _scorer(split: TensorData, batch_size: int, device: torch.device, recalibrate=None):
+    """``evaluate(model) -> (accuracy, se)`` on ``split``: batched, eval mode, no gradients; ``recalibrate(model)``
+    first when given (BatchNorm's statistics recomputed on training batches: the pruned copy is the scorer's)."""
 
     def score(model: torch.nn.Module) -> tuple[float, float]:
+        if recalibrate is not None:
+            recalibrate(model)
         with torch.no_grad():
             accuracy = evaluate(model, split, batch_size, device)["accuracy"]
         return accuracy, accuracy_se(accuracy, len(split)) or 0.0
 
     return score
+
+
+def _recalibrator(recipe: Recipe, data: DataSplits, device: torch.device):
+    """Adaptive BatchNorm (Li et al. 2020, EagleEye): a pruned copy's BatchNorm statistics recomputed from
+    ``prune.sensitivity_bn_batches`` training batches (a fixed order) before it is scored. Pruning a layer's
+    channels shifts the statistics of the layers after it; scored with the stale ones, a copy can look ruined
+    where a few steps of retraining recover it, and an allocation read off such curves spares the wrong layers.
+    None when the setting is 0."""
+    batches = recipe.prune.sensitivity_bn_batches
+    if not batches:
+        return None
+    return lambda model: recalibrate_batchnorm(
+        model, data.train, batches, recipe.data.batch_size, device, seed=recipe.run.seed
+    )
 
 
 def run_sensitivity(
@@ -236,6 +254,11 @@ def _measure(recipe: Recipe, console: Console, data: DataSplits | None = None) -
     if data is None:
         data = load_data(recipe.data, seed=recipe.run.seed, console=console)
     name, split, note = search_split(data, recipe)
+    if recipe.prune.sensitivity_bn_batches:
+        note += (
+            f"; BatchNorm statistics of each pruned copy recomputed from {recipe.prune.sensitivity_bn_batches} "
+            f"training batches before it is scored (prune.sensitivity_bn_batches)"
+        )
     model, arch = load_stage_model(recipe, SOURCE_STAGE, device)
     model.eval()
     section = recipe.prune
@@ -251,7 +274,7 @@ def _measure(recipe: Recipe, console: Console, data: DataSplits | None = None) -
             result = measure_sensitivity(
                 model,
                 arch.get("input_shape") or data.input_shape,
-                _scorer(split, recipe.data.eval_batch_size, device),
+                _scorer(split, recipe.data.eval_batch_size, device, _recalibrator(recipe, data, device)),
                 section.sensitivity_ratios,
                 method=section.method,
                 importance=section.importance,

@@ -184,3 +184,28 @@ def test_the_search_split_is_validation_when_held_out_else_a_fixed_training_subs
     name, split, note = search_split(data, recipe)
     assert name == "train" and len(split) == len(data.train)
     assert "no validation split" in note and "training images" in note
+
+
+def test_each_pruned_copy_has_its_batchnorm_recomputed_from_training_batches_before_it_is_scored(
+    work, kdc, monkeypatch
+):
+    calls = []
+    real = sensitivity_run.recalibrate_batchnorm
+
+    def counting(model, data, batches, batch_size, device, seed=0):
+        calls.append((id(model), data, batches))
+        return real(model, data, batches, batch_size, device, seed=seed)
+
+    monkeypatch.setattr(sensitivity_run, "recalibrate_batchnorm", counting)
+    kdc.assert_clean_exit(kdc("sensitivity", "recipe.yaml", "--ratios", "0.3,0.6"), 0)
+    record = json.loads((work / RUN / "sensitivity.json").read_text())
+    assert len(calls) == 1 + len(record["groups"]) * 2  # the baseline, then every group at every ratio
+    assert {batches for _, _, batches in calls} == {20}
+    train = load_data(recipe_from_dict(yaml.safe_load((work / "recipe.yaml").read_text())).data).train
+    assert all(len(data) == len(train) for _, data, _ in calls)  # the training split, never the test split
+    assert "BatchNorm statistics of each pruned copy recomputed from 20 training batches" in record["note"]
+
+    calls.clear()
+    off = kdc("sensitivity", "recipe.yaml", "--ratios", "0.3,0.6", "--set", "prune.sensitivity_bn_batches=0")
+    kdc.assert_clean_exit(off, 0)
+    assert calls == [] and "measured" in kdc.flat(off)  # another setting: measured again, scored as pruned
