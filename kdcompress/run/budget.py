@@ -238,6 +238,11 @@ def _latency_allocation(model, input_shape, prune, groups, predicted: Cost, curv
     the search aims lower by the share it missed by and tries again, at most :data:`LATENCY_TRIES` times; the
     allocation records the timed figures (``predicted``: the pruned model's median ms, ``reference``: the
     distilled student's, ``target``: the budget in ms from the same rounds)."""
+    from ..prune.allocate import quadratic_cost
+
+    # the search asks for thousands of shares; each new width would be a table entry timed (tens of seconds for a
+    # small CNN, growing with every pair of widths), so it searches a quadratic fitted to a few predictions
+    predicted = quadratic_cost(predicted, groups, prune.round_to, tolerance=None)
     aim = latency_target(prune, predicted({}))  # in the table's milliseconds
     say(
         f"pruned: allocating {prune.allocation} shares over {len(groups)} groups of channels for a latency budget "
