@@ -59,6 +59,9 @@ __all__ = [
 LATENCY_KINDS = ("latency_ms", "latency")
 VERIFY_ROUNDS = 7  # rounds of the interleaved timing that checks a latency budget (median over rounds)
 LATENCY_TRIES = 7  # structures timed for a latency budget (a search over the share of MACs kept)
+# a latency budget's search aims this far under the target: one structure's median of 7 rounds moved by 10-15 %
+# between timings on a shared 2-core machine (1.22 ms in the search, 1.44 ms at the end of retraining)
+LATENCY_MARGIN = 0.9
 
 
 def file_bytes(model: nn.Module, input_shape, fmt: str = "onnx") -> int:
@@ -238,7 +241,7 @@ def _latency_allocation(model, input_shape, prune, groups, curves, threads: int,
     budget over the groups (uniform, or from the sensitivity curves, as ``prune.allocation`` says), and that
     structure (a pruned copy of the distilled student) is exported and timed in turns with the distilled one
     (:func:`timed_pair`). A search over the MACs fraction keeps the least pruned structure whose timed latency
-    meets the budget; the allocation records the timed figures (``predicted``: that structure's median ms,
+    meets :data:`LATENCY_MARGIN` of the budget (timings move between runs); the allocation records the timed figures (``predicted``: that structure's median ms,
     ``reference``: the distilled student's in the same rounds, ``target``: the budget in ms).
 
     The per-layer latency table (:func:`kdcompress.latency_budget.latency_cost`) does not steer it: on this
@@ -272,10 +275,11 @@ def _latency_allocation(model, input_shape, prune, groups, curves, threads: int,
         )
         reference, reached = timing["distilled"]["median_ms"], timing["pruned"]["median_ms"]
         target = latency_target(prune, reference)
-        meets = reached <= target
+        meets = reached <= LATENCY_MARGIN * target
         say(
             f"pruned: try {attempt}: {fraction:.1%} of the MACs timed {reached:.2f} ms against the budget's {target:.2f} "
-            f"ms (the distilled student: {reference:.2f} ms, same rounds){'' if meets else ': over'}"
+            f"ms, aimed at {LATENCY_MARGIN:.0%} of it (the distilled student: {reference:.2f} ms, same rounds)"
+            + ("" if meets else ": over")
         )
         if meets or best is None or (not best[4] and reached < best[3]):
             best = (allocation, target, reference, reached, meets)
