@@ -241,8 +241,9 @@ def _latency_allocation(model, input_shape, prune, groups, curves, threads: int,
     budget over the groups (uniform, or from the sensitivity curves, as ``prune.allocation`` says), and that
     structure (a pruned copy of the distilled student) is exported and timed in turns with the distilled one
     (:func:`timed_pair`). A search over the MACs fraction keeps the least pruned structure whose timed latency
-    meets :data:`LATENCY_MARGIN` of the budget (timings move between runs); the allocation records the timed figures (``predicted``: that structure's median ms,
-    ``reference``: the distilled student's in the same rounds, ``target``: the budget in ms).
+    is within :data:`LATENCY_MARGIN` of the budget (timings move between runs); the allocation records the
+    timed figures (``predicted``: that structure's median ms, ``reference``: the distilled student's in the
+    same rounds, ``target``: the budget in ms).
 
     The per-layer latency table (:func:`kdcompress.latency_budget.latency_cost`) does not steer it: on this
     project's CNN recipe it predicted 0.66 ms for a structure that timed 1.86 ms (units timed alone miss the
