@@ -24,6 +24,7 @@ from .budget import (
     budget_record,
     latency_target,
     measure_model,
+    resumed_allocation,
     sensitivity_curves,
     timed_pair,
 )
@@ -163,12 +164,39 @@ def stage_pruned(ctx: StageContext):
 
 
 def allocate_for_stage(ctx: StageContext, model, input_shape) -> "Allocation":
-    """The allocation of ``prune.budget`` over the distilled ``model``'s groups (sensitivity curves if asked)."""
+    """The allocation of ``prune.budget`` over the distilled ``model``'s groups (sensitivity curves if asked).
+
+    A latency budget's search times candidates, so it would not find the same shares twice: a stage resumed
+    from its resume state keeps the shares that state was pruned towards (:func:`saved_shares`)."""
     p = ctx.recipe.prune
+    saved = saved_shares(ctx.state_path, ctx.tag) if p.budget.kind() in LATENCY_KINDS else None
+    if saved is not None:
+        ctx.console.print("pruned: resuming towards the allocation the interrupted run timed (not searched again)")
+        return resumed_allocation(model, input_shape, p, saved)
     curves = sensitivity_curves(ctx) if p.allocation == "sensitivity" else None
     return allocate_budget(
         model, input_shape, p, curves=curves, console=ctx.console, threads=timing_threads(ctx.recipe)
     )
+
+
+def saved_shares(state_path, tag: str) -> dict[str, float] | None:
+    """The per-group shares an unfinished pruned stage's resume state was pruning towards, or None (no state, a
+    state made for other inputs, or none that reads as shares: the stage then allocates afresh)."""
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception:  # no resume state, or one that fit itself will refuse with its own message
+        return None
+    if not isinstance(state, dict) or state.get("tag") != tag or not isinstance(state.get("hooks"), list):
+        return None
+    for hook in state["hooks"]:
+        shares = hook.get("pruner", {}).get("allocation") if isinstance(hook, dict) else None
+        if (
+            isinstance(shares, dict)
+            and shares
+            and all(isinstance(k, str) and isinstance(v, float) and 0.0 <= v < 1.0 for k, v in shares.items())
+        ):
+            return dict(shares)
+    return None
 
 
 def budget_reached(ctx: StageContext, model, input_shape, allocation: "Allocation") -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -49,6 +50,7 @@ __all__ = [
     "measure_model",
     "planned_sparsity",
     "pruned_copy",
+    "resumed_allocation",
     "sensitivity_curves",
     "LATENCY_KINDS",
     "latency_target",
@@ -294,6 +296,29 @@ def _latency_allocation(model, input_shape, prune, groups, curves, threads: int,
     return allocation
 
 
+def resumed_allocation(model: nn.Module, input_shape, prune: PruneSection, shares: dict[str, float]) -> "Allocation":
+    """An :class:`~kdcompress.prune.allocate.Allocation` of saved ``shares`` (a resumed latency budget): its
+    sparsity as the schedule needs it; target and reference are timed again at the end of the stage."""
+    from ..prune.allocate import Allocation, groups_of
+    from ..prune.structured import kept_channels
+
+    groups = {g["root"]: g for g in groups_of(model, input_shape, prune.importance, prune.include, prune.exclude)}
+    kept = {r: kept_channels(groups[r]["initial"], share, prune.round_to) for r, share in shares.items() if r in groups}
+    total = sum(g["initial"] * len(g["layers"]) for g in groups.values())
+    removed = sum((groups[r]["initial"] - k) * len(groups[r]["layers"]) for r, k in kept.items())
+    nan = float("nan")
+    return Allocation(
+        shares=dict(shares),
+        predicted=nan,
+        target=nan,
+        reference=nan,
+        kind=prune.budget.kind(),
+        method=prune.allocation,
+        sparsity=removed / total if total else 0.0,
+        kept=kept,
+    )
+
+
 def budget_record(allocation: "Allocation", reached: float, prune: PruneSection) -> dict:
     """The stage's ``budget`` metrics: the budget, its target, what the pruned model reached and how it was measured."""
     kind = allocation.kind
@@ -305,7 +330,7 @@ def budget_record(allocation: "Allocation", reached: float, prune: PruneSection)
         "reached": reached,
         "ratio_to_target": reached / allocation.target if allocation.target else None,
         "ratio_to_reference": reached / allocation.reference if allocation.reference else None,
-        "predicted": allocation.predicted,
+        "predicted": allocation.predicted if math.isfinite(allocation.predicted) else None,  # None: resumed
         "predicted_drop": allocation.predicted_drop,
         "allocation": {k: round(v, 6) for k, v in allocation.shares.items()},
         "kept": dict(allocation.kept),

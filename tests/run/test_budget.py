@@ -234,3 +234,30 @@ def test_a_latency_budget_is_searched_on_the_table_and_checked_on_the_real_model
     assert "onnxruntime" in record["timing"]["pruned"]["method"] and "onnxruntime" in record["how_measured"]
     assert "try 1: " in kdc.flat(result) and "of the MACs timed" in kdc.flat(result)
     assert list((tmp_path / "cache").glob("latency-table-*.json"))  # the per-layer table, cached per machine
+
+
+@pytest.mark.slow
+def test_a_resumed_latency_budget_keeps_the_allocation_it_timed(budget_run, tmp_path, monkeypatch, kdc, fail_training):
+    import torch
+
+    monkeypatch.setenv("KDC_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    shutil.copytree(budget_run, work)
+    shutil.rmtree(work / RUN / "pruned")
+    recipe = yaml.safe_load((work / "recipe.yaml").read_text())
+    recipe["prune"]["budget"] = {"latency": 0.8, "batch": 16, "runtime": "onnxruntime"}
+    (work / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(work)
+    fired = fail_training("pruned", epoch=2, batch=10)
+    first = kdc("prune", "recipe.yaml")
+    assert fired["fired"]
+    kdc.assert_clean_exit(first, 130)
+    state = torch.load(work / RUN / "pruned" / "state.pt", weights_only=True)
+    saved = state["hooks"][0]["pruner"]["allocation"]
+    second = kdc("prune", "recipe.yaml")
+    kdc.assert_clean_exit(second, 0)
+    out = kdc.flat(second)
+    assert "resuming towards the allocation the interrupted run timed" in out and "try 1:" not in out
+    record = load_checkpoint(work / RUN / "pruned" / "model.pt")["metrics"]["budget"]
+    assert record["allocation"] == {k: round(v, 6) for k, v in saved.items()} and record["predicted"] is None
+    assert record["reached"] > 0 and record["target"] == pytest.approx(0.8 * record["reference"])
