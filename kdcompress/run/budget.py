@@ -272,7 +272,7 @@ def _latency_allocation(model, input_shape, prune, groups, curves, threads: int,
         except KdcError:
             if best is None:
                 raise
-            break  # more MACs than any structure can shed: keep the best that met the budget
+            break  # more MACs than any structure can shed: the best timed so far stands
         timing = timed_pair(
             model, pruned_copy(model, input_shape, prune, allocation.shares), input_shape, prune, threads
         )
@@ -284,13 +284,19 @@ def _latency_allocation(model, input_shape, prune, groups, curves, threads: int,
             f"ms, aimed at {LATENCY_MARGIN:.0%} of it (the distilled student: {reference:.2f} ms, same rounds)"
             + ("" if meets else ": over")
         )
-        if meets or best is None or (not best[4] and reached < best[3]):
+        if meets or best is None or (not best[4] and reached < best[3]):  # else the fastest so far
             best = (allocation, target, reference, reached, meets)
         good, bad = (max(good, fraction), bad) if meets else (good, min(bad, fraction))
         if good > 0 and bad / good < 1.1:
             break
         fraction = (good * bad) ** 0.5 if good > 0 else fraction * min(0.9, target / reached)
     allocation, target, reference, reached, _ = best
+    if reached > target:
+        raise KdcError(
+            f"prune.budget cannot be met: the fastest structure tried timed {reached:.2f} ms against the budget's "
+            f"{target:.2f} ms at batch {prune.budget.batch} on {prune.budget.runtime} (the distilled student: "
+            f"{reference:.2f} ms); raise the budget, or let more layers be pruned (prune.include/exclude)"
+        )
     allocation.kind = prune.budget.kind()
     allocation.target, allocation.reference, allocation.predicted = target, reference, reached
     return allocation

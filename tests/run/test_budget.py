@@ -10,9 +10,10 @@
   `kdc sensitivity`): the insensitive conv loses more channels; round_to 4 keeps multiples of 4.
 * allocation: sensitivity for real: the pruned stage measures (or reuses) `kdc sensitivity`'s curves, and a
   poisoned test split (labels shuffled, images flipped) changes neither the curves nor the allocation.
-* A latency budget on onnxruntime: the search is checked by timing the real pruned model in turns with the
-  distilled one, and the record holds both timings (whether it meets the budget is timing, checked by the
-  acceptance run, not here).
+* A latency budget on onnxruntime: each candidate is timed in turns with the distilled student, the search
+  moves towards less pruning while candidates meet the budget, and the record holds both timings (how near a
+  real budget it lands is timing, checked by the acceptance run, not here); one no candidate meets is one
+  clear message.
 * A budget that cannot be met stops the stage with one clear message.
 """
 
@@ -224,16 +225,17 @@ def test_a_latency_budget_is_searched_on_the_table_and_checked_on_the_real_model
     budget_run, tmp_path, monkeypatch, kdc
 ):
     monkeypatch.setenv("KDC_CACHE", str(tmp_path / "cache"))
-    budget = {"latency": 0.8, "batch": 16, "runtime": "onnxruntime"}
+    # a budget any structure meets (a tiny model's time is mostly fixed costs): the search keeps the least pruned
+    budget = {"latency_ms": 1000.0, "batch": 16, "runtime": "onnxruntime"}
     result, path = _prune_again(budget_run, tmp_path, monkeypatch, kdc, budget=budget)
     kdc.assert_clean_exit(result, 0)
     record = load_checkpoint(path)["metrics"]["budget"]
-    assert record["kind"] == "latency" and record["reached"] > 0 and record["reference"] > 0
-    assert record["target"] == pytest.approx(0.8 * record["reference"])
+    assert record["kind"] == "latency_ms" and 0 < record["reached"] <= 1000.0 and record["reference"] > 0
+    assert record["target"] == 1000.0 and not record["over"]
     assert set(record["timing"]) == {"distilled", "pruned"}
     assert "onnxruntime" in record["timing"]["pruned"]["method"] and "onnxruntime" in record["how_measured"]
-    assert "try 1: " in kdc.flat(result) and "of the MACs timed" in kdc.flat(result)
-    assert list((tmp_path / "cache").glob("latency-table-*.json"))  # the per-layer table, cached per machine
+    out = kdc.flat(result)
+    assert "try 1: 50.0% of the MACs timed" in out and "try 2: 70.7% of the MACs timed" in out  # bisection upwards
 
 
 @pytest.mark.slow
