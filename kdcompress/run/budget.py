@@ -7,7 +7,9 @@ uniform or from sensitivity curves. The schedule then ramps towards that allocat
 :func:`budget_record` measures what the real pruned model costs, for the stage's metrics and the report.
 
 :func:`budget_cost` dispatches from a budget kind to its cost function; :func:`sensitivity_curves` gives
-``allocation: sensitivity`` the per-group accuracy-drop curves of ``kdc sensitivity``.
+``allocation: sensitivity`` the per-group accuracy-drop curves of ``kdc sensitivity``. A latency budget is
+searched on the runtime itself (:func:`timed_pair`: candidates timed in turns with the distilled student) and
+checked the same way at the end of the stage.
 
 ``kdc validate`` plans the schedule before any distilled model exists: :func:`planned_sparsity` estimates
 the share of channels from a uniform allocation on the freshly built student (same architecture, so the
@@ -88,8 +90,8 @@ def how_measured(kind: str, prune: PruneSection) -> str:
     latency_words = (
         f"median ms per batch of {b.batch} on {b.runtime}"
         + (" (the model exported to ONNX)" if b.runtime == "onnxruntime" else "")
-        + f", timed in turns with the distilled student over {VERIFY_ROUNDS} rounds; the search predicts it from a "
-        "per-layer latency table of this machine"
+        + f", timed in turns with the distilled student over {VERIFY_ROUNDS} rounds, as the search timed each "
+        "candidate structure"
     )
     return {
         "macs": "multiply-accumulates of one image, counted by torch's operator counter (kdc's macs column)",
