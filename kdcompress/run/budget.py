@@ -134,10 +134,10 @@ def budget_cost(kind: str, model: nn.Module, input_shape, prune: PruneSection, t
     """THE DISPATCH POINT from a budget kind to the cost of ``model`` pruned by given shares.
 
     ``macs``, ``params`` and ``bytes`` are measured on pruned copies
-    (:func:`kdcompress.prune.allocate.structure_cost`). The latency kinds are predicted from the per-layer
-    latency table of this machine (:func:`kdcompress.latency_budget.latency_cost`: milliseconds per batch of
-    ``prune.budget.batch`` on ``prune.budget.runtime`` with ``threads`` threads); :func:`allocate_budget` then
-    times the real pruned model against the distilled one and tightens the search where the prediction missed.
+    (:func:`kdcompress.prune.allocate.structure_cost`). The latency kinds give the per-layer latency table's
+    prediction (:func:`kdcompress.latency_budget.latency_cost`: milliseconds per batch of ``prune.budget.batch``
+    on ``prune.budget.runtime`` with ``threads`` threads); the pruned stage does not search on it (see
+    :func:`_latency_allocation`) but times candidates on the runtime.
     """
     if kind in LATENCY_KINDS:
         from ..latency_budget import latency_cost  # onnxruntime and the table are needed only here
