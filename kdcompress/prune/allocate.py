@@ -48,6 +48,7 @@ __all__ = [
     "Allocation",
     "budget_target",
     "structure_cost",
+    "pruned_copy",
     "quadratic_cost",
     "groups_of",
     "allocate_uniform",
@@ -137,6 +138,24 @@ def groups_of(
     return pruner.groups_info()
 
 
+def pruned_copy(
+    model: nn.Module,
+    input_shape,
+    shares: dict[str, float],
+    importance: str = "l1",
+    include: Iterable[str] = ("*",),
+    exclude: Iterable[str] = (),
+    round_to: int | None = None,
+) -> nn.Module:
+    """A copy of ``model`` (on the CPU, in eval mode) with each group pruned by its share, the channels the
+    pruning would pick first; ``model`` is not changed."""
+    twin = copy.deepcopy(model).cpu().eval()
+    ratios = {root: share for root, share in shares.items() if share > 0}
+    if ratios:
+        StructuredPruner(twin, input_shape, importance, "layer", include, exclude, round_to).prune_ratios(ratios)
+    return twin
+
+
 def structure_cost(
     model: nn.Module,
     input_shape,
@@ -176,11 +195,8 @@ def structure_cost(
             raise ValueError(f"no prunable group named {unknown}; the groups are {roots}")
         key = tuple(kept_channels(initial[r], shares.get(r, 0.0), round_to) for r in roots)
         if key not in cache:
-            m = copy.deepcopy(base)
             ratios = {r: (initial[r] - k) / initial[r] for r, k in zip(roots, key) if k < initial[r]}
-            if ratios:
-                StructuredPruner(m, input_shape, **settings).prune_ratios(ratios)
-            cache[key] = measure(m)
+            cache[key] = measure(pruned_copy(base, input_shape, ratios, importance, include, exclude, round_to))
         return cache[key]
 
     return cost

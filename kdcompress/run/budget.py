@@ -229,15 +229,13 @@ def _search(prune: PruneSection, groups: list[dict], cost: Cost, target: float, 
 
 
 def pruned_copy(model: nn.Module, input_shape, prune: PruneSection, shares: dict[str, float]) -> nn.Module:
-    """A copy of ``model`` with each group pruned by its share (the channels the pruning would pick first)."""
-    from ..prune.structured import StructuredPruner
+    """A copy of ``model`` with each group pruned by its share, as ``prune`` ranks and rounds channels
+    (:func:`kdcompress.prune.allocate.pruned_copy`)."""
+    from ..prune import allocate
 
-    twin = copy.deepcopy(model).cpu().eval()
-    pruner = StructuredPruner(
-        twin, input_shape, prune.importance, "layer", prune.include, prune.exclude, round_to=prune.round_to
+    return allocate.pruned_copy(
+        model, input_shape, shares, prune.importance, prune.include, prune.exclude, prune.round_to
     )
-    pruner.prune_ratios({root: share for root, share in shares.items() if share > 0})
-    return twin
 
 
 def _latency_allocation(model, input_shape, prune, groups, curves, threads: int, say) -> "Allocation":
@@ -307,13 +305,14 @@ def _latency_allocation(model, input_shape, prune, groups, curves, threads: int,
 def resumed_allocation(model: nn.Module, input_shape, prune: PruneSection, shares: dict[str, float]) -> "Allocation":
     """An :class:`~kdcompress.prune.allocate.Allocation` of saved ``shares`` (a resumed latency budget): its
     sparsity as the schedule needs it; target and reference are timed again at the end of the stage."""
-    from ..prune.allocate import Allocation, groups_of
-    from ..prune.structured import kept_channels
+    from ..prune.allocate import Allocation
+    from ..prune.structured import StructuredPruner, kept_channels
 
-    groups = {g["root"]: g for g in groups_of(model, input_shape, prune.importance, prune.include, prune.exclude)}
-    kept = {r: kept_channels(groups[r]["initial"], share, prune.round_to) for r, share in shares.items() if r in groups}
-    total = sum(g["initial"] * len(g["layers"]) for g in groups.values())
-    removed = sum((groups[r]["initial"] - k) * len(groups[r]["layers"]) for r, k in kept.items())
+    pruner = StructuredPruner(
+        copy.deepcopy(model), input_shape, prune.importance, "layer", prune.include, prune.exclude, prune.round_to
+    )
+    initial = {g["root"]: g["initial"] for g in pruner.groups_info()}
+    kept = {r: kept_channels(initial[r], share, prune.round_to) for r, share in shares.items() if r in initial}
     nan = float("nan")
     return Allocation(
         shares=dict(shares),
@@ -322,7 +321,7 @@ def resumed_allocation(model: nn.Module, input_shape, prune: PruneSection, share
         reference=nan,
         kind=prune.budget.kind(),
         method=prune.allocation,
-        sparsity=removed / total if total else 0.0,
+        sparsity=pruner.planned_sparsity(shares),
         kept=kept,
     )
 
