@@ -251,7 +251,7 @@ class TensorData:
             idx = order[start : start + batch_size]
             images = self.images.index_select(0, idx)  # several times faster than images[idx] for uint8 rows
             if augment is not None:
-                images = augment(images, generator)
+                images = augment(images, generator, idx)
             yield self.normalise(images), self.labels.index_select(0, idx), idx
 
     def num_batches(self, batch_size: int, world: int = 1) -> int:
@@ -295,7 +295,12 @@ def _held_out(n: int, section: DataSection) -> int:
 
 @dataclass(frozen=True)
 class Augment:
-    """Random crop with zero padding and random horizontal flip, done on a whole uint8 batch."""
+    """Random crop with zero padding and random horizontal flip, done on a whole uint8 batch.
+
+    A view is three integers per image (:meth:`draw`): the vertical and horizontal offsets of the crop in the
+    padded image and the flip; :meth:`apply` makes that view again, so a view drawn once (the teacher-view cache,
+    :mod:`kdcompress.views`) is regenerated exactly for the student.
+    """
 
     crop_padding: int = 0
     hflip: bool = False
@@ -303,31 +308,51 @@ class Augment:
     def __bool__(self) -> bool:
         return self.crop_padding > 0 or self.hflip
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Crop and flip each image of the batch, as one gather from the padded batch (about 4x faster
-        than indexing rows and columns for 128x3x32x32; ``scripts/bench_augment.py``).
+    def for_epoch(self, epoch: int) -> "Augment":
+        """The augmentation of training epoch ``epoch``: the same random one every epoch."""
+        return self
 
-        Draws, in order: the vertical offsets, the horizontal offsets (both
-        when ``crop_padding`` > 0) and the flips (when ``hflip``), one per image.
+    def draw(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` random views as an (n, 3) int16 tensor of (vertical offset, horizontal offset, flip).
+
+        Draws, in order: the vertical offsets, the horizontal offsets (both when ``crop_padding`` > 0) and
+        the flips (when ``hflip``), one per image; what is not drawn is 0 (offset 0 with padding 0: no crop).
         """
+        views = torch.zeros(n, 3, dtype=torch.int16)
+        p = self.crop_padding
+        if p > 0:
+            views[:, 0] = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+            views[:, 1] = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        if self.hflip:
+            views[:, 2] = torch.rand(n, generator=generator) < 0.5
+        return views
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, idx: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Crop and flip each image of the batch at random (``idx``, the images' positions, is not needed)."""
+        if not self:
+            return images
+        return self.apply(images, self.draw(images.shape[0], generator))
+
+    def apply(self, images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """The batch seen through ``views`` (one row of :meth:`draw` per image), as one gather from the padded
+        batch (about 4x faster than indexing rows and columns for 128x3x32x32; ``scripts/bench_augment.py``)."""
         if not self:
             return images
         n, c, h, w = images.shape
         device = images.device
+        views = views.to(device=device, dtype=torch.long)
         p = self.crop_padding
-        rows = torch.arange(h, device=device).expand(n, h)
+        flip = views[:, 2:3].bool()
+        if p == 0:  # flip alone: a select between the batch and its mirror is faster than a gather
+            return torch.where(flip[:, :, None, None], images.flip(-1), images)
+        images = torch.nn.functional.pad(images, (p, p, p, p))
+        rows = torch.arange(h, device=device).expand(n, h) + views[:, 0:1]
         cols = torch.arange(w, device=device).expand(n, w)
-        dx = 0
-        if p > 0:
-            images = torch.nn.functional.pad(images, (p, p, p, p))
-            rows = rows + torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)[:, None]
-            dx = torch.randint(0, 2 * p + 1, (n,), generator=generator).to(device)[:, None]
         if self.hflip:
-            flip = (torch.rand(n, generator=generator) < 0.5).to(device)[:, None]
-            if p == 0:  # flip alone: a select between the batch and its mirror is faster than a gather
-                return torch.where(flip[:, :, None, None], images.flip(-1), images)
             cols = torch.where(flip, (w - 1) - cols, cols)
-        index = rows[:, :, None] * (w + 2 * p) + (cols + dx)[:, None, :]  # (n, h, w) positions in the padded image
+        index = rows[:, :, None] * (w + 2 * p) + (cols + views[:, 1:2])[:, None, :]  # (n, h, w) in the padded image
         return images.reshape(n, c, -1).gather(2, index.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
 
 
@@ -1002,7 +1027,7 @@ class LoaderData:
                     raise DataError(batch.message)
                 x, y, idx = batch
                 if augment is not None:
-                    x = augment(x, generator)
+                    x = augment(x, generator, idx)
                 if self.normaliser is not None:
                     x = self.normaliser.normalise(x)
                 yield x, y.long(), idx
@@ -1050,7 +1075,7 @@ class MappedData:
             self.cache.prefetch(order[start + ahead : start + ahead + batch_size])
             images = self.cache.gather(idx)
             if augment is not None:
-                images = augment(images, generator)
+                images = augment(images, generator, idx)
             yield self.normalise(images), self.labels.index_select(0, idx), idx
 
 

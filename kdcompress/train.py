@@ -378,7 +378,7 @@ class Runtime:
     precision: str = "fp32"  # "bf16": autocast on CUDA
     channels_last: bool = False  # CUDA only
     compile: bool = False
-    augment: Augment | None = None
+    augment: Augment | None = None  # or anything with Augment's for_epoch and call (kdcompress.views.ViewAugment)
 
 
 def fit(
@@ -638,7 +638,7 @@ def _train_epoch(
         shuffle=True,
         generator=generator,
         shard=(distributed.rank(), distributed.world_size()),
-        augment=runtime.augment or None,
+        augment=runtime.augment.for_epoch(epoch) if runtime.augment else None,
     )
     for x, y, idx in batches:
         changed = [hook.on_batch_start(loop.step, loop.batches_per_epoch) for hook in loop.hooks]  # every hook runs

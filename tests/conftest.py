@@ -182,9 +182,9 @@ def fail_training(monkeypatch):
     fired = {"fired": False}
 
     def arm(stage: str, epoch: int, batch: int = 5, action: str = "interrupt"):
-        def _fit(ctx, model, loss, settings, hooks=()):
+        def _fit(ctx, model, loss, settings, hooks=(), augment=None):
             if ctx.stage != stage or fired["fired"]:
-                return real_fit(ctx, model, loss, settings, hooks)
+                return real_fit(ctx, model, loss, settings, hooks, augment)
             per_epoch = ctx.data.train.num_batches(ctx.recipe.data.batch_size)
             trigger = (epoch - 1) * per_epoch + batch
             calls = {"n": 0}
@@ -199,7 +199,7 @@ def fail_training(monkeypatch):
                     return value * float("nan")
                 return value
 
-            return real_fit(ctx, model, wrapped, settings, hooks)
+            return real_fit(ctx, model, wrapped, settings, hooks, augment)
 
         monkeypatch.setattr(bodies, "fit_stage", _fit)
         return fired

@@ -25,6 +25,7 @@ __all__ = [
     "FeatureTerm",
     "PruneSection",
     "BudgetSection",
+    "TeacherCacheSection",
     "BUDGET_KINDS",
     "ReportSection",
     "ExportSection",
@@ -229,6 +230,23 @@ class FeatureTerm:
 
 
 @dataclass(frozen=True)
+class TeacherCacheSection:
+    """``distill.teacher_cache``: the teacher's logits stored per augmented view (FKD), so it never runs in training."""
+
+    views: int = field(
+        default=0,
+        metadata=_range(
+            lo=0,
+            doc="augmented views stored per training image (K teacher passes, once); each epoch shows every image "
+            "one of them, the same one to the student and in the teacher's targets; 0: the teacher runs online",
+        ),
+    )
+    dtype: Literal["float16", "float32"] = field(
+        default="float16", metadata=_doc("how the stored logits are kept: float16 (half the size) or float32")
+    )
+
+
+@dataclass(frozen=True)
 class DistillSection(TrainSettings):
     temperature: float = field(default=4.0, metadata=_range(lo=0.0, lo_open=True, doc="softmax temperature T"))
     alpha: float = field(
@@ -276,6 +294,16 @@ class DistillSection(TrainSettings):
             **_doc(
                 "feature terms added to the distilled stage's loss: a list of {teacher: module path, "
                 "student: module path, loss: hint | at, weight: w}; the teacher then runs online"
+            ),
+            "omit_default": True,
+        },
+    )
+    teacher_cache: TeacherCacheSection = field(
+        default_factory=TeacherCacheSection,
+        metadata={
+            **_doc(
+                "with data augmentation: {views: K} runs the teacher once per stored view before training "
+                "instead of on every batch (an epoch then costs about what a cross-entropy epoch does)"
             ),
             "omit_default": True,
         },

@@ -124,6 +124,7 @@ def cross_checks(recipe: Recipe, lines: dict) -> list[Problem]:
     problems.extend(_export_checks(recipe, lines))
     problems.extend(_device_checks(recipe.run, lines))
     problems.extend(_loss_checks(recipe.distill, lines))
+    problems.extend(_teacher_cache_checks(recipe, lines))
     problems.extend(_seeds_checks(recipe.run, lines))
     # Whether the pruning steps fit in retraining depends on the batches per epoch, which needs the data:
     # kdcompress.run.checks.check_recipe plans the schedule (prune.schedule.plan_schedule) as the run will.
@@ -331,6 +332,28 @@ def resolve_files(recipe: Recipe, lines: dict, problems: list[Problem], folders:
         )
     )
     return recipe
+
+
+def _teacher_cache_checks(recipe: Recipe, lines: dict) -> list[Problem]:
+    """distill.teacher_cache.views: only with augmentation to store views of, and without feature terms."""
+    d = recipe.distill
+    if d.teacher_cache.views == 0:
+        return []
+    where = line_of(lines, ("distill", "teacher_cache", "views"))
+    if d.features:
+        why = (
+            "the feature terms in distill.features need the teacher's activations on every batch, so the "
+            "teacher runs online; drop distill.teacher_cache, or the feature terms"
+        )
+        return [Problem("distill.teacher_cache.views", why, where)]
+    if not (recipe.data.crop_padding or recipe.data.hflip):
+        why = (
+            "has no augmentation to store views of (data.crop_padding and data.hflip are off), and without "
+            "augmentation the teacher's logits are cached once anyway; turn augmentation on, or drop "
+            "distill.teacher_cache"
+        )
+        return [Problem("distill.teacher_cache.views", why, where)]
+    return []
 
 
 def _loss_checks(d: DistillSection, lines: dict) -> list[Problem]:

@@ -18,6 +18,7 @@ from ..prune import MagnitudePruner, plan_schedule
 from ..recipe import Recipe, TrainSettings
 from ..supplied import load_pretrained, supplied_teacher
 from ..train import Runtime, fit
+from ..views import augment_of
 from .budget import (
     LATENCY_KINDS,
     allocate_budget,
@@ -31,7 +32,7 @@ from .budget import (
 from .context import StageContext, load_stage_model
 from .hooks import Pruning, TensorBoard
 from .layout import tensorboard_dir
-from .losses import augment_of, distill_loss, feature_distill
+from .losses import distill_loss, feature_distill
 from .stages import STAGE_NAMES
 from .state import stage_seed
 
@@ -59,11 +60,12 @@ def _ce(logits, y, idx, x):
     return F.cross_entropy(logits, y)
 
 
-def fit_stage(ctx: StageContext, model, loss, settings: TrainSettings, hooks=()):
+def fit_stage(ctx: StageContext, model, loss, settings: TrainSettings, hooks=(), augment=None):
     """Train ``model`` for the stage of ``ctx`` with :func:`kdcompress.train.fit`; return its epochs' history.
 
     Every stage body trains through here (the tests wrap it to inject faults), with the stage's seed, resume
-    state and running log, and TensorBoard scalars when ``report.tensorboard`` is on.
+    state and running log, and TensorBoard scalars when ``report.tensorboard`` is on. ``augment``: the training
+    augmentation, when not the recipe's own random one (the teacher-view table's, from :func:`distill_loss`).
     """
     recipe = ctx.recipe
     # last: resume states list the hooks in order, and this one keeps no state
@@ -92,7 +94,7 @@ def fit_stage(ctx: StageContext, model, loss, settings: TrainSettings, hooks=())
                 precision=recipe.run.precision,
                 channels_last=recipe.run.channels_last,
                 compile=recipe.run.compile,
-                augment=augment_of(recipe),
+                augment=augment or augment_of(recipe),
             ),
             progress=ctx.progress,
         )
@@ -128,8 +130,8 @@ def stage_distilled(ctx: StageContext):
         # the stage returns the bare student, whose checkpoint has no adapter weights
         trained, loss, hooks = feature_distill(ctx, model, warm_up=True)
         return model, spec, fit_stage(ctx, trained, loss, ctx.recipe.distill, hooks=hooks), {}
-    loss, hooks = distill_loss(ctx, warm_up=True)
-    return model, spec, fit_stage(ctx, model, loss, ctx.recipe.distill, hooks=hooks), {}
+    loss, hooks, augment = distill_loss(ctx, warm_up=True)
+    return model, spec, fit_stage(ctx, model, loss, ctx.recipe.distill, hooks=hooks, augment=augment), {}
 
 
 def stage_pruned(ctx: StageContext):
@@ -145,10 +147,10 @@ def stage_pruned(ctx: StageContext):
     schedule = plan_schedule(p, bpe)
     pruner = make_pruner(model, p, spec["input_shape"], allocation=allocation.shares if allocation else None)
     # no DKD warm-up here: the distilled student it starts from has learnt from the full term already
-    loss, loss_hooks = distill_loss(ctx) if p.distill else (_ce, [])
+    loss, loss_hooks, augment = distill_loss(ctx) if p.distill else (_ce, [], None)
     hook = Pruning(pruner, schedule)
     # the pruning hook first: resume states list it so
-    history = fit_stage(ctx, model, loss, p, hooks=[hook, *loss_hooks])
+    history = fit_stage(ctx, model, loss, p, hooks=[hook, *loss_hooks], augment=augment)
     if hook.steps_taken < len(schedule.at):  # the plan fits in retraining, so only a kdc bug gets here
         raise KdcError(
             f"prune: retraining ended after {hook.steps_taken} of {len(schedule.at)} pruning steps, at sparsity "

@@ -15,11 +15,13 @@ from ..data import batches_per_epoch, dataset_summary, plan_imagefolder, preproc
 from ..errors import ModelError, ScheduleError, describe
 from ..export import check_formats
 from ..features import FeatureTaps, at_loss, make_adapter, module_named
+from ..measure import count_macs
 from ..models import build_model, model_spec
 from ..progress import tensorboard_writer_class
 from ..prune import plan_schedule, prunable_weights
 from ..recipe import Recipe
 from ..supplied import load_pretrained, supplied_teacher
+from ..views import table_bytes, teacher_path
 from .budget import budget_words, planned_sparsity
 from .layout import export_dir, tensorboard_dir
 
@@ -61,10 +63,37 @@ def check_recipe(recipe: Recipe) -> list[str]:
             f"{exc} (batches per epoch: {train_size:,} training samples of {recipe.data.dataset} in batches of "
             f"{recipe.data.batch_size})"
         ) from None
-    lines = _plan_lines(recipe, counts, bpe, schedule)
+    lines = _plan_lines(
+        recipe, counts, bpe, schedule, _targets_line(recipe, built, input_shape, train_size, num_classes)
+    )
     if folder is not None:  # what kdc makes of the images, under the data line
         lines[2:2] = [f"  {line}" for line in folder.lines(recipe.data.val_split)]
     return lines
+
+
+def _targets_line(recipe: Recipe, built: dict, input_shape, train_size: int, num_classes: int) -> str:
+    """Where distillation gets the teacher's targets (:func:`kdcompress.views.teacher_path`) and what that costs,
+    in MACs: a training step costs about 3 forward passes of the student (forward, then backward for inputs and
+    weights), the online teacher one forward pass of its own on top."""
+    path = teacher_path(recipe)
+    if path == "cache":
+        return "teacher targets: its logits on the training data, computed once and cached (no augmentation)"
+    teacher = count_macs(built["teacher"], input_shape)
+    step = 3 * count_macs(built["student"], input_shape)
+    if path == "online":
+        why = "feature terms need its activations" if recipe.distill.features else "augmentation, no teacher_cache"
+        return (
+            f"teacher targets: the teacher runs on every batch ({why}): a distillation epoch costs about "
+            f"{(step + teacher) / step:.1f}x the MACs of a cross-entropy epoch"
+            + ("" if recipe.distill.features else "; distill.teacher_cache: {views: K} runs it K times, once")
+        )
+    c = recipe.distill.teacher_cache
+    size = table_bytes(train_size, c.views, num_classes, c.dtype)
+    return (
+        f"teacher targets: {c.views} stored views per image (distill.teacher_cache): {c.views} teacher passes over "
+        f"the training data before training ({c.views * teacher / step:.1f} cross-entropy epochs' MACs), a "
+        f"{size / 2**20:,.0f} MiB table ({c.dtype}); a distillation epoch then costs what a cross-entropy one does"
+    )
 
 
 def _schedule_section(recipe: Recipe, student: torch.nn.Module, input_shape, num_classes: int):
@@ -94,8 +123,8 @@ def _check_models(recipe: Recipe, input_shape, num_classes: int, feeds: dict | N
     return counts, built
 
 
-def _plan_lines(recipe: Recipe, counts: dict, bpe: int, schedule) -> list[str]:
-    """The short plan of the run ``kdc validate`` prints, one line per part."""
+def _plan_lines(recipe: Recipe, counts: dict, bpe: int, schedule, targets: str) -> list[str]:
+    """The short plan of the run ``kdc validate`` prints, one line per part (``targets``: :func:`_targets_line`)."""
     p = recipe.prune
     return (
         [
@@ -109,6 +138,7 @@ def _plan_lines(recipe: Recipe, counts: dict, bpe: int, schedule) -> list[str]:
             ),
             f"student: {recipe.student.model} ({counts['student']:,} parameters), {recipe.distill.epochs} epochs "
             f"({_loss_words(recipe.distill)})" + (", plus a cross-entropy baseline" if recipe.student.baseline else ""),
+            targets,
             (
                 f"prune: structured to a budget of {budget_words(p)} (allocation: {p.allocation}), "
                 f"{p.epochs} epochs of retraining"

@@ -42,6 +42,7 @@ __all__ = [
     "is_run_dir",
     "cache_dir",
     "teacher_logits_path",
+    "teacher_views_path",
     "latency_cache_path",
     "tensorboard_dir",
     "export_dir",
@@ -121,6 +122,11 @@ def cache_dir(run_dir: str | Path) -> Path:
 
 def teacher_logits_path(run_dir: str | Path, key: str) -> Path:
     return cache_dir(run_dir) / f"teacher-logits-{key}.pt"
+
+
+def teacher_views_path(run_dir: str | Path, key: str, partial: bool = False) -> Path:
+    """The teacher-view table (distill.teacher_cache); ``partial``: the views done so far of one being built."""
+    return cache_dir(run_dir) / f"teacher-views-{key}{'.partial' if partial else ''}.pt"
 
 
 def latency_cache_path(run_dir: str | Path) -> Path:

@@ -13,22 +13,21 @@ import torch.nn.functional as F
 
 from .. import distributed
 from ..checkpoint import read_manifest, save_state
-from ..data import Augment
 from ..distill import dkd_warmup_factor, get_loss, kd_loss, kd_loss_from_log_probs, teacher_log_probs, teacher_logits
 from ..errors import CheckpointError, KdcError
 from ..features import FeatureTaps, at_loss, make_adapter
-from ..recipe import Recipe
+from ..views import ViewAugment, augment_of, teacher_path
 from .checks import check_feature_terms
 from .context import StageContext, load_stage_model
 from .hooks import EpochClock, FeatureMeter
 from .layout import checkpoint_path, teacher_logits_path
+from .teacher_views import teacher_view_table
 
 __all__ = [
     "cached_teacher_logits",
     "distill_loss",
     "make_logit_loss",
     "online_kd_loss",
-    "augment_of",
     "FeatureStudent",
     "feature_distill",
 ]
@@ -68,34 +67,46 @@ def cached_teacher_logits(ctx: StageContext, teacher: torch.nn.Module) -> torch.
 
 
 def distill_loss(ctx: StageContext, warm_up: bool = False) -> tuple:
-    """The distillation loss of ``distill.loss`` and the hooks it needs, as ``(loss, hooks)`` for
-    :func:`kdcompress.run.bodies.fit_stage`.
+    """The distillation loss of ``distill.loss``, the hooks it needs and the training augmentation, as
+    ``(loss, hooks, augment)`` for :func:`kdcompress.run.bodies.fit_stage`.
 
-    Without augmentation the teacher's logits come from the cache; with it the teacher runs online.
+    Where the teacher's targets come from (:func:`teacher_path` names it): without augmentation, the logit
+    cache; with augmentation and ``distill.teacher_cache.views``, the teacher-view table, whose views the
+    returned augmentation shows; with augmentation alone, the teacher run online on every batch.
     ``warm_up``: DKD's term rises over ``distill.dkd_warmup`` epochs (for a student trained from scratch).
     """
     recipe = ctx.recipe
     teacher = load_stage_model(recipe, "teacher", ctx.device)[0].eval()
     d = recipe.distill
+    augment = augment_of(recipe)
     if d.loss != "kd":
         logit_loss, hooks = make_logit_loss(d, min(d.dkd_warmup, d.epochs) if warm_up else 0)
-        if augment_of(recipe):
-            return online_kd_loss(teacher, logit_loss), hooks
-        cached = cached_teacher_logits(ctx, teacher)
+    else:
+        temperature, alpha = d.temperature, d.alpha
+        logit_loss, hooks = (lambda s, t, y: kd_loss(s, t, y, temperature, alpha)), []
+    path = teacher_path(recipe)
+    if path == "views":
+        views = ViewAugment(augment, teacher_view_table(ctx, teacher, augment))
 
-        def loss(logits, y, idx, x):
+        def from_views(logits, y, idx, x):
+            return logit_loss(logits, views.targets(idx), y)
+
+        return from_views, hooks, views
+    if path == "online":
+        return online_kd_loss(teacher, logit_loss), hooks, augment
+    cached = cached_teacher_logits(ctx, teacher)
+    if d.loss != "kd":
+
+        def from_cache(logits, y, idx, x):
             return logit_loss(logits, cached.index_select(0, idx.to(cached.device)), y)
 
-        return loss, hooks
-    temperature, alpha = d.temperature, d.alpha
-    if augment_of(recipe):
-        return online_kd_loss(teacher, lambda s, t, y: kd_loss(s, t, y, temperature, alpha)), []
-    log_p = teacher_log_probs(cached_teacher_logits(ctx, teacher), temperature)  # once per stage, not per batch
+        return from_cache, hooks, None
+    log_p = teacher_log_probs(cached, temperature)  # once per stage, not per batch
 
-    def loss(logits, y, idx, x):
+    def kd_from_cache(logits, y, idx, x):
         return kd_loss_from_log_probs(logits, log_p.index_select(0, idx.to(log_p.device)), y, temperature, alpha)
 
-    return loss, []
+    return kd_from_cache, [], None
 
 
 def make_logit_loss(d, warmup: int):
@@ -143,11 +154,6 @@ def online_kd_loss(teacher: torch.nn.Module, logit_loss):
         return logit_loss(logits, target.clone(), y)
 
     return loss
-
-
-def augment_of(recipe: Recipe) -> Augment | None:
-    augment = Augment(recipe.data.crop_padding, recipe.data.hflip)
-    return augment if augment else None
 
 
 class FeatureStudent(torch.nn.Module):
