@@ -368,6 +368,7 @@ class DataSplits:
     input_shape: tuple[int, ...]
     identity: str  # changes when the data or the split changes
     preprocess: dict | None = None  # preprocess_info(): how raw images become the model's input
+    train_identity: str = ""  # the training split's alone: the same for every seed when no validation split is held out
 
     @property
     def eval_split(self) -> tuple[str, TensorData]:
@@ -943,7 +944,6 @@ def load_data(section: DataSection, seed: int = 0, console: Console | None = Non
     for t in (train.labels, test.labels):
         digest.update(t.numpy().tobytes())
     digest.update(train.images[:: max(1, len(train) // 64)].numpy().tobytes())
-    identity = f"{section.dataset}:{len(train)}:{len(test)}:{section.val_split}:{seed}:{digest.hexdigest()[:16]}"
     return DataSplits(
         name=section.dataset,
         train=train,
@@ -951,9 +951,17 @@ def load_data(section: DataSection, seed: int = 0, console: Console | None = Non
         val=val,
         num_classes=num_classes,
         input_shape=tuple(train.images.shape[1:]),
-        identity=identity,
+        **_identity(section, seed, len(train), len(test), digest.hexdigest()[:16]),
         preprocess=preprocess_info(section.dataset, train.images.shape[1:]),
     )
+
+
+def _identity(section: DataSection, seed: int, n_train: int, n_test: int, made: str) -> dict[str, str]:
+    """:attr:`DataSplits.identity` and :attr:`DataSplits.train_identity`, which leaves out the seed where it does
+    not choose the training split (no validation split)."""
+    whole = f"{section.dataset}:{n_train}:{n_test}:{section.val_split}:{seed}" + (f":{made}" if made else "")
+    split_seed = seed if section.val_split > 0 else "-"
+    return {"identity": whole, "train_identity": f"{section.dataset}:{n_train}:{section.val_split}:{split_seed}:{made}"}
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -1143,7 +1151,7 @@ def _load_imagefolder(section: DataSection, seed: int, console: Console | None) 
         val=val,
         num_classes=len(plan.scan.classes),
         input_shape=plan.spec.shape,
-        identity=f"{section.dataset}:{len(train)}:{len(parts['test'])}:{section.val_split}:{seed}:{made}",
+        **_identity(section, seed, len(train), len(parts["test"]), made),
         preprocess=preprocess_info(section.dataset, plan.spec.shape, plan.scan.classes, folder=plan),
     )
 
@@ -1160,7 +1168,7 @@ def _load_external(section: DataSection, seed: int) -> DataSplits:
         val=val,
         num_classes=num_classes,
         input_shape=input_shape,
-        identity=f"{section.dataset}:{len(train)}:{len(test)}:{section.val_split}:{seed}",
+        **_identity(section, seed, len(train), len(test), ""),
         preprocess=preprocess_info(section.dataset, input_shape, _class_names(train_ds, num_classes)),
     )
 

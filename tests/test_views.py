@@ -235,3 +235,15 @@ def test_distillation_from_the_table_interrupted_resumes_to_the_weights_of_an_un
     (in_tmp / "resumed.pt.manifest.json").write_bytes(manifest.read_bytes())
     kdc.assert_clean_exit(kdc("distill", path, "--force"), 0)  # the same table, read again, from epoch 1
     checkpoints_equal(kept, model)
+
+
+def test_every_seed_of_a_run_reads_the_first_seeds_table_when_its_split_is_the_same(in_tmp, write_recipe, kdc):
+    path = write_recipe(changes={**VIEWS, "prune": {"distill": False}})
+    result = kdc("run", path, "--seeds", "2")
+    kdc.assert_clean_exit(result, 0)
+    text = kdc.flat(result)
+    assert text.count("teacher-view table: view 2/2") == 1, text  # built once, by the first seed
+    assert "distilled: using the first seed's teacher-view table" in text
+    (first,) = (in_tmp / RUN / "cache").glob("teacher-views-*.pt")
+    (second,) = (in_tmp / RUN / "seeds" / "seed-1" / "cache").glob("teacher-views-*.pt")
+    assert first.name == second.name and first.read_bytes() == second.read_bytes()

@@ -48,6 +48,7 @@ __all__ = [
     "export_dir",
     "artifacts_path",
     "seed_dir",
+    "first_seed_dir",
     "sweep_dir",
     "report_path",
     "sensitivity_path",
@@ -148,6 +149,14 @@ def artifacts_path(run_dir: str | Path) -> Path:
 
 def seed_dir(run_dir: str | Path, seed: int) -> Path:
     return Path(run_dir) / SEEDS_DIR / f"seed-{seed}"
+
+
+def first_seed_dir(run_dir: str | Path) -> Path | None:
+    """The first seed's run directory when ``run_dir`` is another seed's (:func:`seed_dir`), else None."""
+    run_dir = Path(run_dir)
+    if run_dir.parent.name == SEEDS_DIR and run_dir.name.startswith("seed-") and is_run_dir(run_dir.parent.parent):
+        return run_dir.parent.parent
+    return None
 
 
 def sweep_dir(run_dir: str | Path) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 
 import torch
@@ -14,9 +15,10 @@ from .. import distributed
 from ..checkpoint import read_manifest, save_state
 from ..data import Augment
 from ..errors import CheckpointError, KdcError
+from ..files import atomic_write
 from ..views import ViewTable, draw_views, table_bytes, table_problem, teacher_view_logits
 from .context import StageContext
-from .layout import checkpoint_path, teacher_views_path
+from .layout import checkpoint_path, first_seed_dir, teacher_views_path
 
 __all__ = ["teacher_view_table", "MAX_TABLE_BYTES"]
 
@@ -24,10 +26,11 @@ MAX_TABLE_BYTES = 4 * 2**30  # the table is held in memory whole: past this, few
 
 
 def _key(ctx: StageContext, augment: Augment) -> str:
-    """The table's key: the teacher checkpoint, the data and split, the augmentation, K and the stored type."""
+    """The table's key: the teacher checkpoint, the training split, the augmentation, K and the stored type."""
     c = ctx.recipe.distill.teacher_cache
     teacher_sha = read_manifest(checkpoint_path(ctx.recipe.run_dir, "teacher"))["sha256"]
-    what = f"{teacher_sha}|{ctx.data.identity}|{augment.crop_padding}|{augment.hflip}|{c.views}|{c.dtype}"
+    data = ctx.data.train_identity or ctx.data.identity  # several seeds share one table when the split is the same
+    what = f"{teacher_sha}|{data}|{augment.crop_padding}|{augment.hflip}|{c.views}|{c.dtype}"
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
@@ -46,11 +49,29 @@ def teacher_view_table(ctx: StageContext, teacher: torch.nn.Module, augment: Aug
     key = _key(ctx, augment)
     path = teacher_views_path(ctx.recipe.run_dir, key)
     if distributed.is_main() and not path.is_file():
+        _share_first_seeds(ctx, key, path)
+    if distributed.is_main() and not path.is_file():
         table = _build(ctx, teacher, augment, key)
         distributed.barrier()  # the other ranks read the file once it is there
         return table.to(ctx.device)
     distributed.barrier()
     return _read(path, key, (n, c.views, classes, c.dtype, augment), size)[0].to(ctx.device)
+
+
+def _share_first_seeds(ctx: StageContext, key: str, path) -> None:
+    """Another seed of ``kdc run --seeds`` takes the first seed's table when it has the same key (the same
+    teacher and training split): hard-linked (copied where links fail), then read and checked as its own."""
+    first = first_seed_dir(ctx.recipe.run_dir)
+    source = teacher_views_path(first, key) if first is not None else None
+    if source is None or not source.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, path)
+    except OSError:  # another file system: a copy, streamed (the table is checked as it is read)
+        with open(source, "rb") as src:
+            atomic_write(path, lambda fh: shutil.copyfileobj(src, fh))
+    ctx.console.print(f"{ctx.stage}: using the first seed's teacher-view table ({source})")
 
 
 def _read(path, key: str, shape: tuple, size: int, partial: bool = False) -> tuple[ViewTable, int]:
