@@ -28,6 +28,7 @@ __all__ = [
     "Charts",
     "comparison_chart",
     "curve_chart",
+    "baseline_curves_chart",
     "eval_split",
     "frontier_chart",
     "latency_batch",
@@ -433,6 +434,37 @@ def curve_chart(row: dict, charts: Charts) -> str | None:
         )
         _legend_below(fig, handles, labels, columns=len(labels))
         return charts.svg(fig, f"training curves of the {stage} stage")
+
+
+def baseline_curves_chart(rows: list[dict], charts: Charts) -> str | None:
+    """The student alone and the distilled student on one axes: evaluation accuracy per epoch, the last
+    epoch (what each checkpoint holds) marked; None unless both stages have a curve on the same split."""
+    curves = {}
+    for row in rows:
+        if row.get("stage") in ("student", "distilled"):
+            curve = [p for p in row.get("curve") or [] if isinstance(p, dict) and p.get("epoch") is not None]
+            if curve:
+                curves[row["stage"]] = curve
+    if len(curves) < 2 or len({eval_split(c) for c in curves.values()}) != 1:
+        return None
+    split = eval_split(curves["student"])
+    with _style():
+        fig = Figure(figsize=(4.8, 2.5))
+        ax = fig.subplots()
+        for stage, color in (("student", "#4c72b0"), ("distilled", "#dd8452")):
+            curve = curves[stage]
+            values = [
+                float("nan") if p.get(f"{split}_accuracy") is None else 100 * float(p[f"{split}_accuracy"])
+                for p in curve
+            ]
+            epochs = [p["epoch"] for p in curve]
+            ax.plot(epochs, values, color=color, label=f"{stage} (last epoch {values[-1]:.2f}%)")
+            ax.plot(epochs[-1:], values[-1:], marker="o", color=color)
+        ax.set_title(f"student alone and distilled: {'validation' if split == 'val' else 'test'} accuracy (%)")
+        ax.set_xlabel("epoch")
+        _frame(fig, left=0.55, bottom=0.45 + LEGEND_ROW, top=0.28)
+        _legend_below(fig, columns=2)
+        return charts.svg(fig, "accuracy per epoch of the student alone and the distilled student")
 
 
 def layers_chart(row: dict, charts: Charts) -> tuple[str | None, str]:

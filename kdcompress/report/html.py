@@ -23,6 +23,7 @@ from .budget import budget_html
 from .charts import (
     DODGE,
     Charts,
+    baseline_curves_chart,
     comparison_chart,
     curve_chart,
     eval_split,
@@ -317,6 +318,16 @@ def _curves_section(report: dict, charts: Charts) -> str:
         parts.append(_missing())
     else:
         figures, empty = [], []
+        both = baseline_curves_chart(rows, charts)
+        if both is not None:
+            figures.append(
+                _figure(
+                    both,
+                    "The student alone and the distilled student, epoch by epoch, on the split each was evaluated "
+                    "on; the dot is the last epoch, the one each checkpoint holds and the tables score (never the "
+                    "best epoch on the test split).",
+                )
+            )
         for r in rows:
             svg = curve_chart(r, charts)
             if svg is None:

@@ -317,6 +317,7 @@ def test_a_report_with_every_field_gets_every_chart():
     assert titles == [
         "accuracy against bytes on disk",
         "accuracy against latency at batch 64",
+        "accuracy per epoch of the student alone and the distilled student",
         "training curves of the student stage",
         "training curves of the distilled stage",
         "training curves of the pruned stage",
@@ -327,6 +328,12 @@ def test_a_report_with_every_field_gets_every_chart():
     charts = dict(zip(titles, svgs(page)))
     assert ">sparsity (%)</text>" in charts["training curves of the pruned stage"]  # the second axis
     assert ">sparsity (%)</text>" not in charts["training curves of the student stage"]
+    both = charts["accuracy per epoch of the student alone and the distilled student"]
+    for row in full_report()["stages"]:
+        if row["stage"] in ("student", "distilled"):  # each legend gives the last epoch's, not the best
+            last = [p for p in row["curve"] if p.get("epoch") is not None][-1]
+            split = "val" if last.get("val_accuracy") is not None else "test"
+            assert f">{row['stage']} (last epoch {100 * last[f'{split}_accuracy']:.2f}%)</text>" in both
     assert ">24.3%  6,094 / 25,088</text>" in charts["kept weights per layer of the pruned stage"]
     assert ">pruned-sparse-fp16.kdca</text>" in charts["accuracy against latency at batch 64"]
     assert "broken.kdca</text>" not in charts["accuracy against bytes on disk"]  # refused: no point
