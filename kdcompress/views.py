@@ -87,15 +87,19 @@ class _FixedView:
 @torch.no_grad()
 def teacher_view_logits(
     teacher: nn.Module, data, augment: Augment, views: torch.Tensor, batch_size: int, device: torch.device
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's logits (float32, on the CPU) for every image of ``data`` seen through its view in ``views``
-    ((n, 3): one view per image), in eval mode, as :func:`kdcompress.distill.teacher_logits` does unaugmented."""
+    ((n, 3): one view per image), in eval mode, as :func:`kdcompress.distill.teacher_logits` does unaugmented;
+    and the images' labels, in the same order (to say how often the teacher is right on the views)."""
     was_training = teacher.training
     teacher.eval()
     shown = _FixedView(augment, views)
-    out = [teacher(x.to(device)).float().cpu() for x, _, _ in data.batches(batch_size, augment=shown)]
+    logits, labels = [], []
+    for x, y, _ in data.batches(batch_size, augment=shown):
+        logits.append(teacher(x.to(device)).float().cpu())
+        labels.append(y.cpu())
     teacher.train(was_training)
-    return torch.cat(out)
+    return torch.cat(logits), torch.cat(labels)
 
 
 class ViewAugment:

@@ -64,7 +64,10 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     views, start = draw_views(augment, n, k, seed=0)
     logits = torch.stack(
-        [teacher_view_logits(teacher, data.train, augment, views[:, v], 1000, torch.device("cpu")) for v in range(k)],
+        [
+            teacher_view_logits(teacher, data.train, augment, views[:, v], 1000, torch.device("cpu"))[0]
+            for v in range(k)
+        ],
         dim=1,
     )
     table_seconds = time.perf_counter() - started

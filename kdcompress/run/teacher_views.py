@@ -114,15 +114,17 @@ def _build(ctx: StageContext, teacher: torch.nn.Module, augment: Augment, key: s
         table = ViewTable(views, start, torch.zeros(n, c.views, classes, dtype=dtype))
     started = time.perf_counter()
     for view in range(done, c.views):
-        logits = teacher_view_logits(
+        logits, labels = teacher_view_logits(
             teacher, ctx.data.train, augment, table.views[:, view], ctx.recipe.data.eval_batch_size, ctx.device
         )
         table.logits[:, view] = logits.to(dtype)
         state = {"key": key, "views": table.views, "start": table.start, "logits": table.logits, "done": view + 1}
         last = view + 1 == c.views
         save_state(teacher_views_path(ctx.recipe.run_dir, key) if last else partial_path, state)
+        right = (logits.argmax(1) == labels).float().mean().item()
         ctx.console.print(
-            f"{ctx.stage}: teacher-view table: view {view + 1}/{c.views} ({time.perf_counter() - started:.1f} s)"
+            f"{ctx.stage}: teacher-view table: view {view + 1}/{c.views}, the teacher right on {right:.1%} of "
+            f"the training images as this view shows them ({time.perf_counter() - started:.1f} s)"
         )
     partial_path.unlink(missing_ok=True)
     return table
