@@ -250,3 +250,11 @@ def test_every_seed_of_a_run_reads_the_first_seeds_table_when_its_split_is_the_s
     (first,) = (in_tmp / RUN / "cache").glob("teacher-views-*.pt")
     (second,) = (in_tmp / RUN / "seeds" / "seed-1" / "cache").glob("teacher-views-*.pt")
     assert first.name == second.name and first.read_bytes() == second.read_bytes()
+
+
+def test_a_table_too_large_to_hold_is_refused_by_validate_before_the_teacher_trains(in_tmp, write_recipe, kdc):
+    result = kdc("validate", write_recipe(changes={**VIEWS, "distill": {"teacher_cache": {"views": 20000}}}))
+    kdc.assert_clean_exit(result, 1)
+    text = kdc.flat(result)
+    assert "distill.teacher_cache: 20000 views of 10,000 images with 10 classes take 4.8 GiB" in text, text
+    assert "lower views" in text

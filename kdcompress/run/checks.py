@@ -21,9 +21,10 @@ from ..progress import tensorboard_writer_class
 from ..prune import plan_schedule, prunable_weights
 from ..recipe import Recipe
 from ..supplied import load_pretrained, supplied_teacher
-from ..views import table_bytes, teacher_path
+from ..views import teacher_path
 from .budget import budget_words, planned_sparsity
 from .layout import export_dir, tensorboard_dir
+from .teacher_views import check_table_size
 
 __all__ = ["check_recipe", "check_feature_terms"]
 
@@ -88,7 +89,7 @@ def _targets_line(recipe: Recipe, built: dict, input_shape, train_size: int, num
             + ("" if recipe.distill.features else "; distill.teacher_cache: {views: K} runs it K times, once")
         )
     c = recipe.distill.teacher_cache
-    size = table_bytes(train_size, c.views, num_classes, c.dtype)
+    size = check_table_size(c, train_size, num_classes)  # too large: refused now, not after the teacher trained
     return (
         f"teacher targets: {c.views} stored views per image (distill.teacher_cache): {c.views} teacher passes over "
         f"the training data before training ({c.views * teacher / step:.1f} cross-entropy epochs' MACs), a "

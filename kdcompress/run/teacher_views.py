@@ -20,7 +20,7 @@ from ..views import ViewTable, draw_views, table_bytes, table_problem, teacher_v
 from .context import StageContext
 from .layout import checkpoint_path, first_seed_dir, teacher_views_path
 
-__all__ = ["teacher_view_table", "MAX_TABLE_BYTES"]
+__all__ = ["teacher_view_table", "check_table_size", "MAX_TABLE_BYTES"]
 
 MAX_TABLE_BYTES = 4 * 2**30  # the table is held in memory whole: past this, fewer views or the online teacher
 
@@ -34,18 +34,24 @@ def _key(ctx: StageContext, augment: Augment) -> str:
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
+def check_table_size(c, n: int, classes: int) -> int:
+    """The bytes of a table of ``c`` (distill.teacher_cache) for ``n`` images; KdcError past MAX_TABLE_BYTES."""
+    size = table_bytes(n, c.views, classes, c.dtype)
+    if size > MAX_TABLE_BYTES:
+        raise KdcError(
+            f"distill.teacher_cache: {c.views} views of {n:,} images with {classes} classes take "
+            f"{size / 2**30:.1f} GiB, more than the {MAX_TABLE_BYTES / 2**30:.0f} GiB kdc holds in memory; lower "
+            f"views (or dtype: float16), or set views: 0 to run the teacher online"
+        )
+    return size
+
+
 def teacher_view_table(ctx: StageContext, teacher: torch.nn.Module, augment: Augment) -> ViewTable:
     """The run's table for ``ctx``'s teacher, data and augmentation, on ``ctx.device``: read from the cache, or
     built (rank 0, one teacher pass per view) and stored there first."""
     c = ctx.recipe.distill.teacher_cache
     n, classes = len(ctx.data.train), ctx.data.num_classes
-    size = table_bytes(n, c.views, classes, c.dtype)
-    if size > MAX_TABLE_BYTES:
-        raise KdcError(
-            f"distill.teacher_cache: {c.views} views of {n} images with {classes} classes take "
-            f"{size / 2**30:.1f} GiB, more than the {MAX_TABLE_BYTES / 2**30:.0f} GiB kdc holds in memory; lower "
-            f"views (or dtype: float16), or set views: 0 to run the teacher online"
-        )
+    size = check_table_size(c, n, classes)
     key = _key(ctx, augment)
     path = teacher_views_path(ctx.recipe.run_dir, key)
     if distributed.is_main() and not path.is_file():
