@@ -246,7 +246,7 @@ def test_every_seed_of_a_run_reads_the_first_seeds_table_when_its_split_is_the_s
     kdc.assert_clean_exit(result, 0)
     text = kdc.flat(result)
     assert text.count("teacher-view table: view 2/2") == 1, text  # built once, by the first seed
-    assert "distilled: using the first seed's teacher-view table" in text
+    assert f"distilled: using the teacher-view table of {(in_tmp / RUN).resolve()}" in text
     (first,) = (in_tmp / RUN / "cache").glob("teacher-views-*.pt")
     (second,) = (in_tmp / RUN / "seeds" / "seed-1" / "cache").glob("teacher-views-*.pt")
     assert first.name == second.name and first.read_bytes() == second.read_bytes()
@@ -258,3 +258,14 @@ def test_a_table_too_large_to_hold_is_refused_by_validate_before_the_teacher_tra
     text = kdc.flat(result)
     assert "distill.teacher_cache: 20000 views of 10,000 images with 10 classes take 4.8 GiB" in text, text
     assert "lower views" in text
+
+
+def test_the_points_of_a_sweep_share_one_table(in_tmp, write_recipe, kdc):
+    path = write_recipe(changes={**VIEWS, "prune": {"distill": False}})
+    result = kdc("sweep", path, "--grid", "distill.alpha=0.3,0.7")
+    kdc.assert_clean_exit(result, 0)
+    text = kdc.flat(result)
+    assert text.count("teacher-view table: view 2/2") == 1, text  # built by the first point, linked by the other
+    assert "distilled: using the teacher-view table of" in text
+    tables = sorted((in_tmp / RUN / "sweep").glob("*/cache/teacher-views-*.pt"))
+    assert len(tables) == 2 and tables[0].read_bytes() == tables[1].read_bytes()

@@ -48,7 +48,7 @@ __all__ = [
     "export_dir",
     "artifacts_path",
     "seed_dir",
-    "first_seed_dir",
+    "related_run_dirs",
     "sweep_dir",
     "report_path",
     "sensitivity_path",
@@ -151,12 +151,20 @@ def seed_dir(run_dir: str | Path, seed: int) -> Path:
     return Path(run_dir) / SEEDS_DIR / f"seed-{seed}"
 
 
-def first_seed_dir(run_dir: str | Path) -> Path | None:
-    """The first seed's run directory when ``run_dir`` is another seed's (:func:`seed_dir`), else None."""
-    run_dir = Path(run_dir)
+def related_run_dirs(run_dir: str | Path) -> list[Path]:
+    """The run directories made by the same ``kdc run --seeds`` or ``kdc sweep`` as ``run_dir``, which may hold
+    caches it can share: for a further seed, the first seed's; for a sweep point (or one of its seeds), the
+    sweep's other points and their seeds. Empty for a run directory of its own."""
+    run_dir = Path(run_dir).resolve()
+    found: list[Path] = []
+    point = run_dir
     if run_dir.parent.name == SEEDS_DIR and run_dir.name.startswith("seed-") and is_run_dir(run_dir.parent.parent):
-        return run_dir.parent.parent
-    return None
+        point = run_dir.parent.parent
+        found.append(point)
+    if point.parent.name == SWEEP_DIR:  # the other points are checked to be run directories below
+        for other in sorted(q for q in point.parent.iterdir() if q.is_dir()):
+            found += [other, *sorted(q for q in (other / SEEDS_DIR).glob(SEED_GLOB) if q.is_dir())]
+    return [d for d in dict.fromkeys(found) if d != run_dir and is_run_dir(d)]
 
 
 def sweep_dir(run_dir: str | Path) -> Path:

@@ -18,7 +18,7 @@ from ..errors import CheckpointError, KdcError
 from ..files import atomic_write
 from ..views import ViewTable, draw_views, table_bytes, table_problem, teacher_view_logits
 from .context import StageContext
-from .layout import checkpoint_path, first_seed_dir, teacher_views_path
+from .layout import checkpoint_path, related_run_dirs, teacher_views_path
 
 __all__ = ["teacher_view_table", "check_table_size", "MAX_TABLE_BYTES"]
 
@@ -55,7 +55,7 @@ def teacher_view_table(ctx: StageContext, teacher: torch.nn.Module, augment: Aug
     key = _key(ctx, augment)
     path = teacher_views_path(ctx.recipe.run_dir, key)
     if distributed.is_main() and not path.is_file():
-        _share_first_seeds(ctx, key, path)
+        _share_related(ctx, key, path)
     if distributed.is_main() and not path.is_file():
         table = _build(ctx, teacher, augment, key)
         distributed.barrier()  # the other ranks read the file once it is there
@@ -64,20 +64,22 @@ def teacher_view_table(ctx: StageContext, teacher: torch.nn.Module, augment: Aug
     return _read(path, key, (n, c.views, classes, c.dtype, augment), size)[0].to(ctx.device)
 
 
-def _share_first_seeds(ctx: StageContext, key: str, path) -> None:
-    """Another seed of ``kdc run --seeds`` takes the first seed's table when it has the same key (the same
-    teacher and training split): hard-linked (copied where links fail), then read and checked as its own."""
-    first = first_seed_dir(ctx.recipe.run_dir)
-    source = teacher_views_path(first, key) if first is not None else None
-    if source is None or not source.is_file():
+def _share_related(ctx: StageContext, key: str, path) -> None:
+    """A further seed of ``kdc run --seeds``, or a point of ``kdc sweep``, takes a table with the same key (the same
+    teacher, training split, augmentation and K) from the runs made with it (:func:`related_run_dirs`):
+    hard-linked (copied where links fail), then read and checked as its own."""
+    for other in related_run_dirs(ctx.recipe.run_dir):
+        source = teacher_views_path(other, key)
+        if source.is_symlink() or not source.is_file():  # only a file that lives in that run directory
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, path)
+        except OSError:  # another file system: a copy, streamed (the table is checked as it is read)
+            with open(source, "rb") as src:
+                atomic_write(path, lambda fh: shutil.copyfileobj(src, fh))
+        ctx.console.print(f"{ctx.stage}: using the teacher-view table of {other}")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, path)
-    except OSError:  # another file system: a copy, streamed (the table is checked as it is read)
-        with open(source, "rb") as src:
-            atomic_write(path, lambda fh: shutil.copyfileobj(src, fh))
-    ctx.console.print(f"{ctx.stage}: using the first seed's teacher-view table ({source})")
 
 
 def _read(path, key: str, shape: tuple, size: int, partial: bool = False) -> tuple[ViewTable, int]:
