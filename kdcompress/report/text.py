@@ -189,13 +189,23 @@ def _latency_ratio_text(comp: dict) -> str:
 
 
 def seed_comparison_text(seeded: dict) -> str:
-    """'mean -0.37 points ± 0.09 (SE over 3 seeds; std 0.15): below 2 SE; per seed 0: -0.46, 1: ...'."""
-    se, std = seeded.get("se"), seeded.get("std")
-    verdict = "above" if seeded.get("mean_above_2se") else "not above"
+    """'mean -0.37 points ± 0.09 (SE over 3 seeds, std 0.15): a loss beyond 2 SE; per seed 0: -0.46, 1: ...'.
+
+    The verdict is one of: a gain above ``noise_z`` SE, a loss beyond it, within it (or not judged without an SE).
+    """
+    se, std, z = seeded.get("se"), seeded.get("std"), seeded["noise_z"]
+    if seeded.get("mean_above_2se"):
+        verdict = f"above {z:g} SE"
+    elif se and seeded["mean"] < -z * se:
+        verdict = f"a loss beyond {z:g} SE"
+    elif se:
+        verdict = f"within {z:g} SE (seed noise)"
+    else:
+        verdict = f"not above {z:g} SE"
     per_seed = ", ".join(f"{d['seed']}: {d['difference'] * 100:+.2f}" for d in seeded["differences"])
     return (
         f"mean {seeded['mean'] * 100:+.2f} points ± {(se or 0.0) * 100:.2f} (SE over {seeded['n']} seeds, std "
-        f"{(std or 0.0) * 100:.2f}): {verdict} {seeded['noise_z']:g} SE; per seed {per_seed}"
+        f"{(std or 0.0) * 100:.2f}): {verdict}; per seed {per_seed}"
     )
 
 

@@ -384,3 +384,29 @@ def test_the_terminal_marks_a_stage_trained_once_for_every_seed_as_the_html_does
     assert "teacher (trained once)" in teacher, teacher
     assert not any("student (trained once)" in line for line in lines)
     assert max(len(line) for line in lines) <= 100
+
+
+@pytest.mark.parametrize(
+    ("mean", "se", "above", "verdict"),
+    [
+        (0.0059, 0.0014, True, "above 2 SE"),
+        (-0.0092, 0.0007, False, "a loss beyond 2 SE"),
+        (-0.0004, 0.0007, False, "within 2 SE (seed noise)"),
+        (0.0010, None, None, "not above 2 SE"),
+    ],
+)
+def test_the_seed_verdict_tells_a_loss_beyond_noise_from_noise(mean, se, above, verdict):
+    """A mean difference of -0.92 points with an SE of 0.07 is a loss, not merely 'not above 2 SE'."""
+    from kdcompress.report.text import seed_comparison_text
+
+    seeded = {
+        "n": 3,
+        "differences": [{"seed": s, "difference": mean} for s in range(3)],
+        "mean": mean,
+        "std": 0.001,
+        "se": se,
+        "noise_z": 2.0,
+        "mean_above_2se": above,
+    }
+    text = seed_comparison_text(seeded)
+    assert f"): {verdict}; per seed 0:" in text
