@@ -47,8 +47,9 @@ LATENCY_MIN_RUN_TIME = 0.5  # seconds of timed runs per model and batch size, sp
 LATENCY_CACHE = Path(CACHE_DIR) / LATENCY_FILE
 # 2: timed in interleaved rounds in a child process (kdcompress.timing); version 1's figures were timed one model
 # after the other in the report's own process, so they are timed again; 3: the child's allocator thresholds are
-# fixed (kdcompress.timing.MALLOC_SETTINGS), so a figure no longer depends on the models timed beside it
-LATENCY_CACHE_VERSION = 3
+# fixed (kdcompress.timing.MALLOC_SETTINGS), so a figure no longer depends on the models timed beside it; 4: the
+# built-in CNNs pool through kdcompress.models.MaxPool2x2 at inference, about twice as fast as version 3 timed them
+LATENCY_CACHE_VERSION = 4
 MAX_ROUNDS = 10_000  # a cached figure with more rounds than this is not one kdc wrote: timed afresh
 
 
