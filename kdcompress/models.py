@@ -78,8 +78,8 @@ class MaxPool2x2(nn.MaxPool2d):
     ATen's CPU max-pool kernel is not vectorised in the default (NCHW) layout: it was nearly half of the CNN
     student's forward pass. The maximum of a 2x2 window is the maximum of its two rows' maxima, and
     ``torch.maximum`` over row pairs and then column pairs runs vectorised along each row: a 64x32x28x28 batch
-    pooled in 0.86 ms against 8.4 ms for ``nn.MaxPool2d`` (and 2.9 ms through a channels-last copy) on this
-    project's 2-core machine (``scripts/bench_pool.py``). A maximum is exact, so inference outputs are the same
+    pooled in 0.93 ms against 9.0 ms for ``nn.MaxPool2d`` (and 2.5 ms through a channels-last copy) on this
+    project's 2-core machine (``scripts/bench_pool.py``, docs/speed.md). A maximum is exact, so inference outputs are the same
     numbers. Training takes ``nn.MaxPool2d``'s own path (its gradient goes to one element of a tied window, where
     ``torch.maximum``'s would be split), as do other devices and tracing for export.
     """
