@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import kdcompress
+from kdcompress.models import build_model, model_spec
 from kdcompress.recipe import builtin_recipe_path, load_recipe
 from kdcompress.run import check_recipe
 
@@ -49,8 +50,6 @@ def test_the_consistent_recipe_distils_a_sub_100k_cnn_from_stored_views_of_a_tea
     """What recipes/fashion-mnist-consistent.yaml promises in its header (issue 22): the student is a CNN under
     100,000 parameters, the teacher is trained in the run with the augmentation the student is distilled
     with, and the teacher's targets come from stored views, so it never runs while the student trains."""
-    from kdcompress.models import build_model, model_spec
-
     recipe = load_recipe(RECIPE_DIR / "fashion-mnist-consistent.yaml")
     student = build_model(model_spec(recipe.student.model, recipe.student.args, 10, (1, 28, 28)))
     assert recipe.student.model == "cnn"
