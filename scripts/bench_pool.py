@@ -10,6 +10,9 @@ fixed allocator thresholds):
 2. whole forward passes of the CNN recipe's student before and after structured pruning (its channels halved),
    with each pool, and the pruned/dense latency ratio each gives.
 
+Timing is :func:`kdcompress.measure.interleaved_latencies` (the report's: every case one block per round, in
+turns) and ratios are :func:`kdcompress.measure.paired_ratio` of the same rounds.
+
 Example::
 
     python scripts/bench_pool.py --threads 2 --batch 64 --json pool.json
@@ -20,19 +23,26 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import statistics
-import sys
 
 import torch
-import torch.utils.benchmark
 from torch import nn
 
+from kdcompress.measure import interleaved_latencies, paired_ratio
 from kdcompress.models import LeNet5, MaxPool2x2, SmallCNN
-from kdcompress.timing import MALLOC_SETTINGS, child_env
+from kdcompress.timing import restart_in_timing_env
 
 # (channels, side) of the pool inputs in the shipped CNN recipes' models and LeNet-5
 POOL_SHAPES = [(6, 28), (8, 28), (16, 28), (32, 28), (64, 28), (16, 14), (32, 14), (64, 14), (128, 14), (256, 7)]
+
+
+class ViaChannelsLast(nn.MaxPool2d):
+    """``nn.MaxPool2d(2)`` on a channels-last copy of its input, the output copied back to NCHW."""
+
+    def __init__(self):
+        super().__init__(2)
+
+    def forward(self, x):
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
 
 def _plain(model: nn.Module) -> nn.Module:
@@ -46,66 +56,29 @@ def _plain(model: nn.Module) -> nn.Module:
     return model
 
 
-def _time(fn, threads: int, seconds: float) -> float:
-    timer = torch.utils.benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=seconds).median * 1e3
-
-
-def _interleaved(cases: dict, rounds: int, threads: int, seconds: float) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for r in range(rounds):
-        names = list(cases) if r % 2 == 0 else list(reversed(cases))
-        for name in names:
-            times[name].append(_time(cases[name], threads, seconds))
-    return times
-
-
-def _paired(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b))
-
-
-def main() -> None:
-    env = child_env()
-    if any(os.environ.get(key) != env[key] for key in ("OMP_WAIT_POLICY", *MALLOC_SETTINGS)):
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # OpenMP and glibc read these at start
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=0.2, help="timed run time per case and round")
-    parser.add_argument("--json", help="write the figures to this file")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    out: dict = {"batch": args.batch, "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__}
-
+def _pools(args) -> list[dict]:
     print(f"2x2 max-pool, batch {args.batch}, {args.threads} threads, median ms over {args.rounds} rounds")
-    pools = []
-    plain, fast = nn.MaxPool2d(2), MaxPool2x2()
-    last = torch.channels_last
+    rows = []
+    cases = {"nchw": nn.MaxPool2d(2), "channels_last": ViaChannelsLast(), "maxpool2x2": MaxPool2x2()}
+    for channels, side in POOL_SHAPES:
+        x = torch.randn(args.batch, channels, side, side)
+        with torch.no_grad():
+            assert all(torch.equal(cases["nchw"](x), pool(x)) for pool in cases.values())
+        timing = interleaved_latencies(
+            {name: (pool, (channels, side, side)) for name, pool in cases.items()},
+            batch=args.batch, threads=args.threads, rounds=args.rounds, min_run_time=args.seconds,
+        )  # fmt: skip
+        row = {"channels": channels, "side": side} | {f"{k}_ms": v["median_ms"] for k, v in timing.items()}
+        row["speedup"] = paired_ratio(timing["nchw"]["rounds_ms"], timing["maxpool2x2"]["rounds_ms"])
+        rows.append(row)
+        print(
+            f"  {channels:4d} x {side:2d} x {side:2d}: nn.MaxPool2d {row['nchw_ms']:7.3f}   via channels-last "
+            f"{row['channels_last_ms']:7.3f}   MaxPool2x2 {row['maxpool2x2_ms']:7.3f}   {row['speedup']:.2f}x"
+        )
+    return rows
 
-    def via_channels_last(x):
-        return plain(x.contiguous(memory_format=last)).contiguous()
 
-    with torch.no_grad():
-        for channels, side in POOL_SHAPES:
-            x = torch.randn(args.batch, channels, side, side)
-            assert torch.equal(plain(x), fast(x)) and torch.equal(plain(x), via_channels_last(x))
-            cases = {
-                "nchw": lambda: plain(x),
-                "channels_last": lambda: via_channels_last(x),
-                "maxpool2x2": lambda: fast(x),
-            }
-            t = _interleaved(cases, args.rounds, args.threads, args.seconds)
-            row = {"channels": channels, "side": side} | {f"{k}_ms": statistics.median(v) for k, v in t.items()}
-            row["speedup"] = _paired(t["nchw"], t["maxpool2x2"])
-            pools.append(row)
-            print(
-                f"  {channels:4d} x {side:2d} x {side:2d}: nn.MaxPool2d {row['nchw_ms']:7.3f}   via channels-last "
-                f"{row['channels_last_ms']:7.3f}   MaxPool2x2 {row['maxpool2x2_ms']:7.3f}   {row['speedup']:.2f}x"
-            )
-    out["pool"] = pools
-
+def _forwards(args) -> tuple[dict, dict]:
     # the CNN recipe's student (32/64, hidden 128) and what structured pruning at 0.5 leaves of it (16/32, 64)
     nets = {
         "cnn 32/64 h128": SmallCNN(channels=(32, 64), hidden=128).eval(),
@@ -114,22 +87,40 @@ def main() -> None:
     }
     x = torch.randn(args.batch, 1, 28, 28)
     cases = {}
-    with torch.no_grad():
-        for name, net in nets.items():
-            old = _plain(net)
+    for name, net in nets.items():
+        old = _plain(net)
+        with torch.no_grad():
             assert torch.equal(old(x), net(x))
-            cases[f"{name} | nn.MaxPool2d"] = lambda m=old: m(x)
-            cases[f"{name} | MaxPool2x2"] = lambda m=net: m(x)
-        t = _interleaved(cases, args.rounds, args.threads, args.seconds)
+        cases[f"{name} | nn.MaxPool2d"] = (old, (1, 28, 28))
+        cases[f"{name} | MaxPool2x2"] = (net, (1, 28, 28))
+    timing = interleaved_latencies(
+        cases, batch=args.batch, threads=args.threads, rounds=args.rounds, min_run_time=args.seconds
+    )
     print(f"forward pass, batch {args.batch}: median ms")
-    for name, times in t.items():
-        print(f"  {name:40s} {statistics.median(times):8.3f}")
-    out["forward_ms"] = {name: statistics.median(times) for name, times in t.items()}
+    for name, t in timing.items():
+        print(f"  {name:40s} {t['median_ms']:8.3f}")
     ratios = {}
     for pool in ("nn.MaxPool2d", "MaxPool2x2"):
-        ratios[pool] = _paired(t[f"cnn 32/64 h128 | {pool}"], t[f"cnn 16/32 h64 | {pool}"])
+        dense, pruned = timing[f"cnn 32/64 h128 | {pool}"], timing[f"cnn 16/32 h64 | {pool}"]
+        ratios[pool] = paired_ratio(dense["rounds_ms"], pruned["rounds_ms"])
         print(f"  dense/pruned (32/64 against 16/32) with {pool}: {ratios[pool]:.2f}x (paired median)")
-    out["dense_over_pruned"] = ratios
+    return {name: t["median_ms"] for name, t in timing.items()}, ratios
+
+
+def main() -> None:
+    restart_in_timing_env()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=1.0, help="timed run time per case, over all rounds")
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    out: dict = {"batch": args.batch, "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__}
+    out["pool"] = _pools(args)
+    out["forward_ms"], out["dense_over_pruned"] = _forwards(args)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=2)

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +21,7 @@ import torch
 from kdcompress.checkpoint import load_checkpoint
 from kdcompress.measure import latency
 from kdcompress.models import build_from_checkpoint
-from kdcompress.timing import MALLOC_SETTINGS, child_env
+from kdcompress.timing import restart_in_timing_env
 
 
 def _model(run_dir: Path, stage: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -32,9 +30,7 @@ def _model(run_dir: Path, stage: str) -> tuple[torch.nn.Module, tuple[int, ...]]
 
 
 def main() -> None:
-    env = child_env()
-    if any(os.environ.get(key) != env[key] for key in ("OMP_WAIT_POLICY", *MALLOC_SETTINGS)):
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # OpenMP and glibc read these at start
+    restart_in_timing_env()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--base", default="distilled", help="the stage to compare against (default: distilled)")
