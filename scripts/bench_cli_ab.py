@@ -5,7 +5,8 @@ once with that version (``kdc train-teacher`` with a 2-epoch teacher, then a 1-e
 the logit cache, whose distilled stage is removed). Then, round after round, each version runs ``kdc distill``
 for 2 and for 12 epochs in fresh copies of its directory; the marginal epoch is the difference over 10. The
 versions take turns and the order turns each round, so a machine whose speed wanders slows both alike.
-``scripts/bench.py`` gives the absolute figure; this script answers "is it the code or the machine". Each
+``scripts/bench.py`` gives the absolute figure; this script answers "is it the code or the machine", with
+bench.py's own CLI runner (``Cli``, ``cli_round``), each version's environment set to its tree. Each
 version runs with its tree first on ``PYTHONPATH``; an editable install of kdcompress in the environment would
 win over it, so run this from an environment without one, or with ``--pythonpath-extra`` naming a folder
 whose ``sitecustomize.py`` removes it. Example::
@@ -20,58 +21,39 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
+from bench import (
+    RUN_NAME,
+    SHORT_EPOCHS,
+    Cli,
+    cli_env,
+    cli_round,
+)  # scripts/bench.py: this script's folder is on sys.path
 
-SHORT, LONG = 2, 12
-
-
-def _env(tree: Path, extra: str | None, cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), extra]))
-    env["KDC_CACHE"] = str(cache)
-    return env
-
-
-def _kdc(env: dict, folder: Path, *args: str) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "kdcompress", *args], cwd=folder, env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    if done.returncode:
-        raise SystemExit(f"`kdc {' '.join(args)}` failed in {folder}:\n{done.stderr[-2000:]}")
-    return time.perf_counter() - started
+LONG = 12
 
 
-def _prepare(tree: Path, env: dict, base: Path) -> None:
+def _cli(tree: Path, extra: str | None, work: Path) -> Cli:
+    """bench.py's runner with ``tree`` (then ``extra``) on PYTHONPATH instead of this kdcompress, and a cache of
+    its own."""
+    cli = Cli(work, ["run.device=cpu"])
+    cli.env = {**cli_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), extra])), "KDC_CACHE": str(work)}
+    return cli
+
+
+def _prepare(tree: Path, cli: Cli, base: Path) -> None:
+    """bench.py's cached run directory, from the version's own MLP recipe (an older kdc may not read today's)."""
     recipe = yaml.safe_load((tree / "recipes" / "fashion-mnist-mlp.yaml").read_text(encoding="utf-8"))
     recipe["teacher"]["epochs"] = 2
-    recipe["run"]["name"] = "ab"
+    recipe["run"]["name"] = RUN_NAME
     base.mkdir(parents=True)
     (base / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    _kdc(env, base, "train-teacher", "recipe.yaml")
-    _kdc(env, base, "distill", "recipe.yaml", "--set", "distill.epochs=1")
-    shutil.rmtree(base / "runs" / "ab" / "distilled")
-
-
-def _marginal(env: dict, base: Path, work: Path, reverse: bool) -> float:
-    seconds = {}
-    for epochs in (LONG, SHORT) if reverse else (SHORT, LONG):
-        folder = work / f"copy-{epochs}"
-        shutil.copytree(base, folder)
-        try:
-            seconds[epochs] = _kdc(
-                env, folder, "distill", "recipe.yaml", "--set", f"distill.epochs={epochs}", "--set", "run.device=cpu"
-            )
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-    return (seconds[LONG] - seconds[SHORT]) / (LONG - SHORT)
+    cli.run(base, "train-teacher")
+    cli.run(base, "distill", "--set", "distill.epochs=1")  # builds the logit cache
+    shutil.rmtree(base / "runs" / RUN_NAME / "distilled")
 
 
 def main() -> None:
@@ -83,15 +65,17 @@ def main() -> None:
     args = parser.parse_args()
     trees = {"old": args.old.resolve(), "new": args.new.resolve()}
     with tempfile.TemporaryDirectory(prefix="kdc-ab-") as tmp:
-        work = Path(tmp)
-        envs = {name: _env(tree, args.pythonpath_extra, work / f"cache-{name}") for name, tree in trees.items()}
+        clis = {}
         for name, tree in trees.items():
-            _prepare(tree, envs[name], work / f"base-{name}")
+            (Path(tmp) / name).mkdir()
+            clis[name] = _cli(tree, args.pythonpath_extra, Path(tmp) / name)
+            _prepare(tree, clis[name], Path(tmp) / name / "base")
             print(f"prepared {name} ({tree})", flush=True)
         marginal: dict[str, list[float]] = {name: [] for name in trees}
         for r in range(args.rounds):
             for name in list(trees) if r % 2 == 0 else list(reversed(trees)):
-                marginal[name].append(_marginal(envs[name], work / f"base-{name}", work, reverse=r % 2 == 1))
+                short, long = cli_round(clis[name], Path(tmp) / name / "base", LONG, r % 2 == 1)
+                marginal[name].append((long - short) / (LONG - SHORT_EPOCHS))
                 print(f"round {r + 1} {name}: marginal epoch {marginal[name][-1]:.3f} s", flush=True)
     for name, values in marginal.items():
         print(
