@@ -12,7 +12,7 @@ from rich.console import Console
 from kdcompress.data import DataSplits, TensorData
 from kdcompress.errors import KdcError
 from kdcompress.recipe import TrainSettings
-from kdcompress.train import CHECK_EVERY, fit, make_optimizer
+from kdcompress.train import CHECK_EVERY, fit, make_optimizer, make_scheduler, step_function
 
 
 def tiny_splits(n: int = 200) -> DataSplits:
@@ -89,6 +89,47 @@ def test_fused_optimizer_matches_the_plain_one(name):
     for a, b in zip(fused_model.parameters(), plain_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.equal(fused_model[1].weight, model()[1].weight)  # it did train
+
+
+def test_the_step_function_updates_bit_for_bit_as_optimizer_step():
+    """fit's step call for fused SGD: the same weights, momentum buffers and saved state as ``optimizer.step()``,
+    over a schedule that changes the learning rate and a first step that creates the buffers."""
+    settings = TrainSettings(epochs=3, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-3, schedule="cosine")
+    runs = []
+    for fast in (False, True):
+        m = model()
+        opt = make_optimizer(m, settings)
+        if not opt.defaults.get("fused"):
+            pytest.skip(f"torch {torch.__version__} has no fused SGD on CPU; step_function is optimizer.step")
+        scheduler = make_scheduler(opt, settings)
+        step = step_function(opt) if fast else opt.step
+        g = torch.Generator().manual_seed(1)
+        for _ in range(settings.epochs):
+            for _ in range(4):
+                x, y = torch.randn(16, 1, 4, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+                for p in m.parameters():
+                    p.grad = None
+                F.cross_entropy(m(x), y).backward()
+                step()
+            scheduler.step()
+        runs.append((m, opt))
+    (plain_model, plain), (fast_model, fast) = runs
+    for a, b in zip(plain_model.parameters(), fast_model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(plain.state.values(), fast.state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert not torch.equal(fast_model[1].weight, model()[1].weight)  # it did train
+
+
+def test_the_step_function_is_optimizer_step_where_it_has_no_shortcut():
+    """Adam, unfused SGD, SGD without momentum: the step call is the optimiser's own."""
+    params = list(model().parameters())
+    for opt in (
+        torch.optim.Adam(params, lr=0.01),
+        torch.optim.SGD(params, lr=0.01, momentum=0.9),
+        torch.optim.SGD(params, lr=0.01, fused=True),
+    ):
+        assert step_function(opt) == opt.step
 
 
 def test_resolve_device_refuses_a_gpu_index_this_machine_lacks(monkeypatch):
