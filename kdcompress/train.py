@@ -143,10 +143,11 @@ def step_function(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
 
     ``Optimizer.step`` wraps every call in a profiler range, looks for step
     hooks, switches grad mode and regroups the parameters and momentum
-    buffers; for the 784-100-10 MLP on this project's 2-core CPU that cost
-    57 us per step against 31 us for :func:`torch.optim.sgd.sgd` on the same
-    lists (the fused kernel alone takes about 21 us), a few per cent of a
-    sub-second epoch. The update is the same call SGD.step makes, on the same
+    buffers; for the 784-100-10 MLP on this project's 2-core CPU a call took
+    66 us, this one 43 us (``python scripts/bench_step.py``). With the short
+    spin ``kdc`` trains with, the worker threads also fall asleep during such
+    a stretch of Python, so the whole epoch gained more than the calls' own
+    time. The update is the same call SGD.step makes, on the same
     tensors, so the weights are bit for bit the same; the optimiser's state
     (its momentum buffers, updated in place) stays what ``state_dict`` saves.
     kdc registers no optimiser hooks. Until every parameter has a gradient
