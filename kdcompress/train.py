@@ -357,7 +357,7 @@ class _Tally:
     in one transfer.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self):
         self._losses: list[torch.Tensor] = []
         self._sizes: list[int] = []
         # each batch's predicted classes and labels, compared at the flush: one operation per batch, not four
@@ -699,7 +699,7 @@ def _train_epoch(
     loop.net.train()
     generator = torch.Generator().manual_seed(loop.seed * 100_003 + epoch)
     epoch_start_step = loop.step
-    tally = _Tally(device)
+    tally = _Tally()
     batches = train.batches(
         loop.per_rank_batch,
         shuffle=True,
