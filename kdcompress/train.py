@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
+from torch.optim.sgd import sgd
 
 from . import distributed
 from .checkpoint import refuse_oversized, save_state
@@ -160,8 +161,6 @@ def step_function(optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     group = groups[0]
     if not group.get("fused") or group.get("differentiable") or group["momentum"] == 0:
         return optimizer.step
-    from torch.optim.sgd import sgd
-
     params, state = group["params"], optimizer.state
 
     def step() -> None:
@@ -359,7 +358,6 @@ class _Tally:
 
     def __init__(self):
         self._losses: list[torch.Tensor] = []
-        self._sizes: list[int] = []
         # each batch's predicted classes and labels, compared at the flush: one operation per batch, not four
         self._predicted: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
@@ -374,7 +372,6 @@ class _Tally:
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         self._losses.append(loss.detach())
-        self._sizes.append(len(y))
         self._predicted.append(logits.detach().argmax(1))
         self._labels.append(y)
 
@@ -392,11 +389,11 @@ class _Tally:
         if self.first_loss is None:
             self.first_loss = values[0]
         self.max_loss = max(values + ([self.max_loss] if self.max_loss is not None else []))
-        self.loss_sum += sum(v * n for v, n in zip(values, self._sizes))
-        self.seen += sum(self._sizes)
+        sizes = [len(y) for y in self._labels]
+        self.loss_sum += sum(v * n for v, n in zip(values, sizes))
+        self.seen += sum(sizes)
         self.correct += right
         self._losses.clear()
-        self._sizes.clear()
         self._predicted.clear()
         self._labels.clear()
         return None
